@@ -1,0 +1,53 @@
+// swift-tools-version:6.1
+import PackageDescription
+
+let package = Package(
+    name: "ScsiGate",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "scsigate", targets: ["scsigate"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/LebJe/TOMLKit", from: "0.6.0"),
+    ],
+    targets: [
+        // C shims for Linux APIs that Glibc does not export to Swift (eventfd, memfd, CMSG, ioctls).
+        .target(name: "CSystem", cSettings: [.define("_GNU_SOURCE")]),
+        // libaio (libaio-dev ships no pkg-config file).
+        .systemLibrary(name: "CLibAIO", providers: [.apt(["libaio-dev"])]),
+        // Vectored block I/O vocabulary shared by the SCSI core, back-ends and front-ends.
+        .target(name: "BlockIO"),
+        // The transport-agnostic SCSI target core (SPC-4 / SBC-3).
+        .target(name: "SCSI", dependencies: ["BlockIO"]),
+        // LUN providers: libaio file/block device, buffered, null.
+        .target(name: "Backends", dependencies: ["BlockIO", "CSystem", "CLibAIO"]),
+        // Virtqueues over guest memory (split, packed, indirect, EVENT_IDX).
+        .target(name: "Virtio", dependencies: ["BlockIO", "CSystem"]),
+        // vhost-user back-end server and the virtio-scsi / virtio-blk device models.
+        .target(name: "VhostUser", dependencies: ["Virtio", "SCSI", "BlockIO", "CSystem"]),
+        // vfio-user server (PCI config space, BARs, MSI-X).
+        .target(name: "VfioUser", dependencies: ["CSystem"]),
+        // The PVSCSI device model.
+        .target(name: "PVSCSI", dependencies: ["VfioUser", "SCSI", "BlockIO", "CSystem"]),
+        // Config, daemon wiring, control socket.
+        .target(name: "Gateway", dependencies: [
+            "SCSI", "BlockIO", "Backends", "VhostUser", "PVSCSI", "CSystem",
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "TOMLKit", package: "TOMLKit"),
+        ], resources: [.copy("DefaultConfig")]),
+        .executableTarget(name: "scsigate", dependencies: [
+            "Gateway",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        .testTarget(name: "SCSITests", dependencies: ["SCSI", "BlockIO"]),
+        .testTarget(name: "BackendsTests", dependencies: ["Backends", "BlockIO", "CSystem"]),
+        .testTarget(name: "VirtioTests", dependencies: ["Virtio", "BlockIO", "CSystem"]),
+        .testTarget(name: "VhostUserTests", dependencies: ["VhostUser", "Virtio", "SCSI", "BlockIO", "CSystem"]),
+        .testTarget(name: "PVSCSITests", dependencies: ["PVSCSI", "VfioUser", "SCSI", "BlockIO", "CSystem"]),
+        .testTarget(name: "GatewayTests", dependencies: ["Gateway", "SCSI", "Backends"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,143 @@
+#include "csystem.h"
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <linux/fs.h>
+#include <pthread.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+int csys_eventfd(unsigned int initval, int nonblock) {
+    return eventfd(initval, EFD_CLOEXEC | (nonblock ? EFD_NONBLOCK : 0));
+}
+
+int csys_eventfd_signal(int fd, uint64_t value) {
+    for (;;) {
+        ssize_t n = write(fd, &value, sizeof value);
+        if (n == (ssize_t)sizeof value) return 0;
+        if (n < 0 && errno == EINTR) continue;
+        return n < 0 ? -errno : -EIO;
+    }
+}
+
+int csys_eventfd_drain(int fd, uint64_t *value) {
+    for (;;) {
+        ssize_t n = read(fd, value, sizeof *value);
+        if (n == (ssize_t)sizeof *value) return 0;
+        if (n < 0 && errno == EINTR) continue;
+        return n < 0 ? -errno : -EIO;
+    }
+}
+
+int csys_memfd_create(const char *name, int sealing) {
+    return memfd_create(name, MFD_CLOEXEC | (sealing ? MFD_ALLOW_SEALING : 0));
+}
+
+int csys_o_direct(void) { return O_DIRECT; }
+int csys_o_dsync(void) { return O_DSYNC; }
+
+int csys_punch_hole(int fd, uint64_t offset, uint64_t length) {
+    if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)length) < 0) return -errno;
+    return 0;
+}
+
+int csys_zero_range(int fd, uint64_t offset, uint64_t length, int keep_size) {
+    if (fallocate(fd, FALLOC_FL_ZERO_RANGE | (keep_size ? FALLOC_FL_KEEP_SIZE : 0), (off_t)offset, (off_t)length) < 0) return -errno;
+    return 0;
+}
+
+int csys_blk_getsize64(int fd, uint64_t *bytes) { return ioctl(fd, BLKGETSIZE64, bytes) < 0 ? -errno : 0; }
+int csys_blk_sszget(int fd, uint32_t *logical) {
+    int v = 0;
+    if (ioctl(fd, BLKSSZGET, &v) < 0) return -errno;
+    *logical = (uint32_t)v;
+    return 0;
+}
+int csys_blk_pbszget(int fd, uint32_t *physical) {
+    unsigned int v = 0;
+    if (ioctl(fd, BLKPBSZGET, &v) < 0) return -errno;
+    *physical = v;
+    return 0;
+}
+int csys_blk_discard(int fd, uint64_t offset, uint64_t length) {
+    uint64_t range[2] = {offset, length};
+    return ioctl(fd, BLKDISCARD, &range) < 0 ? -errno : 0;
+}
+int csys_blk_zeroout(int fd, uint64_t offset, uint64_t length) {
+    uint64_t range[2] = {offset, length};
+    return ioctl(fd, BLKZEROOUT, &range) < 0 ? -errno : 0;
+}
+int csys_blk_roget(int fd, int *readonly) { return ioctl(fd, BLKROGET, readonly) < 0 ? -errno : 0; }
+
+ssize_t csys_send_with_fds(int sock, const void *buf, size_t len, const int *fds, int nfds) {
+    struct iovec iov = {.iov_base = (void *)buf, .iov_len = len};
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    char control[CMSG_SPACE(sizeof(int) * 32)];
+    if (nfds > 32) return -EINVAL;
+    if (nfds > 0) {
+        memset(control, 0, sizeof control);
+        msg.msg_control = control;
+        msg.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds);
+        struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
+        memcpy(CMSG_DATA(c), fds, sizeof(int) * (size_t)nfds);
+    }
+    for (;;) {
+        ssize_t n = sendmsg(sock, &msg, MSG_NOSIGNAL);
+        if (n < 0 && errno == EINTR) continue;
+        return n < 0 ? -errno : n;
+    }
+}
+
+ssize_t csys_recv_with_fds(int sock, void *buf, size_t len, int *fds, int maxfds, int *nfds, int *truncated) {
+    struct iovec iov = {.iov_base = buf, .iov_len = len};
+    struct msghdr msg;
+    char control[CMSG_SPACE(sizeof(int) * 64)];
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof control;
+    *nfds = 0;
+    *truncated = 0;
+    ssize_t n;
+    for (;;) {
+        n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+        if (n < 0 && errno == EINTR) continue;
+        break;
+    }
+    if (n < 0) return -errno;
+    if (msg.msg_flags & MSG_CTRUNC) *truncated = 1;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c != NULL; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+        int count = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+        int *received = (int *)CMSG_DATA(c);
+        for (int i = 0; i < count; i++) {
+            if (*nfds < maxfds) {
+                fds[(*nfds)++] = received[i];
+            } else {
+                close(received[i]);
+                *truncated = 1;
+            }
+        }
+    }
+    return n;
+}
+
+int csys_set_thread_name(const char *name) {
+    char buf[16];
+    strncpy(buf, name, sizeof buf - 1);
+    buf[sizeof buf - 1] = 0;
+    return pthread_setname_np(pthread_self(), buf);
+}
+
+int csys_gettid(void) { return (int)syscall(SYS_gettid); }

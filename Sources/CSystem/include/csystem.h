@@ -1,0 +1,50 @@
+#ifndef SCSIGATE_CSYSTEM_H
+#define SCSIGATE_CSYSTEM_H
+/* Thin wrappers for Linux APIs that Swift's Glibc module does not export
+ * (eventfd, memfd_create, CMSG_* macros, block-device ioctls, fallocate flags).
+ * Bodies live in csystem.c, which is compiled with _GNU_SOURCE. */
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+/* eventfd(2). Returns fd or -1 with errno. */
+int csys_eventfd(unsigned int initval, int nonblock);
+/* Adds 1 (or value) to an eventfd. Returns 0 or -errno. */
+int csys_eventfd_signal(int fd, uint64_t value);
+/* Reads and resets an eventfd counter; returns 0 and the value, or -errno (-EAGAIN when empty). */
+int csys_eventfd_drain(int fd, uint64_t *value);
+
+/* memfd_create(2) with MFD_CLOEXEC (and MFD_ALLOW_SEALING when sealing != 0). */
+int csys_memfd_create(const char *name, int sealing);
+
+/* O_DIRECT / O_DSYNC / O_CLOEXEC values for open(2). */
+int csys_o_direct(void);
+int csys_o_dsync(void);
+
+/* fallocate(2) helpers. Return 0 or -errno. */
+int csys_punch_hole(int fd, uint64_t offset, uint64_t length);
+int csys_zero_range(int fd, uint64_t offset, uint64_t length, int keep_size);
+
+/* Block device ioctls. Return 0 or -errno. */
+int csys_blk_getsize64(int fd, uint64_t *bytes);
+int csys_blk_sszget(int fd, uint32_t *logical);
+int csys_blk_pbszget(int fd, uint32_t *physical);
+int csys_blk_discard(int fd, uint64_t offset, uint64_t length);
+int csys_blk_zeroout(int fd, uint64_t offset, uint64_t length);
+int csys_blk_roget(int fd, int *readonly);
+
+/* SCM_RIGHTS: send `nfds` fds with `len` bytes on a stream socket. Returns bytes sent or -errno. */
+ssize_t csys_send_with_fds(int sock, const void *buf, size_t len, const int *fds, int nfds);
+/* Receives up to `len` bytes and up to `maxfds` fds (MSG_CMSG_CLOEXEC). *nfds gets the count,
+ * *truncated is set when control data was truncated (surplus fds are closed by this call).
+ * Returns bytes received (0 on EOF) or -errno. */
+ssize_t csys_recv_with_fds(int sock, void *buf, size_t len, int *fds, int maxfds, int *nfds, int *truncated);
+
+/* Thread naming, CPU time. */
+int csys_set_thread_name(const char *name);
+/* gettid(2) */
+int csys_gettid(void);
+
+#endif
