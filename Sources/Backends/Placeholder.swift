@@ -1,0 +1,1 @@
+// Placeholder: module Backends is being built.

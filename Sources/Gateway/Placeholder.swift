@@ -1,0 +1,1 @@
+// Placeholder: module Gateway is being built.

@@ -1,0 +1,1 @@
+// Placeholder: module PVSCSI is being built.

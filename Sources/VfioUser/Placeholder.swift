@@ -1,0 +1,1 @@
+// Placeholder: module VfioUser is being built.

@@ -1,0 +1,1 @@
+// Placeholder: module VhostUser is being built.

@@ -1,0 +1,1 @@
+// Placeholder: module Virtio is being built.

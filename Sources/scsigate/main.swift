@@ -1,0 +1,1 @@
+print("scsigate: under construction")
