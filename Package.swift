@@ -23,17 +23,19 @@ let package = Package(
         .target(name: "SCSI", dependencies: ["BlockIO"]),
         // LUN providers: libaio file/block device, buffered, null.
         .target(name: "Backends", dependencies: ["BlockIO", "CSystem", "CLibAIO"]),
+        // One epoll reactor per queue group, with adaptive polling.
+        .target(name: "EventLoop", dependencies: ["CSystem"]),
         // Virtqueues over guest memory (split, packed, indirect, EVENT_IDX).
-        .target(name: "Virtio", dependencies: ["BlockIO", "CSystem"]),
+        .target(name: "Virtio", dependencies: ["BlockIO", "CSystem", "EventLoop"]),
         // vhost-user back-end server and the virtio-scsi / virtio-blk device models.
-        .target(name: "VhostUser", dependencies: ["Virtio", "SCSI", "BlockIO", "CSystem"]),
+        .target(name: "VhostUser", dependencies: ["Virtio", "SCSI", "BlockIO", "CSystem", "EventLoop"]),
         // vfio-user server (PCI config space, BARs, MSI-X).
-        .target(name: "VfioUser", dependencies: ["CSystem"]),
+        .target(name: "VfioUser", dependencies: ["CSystem", "EventLoop"]),
         // The PVSCSI device model.
-        .target(name: "PVSCSI", dependencies: ["VfioUser", "SCSI", "BlockIO", "CSystem"]),
+        .target(name: "PVSCSI", dependencies: ["VfioUser", "SCSI", "BlockIO", "CSystem", "EventLoop"]),
         // Config, daemon wiring, control socket.
         .target(name: "Gateway", dependencies: [
-            "SCSI", "BlockIO", "Backends", "VhostUser", "PVSCSI", "CSystem",
+            "SCSI", "BlockIO", "Backends", "VhostUser", "PVSCSI", "CSystem", "EventLoop",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "TOMLKit", package: "TOMLKit"),
         ], resources: [.copy("DefaultConfig")]),
@@ -42,6 +44,7 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
+        .testTarget(name: "EventLoopTests", dependencies: ["EventLoop", "CSystem"]),
         .testTarget(name: "SCSITests", dependencies: ["SCSI", "BlockIO"]),
         .testTarget(name: "BackendsTests", dependencies: ["Backends", "BlockIO", "CSystem"]),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "BlockIO", "CSystem"]),

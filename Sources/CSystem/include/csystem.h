@@ -8,6 +8,8 @@
 #include <sys/types.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <sys/epoll.h>
+#include <poll.h>
 
 /* eventfd(2). Returns fd or -1 with errno. */
 int csys_eventfd(unsigned int initval, int nonblock);
