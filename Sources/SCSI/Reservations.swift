@@ -541,3 +541,17 @@ extension Array where Element == UInt8 {
         return v
     }
 }
+
+extension ReservationEffects {
+    /// The task scopes PREEMPT AND ABORT asks front-ends to abort on `lun` (see `TaskManagementPlan`).
+    public func abortScopes(on lun: LogicalUnitNumber) -> [TaskScope] {
+        abortTasksOf.map { TaskScope(nexus: $0, lun: lun, tag: nil) }
+    }
+}
+
+extension UnitAttentionBoard {
+    /// Establishes the unit attentions a reservation command asked for.
+    public func establish(_ effects: ReservationEffects) {
+        for (condition, scope) in effects.unitAttentions { establish(condition, for: scope) }
+    }
+}
