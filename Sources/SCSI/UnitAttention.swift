@@ -239,3 +239,27 @@ public final class UnitAttentionBoard: Sendable {
         return nil
     }
 }
+
+extension UnitAttentionBoard {
+    /// Whether `cdb` runs despite a pending unit attention (SPC-4 5.14 / SAM-5 5.14 with UA_INTLCK_CTRL
+    /// = 00b): INQUIRY, REPORT LUNS and REQUEST SENSE. (REQUEST SENSE then reports and clears the
+    /// condition with `takeNext`; a successful REPORT LUNS clears REPORTED LUNS DATA HAS CHANGED with
+    /// `remove(_:for:)`.)
+    @inline(__always)
+    public static func isExempt(_ cdb: CDB) -> Bool {
+        switch cdb.opcode {
+        case 0x12, 0xA0, 0x03: return true
+        default: return false
+        }
+    }
+
+    /// The check the command layer makes before running `cdb` from `nexus`: nil (lock-free when nothing
+    /// is pending) when the command may run, else CHECK CONDITION, UNIT ATTENTION with the
+    /// highest-priority condition, which is thereby reported and cleared.
+    @inline(__always)
+    public func check(_ cdb: CDB, from nexus: ITNexus) -> SCSIError? {
+        guard mayHavePending(for: nexus), !Self.isExempt(cdb) else { return nil }
+        guard let condition = takeNext(for: nexus) else { return nil }
+        return .check(.unitAttention, condition)
+    }
+}

@@ -178,3 +178,30 @@ struct UnitAttentionTests {
         #expect(taken.load(ordering: .relaxed) == threads * rounds)
     }
 }
+
+@Suite("Unit attention check before a command")
+struct UnitAttentionCheckTests {
+    @Test(arguments: [
+        ([UInt8(0x12), 0, 0, 0, 36, 0], true),                       // INQUIRY
+        ([0xA0, 0, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0], true),          // REPORT LUNS
+        ([0x03, 0, 0, 0, 18, 0], true),                              // REQUEST SENSE
+        ([0x00, 0, 0, 0, 0, 0], false),                              // TEST UNIT READY
+        ([0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0], false),                  // READ(10)
+        ([0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], false),                  // READ CAPACITY(10)
+    ])
+    func exemptCommandsRunAndOthersReportTheCondition(cdb: [UInt8], exempt: Bool) {
+        let board = UnitAttentionBoard()
+        #expect(UnitAttentionBoard.isExempt(CDB(cdb)) == exempt)
+        let error = board.check(CDB(cdb), from: a)
+        if exempt {
+            #expect(error == nil)
+            #expect(board.pending(for: a) == [.powerOnResetOrBusDeviceReset])
+        } else {
+            var sense = SenseBytes()
+            error?.sense?.encode(.fixed, into: &sense)
+            #expect(error?.status == .checkCondition)
+            #expect(sense.array == [0x70, 0, 0x06, 0, 0, 0, 0, 0x0A, 0, 0, 0, 0, 0x29, 0x00, 0, 0, 0, 0])
+            #expect(board.check(CDB(cdb), from: a) == nil)  // reported once
+        }
+    }
+}
