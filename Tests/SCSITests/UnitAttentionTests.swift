@@ -142,6 +142,23 @@ struct UnitAttentionTests {
         for n in nexuses { #expect(drain(board, n) == [.capacityDataHasChanged]) }
     }
 
+    @Test func forgottenNexusesFreeTheirStateAndTableSlots() {
+        let board = UnitAttentionBoard()
+        // Far more short-lived nexuses than table slots: each is seen, drained and forgotten.
+        for i in 0..<1000 {
+            let n = ITNexus(initiator: UInt64(5000 + i))
+            #expect(drain(board, n) == [.powerOnResetOrBusDeviceReset])
+            #expect(!board.mayHavePending(for: n))  // still gets a table slot: the fast path works
+            board.forget(n)
+            #expect(board.mayHavePending(for: n))   // unknown again
+        }
+        #expect(board.knownNexusCount == 0)
+        // A returning nexus is new again.
+        #expect(drain(board, ITNexus(initiator: 5000)) == [.powerOnResetOrBusDeviceReset])
+        board.forget(c)  // never seen: no effect
+        #expect(board.knownNexusCount == 1)
+    }
+
     @Test func concurrentEstablishAndTakeLoseNothing() {
         let board = UnitAttentionBoard(establishPowerOn: false)
         let taken = Atomic<Int>(0)
