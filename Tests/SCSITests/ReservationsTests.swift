@@ -152,8 +152,7 @@ struct PersistentReserveOutTests {
 
     @Test(arguments: [
         // (service action, type byte, scope, expected sense-key specific bytes)
-        (UInt8(0x07), UInt8(0x01), UInt8(0), [UInt8(0xCC), 0x00, 0x01]),  // REGISTER AND MOVE unsupported
-        (0x08, 0x01, 0, [0xCC, 0x00, 0x01]),
+        (UInt8(0x08), UInt8(0x01), UInt8(0), [UInt8(0xCC), 0x00, 0x01]),
         (0x1F, 0x01, 0, [0xCC, 0x00, 0x01]),
         (0x01, 0x00, 0, [0xCB, 0x00, 0x02]),  // RESERVE, type 0
         (0x01, 0x02, 0, [0xCB, 0x00, 0x02]),
@@ -570,5 +569,81 @@ struct ReservationConflictTests {
     @Test func plainReserveReleaseCDBsAreValid() throws {
         try ReservationState.validateReserveRelease(Self.reserve6)
         try ReservationState.validateReserveRelease(CDB([0x56, 0, 0, 0, 0, 0, 0, 0, 0, 0]))
+    }
+}
+
+@Suite("Persistent reservations: REGISTER AND MOVE")
+struct RegisterAndMoveTests {
+    static let destination = ITNexus(initiator: 0x5000, targetPort: 1)
+
+    /// REGISTER AND MOVE parameter list: header, then a SAS TransportID for `initiator`.
+    static func moveParameters(key: UInt64, serviceKey: UInt64, flags: UInt8 = 0, port: UInt16 = 1,
+                               initiator: UInt64 = 0x5000, protocolByte: UInt8 = 0x06) -> [UInt8] {
+        be64(key) + be64(serviceKey) + [0, flags, UInt8(port >> 8), UInt8(port & 0xFF), 0, 0, 0, 24]
+            + [protocolByte, 0, 0, 0] + be64(initiator) + [UInt8](repeating: 0, count: 12)
+    }
+
+    static func move(_ state: ReservationState, from nexus: ITNexus, _ parameters: [UInt8],
+                     length: UInt32 = 48) throws(SCSIError) {
+        _ = try state.persistentReserveOut(proutCDB(0x07, length: length), parameters: parameters, from: nexus)
+    }
+
+    @Test(arguments: [false, true])
+    func movesTheReservation(unregister: Bool) throws {
+        let state = try reserved(.exclusiveAccessRegistrantsOnly)
+        try Self.move(state, from: holderNexus, Self.moveParameters(key: holderKey, serviceKey: 0x99, flags: unregister ? 0x02 : 0))
+        #expect(state.persistentReservation == PersistentReservation(holder: Self.destination, type: .exclusiveAccessRegistrantsOnly))
+        let expectedKeys: [UInt64] = unregister ? [registrantKey, 0x99] : [holderKey, registrantKey, 0x99]
+        #expect(state.registrations.map(\.key) == expectedKeys)
+        #expect(state.generation == 3)
+        #expect(!state.conflicts(ReservationConflictTests.write10, from: Self.destination))
+        #expect(state.conflicts(ReservationConflictTests.write10, from: holderNexus) == unregister)
+        // READ RESERVATION now reports the new holder's key.
+        #expect(try state.persistentReserveIn(prinCDB(1), from: outsiderNexus)
+                == [0, 0, 0, 3, 0, 0, 0, 16] + be64(0x99) + [0, 0, 0, 0, 0, 0x06, 0, 0])
+    }
+
+    @Test func onlyTheHolderOfASingleHolderReservationMayMove() throws {
+        let state = try reserved(.writeExclusive)
+        #expect(isConflict { () throws(SCSIError) in
+            try Self.move(state, from: registrantNexus, Self.moveParameters(key: registrantKey, serviceKey: 0x99))
+        })
+        #expect(isConflict { () throws(SCSIError) in
+            try Self.move(state, from: holderNexus, Self.moveParameters(key: registrantKey, serviceKey: 0x99))
+        })
+        #expect(isConflict { () throws(SCSIError) in
+            try Self.move(state, from: outsiderNexus, Self.moveParameters(key: 0, serviceKey: 0x99))
+        })
+        let allRegistrants = try reserved(.writeExclusiveAllRegistrants)
+        #expect(isConflict { () throws(SCSIError) in
+            try Self.move(allRegistrants, from: holderNexus, Self.moveParameters(key: holderKey, serviceKey: 0x99))
+        })
+        let none = ReservationState()
+        try prout(none, .register, from: holderNexus, serviceKey: holderKey)
+        #expect(isConflict { () throws(SCSIError) in
+            try Self.move(none, from: holderNexus, Self.moveParameters(key: holderKey, serviceKey: 0x99))
+        })
+        #expect(state.generation == 2)
+    }
+
+    /// (parameters, list length, expected fixed sense)
+    static let errorCases: [([UInt8], UInt32, [UInt8])] = [
+        (moveParameters(key: holderKey, serviceKey: 0), UInt32(48), fixedSense(0x05, 0x26, 0x00, sks: [0x80, 0x00, 0x08])),
+        (moveParameters(key: holderKey, serviceKey: 0x99, initiator: 0x1000), 48, fixedSense(0x05, 0x26, 0x00, sks: [0x8F, 0x00, 0x18])),
+        (moveParameters(key: holderKey, serviceKey: 0x99, protocolByte: 0x05), 48, fixedSense(0x05, 0x26, 0x00, sks: [0x8F, 0x00, 0x18])),
+        (moveParameters(key: holderKey, serviceKey: 0x99, flags: 0x01), 48, fixedSense(0x05, 0x26, 0x00, sks: [0x88, 0x00, 0x11])),
+        (moveParameters(key: holderKey, serviceKey: 0x99, port: 0), 48, fixedSense(0x05, 0x26, 0x00, sks: [0x8F, 0x00, 0x12])),
+        (moveParameters(key: holderKey, serviceKey: 0x99), 47, fixedSense(0x05, 0x1A, 0x00)),
+        (Array(moveParameters(key: holderKey, serviceKey: 0x99).prefix(40)), 48, fixedSense(0x05, 0x1A, 0x00)),
+    ]
+
+    @Test(arguments: errorCases)
+    func errors(parameters: [UInt8], length: UInt32, sense: [UInt8]) throws {
+        let state = try reserved(.writeExclusive)
+        let f = failure { () throws(SCSIError) in try Self.move(state, from: holderNexus, parameters, length: length) }
+        #expect(f?.0 == .checkCondition)
+        #expect(f?.1 == sense)
+        #expect(state.persistentReservation?.holder == holderNexus)
+        #expect(state.registrations.count == 2)
     }
 }
