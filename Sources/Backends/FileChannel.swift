@@ -356,6 +356,16 @@ public final class FileChannel: BlockChannel {
         }
     }
 
+    /// Slots that own a bounce buffer (diagnostics and tests).
+    var bounceSlotCount: Int {
+        var n = 0
+        for i in 0..<queueDepth where core.slots[i].bounce != nil { n += 1 }
+        return n
+    }
+
+    /// Whether flushes still go through IOCB_CMD_FDSYNC (false once the file refused it).
+    var usesAIOFlush: Bool { direct && fdsyncSupported }
+
     // MARK: Completion
 
     /// Delivers every ready completion to `handler` (token, result) and returns how many.
