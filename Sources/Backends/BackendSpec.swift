@@ -76,7 +76,7 @@ public enum BackendOpenError: Error, CustomStringConvertible, Sendable, Equatabl
     case blockSizeTooSmall(path: String, configured: UInt32, device: UInt32)
     /// Another ScsiGate process or another LUN already holds the lock on this file or device.
     case lockConflict(path: String)
-    /// The block device is mounted or opened exclusively by someone else (EBUSY on O_EXCL).
+    /// The block device is mounted or claimed by another program (EBUSY on O_EXCL).
     case deviceBusy(path: String)
     /// open(2) was refused for lack of permission.
     case permissionDenied(path: String, errno: Int32)
@@ -112,7 +112,7 @@ public enum BackendOpenError: Error, CustomStringConvertible, Sendable, Equatabl
         case let .lockConflict(path):
             return "\(path): already in use by another ScsiGate or LUN (lock held)"
         case let .deviceBusy(path):
-            return "\(path): device is busy (mounted or opened exclusively by another program)"
+            return "\(path): device is busy (mounted, or opened exclusively by another program)"
         case let .permissionDenied(path, errno):
             return "\(path): permission denied (\(errnoName(errno)))"
         case let .readOnlyMedium(path):

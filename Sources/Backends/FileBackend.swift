@@ -30,6 +30,8 @@ public final class FileBackend: BlockBackend, @unchecked Sendable {
 
     /// The open descriptor (O_DIRECT in `.none` cache mode).
     let fd: Int32
+    /// For block devices: the descriptor holding the flock (the I/O descriptor holds the O_EXCL claim).
+    private let lockFD: Int32
     /// Required memory alignment of O_DIRECT buffers.
     let directMemoryAlignment: Int
     /// Required length/offset alignment of O_DIRECT transfers.
@@ -62,6 +64,7 @@ public final class FileBackend: BlockBackend, @unchecked Sendable {
 
         var createdFile = false
         var fd: Int32
+        var lockFD: Int32 = -1
         switch spec.kind {
         case .null:
             throw .unsupported(path: path, reason: "a null back-end is opened with NullBackend, not FileBackend")
@@ -77,23 +80,39 @@ public final class FileBackend: BlockBackend, @unchecked Sendable {
                     createdFile = true
                 } else if currentErrno() == EEXIST {
                     fd = open(path, flags)  // created concurrently by someone else: open what is there
+                } else if currentErrno() == EINVAL && direct {
+                    // The kernel creates the file before refusing O_DIRECT: remove what this open made.
+                    _ = unlink(path)
+                    throw Self.openError(path: path, errno: EINVAL, direct: direct)
                 }
             }
             if fd < 0 { throw Self.openError(path: path, errno: currentErrno(), direct: direct) }
         case .block:
+            // Lock first on a plain descriptor, so a second ScsiGate or LUN gets the lock-conflict error;
+            // then claim the device with O_EXCL (refused while mounted or claimed by another program).
+            let probe = open(path, O_RDONLY | O_CLOEXEC)
+            if probe < 0 { throw Self.openError(path: path, errno: currentErrno(), direct: direct) }
+            let locked = csys_flock_exclusive(probe)
+            if locked != 0 {
+                _ = Glibc.close(probe)
+                if locked == -EWOULDBLOCK || locked == -EAGAIN { throw .lockConflict(path: path) }
+                throw .systemCall(path: path, call: "flock", errno: -locked)
+            }
             fd = open(path, flags | O_EXCL)
             if fd < 0 {
                 let e = currentErrno()
-                if e == ENOENT { throw .missingFile(path: path) }
+                _ = Glibc.close(probe)
                 if e == EBUSY { throw .deviceBusy(path: path) }
                 throw Self.openError(path: path, errno: e, direct: direct)
             }
+            lockFD = probe
         }
 
-        // From here on, every failure closes fd (and removes a file this open created).
+        // From here on, every failure closes the descriptors (and removes a file this open created).
         func fail(_ error: BackendOpenError) -> BackendOpenError {
             if createdFile { _ = unlink(path) }
             _ = Glibc.close(fd)
+            if lockFD >= 0 { _ = Glibc.close(lockFD) }
             return error
         }
 
@@ -107,7 +126,7 @@ public final class FileBackend: BlockBackend, @unchecked Sendable {
             guard type == S_IFREG else { throw fail(.notRegularFile(path: path)) }
         }
 
-        let lockResult = csys_flock_exclusive(fd)
+        let lockResult = isBlock ? 0 : csys_flock_exclusive(fd)
         if lockResult != 0 {
             if lockResult == -EWOULDBLOCK || lockResult == -EAGAIN { throw fail(.lockConflict(path: path)) }
             throw fail(.systemCall(path: path, call: "flock", errno: -lockResult))
@@ -180,6 +199,7 @@ public final class FileBackend: BlockBackend, @unchecked Sendable {
 
         self.spec = spec
         self.fd = fd
+        self.lockFD = lockFD
         self.created = createdFile
         self.isBlockDevice = isBlock
         self.logicalBlockSize = spec.logicalBlockSize
@@ -251,7 +271,10 @@ public final class FileBackend: BlockBackend, @unchecked Sendable {
     }
 
     private func closeDescriptor() {
-        if !descriptorClosed.exchange(true, ordering: .sequentiallyConsistent) { _ = Glibc.close(fd) }
+        if !descriptorClosed.exchange(true, ordering: .sequentiallyConsistent) {
+            _ = Glibc.close(fd)
+            if lockFD >= 0 { _ = Glibc.close(lockFD) }
+        }
     }
 
     /// Changes the capacity (admin plane). Files grow with ftruncate (sparse); shrinking needs

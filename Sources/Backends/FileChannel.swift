@@ -156,6 +156,8 @@ public final class FileChannel: BlockChannel {
         let offset = request.offset
         let length = request.length
         var directVectors = 0
+        // Offsets must fit off_t together with the length (hostile values must not trap below).
+        guard offset <= UInt64(Int64.max), length <= UInt64(Int64.max) - offset else { return ERANGE }
         switch operation {
         case .read, .write, .discard, .writeZeroes:
             if operation != .read && readOnly { return EROFS }
@@ -304,15 +306,6 @@ public final class FileChannel: BlockChannel {
     /// rest queued for the next `commit` or `reap`), one wake-up per sleeping worker.
     public func commit() {
         if closed { return }
-        if workersToWake != 0 {
-            var mask = workersToWake
-            workersToWake = 0
-            while mask != 0 {
-                let w = mask.trailingZeroBitCount
-                mask &= mask - 1
-                workers[w].wakeIfSleeping()
-            }
-        }
         if pendingCount > 0, let context {
             var start = 0
             while start < pendingCount {
@@ -336,8 +329,6 @@ public final class FileChannel: BlockChannel {
                 if Int32(cb.pointee.aio_lio_opcode) == Int32(IO_CMD_FDSYNC.rawValue) && (r == -EINVAL || r == -EOPNOTSUPP) {
                     fdsyncSupported = false
                     pushToWorker(index)
-                    workers[nextWorker == 0 ? workers.count - 1 : nextWorker - 1].wakeIfSleeping()
-                    workersToWake = 0
                 } else {
                     core.slots[index].status = Int32(-r)
                     core.slots[index].bytes = 0
@@ -348,6 +339,15 @@ public final class FileChannel: BlockChannel {
                 let remaining = pendingCount - start
                 if remaining > 0 { pending.update(from: pending + start, count: remaining) }
                 pendingCount = remaining
+            }
+        }
+        if workersToWake != 0 {
+            var mask = workersToWake
+            workersToWake = 0
+            while mask != 0 {
+                let w = mask.trailingZeroBitCount
+                mask &= mask - 1
+                workers[w].wakeIfSleeping()
             }
         }
         if immediateNeedsSignal {

@@ -35,7 +35,8 @@ import Testing
 
         // A second LUN on the same device is refused.
         let second = openFile(BackendSpec(kind: .block, path: device, cache: cache))
-        #expect(second.failure == .deviceBusy(path: device) || second.failure == .lockConflict(path: device))
+        #expect(second.failure == .lockConflict(path: device))
+        #expect(runProgram("/usr/bin/flock", ["-n", device, "true"]).status == 1)
 
         let channel = try backend.makeChannel()
         let source = TestBuffers(segments: [4096, 4096])

@@ -218,6 +218,48 @@ import Testing
         #expect(waitForCompletions(channel, count: 4).count == 4)
     }
 
+    @Test(arguments: modes)
+    func hostileOffsetsAreRefusedNotTrapped(cache: BackendSpec.CacheMode) throws {
+        let dir = TemporaryDirectory()
+        let (backend, channel, _) = try openChannel(dir, cache: cache, size: 1 << 20)
+        defer { channel.close(); backend.close() }
+        let buffer = TestBuffers(segments: [4096])
+        for offset: UInt64 in [UInt64.max - 511, UInt64(Int64.max) - 511, UInt64(Int64.max) + 1] {
+            for operation: BlockIO.BlockOperation in [.read, .write, .discard, .writeZeroes] {
+                let request = BlockRequest(operation: operation, offset: offset, length: 4096, buffers: buffer.list)
+                #expect(channel.submit(request, token: 1) == ERANGE)
+            }
+        }
+        let hugeLength = BlockRequest(operation: .discard, offset: 0, length: UInt64.max - 511)
+        #expect(channel.submit(hugeLength, token: 1) == ERANGE)
+        #expect(channel.inFlight == 0)
+    }
+
+    /// A filesystem that refuses O_DIRECT (ramfs): a clear error suggesting writeback, no file left
+    /// behind, and the same path works with cache = writeback.
+    @Test func filesystemWithoutDirectIOIsAClearError() throws {
+        let dir = TemporaryDirectory()
+        let mountPoint = dir.file("ram")
+        try FileManager.default.createDirectory(atPath: mountPoint, withIntermediateDirectories: true)
+        let mounted = runProgram("/bin/mount", ["-t", "ramfs", "ramfs", mountPoint])
+        try #require(mounted.status == 0, "cannot mount ramfs (needs root): \(mounted.output)")
+        defer { runProgram("/bin/umount", [mountPoint]) }
+        let path = mountPoint + "/disk.img"
+        let refused = openFile(BackendSpec(kind: .file, path: path, size: 1 << 20, cache: .none, create: true))
+        #expect(refused.failure == .directIOUnsupported(path: path, reason: "open with O_DIRECT: " + errnoName(EINVAL)))
+        #expect(refused.failure?.description.contains("set cache = \"writeback\"") == true)
+        #expect(access(path, F_OK) != 0)
+        let backend = try FileBackend(spec: BackendSpec(kind: .file, path: path, size: 1 << 20, cache: .writeback, create: true))
+        let channel = try backend.makeChannel()
+        defer { channel.close(); backend.close() }
+        let source = TestBuffers(segments: [4096])
+        source.fill(seed: 6)
+        #expect(run(channel, BlockRequest(operation: .write, offset: 0, length: 4096, buffers: source.list)) == .success(4096))
+        #expect(fileBytes(path, offset: 0, count: 4096) == source.bytes)
+        // Existing file, O_DIRECT: refused the same way.
+        #expect(openFile(BackendSpec(kind: .file, path: dir.file("ram/other.img"), size: 4096, create: true)).failure != nil)
+    }
+
     @Test func fourKiBLogicalBlocks() throws {
         let dir = TemporaryDirectory()
         let (backend, channel, _) = try openChannel(dir, cache: .none, size: 1 << 20, blockSize: 4096)
