@@ -245,13 +245,19 @@ public final class FileBackend: BlockBackend, @unchecked Sendable {
 
     /// Creates a channel for one event-loop thread.
     public func makeChannel() throws(BlockBackendError) -> FileChannel {
+        try makeChannel(aioContextDepth: nil)
+    }
+
+    /// Creates a channel; `aioContextDepth` overrides the io_setup size (tests use a small one to
+    /// exercise partial io_submit and EAGAIN).
+    func makeChannel(aioContextDepth: Int?) throws(BlockBackendError) -> FileChannel {
         channelCount.add(1, ordering: .sequentiallyConsistent)
         if closeRequested.load(ordering: .sequentiallyConsistent) {
             channelClosed()
             throw BlockBackendError("\(spec.path): back-end is closed", errno: EBADF)
         }
         do {
-            return try FileChannel(backend: self)
+            return try FileChannel(backend: self, aioContextDepth: aioContextDepth)
         } catch {
             channelClosed()
             throw error

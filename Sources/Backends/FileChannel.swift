@@ -57,7 +57,7 @@ public final class FileChannel: BlockChannel {
     /// Requests queued or in flight.
     public private(set) var inFlight = 0
 
-    init(backend: FileBackend) throws(BlockBackendError) {
+    init(backend: FileBackend, aioContextDepth: Int? = nil) throws(BlockBackendError) {
         let spec = backend.spec
         let depth = spec.queueDepth
         let efd = csys_eventfd(0, 1)
@@ -67,10 +67,11 @@ public final class FileChannel: BlockChannel {
         }
         var ctx: io_context_t?
         if spec.cache == .none {
-            let r = io_setup(Int32(depth), &ctx)
+            let contextDepth = aioContextDepth ?? depth
+            let r = io_setup(Int32(contextDepth), &ctx)
             if r != 0 {
                 _ = Glibc.close(efd)
-                throw BlockBackendError("\(spec.path): io_setup(\(depth)): " + errnoName(-r)
+                throw BlockBackendError("\(spec.path): io_setup(\(contextDepth)): " + errnoName(-r)
                                         + (r == -EAGAIN ? " (raise /proc/sys/fs/aio-max-nr)" : ""), errno: -r)
             }
         }
@@ -362,6 +363,9 @@ public final class FileChannel: BlockChannel {
         for i in 0..<queueDepth where core.slots[i].bounce != nil { n += 1 }
         return n
     }
+
+    /// AIO requests prepared but not yet accepted by io_submit (diagnostics and tests).
+    var queuedForSubmission: Int { pendingCount }
 
     /// Whether flushes still go through IOCB_CMD_FDSYNC (false once the file refused it).
     var usesAIOFlush: Bool { direct && fdsyncSupported }

@@ -218,6 +218,37 @@ import Testing
         #expect(waitForCompletions(channel, count: 4).count == 4)
     }
 
+    /// More requests than the kernel's AIO ring holds, all committed at once without reaping: io_submit
+    /// accepts part of the batch, the rest stays queued and goes out as completions are reaped.
+    @Test func partialSubmitKeepsTheRestQueued() throws {
+        let dir = TemporaryDirectory()
+        let path = dir.file("eagain.img")
+        let backend = try FileBackend(spec: BackendSpec(kind: .file, path: path, size: 4 << 20, create: true, queueDepth: 1024))
+        let channel = try backend.makeChannel(aioContextDepth: 1)
+        defer { channel.close(); backend.close() }
+        let count = 1024
+        let buffers = (0..<count).map { i -> TestBuffers in
+            let b = TestBuffers(segments: [4096])
+            b.fill(seed: UInt8(truncatingIfNeeded: i))
+            return b
+        }
+        for i in 0..<count {
+            let request = BlockRequest(operation: .write, offset: UInt64(i) * 4096, length: 4096, buffers: buffers[i].list)
+            #expect(channel.submit(request, token: UInt64(i)) == 0)
+        }
+        channel.commit()
+        let leftOver = channel.queuedForSubmission
+        #expect(leftOver > 0 && leftOver < count)  // the kernel took part of the batch
+        print("partialSubmitKeepsTheRestQueued: io_submit accepted \(count - leftOver) of \(count)")
+        let results = waitForCompletions(channel, count: count)
+        #expect(results.count == count)
+        #expect(results.values.allSatisfy { $0 == .success(4096) })
+        #expect(channel.queuedForSubmission == 0)
+        for i in [0, count / 2, count - 1] {
+            #expect(fileBytes(path, offset: i * 4096, count: 4096) == buffers[i].bytes)
+        }
+    }
+
     @Test(arguments: modes)
     func hostileOffsetsAreRefusedNotTrapped(cache: BackendSpec.CacheMode) throws {
         let dir = TemporaryDirectory()
