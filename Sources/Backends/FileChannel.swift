@@ -81,7 +81,7 @@ public final class FileChannel: BlockChannel {
         let workerCount = spec.cache == .none ? 1 : spec.workerThreads
         do {
             for _ in 0..<workerCount {
-                let worker = try IOWorker(core: core, capacity: depth, name: "scsigate-io")
+                let worker = try IOWorker(core: core, capacity: depth)
                 try worker.start()
                 started.append(worker)
             }

@@ -80,7 +80,7 @@ final class IOWorker: @unchecked Sendable {
     private var thread = pthread_t()
     private var running = false
 
-    init(core: ChannelCore, capacity: Int, name: String) throws(BlockBackendError) {
+    init(core: ChannelCore, capacity: Int) throws(BlockBackendError) {
         let efd = csys_eventfd(0, 0)
         guard efd >= 0 else { throw BlockBackendError("worker eventfd: " + errnoName(currentErrno()), errno: currentErrno()) }
         guard let zero = FileBackend.allocateAligned(bytes: Self.zeroBufferBytes, alignment: 4096) else {
