@@ -100,7 +100,7 @@ public enum BackendOpenError: Error, CustomStringConvertible, Sendable, Equatabl
         case let .invalidTuning(path, reason):
             return "\(path): \(reason)"
         case let .missingFile(path):
-            return "\(path): file does not exist (set create = true with a size to create it sparse)"
+            return "\(path): does not exist (for a file LUN, set create = true and a size to create it sparse)"
         case let .notRegularFile(path):
             return "\(path): not a regular file (use backend = \"block\" for block devices)"
         case let .notBlockDevice(path):
