@@ -54,8 +54,8 @@ public enum AnyBlockBackend: Sendable {
 }
 
 /// A channel of any back-end kind, dispatched by `switch` (no existential in the per-I/O path).
-/// The iSCSI back-end (issue 5) adds a case.
-public enum AnyBlockChannel {
+/// The iSCSI back-end (issue 5) adds a case. Handed to its event-loop thread, then used by that thread only.
+public enum AnyBlockChannel: Sendable {
     /// A ``FileBackend`` channel.
     case file(FileChannel)
     /// A ``NullBackend`` channel.

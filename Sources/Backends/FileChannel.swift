@@ -16,10 +16,12 @@ import CSystem
 /// - Buffered (`cache = .writeback`): every request runs on the channel's worker threads
 ///   (preadv2/pwritev2/fdatasync/fallocate), handed over on lock-free SPSC rings.
 ///
-/// Completions of both engines wake the same eventfd, ``completionFD``. Not thread-safe: one owner thread.
+/// Completions of both engines wake the same eventfd, ``completionFD``. Not thread-safe: it may be
+/// created on one thread and handed to its event-loop thread (hence `@unchecked Sendable`), but only
+/// one thread may use it at a time.
 /// The iovec array and the buffers of a request must stay valid until its completion has been reaped.
 /// Call ``close()`` (after reaping everything in flight) to stop the workers and release the context.
-public final class FileChannel: BlockChannel {
+public final class FileChannel: BlockChannel, @unchecked Sendable {
     private let backend: FileBackend
     private let core: ChannelCore
     private let fd: Int32

@@ -45,7 +45,8 @@ public final class NullBackend: BlockBackend, @unchecked Sendable {
 }
 
 /// A ``NullBackend`` channel: a preallocated ring of completed results, signalled on `commit`.
-public final class NullChannel: BlockChannel {
+/// Like ``FileChannel``, it may be handed to another thread but is used by one thread at a time.
+public final class NullChannel: BlockChannel, @unchecked Sendable {
     private let capacityBytes: UInt64
     private let blockSize: UInt64
     private let readOnly: Bool

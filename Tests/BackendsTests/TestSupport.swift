@@ -140,3 +140,29 @@ func runProgram(_ executable: String, _ arguments: [String]) -> (status: Int32, 
 func openFile(_ spec: BackendSpec) -> Result<FileBackend, BackendOpenError> {
     do { return .success(try FileBackend(spec: spec)) } catch { return .failure(error) }
 }
+
+/// Retries `condition` for up to 2 s. Used where a lock was just released: other tests spawn processes
+/// concurrently, and a child holds copies of this process's descriptors (and so its flock) from fork
+/// until exec closes them, which can briefly delay the release.
+func eventually(_ condition: () -> Bool) -> Bool {
+    for _ in 0..<200 {
+        if condition() { return true }
+        usleep(10_000)
+    }
+    return condition()
+}
+
+/// Opens a file back-end whose lock was just released (see `eventually`).
+func openEventually(_ spec: BackendSpec) throws(BackendOpenError) -> FileBackend {
+    var last = BackendOpenError.lockConflict(path: spec.path)
+    for _ in 0..<200 {
+        switch openFile(spec) {
+        case .success(let backend): return backend
+        case .failure(let error):
+            guard error == .lockConflict(path: spec.path) else { throw error }
+            last = error
+            usleep(10_000)
+        }
+    }
+    throw last
+}
