@@ -247,7 +247,8 @@ public final class FileChannel: BlockChannel, @unchecked Sendable {
         var aligned = true
         while i < list.count && sum < length {
             let element = base[i]
-            if element.iov_len > 0 && element.iov_base == nil { return -2 }
+            // size_t arrives as Int: a length above Int.max (negative here) is as invalid as a null base.
+            if element.iov_len < 0 || (element.iov_len > 0 && element.iov_base == nil) { return -2 }
             if direct && aligned {
                 let address = Int(bitPattern: element.iov_base)
                 if address % memoryAlignment != 0 || element.iov_len % lengthAlignment != 0 { aligned = false }

@@ -206,8 +206,17 @@ import Testing
         let huge = UInt64(FileBackend.maxTransferBytes) + 512
         #expect(channel.submit(BlockRequest(operation: .read, offset: 0, length: huge, buffers: buffer.list), token: 1) == EINVAL)
         var nullBase = iovec(iov_base: nil, iov_len: 512)
-        let bad = withUnsafeMutablePointer(to: &nullBase) { IOVectorList(base: $0, count: 1) }
-        #expect(channel.submit(BlockRequest(operation: .write, offset: 0, length: 512, buffers: bad), token: 1) == EINVAL)
+        let nullBaseResult = withUnsafeMutablePointer(to: &nullBase) {
+            channel.submit(BlockRequest(operation: .write, offset: 0, length: 512, buffers: IOVectorList(base: $0, count: 1)),
+                           token: 1)
+        }
+        #expect(nullBaseResult == EINVAL)
+        var hugeElement = iovec(iov_base: buffer.start, iov_len: Int(bitPattern: UInt(Int.max) + 1))
+        let hugeResult = withUnsafeMutablePointer(to: &hugeElement) {
+            channel.submit(BlockRequest(operation: .read, offset: 0, length: 512, buffers: IOVectorList(base: $0, count: 1)),
+                           token: 1)
+        }
+        #expect(hugeResult == EINVAL)
         #expect(channel.inFlight == 0)
         for token in 0..<4 {
             #expect(channel.submit(BlockRequest(operation: .read, offset: 0, length: 512, buffers: buffer.list),
