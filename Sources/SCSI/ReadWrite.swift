@@ -53,8 +53,9 @@ extension SCSITarget {
         }
         let flags = cdb[1] & ~0x1A
         if flags != 0 { throw .invalidFieldInCDB(byte: 1, bit: 7 - flags.leadingZeroBitCount) }
-        let group = cdb[length - 2] & ~0x1F
-        if group != 0 { throw .invalidFieldInCDB(byte: length - 2, bit: 7 - group.leadingZeroBitCount) }
+        let groupByte = length == 10 ? 6 : length - 2
+        let group = cdb[groupByte] & ~0x1F
+        if group != 0 { throw .invalidFieldInCDB(byte: groupByte, bit: 7 - group.leadingZeroBitCount) }
         let control = cdb[length - 1]
         if control != 0 { throw .invalidFieldInCDB(byte: length - 1, bit: 7 - control.leadingZeroBitCount) }
     }
