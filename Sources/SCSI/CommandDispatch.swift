@@ -103,7 +103,7 @@ extension SCSITarget {
     /// Completes a one-request command: errno to sense, short transfers, data-in length.
     private func completeSingle(_ task: inout SCSITask, unit: LogicalUnit, op: BlockOperation, lba: UInt64,
                                 blocks: UInt64, result: BlockResult) throws(SCSIError) {
-        if result.errno != 0 { throw backendError(result.errno, op: op, lba: lba) }
+        if result.errno != 0 { throw backendError(result.errno, op: op, lba: op == .flush ? nil : lba) }
         let blockSize = UInt64(unit.blockSize)
         let expected = blocks &* blockSize
         switch op {
@@ -129,9 +129,9 @@ extension SCSITarget {
     }
 
     /// The error for a failed back-end request, with the LBA in INFORMATION for medium errors.
-    func backendError(_ code: Int32, op: BlockOperation, lba: UInt64) -> SCSIError {
+    func backendError(_ code: Int32, op: BlockOperation, lba: UInt64?) -> SCSIError {
         var error = BackendErrorMapping.error(errno: code, operation: op)
-        if error.sense?.key == .mediumError { error.sense?.information = lba }
+        if let lba, error.sense?.key == .mediumError { error.sense?.information = lba }
         return error
     }
 

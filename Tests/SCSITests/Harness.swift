@@ -114,7 +114,7 @@ struct Harness {
                            identity: LogicalUnitIdentity(serial: "SN0001", naa: 0x6001_4051_2345_6789),
                            geometry: geometry, backendID: 7)
         try! target.add(unit)
-        disk = MemoryDisk(size: Int(min(blocks * UInt64(blockSize), 1 << 20)))
+        disk = MemoryDisk(size: Int(min(blocks * UInt64(blockSize), 1 << 23)))
         if !keepPowerOnUA {
             unit.unitAttentions.clear(for: Self.nexus)
             unit.unitAttentions.clear(for: Self.other)
