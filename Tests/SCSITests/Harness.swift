@@ -32,7 +32,9 @@ final class IOBuffer {
 
     convenience init(_ bytes: [UInt8], segments: [Int] = []) {
         self.init(size: bytes.count, segments: segments)
-        for (i, b) in bytes.enumerated() { memory[i] = b }
+        bytes.withUnsafeBytes { raw in
+            if raw.count > 0 { memory.baseAddress!.copyMemory(from: raw.baseAddress!, byteCount: raw.count) }
+        }
     }
 
     deinit {
