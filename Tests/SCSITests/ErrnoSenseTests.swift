@@ -47,6 +47,16 @@ import Testing
         #expect(h.run([0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0]).sense == fixedFormatSense(0x07, 0x27, 0x07))
     }
 
+    @Test func unsupportedDiscardIsAnIllegalRequest() {
+        var h = Harness()
+        h.disk.override = { _ in .failure(EOPNOTSUPP) }
+        let list = bytesBE16(22) + bytesBE16(16) + [0, 0, 0, 0] + bytesBE64(3) + bytesBE32(2) + [0, 0, 0, 0]
+        #expect(h.run([0x42, 0, 0, 0, 0, 0, 0] + bytesBE16(24) + [0], dataOut: list).sense == fixedFormatSense(0x05, 0x24, 0x00))
+        #expect(h.run([0x93, 0x09] + bytesBE64(0) + bytesBE32(2) + [0, 0]).sense == fixedFormatSense(0x05, 0x24, 0x00))
+        // Elsewhere it is a target failure.
+        #expect(h.run(read10(lba: 0, blocks: 1), dataIn: 512).sense == fixedFormatSense(0x04, 0x44, 0x00))
+    }
+
     @Test func compareAndWriteWriteFailure() {
         var h = Harness()
         h.disk.override = { r in r.operation == .write ? .failure(ENOSPC) : nil }
