@@ -27,6 +27,8 @@ import Synchronization
 struct MediumState: Sendable {
     /// Nexuses that issued PREVENT ALLOW MEDIUM REMOVAL with PREVENT = 1.
     var preventing: Set<ITNexus> = []
+    /// When the COMPARE AND WRITE in progress started (monotonic nanoseconds); nil when none is.
+    var compareAndWriteSince: UInt64? = nil
 }
 
 /// Kinds of multi-step commands, kept in `TaskStep.multi(kind:...)`.

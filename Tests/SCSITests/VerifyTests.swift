@@ -117,6 +117,52 @@ import Testing
         #expect(Array(h.disk.bytes[10 * 512 ..< 12 * 512]) == old)
     }
 
+    @Test func compareAndWritesOfOneUnitAreSerialised() {
+        let h = Harness()
+        var view = LUNMapView()
+        let data = IOBuffer(size: 1024, fill: 0)
+        func start() -> (SCSITask, TaskDisposition) {
+            var task = SCSITask(nexus: Harness.nexus, lun: LogicalUnitNumber(0), tag: 1,
+                                cdb: CDB(Self.compareAndWrite(lba: 0, blocks: 1)), dataOut: data.list)
+            let d = h.target.execute(&task, view: &view)
+            return (task, d)
+        }
+        var (first, d1) = start()
+        guard case let .submit(read) = d1 else {
+            Issue.record("no read")
+            return
+        }
+        var (second, d2) = start()
+        guard case .complete = d2 else {
+            Issue.record("second COMPARE AND WRITE was not refused")
+            return
+        }
+        #expect(second.status == .busy && second.sense.length == 0)
+        // The first one finishes (compare equal on a zeroed disk, then write): the next one may run.
+        d1 = h.target.resume(&first, with: h.disk.perform(read))
+        guard case let .submit(write) = d1 else {
+            Issue.record("no write")
+            return
+        }
+        guard case .complete = h.target.resume(&first, with: h.disk.perform(write)) else {
+            Issue.record("no completion")
+            return
+        }
+        #expect(first.status == .good)
+        (second, d2) = start()
+        guard case let .submit(again) = d2 else {
+            Issue.record("third COMPARE AND WRITE did not start")
+            return
+        }
+        // A failing read releases the exclusion too.
+        _ = h.target.resume(&second, with: .failure(5))
+        #expect(second.sense.array == fixedFormatSense(0x03, 0x11, 0x00, information: 0))
+        #expect(again.operation == .read)
+        var (third, d3) = start()
+        if case .submit = d3 { _ = h.target.resume(&third, with: .failure(5)) } else { Issue.record("exclusion leaked") }
+        withExtendedLifetime(data) {}
+    }
+
     @Test func compareAndWriteFieldChecks() {
         var h = Harness()
         #expect(h.run(Self.compareAndWrite(lba: 0, blocks: 129), dataOut: pattern(129 * 1024)).sense == invalidCDB(byte: 13))
