@@ -111,7 +111,7 @@ extension SCSITarget {
         let effects = try unit.reservations.persistentReserveOut(task.cdb, parameters: parameters, from: task.nexus)
         for (condition, scope) in effects.unitAttentions { unit.unitAttentions.establish(condition, for: scope) }
         if !effects.abortTasksOf.isEmpty, let lun = task.lun {
-            task.taskManagementRequest = TaskManagementPlan.preemptAndAbort(effects, lun: lun, from: task.nexus)
+            task.taskManagementBox = TaskManagementPlanBox(TaskManagementPlan.preemptAndAbort(effects, lun: lun, from: task.nexus))
         }
     }
 

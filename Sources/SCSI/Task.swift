@@ -43,7 +43,9 @@ public struct SCSITask: Sendable {
     /// Set by PERSISTENT RESERVE OUT / PREEMPT AND ABORT when it completes: the front-end applies this
     /// plan to its task sets (`apply(to:)`, `finishTaskManagement`) before sending the command's status.
     /// nil for every other command.
-    public internal(set) var taskManagementRequest: TaskManagementPlan? = nil
+    public var taskManagementRequest: TaskManagementPlan? { taskManagementBox?.plan }
+    /// Boxed so that the per-command clear is a pointer store, not an optional-struct copy.
+    var taskManagementBox: TaskManagementPlanBox? = nil
 
     // MARK: Continuation state for multi-step commands, owned by the core
     var step: TaskStep = .none
@@ -82,7 +84,7 @@ public struct SCSITask: Sendable {
         step = .none
         scratch = nil
         unit = nil
-        if taskManagementRequest != nil { taskManagementRequest = nil }
+        taskManagementBox = nil
     }
 
     /// Residual of data-in (bytes the initiator asked for but did not get).
@@ -95,6 +97,12 @@ public enum TaskDisposition: Sendable {
     case complete
     /// Submit this request to the back-end `task.backendID`, then call `SCSITarget.resume(_:with:)`.
     case submit(BlockRequest)
+}
+
+/// Holds a task management plan a command hands back to the front-end.
+final class TaskManagementPlanBox: Sendable {
+    let plan: TaskManagementPlan
+    init(_ plan: TaskManagementPlan) { self.plan = plan }
 }
 
 /// Internal continuation of a multi-step command (COMPARE AND WRITE, VERIFY with BYTCHK, WRITE AND VERIFY,
