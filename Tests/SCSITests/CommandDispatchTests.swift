@@ -67,6 +67,14 @@ import Testing
         #expect(task.status == .checkCondition && task.sense.array == notSupported)
     }
 
+    @Test func flatSpaceLUNIsReachable() {
+        var h = Harness(lun: 300)
+        h.unit.unitAttentions.clear(for: Harness.nexus)
+        let o = h.run(read10(lba: 1, blocks: 1), dataIn: 512, lun: 300)
+        #expect(o.status == .good && o.dataInLength == 512)
+        #expect(h.run(Self.tur, lun: 0).sense == fixedFormatSense(0x05, 0x25, 0x00))
+    }
+
     @Test func unknownOperationCodeAndServiceAction() {
         var h = Harness()
         #expect(h.run([0xC5, 0, 0, 0, 0, 0]).sense == invalidOpcodeSense)
