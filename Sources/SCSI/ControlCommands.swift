@@ -1,5 +1,18 @@
 import BlockIO
 
+extension LogicalUnit {
+    /// Ends the medium removal prevention of `nexus` (I_T nexus loss, I_T NEXUS RESET), or of every nexus
+    /// when `nexus` is nil (LOGICAL UNIT RESET, power on), as SPC-4 PREVENT ALLOW MEDIUM REMOVAL requires.
+    public func clearMediumRemovalPrevention(for nexus: ITNexus?) {
+        mediumState.withLock { state in
+            if let nexus { state.preventing.remove(nexus) } else { state.preventing.removeAll() }
+        }
+    }
+
+    /// Whether some nexus prevents medium removal.
+    public var isMediumRemovalPrevented: Bool { mediumState.withLock { !$0.preventing.isEmpty } }
+}
+
 extension SCSITarget {
     /// REPORT LUNS: SELECT REPORT 00h and 02h list every LUN, 01h (well-known LUNs) lists none. The LUN
     /// LIST LENGTH field gives the full list even when the allocation length truncates it.

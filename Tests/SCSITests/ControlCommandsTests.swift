@@ -133,6 +133,18 @@ func makeTestUnit(_ lun: Int, blocks: UInt64 = 64) -> LogicalUnit {
         #expect(h.run([0x1B, 0, 0, 0, 0x08, 0]).sense == invalidCDB(byte: 4, bit: 3))
     }
 
+    @Test func preventionIsPerNexusAndClearedByNexusLossOrReset() {
+        var h = Harness()
+        #expect(h.run([0x1E, 0, 0, 0, 0x01, 0]).status == .good)
+        #expect(h.run([0x1E, 0, 0, 0, 0x01, 0], nexus: Harness.other).status == .good)
+        h.unit.clearMediumRemovalPrevention(for: Harness.nexus)
+        #expect(h.unit.isMediumRemovalPrevented)
+        #expect(h.run([0x1B, 0, 0, 0, 0x02, 0]).sense == fixedFormatSense(0x05, 0x53, 0x02))
+        h.unit.clearMediumRemovalPrevention(for: nil)
+        #expect(!h.unit.isMediumRemovalPrevented)
+        #expect(h.run([0x1B, 0, 0, 0, 0x02, 0]).status == .good)
+    }
+
     @Test func reportSupportedOperationCodesOneCommand() {
         var h = Harness()
         func rsoc(_ options: UInt8, _ opcode: UInt8, _ action: Int = 0) -> [UInt8] {
