@@ -50,6 +50,20 @@ func makeTestUnit(_ lun: Int, blocks: UInt64 = 64) -> LogicalUnit {
         if let sense = c.sense { #expect(o.sense == sense) }
     }
 
+    @Test func reportLUNsListsAnyNumberOfLUNs() throws {
+        var h = Harness()
+        for lun in 1 ..< 600 { try h.target.add(makeTestUnit(lun * 27 % 16384)) }
+        let o = h.run(Self.reportLUNs(allocation: 8192), dataIn: 8192)
+        #expect(o.status == .good)
+        #expect(Array(o.data.prefix(4)) == bytesBE32(600 * 8))
+        #expect(o.data.count == 8 + 600 * 8)
+        let expected = ([0] + (1 ..< 600).map { $0 * 27 % 16384 }).sorted()
+        let listed = (0 ..< 600).map { i in LogicalUnitNumber(samEncoding: Array(o.data[8 + 8 * i ..< 16 + 8 * i]).reduce(0) { $0 << 8 | UInt64($1) })!.value }
+        #expect(listed.map(Int.init) == expected)
+        let short = h.run(Self.reportLUNs(allocation: 1000), dataIn: 8192)
+        #expect(short.dataInLength == 1000 && Array(short.data.prefix(4)) == bytesBE32(600 * 8))
+    }
+
     @Test func reportLUNsClearsReportedLUNsDataChanged() throws {
         var h = Harness()
         try h.target.add(makeTestUnit(1))
