@@ -255,20 +255,22 @@ public struct LUNConfig: Sendable, Equatable {
     }
 }
 
-/// Digest negotiation for iSCSI header or data digests (RFC 7143 HeaderDigest/DataDigest values).
-public enum DigestPreference: String, Sendable, CaseIterable, Equatable {
+/// iSCSI header digest (RFC 7143 HeaderDigest), as libiscsi negotiates it.
+public enum HeaderDigest: String, Sendable, CaseIterable, Equatable {
     /// No digest.
     case none = "none"
-    /// CRC32C required.
+    /// CRC32C over every PDU header.
     case crc32c = "crc32c"
-    /// Offer none first, accept CRC32C.
-    case preferNone = "none,crc32c"
-    /// Offer CRC32C first, accept none.
-    case preferCRC32C = "crc32c,none"
+}
+
+/// iSCSI data digest (RFC 7143 DataDigest). libiscsi negotiates only `None`.
+public enum DataDigest: String, Sendable, CaseIterable, Equatable {
+    /// No digest.
+    case none = "none"
 }
 
 /// Where the CHAP secret comes from (never from the config file itself, never logged).
-public enum CHAPSecretSource: Sendable, Equatable {
+public enum CHAPSecretLocation: Sendable, Equatable {
     /// Read from this file (first line, trailing newline removed).
     case file(String)
     /// Read from this environment variable.
@@ -278,27 +280,32 @@ public enum CHAPSecretSource: Sendable, Equatable {
 /// Settings of an iSCSI-backed LUN.
 public struct ISCSIConfig: Sendable, Equatable {
     /// The remote LUN.
-    public var url: ISCSIURL
+    public var url: ISCSIAddress
     /// Our initiator IQN.
     public var initiatorName: String
     /// CHAP user name, when the target requires CHAP.
     public var chapUser: String?
     /// CHAP secret source (set exactly when `chapUser` is).
-    public var chapSecret: CHAPSecretSource?
-    /// Header digest negotiation.
-    public var headerDigest: DigestPreference
-    /// Data digest negotiation.
-    public var dataDigest: DigestPreference
+    public var chapSecret: CHAPSecretLocation?
+    /// Header digest.
+    public var headerDigest: HeaderDigest
+    /// Data digest.
+    public var dataDigest: DataDigest
     /// Outage the guest does not see, in seconds (commands are retried until then).
     public var timeoutSeconds: Int
+    /// First reconnect delay after a connection loss, in milliseconds (doubles up to `reconnectMaxMilliseconds`).
+    public var reconnectMinMilliseconds: Int
+    /// Longest reconnect delay, in milliseconds.
+    public var reconnectMaxMilliseconds: Int
 
     /// Default initiator name.
     public static let defaultInitiatorName = "iqn.2026-11.org.scsigate:initiator"
 
     /// Creates settings.
-    public init(url: ISCSIURL, initiatorName: String = ISCSIConfig.defaultInitiatorName, chapUser: String? = nil,
-                chapSecret: CHAPSecretSource? = nil, headerDigest: DigestPreference = .none,
-                dataDigest: DigestPreference = .none, timeoutSeconds: Int = 30) {
+    public init(url: ISCSIAddress, initiatorName: String = ISCSIConfig.defaultInitiatorName, chapUser: String? = nil,
+                chapSecret: CHAPSecretLocation? = nil, headerDigest: HeaderDigest = .none,
+                dataDigest: DataDigest = .none, timeoutSeconds: Int = 30, reconnectMinMilliseconds: Int = 100,
+                reconnectMaxMilliseconds: Int = 2000) {
         self.url = url
         self.initiatorName = initiatorName
         self.chapUser = chapUser
@@ -306,5 +313,7 @@ public struct ISCSIConfig: Sendable, Equatable {
         self.headerDigest = headerDigest
         self.dataDigest = dataDigest
         self.timeoutSeconds = timeoutSeconds
+        self.reconnectMinMilliseconds = reconnectMinMilliseconds
+        self.reconnectMaxMilliseconds = reconnectMaxMilliseconds
     }
 }

@@ -17,9 +17,10 @@ struct ConfigValidator {
                                  "hotplug", "seg_max", "discard", "write_zeroes", "lun"]
     static let lunKeys = ["target", "lun", "backend", "path", "url", "size", "block_size", "read_only", "cache",
                           "create", "serial", "wwn", "vendor", "product", "revision", "initiator_name", "chap_user",
-                          "chap_secret_file", "chap_secret_env", "header_digest", "data_digest", "timeout"]
+                          "chap_secret_file", "chap_secret_env", "header_digest", "data_digest", "timeout",
+                          "reconnect_min_ms", "reconnect_max_ms"]
     static let iscsiOnlyKeys = ["url", "initiator_name", "chap_user", "chap_secret_file", "chap_secret_env",
-                                "header_digest", "data_digest", "timeout"]
+                                "header_digest", "data_digest", "timeout", "reconnect_min_ms", "reconnect_max_ms"]
 
     /// Longest UNIX socket path (sun_path is 108 bytes with the terminating NUL).
     static let maximumSocketPathBytes = 107
@@ -190,8 +191,16 @@ struct ConfigValidator {
         let target: Int?
         let lun: Int?
         if isBlk {
-            target = reader.int("target", range: 0...0) ?? 0
-            lun = reader.int("lun", range: 0...0) ?? 0
+            func zero(_ key: String) -> Int? {
+                guard let value = reader.int(key) else { return reader.has(key) ? nil : 0 }
+                if value != 0 {
+                    validation.fail(reader.keyPath(key), "must be 0 for transport vhost-user-blk (one disk per controller), found \(value)")
+                    return nil
+                }
+                return 0
+            }
+            target = zero("target")
+            lun = zero("lun")
         } else {
             target = reader.has("target") ? reader.int("target", range: 0...maxTarget) : 0
             lun = reader.int("lun", required: true, range: 0...maxLUN)
@@ -287,16 +296,16 @@ struct ConfigValidator {
     }
 
     private func validateISCSI(_ reader: TableReader, settings: GatewaySettings) -> ISCSIConfig? {
-        var url: ISCSIURL? = nil
+        var url: ISCSIAddress? = nil
         if let text = reader.nonEmptyString("url", required: true) {
-            switch ISCSIURL.parse(text) {
+            switch ISCSIAddress.parse(text) {
             case let .success(parsed): url = parsed
             case let .failure(error): validation.fail(reader.keyPath("url"), error.message)
             }
         }
         var initiator = ISCSIConfig.defaultInitiatorName
         if let name = reader.nonEmptyString("initiator_name") {
-            if case let .failure(error) = ISCSIURL.checkISCSIName(name, what: "initiator name") {
+            if case let .failure(error) = ISCSIAddress.checkISCSIName(name, what: "initiator name") {
                 validation.fail(reader.keyPath("initiator_name"), error.message)
             } else {
                 initiator = name
@@ -305,7 +314,7 @@ struct ConfigValidator {
         let user = reader.nonEmptyString("chap_user")
         let secretFile = reader.nonEmptyString("chap_secret_file")
         let secretEnv = reader.nonEmptyString("chap_secret_env")
-        var secret: CHAPSecretSource? = nil
+        var secret: CHAPSecretLocation? = nil
         if secretFile != nil && secretEnv != nil {
             validation.fail(reader.keyPath("chap_secret_env"), "give either chap_secret_file or chap_secret_env, not both")
         } else if let secretFile {
@@ -325,12 +334,28 @@ struct ConfigValidator {
             let key = secretFile != nil ? "chap_secret_file" : "chap_secret_env"
             validation.fail(reader.keyPath(key), "a CHAP secret needs chap_user")
         }
-        let headerDigest = reader.choice("header_digest", DigestPreference.self) ?? .none
-        let dataDigest = reader.choice("data_digest", DigestPreference.self) ?? .none
+        let headerDigest = reader.choice("header_digest", HeaderDigest.self) ?? .none
+        var dataDigest = DataDigest.none
+        if let text = reader.string("data_digest") {
+            if let value = DataDigest(rawValue: text) {
+                dataDigest = value
+            } else {
+                validation.fail(reader.keyPath("data_digest"),
+                                "'\(text)' is not supported: libiscsi negotiates no data digest, only 'none'")
+            }
+        }
         let timeout = reader.int("timeout", range: 1...3600) ?? 30
+        let reconnectMin = reader.int("reconnect_min_ms", range: 10...600_000) ?? 100
+        var reconnectMax = reader.int("reconnect_max_ms", range: 10...600_000) ?? max(2000, reconnectMin)
+        if reconnectMax < reconnectMin {
+            validation.fail(reader.keyPath("reconnect_max_ms"),
+                            "must not be below reconnect_min_ms (\(reconnectMin)), found \(reconnectMax)")
+            reconnectMax = reconnectMin
+        }
         guard let url else { return nil }
         return ISCSIConfig(url: url, initiatorName: initiator, chapUser: user, chapSecret: secret,
-                           headerDigest: headerDigest, dataDigest: dataDigest, timeoutSeconds: timeout)
+                           headerDigest: headerDigest, dataDigest: dataDigest, timeoutSeconds: timeout,
+                           reconnectMinMilliseconds: reconnectMin, reconnectMaxMilliseconds: reconnectMax)
     }
 
     // MARK: - Cross checks

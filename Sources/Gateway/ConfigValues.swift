@@ -82,7 +82,7 @@ public enum ByteSize {
 }
 
 /// An iSCSI LUN address: `iscsi://host[:port]/target-name/lun`.
-public struct ISCSIURL: Sendable, Equatable, CustomStringConvertible {
+public struct ISCSIAddress: Sendable, Equatable, CustomStringConvertible {
     /// Host name, IPv4 address or IPv6 address (without brackets).
     public var host: String
     /// TCP port (default 3260).
@@ -107,7 +107,7 @@ public struct ISCSIURL: Sendable, Equatable, CustomStringConvertible {
     }
 
     /// Parses and checks a URL; the error says what part is wrong.
-    public static func parse(_ text: String) -> Result<ISCSIURL, ConfigValueError> {
+    public static func parse(_ text: String) -> Result<ISCSIAddress, ConfigValueError> {
         let form = "expected iscsi://host[:port]/iqn.yyyy-mm.domain:name/lun"
         guard text.hasPrefix("iscsi://") else {
             return .failure(ConfigValueError("'\(text)' does not start with iscsi:// (\(form))"))
@@ -157,7 +157,7 @@ public struct ISCSIURL: Sendable, Equatable, CustomStringConvertible {
         guard let lun = Int(lunText), lun >= 0, lun <= 16383 else {
             return .failure(ConfigValueError("LUN '\(lunText)' must be a number between 0 and 16383"))
         }
-        return .success(ISCSIURL(host: String(host), port: port, targetName: target, lun: lun))
+        return .success(ISCSIAddress(host: String(host), port: port, targetName: target, lun: lun))
     }
 
     /// Checks an iSCSI name (RFC 7143 §4.2.7: `iqn.yyyy-mm.reversed.domain[:id]`, `eui.` + 16 hex, `naa.` + 16 or 32 hex).

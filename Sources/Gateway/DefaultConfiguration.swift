@@ -75,9 +75,12 @@ queue_size = 128
 #   chap_user        CHAP user name; needs exactly one of:
 #   chap_secret_file file holding the CHAP secret (first line)
 #   chap_secret_env  environment variable holding the CHAP secret
-#   header_digest    "none" (default), "crc32c", "none,crc32c" or "crc32c,none" (first is preferred)
-#   data_digest      same values as header_digest (default "none")
+#   header_digest    "none" (default) or "crc32c"
+#   data_digest      "none" (the default and only value: libiscsi negotiates no data digest)
 #   timeout          seconds of target outage hidden from the guest before commands fail (1..3600, default 30)
+#   reconnect_min_ms first reconnect delay after a connection loss, doubling up to reconnect_max_ms
+#                    (10..600000, default 100)
+#   reconnect_max_ms longest reconnect delay (reconnect_min_ms..600000, default 2000)
 [[controller.lun]]
 target = 0
 lun = 0

@@ -46,12 +46,14 @@ struct ConfigDefaultsTests {
     func exampleValues() throws {
         let iscsi = try ConfigLoader.load(file: repositoryRoot.appendingPathComponent("Config/examples/iscsi.toml").path)
         let luns = iscsi.controllers[0].luns
-        #expect(luns[0].iscsi == ISCSIConfig(url: ISCSIURL(host: "192.0.2.10", port: 3260,
+        #expect(luns[0].iscsi == ISCSIConfig(url: ISCSIAddress(host: "192.0.2.10", port: 3260,
                                                            targetName: "iqn.2026-11.com.example:storage.disk1", lun: 0),
                                              initiatorName: "iqn.2026-11.org.scsigate:host1"))
         #expect(luns[1].iscsi?.chapSecret == .file("/etc/scsigate/chap-disk2.secret"))
-        #expect(luns[1].iscsi?.headerDigest == .preferCRC32C)
+        #expect(luns[1].iscsi?.headerDigest == .crc32c)
         #expect(luns[1].iscsi?.timeoutSeconds == 60)
+        #expect(luns[1].iscsi?.reconnectMinMilliseconds == 200 && luns[1].iscsi?.reconnectMaxMilliseconds == 5000)
+        #expect(luns[0].iscsi?.reconnectMinMilliseconds == 100 && luns[0].iscsi?.reconnectMaxMilliseconds == 2000)
         #expect(luns[1].readOnly)
         #expect(luns[2].iscsi?.url.host == "2001:db8::10")
         #expect(luns[2].iscsi?.chapSecret == .environment("SCSIGATE_CHAP_DISK3"))

@@ -41,13 +41,13 @@ struct ConfigValueTests {
 
     @Test("iSCSI URLs")
     func iscsiURLs() throws {
-        #expect(ISCSIURL.parse("iscsi://10.0.0.1/iqn.2026-01.com.example:disk/3")
-                == .success(ISCSIURL(host: "10.0.0.1", port: 3260, targetName: "iqn.2026-01.com.example:disk", lun: 3)))
-        #expect(ISCSIURL.parse("iscsi://[fe80::1]:3261/eui.0123456789abcdef/0")
-                == .success(ISCSIURL(host: "fe80::1", port: 3261, targetName: "eui.0123456789abcdef", lun: 0)))
-        #expect(ISCSIURL(host: "fe80::1", port: 3261, targetName: "eui.0123456789abcdef", lun: 0).description
+        #expect(ISCSIAddress.parse("iscsi://10.0.0.1/iqn.2026-01.com.example:disk/3")
+                == .success(ISCSIAddress(host: "10.0.0.1", port: 3260, targetName: "iqn.2026-01.com.example:disk", lun: 3)))
+        #expect(ISCSIAddress.parse("iscsi://[fe80::1]:3261/eui.0123456789abcdef/0")
+                == .success(ISCSIAddress(host: "fe80::1", port: 3261, targetName: "eui.0123456789abcdef", lun: 0)))
+        #expect(ISCSIAddress(host: "fe80::1", port: 3261, targetName: "eui.0123456789abcdef", lun: 0).description
                 == "iscsi://[fe80::1]:3261/eui.0123456789abcdef/0")
-        #expect(ISCSIURL.parse("iscsi://h/naa.6001405abcdef0123456789abcdef012/1").map(\.lun) == .success(1))
+        #expect(ISCSIAddress.parse("iscsi://h/naa.6001405abcdef0123456789abcdef012/1").map(\.lun) == .success(1))
     }
 
     @Test("listen addresses")
