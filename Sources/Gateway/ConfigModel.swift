@@ -114,21 +114,14 @@ public enum TransportKind: String, Sendable, CaseIterable, Equatable {
     /// Whether the transport carries SCSI commands (targets and LUNs) rather than bare block I/O.
     public var isSCSI: Bool { self != .vhostUserBlk }
 
-    /// Largest target id the transport addresses.
-    public var maximumTarget: Int {
+    /// How a LUN entry's (target, lun) becomes a LUN of the controller's one `SCSITarget`:
+    /// virtio-scsi serves target 0 with LUNs 0...16383; PVSCSI (as Linux's vmw_pvscsi sees it) serves
+    /// LUN 0 of targets 0...63, and PVSCSI target n is LUN n of the SCSI target; virtio-blk is LUN 0.
+    public func coreLUN(target: Int, lun: Int) -> Int {
         switch self {
-        case .vhostUserSCSI: return 255
+        case .vhostUserSCSI: return lun
         case .vhostUserBlk: return 0
-        case .pvscsi: return 63
-        }
-    }
-
-    /// Largest LUN the transport addresses.
-    public var maximumLUN: Int {
-        switch self {
-        case .vhostUserSCSI: return 16383
-        case .vhostUserBlk: return 0
-        case .pvscsi: return 255
+        case .pvscsi: return target
         }
     }
 }
@@ -157,13 +150,18 @@ public struct ControllerConfig: Sendable, Equatable {
     public var discard: Bool
     /// virtio-blk: announce WRITE_ZEROES.
     public var writeZeroes: Bool
+    /// Event-loop threads the request queues are spread over (vhost-user transports; 1...queues).
+    public var ioThreads: Int
+    /// PVSCSI: targets the adapter reports (Linux scans targets 0..<maxTargets).
+    public var maxTargets: Int
     /// The LUN map.
     public var luns: [LUNConfig]
 
     /// Creates a controller with defaults for the optional settings.
     public init(name: String, transport: TransportKind, socket: String, socketMode: UInt32 = 0o600,
                 queues: Int = 1, queueSize: Int = 128, pollMicroseconds: Int = 50, hotplug: Bool = true,
-                segmentMax: Int? = nil, discard: Bool = true, writeZeroes: Bool = true, luns: [LUNConfig] = []) {
+                segmentMax: Int? = nil, discard: Bool = true, writeZeroes: Bool = true, ioThreads: Int = 1,
+                maxTargets: Int = 16, luns: [LUNConfig] = []) {
         self.name = name
         self.transport = transport
         self.socket = socket
@@ -175,6 +173,8 @@ public struct ControllerConfig: Sendable, Equatable {
         self.segmentMax = segmentMax ?? max(1, queueSize - 2)
         self.discard = discard
         self.writeZeroes = writeZeroes
+        self.ioThreads = ioThreads
+        self.maxTargets = maxTargets
         self.luns = luns
     }
 }
@@ -201,9 +201,9 @@ public enum CacheMode: String, Sendable, CaseIterable, Equatable {
 
 /// A `[[controller.lun]]` table: one logical unit and its back-end.
 public struct LUNConfig: Sendable, Equatable {
-    /// SCSI target id within the controller.
+    /// Target id the guest sees: 0 for virtio-scsi and virtio-blk, 0..<max_targets for PVSCSI.
     public var target: Int
-    /// LUN within the target.
+    /// LUN the guest sees: 0...16383 for virtio-scsi, 0 for PVSCSI and virtio-blk.
     public var lun: Int
     /// Back-end kind.
     public var backend: BackendKind

@@ -14,7 +14,7 @@ struct ConfigValidator {
     static let rootKeys = ["gateway", "controller"]
     static let gatewayKeys = ["state_dir", "control_socket", "log_level", "stats_listen"]
     static let controllerKeys = ["name", "transport", "socket", "socket_mode", "queues", "queue_size", "poll_us",
-                                 "hotplug", "seg_max", "discard", "write_zeroes", "lun"]
+                                 "hotplug", "seg_max", "discard", "write_zeroes", "io_threads", "max_targets", "lun"]
     static let lunKeys = ["target", "lun", "backend", "path", "url", "size", "block_size", "read_only", "cache",
                           "create", "serial", "wwn", "vendor", "product", "revision", "initiator_name", "chap_user",
                           "chap_secret_file", "chap_secret_env", "header_digest", "data_digest", "timeout",
@@ -107,6 +107,8 @@ struct ConfigValidator {
         var hotplug = true
         var discard = true
         var writeZeroes = true
+        var ioThreads = 1
+        var maxTargets = 16
         if let transport {
             let vhost = transport != .pvscsi
             if vhost {
@@ -119,10 +121,20 @@ struct ConfigValidator {
                     }
                 }
                 segmentMax = reader.int("seg_max", range: 1...1024)
+                if let threads = reader.int("io_threads", range: 1...64) {
+                    if threads > queues {
+                        validation.fail(reader.keyPath("io_threads"), "must not exceed queues (\(queues)), found \(threads)")
+                    } else {
+                        ioThreads = threads
+                    }
+                }
+                reader.rejectIfPresent("max_targets", "only for transport pvscsi")
             } else {
                 reader.rejectIfPresent("queues", "not used by transport pvscsi (the guest driver sizes its one request ring)")
                 reader.rejectIfPresent("queue_size", "not used by transport pvscsi (the guest driver sizes its rings)")
                 reader.rejectIfPresent("seg_max", "not used by transport pvscsi")
+                reader.rejectIfPresent("io_threads", "not used by transport pvscsi (one event-loop thread per adapter)")
+                maxTargets = reader.int("max_targets", range: 1...64) ?? 16
             }
             if transport.isSCSI {
                 hotplug = reader.bool("hotplug") ?? true
@@ -141,7 +153,7 @@ struct ConfigValidator {
         for (index, table) in lunTables {
             let path = reader.path.appending("lun").appending(index: index)
             if let lun = validateLUN(TableReader(table: table, path: path, validation: validation),
-                                     transport: transport, settings: settings) {
+                                     transport: transport, maxTargets: maxTargets, settings: settings) {
                 luns.append(lun)
                 lunPaths.append(path)
             }
@@ -156,7 +168,7 @@ struct ConfigValidator {
         let config = ControllerConfig(name: name, transport: transport, socket: socket, socketMode: socketMode,
                                 queues: queues, queueSize: queueSize, pollMicroseconds: pollMicroseconds,
                                 hotplug: hotplug, segmentMax: segmentMax, discard: discard, writeZeroes: writeZeroes,
-                                luns: luns)
+                                ioThreads: ioThreads, maxTargets: maxTargets, luns: luns)
         return ParsedController(config: config, path: reader.path, lunPaths: lunPaths)
     }
 
@@ -177,7 +189,8 @@ struct ConfigValidator {
 
     // MARK: - [[controller.lun]]
 
-    private func validateLUN(_ reader: TableReader, transport: TransportKind?, settings: GatewaySettings) -> LUNConfig? {
+    private func validateLUN(_ reader: TableReader, transport: TransportKind?, maxTargets: Int,
+                             settings: GatewaySettings) -> LUNConfig? {
         reader.rejectUnknownKeys(allowed: Self.lunKeys, hints: [
             "read-only": "did you mean 'read_only'?",
             "readonly": "did you mean 'read_only'?",
@@ -186,24 +199,27 @@ struct ConfigValidator {
             "chap_password": "the secret never goes in the config: use chap_secret_file or chap_secret_env",
         ])
         let isBlk = transport == .vhostUserBlk
-        let maxTarget = transport?.maximumTarget ?? 255
-        let maxLUN = transport?.maximumLUN ?? 16383
+        /// An address key that must be 0 on this transport (optional, default 0).
+        func zero(_ key: String, _ reason: String) -> Int? {
+            guard let value = reader.int(key) else { return reader.has(key) ? nil : 0 }
+            if value != 0 {
+                validation.fail(reader.keyPath(key), "must be 0: \(reason), found \(value)")
+                return nil
+            }
+            return 0
+        }
         let target: Int?
         let lun: Int?
-        if isBlk {
-            func zero(_ key: String) -> Int? {
-                guard let value = reader.int(key) else { return reader.has(key) ? nil : 0 }
-                if value != 0 {
-                    validation.fail(reader.keyPath(key), "must be 0 for transport vhost-user-blk (one disk per controller), found \(value)")
-                    return nil
-                }
-                return 0
-            }
-            target = zero("target")
-            lun = zero("lun")
-        } else {
-            target = reader.has("target") ? reader.int("target", range: 0...maxTarget) : 0
-            lun = reader.int("lun", required: true, range: 0...maxLUN)
+        switch transport {
+        case .vhostUserBlk?:
+            target = zero("target", "a vhost-user-blk controller is one disk")
+            lun = zero("lun", "a vhost-user-blk controller is one disk")
+        case .pvscsi?:
+            target = reader.int("target", required: true, range: 0...(maxTargets - 1))
+            lun = zero("lun", "guests address LUN 0 of each PVSCSI target; give each disk its own target")
+        case .vhostUserSCSI?, nil:
+            target = zero("target", "the virtio-scsi front-end serves target 0; give each disk its own lun")
+            lun = reader.int("lun", required: true, range: 0...16383)
         }
         let backend = reader.choice("backend", BackendKind.self, required: true)
         let blockSize = reader.int("block_size").flatMap { size -> Int? in

@@ -38,8 +38,11 @@ log_level = "info"
 #   queues       request queues, 1..64 (default 1); give QEMU the same num-queues
 #   queue_size   virtqueue size, a power of two 2..1024 (default 128)
 #   seg_max      data segments per request announced to the guest, 1..1024 (default queue_size - 2)
+#   io_threads   event-loop threads the request queues are spread over, 1..queues (default 1)
 #   vhost-user-scsi and pvscsi only:
 #   hotplug      tell guests about added/removed/resized LUNs (default true)
+#   pvscsi only:
+#   max_targets  targets the adapter reports to the guest, 1..64 (default 16)
 #   vhost-user-blk only:
 #   discard      offer DISCARD to the guest (default true)
 #   write_zeroes offer WRITE_ZEROES to the guest (default true)
@@ -51,9 +54,10 @@ queues = 1
 queue_size = 128
 
 # One [[controller.lun]] per logical unit, after its [[controller]]. Keys:
-#   target       SCSI target id (default 0): 0..255 for vhost-user-scsi, 0..63 for pvscsi, 0 for vhost-user-blk
-#   lun          LUN: 0..16383 for vhost-user-scsi, 0..255 for pvscsi (Linux's vmw_pvscsi scans LUN 0 only);
-#                required for SCSI transports, 0 for vhost-user-blk
+#   target, lun  the address the guest sees:
+#                vhost-user-scsi: target 0 (may be left out), lun 0..16383 (required)
+#                pvscsi:          target 0..max_targets-1 (required), lun 0 (may be left out)
+#                vhost-user-blk:  both 0 (may be left out)
 #   backend      "file", "block", "iscsi" or "null" (required)
 #   path         backing file or block device (file and block; required there)
 #   size         size of the LUN (required for null, and for file with create = true; an existing file keeps

@@ -57,50 +57,45 @@ public final class BackendRegistry: Sendable {
     public var ids: [Int] { state.withLock { $0.entries.keys.sorted() } }
 }
 
-/// One configured controller at run time: its SCSI targets (by target id) and what a front-end needs.
+/// One configured controller at run time: its SCSI target and what a front-end needs.
+///
+/// Each controller has one `SCSITarget`. A LUN entry's guest address maps onto the target's LUNs by
+/// `TransportKind.coreLUN(target:lun:)`: virtio-scsi LUN n is LUN n, PVSCSI target n is LUN n, the
+/// virtio-blk disk is LUN 0.
 public final class ControllerRuntime: Sendable {
     /// The controller's configuration.
     public let config: ControllerConfig
-    /// SCSI targets by target id (virtio-scsi: 0...255, PVSCSI: 0...63, vhost-user-blk: only 0).
-    /// Targets exist for every id that has a configured LUN; `target(_:create:)` makes more at run time.
-    private let targetTable: Mutex<[Int: SCSITarget]>
+    /// The SCSI target (LUN table, task sets, unit attentions) the front-end drives.
+    public let target: SCSITarget
     /// Back-ends of the whole gateway (resolve `LogicalUnit.backendID`).
     public let backends: BackendRegistry
     /// A logger labelled with the controller name.
     public let logger: Logger
 
-    /// Creates the runtime with empty targets for `targetIDs`.
-    public init(config: ControllerConfig, targetIDs: [Int], backends: BackendRegistry, logger: Logger) {
+    /// Creates the runtime with an empty target.
+    public init(config: ControllerConfig, backends: BackendRegistry, logger: Logger) {
         self.config = config
-        var table: [Int: SCSITarget] = [:]
-        for id in targetIDs { table[id] = SCSITarget(name: "\(config.name):\(id)") }
-        self.targetTable = Mutex(table)
+        self.target = SCSITarget(name: config.name)
         self.backends = backends
         var logger = logger
         logger[metadataKey: "controller"] = .string(config.name)
         self.logger = logger
     }
 
-    /// The target with `id`; with `create`, made (empty) when absent and the id is in the transport's range.
-    public func target(_ id: Int, create: Bool = false) -> SCSITarget? {
-        targetTable.withLock { table in
-            if let target = table[id] { return target }
-            guard create, id >= 0, id <= config.transport.maximumTarget else { return nil }
-            let target = SCSITarget(name: "\(config.name):\(id)")
-            table[id] = target
-            return target
-        }
-    }
-
-    /// Target ids in use, ascending.
-    public var targetIDs: [Int] { targetTable.withLock { $0.keys.sorted() } }
-
     /// The back-end behind a logical unit.
     public func backend(of unit: LogicalUnit) -> LUNBackend? { backends.backend(unit.backendID) }
+
+    /// Opens a channel to the back-end with `backendID` (what front-ends pass as their channel factory).
+    public func makeChannel(backendID: Int) throws(BlockBackendError) -> AnyBlockChannel {
+        guard let entry = backends.backend(backendID) else {
+            throw BlockBackendError("back-end \(backendID) of controller \(config.name) is gone")
+        }
+        return try entry.backend.makeChannel()
+    }
 }
 
-/// The gateway daemon: opens back-ends, builds one SCSI target per (controller, target id) with its
-/// LUNs, and starts one front-end per controller through the `FrontEndRegistry`.
+/// The gateway daemon: opens back-ends, builds one SCSI target per controller with its LUNs, and
+/// starts one front-end per controller through the `FrontEndRegistry`.
 ///
 /// `start` and `stop` are called from one thread (the CLI's main thread); the runtime objects they
 /// create are shared with front-end threads and the control plane.
@@ -139,8 +134,7 @@ public final class Gateway: @unchecked Sendable {
         var problems: [String] = []
         var built: [ControllerRuntime] = []
         for controller in config.controllers {
-            let runtime = ControllerRuntime(config: controller, targetIDs: Array(Set(controller.luns.map(\.target))).sorted(),
-                                            backends: backends, logger: logger)
+            let runtime = ControllerRuntime(config: controller, backends: backends, logger: logger)
             for lun in controller.luns {
                 do throws(BackendOpeningError) {
                     try addConfiguredLUN(lun, to: runtime)
@@ -195,19 +189,18 @@ public final class Gateway: @unchecked Sendable {
         let id = backends.register(LUNBackend(config: lun, controller: runtime.config.name, backend: opened.backend))
         var geometry = opened.geometry
         geometry.readOnly = geometry.readOnly || lun.readOnly
-        let unit = LogicalUnit(number: LogicalUnitNumber(lun.lun)!, identity: DerivedIdentity.identity(for: lun, controller: runtime.config),
-                               geometry: geometry, backendID: id)
-        guard let target = runtime.target(lun.target, create: true) else {
+        let name = "controller \(runtime.config.name) target \(lun.target) lun \(lun.lun)"
+        guard let number = LogicalUnitNumber(runtime.config.transport.coreLUN(target: lun.target, lun: lun.lun)) else {
             backends.remove(id)?.backend.close()
-            throw BackendOpeningError(lun: "controller \(runtime.config.name) target \(lun.target) lun \(lun.lun)",
-                                      reason: "target id out of range for \(runtime.config.transport.rawValue)")
+            throw BackendOpeningError(lun: name, reason: "address out of range for \(runtime.config.transport.rawValue)")
         }
+        let unit = LogicalUnit(number: number, identity: DerivedIdentity.identity(for: lun, controller: runtime.config),
+                               geometry: geometry, backendID: id)
         do throws(LUNTableError) {
-            try target.add(unit)
+            try runtime.target.add(unit)
         } catch {
             backends.remove(id)?.backend.close()
-            throw BackendOpeningError(lun: "controller \(runtime.config.name) target \(lun.target) lun \(lun.lun)",
-                                      reason: error.description)
+            throw BackendOpeningError(lun: name, reason: error.description)
         }
     }
 
@@ -236,22 +229,18 @@ public final class Gateway: @unchecked Sendable {
     private func logServed(_ runtime: ControllerRuntime) {
         let c = runtime.config
         runtime.logger.info("controller \(c.name): \(c.transport.rawValue) on \(c.socket)")
-        for id in runtime.targetIDs {
-            guard let target = runtime.target(id) else { continue }
-            for unit in target.logicalUnits {
-                let entry = runtime.backend(of: unit)
-                let g = unit.geometry
-                var what = entry.map { e -> String in
-                    switch e.config.backend {
-                    case .file, .block: return "\(e.config.backend.rawValue) \(e.config.path ?? "")"
-                    case .iscsi: return "iscsi \(e.config.iscsi?.url.description ?? "")"
-                    case .null: return "null"
-                    }
-                } ?? "?"
-                if unit.isReadOnly { what += " (read-only)" }
-                runtime.logger.info(
-                    "  target \(id) lun \(unit.number.value): \(what), \(ByteSize.format(g.capacityBytes)), \(g.logicalBlockSize)-byte blocks, serial \(unit.identity.serial), naa \(String(unit.identity.naa, radix: 16))")
+        for unit in runtime.target.logicalUnits {
+            guard let entry = runtime.backend(of: unit) else { continue }
+            let g = unit.geometry
+            var what: String
+            switch entry.config.backend {
+            case .file, .block: what = "\(entry.config.backend.rawValue) \(entry.config.path ?? "")"
+            case .iscsi: what = "iscsi \(entry.config.iscsi?.url.description ?? "")"
+            case .null: what = "null"
             }
+            if unit.isReadOnly { what += " (read-only)" }
+            runtime.logger.info(
+                "  target \(entry.config.target) lun \(entry.config.lun): \(what), \(ByteSize.format(g.capacityBytes)), \(g.logicalBlockSize)-byte blocks, serial \(unit.identity.serial), naa \(String(unit.identity.naa, radix: 16))")
         }
         runtime.logger.info("  attach with: \(QEMUCommandLine.deviceArguments(for: c).joined(separator: " "))")
     }

@@ -61,8 +61,8 @@ struct ConfigDefaultsTests {
         let multi = try ConfigLoader.load(file: repositoryRoot.appendingPathComponent("Config/examples/multi-lun.toml").path)
         #expect(multi.settings.statsListen == ListenAddress(host: "127.0.0.1", port: 9100))
         let c = multi.controllers[0]
-        #expect(c.socketMode == 0o660 && c.queues == 2 && c.queueSize == 256)
-        #expect(c.luns.map { "\($0.target):\($0.lun)" } == ["0:0", "0:1", "1:0", "1:1"])
+        #expect(c.socketMode == 0o660 && c.queues == 2 && c.queueSize == 256 && c.ioThreads == 2)
+        #expect(c.luns.map { "\($0.target):\($0.lun)" } == ["0:0", "0:1", "0:2", "0:3"])
         #expect(c.luns[1].blockSize == 4096 && c.luns[1].cache == .writeback && c.luns[1].wwn == 0x5002538c40000001)
         #expect(c.luns[2].backend == .block && c.luns[2].readOnly && c.luns[2].size == nil)
         #expect(c.luns[3].size == 100 << 30)
@@ -70,6 +70,10 @@ struct ConfigDefaultsTests {
         let blk = try ConfigLoader.load(file: repositoryRoot.appendingPathComponent("Config/examples/vhost-user-blk.toml").path)
         #expect(blk.controllers[0].luns[0].path == "/var/lib/scsigate/blk0.img")
         #expect(blk.controllers[0].transport == .vhostUserBlk && blk.controllers[0].queues == 4)
+
+        let pv = try ConfigLoader.load(file: repositoryRoot.appendingPathComponent("Config/examples/pvscsi.toml").path)
+        #expect(pv.controllers[0].maxTargets == 16)
+        #expect(pv.controllers[0].luns.map { "\($0.target):\($0.lun)" } == ["0:0", "1:0"])
     }
 
     @Test("optional keys take their documented defaults")
@@ -88,7 +92,7 @@ struct ConfigDefaultsTests {
         let c = config.controllers[0]
         #expect(c.socket == "/run/scsigate/c.sock")
         #expect(c.socketMode == 0o600 && c.queues == 1 && c.queueSize == 128 && c.pollMicroseconds == 50)
-        #expect(c.hotplug && c.discard && c.writeZeroes)
+        #expect(c.hotplug && c.discard && c.writeZeroes && c.ioThreads == 1 && c.maxTargets == 16)
         #expect(c.luns == [LUNConfig(target: 0, lun: 3, backend: .null, size: 4096)])
         #expect(c.luns[0].blockSize == 512 && !c.luns[0].readOnly && c.luns[0].cache == .none && !c.luns[0].create)
     }

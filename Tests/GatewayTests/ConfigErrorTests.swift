@@ -162,20 +162,25 @@ struct ConfigErrorTests {
         ])
     }
 
-    @Test("LUN and target ranges per transport", arguments: [
+    @Test("LUN and target addresses per transport", arguments: [
         ("vhost-user-scsi", "lun = 16384", "key 'controller[0].lun[0].lun': must be between 0 and 16383, found 16384"),
         ("vhost-user-scsi", "lun = -1", "key 'controller[0].lun[0].lun': must be between 0 and 16383, found -1"),
-        ("vhost-user-scsi", "target = 256\nlun = 0", "key 'controller[0].lun[0].target': must be between 0 and 255, found 256"),
-        ("pvscsi", "target = 64\nlun = 0", "key 'controller[0].lun[0].target': must be between 0 and 63, found 64"),
-        ("pvscsi", "lun = 256", "key 'controller[0].lun[0].lun': must be between 0 and 255, found 256"),
-        ("vhost-user-blk", "lun = 1", "key 'controller[0].lun[0].lun': must be 0 for transport vhost-user-blk (one disk per controller), found 1"),
-        ("vhost-user-blk", "target = 2\nlun = 0", "key 'controller[0].lun[0].target': must be 0 for transport vhost-user-blk (one disk per controller), found 2"),
+        ("vhost-user-scsi", "target = 1\nlun = 0", "key 'controller[0].lun[0].target': must be 0: the virtio-scsi front-end serves target 0; give each disk its own lun, found 1"),
+        ("pvscsi", "target = 16", "key 'controller[0].lun[0].target': must be between 0 and 15, found 16"),
+        ("pvscsi", "lun = 0", "key 'controller[0].lun[0].target': required key is missing"),
+        ("pvscsi", "target = 0\nlun = 1", "key 'controller[0].lun[0].lun': must be 0: guests address LUN 0 of each PVSCSI target; give each disk its own target, found 1"),
+        ("vhost-user-blk", "lun = 1", "key 'controller[0].lun[0].lun': must be 0: a vhost-user-blk controller is one disk, found 1"),
+        ("vhost-user-blk", "target = 2\nlun = 0", "key 'controller[0].lun[0].target': must be 0: a vhost-user-blk controller is one disk, found 2"),
     ])
     func ranges(transport: String, address: String, message: String) {
         let messages = configMessages(oneLUN(address + "\nbackend = \"null\"\nsize = 4096", transport: transport))
         #expect(messages.count == 1)
         #expect(messages.first?.hasSuffix(message) == true, "\(messages)")
-        #expect(messages.first?.hasPrefix("test.toml:10: ") == true || messages.first?.hasPrefix("test.toml:11: ") == true)
+        // The key's own line, or the [[controller.lun]] header (line 9) when the key is missing.
+        let errors = configErrors(oneLUN(address + "\nbackend = \"null\"\nsize = 4096", transport: transport))
+        let key = String(message.dropFirst("key 'controller[0].lun[0].".count).prefix { $0 != "'" })
+        let keyLine = address.split(separator: "\n").firstIndex { $0.hasPrefix(key + " ") }.map { 10 + $0 } ?? 9
+        #expect(errors.first?.line == keyLine)
     }
 
     @Test("bad transport and backend names list the valid ones")
@@ -228,7 +233,7 @@ struct ConfigErrorTests {
             transport = "pvscsi"
             socket = "/run/sg/a.sock"
             [[controller.lun]]
-            lun = 0
+            target = 0
             backend = "block"
             path = "/d/x.img"
             """
@@ -288,6 +293,32 @@ struct ConfigErrorTests {
             """) == [
             "test.toml:5: key 'controller[0].queue_size': must be a power of two, found 100",
             "test.toml:6: key 'controller[0].queues': must be between 1 and 64, found 65",
+        ])
+        #expect(configMessages("""
+            [[controller]]
+            name = "v"
+            transport = "vhost-user-blk"
+            socket = "/v"
+            queues = 2
+            io_threads = 3
+            max_targets = 8
+            [[controller.lun]]
+            backend = "null"
+            size = 512
+            """) == [
+            "test.toml:6: key 'controller[0].io_threads': must not exceed queues (2), found 3",
+            "test.toml:7: key 'controller[0].max_targets': only for transport pvscsi",
+        ])
+        #expect(configMessages("""
+            [[controller]]
+            name = "p"
+            transport = "pvscsi"
+            socket = "/p"
+            io_threads = 2
+            max_targets = 65
+            """) == [
+            "test.toml:5: key 'controller[0].io_threads': not used by transport pvscsi (one event-loop thread per adapter)",
+            "test.toml:6: key 'controller[0].max_targets': must be between 1 and 64, found 65",
         ])
     }
 

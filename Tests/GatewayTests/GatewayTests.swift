@@ -74,12 +74,19 @@ struct GatewayTests {
             create = true
             serial = "DISK0"
             [[controller.lun]]
-            target = 2
             lun = 7
             backend = "null"
             size = "1G"
             block_size = 4096
             read_only = true
+            [[controller]]
+            name = "pv0"
+            transport = "pvscsi"
+            socket = "pv0.sock"
+            [[controller.lun]]
+            target = 3
+            backend = "null"
+            size = "2M"
             [[controller]]
             name = "blk0"
             transport = "vhost-user-blk"
@@ -107,17 +114,19 @@ struct GatewayTests {
         #expect(FileManager.default.fileExists(atPath: scratch.path + "/run"))
 
         let scsi = try #require(gateway.controller(named: "scsi0"))
-        #expect(scsi.targetIDs == [0, 2])
-        let disk = try #require(scsi.target(0)?.logicalUnit(LogicalUnitNumber(0)!))
+        #expect(scsi.target.lunNumbers == [LogicalUnitNumber(0)!, LogicalUnitNumber(7)!])
+        let disk = try #require(scsi.target.logicalUnit(LogicalUnitNumber(0)!))
         #expect(disk.blockCount == 8192 && disk.blockSize == 512 && !disk.isReadOnly)
         #expect(disk.identity.serial == "DISK0")
         #expect(disk.identity.naa == DerivedIdentity.naa(controller: "scsi0", target: 0, lun: 0))
-        let null = try #require(scsi.target(2)?.logicalUnit(LogicalUnitNumber(7)!))
+        let null = try #require(scsi.target.logicalUnit(LogicalUnitNumber(7)!))
         #expect(null.blockCount == 262_144 && null.blockSize == 4096 && null.isReadOnly)
-        #expect(null.identity.serial == "scsi0-2-7")
-        #expect(scsi.target(1) == nil)
-        #expect(scsi.target(1, create: true) != nil)
-        #expect(scsi.target(256, create: true) == nil)
+        #expect(null.identity.serial == "scsi0-0-7")
+
+        // PVSCSI target n is LUN n of the controller's SCSI target.
+        let pv = try #require(gateway.controller(named: "pv0"))
+        #expect(pv.target.lunNumbers == [LogicalUnitNumber(3)!])
+        #expect(pv.target.logicalUnit(LogicalUnitNumber(3)!)?.identity.serial == "pv0-3-0")
 
         // Front-ends resolve back-ends through the registry by backendID and can open channels.
         let entry = try #require(scsi.backend(of: disk))
@@ -125,12 +134,15 @@ struct GatewayTests {
         #expect(entry.controller == "scsi0")
         let channel = try entry.backend.makeChannel()
         channel.close()
+        let viaRuntime = try scsi.makeChannel(backendID: disk.backendID)
+        viaRuntime.close()
+        #expect(throws: BlockBackendError.self) { try scsi.makeChannel(backendID: 9999) }
 
         let blk = try #require(gateway.controller(named: "blk0"))
-        #expect(blk.target(0)?.lunNumbers == [LogicalUnitNumber(0)!])
-        #expect(log.runtimes.withLock { $0.map(\.config.name) } == ["scsi0", "blk0"])
+        #expect(blk.target.lunNumbers == [LogicalUnitNumber(0)!])
+        #expect(log.runtimes.withLock { $0.map(\.config.name) } == ["scsi0", "blk0"], "pv0 has no factory here")
         #expect(log.events.withLock { $0 } == ["start scsi0", "start blk0"])
-        #expect(gateway.backends.ids.count == 3)
+        #expect(gateway.backends.ids.count == 4)
 
         gateway.stop()
         #expect(log.events.withLock { $0 } == ["start scsi0", "start blk0", "stop blk0", "stop scsi0"])
@@ -144,7 +156,7 @@ struct GatewayTests {
         let scratch = ScratchDirectory()
         let gateway = Gateway(config: try config(scratch.path), logger: quietLogger, frontEnds: FrontEndRegistry())
         try gateway.start()
-        #expect(gateway.controllers.count == 2)
+        #expect(gateway.controllers.count == 3)
         gateway.stop()
     }
 
@@ -258,7 +270,7 @@ struct GatewayTests {
         }
         let gateway = Gateway(config: config, logger: quietLogger, backendOpener: NoISCSI(), frontEnds: FrontEndRegistry())
         try gateway.start()
-        #expect(gateway.controller(named: "c")?.target(0)?.lunNumbers == [LogicalUnitNumber(1)!])
+        #expect(gateway.controller(named: "c")?.target.lunNumbers == [LogicalUnitNumber(1)!])
         gateway.stop()
     }
 
