@@ -11,7 +11,8 @@ public enum QEMUCommandLine {
         switch controller.transport {
         case .vhostUserSCSI:
             return ["-chardev", "socket,id=\(id),path=\(controller.socket)",
-                    "-device", "vhost-user-scsi-pci,chardev=\(id),num_queues=\(controller.queues),virtqueue_size=\(controller.queueSize)"]
+                    "-device", "vhost-user-scsi-pci,chardev=\(id),num_queues=\(controller.queues),virtqueue_size=\(controller.queueSize)"
+                        + (controller.hotplug ? "" : ",hotplug=off")]
         case .vhostUserBlk:
             return ["-chardev", "socket,id=\(id),path=\(controller.socket)",
                     "-device", "vhost-user-blk-pci,chardev=\(id),num-queues=\(controller.queues),queue-size=\(controller.queueSize)"]

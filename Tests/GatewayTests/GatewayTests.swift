@@ -330,6 +330,8 @@ struct IdentityAndCheckTests {
                                                                       queues: 2, queueSize: 256))
                 == ["-chardev", "socket,id=sg-s,path=/r/s.sock",
                     "-device", "vhost-user-scsi-pci,chardev=sg-s,num_queues=2,virtqueue_size=256"])
+        #expect(QEMUCommandLine.deviceArguments(for: ControllerConfig(name: "s", transport: .vhostUserSCSI, socket: "/s", hotplug: false)).last
+                == "vhost-user-scsi-pci,chardev=sg-s,num_queues=1,virtqueue_size=128,hotplug=off")
         #expect(QEMUCommandLine.deviceArguments(for: ControllerConfig(name: "b", transport: .vhostUserBlk, socket: "/r/b.sock"))
                 == ["-chardev", "socket,id=sg-b,path=/r/b.sock", "-device", "vhost-user-blk-pci,chardev=sg-b,num-queues=1,queue-size=128"])
         #expect(QEMUCommandLine.deviceArguments(for: ControllerConfig(name: "p", transport: .pvscsi, socket: "/r/p.sock"))
