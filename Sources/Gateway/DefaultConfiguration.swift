@@ -18,7 +18,8 @@ public enum DefaultConfiguration {
 [gateway]
 # Directory for backing files created by the gateway and saved configurations (absolute path).
 state_dir = "/var/lib/scsigate"
-# JSON-RPC control socket used by `scsigate lun ...`, `scsigate stats` and friends (created mode 0600).
+# JSON-RPC control socket used by `scsigate lun ...`, `scsigate stats` and friends (created mode 0600;
+# a relative path is taken relative to state_dir).
 control_socket = "/run/scsigate/control.sock"
 # One of: trace, debug, info, notice, warning, error, critical. `serve --log-level` overrides it.
 log_level = "info"
