@@ -4,8 +4,8 @@ import Glibc
 
 /// What a LUN is backed by and how it is opened: the value the gateway builds from a `[[lun]]` config entry.
 public struct BackendSpec: Sendable, Equatable {
-    /// The kind of backing store.
-    public enum Kind: Sendable, Equatable {
+    /// The kind of backing store (raw values are the config spellings: `backend = "file"`).
+    public enum Kind: String, Sendable, Equatable, CaseIterable {
         /// A regular file (created sparse when missing and `create` is set).
         case file
         /// A block device node (never created).
@@ -14,8 +14,8 @@ public struct BackendSpec: Sendable, Equatable {
         case null
     }
 
-    /// How data reaches the backing store.
-    public enum CacheMode: Sendable, Equatable {
+    /// How data reaches the backing store (raw values are the config spellings: `cache = "none"`).
+    public enum CacheMode: String, Sendable, Equatable, CaseIterable {
         /// O_DIRECT through libaio, bypassing the page cache (`cache = "none"`, the default).
         case none
         /// Buffered I/O through the page cache on worker threads (`cache = "writeback"`).
@@ -100,7 +100,7 @@ public enum BackendOpenError: Error, CustomStringConvertible, Sendable, Equatabl
         case let .invalidTuning(path, reason):
             return "\(path): \(reason)"
         case let .missingFile(path):
-            return "\(path): file does not exist (set create = true with a size to create it sparse)"
+            return "\(path): does not exist (for a file LUN, set create = true and a size to create it sparse)"
         case let .notRegularFile(path):
             return "\(path): not a regular file (use backend = \"block\" for block devices)"
         case let .notBlockDevice(path):

@@ -39,6 +39,8 @@ public final class FileBackend: BlockBackend, @unchecked Sendable {
     let logicalBlockSize: UInt32
     let physicalBlockSize: UInt32
     let readOnly: Bool
+    /// Files: always (punch hole, or zeroing when the filesystem cannot). Devices: per sysfs.
+    let supportsDiscard: Bool
     private let capacity: Atomic<UInt64>
     private let closeRequested = Atomic<Bool>(false)
     private let descriptorClosed = Atomic<Bool>(false)
@@ -101,8 +103,12 @@ public final class FileBackend: BlockBackend, @unchecked Sendable {
             fd = open(path, flags | O_EXCL)
             if fd < 0 {
                 let e = currentErrno()
+                var deviceReadOnly: Int32 = 0
+                let roQuery = csys_blk_roget(probe, &deviceReadOnly)
                 _ = Glibc.close(probe)
                 if e == EBUSY { throw .deviceBusy(path: path) }
+                // A read-only device refuses a writable open with EACCES: say what is actually wrong.
+                if (e == EACCES || e == EROFS) && roQuery == 0 && deviceReadOnly != 0 { throw .readOnlyMedium(path: path) }
                 throw Self.openError(path: path, errno: e, direct: direct)
             }
             lockFD = probe
@@ -135,6 +141,7 @@ public final class FileBackend: BlockBackend, @unchecked Sendable {
         var size: UInt64
         var physical = spec.logicalBlockSize
         var deviceReadOnly = false
+        var deviceDiscards = true
         if isBlock {
             var bytes: UInt64 = 0
             var r = csys_blk_getsize64(fd, &bytes)
@@ -153,6 +160,11 @@ public final class FileBackend: BlockBackend, @unchecked Sendable {
             }
             if ro != 0 && !spec.readOnly { throw fail(.readOnlyMedium(path: path)) }
             deviceReadOnly = ro != 0
+            let discard = csys_blk_discard_supported(fd)
+            guard discard >= 0 else {
+                throw fail(.systemCall(path: path, call: "read of queue/discard_max_bytes in sysfs", errno: -discard))
+            }
+            deviceDiscards = discard == 1
             size = bytes
             physical = max(phys, spec.logicalBlockSize)
         } else if createdFile {
@@ -205,6 +217,7 @@ public final class FileBackend: BlockBackend, @unchecked Sendable {
         self.logicalBlockSize = spec.logicalBlockSize
         self.physicalBlockSize = physical
         self.readOnly = spec.readOnly || deviceReadOnly
+        self.supportsDiscard = deviceDiscards
         self.directMemoryAlignment = memAlign
         self.directLengthAlignment = lenAlign
         self.capacity = Atomic(size)
@@ -234,11 +247,12 @@ public final class FileBackend: BlockBackend, @unchecked Sendable {
     var capacityBytes: UInt64 { capacity.load(ordering: .acquiring) }
 
     /// Size and capabilities: files report discard and write-zeroes with zeroes read back after discard;
-    /// block devices report discard as a hint (reads after discard are not guaranteed to be zero).
+    /// block devices report discard when their queue accepts it (`discard_max_bytes` > 0), as a hint
+    /// (reads after discard are not guaranteed to be zero), and write-zeroes always (BLKZEROOUT).
     public var geometry: BlockGeometry {
         BlockGeometry(logicalBlockSize: logicalBlockSize, physicalBlockSize: physicalBlockSize,
                       blockCount: capacityBytes / UInt64(logicalBlockSize), readOnly: readOnly,
-                      supportsDiscard: true, supportsWriteZeroes: true, discardReadsZeroes: !isBlockDevice,
+                      supportsDiscard: supportsDiscard, supportsWriteZeroes: true, discardReadsZeroes: !isBlockDevice,
                       volatileWriteCache: true, maxTransferBytes: Self.maxTransferBytes,
                       discardGranularity: isBlockDevice ? physicalBlockSize : logicalBlockSize)
     }

@@ -81,7 +81,7 @@ public final class FileChannel: BlockChannel {
         let workerCount = spec.cache == .none ? 1 : spec.workerThreads
         do {
             for _ in 0..<workerCount {
-                let worker = try IOWorker(core: core, capacity: depth, name: "scsigate-io")
+                let worker = try IOWorker(core: core, capacity: depth)
                 try worker.start()
                 started.append(worker)
             }
@@ -380,6 +380,8 @@ public final class FileChannel: BlockChannel {
         var counter: UInt64 = 0
         let drained = csys_eventfd_drain(completionFD, &counter)
         assert(drained == 0 || drained == -EAGAIN, "eventfd read failed: \(drained)")
+        // After the drain, before popping: a worker completing from now on signals again.
+        core.workerSignalPending.store(false, ordering: .sequentiallyConsistent)
         var delivered = 0
         if let context {
             while aioInFlight > 0 {

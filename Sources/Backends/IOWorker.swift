@@ -50,12 +50,23 @@ final class ChannelCore: @unchecked Sendable {
         slots.deallocate()
     }
 
+    /// Set by the first worker completion since the channel last looked; cleared by `reap` after it has
+    /// drained the eventfd and before it pops the completion rings. Workers write the eventfd only when
+    /// they set it, so a burst of completions costs one eventfd write instead of one each.
+    let workerSignalPending = Atomic<Bool>(false)
+
     /// Wakes the event loop. An eventfd write fails only when the counter would overflow, in which case
     /// the descriptor is already readable, so the result needs no handling beyond that.
     @inline(__always)
     func signalCompletion() {
         let r = csys_eventfd_signal(completionFD, 1)
         assert(r == 0 || r == -EAGAIN, "eventfd write failed: \(r)")
+    }
+
+    /// Worker side: wakes the loop unless a wake-up is already pending.
+    @inline(__always)
+    func signalWorkerCompletion() {
+        if !workerSignalPending.exchange(true, ordering: .sequentiallyConsistent) { signalCompletion() }
     }
 }
 
@@ -80,7 +91,7 @@ final class IOWorker: @unchecked Sendable {
     private var thread = pthread_t()
     private var running = false
 
-    init(core: ChannelCore, capacity: Int, name: String) throws(BlockBackendError) {
+    init(core: ChannelCore, capacity: Int) throws(BlockBackendError) {
         let efd = csys_eventfd(0, 0)
         guard efd >= 0 else { throw BlockBackendError("worker eventfd: " + errnoName(currentErrno()), errno: currentErrno()) }
         guard let zero = FileBackend.allocateAligned(bytes: Self.zeroBufferBytes, alignment: 4096) else {
@@ -146,7 +157,7 @@ final class IOWorker: @unchecked Sendable {
                 perform(core.slots + Int(index))
                 let pushed = completions.push(index)
                 assert(pushed, "completion ring overflow")
-                core.signalCompletion()
+                core.signalWorkerCompletion()
                 continue
             }
             if stopping.load(ordering: .sequentiallyConsistent) { return }

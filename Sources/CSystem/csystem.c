@@ -14,6 +14,9 @@
 #include <sys/stat.h>
 #include <sys/uio.h>
 #include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/sysmacros.h>
 
 int csys_eventfd(unsigned int initval, int nonblock) {
     return eventfd(initval, EFD_CLOEXEC | (nonblock ? EFD_NONBLOCK : 0));
@@ -204,3 +207,26 @@ int csys_allocate(int fd, uint64_t offset, uint64_t length, int keep_size) {
 }
 
 int csys_iov_max(void) { return IOV_MAX; }
+
+int csys_blk_discard_supported(int fd) {
+    struct stat st;
+    if (fstat(fd, &st) < 0) return -errno;
+    if (!S_ISBLK(st.st_mode)) return -ENOTBLK;
+    char path[96];
+    snprintf(path, sizeof path, "/sys/dev/block/%u:%u/queue/discard_max_bytes", major(st.st_rdev), minor(st.st_rdev));
+    int sysfd = open(path, O_RDONLY | O_CLOEXEC);
+    if (sysfd < 0) {
+        /* Partitions: the queue directory is the parent's. */
+        snprintf(path, sizeof path, "/sys/dev/block/%u:%u/../queue/discard_max_bytes", major(st.st_rdev), minor(st.st_rdev));
+        sysfd = open(path, O_RDONLY | O_CLOEXEC);
+        if (sysfd < 0) return -errno;
+    }
+    char text[32];
+    ssize_t n;
+    do { n = read(sysfd, text, sizeof text - 1); } while (n < 0 && errno == EINTR);
+    int saved = errno;
+    close(sysfd);
+    if (n < 0) return -saved;
+    text[n] = 0;
+    return strtoull(text, NULL, 10) > 0 ? 1 : 0;
+}

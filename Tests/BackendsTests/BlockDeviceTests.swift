@@ -32,6 +32,7 @@ import Testing
         #expect(geometry.physicalBlockSize >= 512)
         #expect(!geometry.readOnly)
         #expect(!geometry.discardReadsZeroes)
+        #expect(geometry.supportsDiscard)  // loop devices discard by punching holes in their file
 
         // A second LUN on the same device is refused.
         let second = openFile(BackendSpec(kind: .block, path: device, cache: cache))
@@ -50,6 +51,11 @@ import Testing
         #expect(target.bytes == source.bytes)
         #expect(run(channel, BlockRequest(operation: .writeZeroes, offset: 1 << 20, length: 4096), token: 4) == .success(4096))
         #expect(run(channel, BlockRequest(operation: .discard, offset: 2 << 20, length: 1 << 20), token: 5) == .success(1 << 20))
+        // BLKDISCARD reached the loop driver, which punched a hole in the backing file.
+        let imageFD = open(image, O_RDONLY)
+        #expect(csys_seek_hole(imageFD, 2 << 20) == 2 << 20)
+        #expect(csys_seek_data(imageFD, 2 << 20) == 3 << 20)
+        close(imageFD)
         #expect(run(channel, BlockRequest(operation: .read, offset: 1 << 20, length: 8192, buffers: target.list),
                     token: 6) == .success(8192))
         #expect(Array(target.bytes.prefix(4096)) == [UInt8](repeating: 0, count: 4096))
@@ -64,5 +70,43 @@ import Testing
         }
         #expect(try backend.resize(to: 0).capacityBytes == 12 << 20)
         backend.close()
+    }
+
+    @Test func deviceOpenRefusals() throws {
+        let dir = TemporaryDirectory()
+        let image = dir.file("loop2.img")
+        makeFilledFile(image, size: 4 << 20, byte: 0)
+
+        // Claimed with O_EXCL by someone else (as a mount would): busy, not a lock conflict.
+        let (attached, reason) = Self.attach(image)
+        let device = try #require(attached, "losetup failed: \(reason)")
+        let claim = open(device, O_RDONLY | O_EXCL)
+        #expect(claim >= 0)
+        #expect(openFile(BackendSpec(kind: .block, path: device)).failure == .deviceBusy(path: device))
+        close(claim)
+        // A configured block size below the device's sector size is refused.
+        runProgram("/usr/sbin/losetup", ["-d", device])
+
+        let big = runProgram("/usr/sbin/losetup", ["--find", "--show", "--sector-size", "4096", image])
+        let bigDevice = big.output.trimmingCharacters(in: .whitespacesAndNewlines)
+        try #require(big.status == 0, "losetup --sector-size failed: \(big.output)")
+        #expect(openFile(BackendSpec(kind: .block, path: bigDevice, logicalBlockSize: 512)).failure
+                == .blockSizeTooSmall(path: bigDevice, configured: 512, device: 4096))
+        let fourK = try FileBackend(spec: BackendSpec(kind: .block, path: bigDevice, logicalBlockSize: 4096))
+        #expect(fourK.geometry.blockCount == 1024)
+        fourK.close()
+        runProgram("/usr/sbin/losetup", ["-d", bigDevice])
+
+        // A read-only device: writable LUN refused with a clear reason, read-only LUN accepted.
+        let ro = runProgram("/usr/sbin/losetup", ["--find", "--show", "--read-only", image])
+        let roDevice = ro.output.trimmingCharacters(in: .whitespacesAndNewlines)
+        try #require(ro.status == 0, "losetup --read-only failed: \(ro.output)")
+        defer { runProgram("/usr/sbin/losetup", ["-d", roDevice]) }
+        #expect(openFile(BackendSpec(kind: .block, path: roDevice)).failure == .readOnlyMedium(path: roDevice))
+        let readOnly = try FileBackend(spec: BackendSpec(kind: .block, path: roDevice, readOnly: true))
+        #expect(readOnly.geometry.readOnly)
+        readOnly.close()
+        #expect(openFile(BackendSpec(kind: .block, path: dir.file("no-such-device"))).failure
+                == .missingFile(path: dir.file("no-such-device")))
     }
 }

@@ -165,6 +165,13 @@ import Testing
         #expect(throws: BackendOpenError.self) { try backend.resize(to: 2 << 20) }
     }
 
+    @Test func specSpellingsMatchTheConfig() {
+        #expect(BackendSpec.Kind(rawValue: "block") == .block)
+        #expect(BackendSpec.CacheMode(rawValue: "writeback") == .writeback)
+        #expect(BackendSpec.CacheMode(rawValue: "none") == BackendSpec(kind: .file, path: "x").cache)
+        #expect(BackendSpec.Kind(rawValue: "iscsi") == nil)
+    }
+
     @Test func errorDescriptionsNameThePathAndReason() {
         let p = "/srv/lun0.img"
         #expect(BackendOpenError.directIOUnsupported(path: p, reason: "x").description.contains("cache = \"writeback\""))

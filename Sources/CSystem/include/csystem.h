@@ -66,6 +66,9 @@ int64_t csys_seek_data(int fd, uint64_t offset);
 int64_t csys_seek_hole(int fd, uint64_t offset);
 /* fallocate(2) with mode 0 (allocate), KEEP_SIZE when keep_size != 0. Returns 0 or -errno. */
 int csys_allocate(int fd, uint64_t offset, uint64_t length, int keep_size);
+/* Whether the block device behind fd accepts discards: reads
+ * /sys/dev/block/MAJOR:MINOR/queue/discard_max_bytes. Returns 1, 0, or -errno. */
+int csys_blk_discard_supported(int fd);
 /* IOV_MAX */
 int csys_iov_max(void);
 
