@@ -107,7 +107,8 @@ public final class Gateway: @unchecked Sendable {
     private let logger: Logger
     private let opener: any BackendOpener
     private let frontEndRegistry: FrontEndRegistry
-    private var runtimes: [ControllerRuntime] = []
+    /// Read by the control plane from other threads; written by start/stop.
+    private let runtimeState = Mutex<[ControllerRuntime]>([])
     private var frontEnds: [(String, any FrontEnd)] = []
     private var started = false
 
@@ -121,10 +122,12 @@ public final class Gateway: @unchecked Sendable {
     }
 
     /// The controllers, once started.
-    public var controllers: [ControllerRuntime] { runtimes }
+    public var controllers: [ControllerRuntime] { runtimeState.withLock { $0 } }
 
     /// The controller named `name`, once started.
-    public func controller(named name: String) -> ControllerRuntime? { runtimes.first { $0.config.name == name } }
+    public func controller(named name: String) -> ControllerRuntime? {
+        runtimeState.withLock { $0.first { $0.config.name == name } }
+    }
 
     /// Prepares directories, opens every back-end, builds the targets and starts the front-ends.
     /// On failure everything opened so far is closed again and the error lists every problem.
@@ -150,9 +153,9 @@ public final class Gateway: @unchecked Sendable {
             closeAllBackends()
             throw GatewayError(problems)
         }
-        runtimes = built
+        runtimeState.withLock { $0 = built }
         started = true
-        for runtime in runtimes {
+        for runtime in built {
             logServed(runtime)
             guard let factory = frontEndRegistry.factory(for: runtime.config.transport) else {
                 runtime.logger.warning(
@@ -179,8 +182,45 @@ public final class Gateway: @unchecked Sendable {
         }
         frontEnds.removeAll()
         closeAllBackends()
-        runtimes.removeAll()
+        runtimeState.withLock { $0.removeAll() }
         started = false
+    }
+
+    /// Adds a LUN to a running controller (control plane): opens its back-end and adds it to the
+    /// controller's target, which tells the front-end and raises the unit attentions. `lun` must have
+    /// passed the same checks as a config entry.
+    public func addLUN(_ lun: LUNConfig, to controllerName: String) throws(BackendOpeningError) {
+        guard let runtime = controller(named: controllerName) else {
+            throw BackendOpeningError(lun: "controller \(controllerName)", reason: "no such controller")
+        }
+        try addConfiguredLUN(lun, to: runtime)
+        runtime.logger.info("added target \(lun.target) lun \(lun.lun) (\(lun.backend.rawValue))")
+    }
+
+    /// Removes a LUN from a running controller and closes its back-end once the front-end has closed
+    /// its channels. Returns the removed entry.
+    @discardableResult
+    public func removeLUN(target: Int, lun: Int, from controllerName: String) throws(BackendOpeningError) -> LUNConfig {
+        let name = "controller \(controllerName) target \(target) lun \(lun)"
+        guard let runtime = controller(named: controllerName) else {
+            throw BackendOpeningError(lun: "controller \(controllerName)", reason: "no such controller")
+        }
+        guard let number = LogicalUnitNumber(runtime.config.transport.coreLUN(target: target, lun: lun)) else {
+            throw BackendOpeningError(lun: name, reason: "address out of range for \(runtime.config.transport.rawValue)")
+        }
+        let unit: LogicalUnit
+        do throws(LUNTableError) {
+            unit = try runtime.target.remove(number)
+        } catch {
+            throw BackendOpeningError(lun: name, reason: error.description)
+        }
+        let entry = backends.remove(unit.backendID)
+        entry?.backend.close()
+        runtime.logger.info("removed target \(target) lun \(lun)")
+        guard let config = entry?.config else {
+            throw BackendOpeningError(lun: name, reason: "its back-end was already gone")
+        }
+        return config
     }
 
     /// Opens a configured LUN and adds it to its target.

@@ -151,6 +151,42 @@ struct GatewayTests {
         gateway.stop()  // idempotent
     }
 
+    @Test("LUNs added and removed at run time reach the target and its subscribers")
+    func hotplug() throws {
+        let scratch = ScratchDirectory()
+        let gateway = Gateway(config: try config(scratch.path), logger: quietLogger, frontEnds: FrontEndRegistry())
+        try gateway.start()
+        defer { gateway.stop() }
+        let scsi = try #require(gateway.controller(named: "scsi0"))
+        let events = Mutex<[LUNEvent]>([])
+        scsi.target.subscribe { event in events.withLock { $0.append(event) } }
+
+        try gateway.addLUN(LUNConfig(lun: 9, backend: .file, path: scratch.path + "/state/hot.img", size: 1 << 20, create: true),
+                           to: "scsi0")
+        #expect(scsi.target.lunNumbers.map(\.value) == [0, 7, 9])
+        #expect(gateway.backends.ids.count == 5)
+        #expect(throws: BackendOpeningError.self) {
+            try gateway.addLUN(LUNConfig(lun: 9, backend: .null, size: 4096), to: "scsi0")
+        }
+        #expect(gateway.backends.ids.count == 5, "a refused add leaves no back-end open")
+        #expect(throws: BackendOpeningError.self) { try gateway.addLUN(LUNConfig(lun: 1, backend: .null, size: 4096), to: "nope") }
+
+        let removed = try gateway.removeLUN(target: 0, lun: 9, from: "scsi0")
+        #expect(removed.path == scratch.path + "/state/hot.img")
+        #expect(scsi.target.lunNumbers.map(\.value) == [0, 7])
+        #expect(gateway.backends.ids.count == 4)
+        #expect(events.withLock { $0 } == [.added(LogicalUnitNumber(9)!), .removed(LogicalUnitNumber(9)!)])
+        do {
+            try gateway.removeLUN(target: 0, lun: 9, from: "scsi0")
+            Issue.record("removed a LUN twice")
+        } catch {
+            #expect(error.description == "controller scsi0 target 0 lun 9: LUN 9 does not exist")
+        }
+        // The file lock was released with the back-end: the same file can be added again.
+        try gateway.addLUN(LUNConfig(lun: 9, backend: .file, path: scratch.path + "/state/hot.img"), to: "scsi0")
+        #expect(scsi.target.lunNumbers.map(\.value) == [0, 7, 9])
+    }
+
     @Test("a controller without a front-end factory is served without being attached")
     func missingFactory() throws {
         let scratch = ScratchDirectory()
