@@ -23,12 +23,16 @@ public struct BackendOpeningError: Error, Sendable, CustomStringConvertible {
     public var reason: String
     /// Whether the gateway may start without this LUN (remote back-ends that come online later).
     public var mayStartWithout: Bool
+    /// The back-end's own error, when opening failed there (lets the control plane tell a missing
+    /// file or a held lock from other failures).
+    public var cause: BackendOpenError?
 
     /// Creates an error.
-    public init(lun: String, reason: String, mayStartWithout: Bool = false) {
+    public init(lun: String, reason: String, mayStartWithout: Bool = false, cause: BackendOpenError? = nil) {
         self.lun = lun
         self.reason = reason
         self.mayStartWithout = mayStartWithout
+        self.cause = cause
     }
 
     public var description: String { "\(lun): \(reason)" }
@@ -73,7 +77,7 @@ public struct StandardBackendOpener: BackendOpener {
         do {
             return OpenedBackend(backend: try AnyBlockBackend.open(spec))
         } catch {
-            throw BackendOpeningError(lun: name, reason: error.description)
+            throw BackendOpeningError(lun: name, reason: error.description, cause: error)
         }
     }
 }

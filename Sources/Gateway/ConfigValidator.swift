@@ -189,7 +189,7 @@ struct ConfigValidator {
 
     // MARK: - [[controller.lun]]
 
-    private func validateLUN(_ reader: TableReader, transport: TransportKind?, maxTargets: Int,
+    func validateLUN(_ reader: TableReader, transport: TransportKind?, maxTargets: Int,
                              settings: GatewaySettings) -> LUNConfig? {
         reader.rejectUnknownKeys(allowed: Self.lunKeys, hints: [
             "read-only": "did you mean 'read_only'?",

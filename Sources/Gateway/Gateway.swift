@@ -22,6 +22,8 @@ public struct LUNBackend: Sendable {
     public var controller: String
     /// The open back-end.
     public var backend: AnyBlockBackend
+    /// I/O counters of this LUN, one slot per queue; front-ends record into them (see `IOCounters`).
+    public var statistics: LUNIOStatistics
 }
 
 /// Every open back-end of a gateway, by back-end id. Front-ends resolve `LogicalUnit.backendID` here
@@ -52,6 +54,17 @@ public final class BackendRegistry: Sendable {
     /// Removes and returns the back-end with `id` (the caller closes it once its channels are closed).
     @discardableResult
     public func remove(_ id: Int) -> LUNBackend? { state.withLock { $0.entries.removeValue(forKey: id) } }
+
+    /// Changes the entry with `id` in place (resize, read-only); false when it is gone.
+    @discardableResult
+    public func update(_ id: Int, _ body: (inout LUNBackend) -> Void) -> Bool {
+        state.withLock { s in
+            guard var entry = s.entries[id] else { return false }
+            body(&entry)
+            s.entries[id] = entry
+            return true
+        }
+    }
 
     /// Every registered id, ascending.
     public var ids: [Int] { state.withLock { $0.entries.keys.sorted() } }
@@ -85,6 +98,13 @@ public final class ControllerRuntime: Sendable {
     /// The back-end behind a logical unit.
     public func backend(of unit: LogicalUnit) -> LUNBackend? { backends.backend(unit.backendID) }
 
+    /// The I/O counters of the LUN whose back-end is `backendID` (front-ends take
+    /// `counters(queue:)` from it when they open the LUN's channel for a queue).
+    public func statistics(backendID: Int) -> LUNIOStatistics? { backends.backend(backendID)?.statistics }
+
+    /// Counter slots per LUN: one per request queue (PVSCSI has one request ring).
+    public var statisticsQueueCount: Int { config.transport == .pvscsi ? 1 : max(1, config.queues) }
+
     /// Opens a channel to the back-end with `backendID` (what front-ends pass as their channel factory).
     public func makeChannel(backendID: Int) throws(BlockBackendError) -> AnyBlockChannel {
         guard let entry = backends.backend(backendID) else {
@@ -104,13 +124,17 @@ public final class Gateway: @unchecked Sendable {
     public let config: GatewayConfig
     /// Every open back-end.
     public let backends = BackendRegistry()
-    private let logger: Logger
+    let logger: Logger
     private let opener: any BackendOpener
     private let frontEndRegistry: FrontEndRegistry
     /// Read by the control plane from other threads; written by start/stop.
     private let runtimeState = Mutex<[ControllerRuntime]>([])
     private var frontEnds: [(String, any FrontEnd)] = []
     private var started = false
+    /// LUNs whose back-end could not be opened at start but that may come later (iSCSI), by controller.
+    let offlineState = Mutex<[(controller: String, lun: LUNConfig)]>([])
+    /// Per controller, per queue: the final counters of removed LUNs (so queue totals never go back).
+    let retiredStatistics = Mutex<[String: [IOStatisticsSnapshot]]>([:])
 
     /// Creates a gateway (nothing is opened until `start`).
     public init(config: GatewayConfig, logger: Logger, backendOpener: any BackendOpener = StandardBackendOpener(),
@@ -143,6 +167,7 @@ public final class Gateway: @unchecked Sendable {
                     try addConfiguredLUN(lun, to: runtime)
                 } catch where error.mayStartWithout {
                     logger.error("LUN offline: \(error.description)")
+                    offlineState.withLock { $0.append((controller.name, lun)) }
                 } catch {
                     problems.append(error.description)
                 }
@@ -183,6 +208,7 @@ public final class Gateway: @unchecked Sendable {
         frontEnds.removeAll()
         closeAllBackends()
         runtimeState.withLock { $0.removeAll() }
+        offlineState.withLock { $0.removeAll() }
         started = false
     }
 
@@ -198,9 +224,11 @@ public final class Gateway: @unchecked Sendable {
     }
 
     /// Removes a LUN from a running controller and closes its back-end once the front-end has closed
-    /// its channels. Returns the removed entry.
+    /// its channels. With `drainTimeoutMilliseconds` > 0 it first waits (up to that long) until the
+    /// LUN's counters show no command in flight. Returns the removed entry.
     @discardableResult
-    public func removeLUN(target: Int, lun: Int, from controllerName: String) throws(BackendOpeningError) -> LUNConfig {
+    public func removeLUN(target: Int, lun: Int, from controllerName: String,
+                          drainTimeoutMilliseconds: Int = 0) throws(BackendOpeningError) -> LUNConfig {
         let name = "controller \(controllerName) target \(target) lun \(lun)"
         guard let runtime = controller(named: controllerName) else {
             throw BackendOpeningError(lun: "controller \(controllerName)", reason: "no such controller")
@@ -214,7 +242,11 @@ public final class Gateway: @unchecked Sendable {
         } catch {
             throw BackendOpeningError(lun: name, reason: error.description)
         }
+        if drainTimeoutMilliseconds > 0, let statistics = backends.backend(unit.backendID)?.statistics {
+            _ = Self.waitUntilDrained(statistics, timeoutMilliseconds: drainTimeoutMilliseconds)
+        }
         let entry = backends.remove(unit.backendID)
+        if let entry { retire(entry.statistics, controller: controllerName) }
         entry?.backend.close()
         runtime.logger.info("removed target \(target) lun \(lun)")
         guard let config = entry?.config else {
@@ -226,7 +258,8 @@ public final class Gateway: @unchecked Sendable {
     /// Opens a configured LUN and adds it to its target.
     private func addConfiguredLUN(_ lun: LUNConfig, to runtime: ControllerRuntime) throws(BackendOpeningError) {
         let opened = try opener.open(lun, on: runtime.config)
-        let id = backends.register(LUNBackend(config: lun, controller: runtime.config.name, backend: opened.backend))
+        let id = backends.register(LUNBackend(config: lun, controller: runtime.config.name, backend: opened.backend,
+                                              statistics: LUNIOStatistics(queues: runtime.statisticsQueueCount)))
         var geometry = opened.geometry
         geometry.readOnly = geometry.readOnly || lun.readOnly
         let name = "controller \(runtime.config.name) target \(lun.target) lun \(lun.lun)"

@@ -10,7 +10,8 @@ struct SCSIGateCommand: ParsableCommand {
         commandName: "scsigate",
         abstract: "ScsiGate: a user-space SCSI target gateway (virtio-scsi, virtio-blk, PVSCSI).",
         version: ScsiGateVersion.string,
-        subcommands: [Serve.self, CheckConfig.self, Version.self])
+        subcommands: [Serve.self, CheckConfig.self, Version.self,
+                      LUNCommand.self, ControllerCommand.self, StatsCommand.self, ConfigCommand.self])
 }
 
 extension LogLevel: ExpressibleByArgument {}
@@ -58,6 +59,15 @@ struct Serve: ParsableCommand {
             logger.critical("not starting")
             throw ExitCode(1)
         }
+        let adminPlane: AdminPlane
+        do throws(SocketServerError) {
+            adminPlane = try AdminPlane(gateway: gateway, logger: logger)
+        } catch {
+            logger.critical("\(error.description)")
+            gateway.stop()
+            logger.critical("not starting")
+            throw ExitCode(1)
+        }
         logger.info("running; stop with SIGTERM or SIGINT")
         var received: Int32 = 0
         while true {
@@ -65,6 +75,7 @@ struct Serve: ParsableCommand {
             if rc == 0 && (received == SIGTERM || received == SIGINT) { break }
         }
         logger.info("received \(received == SIGTERM ? "SIGTERM" : "SIGINT"); shutting down")
+        adminPlane.stop()
         gateway.stop()
         logger.info("stopped")
     }

@@ -1,0 +1,280 @@
+import BlockIO
+import Foundation
+import Logging
+import TOMLKit
+
+/// The control-plane methods of a running gateway, as a JSON-RPC method table.
+///
+/// Every method validates all of its parameters before it changes anything. Calls arrive on the
+/// control server's one thread, so admin changes never race one another.
+///
+/// | method | params | result |
+/// |---|---|---|
+/// | `gateway.version` | – | version, pid, config source, control socket |
+/// | `controller.list` | – | controllers with transport, socket, queues, LUN count |
+/// | `lun.list` | `controller`? | LUNs with back-end, size, block size, read-only, identity |
+/// | `lun.add` | `controller` + the LUN keys of the config file | the new LUN |
+/// | `lun.remove` | `controller`, `target`?, `lun`?, `wait_ms`? | the removed LUN, drained, in_flight |
+/// | `lun.resize` | `controller`, `target`?, `lun`?, `size`, `force`? | old_size, size |
+/// | `lun.set_readonly` | `controller`, `target`?, `lun`?, `read_only` | the LUN |
+/// | `stats.get` | `controller`? | per-LUN and per-queue counters |
+/// | `config.save` | `path`? | path, luns |
+public final class AdminService: Sendable {
+    /// The gateway being administered.
+    public let gateway: Gateway
+    private let logger: Logger
+
+    /// Longest `wait_ms` of `lun.remove`.
+    public static let maximumWaitMilliseconds = 600_000
+
+    /// Creates the service.
+    public init(gateway: Gateway, logger: Logger) {
+        self.gateway = gateway
+        self.logger = logger
+    }
+
+    /// The method table.
+    public var dispatcher: JSONRPCDispatcher {
+        JSONRPCDispatcher(methods: [
+            "gateway.version": { [self] p, _ throws(RPCError) in try version(p) },
+            "controller.list": { [self] p, _ throws(RPCError) in try listControllers(p) },
+            "lun.list": { [self] p, _ throws(RPCError) in try listLUNs(p) },
+            "lun.add": { [self] p, peer throws(RPCError) in try addLUN(p, peer: peer) },
+            "lun.remove": { [self] p, peer throws(RPCError) in try removeLUN(p, peer: peer) },
+            "lun.resize": { [self] p, peer throws(RPCError) in try resizeLUN(p, peer: peer) },
+            "lun.set_readonly": { [self] p, peer throws(RPCError) in try setReadOnly(p, peer: peer) },
+            "stats.get": { [self] p, _ throws(RPCError) in try stats(p) },
+            "config.save": { [self] p, peer throws(RPCError) in try saveConfig(p, peer: peer) },
+        ])
+    }
+
+    // MARK: - Methods
+
+    func version(_ params: RPCParams) throws(RPCError) -> JSONValue {
+        try params.allowOnly([])
+        return .object([
+            "version": .string(ScsiGateVersion.string), "pid": .number(Int(getpid())),
+            "config": .string(gateway.config.source), "control_socket": .string(gateway.config.settings.controlSocket),
+            "save_path": .string(gateway.defaultSavePath),
+        ])
+    }
+
+    func listControllers(_ params: RPCParams) throws(RPCError) -> JSONValue {
+        try params.allowOnly([])
+        let statuses = gateway.lunStatuses()
+        return .array(gateway.controllers.map { runtime in
+            let c = runtime.config
+            var members: [String: JSONValue] = [
+                "name": .string(c.name), "transport": .string(c.transport.rawValue), "socket": .string(c.socket),
+                "luns": .number(statuses.filter { $0.controller == c.name }.count), "hotplug": .bool(c.hotplug),
+            ]
+            if c.transport == .pvscsi {
+                members["max_targets"] = .number(c.maxTargets)
+                members["queues"] = .number(1)
+            } else {
+                members["queues"] = .number(c.queues)
+                members["queue_size"] = .number(c.queueSize)
+            }
+            return .object(members)
+        })
+    }
+
+    func listLUNs(_ params: RPCParams) throws(RPCError) -> JSONValue {
+        try params.allowOnly(["controller"])
+        let name = try params.string("controller")
+        if let name { _ = try admin { () throws(AdminError) in try gateway.runtime(named: name) } }
+        return .array(gateway.lunStatuses(controller: name).map(Self.json))
+    }
+
+    func addLUN(_ params: RPCParams, peer: ControlPeer) throws(RPCError) -> JSONValue {
+        let name = try params.string("controller", required: true)!
+        let runtime = try admin { () throws(AdminError) in try gateway.runtime(named: name) }
+        let lun = try validateLUN(params, on: runtime.config)
+        try admin { () throws(AdminError) in
+            try gateway.checkNewLUN(lun, on: runtime)
+            try gateway.addCheckedLUN(lun, to: runtime)
+        }
+        gateway.logAdmin("lun added", runtime: runtime, lun, peerMetadata(peer))
+        let status = gateway.lunStatuses(controller: name).first { $0.config.target == lun.target && $0.config.lun == lun.lun }
+        return status.map(Self.json) ?? .null
+    }
+
+    func removeLUN(_ params: RPCParams, peer: ControlPeer) throws(RPCError) -> JSONValue {
+        try params.allowOnly(["controller", "target", "lun", "wait_ms"])
+        let name = try params.string("controller", required: true)!
+        let runtime = try admin { () throws(AdminError) in try gateway.runtime(named: name) }
+        let (target, lun) = try address(params, runtime.config)
+        let wait = try params.int("wait_ms", range: 0...Self.maximumWaitMilliseconds) ?? 0
+        // An offline LUN is only forgotten.
+        if let offline = gateway.lunStatuses(controller: name).first(where: {
+            !$0.online && $0.config.target == target && $0.config.lun == lun
+        }) {
+            gateway.offlineState.withLock { list in
+                list.removeAll { $0.controller == name && $0.lun.target == target && $0.lun.lun == lun }
+            }
+            gateway.logAdmin("lun removed", runtime: runtime, offline.config, peerMetadata(peer))
+            return .object(["removed": Self.json(offline), "drained": .bool(true), "in_flight": .number(0)])
+        }
+        let (unit, entry) = try admin { () throws(AdminError) in try gateway.lookup(runtime, target: target, lun: lun) }
+        let before = gateway.lunStatuses(controller: name).first { $0.backendID == unit.backendID }
+        let statistics = entry.statistics
+        let started = IOCounters.now()
+        do throws(BackendOpeningError) {
+            try gateway.removeLUN(target: target, lun: lun, from: name, drainTimeoutMilliseconds: wait)
+        } catch {
+            throw RPCError(code: ControlErrorCode.noSuchLUN, message: error.description)
+        }
+        let inFlight = statistics.inFlight
+        let waited = Int((IOCounters.now() - started) / 1_000_000)
+        var metadata = peerMetadata(peer)
+        metadata["in_flight"] = "\(inFlight)"
+        metadata["waited_ms"] = "\(waited)"
+        gateway.logAdmin("lun removed", runtime: runtime, entry.config, metadata)
+        return .object([
+            "removed": before.map(Self.json) ?? .null, "drained": .bool(inFlight == 0),
+            "in_flight": .number(inFlight), "waited_ms": .number(waited),
+        ])
+    }
+
+    func resizeLUN(_ params: RPCParams, peer: ControlPeer) throws(RPCError) -> JSONValue {
+        try params.allowOnly(["controller", "target", "lun", "size", "force"])
+        let name = try params.string("controller", required: true)!
+        let runtime = try admin { () throws(AdminError) in try gateway.runtime(named: name) }
+        let (target, lun) = try address(params, runtime.config)
+        let size = try params.size("size")
+        let force = try params.bool("force") ?? false
+        let (old, new) = try admin { () throws(AdminError) in
+            try gateway.resizeLUN(controller: name, target: target, lun: lun, size: size, force: force)
+        }
+        logger.debug("resize requested", metadata: peerMetadata(peer))
+        return .object(["old_size": .count(old), "size": .count(new)])
+    }
+
+    func setReadOnly(_ params: RPCParams, peer: ControlPeer) throws(RPCError) -> JSONValue {
+        try params.allowOnly(["controller", "target", "lun", "read_only"])
+        let name = try params.string("controller", required: true)!
+        let runtime = try admin { () throws(AdminError) in try gateway.runtime(named: name) }
+        let (target, lun) = try address(params, runtime.config)
+        let readOnly = try params.bool("read_only", required: true)!
+        try admin { () throws(AdminError) in
+            try gateway.setLUNReadOnly(controller: name, target: target, lun: lun, readOnly: readOnly)
+        }
+        logger.debug("set_readonly requested", metadata: peerMetadata(peer))
+        let status = gateway.lunStatuses(controller: name).first { $0.config.target == target && $0.config.lun == lun }
+        return status.map(Self.json) ?? .null
+    }
+
+    func stats(_ params: RPCParams) throws(RPCError) -> JSONValue {
+        try params.allowOnly(["controller"])
+        let name = try params.string("controller")
+        if let name { _ = try admin { () throws(AdminError) in try gateway.runtime(named: name) } }
+        return GatewayStatistics.collect(gateway, controller: name).json
+    }
+
+    func saveConfig(_ params: RPCParams, peer: ControlPeer) throws(RPCError) -> JSONValue {
+        try params.allowOnly(["path"])
+        let path = try params.string("path") ?? gateway.defaultSavePath
+        guard path.hasPrefix("/") else { throw .invalidParams("path", "must be an absolute path, found '\(path)'") }
+        guard !path.hasSuffix("/") else { throw .invalidParams("path", "'\(path)' names a directory, not a file") }
+        var isDirectory: ObjCBool = false
+        if FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory), isDirectory.boolValue {
+            throw .invalidParams("path", "'\(path)' is a directory")
+        }
+        let count = try admin { () throws(AdminError) in try gateway.saveRunningConfig(to: path) }
+        logger.debug("config.save requested", metadata: peerMetadata(peer))
+        return .object(["path": .string(path), "luns": .number(count)])
+    }
+
+    // MARK: - Helpers
+
+    /// Runs an admin action, turning its refusal into the JSON-RPC error.
+    private func admin<T>(_ body: () throws(AdminError) -> T) throws(RPCError) -> T {
+        do throws(AdminError) { return try body() } catch { throw error.rpcError }
+    }
+
+    private func peerMetadata(_ peer: ControlPeer) -> Logger.Metadata {
+        ["client_pid": "\(peer.pid)", "client_uid": "\(peer.uid)"]
+    }
+
+    /// The guest address of a LUN on `controller`, checked as the config file checks it.
+    func address(_ params: RPCParams, _ controller: ControllerConfig) throws(RPCError) -> (target: Int, lun: Int) {
+        func zero(_ key: String, _ reason: String) throws(RPCError) -> Int {
+            let value = try params.int(key) ?? 0
+            if value != 0 { throw .invalidParams(key, "must be 0: \(reason), found \(value)") }
+            return 0
+        }
+        switch controller.transport {
+        case .vhostUserBlk:
+            let target = try zero("target", "a vhost-user-blk controller is one disk")
+            let lun = try zero("lun", "a vhost-user-blk controller is one disk")
+            return (target, lun)
+        case .pvscsi:
+            let target = try params.int("target", required: true, range: 0...(controller.maxTargets - 1))!
+            let lun = try zero("lun", "guests address LUN 0 of each PVSCSI target")
+            return (target, lun)
+        case .vhostUserSCSI:
+            let target = try zero("target", "the virtio-scsi front-end serves target 0")
+            let lun = try params.int("lun", required: true, range: 0...16383)!
+            return (target, lun)
+        }
+    }
+
+    /// Validates `lun.add` parameters with the config file's own LUN rules (same messages, the key
+    /// named), by handing them to the validator as a TOML table.
+    func validateLUN(_ params: RPCParams, on controller: ControllerConfig) throws(RPCError) -> LUNConfig {
+        let table = TOMLTable()
+        for (key, value) in params.members where key != "controller" {
+            table[key] = Self.tomlValue(value)
+        }
+        let validation = Validation(source: "params", index: ConfigLineIndex(text: ""))
+        let validator = ConfigValidator(validation: validation)
+        let reader = TableReader(table: table, path: .root, validation: validation)
+        let lun = validator.validateLUN(reader, transport: controller.transport, maxTargets: controller.maxTargets,
+                                        settings: gateway.config.settings)
+        if let first = validation.errors.first {
+            let field = first.keyPath ?? "params"
+            var message = "invalid params: '\(field)': \(first.message)"
+            if validation.errors.count > 1 {
+                message += " (and \(validation.errors.count - 1) more: "
+                    + validation.errors.dropFirst().map { "'\($0.keyPath ?? "")': \($0.message)" }.joined(separator: "; ") + ")"
+            }
+            throw RPCError(code: ControlErrorCode.invalidParams, message: message, data: .object([
+                "field": .string(field),
+                "fields": .array(validation.errors.map { .string($0.keyPath ?? "") }),
+            ]))
+        }
+        guard let lun else { throw RPCError(code: ControlErrorCode.invalidParams, message: "invalid params") }
+        return lun
+    }
+
+    private static func tomlValue(_ value: JSONValue) -> TOMLValueConvertible {
+        switch value {
+        case .null: return TOMLTable()
+        case let .bool(b): return b
+        case let .int(i): return Int(i)
+        case let .double(d): return d
+        case let .string(s): return s
+        case .array: return TOMLArray()
+        case .object: return TOMLTable()
+        }
+    }
+
+    /// One LUN as `lun.list` shows it.
+    static func json(_ s: LUNStatus) -> JSONValue {
+        var members: [String: JSONValue] = [
+            "controller": .string(s.controller), "target": .number(s.config.target), "lun": .number(s.config.lun),
+            "backend": .string(s.config.backend.rawValue), "online": .bool(s.online),
+            "size": .count(s.capacityBytes), "block_size": .number(s.blockSize), "read_only": .bool(s.readOnly),
+            "serial": .string(s.serial), "wwn": .string(hex16(s.naa)), "in_flight": .number(s.inFlight),
+        ]
+        if let path = s.config.path { members["path"] = .string(path) }
+        if let url = s.config.iscsi?.url.description { members["url"] = .string(url) }
+        if s.config.backend == .file || s.config.backend == .block { members["cache"] = .string(s.config.cache.rawValue) }
+        return .object(members)
+    }
+
+    static func hex16(_ value: UInt64) -> String {
+        let hex = String(value, radix: 16)
+        return String(repeating: "0", count: max(0, 16 - hex.count)) + hex
+    }
+}
