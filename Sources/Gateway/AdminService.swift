@@ -1,7 +1,6 @@
 import BlockIO
 import Foundation
 import Logging
-import TOMLKit
 
 /// The control-plane methods of a running gateway, as a JSON-RPC method table.
 ///
@@ -220,15 +219,12 @@ public final class AdminService: Sendable {
     }
 
     /// Validates `lun.add` parameters with the config file's own LUN rules (same messages, the key
-    /// named), by handing them to the validator as a TOML table.
+    /// named): the validator reads the JSON object as it reads a `[[controller.lun]]` table.
     func validateLUN(_ params: RPCParams, on controller: ControllerConfig) throws(RPCError) -> LUNConfig {
-        let table = TOMLTable()
-        for (key, value) in params.members where key != "controller" {
-            table[key] = Self.tomlValue(value)
-        }
+        let members = params.members.filter { $0.key != "controller" }
         let validation = Validation(source: "params", index: ConfigLineIndex(text: ""))
         let validator = ConfigValidator(validation: validation)
-        let reader = TableReader(table: table, path: .root, validation: validation)
+        let reader = TableReader(table: .json(members), path: .root, validation: validation)
         let lun = validator.validateLUN(reader, transport: controller.transport, maxTargets: controller.maxTargets,
                                         settings: gateway.config.settings)
         if let first = validation.errors.first {
@@ -245,18 +241,6 @@ public final class AdminService: Sendable {
         }
         guard let lun else { throw RPCError(code: ControlErrorCode.invalidParams, message: "invalid params") }
         return lun
-    }
-
-    private static func tomlValue(_ value: JSONValue) -> TOMLValueConvertible {
-        switch value {
-        case .null: return TOMLTable()
-        case let .bool(b): return b
-        case let .int(i): return Int(i)
-        case let .double(d): return d
-        case let .string(s): return s
-        case .array: return TOMLArray()
-        case .object: return TOMLTable()
-        }
     }
 
     /// One LUN as `lun.list` shows it.

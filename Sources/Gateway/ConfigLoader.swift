@@ -65,7 +65,7 @@ final class Validation {
 
 /// Typed access to one TOML table, reporting problems against its key path.
 struct TableReader {
-    let table: TOMLTable
+    let table: ConfigSourceTable
     let path: ConfigKeyPath
     let validation: Validation
 
@@ -94,7 +94,7 @@ struct TableReader {
         if has(key) { validation.fail(keyPath(key), reason) }
     }
 
-    private func value(_ key: String, required: Bool) -> TOMLValueConvertible? {
+    private func value(_ key: String, required: Bool) -> ConfigSourceValue? {
         guard let value = table[key] else {
             if required { validation.fail(keyPath(key), "required key is missing") }
             return nil
@@ -102,8 +102,8 @@ struct TableReader {
         return value
     }
 
-    private func wrongType(_ key: String, expected: String, found value: TOMLValueConvertible) {
-        validation.fail(keyPath(key), "expected \(expected), found \(Self.typeName(value.type))")
+    private func wrongType(_ key: String, expected: String, found value: ConfigSourceValue) {
+        validation.fail(keyPath(key), "expected \(expected), found \(value.typeName)")
     }
 
     static func typeName(_ type: TOMLType) -> String {

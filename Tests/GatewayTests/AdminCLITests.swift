@@ -169,7 +169,7 @@ struct AdminCLITests {
         try "\(report)\n".write(toFile: NSTemporaryDirectory() + "scsigate-100-cycles.txt", atomically: true, encoding: .utf8)
         #expect(fdsBefore > 0)
         #expect(fdsAfter == fdsBefore, "\(report)")
-        #expect(rssAfter <= rssBefore + 1024 * 1024, "\(report)")
+        #expect(rssAfter <= rssBefore + 256 * 1024, "\(report)")
         #expect(try client.call("lun.list").arrayValue?.count == 3)
         #expect(gateway.stop() == 0)
     }
