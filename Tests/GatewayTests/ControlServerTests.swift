@@ -349,6 +349,40 @@ struct ControlServerTests {
         #expect(again.lunStatuses().map(Self.summary) == before)
     }
 
+    @Test("an offline iSCSI LUN is listed, kept by config.save, and forgotten by lun.remove")
+    func offlineLUN() throws {
+        let scratch = ScratchDirectory()
+        let text = adminConfigText(scratch.path) + """
+
+            [[controller.lun]]
+            target = 4
+            backend = "iscsi"
+            url = "iscsi://192.0.2.1/iqn.2026-01.org.example:t/0"
+            """
+        let f = try AdminFixture(configText: text)
+        let pv = try #require(try f.call("lun.list", ["controller": "pv0"]).arrayValue)
+        #expect(pv.count == 2)
+        #expect(pv[1]["target"] == 4 && pv[1]["online"] == false && pv[1]["url"] == "iscsi://192.0.2.1:3260/iqn.2026-01.org.example:t/0")
+        #expect(f.refusal("lun.add", ["controller": "pv0", "target": 4, "backend": "null", "size": "1M"])?.code
+                == ControlErrorCode.lunExists)
+        let saved = f.dir + "/saved.toml"
+        _ = try f.call("config.save", ["path": .string(saved)])
+        #expect(try ConfigLoader.load(file: saved).controllers[1].luns.map(\.target) == [3, 4])
+        _ = try f.call("lun.remove", ["controller": "pv0", "target": 4])
+        #expect(try f.call("lun.list", ["controller": "pv0"]).arrayValue?.count == 1)
+        #expect(f.gateway.runningConfig().controllers[1].luns.map(\.target) == [3])
+    }
+
+    @Test("config.save defaults to state_dir/scsigate.toml when serving the built-in default")
+    func defaultSavePathForEmbedded() throws {
+        var config = try ConfigLoader.loadDefault()
+        #expect(config.source == ConfigLoader.embeddedSourceName)
+        #expect(Gateway(config: config, logger: quietLogger).defaultSavePath == "/var/lib/scsigate/scsigate.toml")
+        config.source = "relative.toml"
+        #expect(Gateway(config: config, logger: quietLogger).defaultSavePath
+                == FileManager.default.currentDirectoryPath + "/relative.toml")
+    }
+
     static func summary(_ s: LUNStatus) -> String {
         "\(s.controller) \(s.config.target):\(s.config.lun) \(s.config.backend) \(s.capacityBytes) \(s.blockSize) ro=\(s.readOnly) \(s.serial) \(String(s.naa, radix: 16))"
     }
