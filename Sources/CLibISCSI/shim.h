@@ -1,0 +1,8 @@
+#ifndef SCSIGATE_CLIBISCSI_SHIM_H
+#define SCSIGATE_CLIBISCSI_SHIM_H
+/* libiscsi (libiscsi-dev): the asynchronous iSCSI initiator API and its SCSI helpers. */
+#include <stdint.h>
+#include <stddef.h>
+#include <iscsi/iscsi.h>
+#include <iscsi/scsi-lowlevel.h>
+#endif

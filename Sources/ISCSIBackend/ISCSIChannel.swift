@@ -1,0 +1,853 @@
+import BlockIO
+import CLibISCSI
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What libiscsi's callbacks get as private data: the channel and the slot the command belongs to.
+struct CallbackTag {
+    /// Unretained `ISCSIChannel`, or nil once the channel is being torn down.
+    var channel: UnsafeMutableRawPointer?
+    /// Slot index, or one of the special tags below.
+    var slot: Int32
+
+    static let connectSlot: Int32 = -1
+    static let discoverySlot: Int32 = -2
+}
+
+/// The single C callback for every command libiscsi completes (SCSI, connect, login).
+private let iscsiTrampoline: iscsi_command_cb = { _, status, commandData, privateData in
+    guard let privateData else { return }
+    let tag = privateData.assumingMemoryBound(to: CallbackTag.self).pointee
+    guard let channelPointer = tag.channel else { return }
+    let channel = Unmanaged<ISCSIChannel>.fromOpaque(channelPointer).takeUnretainedValue()
+    channel.handleCallback(slot: tag.slot, status: status, commandData: commandData)
+}
+
+/// One iSCSI session to the remote LUN, owned by one event-loop thread: a `BlockChannel` whose
+/// socket, timers and reconnects are driven by that loop. No call on it blocks (except `runOnce`,
+/// which is for tests and the start-up probe).
+///
+/// ## Driving it from an `EventLoop`
+/// The socket changes on every reconnect and libiscsi wants POLLOUT only while it has PDUs to send,
+/// so the loop watches `pollFD` for `pollEvents` and re-registers whenever `pollGeneration` or
+/// `pollEvents` change:
+///
+/// ```swift
+/// var registered: (fd: Int32, generation: UInt64, events: Int16) = (-1, 0, 0)
+/// func rearm() {
+///     let fd = channel.pollFD, gen = channel.pollGeneration, ev = channel.pollEvents
+///     if (fd, gen, ev) == registered { return }
+///     if registered.fd >= 0 { loop.unregister(fd: registered.fd) }   // old socket may be closed already
+///     if fd >= 0 {
+///         try? loop.register(fd: fd, events: FDEvents(rawValue: UInt32(UInt16(bitPattern: ev)))) { ready in
+///             channel.service(revents: Int16(truncatingIfNeeded: ready.rawValue & 0x1f)) // POLLIN/OUT/ERR/HUP
+///             if ready.contains(.hangup) { channel.service(revents: Int16(POLLHUP)) }
+///             reapAndRearm()
+///         }
+///     }
+///     registered = (fd, gen, ev)
+/// }
+/// ```
+/// after `commit()`, after each `service`, and from a periodic timer calling `tick()` every
+/// `tickIntervalMilliseconds` (reconnect backoff, request deadlines and BUSY retries run there;
+/// a timerfd registered on the same loop, or the loop's poller, can provide it). `completionFD` is
+/// `pollFD`. Completions collected by the callbacks are delivered by `reap`/`reapDetailed`.
+public final class ISCSIChannel: BlockChannel {
+    /// Connection phase.
+    enum Phase: Equatable {
+        /// No socket; the next attempt starts at `nextAttempt`.
+        case waiting
+        /// TCP connect and login in progress.
+        case connecting
+        /// Logged in; reading capacity and VPD pages before accepting I/O.
+        case discovering
+        /// Commands flow.
+        case online
+        /// `close` was called.
+        case closed
+    }
+
+    enum SlotPhase: UInt8 {
+        case free, queued, inFlight, completed
+    }
+
+    struct Slot {
+        var phase: SlotPhase = .free
+        var inQueue = false
+        var token: UInt64 = 0
+        var request = BlockRequest(operation: .flush, offset: 0, length: 0)
+        var deadline: UInt64 = 0
+        var notBefore: UInt64 = 0
+        var task: UnsafeMutablePointer<scsi_task>?
+        var done: UInt64 = 0
+        var chunk: UInt64 = 0
+        var retries: UInt16 = 0
+        var result = BlockResult.success(0)
+        var sense = ISCSIRemoteSense.none
+        var unmap = unmap_list(lba: 0, num: 0)
+    }
+
+    enum DiscoveryStep: Equatable {
+        case idle, readCapacity, blockLimits, provisioning
+    }
+
+    let backend: ISCSIBackend
+    let config: ISCSIBackendConfig
+
+    private var context: OpaquePointer?
+    private(set) var phase: Phase = .waiting
+    private var nextAttempt: UInt64 = 0
+    private var phaseDeadline: UInt64 = 0
+    private var consecutiveFailures = 0
+    private var outageStart: UInt64 = 0
+    private var lostConnection = false
+    private var failureReason = ""
+    private var lastLoggedFailure = ""
+    /// Increments whenever the socket (fd) changes.
+    public private(set) var pollGeneration: UInt64 = 0
+
+    private var geometryKnown = false
+    private var blockSize: UInt64 = 512
+    private var maxIOBytes: UInt64 = UInt64(UInt32.max)
+    private var maxUnmapBlocks: UInt64 = 0x40_0000
+    private var maxWriteSameBlocks: UInt64 = 0x40_0000
+    private var geometry = BlockGeometry(logicalBlockSize: 512, physicalBlockSize: 512, blockCount: 0)
+
+    private var discoveryStep: DiscoveryStep = .idle
+    private var discoveryTask: UnsafeMutablePointer<scsi_task>?
+    private var discoveryRetries = 0
+    private var rediscoverPending = false
+    private var pendingGeometry = BlockGeometry(logicalBlockSize: 512, physicalBlockSize: 512, blockCount: 0)
+    private var pendingLBPME = false
+
+    private let slots: UnsafeMutablePointer<Slot>
+    private let capacity: Int
+    private let tags: UnsafeMutablePointer<CallbackTag>
+    private var freeSlots: [Int32]
+    private var submitQueue: SlotRing
+    private var completions: SlotRing
+    private var zeroBlock: UnsafeMutableRawPointer
+    private var zeroBlockSize: Int
+    private let timeoutNanoseconds: UInt64
+
+    /// How often the owner loop should call `tick()`.
+    public let tickIntervalMilliseconds: Int32 = 50
+
+    init(backend: ISCSIBackend) {
+        self.backend = backend
+        self.config = backend.config
+        capacity = config.queueDepth
+        slots = .allocate(capacity: capacity)
+        slots.initialize(repeating: Slot(), count: capacity)
+        tags = .allocate(capacity: capacity + 2)
+        freeSlots = []
+        freeSlots.reserveCapacity(capacity)
+        var i = capacity - 1
+        while i >= 0 { freeSlots.append(Int32(i)); i -= 1 }
+        submitQueue = SlotRing(capacity: capacity)
+        completions = SlotRing(capacity: capacity)
+        zeroBlockSize = 4096
+        zeroBlock = .allocate(byteCount: 4096, alignment: 4096)
+        zeroBlock.initializeMemory(as: UInt8.self, repeating: 0, count: 4096)
+        timeoutNanoseconds = UInt64(config.timeoutSeconds) * 1_000_000_000
+        let me = Unmanaged.passUnretained(self).toOpaque()
+        for j in 0..<capacity { (tags + j).initialize(to: CallbackTag(channel: me, slot: Int32(j))) }
+        (tags + capacity).initialize(to: CallbackTag(channel: me, slot: CallbackTag.connectSlot))
+        (tags + capacity + 1).initialize(to: CallbackTag(channel: me, slot: CallbackTag.discoverySlot))
+        if let known = backend.knownGeometry() { adoptGeometry(known) }
+        outageStart = monotonicNanoseconds()
+    }
+
+    deinit {
+        // Callbacks fired while tearing down must not touch an object being deinitialised.
+        for j in 0..<(capacity + 2) { tags[j].channel = nil }
+        close()
+        tags.deinitialize(count: capacity + 2)
+        tags.deallocate()
+        slots.deinitialize(count: capacity)
+        slots.deallocate()
+        zeroBlock.deallocate()
+    }
+
+    // MARK: - Event-loop interface
+
+    /// The socket to watch, or -1 while no connection attempt is under way.
+    public var pollFD: Int32 {
+        guard let context else { return -1 }
+        return iscsi_get_fd(context)
+    }
+
+    /// poll(2) events (POLLIN, POLLOUT) libiscsi wants on `pollFD`; 0 when nothing to wait for.
+    public var pollEvents: Int16 {
+        guard let context else { return 0 }
+        return Int16(truncatingIfNeeded: iscsi_which_events(context))
+    }
+
+    /// `BlockChannel`: the socket (see `pollFD`); it changes across reconnects.
+    public var completionFD: Int32 { pollFD }
+
+    /// Whether the session is logged in and the LUN geometry is known.
+    public var isOnline: Bool { phase == .online }
+
+    /// The channel's view of the LUN (valid when `isOnline` or once it has been online).
+    public var currentGeometry: BlockGeometry? { geometryKnown ? geometry : nil }
+
+    /// Why the last connection attempt or session failed ("" when none).
+    public var lastFailure: String { failureReason }
+
+    /// Requests queued or in flight (completed but not yet reaped ones excluded).
+    public var inFlight: Int { capacity - freeSlots.count - completions.count }
+
+    /// Handles readiness of `pollFD` (`revents` in poll(2) bits).
+    public func service(revents: Int16) {
+        guard let context, phase != .closed else { return }
+        let rc = iscsi_service(context, Int32(revents))
+        if rc < 0 || (revents & Int16(POLLHUP | POLLERR)) != 0 {
+            if failureReason.isEmpty || phase == .online {
+                failureReason = "connection to \(config.url.portal) lost: \(lastLibraryError())"
+            }
+            lostConnection = true
+        }
+        afterLibraryCall(now: monotonicNanoseconds())
+    }
+
+    /// Periodic work: reconnect after backoff, login timeouts, BUSY retries, request deadlines.
+    public func tick() {
+        tick(now: monotonicNanoseconds())
+    }
+
+    func tick(now: UInt64) {
+        switch phase {
+        case .closed:
+            return
+        case .waiting:
+            if now >= nextAttempt { startConnect(now: now) }
+        case .connecting, .discovering:
+            if now >= phaseDeadline {
+                failureReason = phase == .connecting
+                    ? "connect/login to \(config.url.portal) not answered within \((phaseDeadline - nextAttempt) / 1_000_000) ms"
+                    : "READ CAPACITY/INQUIRY not answered"
+                lostConnection = true
+            }
+        case .online:
+            break
+        }
+        if lostConnection { dropConnection(now: now) }
+        expireRequests(now: now)
+        issueQueued(now: now)
+        flushSocket()
+    }
+
+    /// Blocks up to `timeoutMilliseconds` in poll(2) on the socket, then services it and ticks.
+    /// For tests and the start-up probe only: event loops use `service`/`tick`.
+    public func runOnce(timeoutMilliseconds: Int32) {
+        let fd = pollFD
+        let events = pollEvents
+        var pfd = pollfd(fd: fd, events: events, revents: 0)
+        let wait = min(timeoutMilliseconds, tickIntervalMilliseconds)
+        if fd >= 0 && events != 0 {
+            let n = poll(&pfd, 1, wait)
+            if n > 0 { service(revents: pfd.revents) }
+        } else if wait > 0 {
+            usleep(UInt32(wait) * 1000)
+        }
+        tick()
+    }
+
+    // MARK: - BlockChannel
+
+    public func submit(_ request: BlockRequest, token: UInt64) -> Int32 {
+        guard phase != .closed else { return ENXIO }
+        switch request.operation {
+        case .flush:
+            break
+        case .read, .write:
+            guard request.length > 0, request.length <= maxIOBytes, request.length <= UInt64(UInt32.max) else { return EINVAL }
+            guard request.buffers.count > 0, UInt64(request.buffers.totalLength) >= request.length else { return EINVAL }
+            if request.operation == .write && geometryKnown && geometry.readOnly { return EROFS }
+        case .discard, .writeZeroes:
+            guard request.length > 0 else { return EINVAL }
+            if geometryKnown {
+                if request.operation == .discard && !geometry.supportsDiscard { return EOPNOTSUPP }
+                if request.operation == .writeZeroes && !geometry.supportsWriteZeroes { return EOPNOTSUPP }
+            }
+        }
+        if geometryKnown && request.operation != .flush {
+            let (end, overflow) = request.offset.addingReportingOverflow(request.length)
+            guard request.offset % blockSize == 0, request.length % blockSize == 0, !overflow,
+                  end <= geometry.capacityBytes else { return EINVAL }
+        }
+        guard let index = freeSlots.popLast() else { return EAGAIN }
+        let now = monotonicNanoseconds()
+        let slot = slots + Int(index)
+        slot.pointee.phase = .queued
+        slot.pointee.token = token
+        slot.pointee.request = request
+        slot.pointee.deadline = now &+ timeoutNanoseconds
+        slot.pointee.notBefore = 0
+        slot.pointee.task = nil
+        slot.pointee.done = 0
+        slot.pointee.chunk = 0
+        slot.pointee.retries = 0
+        slot.pointee.sense = .none
+        enqueue(index)
+        return 0
+    }
+
+    public func commit() {
+        let now = monotonicNanoseconds()
+        if phase == .waiting && now >= nextAttempt { startConnect(now: now) }
+        issueQueued(now: now)
+        flushSocket()
+    }
+
+    public func reap(_ handler: (UInt64, BlockResult) -> Void) -> Int {
+        reapDetailed { token, result, _ in handler(token, result) }
+    }
+
+    /// Like `reap`, with the remote target's status and sense for failed commands, so the SCSI core
+    /// can return the remote sense to the guest instead of one derived from the errno.
+    public func reapDetailed(_ handler: (UInt64, BlockResult, ISCSIRemoteSense) -> Void) -> Int {
+        var delivered = 0
+        while let index = completions.pop() {
+            let slot = slots + Int(index)
+            let token = slot.pointee.token
+            let result = slot.pointee.result
+            let sense = slot.pointee.sense
+            slot.pointee.phase = .free
+            slot.pointee.request = BlockRequest(operation: .flush, offset: 0, length: 0)
+            freeSlots.append(index)
+            handler(token, result, sense)
+            delivered += 1
+        }
+        return delivered
+    }
+
+    /// Tears the session down. Requests not yet completed complete with ECANCELED (reap them).
+    public func close() {
+        guard phase != .closed else { return }
+        let wasOnline = phase == .online
+        destroyContext()
+        phase = .closed
+        for i in 0..<capacity {
+            let slot = slots + i
+            if slot.pointee.phase == .queued || slot.pointee.phase == .inFlight {
+                complete(Int32(i), .failure(ECANCELED))
+            }
+        }
+        backend.channelWentOffline(wasOnline: wasOnline, reason: "")
+    }
+
+    // MARK: - Connection management
+
+    private func lastLibraryError() -> String {
+        guard let context, let text = iscsi_get_error(context) else { return "unknown error" }
+        let s = String(cString: text)
+        return s.isEmpty ? "unknown error" : s
+    }
+
+    private func startConnect(now: UInt64) {
+        guard context == nil else { return }
+        guard let ctx = iscsi_create_context(config.initiatorName) else {
+            failureReason = "iscsi_create_context failed"
+            scheduleRetry(now: now)
+            return
+        }
+        context = ctx
+        pollGeneration &+= 1
+        iscsi_set_noautoreconnect(ctx, 1)
+        _ = iscsi_set_targetname(ctx, config.url.targetName)
+        _ = iscsi_set_session_type(ctx, ISCSI_SESSION_NORMAL)
+        _ = iscsi_set_header_digest(ctx, config.headerDigest == .crc32c ? ISCSI_HEADER_DIGEST_CRC32C : ISCSI_HEADER_DIGEST_NONE)
+        if let user = config.chapUser, let secret = config.chapSecret {
+            _ = iscsi_set_initiator_username_pwd(ctx, user, secret)
+        }
+        phase = .connecting
+        loggingIn = false
+        nextAttempt = now
+        let loginBudget = min(max(timeoutNanoseconds / 3, 2_000_000_000), 10_000_000_000)
+        phaseDeadline = now &+ loginBudget
+        lostConnection = false
+        if iscsi_connect_async(ctx, config.url.portal, iscsiTrampoline, UnsafeMutableRawPointer(tags + capacity)) != 0 {
+            failureReason = "cannot connect to \(config.url.portal): \(lastLibraryError())"
+            lostConnection = true
+        }
+    }
+
+    private func scheduleRetry(now: UInt64) {
+        let delayMs = config.reconnectBackoff.delay(afterFailures: consecutiveFailures)
+        consecutiveFailures += 1
+        nextAttempt = now &+ delayMs * 1_000_000
+        phase = .waiting
+        if failureReason != lastLoggedFailure {
+            lastLoggedFailure = failureReason
+            config.emit(.warning, "\(config.url): \(failureReason); retrying every \(delayMs)...\(config.reconnectBackoff.maximumMilliseconds) ms"
+                + (inFlight > 0 ? " (\(inFlight) requests held, timeout \(config.timeoutSeconds) s)" : ""))
+        }
+    }
+
+    /// Closes the socket, takes every in-flight command back into the submit queue, and schedules a reconnect.
+    private func dropConnection(now: UInt64) {
+        lostConnection = false
+        let wasOnline = phase == .online
+        if wasOnline { outageStart = now }
+        destroyContext()
+        if failureReason.isEmpty { failureReason = "connection to \(config.url.portal) lost" }
+        backend.channelWentOffline(wasOnline: wasOnline, reason: failureReason)
+        scheduleRetry(now: now)
+    }
+
+    private func destroyContext() {
+        guard let ctx = context else { return }
+        // Cancels every PDU: SCSI callbacks run with SCSI_STATUS_CANCELLED and requeue their slots.
+        _ = iscsi_destroy_context(ctx)
+        context = nil
+        pollGeneration &+= 1
+        for i in 0..<capacity {
+            let slot = slots + i
+            if let task = slot.pointee.task {
+                // No callback came (libiscsi skips them when not logged in): take the command back.
+                slot.pointee.task = nil
+                scsi_free_scsi_task(task)
+                if slot.pointee.phase == .inFlight { requeue(Int32(i), delayNanoseconds: 0) }
+            }
+        }
+        if let task = discoveryTask {
+            discoveryTask = nil
+            scsi_free_scsi_task(task)
+        }
+        discoveryStep = .idle
+        if phase != .closed { phase = .waiting }
+    }
+
+    private func afterLibraryCall(now: UInt64) {
+        if lostConnection { dropConnection(now: now) }
+        if phase == .online {
+            if rediscoverPending && discoveryStep == .idle {
+                rediscoverPending = false
+                startDiscovery()
+            }
+            issueQueued(now: now)
+            flushSocket()
+        }
+    }
+
+    /// Writes queued PDUs now instead of waiting for the next POLLOUT round trip.
+    private func flushSocket() {
+        guard let context, phase == .online || phase == .discovering else { return }
+        if iscsi_which_events(context) & Int32(POLLOUT) != 0 {
+            if iscsi_service(context, Int32(POLLOUT)) < 0 {
+                failureReason = "connection to \(config.url.portal) lost: \(lastLibraryError())"
+                lostConnection = true
+                dropConnection(now: monotonicNanoseconds())
+            }
+        }
+    }
+
+    // MARK: - Callbacks
+
+    func handleCallback(slot index: Int32, status: Int32, commandData: UnsafeMutableRawPointer?) {
+        switch index {
+        case CallbackTag.connectSlot:
+            connectStepDone(status: status)
+        case CallbackTag.discoverySlot:
+            discoveryStepDone(status: status, task: commandData?.assumingMemoryBound(to: scsi_task.self))
+        default:
+            guard index >= 0 && Int(index) < capacity else { return }
+            commandDone(index, status: status, task: commandData?.assumingMemoryBound(to: scsi_task.self))
+        }
+    }
+
+    private var loggingIn = false
+
+    private func connectStepDone(status: Int32) {
+        guard let context else { return }
+        if !loggingIn {
+            guard status == Int32(bitPattern: SCSI_STATUS_GOOD.rawValue) else {
+                failureReason = "cannot connect to \(config.url.portal): \(lastLibraryError())"
+                lostConnection = true
+                return
+            }
+            loggingIn = true
+            if iscsi_login_async(context, iscsiTrampoline, UnsafeMutableRawPointer(tags + capacity)) != 0 {
+                loggingIn = false
+                failureReason = "login to \(config.url.targetName) failed: \(lastLibraryError())"
+                lostConnection = true
+            }
+            return
+        }
+        loggingIn = false
+        guard status == Int32(bitPattern: SCSI_STATUS_GOOD.rawValue) else {
+            let detail = lastLibraryError()
+            let lower = detail.lowercased()
+            if lower.contains("authentication") || lower.contains("authorization") {
+                failureReason = "login to \(config.url.targetName) at \(config.url.portal) refused: CHAP authentication failed"
+                    + (config.chapUser == nil ? " (the target requires CHAP; set chap_user and chap_secret_file)" : " for user \(config.chapUser!) (check the CHAP secret)")
+                    + " [\(detail)]"
+            } else {
+                failureReason = "login to \(config.url.targetName) at \(config.url.portal) failed: \(detail)"
+            }
+            lostConnection = true
+            return
+        }
+        phase = .discovering
+        startDiscovery()
+    }
+
+    private func commandDone(_ index: Int32, status: Int32, task: UnsafeMutablePointer<scsi_task>?) {
+        let slot = slots + Int(index)
+        guard let mine = slot.pointee.task, task == nil || task == mine else { return }
+        slot.pointee.task = nil
+        defer { scsi_free_scsi_task(mine) }
+        guard slot.pointee.phase == .inFlight else { return }
+        let now = monotonicNanoseconds()
+        switch status {
+        case Int32(bitPattern: SCSI_STATUS_GOOD.rawValue), Int32(bitPattern: SCSI_STATUS_CONDITION_MET.rawValue):
+            commandSucceeded(index, task: mine)
+        case Int32(bitPattern: SCSI_STATUS_CHECK_CONDITION.rawValue):
+            let key = UInt8(truncatingIfNeeded: mine.pointee.sense.key.rawValue)
+            let code = UInt16(truncatingIfNeeded: mine.pointee.sense.ascq)
+            let sense = ISCSIRemoteSense(status: ISCSIRemoteSense.statusCheckCondition, key: key,
+                                         asc: UInt8(code >> 8), ascq: UInt8(code & 0xff))
+            slot.pointee.sense = sense
+            switch key {
+            case ISCSIRemoteSense.keyUnitAttention:
+                if code == 0x2a09 { capacityChanged() }
+                retryOrFail(index, sense: sense, delayNanoseconds: 0, limit: 16, now: now)
+            case ISCSIRemoteSense.keyNotReady where sense.asc == 0x04 && (sense.ascq == 0x01 || sense.ascq == 0x0a):
+                retryOrFail(index, sense: sense, delayNanoseconds: 100_000_000, limit: 1000, now: now)
+            case ISCSIRemoteSense.keyAbortedCommand:
+                retryOrFail(index, sense: sense, delayNanoseconds: 10_000_000, limit: 8, now: now)
+            default:
+                complete(index, .failure(sense.errno))
+            }
+        case Int32(bitPattern: SCSI_STATUS_BUSY.rawValue), Int32(bitPattern: SCSI_STATUS_TASK_SET_FULL.rawValue), Int32(bitPattern: SCSI_STATUS_TASK_ABORTED.rawValue):
+            let sense = ISCSIRemoteSense(status: UInt8(truncatingIfNeeded: status))
+            slot.pointee.sense = sense
+            let backoff = min(UInt64(1) << min(UInt64(slot.pointee.retries), 7), 100) * 1_000_000
+            retryOrFail(index, sense: sense, delayNanoseconds: backoff, limit: 10_000, now: now)
+        case Int32(bitPattern: SCSI_STATUS_RESERVATION_CONFLICT.rawValue):
+            let sense = ISCSIRemoteSense(status: ISCSIRemoteSense.statusReservationConflict)
+            slot.pointee.sense = sense
+            complete(index, .failure(sense.errno))
+        default:
+            // CANCELLED (session torn down), ERROR (protocol error), TIMEOUT: the command did not
+            // complete on the remote as far as we know; send it again on the next session.
+            if status != Int32(bitPattern: SCSI_STATUS_CANCELLED.rawValue) {
+                failureReason = "command failed on the transport: \(lastLibraryError())"
+            } else if failureReason.isEmpty {
+                failureReason = "connection to \(config.url.portal) lost"
+            }
+            lostConnection = true
+            requeue(index, delayNanoseconds: 0)
+        }
+    }
+
+    private func retryOrFail(_ index: Int32, sense: ISCSIRemoteSense, delayNanoseconds: UInt64, limit: UInt16, now: UInt64) {
+        let slot = slots + Int(index)
+        if slot.pointee.retries >= limit || now &+ delayNanoseconds >= slot.pointee.deadline {
+            complete(index, .failure(sense.errno))
+            return
+        }
+        slot.pointee.retries += 1
+        requeue(index, delayNanoseconds: delayNanoseconds)
+    }
+
+    private func commandSucceeded(_ index: Int32, task: UnsafeMutablePointer<scsi_task>) {
+        let slot = slots + Int(index)
+        let request = slot.pointee.request
+        switch request.operation {
+        case .read, .write:
+            var bytes = request.length
+            if task.pointee.residual_status == SCSI_RESIDUAL_UNDERFLOW {
+                bytes -= min(UInt64(task.pointee.residual), bytes)
+            }
+            complete(index, .success(bytes))
+        case .flush:
+            complete(index, .success(0))
+        case .discard, .writeZeroes:
+            slot.pointee.done += slot.pointee.chunk
+            slot.pointee.chunk = 0
+            slot.pointee.retries = 0
+            if slot.pointee.done >= request.length {
+                complete(index, .success(request.length))
+            } else {
+                requeue(index, delayNanoseconds: 0)
+            }
+        }
+    }
+
+    // MARK: - Slots
+
+    private func enqueue(_ index: Int32) {
+        let slot = slots + Int(index)
+        guard !slot.pointee.inQueue else { return }
+        slot.pointee.inQueue = true
+        submitQueue.push(index)
+    }
+
+    private func requeue(_ index: Int32, delayNanoseconds: UInt64) {
+        let slot = slots + Int(index)
+        slot.pointee.phase = .queued
+        slot.pointee.notBefore = delayNanoseconds == 0 ? 0 : monotonicNanoseconds() &+ delayNanoseconds
+        enqueue(index)
+    }
+
+    private func complete(_ index: Int32, _ result: BlockResult) {
+        let slot = slots + Int(index)
+        slot.pointee.phase = .completed
+        slot.pointee.result = result
+        if result.succeeded { slot.pointee.sense = .none }
+        completions.push(index)
+    }
+
+    private func expireRequests(now: UInt64) {
+        guard inFlight > 0 else { return }
+        var stuck = false
+        for i in 0..<capacity {
+            let slot = slots + i
+            guard now >= slot.pointee.deadline else { continue }
+            switch slot.pointee.phase {
+            case .queued:
+                let sense = slot.pointee.sense
+                // Still waiting for the remote after the whole timeout: retryable failure.
+                // A remote BUSY/UA that kept recurring keeps its own sense and errno.
+                complete(Int32(i), .failure(sense.isLocal ? ETIMEDOUT : sense.errno))
+            case .inFlight:
+                stuck = true
+            default:
+                break
+            }
+        }
+        if stuck && context != nil {
+            failureReason = "remote did not answer commands within \(config.timeoutSeconds) s"
+            dropConnection(now: now)
+            expireRequests(now: now)
+        }
+    }
+
+    private func issueQueued(now: UInt64) {
+        guard phase == .online, let context else { return }
+        var remaining = submitQueue.count
+        while remaining > 0, let index = submitQueue.pop() {
+            remaining -= 1
+            let slot = slots + Int(index)
+            guard slot.pointee.phase == .queued else { slot.pointee.inQueue = false; continue }
+            if slot.pointee.notBefore > now {
+                submitQueue.push(index)
+                continue
+            }
+            slot.pointee.inQueue = false
+            issue(index, context: context)
+            if lostConnection { break }
+        }
+    }
+
+    private func issue(_ index: Int32, context: OpaquePointer) {
+        let slot = slots + Int(index)
+        let request = slot.pointee.request
+        let tag = UnsafeMutableRawPointer(tags + Int(index))
+        let lun = config.url.lun
+        let bs = blockSize
+        let lba = (request.offset + slot.pointee.done) / bs
+        var task: UnsafeMutablePointer<scsi_task>?
+        switch request.operation {
+        case .read:
+            let iov = UnsafeMutablePointer<scsi_iovec>(OpaquePointer(request.buffers.base))
+            task = iscsi_read16_iov_task(context, lun, lba, UInt32(request.length), Int32(bs), 0, 0, 0, 0, 0,
+                                         iscsiTrampoline, tag, iov, Int32(request.buffers.count))
+        case .write:
+            let iov = UnsafeMutablePointer<scsi_iovec>(OpaquePointer(request.buffers.base))
+            task = iscsi_write16_iov_task(context, lun, lba, nil, UInt32(request.length), Int32(bs), 0, 0,
+                                          request.forceUnitAccess ? 1 : 0, 0, 0, iscsiTrampoline, tag, iov,
+                                          Int32(request.buffers.count))
+        case .flush:
+            task = iscsi_synchronizecache16_task(context, lun, 0, 0, 0, 0, iscsiTrampoline, tag)
+        case .discard:
+            let blocks = min((request.length - slot.pointee.done) / bs, maxUnmapBlocks)
+            slot.pointee.chunk = blocks * bs
+            slot.pointee.unmap = unmap_list(lba: lba, num: UInt32(blocks))
+            task = iscsi_unmap_task(context, lun, 0, 0, &slot.pointee.unmap, 1, iscsiTrampoline, tag)
+        case .writeZeroes:
+            let blocks = min((request.length - slot.pointee.done) / bs, maxWriteSameBlocks)
+            slot.pointee.chunk = blocks * bs
+            task = iscsi_writesame16_task(context, lun, lba, zeroBlock.assumingMemoryBound(to: UInt8.self),
+                                          UInt32(bs), UInt32(blocks), 0, request.mayUnmap ? 1 : 0, 0, 0,
+                                          iscsiTrampoline, tag)
+        }
+        guard let task else {
+            // libiscsi refused to queue it (no session or out of memory): try again on a new session.
+            failureReason = "cannot queue command: \(lastLibraryError())"
+            lostConnection = true
+            requeue(index, delayNanoseconds: 0)
+            return
+        }
+        slot.pointee.task = task
+        if slot.pointee.phase == .queued { slot.pointee.phase = .inFlight }
+    }
+
+    // MARK: - Geometry discovery
+
+    private func capacityChanged() {
+        config.emit(.info, "\(config.url): remote reports CAPACITY DATA HAS CHANGED; re-reading capacity")
+        rediscoverPending = true
+    }
+
+    private func startDiscovery() {
+        guard let context else { return }
+        discoveryRetries = 0
+        pendingGeometry = geometry
+        discoveryStep = .readCapacity
+        discoveryTask = iscsi_readcapacity16_task(context, config.url.lun, iscsiTrampoline,
+                                                  UnsafeMutableRawPointer(tags + capacity + 1))
+        if discoveryTask == nil {
+            failureReason = "cannot send READ CAPACITY(16): \(lastLibraryError())"
+            lostConnection = true
+        }
+    }
+
+    private func issueDiscoveryStep() {
+        guard let context else { return }
+        let tag = UnsafeMutableRawPointer(tags + capacity + 1)
+        switch discoveryStep {
+        case .readCapacity:
+            discoveryTask = iscsi_readcapacity16_task(context, config.url.lun, iscsiTrampoline, tag)
+        case .blockLimits:
+            discoveryTask = iscsi_inquiry_task(context, config.url.lun, 1, 0xB0, 255, iscsiTrampoline, tag)
+        case .provisioning:
+            discoveryTask = iscsi_inquiry_task(context, config.url.lun, 1, 0xB2, 255, iscsiTrampoline, tag)
+        case .idle:
+            return
+        }
+        if discoveryTask == nil {
+            failureReason = "cannot send discovery command: \(lastLibraryError())"
+            lostConnection = true
+        }
+    }
+
+    private func discoveryStepDone(status: Int32, task: UnsafeMutablePointer<scsi_task>?) {
+        guard let mine = discoveryTask else { return }
+        discoveryTask = nil
+        defer { scsi_free_scsi_task(mine) }
+        let good = status == Int32(bitPattern: SCSI_STATUS_GOOD.rawValue)
+        if status != Int32(bitPattern: SCSI_STATUS_GOOD.rawValue) && status != Int32(bitPattern: SCSI_STATUS_CHECK_CONDITION.rawValue) {
+            if status == Int32(bitPattern: SCSI_STATUS_BUSY.rawValue) || status == Int32(bitPattern: SCSI_STATUS_TASK_SET_FULL.rawValue) {
+                discoveryRetries += 1
+                if discoveryRetries < 50 { issueDiscoveryStep(); return }
+            }
+            if failureReason.isEmpty || status != Int32(bitPattern: SCSI_STATUS_CANCELLED.rawValue) {
+                failureReason = "capacity discovery failed: \(lastLibraryError())"
+            }
+            lostConnection = true
+            discoveryStep = .idle
+            return
+        }
+        if !good && mine.pointee.sense.key == SCSI_SENSE_UNIT_ATTENTION && discoveryRetries < 16 {
+            discoveryRetries += 1
+            issueDiscoveryStep()
+            return
+        }
+        switch discoveryStep {
+        case .readCapacity:
+            guard good, let raw = scsi_datain_unmarshall(mine) else {
+                let code = UInt16(truncatingIfNeeded: mine.pointee.sense.ascq)
+                failureReason = "READ CAPACITY(16) failed on \(config.url) (sense key 0x\(String(mine.pointee.sense.key.rawValue, radix: 16)) asc/ascq 0x\(String(code, radix: 16)))"
+                lostConnection = true
+                discoveryStep = .idle
+                return
+            }
+            let rc = raw.assumingMemoryBound(to: scsi_readcapacity16.self).pointee
+            let bs = rc.block_length
+            guard bs >= 512, bs <= 65536, bs & (bs - 1) == 0 else {
+                failureReason = "remote block size \(bs) is not supported"
+                lostConnection = true
+                discoveryStep = .idle
+                return
+            }
+            pendingGeometry = BlockGeometry(logicalBlockSize: bs, physicalBlockSize: bs << min(UInt32(rc.lbppbe), 8),
+                                            blockCount: rc.returned_lba &+ 1, readOnly: false,
+                                            supportsDiscard: false, supportsWriteZeroes: true,
+                                            discardReadsZeroes: rc.lbprz != 0, volatileWriteCache: true,
+                                            maxTransferBytes: 0, discardGranularity: 0)
+            pendingLBPME = rc.lbpme != 0
+            pendingMaxUnmap = 0
+            pendingMaxWriteSame = 0
+            discoveryStep = .blockLimits
+            discoveryRetries = 0
+            issueDiscoveryStep()
+        case .blockLimits:
+            if good, let raw = scsi_datain_unmarshall(mine) {
+                let bl = raw.assumingMemoryBound(to: scsi_inquiry_block_limits.self).pointee
+                let bs = UInt64(pendingGeometry.logicalBlockSize)
+                let maxXfer = UInt64(bl.max_xfer_len) * bs
+                pendingGeometry.maxTransferBytes = maxXfer == 0 ? 0 : UInt32(min(maxXfer, UInt64(UInt32.max) & ~(bs - 1)))
+                pendingGeometry.discardGranularity = UInt32(truncatingIfNeeded: min(UInt64(bl.opt_unmap_gran) * bs, UInt64(UInt32.max)))
+                pendingMaxUnmap = UInt64(bl.max_unmap)
+                pendingMaxWriteSame = bl.max_ws_len
+            }
+            if pendingLBPME {
+                discoveryStep = .provisioning
+                discoveryRetries = 0
+                issueDiscoveryStep()
+            } else {
+                finishDiscovery(lbpu: false, lbpws: false)
+            }
+        case .provisioning:
+            var lbpu = false, lbpws = false
+            if good, let raw = scsi_datain_unmarshall(mine) {
+                let lbp = raw.assumingMemoryBound(to: scsi_inquiry_logical_block_provisioning.self).pointee
+                lbpu = lbp.lbpu != 0
+                lbpws = lbp.lbpws != 0
+                if lbp.lbprz != 0 { pendingGeometry.discardReadsZeroes = true }
+            }
+            finishDiscovery(lbpu: lbpu, lbpws: lbpws)
+        case .idle:
+            break
+        }
+    }
+
+    private var pendingMaxUnmap: UInt64 = 0
+    private var pendingMaxWriteSame: UInt64 = 0
+
+    private func finishDiscovery(lbpu: Bool, lbpws: Bool) {
+        discoveryStep = .idle
+        pendingGeometry.supportsDiscard = pendingLBPME && lbpu
+        // WRITE SAME(16) writing zeroes works on any SBC target; with UNMAP=1 it deallocates only when LBPWS.
+        pendingGeometry.supportsWriteZeroes = true
+        if !(pendingLBPME && lbpws) { pendingGeometry.discardReadsZeroes = pendingGeometry.discardReadsZeroes && pendingGeometry.supportsDiscard }
+        let limitUnmap = pendingMaxUnmap == 0 || pendingMaxUnmap == 0xFFFF_FFFF ? 0x40_0000 : pendingMaxUnmap
+        let limitWS = pendingMaxWriteSame == 0 ? 0x40_0000 : min(pendingMaxWriteSame, 0xFFFF_FFFF)
+        maxUnmapBlocks = limitUnmap
+        maxWriteSameBlocks = limitWS
+        let changed = !geometryKnown || pendingGeometry != geometry
+        adoptGeometry(pendingGeometry)
+        backend.publish(geometry: pendingGeometry, changed: changed)
+        if phase == .discovering {
+            let now = monotonicNanoseconds()
+            let outageMs = (now &- outageStart) / 1_000_000
+            phase = .online
+            consecutiveFailures = 0
+            let wasFailing = !lastLoggedFailure.isEmpty
+            lastLoggedFailure = ""
+            failureReason = ""
+            config.emit(wasFailing ? .warning : .info,
+                        "\(config.url): online, \(geometry.blockCount) blocks of \(geometry.logicalBlockSize) bytes"
+                        + (wasFailing ? " (back after \(outageMs) ms; resubmitting \(submitQueue.count) commands)" : ""))
+            backend.channelCameOnline()
+        }
+    }
+
+    private func adoptGeometry(_ g: BlockGeometry) {
+        geometry = g
+        geometryKnown = true
+        blockSize = UInt64(g.logicalBlockSize)
+        maxIOBytes = g.maxTransferBytes == 0 ? UInt64(UInt32.max) & ~(blockSize - 1) : UInt64(g.maxTransferBytes)
+        if zeroBlockSize < Int(g.logicalBlockSize) {
+            zeroBlock.deallocate()
+            zeroBlockSize = Int(g.logicalBlockSize)
+            zeroBlock = .allocate(byteCount: zeroBlockSize, alignment: 4096)
+            zeroBlock.initializeMemory(as: UInt8.self, repeating: 0, count: zeroBlockSize)
+        }
+    }
+}
