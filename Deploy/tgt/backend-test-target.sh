@@ -55,12 +55,18 @@ target)
     t --mode target --op bind --tid "$tid" --initiator-address ALL
     ;;
 stop)
-    dir=$1 sig=${2:-TERM}
+    dir=$1 sig=${2:-KILL}
     [ -f "$dir/tgtd.pid" ] || exit 0
     pid=$(cat "$dir/tgtd.pid")
     kill -s "$sig" "$pid" 2>/dev/null || true
     i=0
-    while kill -0 "$pid" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.05; i=$((i + 1)); done
+    # Wait until it is gone or a zombie (its listening socket is closed by then).
+    while kill -0 "$pid" 2>/dev/null && [ $i -lt 100 ]; do
+        state=$(sed -n 's/^State:[[:space:]]*\([A-Z]\).*/\1/p' "/proc/$pid/status" 2>/dev/null || true)
+        [ "$state" = Z ] && break
+        sleep 0.02
+        i=$((i + 1))
+    done
     kill -s KILL "$pid" 2>/dev/null || true
     rm -f "$dir/tgtd.pid"
     ;;

@@ -48,7 +48,12 @@ public final class ISCSIBackend: BlockBackend {
 
     /// Creates an offline back-end without touching the network; channels connect on their own.
     /// `onGeometryChange` runs on the thread of the channel that saw a capacity change.
+    ///
+    /// libiscsi writes to its socket with plain send/writev, so a target that drops the connection
+    /// would raise SIGPIPE: creating a back-end sets SIGPIPE to ignored for the process (a daemon
+    /// serving sockets wants that anyway) and the loss is seen as EPIPE.
     public init(config: ISCSIBackendConfig, onGeometryChange: (@Sendable (BlockGeometry) -> Void)? = nil) {
+        _ = signal(SIGPIPE, SIG_IGN)
         self.config = config
         self.geometryCallback = onGeometryChange
     }
@@ -72,7 +77,7 @@ public final class ISCSIBackend: BlockBackend {
     /// disconnects. Fails at the first refused or failed attempt, or after `timeoutMilliseconds`.
     @discardableResult
     public func probe(timeoutMilliseconds: Int) throws(BlockBackendError) -> BlockGeometry {
-        let channel = ISCSIChannel(backend: self)
+        let channel = ISCSIChannel(backend: self, quiet: true)
         defer { channel.close() }
         let deadline = monotonicNanoseconds() &+ UInt64(max(timeoutMilliseconds, 1)) * 1_000_000
         channel.tick()

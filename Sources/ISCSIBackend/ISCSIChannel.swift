@@ -134,8 +134,12 @@ public final class ISCSIChannel: BlockChannel {
     /// How often the owner loop should call `tick()`.
     public let tickIntervalMilliseconds: Int32 = 50
 
-    init(backend: ISCSIBackend) {
+    /// Probe channels report failures to their caller instead of logging them.
+    let quiet: Bool
+
+    init(backend: ISCSIBackend, quiet: Bool = false) {
         self.backend = backend
+        self.quiet = quiet
         self.config = backend.config
         capacity = config.queueDepth
         slots = .allocate(capacity: capacity)
@@ -380,7 +384,7 @@ public final class ISCSIChannel: BlockChannel {
         consecutiveFailures += 1
         nextAttempt = now &+ delayMs * 1_000_000
         phase = .waiting
-        if failureReason != lastLoggedFailure {
+        if failureReason != lastLoggedFailure && !quiet {
             lastLoggedFailure = failureReason
             config.emit(.warning, "\(config.url): \(failureReason); retrying every \(delayMs)...\(config.reconnectBackoff.maximumMilliseconds) ms"
                 + (inFlight > 0 ? " (\(inFlight) requests held, timeout \(config.timeoutSeconds) s)" : ""))
@@ -831,9 +835,9 @@ public final class ISCSIChannel: BlockChannel {
             let wasFailing = !lastLoggedFailure.isEmpty
             lastLoggedFailure = ""
             failureReason = ""
-            config.emit(wasFailing ? .warning : .info,
+            if !quiet || wasFailing { config.emit(wasFailing ? .warning : .info,
                         "\(config.url): online, \(geometry.blockCount) blocks of \(geometry.logicalBlockSize) bytes"
-                        + (wasFailing ? " (back after \(outageMs) ms; resubmitting \(submitQueue.count) commands)" : ""))
+                        + (wasFailing ? " (back after \(outageMs) ms; resubmitting \(submitQueue.count) commands)" : "")) }
             backend.channelCameOnline()
         }
     }

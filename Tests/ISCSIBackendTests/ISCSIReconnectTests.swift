@@ -1,0 +1,141 @@
+import BlockIO
+import Foundation
+@testable import ISCSIBackend
+import Testing
+
+/// Connection loss, outage timeout and offline start-up against a real tgtd.
+@Suite(.serialized, .enabled(if: TgtTarget.availability.ok, "tgtd cannot be started on this machine (see stderr)"))
+struct ISCSIReconnectTests {
+    func config(url: String, timeout: Int, log: LogCapture) throws -> ISCSIBackendConfig {
+        try ISCSIBackendConfig(url: url, initiatorName: testInitiator, timeoutSeconds: timeout,
+                               reconnectBackoff: ISCSIReconnectBackoff(initialMilliseconds: 50, maximumMilliseconds: 500),
+                               queueDepth: 64, log: log.sink)
+    }
+
+    @Test func survivesTargetKillAndRestartDuringIO() throws {
+        let target = try TgtTarget(sizeMiB: 16)
+        let log = LogCapture()
+        let backend = try ISCSIBackend.open(config: config(url: target.url, timeout: 30, log: log))
+        let channel = try backend.makeChannel()
+        let driver = ChannelDriver(channel)
+        #expect(driver.waitOnline(seconds: 5))
+
+        let size = 16 * 1024
+        var buffers: [TestBuffers] = []
+        func submitWrite(_ i: Int) {
+            let b = TestBuffers(length: size, pieces: 2)
+            b.bytes = TestBuffers.pattern(size, seed: UInt8(truncatingIfNeeded: i))
+            buffers.append(b)
+            #expect(channel.submit(BlockRequest(operation: .write, offset: UInt64(i * size), length: UInt64(size), buffers: b.list),
+                                   token: UInt64(i)) == 0)
+        }
+        // Writes before the outage.
+        for i in 0..<8 { submitWrite(i) }
+        driver.pump(seconds: 10) { driver.results.count == 8 }
+        #expect(driver.results.count == 8)
+
+        // Freeze tgtd so that the next writes are sent but unanswered (truly in flight), then kill it.
+        #expect(target.signal(SIGSTOP))
+        for i in 8..<16 { submitWrite(i) }
+        driver.pump(seconds: 0.3) { false }
+        #expect(driver.results.count == 8, "target frozen: nothing may complete")
+        #expect(channel.inFlight == 8)
+        target.stop(hard: true)
+        let outageStart = Date()
+        for i in 16..<40 { submitWrite(i) }
+        driver.pump(seconds: 2) { false } // outage of ~2 s while the channel keeps retrying
+        #expect(!channel.isOnline)
+        if case .offline = backend.status {} else { Issue.record("backend should report offline during the outage") }
+        let completedDuringOutage = driver.results.filter { $0.key >= 16 }
+        #expect(completedDuringOutage.isEmpty, "writes completed while the target was down: \(completedDuringOutage)")
+
+        try target.start()
+        driver.pump(seconds: 20) { driver.results.count == 40 }
+        let recovery = Date().timeIntervalSince(outageStart)
+        #expect(driver.results.count == 40)
+        for i in 0..<40 {
+            #expect(driver.results[UInt64(i)]?.0 == .success(UInt64(size)), "write \(i): \(String(describing: driver.results[UInt64(i)]))")
+        }
+        #expect(recovery < 30)
+        #expect(channel.isOnline)
+        #expect(backend.status == .online)
+        // Every acknowledged write is in the backing file.
+        for i in 0..<40 {
+            #expect(target.readBacking(offset: i * size, count: size) == TestBuffers.pattern(size, seed: UInt8(truncatingIfNeeded: i)),
+                    "write \(i) missing from the backing file")
+        }
+        #expect(log.all.contains { $0.contains("lost") || $0.contains("cannot connect") })
+        #expect(log.all.contains { $0.contains("back after") })
+        // Reads work after the recovery too.
+        let r = TestBuffers(length: size, pieces: 3)
+        #expect(driver.perform(BlockRequest(operation: .read, offset: UInt64(33 * size), length: UInt64(size), buffers: r.list),
+                               token: 1000) == .success(UInt64(size)))
+        #expect(r.bytes == TestBuffers.pattern(size, seed: 33))
+    }
+
+    @Test func outageLongerThanTimeoutFailsWithRetryableErrorAndNeverAcknowledges() throws {
+        let target = try TgtTarget(sizeMiB: 4)
+        let log = LogCapture()
+        let backend = try ISCSIBackend.open(config: config(url: target.url, timeout: 2, log: log))
+        let channel = try backend.makeChannel()
+        let driver = ChannelDriver(channel)
+        #expect(driver.waitOnline(seconds: 5))
+        target.stop(hard: true)
+        let b = TestBuffers(length: 4096, pieces: 1)
+        b.bytes = [UInt8](repeating: 0x42, count: 4096)
+        let start = Date()
+        let result = driver.perform(BlockRequest(operation: .write, offset: 0, length: 4096, buffers: b.list), token: 1, seconds: 6)
+        let elapsed = Date().timeIntervalSince(start)
+        #expect(result == .failure(ETIMEDOUT))
+        #expect(elapsed >= 1.9 && elapsed < 4, "completed after \(elapsed) s")
+        #expect(target.readBacking(offset: 0, count: 4096) == [UInt8](repeating: 0, count: 4096))
+
+        // The target comes back: new requests succeed on the same channel.
+        try target.start()
+        #expect(driver.waitOnline(seconds: 10))
+        #expect(driver.perform(BlockRequest(operation: .write, offset: 0, length: 4096, buffers: b.list), token: 2) == .success(4096))
+        #expect(target.readBacking(offset: 0, count: 4096) == [UInt8](repeating: 0x42, count: 4096))
+    }
+
+    @Test func startsOfflineAndComesOnlineWhenTargetAppears() throws {
+        let target = try TgtTarget(sizeMiB: 8)
+        target.stop(hard: false)
+        let log = LogCapture()
+        let cfg = try config(url: target.url, timeout: 30, log: log)
+        let began = Date()
+        // Without allowOffline the open fails fast with a clear error.
+        #expect {
+            try ISCSIBackend.open(config: cfg, waitMilliseconds: 3000)
+        } throws: { error in
+            (error as? BlockBackendError)?.message.contains("cannot connect to 127.0.0.1:\(target.port)") == true
+        }
+        let backend = try ISCSIBackend.open(config: cfg, waitMilliseconds: 3000, allowOffline: true)
+        #expect(Date().timeIntervalSince(began) < 3)
+        #expect(!backend.isGeometryKnown)
+        #expect(backend.geometry.blockCount == 0)
+        if case .offline(let reason) = backend.status {
+            #expect(reason.contains("cannot connect"))
+        } else {
+            Issue.record("expected offline")
+        }
+        #expect(log.all.contains { $0.contains("OFFLINE at start-up") })
+
+        let channel = try backend.makeChannel()
+        let driver = ChannelDriver(channel)
+        let b = TestBuffers(length: 4096, pieces: 1)
+        b.bytes = TestBuffers.pattern(4096, seed: 5)
+        #expect(channel.submit(BlockRequest(operation: .write, offset: 8192, length: 4096, buffers: b.list), token: 7) == 0)
+        driver.pump(seconds: 1) { false }
+        #expect(driver.results.isEmpty)
+        let generation = backend.geometryGeneration
+
+        try target.start()
+        driver.pump(seconds: 10) { driver.results[7] != nil }
+        #expect(driver.results[7]?.0 == .success(4096))
+        #expect(backend.isGeometryKnown)
+        #expect(backend.geometry.blockCount == 8 * 2048)
+        #expect(backend.geometryGeneration > generation)
+        #expect(backend.status == .online)
+        #expect(target.readBacking(offset: 8192, count: 4096) == TestBuffers.pattern(4096, seed: 5))
+    }
+}
