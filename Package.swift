@@ -51,7 +51,7 @@ let package = Package(
         .testTarget(name: "EventLoopTests", dependencies: ["EventLoop", "CSystem"]),
         .testTarget(name: "SCSITests", dependencies: ["SCSI", "BlockIO"]),
         .testTarget(name: "BackendsTests", dependencies: ["Backends", "BlockIO", "CSystem"]),
-        .testTarget(name: "ISCSIBackendTests", dependencies: ["ISCSIBackend", "BlockIO"]),
+        .testTarget(name: "ISCSIBackendTests", dependencies: ["ISCSIBackend", "BlockIO", "EventLoop"]),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "BlockIO", "CSystem"]),
         .testTarget(name: "VhostUserTests", dependencies: ["VhostUser", "Virtio", "SCSI", "BlockIO", "CSystem"]),
         .testTarget(name: "PVSCSITests", dependencies: ["PVSCSI", "VfioUser", "SCSI", "BlockIO", "CSystem"]),

@@ -9,8 +9,11 @@
 #       Creates target <tid> named <iqn> with LUN 1 on <backing-file> (thin provisioning on, so
 #       UNMAP and WRITE SAME with UNMAP reach the file), bound to ALL initiators; with CHAP when a
 #       user and secret are given.
-#   backend-test-target.sh stop   <dir> [KILL]
-#       Stops the instance started in <dir> (SIGTERM, or SIGKILL with KILL).
+#   backend-test-target.sh addlun <control-port> <tid> <lun> <backing-file>
+#       Adds a LUN to a running target.
+#   backend-test-target.sh stop   <dir> [TERM]
+#       Stops the instance started in <dir> (SIGKILL by default: tgtd ignores SIGTERM while it
+#       has targets).
 set -eu
 
 cmd=${1:-}
@@ -53,6 +56,11 @@ target)
         t --mode account --op bind --tid "$tid" --user "$5"
     fi
     t --mode target --op bind --tid "$tid" --initiator-address ALL
+    ;;
+addlun)
+    # addlun <control-port> <tid> <lun> <backing-file>: adds a LUN to a running target (tgtd then
+    # raises REPORTED LUNS DATA HAS CHANGED on every session: a real UNIT ATTENTION for the tests).
+    tgtadm -C "$1" --lld iscsi --mode logicalunit --op new --tid "$2" --lun "$3" --backing-store "$4"
     ;;
 stop)
     dir=$1 sig=${2:-KILL}

@@ -118,7 +118,11 @@ public final class ISCSIBackend: BlockBackend {
     /// Creates a channel (one iSCSI session) for the calling event-loop thread. It connects on its
     /// first `tick`/`commit` and never blocks.
     public func makeChannel() throws(BlockBackendError) -> ISCSIChannel {
-        ISCSIChannel(backend: self)
+        let channel = ISCSIChannel(backend: self)
+        guard channel.isUsable else {
+            throw BlockBackendError("iSCSI LUN \(config.url): cannot create the channel's epoll/timerfd", errno: EMFILE)
+        }
+        return channel
     }
 
     // MARK: - Channel reports

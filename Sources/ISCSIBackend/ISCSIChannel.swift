@@ -1,5 +1,6 @@
 import BlockIO
 import CLibISCSI
+import CSystem
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -24,35 +25,47 @@ private let iscsiTrampoline: iscsi_command_cb = { _, status, commandData, privat
     channel.handleCallback(slot: tag.slot, status: status, commandData: commandData)
 }
 
-/// One iSCSI session to the remote LUN, owned by one event-loop thread: a `BlockChannel` whose
-/// socket, timers and reconnects are driven by that loop. No call on it blocks (except `runOnce`,
-/// which is for tests and the start-up probe).
+/// One iSCSI session to the remote LUN, owned by one event-loop thread: a `BlockChannel` that
+/// an event loop drives exactly like the libaio one. No call on it blocks (except `runOnce`, which is
+/// for tests and the start-up probe) and no per-I/O memory is allocated by it (libiscsi allocates
+/// its PDUs and task structures).
 ///
 /// ## Driving it from an `EventLoop`
-/// The socket changes on every reconnect and libiscsi wants POLLOUT only while it has PDUs to send,
-/// so the loop watches `pollFD` for `pollEvents` and re-registers whenever `pollGeneration` or
-/// `pollEvents` change:
+/// `completionFD` is a private epoll fd that stays the same for the channel's lifetime. Inside it the
+/// channel watches the iSCSI socket (which changes on every reconnect, with POLLOUT interest only
+/// while libiscsi has PDUs to send) and a timerfd (reconnect backoff, login timeout, request
+/// deadlines, BUSY retries; armed only while there is such work). So the loop needs nothing special:
 ///
 /// ```swift
-/// var registered: (fd: Int32, generation: UInt64, events: Int16) = (-1, 0, 0)
-/// func rearm() {
-///     let fd = channel.pollFD, gen = channel.pollGeneration, ev = channel.pollEvents
-///     if (fd, gen, ev) == registered { return }
-///     if registered.fd >= 0 { loop.unregister(fd: registered.fd) }   // old socket may be closed already
-///     if fd >= 0 {
-///         try? loop.register(fd: fd, events: FDEvents(rawValue: UInt32(UInt16(bitPattern: ev)))) { ready in
-///             channel.service(revents: Int16(truncatingIfNeeded: ready.rawValue & 0x1f)) // POLLIN/OUT/ERR/HUP
-///             if ready.contains(.hangup) { channel.service(revents: Int16(POLLHUP)) }
-///             reapAndRearm()
-///         }
-///     }
-///     registered = (fd, gen, ev)
+/// try loop.register(fd: channel.completionFD, events: .readable) { _ in
+///     _ = channel.reapDetailed { token, result, sense in core.complete(token, result, sense) }
 /// }
+/// // per batch of guest requests:
+/// _ = channel.submit(request, token: token) ... ; channel.commit()
 /// ```
-/// after `commit()`, after each `service`, and from a periodic timer calling `tick()` every
-/// `tickIntervalMilliseconds` (reconnect backoff, request deadlines and BUSY retries run there;
-/// a timerfd registered on the same loop, or the loop's poller, can provide it). `completionFD` is
-/// `pollFD`. Completions collected by the callbacks are delivered by `reap`/`reapDetailed`.
+///
+/// `reap` first handles whatever is ready inside (socket, timer), then delivers the completions
+/// the libiscsi callbacks collected in the slot ring. `commit` sends the queued commands at once
+/// (one writev per batch where the socket allows). The lower-level `service(revents:)`/`tick()`
+/// with `pollFD`/`pollEvents` remain for loops that prefer to watch the socket directly.
+/// Counters of one channel's connection history (for the admin CLI and tests).
+public struct ISCSIChannelStatistics: Sendable, Equatable {
+    /// Successful logins (first one included).
+    public var logins: UInt64 = 0
+    /// Sessions lost after being online.
+    public var connectionLosses: UInt64 = 0
+    /// Commands sent again on a new session after the previous one was lost.
+    public var commandsResubmitted: UInt64 = 0
+    /// Commands retried after a remote UNIT ATTENTION.
+    public var unitAttentionsRetried: UInt64 = 0
+    /// Commands retried after BUSY, TASK SET FULL, TASK ABORTED, NOT READY (becoming ready) or ABORTED COMMAND.
+    public var busyRetries: UInt64 = 0
+    /// Requests completed with ETIMEDOUT.
+    public var timeouts: UInt64 = 0
+    /// Geometry re-reads after CAPACITY DATA HAS CHANGED.
+    public var capacityChanges: UInt64 = 0
+}
+
 public final class ISCSIChannel: BlockChannel {
     /// Connection phase.
     enum Phase: Equatable {
@@ -131,8 +144,22 @@ public final class ISCSIChannel: BlockChannel {
     private var zeroBlockSize: Int
     private let timeoutNanoseconds: UInt64
 
-    /// How often the owner loop should call `tick()`.
+    /// Connection history counters.
+    public private(set) var statistics = ISCSIChannelStatistics()
+
+    /// Timer period while the channel has timed work (reconnects, deadlines, retries).
     public let tickIntervalMilliseconds: Int32 = 50
+
+    /// Private epoll instance exported as `completionFD`.
+    private let epollFD: Int32
+    /// timerfd inside `epollFD`.
+    private let timerFD: Int32
+    private var timerArmed = false
+    /// The socket currently registered in `epollFD` (-1: none) and its generation and events.
+    private var registeredSocket: Int32 = -1
+    private var registeredGeneration: UInt64 = 0
+    private var registeredEvents: UInt32 = 0
+    private let eventBuffer: UnsafeMutablePointer<epoll_event>
 
     /// Probe channels report failures to their caller instead of logging them.
     let quiet: Bool
@@ -155,12 +182,23 @@ public final class ISCSIChannel: BlockChannel {
         zeroBlock = .allocate(byteCount: 4096, alignment: 4096)
         zeroBlock.initializeMemory(as: UInt8.self, repeating: 0, count: 4096)
         timeoutNanoseconds = UInt64(config.timeoutSeconds) * 1_000_000_000
+        epollFD = epoll_create1(Int32(EPOLL_CLOEXEC))
+        timerFD = timerfd_create(CLOCK_MONOTONIC, Int32(TFD_NONBLOCK | TFD_CLOEXEC))
+        eventBuffer = .allocate(capacity: 4)
         let me = Unmanaged.passUnretained(self).toOpaque()
         for j in 0..<capacity { (tags + j).initialize(to: CallbackTag(channel: me, slot: Int32(j))) }
         (tags + capacity).initialize(to: CallbackTag(channel: me, slot: CallbackTag.connectSlot))
         (tags + capacity + 1).initialize(to: CallbackTag(channel: me, slot: CallbackTag.discoverySlot))
         if let known = backend.knownGeometry() { adoptGeometry(known) }
         outageStart = monotonicNanoseconds()
+        if epollFD >= 0 && timerFD >= 0 {
+            var ev = epoll_event()
+            ev.events = EPOLLIN.rawValue
+            ev.data.fd = timerFD
+            _ = epoll_ctl(epollFD, EPOLL_CTL_ADD, timerFD, &ev)
+        }
+        // Start connecting as soon as the owner loop first looks at the channel.
+        updateTimer(forceFire: true)
     }
 
     deinit {
@@ -172,6 +210,9 @@ public final class ISCSIChannel: BlockChannel {
         slots.deinitialize(count: capacity)
         slots.deallocate()
         zeroBlock.deallocate()
+        eventBuffer.deallocate()
+        if timerFD >= 0 { Glibc.close(timerFD) }
+        if epollFD >= 0 { Glibc.close(epollFD) }
     }
 
     // MARK: - Event-loop interface
@@ -188,8 +229,78 @@ public final class ISCSIChannel: BlockChannel {
         return Int16(truncatingIfNeeded: iscsi_which_events(context))
     }
 
-    /// `BlockChannel`: the socket (see `pollFD`); it changes across reconnects.
-    public var completionFD: Int32 { pollFD }
+    /// `BlockChannel`: a stable epoll fd that becomes readable when the socket or the channel's
+    /// timer needs attention; call `reap` (or `processEvents`) then.
+    public var completionFD: Int32 { epollFD }
+
+    /// Whether the epoll fd and the timerfd could be created.
+    var isUsable: Bool { epollFD >= 0 && timerFD >= 0 }
+
+    /// Handles whatever is ready inside `completionFD` (socket readiness, timer) without blocking.
+    public func processEvents() {
+        guard epollFD >= 0 else { return }
+        let n = epoll_wait(epollFD, eventBuffer, 4, 0)
+        if n > 0 {
+            for i in 0..<Int(n) {
+                let ev = eventBuffer[i]
+                if ev.data.fd == timerFD {
+                    var expirations: UInt64 = 0
+                    _ = read(timerFD, &expirations, 8)
+                    tick()
+                } else if ev.data.fd == registeredSocket && context != nil {
+                    let bits = ev.events & UInt32(POLLIN | POLLOUT | POLLERR | POLLHUP)
+                    let hangup = ev.events & EPOLLRDHUP.rawValue != 0 ? Int16(POLLIN) : 0
+                    service(revents: Int16(truncatingIfNeeded: bits) | hangup)
+                }
+            }
+        }
+        syncRegistration()
+    }
+
+    /// Keeps the socket registration and the timer in `epollFD` in step with libiscsi's state.
+    private func syncRegistration() {
+        guard epollFD >= 0 else { return }
+        let fd = pollFD
+        let wanted = UInt32(UInt16(bitPattern: pollEvents))
+        if fd != registeredSocket || pollGeneration != registeredGeneration {
+            if registeredSocket >= 0 { _ = epoll_ctl(epollFD, EPOLL_CTL_DEL, registeredSocket, nil) }
+            registeredSocket = -1
+            if fd >= 0 {
+                var ev = epoll_event()
+                ev.events = wanted
+                ev.data.fd = fd
+                if epoll_ctl(epollFD, EPOLL_CTL_ADD, fd, &ev) == 0 || errno == EEXIST {
+                    if errno == EEXIST { _ = epoll_ctl(epollFD, EPOLL_CTL_MOD, fd, &ev) }
+                    registeredSocket = fd
+                }
+            }
+            registeredGeneration = pollGeneration
+            registeredEvents = wanted
+        } else if fd >= 0 && wanted != registeredEvents {
+            var ev = epoll_event()
+            ev.events = wanted
+            ev.data.fd = fd
+            _ = epoll_ctl(epollFD, EPOLL_CTL_MOD, fd, &ev)
+            registeredEvents = wanted
+        }
+        updateTimer(forceFire: false)
+    }
+
+    /// Arms the periodic timer while there is timed work (not online, requests outstanding, a
+    /// discovery running), disarms it when idle.
+    private func updateTimer(forceFire: Bool) {
+        guard timerFD >= 0 else { return }
+        let needed = forceFire || (phase != .online && phase != .closed) || inFlight > 0 || discoveryStep != .idle
+        if needed == timerArmed && !forceFire { return }
+        let period = timespec(tv_sec: 0, tv_nsec: Int(tickIntervalMilliseconds) * 1_000_000)
+        var spec = itimerspec()
+        if needed {
+            spec.it_interval = period
+            spec.it_value = forceFire ? timespec(tv_sec: 0, tv_nsec: 1) : period
+        }
+        _ = timerfd_settime(timerFD, 0, &spec, nil)
+        timerArmed = needed
+    }
 
     /// Whether the session is logged in and the LUN geometry is known.
     public var isOnline: Bool { phase == .online }
@@ -214,11 +325,13 @@ public final class ISCSIChannel: BlockChannel {
             lostConnection = true
         }
         afterLibraryCall(now: monotonicNanoseconds())
+        syncRegistration()
     }
 
     /// Periodic work: reconnect after backoff, login timeouts, BUSY retries, request deadlines.
     public func tick() {
         tick(now: monotonicNanoseconds())
+        syncRegistration()
     }
 
     func tick(now: UInt64) {
@@ -243,20 +356,13 @@ public final class ISCSIChannel: BlockChannel {
         flushSocket()
     }
 
-    /// Blocks up to `timeoutMilliseconds` in poll(2) on the socket, then services it and ticks.
-    /// For tests and the start-up probe only: event loops use `service`/`tick`.
+    /// Blocks up to `timeoutMilliseconds` in poll(2) on `completionFD`, then handles what is ready.
+    /// For tests and the start-up probe only: event loops register `completionFD` and call `reap`.
     public func runOnce(timeoutMilliseconds: Int32) {
-        let fd = pollFD
-        let events = pollEvents
-        var pfd = pollfd(fd: fd, events: events, revents: 0)
-        let wait = min(timeoutMilliseconds, tickIntervalMilliseconds)
-        if fd >= 0 && events != 0 {
-            let n = poll(&pfd, 1, wait)
-            if n > 0 { service(revents: pfd.revents) }
-        } else if wait > 0 {
-            usleep(UInt32(wait) * 1000)
-        }
-        tick()
+        syncRegistration()
+        var pfd = pollfd(fd: epollFD, events: Int16(POLLIN), revents: 0)
+        _ = poll(&pfd, 1, max(timeoutMilliseconds, 0))
+        processEvents()
     }
 
     // MARK: - BlockChannel
@@ -304,6 +410,7 @@ public final class ISCSIChannel: BlockChannel {
         if phase == .waiting && now >= nextAttempt { startConnect(now: now) }
         issueQueued(now: now)
         flushSocket()
+        syncRegistration()
     }
 
     public func reap(_ handler: (UInt64, BlockResult) -> Void) -> Int {
@@ -313,6 +420,7 @@ public final class ISCSIChannel: BlockChannel {
     /// Like `reap`, with the remote target's status and sense for failed commands, so the SCSI core
     /// can return the remote sense to the guest instead of one derived from the errno.
     public func reapDetailed(_ handler: (UInt64, BlockResult, ISCSIRemoteSense) -> Void) -> Int {
+        processEvents()
         var delivered = 0
         while let index = completions.pop() {
             let slot = slots + Int(index)
@@ -341,14 +449,19 @@ public final class ISCSIChannel: BlockChannel {
             }
         }
         backend.channelWentOffline(wasOnline: wasOnline, reason: "")
+        updateTimer(forceFire: false)
+        if registeredSocket >= 0 { registeredSocket = -1 }
     }
 
     // MARK: - Connection management
 
     private func lastLibraryError() -> String {
         guard let context, let text = iscsi_get_error(context) else { return "unknown error" }
-        let s = String(cString: text)
-        return s.isEmpty ? "unknown error" : s
+        var s = String(cString: text)
+        while let last = s.last, last == "\n" || last == " " || last == "." { s.removeLast() }
+        // libiscsi's own reconnect machinery (disabled here) explains nothing useful.
+        if s.isEmpty || s.contains("reconnect") { return "the target closed the connection" }
+        return s
     }
 
     private func startConnect(now: UInt64) {
@@ -386,17 +499,21 @@ public final class ISCSIChannel: BlockChannel {
         phase = .waiting
         if failureReason != lastLoggedFailure && !quiet {
             lastLoggedFailure = failureReason
-            config.emit(.warning, "\(config.url): \(failureReason); retrying every \(delayMs)...\(config.reconnectBackoff.maximumMilliseconds) ms"
+            config.emit(.warning, "\(config.url): \(failureReason); retrying in \(delayMs) ms (backoff up to \(config.reconnectBackoff.maximumMilliseconds) ms)"
                 + (inFlight > 0 ? " (\(inFlight) requests held, timeout \(config.timeoutSeconds) s)" : ""))
         }
     }
 
     /// Closes the socket, takes every in-flight command back into the submit queue, and schedules a reconnect.
     private func dropConnection(now: UInt64) {
-        lostConnection = false
         let wasOnline = phase == .online
-        if wasOnline { outageStart = now }
+        if wasOnline {
+            outageStart = now
+            statistics.connectionLosses += 1
+        }
         destroyContext()
+        // The cancellations destroyContext triggered report the same loss again.
+        lostConnection = false
         if failureReason.isEmpty { failureReason = "connection to \(config.url.portal) lost" }
         backend.channelWentOffline(wasOnline: wasOnline, reason: failureReason)
         scheduleRetry(now: now)
@@ -414,7 +531,10 @@ public final class ISCSIChannel: BlockChannel {
                 // No callback came (libiscsi skips them when not logged in): take the command back.
                 slot.pointee.task = nil
                 scsi_free_scsi_task(task)
-                if slot.pointee.phase == .inFlight { requeue(Int32(i), delayNanoseconds: 0) }
+                if slot.pointee.phase == .inFlight {
+                    statistics.commandsResubmitted += 1
+                    requeue(Int32(i), delayNanoseconds: 0)
+                }
             }
         }
         if let task = discoveryTask {
@@ -518,10 +638,13 @@ public final class ISCSIChannel: BlockChannel {
             switch key {
             case ISCSIRemoteSense.keyUnitAttention:
                 if code == 0x2a09 { capacityChanged() }
+                statistics.unitAttentionsRetried += 1
                 retryOrFail(index, sense: sense, delayNanoseconds: 0, limit: 16, now: now)
             case ISCSIRemoteSense.keyNotReady where sense.asc == 0x04 && (sense.ascq == 0x01 || sense.ascq == 0x0a):
+                statistics.busyRetries += 1
                 retryOrFail(index, sense: sense, delayNanoseconds: 100_000_000, limit: 1000, now: now)
             case ISCSIRemoteSense.keyAbortedCommand:
+                statistics.busyRetries += 1
                 retryOrFail(index, sense: sense, delayNanoseconds: 10_000_000, limit: 8, now: now)
             default:
                 complete(index, .failure(sense.errno))
@@ -529,6 +652,7 @@ public final class ISCSIChannel: BlockChannel {
         case Int32(bitPattern: SCSI_STATUS_BUSY.rawValue), Int32(bitPattern: SCSI_STATUS_TASK_SET_FULL.rawValue), Int32(bitPattern: SCSI_STATUS_TASK_ABORTED.rawValue):
             let sense = ISCSIRemoteSense(status: UInt8(truncatingIfNeeded: status))
             slot.pointee.sense = sense
+            statistics.busyRetries += 1
             let backoff = min(UInt64(1) << min(UInt64(slot.pointee.retries), 7), 100) * 1_000_000
             retryOrFail(index, sense: sense, delayNanoseconds: backoff, limit: 10_000, now: now)
         case Int32(bitPattern: SCSI_STATUS_RESERVATION_CONFLICT.rawValue):
@@ -544,6 +668,7 @@ public final class ISCSIChannel: BlockChannel {
                 failureReason = "connection to \(config.url.portal) lost"
             }
             lostConnection = true
+            statistics.commandsResubmitted += 1
             requeue(index, delayNanoseconds: 0)
         }
     }
@@ -617,6 +742,7 @@ public final class ISCSIChannel: BlockChannel {
                 let sense = slot.pointee.sense
                 // Still waiting for the remote after the whole timeout: retryable failure.
                 // A remote BUSY/UA that kept recurring keeps its own sense and errno.
+                if sense.isLocal { statistics.timeouts += 1 }
                 complete(Int32(i), .failure(sense.isLocal ? ETIMEDOUT : sense.errno))
             case .inFlight:
                 stuck = true
@@ -696,6 +822,7 @@ public final class ISCSIChannel: BlockChannel {
     private func capacityChanged() {
         config.emit(.info, "\(config.url): remote reports CAPACITY DATA HAS CHANGED; re-reading capacity")
         rediscoverPending = true
+        statistics.capacityChanges += 1
     }
 
     private func startDiscovery() {
@@ -831,6 +958,7 @@ public final class ISCSIChannel: BlockChannel {
             let now = monotonicNanoseconds()
             let outageMs = (now &- outageStart) / 1_000_000
             phase = .online
+            statistics.logins += 1
             consecutiveFailures = 0
             let wasFailing = !lastLoggedFailure.isEmpty
             lastLoggedFailure = ""

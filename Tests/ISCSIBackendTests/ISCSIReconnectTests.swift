@@ -1,5 +1,6 @@
 import BlockIO
 import Foundation
+import Synchronization
 @testable import ISCSIBackend
 import Testing
 
@@ -137,5 +138,54 @@ struct ISCSIReconnectTests {
         #expect(backend.geometryGeneration > generation)
         #expect(backend.status == .online)
         #expect(target.readBacking(offset: 8192, count: 4096) == TestBuffers.pattern(4096, seed: 5))
+    }
+
+    @Test func remoteUnitAttentionIsRetriedTransparently() throws {
+        let target = try TgtTarget(sizeMiB: 4)
+        let log = LogCapture()
+        let backend = try ISCSIBackend.open(config: config(url: target.url, timeout: 30, log: log))
+        let channel = try backend.makeChannel()
+        let driver = ChannelDriver(channel)
+        #expect(driver.waitOnline(seconds: 5))
+        let before = channel.statistics.unitAttentionsRetried
+        // Adding a LUN makes tgtd queue REPORTED LUNS DATA HAS CHANGED for our session.
+        let second = target.dir + "/lun2.img"
+        _ = FileManager.default.createFile(atPath: second, contents: Data(count: 1 << 20))
+        try TgtTarget.run(["addlun", "\(target.controlPort)", "1", "2", second])
+        let b = TestBuffers(length: 4096, pieces: 2)
+        b.bytes = TestBuffers.pattern(4096, seed: 61)
+        #expect(driver.perform(BlockRequest(operation: .write, offset: 4096, length: 4096, buffers: b.list), token: 1) == .success(4096))
+        #expect(channel.statistics.unitAttentionsRetried == before + 1)
+        #expect(target.readBacking(offset: 4096, count: 4096) == TestBuffers.pattern(4096, seed: 61))
+    }
+
+    @Test func capacityChangeIsReportedAsGeometryChange() throws {
+        let target = try TgtTarget(sizeMiB: 4)
+        let log = LogCapture()
+        let changes = Mutex<[UInt64]>([])
+        let backend = try ISCSIBackend.open(config: config(url: target.url, timeout: 30, log: log)) { g in
+            changes.withLock { $0.append(g.blockCount) }
+        }
+        let channel = try backend.makeChannel()
+        let driver = ChannelDriver(channel)
+        #expect(driver.waitOnline(seconds: 5))
+        let generation = backend.geometryGeneration
+        // tgtd reads the size when the LUN is created: grow the file and recreate the target.
+        target.stop(hard: true)
+        let fh = try FileHandle(forWritingTo: URL(fileURLWithPath: target.backingFile))
+        try fh.truncate(atOffset: 6 << 20)
+        try fh.close()
+        try target.start()
+        let b = TestBuffers(length: 4096, pieces: 1)
+        b.bytes = TestBuffers.pattern(4096, seed: 62)
+        // A write beyond the old end is accepted once the new geometry is known.
+        driver.pump(seconds: 10) { channel.isOnline && channel.currentGeometry?.blockCount == 6 * 2048 }
+        #expect(channel.currentGeometry?.blockCount == 6 * 2048)
+        #expect(driver.perform(BlockRequest(operation: .write, offset: 5 << 20, length: 4096, buffers: b.list), token: 1) == .success(4096))
+        #expect(backend.geometry.blockCount == 6 * 2048)
+        #expect(backend.geometryGeneration > generation)
+        #expect(changes.withLock { $0 }.last == 6 * 2048)
+        #expect(log.all.contains { $0.contains("capacity changed from 4194304 to 6291456 bytes") }, "\(log.all)")
+        #expect(target.readBacking(offset: 5 << 20, count: 4096) == TestBuffers.pattern(4096, seed: 62))
     }
 }
