@@ -45,6 +45,10 @@ public final class ISCSIBackend: BlockBackend {
     private let shared = Mutex(Shared())
     private let generation = Atomic<UInt64>(0)
     private let geometryCallback: (@Sendable (BlockGeometry) -> Void)?
+    /// `address:port` handed to libiscsi. A host name is resolved here, on the control path, so
+    /// that reconnects on the event-loop thread never wait for DNS; if it cannot be resolved now,
+    /// the name is kept (libiscsi then resolves it at each attempt).
+    let portal: String
 
     /// Creates an offline back-end without touching the network; channels connect on their own.
     /// `onGeometryChange` runs on the thread of the channel that saw a capacity change.
@@ -55,6 +59,7 @@ public final class ISCSIBackend: BlockBackend {
     public init(config: ISCSIBackendConfig, onGeometryChange: (@Sendable (BlockGeometry) -> Void)? = nil) {
         _ = signal(SIGPIPE, SIG_IGN)
         self.config = config
+        self.portal = Self.resolvePortal(config.url)
         self.geometryCallback = onGeometryChange
     }
 
@@ -123,6 +128,27 @@ public final class ISCSIBackend: BlockBackend {
             throw BlockBackendError("iSCSI LUN \(config.url): cannot create the channel's epoll/timerfd", errno: EMFILE)
         }
         return channel
+    }
+
+    /// Resolves a host name to a numeric address (IP literals pass through unchanged).
+    static func resolvePortal(_ url: ISCSIURL) -> String {
+        var hints = addrinfo()
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        hints.ai_flags = AI_NUMERICHOST
+        var result: UnsafeMutablePointer<addrinfo>?
+        if getaddrinfo(url.host, nil, &hints, &result) == 0 {
+            freeaddrinfo(result)
+            return url.portal
+        }
+        hints.ai_flags = 0
+        guard getaddrinfo(url.host, nil, &hints, &result) == 0, let first = result else { return url.portal }
+        defer { freeaddrinfo(result) }
+        var buffer = [CChar](repeating: 0, count: Int(NI_MAXHOST))
+        guard getnameinfo(first.pointee.ai_addr, first.pointee.ai_addrlen, &buffer, socklen_t(buffer.count), nil, 0,
+                          NI_NUMERICHOST) == 0 else { return url.portal }
+        let length = buffer.firstIndex(of: 0) ?? buffer.count
+        let address = String(decoding: buffer[..<length].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        return address.contains(":") ? "[\(address)]:\(url.port)" : "\(address):\(url.port)"
     }
 
     // MARK: - Channel reports

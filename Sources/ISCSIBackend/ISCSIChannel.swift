@@ -123,8 +123,9 @@ public final class ISCSIChannel: BlockChannel {
     private var geometryKnown = false
     private var blockSize: UInt64 = 512
     private var maxIOBytes: UInt64 = UInt64(UInt32.max)
-    private var maxUnmapBlocks: UInt64 = 0x40_0000
-    private var maxWriteSameBlocks: UInt64 = 0x40_0000
+    /// Blocks per UNMAP / WRITE SAME command (larger requests are split; from VPD B0h).
+    var maxUnmapBlocks: UInt64 = 0x40_0000
+    var maxWriteSameBlocks: UInt64 = 0x40_0000
     private var geometry = BlockGeometry(logicalBlockSize: 512, physicalBlockSize: 512, blockCount: 0)
 
     private var discoveryStep: DiscoveryStep = .idle
@@ -241,13 +242,15 @@ public final class ISCSIChannel: BlockChannel {
         guard epollFD >= 0 else { return }
         let n = epoll_wait(epollFD, eventBuffer, 4, 0)
         if n > 0 {
+            let generation = pollGeneration
             for i in 0..<Int(n) {
                 let ev = eventBuffer[i]
                 if ev.data.fd == timerFD {
                     var expirations: UInt64 = 0
                     _ = read(timerFD, &expirations, 8)
                     tick()
-                } else if ev.data.fd == registeredSocket && context != nil {
+                } else if ev.data.fd == registeredSocket && context != nil && generation == pollGeneration {
+                    // (An event for a socket replaced earlier in this batch is stale: skipped.)
                     let bits = ev.events & UInt32(POLLIN | POLLOUT | POLLERR | POLLHUP)
                     let hangup = ev.events & EPOLLRDHUP.rawValue != 0 ? Int16(POLLIN) : 0
                     service(revents: Int16(truncatingIfNeeded: bits) | hangup)
@@ -486,7 +489,7 @@ public final class ISCSIChannel: BlockChannel {
         let loginBudget = min(max(timeoutNanoseconds / 3, 2_000_000_000), 10_000_000_000)
         phaseDeadline = now &+ loginBudget
         lostConnection = false
-        if iscsi_connect_async(ctx, config.url.portal, iscsiTrampoline, UnsafeMutableRawPointer(tags + capacity)) != 0 {
+        if iscsi_connect_async(ctx, backend.portal, iscsiTrampoline, UnsafeMutableRawPointer(tags + capacity)) != 0 {
             failureReason = "cannot connect to \(config.url.portal): \(lastLibraryError())"
             lostConnection = true
         }

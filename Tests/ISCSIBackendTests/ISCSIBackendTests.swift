@@ -116,6 +116,34 @@ struct ISCSIBackendTargetTests {
         #expect(r.bytes == [UInt8](repeating: 0, count: 4096))
     }
 
+    @Test func largeDiscardAndWriteZeroesAreSplitIntoSeveralCommands() throws {
+        let target = try TgtTarget(sizeMiB: 8)
+        let backend = try ISCSIBackend.open(config: config(target))
+        let channel = try backend.makeChannel()
+        let driver = ChannelDriver(channel)
+        #expect(driver.waitOnline(seconds: 5))
+        // Pretend the target's VPD B0h limits are small so that one request needs many commands.
+        channel.maxUnmapBlocks = 256        // 128 KiB per UNMAP
+        channel.maxWriteSameBlocks = 100    // uneven: 50 KiB per WRITE SAME
+        let start = 2 << 20
+        target.writeBacking(offset: start - 4096, bytes: [UInt8](repeating: 0x77, count: (2 << 20) + 8192))
+        #expect(driver.perform(BlockRequest(operation: .discard, offset: UInt64(start), length: 1 << 20), token: 1)
+                == .success(1 << 20))
+        #expect(driver.perform(BlockRequest(operation: .writeZeroes, offset: UInt64(start + (1 << 20)), length: 1 << 20),
+                               token: 2) == .success(1 << 20))
+        #expect(target.readBacking(offset: start, count: 2 << 20) == [UInt8](repeating: 0, count: 2 << 20))
+        #expect(target.readBacking(offset: start - 4096, count: 4096) == [UInt8](repeating: 0x77, count: 4096))
+        #expect(target.readBacking(offset: start + (2 << 20), count: 4096) == [UInt8](repeating: 0x77, count: 4096))
+    }
+
+    @Test func hostNameIsResolvedOnTheControlPath() throws {
+        let target = try TgtTarget(sizeMiB: 4)
+        let config = try ISCSIBackendConfig(url: "iscsi://localhost:\(target.port)/\(target.iqn)/1", initiatorName: testInitiator)
+        let backend = try ISCSIBackend.open(config: config)
+        #expect(backend.portal == "127.0.0.1:\(target.port)" || backend.portal == "[::1]:\(target.port)")
+        #expect(backend.geometry.blockCount == 4 * 2048)
+    }
+
     @Test func rejectsMisalignedAndOutOfRangeRequestsLocally() throws {
         let target = try TgtTarget(sizeMiB: 4)
         let backend = try ISCSIBackend.open(config: config(target))
