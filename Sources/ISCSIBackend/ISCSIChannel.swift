@@ -14,6 +14,9 @@ struct CallbackTag {
 
     static let connectSlot: Int32 = -1
     static let discoverySlot: Int32 = -2
+    static let lunResetSlot: Int32 = -3
+    /// ABORT TASK for slot i uses `abortSlotBase - i`.
+    static let abortSlotBase: Int32 = -1000
 }
 
 /// The single C callback for every command libiscsi completes (SCSI, connect, login).
@@ -64,6 +67,8 @@ public struct ISCSIChannelStatistics: Sendable, Equatable {
     public var timeouts: UInt64 = 0
     /// Geometry re-reads after CAPACITY DATA HAS CHANGED.
     public var capacityChanges: UInt64 = 0
+    /// ABORT TASK / LUN RESET answers received from the remote.
+    public var taskManagementResponses: UInt64 = 0
 }
 
 public final class ISCSIChannel: BlockChannel {
@@ -99,6 +104,10 @@ public final class ISCSIChannel: BlockChannel {
         var result = BlockResult.success(0)
         var sense = ISCSIRemoteSense.none
         var unmap = unmap_list(lba: 0, num: 0)
+        /// The guest (via the core) asked to abort it: a cancellation completes it with ECANCELED.
+        var aborting = false
+        /// The remote confirmed the abort: cancel the local libiscsi task after `iscsi_service` returns.
+        var cancelRequested = false
     }
 
     enum DiscoveryStep: Equatable {
@@ -138,6 +147,8 @@ public final class ISCSIChannel: BlockChannel {
     private let slots: UnsafeMutablePointer<Slot>
     private let capacity: Int
     private let tags: UnsafeMutablePointer<CallbackTag>
+    /// Command slots, connect/login, discovery, LUN RESET, then one ABORT TASK tag per slot.
+    private var tagCount: Int { 2 * capacity + 3 }
     private var freeSlots: [Int32]
     private var submitQueue: SlotRing
     private var completions: SlotRing
@@ -172,7 +183,7 @@ public final class ISCSIChannel: BlockChannel {
         capacity = config.queueDepth
         slots = .allocate(capacity: capacity)
         slots.initialize(repeating: Slot(), count: capacity)
-        tags = .allocate(capacity: capacity + 2)
+        tags = .allocate(capacity: 2 * capacity + 3)
         freeSlots = []
         freeSlots.reserveCapacity(capacity)
         var i = capacity - 1
@@ -190,6 +201,10 @@ public final class ISCSIChannel: BlockChannel {
         for j in 0..<capacity { (tags + j).initialize(to: CallbackTag(channel: me, slot: Int32(j))) }
         (tags + capacity).initialize(to: CallbackTag(channel: me, slot: CallbackTag.connectSlot))
         (tags + capacity + 1).initialize(to: CallbackTag(channel: me, slot: CallbackTag.discoverySlot))
+        (tags + capacity + 2).initialize(to: CallbackTag(channel: me, slot: CallbackTag.lunResetSlot))
+        for j in 0..<capacity {
+            (tags + capacity + 3 + j).initialize(to: CallbackTag(channel: me, slot: CallbackTag.abortSlotBase - Int32(j)))
+        }
         if let known = backend.knownGeometry() { adoptGeometry(known) }
         outageStart = monotonicNanoseconds()
         if epollFD >= 0 && timerFD >= 0 {
@@ -204,9 +219,9 @@ public final class ISCSIChannel: BlockChannel {
 
     deinit {
         // Callbacks fired while tearing down must not touch an object being deinitialised.
-        for j in 0..<(capacity + 2) { tags[j].channel = nil }
+        for j in 0..<tagCount { tags[j].channel = nil }
         close()
-        tags.deinitialize(count: capacity + 2)
+        tags.deinitialize(count: tagCount)
         tags.deallocate()
         slots.deinitialize(count: capacity)
         slots.deallocate()
@@ -353,6 +368,7 @@ public final class ISCSIChannel: BlockChannel {
         case .online:
             break
         }
+        if cancelsPending { performRequestedCancels() }
         if lostConnection { dropConnection(now: now) }
         expireRequests(now: now)
         issueQueued(now: now)
@@ -404,6 +420,8 @@ public final class ISCSIChannel: BlockChannel {
         slot.pointee.chunk = 0
         slot.pointee.retries = 0
         slot.pointee.sense = .none
+        slot.pointee.aborting = false
+        slot.pointee.cancelRequested = false
         enqueue(index)
         return 0
     }
@@ -535,8 +553,12 @@ public final class ISCSIChannel: BlockChannel {
                 slot.pointee.task = nil
                 scsi_free_scsi_task(task)
                 if slot.pointee.phase == .inFlight {
-                    statistics.commandsResubmitted += 1
-                    requeue(Int32(i), delayNanoseconds: 0)
+                    if slot.pointee.aborting {
+                        complete(Int32(i), .failure(ECANCELED))
+                    } else {
+                        statistics.commandsResubmitted += 1
+                        requeue(Int32(i), delayNanoseconds: 0)
+                    }
                 }
             }
         }
@@ -549,6 +571,7 @@ public final class ISCSIChannel: BlockChannel {
     }
 
     private func afterLibraryCall(now: UInt64) {
+        if cancelsPending { performRequestedCancels() }
         if lostConnection { dropConnection(now: now) }
         if phase == .online {
             if rediscoverPending && discoveryStep == .idle {
@@ -580,6 +603,12 @@ public final class ISCSIChannel: BlockChannel {
             connectStepDone(status: status)
         case CallbackTag.discoverySlot:
             discoveryStepDone(status: status, task: commandData?.assumingMemoryBound(to: scsi_task.self))
+        case CallbackTag.lunResetSlot:
+            taskManagementDone(slot: nil, status: status, response: commandData)
+        case ...CallbackTag.abortSlotBase:
+            let slot = CallbackTag.abortSlotBase - index
+            guard Int(slot) < capacity else { return }
+            taskManagementDone(slot: slot, status: status, response: commandData)
         default:
             guard index >= 0 && Int(index) < capacity else { return }
             commandDone(index, status: status, task: commandData?.assumingMemoryBound(to: scsi_task.self))
@@ -629,6 +658,12 @@ public final class ISCSIChannel: BlockChannel {
         defer { scsi_free_scsi_task(mine) }
         guard slot.pointee.phase == .inFlight else { return }
         let now = monotonicNanoseconds()
+        if slot.pointee.aborting && status != Int32(bitPattern: SCSI_STATUS_GOOD.rawValue)
+            && status != Int32(bitPattern: SCSI_STATUS_CHECK_CONDITION.rawValue) {
+            // Aborted on the guest's behalf (ABORT TASK / LUN RESET, or the session went away meanwhile).
+            complete(index, .failure(ECANCELED))
+            return
+        }
         switch status {
         case Int32(bitPattern: SCSI_STATUS_GOOD.rawValue), Int32(bitPattern: SCSI_STATUS_CONDITION_MET.rawValue):
             commandSucceeded(index, task: mine)
@@ -818,6 +853,113 @@ public final class ISCSIChannel: BlockChannel {
         }
         slot.pointee.task = task
         if slot.pointee.phase == .queued { slot.pointee.phase = .inFlight }
+    }
+
+    // MARK: - Task management
+
+    private var cancelsPending = false
+    /// Task management functions sent and not yet answered.
+    public private(set) var pendingTaskManagement = 0
+    /// The response code of the last task management function the remote answered
+    /// (0 FUNCTION COMPLETE, 1 TASK DOES NOT EXIST, 2 LUN DOES NOT EXIST, 5 REJECTED, 255 REJECTED...),
+    /// or -1 when the session was lost before the answer.
+    public private(set) var lastTaskManagementResponse: Int32 = -1
+
+    /// Aborts the request submitted with `token` (the core's ABORT TASK). A request not yet sent
+    /// completes with ECANCELED at once; one in flight gets an ABORT TASK on the remote and
+    /// completes with ECANCELED when the remote confirms (or with its real result if it finished
+    /// first: a write reported successful did reach the remote). Returns false if no such request.
+    @discardableResult
+    public func abort(token: UInt64) -> Bool {
+        for i in 0..<capacity {
+            let slot = slots + i
+            guard slot.pointee.token == token, slot.pointee.phase == .queued || slot.pointee.phase == .inFlight else { continue }
+            if slot.pointee.phase == .queued {
+                complete(Int32(i), .failure(ECANCELED))
+            } else if !slot.pointee.aborting, let context, let task = slot.pointee.task {
+                slot.pointee.aborting = true
+                if iscsi_task_mgmt_abort_task_async(context, task, iscsiTrampoline, UnsafeMutableRawPointer(tags + capacity + 3 + i)) == 0 {
+                    pendingTaskManagement += 1
+                } else {
+                    // Cannot send the TMF: drop the session; the aborted command then completes ECANCELED.
+                    failureReason = "cannot send ABORT TASK: \(lastLibraryError())"
+                    lostConnection = true
+                }
+            }
+            afterLibraryCall(now: monotonicNanoseconds())
+            syncRegistration()
+            return true
+        }
+        return false
+    }
+
+    /// Resets the remote LUN (the core's LOGICAL UNIT RESET): requests not yet sent complete with
+    /// ECANCELED at once; the ones in flight complete with ECANCELED once the remote answers the
+    /// LUN RESET (or with their real result if they finished first). Returns 0, or ENOTCONN when
+    /// the session is down (all outstanding requests are then cancelled locally).
+    @discardableResult
+    public func resetLUN() -> Int32 {
+        var inFlightCount = 0
+        for i in 0..<capacity {
+            let slot = slots + i
+            switch slot.pointee.phase {
+            case .queued:
+                complete(Int32(i), .failure(ECANCELED))
+            case .inFlight:
+                slot.pointee.aborting = true
+                inFlightCount += 1
+            default:
+                break
+            }
+        }
+        guard phase == .online, let context else { return ENOTCONN }
+        if iscsi_task_mgmt_lun_reset_async(context, UInt32(config.url.lun), iscsiTrampoline,
+                                           UnsafeMutableRawPointer(tags + capacity + 2)) == 0 {
+            pendingTaskManagement += 1
+        } else {
+            failureReason = "cannot send LUN RESET: \(lastLibraryError())"
+            lostConnection = true
+        }
+        afterLibraryCall(now: monotonicNanoseconds())
+        syncRegistration()
+        return 0
+    }
+
+    private func taskManagementDone(slot target: Int32?, status: Int32, response: UnsafeMutableRawPointer?) {
+        pendingTaskManagement = max(0, pendingTaskManagement - 1)
+        guard status == Int32(bitPattern: SCSI_STATUS_GOOD.rawValue) else {
+            lastTaskManagementResponse = -1
+            return   // session lost: aborting commands complete ECANCELED through the cancellation
+        }
+        lastTaskManagementResponse = response.map { Int32(bitPattern: $0.load(as: UInt32.self)) } ?? 0
+        statistics.taskManagementResponses += 1
+        // Whatever the remote still had is gone; commands it answered before this response have
+        // already completed. Cancel the local side of the rest (deferred: we are inside iscsi_service).
+        for i in 0..<capacity {
+            let slot = slots + i
+            guard slot.pointee.phase == .inFlight, slot.pointee.aborting, slot.pointee.task != nil else { continue }
+            if let target, Int(target) != i { continue }
+            slot.pointee.cancelRequested = true
+            cancelsPending = true
+        }
+    }
+
+    /// Cancels the local libiscsi tasks the remote no longer has. Only while libiscsi is not in the
+    /// middle of writing a PDU (no POLLOUT wanted): a partly sent PDU must not be freed under it.
+    /// Until then the commands may still go out and complete with their real result.
+    private func performRequestedCancels() {
+        guard let context else { cancelsPending = false; return }
+        if iscsi_which_events(context) & Int32(POLLOUT) != 0 { return }
+        cancelsPending = false
+        for i in 0..<capacity {
+            let slot = slots + i
+            guard slot.pointee.cancelRequested else { continue }
+            slot.pointee.cancelRequested = false
+            if let task = slot.pointee.task, slot.pointee.phase == .inFlight {
+                // Invokes the command callback with SCSI_STATUS_CANCELLED -> ECANCELED.
+                _ = iscsi_scsi_cancel_task(context, task)
+            }
+        }
     }
 
     // MARK: - Geometry discovery
