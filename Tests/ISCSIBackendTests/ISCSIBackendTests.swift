@@ -144,6 +144,22 @@ struct ISCSIBackendTargetTests {
         #expect(backend.geometry.blockCount == 4 * 2048)
     }
 
+    @Test func crc32cHeaderDigestIsNegotiated() throws {
+        let target = try TgtTarget(sizeMiB: 4)
+        let config = try ISCSIBackendConfig(url: target.url, initiatorName: testInitiator, headerDigest: "crc32c")
+        let backend = try ISCSIBackend.open(config: config)
+        let channel = try backend.makeChannel()
+        let driver = ChannelDriver(channel)
+        #expect(driver.waitOnline(seconds: 5))
+        let b = TestBuffers(length: 65536, pieces: 4)
+        b.bytes = TestBuffers.pattern(65536, seed: 44)
+        #expect(driver.perform(BlockRequest(operation: .write, offset: 0, length: 65536, buffers: b.list), token: 1) == .success(65536))
+        let r = TestBuffers(length: 65536, pieces: 3)
+        #expect(driver.perform(BlockRequest(operation: .read, offset: 0, length: 65536, buffers: r.list), token: 2) == .success(65536))
+        #expect(r.bytes == TestBuffers.pattern(65536, seed: 44))
+        #expect(target.readBacking(offset: 0, count: 65536) == TestBuffers.pattern(65536, seed: 44))
+    }
+
     @Test func rejectsMisalignedAndOutOfRangeRequestsLocally() throws {
         let target = try TgtTarget(sizeMiB: 4)
         let backend = try ISCSIBackend.open(config: config(target))
