@@ -11,6 +11,8 @@
 #       user and secret are given.
 #   backend-test-target.sh addlun <control-port> <tid> <lun> <backing-file>
 #       Adds a LUN to a running target.
+#   backend-test-target.sh luparam <control-port> <tid> <lun> <name=value>
+#       Changes a LUN parameter of a running target (readonly=1, ...).
 #   backend-test-target.sh stop   <dir> [TERM]
 #       Stops the instance started in <dir> (SIGKILL by default: tgtd ignores SIGTERM while it
 #       has targets).
@@ -61,6 +63,10 @@ addlun)
     # addlun <control-port> <tid> <lun> <backing-file>: adds a LUN to a running target (tgtd then
     # raises REPORTED LUNS DATA HAS CHANGED on every session: a real UNIT ATTENTION for the tests).
     tgtadm -C "$1" --lld iscsi --mode logicalunit --op new --tid "$2" --lun "$3" --backing-store "$4"
+    ;;
+luparam)
+    # luparam <control-port> <tid> <lun> <name=value>: e.g. readonly=1 (writes then fail with DATA PROTECT).
+    tgtadm -C "$1" --lld iscsi --mode logicalunit --op update --tid "$2" --lun "$3" --params "$4"
     ;;
 stop)
     dir=$1 sig=${2:-KILL}

@@ -160,6 +160,46 @@ struct ISCSIBackendTargetTests {
         #expect(target.readBacking(offset: 0, count: 65536) == TestBuffers.pattern(65536, seed: 44))
     }
 
+    @Test func remoteCheckConditionMapsToErrnoAndKeepsSense() throws {
+        let target = try TgtTarget(sizeMiB: 4)
+        let backend = try ISCSIBackend.open(config: config(target))
+        let channel = try backend.makeChannel()
+        let driver = ChannelDriver(channel)
+        #expect(driver.waitOnline(seconds: 5))
+        try TgtTarget.run(["luparam", "\(target.controlPort)", "1", "1", "readonly=1"])
+        let b = TestBuffers(length: 4096, pieces: 1)
+        b.bytes = [UInt8](repeating: 0x99, count: 4096)
+        #expect(channel.submit(BlockRequest(operation: .write, offset: 0, length: 4096, buffers: b.list), token: 1) == 0)
+        driver.pump(seconds: 5) { driver.results[1] != nil }
+        let (result, sense) = try #require(driver.results[1])
+        #expect(result == .failure(EROFS))
+        #expect(sense.status == ISCSIRemoteSense.statusCheckCondition)
+        #expect(sense.key == ISCSIRemoteSense.keyDataProtect)
+        #expect(sense.asc == 0x27)
+        #expect(target.readBacking(offset: 0, count: 4096) == [UInt8](repeating: 0, count: 4096))
+        // Reads still work on the read-only LUN.
+        #expect(driver.perform(BlockRequest(operation: .read, offset: 0, length: 4096, buffers: b.list), token: 2) == .success(4096))
+        #expect(b.bytes == [UInt8](repeating: 0, count: 4096))
+    }
+
+    @Test func largeScatteredTransfersRoundTrip() throws {
+        let target = try TgtTarget(sizeMiB: 16)
+        let backend = try ISCSIBackend.open(config: config(target))
+        let channel = try backend.makeChannel()
+        let driver = ChannelDriver(channel)
+        #expect(driver.waitOnline(seconds: 5))
+        let size = 4 << 20
+        let w = TestBuffers(length: size, pieces: 37)
+        w.bytes = TestBuffers.pattern(size, seed: 7)
+        #expect(driver.perform(BlockRequest(operation: .write, offset: 3 << 20, length: UInt64(size), buffers: w.list,
+                                            forceUnitAccess: true), token: 1) == .success(UInt64(size)))
+        #expect(target.readBacking(offset: 3 << 20, count: size) == TestBuffers.pattern(size, seed: 7))
+        let r = TestBuffers(length: size, pieces: 53)
+        #expect(driver.perform(BlockRequest(operation: .read, offset: 3 << 20, length: UInt64(size), buffers: r.list), token: 2)
+                == .success(UInt64(size)))
+        #expect(r.bytes == TestBuffers.pattern(size, seed: 7))
+    }
+
     @Test func rejectsMisalignedAndOutOfRangeRequestsLocally() throws {
         let target = try TgtTarget(sizeMiB: 4)
         let backend = try ISCSIBackend.open(config: config(target))
