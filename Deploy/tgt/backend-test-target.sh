@@ -74,10 +74,12 @@ stop)
     pid=$(cat "$dir/tgtd.pid")
     kill -s "$sig" "$pid" 2>/dev/null || true
     i=0
-    # Wait until it is gone or a zombie (its listening socket is closed by then).
-    while kill -0 "$pid" 2>/dev/null && [ $i -lt 100 ]; do
+    # Wait until it is gone, or a zombie whose other threads have all exited (only then are its
+    # files, the listening socket included, closed; the zombie itself may be reaped late).
+    while kill -0 "$pid" 2>/dev/null && [ $i -lt 250 ]; do
         state=$(sed -n 's/^State:[[:space:]]*\([A-Z]\).*/\1/p' "/proc/$pid/status" 2>/dev/null || true)
-        [ "$state" = Z ] && break
+        threads=$(ls "/proc/$pid/task" 2>/dev/null | wc -l)
+        [ "$state" = Z ] && [ "$threads" -le 1 ] && break
         sleep 0.02
         i=$((i + 1))
     done

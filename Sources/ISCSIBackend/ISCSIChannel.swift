@@ -111,7 +111,7 @@ public final class ISCSIChannel: BlockChannel {
     }
 
     enum DiscoveryStep: Equatable {
-        case idle, readCapacity, blockLimits, provisioning
+        case idle, readCapacity, blockLimits, provisioning, caching
     }
 
     let backend: ISCSIBackend
@@ -993,6 +993,10 @@ public final class ISCSIChannel: BlockChannel {
             discoveryTask = iscsi_inquiry_task(context, config.url.lun, 1, 0xB0, 255, iscsiTrampoline, tag)
         case .provisioning:
             discoveryTask = iscsi_inquiry_task(context, config.url.lun, 1, 0xB2, 255, iscsiTrampoline, tag)
+        case .caching:
+            // MODE SENSE(10), DBD, current values of the caching page: WP bit and WCE.
+            discoveryTask = iscsi_modesense10_task(context, config.url.lun, 0, 1, Int32(SCSI_MODESENSE_PC_CURRENT.rawValue),
+                                                   Int32(SCSI_MODEPAGE_CACHING.rawValue), 0, 255, iscsiTrampoline, tag)
         case .idle:
             return
         }
@@ -1047,6 +1051,8 @@ public final class ISCSIChannel: BlockChannel {
                                             discardReadsZeroes: rc.lbprz != 0, volatileWriteCache: true,
                                             maxTransferBytes: 0, discardGranularity: 0)
             pendingLBPME = rc.lbpme != 0
+            pendingLBPU = false
+            pendingLBPWS = false
             pendingMaxUnmap = 0
             pendingMaxWriteSame = 0
             discoveryStep = .blockLimits
@@ -1064,25 +1070,40 @@ public final class ISCSIChannel: BlockChannel {
             }
             if pendingLBPME {
                 discoveryStep = .provisioning
-                discoveryRetries = 0
-                issueDiscoveryStep()
             } else {
-                finishDiscovery(lbpu: false, lbpws: false)
+                discoveryStep = .caching
             }
+            discoveryRetries = 0
+            issueDiscoveryStep()
         case .provisioning:
-            var lbpu = false, lbpws = false
             if good, let raw = scsi_datain_unmarshall(mine) {
                 let lbp = raw.assumingMemoryBound(to: scsi_inquiry_logical_block_provisioning.self).pointee
-                lbpu = lbp.lbpu != 0
-                lbpws = lbp.lbpws != 0
+                pendingLBPU = lbp.lbpu != 0
+                pendingLBPWS = lbp.lbpws != 0
                 if lbp.lbprz != 0 { pendingGeometry.discardReadsZeroes = true }
             }
-            finishDiscovery(lbpu: lbpu, lbpws: lbpws)
+            discoveryStep = .caching
+            discoveryRetries = 0
+            issueDiscoveryStep()
+        case .caching:
+            if good, let data = mine.pointee.datain.data, mine.pointee.datain.size >= 8 {
+                let size = Int(mine.pointee.datain.size)
+                // Mode parameter header(10): byte 3 = device-specific parameter (bit 7 WP).
+                pendingGeometry.readOnly = data[3] & 0x80 != 0
+                let descriptorLength = Int(data[6]) << 8 | Int(data[7])
+                let page = 8 + descriptorLength
+                if size >= page + 3, data[page] & 0x3f == 0x08 {
+                    pendingGeometry.volatileWriteCache = data[page + 2] & 0x04 != 0
+                }
+            }
+            finishDiscovery(lbpu: pendingLBPU, lbpws: pendingLBPWS)
         case .idle:
             break
         }
     }
 
+    private var pendingLBPU = false
+    private var pendingLBPWS = false
     private var pendingMaxUnmap: UInt64 = 0
     private var pendingMaxWriteSame: UInt64 = 0
 

@@ -27,6 +27,8 @@ struct ISCSIBackendTargetTests {
         #expect(g.physicalBlockSize == 4096) // tgt reports LBPPBE 3
         #expect(g.supportsDiscard) // thin_provisioning=1: LBPME + LBPU
         #expect(g.supportsWriteZeroes)
+        #expect(!g.readOnly)
+        #expect(g.volatileWriteCache) // tgt's caching mode page has WCE set
         #expect(backend.geometryGeneration >= 1)
     }
 
@@ -180,6 +182,13 @@ struct ISCSIBackendTargetTests {
         // Reads still work on the read-only LUN.
         #expect(driver.perform(BlockRequest(operation: .read, offset: 0, length: 4096, buffers: b.list), token: 2) == .success(4096))
         #expect(b.bytes == [UInt8](repeating: 0, count: 4096))
+        // A new session reads the write-protect bit (MODE SENSE) and refuses writes locally.
+        let again = try ISCSIBackend.open(config: config(target))
+        #expect(again.geometry.readOnly)
+        let second = try again.makeChannel()
+        let driver2 = ChannelDriver(second)
+        #expect(driver2.waitOnline(seconds: 5))
+        #expect(second.submit(BlockRequest(operation: .write, offset: 0, length: 4096, buffers: b.list), token: 3) == EROFS)
     }
 
     @Test func largeScatteredTransfersRoundTrip() throws {
