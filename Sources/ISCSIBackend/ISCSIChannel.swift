@@ -659,8 +659,9 @@ public final class ISCSIChannel: BlockChannel {
         guard slot.pointee.phase == .inFlight else { return }
         let now = monotonicNanoseconds()
         if slot.pointee.aborting && status != Int32(bitPattern: SCSI_STATUS_GOOD.rawValue)
-            && status != Int32(bitPattern: SCSI_STATUS_CHECK_CONDITION.rawValue) {
-            // Aborted on the guest's behalf (ABORT TASK / LUN RESET, or the session went away meanwhile).
+            && status != Int32(bitPattern: SCSI_STATUS_CONDITION_MET.rawValue) {
+            // Aborted on the guest's behalf (ABORT TASK / LUN RESET): never retried or resubmitted,
+            // whatever came back (cancellation, the reset's UNIT ATTENTION, a lost session).
             complete(index, .failure(ECANCELED))
             return
         }
