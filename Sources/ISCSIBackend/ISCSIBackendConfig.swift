@@ -18,6 +18,15 @@ public struct ISCSIConfigError: Error, CustomStringConvertible, Sendable, Equata
     public var description: String { "\(key): \(message)" }
 }
 
+/// A secret that never shows up in `print`, string interpolation, `dump` or debugger output.
+struct RedactedSecret: Sendable, Equatable, CustomStringConvertible, CustomDebugStringConvertible, CustomReflectable {
+    let value: String
+    init(_ value: String) { self.value = value }
+    var description: String { "<redacted>" }
+    var debugDescription: String { "<redacted>" }
+    var customMirror: Mirror { Mirror(self, children: [:]) }
+}
+
 /// Where the CHAP secret is read from. The secret itself never appears in the config text or logs.
 public enum CHAPSecretSource: Sendable, Equatable, CustomStringConvertible {
     /// A file whose content (trailing newline stripped) is the secret (`chap_secret_file`).
@@ -156,8 +165,8 @@ public struct ISCSIBackendConfig: Sendable {
     /// Log destination; nil writes to standard error.
     public var log: ISCSILogSink?
 
-    /// The secret, resolved once at validation (never printed).
-    var chapSecret: String?
+    /// The secret, resolved once at validation; prints and reflects as "<redacted>".
+    var chapSecret: RedactedSecret?
 
     /// Validates the config values and resolves the CHAP secret. Each error names its key.
     public init(url: String, initiatorName: String, chapUser: String? = nil, chapSecretSource: CHAPSecretSource? = nil,
@@ -201,7 +210,7 @@ public struct ISCSIBackendConfig: Sendable {
         self.initiatorName = initiatorName
         self.chapUser = user
         self.chapSecretSource = chapSecretSource
-        self.chapSecret = secret
+        self.chapSecret = secret.map(RedactedSecret.init)
         self.headerDigest = try ISCSIHeaderDigest.parse(headerDigest)
         self.timeoutSeconds = UInt32(timeoutSeconds)
         self.reconnectBackoff = reconnectBackoff

@@ -499,8 +499,14 @@ public final class ISCSIChannel: BlockChannel {
         _ = iscsi_set_session_type(ctx, ISCSI_SESSION_NORMAL)
         _ = iscsi_set_header_digest(ctx, config.headerDigest == .crc32c ? ISCSI_HEADER_DIGEST_CRC32C : ISCSI_HEADER_DIGEST_NONE)
         if let user = config.chapUser, let secret = config.chapSecret {
-            _ = iscsi_set_initiator_username_pwd(ctx, user, secret)
+            _ = iscsi_set_initiator_username_pwd(ctx, user, secret.value)
         }
+        // Dead peers: keepalive probes on idle sessions (~11 s), and unacknowledged data aborts
+        // the connection after a third of the timeout, leaving time to reconnect and resubmit.
+        iscsi_set_tcp_keepidle(ctx, 5)
+        iscsi_set_tcp_keepintvl(ctx, 2)
+        iscsi_set_tcp_keepcnt(ctx, 3)
+        iscsi_set_tcp_user_timeout(ctx, Int32(min(max(Int(config.timeoutSeconds) * 1000 / 3, 2000), 20_000)))
         phase = .connecting
         loggingIn = false
         nextAttempt = now

@@ -117,8 +117,15 @@ import Testing
         let c = try ISCSIBackendConfig(url: "iscsi://alice@127.0.0.1/iqn.2026-11.test.scsigate:t/1",
                                        initiatorName: initiator, chapSecretSource: .file(path))
         #expect(c.chapUser == "alice")
-        #expect(c.chapSecret == "s3cret-value-12")
+        #expect(c.chapSecret?.value == "s3cret-value-12")
         #expect(c.url.description.contains("s3cret") == false)
+        // Printing or dumping the whole config never reveals the secret.
+        var dumped = ""
+        dump(c, to: &dumped)
+        #expect(!"\(c)".contains("s3cret"))
+        #expect(!String(reflecting: c).contains("s3cret"))
+        #expect(!dumped.contains("s3cret"))
+        #expect("\(c)".contains("<redacted>"))
     }
 }
 
