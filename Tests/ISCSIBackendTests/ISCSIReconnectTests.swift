@@ -98,6 +98,41 @@ struct ISCSIReconnectTests {
         #expect(target.readBacking(offset: 0, count: 4096) == [UInt8](repeating: 0x42, count: 4096))
     }
 
+    @Test func unresponsiveTargetIsDetectedAndReconnected() throws {
+        let target = try TgtTarget(sizeMiB: 4)
+        let log = LogCapture()
+        let backend = try ISCSIBackend.open(config: config(url: target.url, timeout: 3, log: log))
+        let channel = try backend.makeChannel()
+        let driver = ChannelDriver(channel)
+        #expect(driver.waitOnline(seconds: 5))
+        let b = TestBuffers(length: 4096, pieces: 1)
+        b.bytes = [UInt8](repeating: 0x5C, count: 4096)
+
+        // A freeze shorter than the timeout: the guest sees no error.
+        #expect(target.signal(SIGSTOP))
+        #expect(channel.submit(BlockRequest(operation: .write, offset: 0, length: 4096, buffers: b.list), token: 1) == 0)
+        driver.pump(seconds: 1) { false }
+        #expect(driver.results[1] == nil)
+        #expect(target.signal(SIGCONT))
+        driver.pump(seconds: 5) { driver.results[1] != nil }
+        #expect(driver.results[1]?.0 == .success(4096))
+
+        // A freeze longer than the timeout: the connection is declared dead, the request fails
+        // with ETIMEDOUT (retryable), and the channel reconnects once the target answers again.
+        #expect(target.signal(SIGSTOP))
+        let start = Date()
+        #expect(channel.submit(BlockRequest(operation: .write, offset: 4096, length: 4096, buffers: b.list), token: 2) == 0)
+        driver.pump(seconds: 10) { driver.results[2] != nil }
+        #expect(driver.results[2]?.0 == .failure(ETIMEDOUT))
+        #expect(Date().timeIntervalSince(start) >= 2.9)
+        #expect(log.all.contains { $0.contains("did not answer commands within 3 s") }, "\(log.all)")
+        #expect(target.signal(SIGCONT))
+        driver.pump(seconds: 10) { channel.isOnline }
+        #expect(channel.isOnline)
+        #expect(driver.perform(BlockRequest(operation: .read, offset: 0, length: 4096, buffers: b.list), token: 3) == .success(4096))
+        #expect(b.bytes == [UInt8](repeating: 0x5C, count: 4096))
+    }
+
     @Test func startsOfflineAndComesOnlineWhenTargetAppears() throws {
         let target = try TgtTarget(sizeMiB: 8)
         target.stop(hard: false)
