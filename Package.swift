@@ -24,7 +24,7 @@ let package = Package(
         // The transport-agnostic SCSI target core (SPC-4 / SBC-3).
         .target(name: "SCSI", dependencies: ["BlockIO"]),
         // LUN providers: libaio file/block device, buffered, null.
-        .target(name: "Backends", dependencies: ["BlockIO", "CSystem", "CLibAIO"]),
+        .target(name: "Backends", dependencies: ["BlockIO", "CSystem", "CLibAIO", "ISCSIBackend"]),
         // Remote iSCSI LUNs as a back-end (libiscsi async API, driven by the owner event loop).
         .target(name: "ISCSIBackend", dependencies: ["BlockIO", "CLibISCSI", "CSystem"]),
         // One epoll reactor per queue group, with adaptive polling.
@@ -39,6 +39,7 @@ let package = Package(
         .target(name: "PVSCSI", dependencies: ["VfioUser", "SCSI", "BlockIO", "CSystem", "EventLoop"]),
         // Config, daemon wiring, control socket.
         .target(name: "Gateway", dependencies: [
+            "ISCSIBackend",
             "SCSI", "BlockIO", "Backends", "VhostUser", "PVSCSI", "CSystem", "EventLoop",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "TOMLKit", package: "TOMLKit"),

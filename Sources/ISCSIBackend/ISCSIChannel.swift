@@ -71,7 +71,7 @@ public struct ISCSIChannelStatistics: Sendable, Equatable {
     public var taskManagementResponses: UInt64 = 0
 }
 
-public final class ISCSIChannel: BlockChannel {
+public final class ISCSIChannel: BlockChannel, @unchecked Sendable {
     /// Connection phase.
     enum Phase: Equatable {
         /// No socket; the next attempt starts at `nextAttempt`.
