@@ -1,5 +1,6 @@
 import Backends
 import BlockIO
+import ISCSIBackend
 
 /// An open back-end together with the LUN entry it serves.
 public struct OpenedBackend: Sendable {
@@ -70,14 +71,47 @@ public struct StandardBackendOpener: BackendOpener {
     public func open(_ lun: LUNConfig, on controller: ControllerConfig) throws(BackendOpeningError) -> OpenedBackend {
         let name = "controller \(controller.name) target \(lun.target) lun \(lun.lun)"
         guard let spec = Self.spec(for: lun, on: controller) else {
-            // INTEGRATION POINT (iSCSI issue): open the libiscsi back-end from `lun.iscsi` here.
-            throw BackendOpeningError(lun: name, reason: "backend 'iscsi' is not available in this build",
-                                      mayStartWithout: true)
+            return try Self.openISCSI(lun, name: name, queueDepth: controller.transport == .pvscsi ? 1024 : controller.queueSize)
         }
         do {
             return OpenedBackend(backend: try AnyBlockBackend.open(spec))
         } catch {
             throw BackendOpeningError(lun: name, reason: error.description, cause: error)
+        }
+    }
+}
+
+extension StandardBackendOpener {
+    /// Opens an iSCSI LUN: validates its settings (each error names its key), then logs in once to read
+    /// the remote geometry. An unreachable target is reported with `mayStartWithout`, so the gateway
+    /// starts the other LUNs and retries this one.
+    static func openISCSI(_ lun: LUNConfig, name: String, queueDepth: Int) throws(BackendOpeningError) -> OpenedBackend {
+        guard let settings = lun.iscsi else {
+            throw BackendOpeningError(lun: name, reason: "key 'url': an iscsi LUN needs a url")
+        }
+        let secret: CHAPSecretSource?
+        switch settings.chapSecret {
+        case .file(let path)?: secret = .file(path)
+        case .environment(let variable)?: secret = .environment(variable)
+        case nil: secret = nil
+        }
+        let config: ISCSIBackendConfig
+        do {
+            config = try ISCSIBackendConfig(
+                url: settings.url.description, initiatorName: settings.initiatorName, chapUser: settings.chapUser,
+                chapSecretSource: secret, headerDigest: settings.headerDigest.rawValue,
+                timeoutSeconds: settings.timeoutSeconds,
+                reconnectBackoff: ISCSIReconnectBackoff(initialMilliseconds: UInt32(clamping: settings.reconnectMinMilliseconds),
+                                                        maximumMilliseconds: UInt32(clamping: settings.reconnectMaxMilliseconds)),
+                queueDepth: min(max(queueDepth, 1), 1024))
+        } catch {
+            throw BackendOpeningError(lun: name, reason: "key '\(error.key)': \(error.message)")
+        }
+        do {
+            let backend = try ISCSIBackend.open(config: config, waitMilliseconds: 5000, allowOffline: false)
+            return OpenedBackend(backend: .iscsi(backend))
+        } catch {
+            throw BackendOpeningError(lun: name, reason: "\(settings.url.description): \(error.message)", mayStartWithout: true)
         }
     }
 }

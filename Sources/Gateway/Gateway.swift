@@ -166,8 +166,9 @@ public final class Gateway: @unchecked Sendable {
                 do throws(BackendOpeningError) {
                     try addConfiguredLUN(lun, to: runtime)
                 } catch where error.mayStartWithout {
-                    logger.error("LUN offline: \(error.description)")
+                    logger.error("LUN offline: \(error.description); retrying in the background")
                     offlineState.withLock { $0.append((controller.name, lun)) }
+                    retryWhenOnline(lun, on: runtime)
                 } catch {
                     problems.append(error.description)
                 }
@@ -275,6 +276,40 @@ public final class Gateway: @unchecked Sendable {
             backends.remove(id)?.backend.close()
             throw BackendOpeningError(lun: name, reason: error.description)
         }
+    }
+
+    /// Keeps trying to bring a remote LUN online (every 5 s) until it is added or the gateway stops:
+    /// a target unreachable at start-up does not hold back the others, and its LUN appears (with the
+    /// usual hotplug events) once the target answers.
+    private func retryWhenOnline(_ lun: LUNConfig, on runtime: ControllerRuntime) {
+        let thread = Thread { [weak self] in
+            while true {
+                Thread.sleep(forTimeInterval: 5)
+                guard let self, self.controller(named: runtime.config.name) === runtime else { return }
+                // Forgotten by `lun.remove` while offline: stop trying.
+                guard self.isOffline(lun, on: runtime.config.name) else { return }
+                do throws(BackendOpeningError) {
+                    try self.addConfiguredLUN(lun, to: runtime)
+                    self.offlineState.withLock { list in
+                        list.removeAll { $0.controller == runtime.config.name && $0.lun == lun }
+                    }
+                    runtime.logger.info("LUN online: target \(lun.target) lun \(lun.lun) (\(lun.backend.rawValue))")
+                    return
+                } catch where error.mayStartWithout {
+                    continue
+                } catch {
+                    runtime.logger.error("LUN stays offline: \(error.description)")
+                    return
+                }
+            }
+        }
+        thread.name = "lun-retry"
+        thread.start()
+    }
+
+    /// Whether `lun` of `controller` is still waiting to come online.
+    func isOffline(_ lun: LUNConfig, on controller: String) -> Bool {
+        offlineState.withLock { list in list.contains { $0.controller == controller && $0.lun == lun } }
     }
 
     private func closeAllBackends() {
