@@ -38,12 +38,14 @@ public final class AdminService: Sendable {
             "gateway.version": { [self] p, _ throws(RPCError) in try version(p) },
             "controller.list": { [self] p, _ throws(RPCError) in try listControllers(p) },
             "lun.list": { [self] p, _ throws(RPCError) in try listLUNs(p) },
-            "lun.add": { [self] p, peer throws(RPCError) in try addLUN(p, peer: peer) },
-            "lun.remove": { [self] p, peer throws(RPCError) in try removeLUN(p, peer: peer) },
-            "lun.resize": { [self] p, peer throws(RPCError) in try resizeLUN(p, peer: peer) },
-            "lun.set_readonly": { [self] p, peer throws(RPCError) in try setReadOnly(p, peer: peer) },
+            "lun.add": { [self] p, peer throws(RPCError) in try audited("lun.add", p, peer) { () throws(RPCError) in try addLUN(p, peer: peer) } },
+            "lun.remove": { [self] p, peer throws(RPCError) in try audited("lun.remove", p, peer) { () throws(RPCError) in try removeLUN(p, peer: peer) } },
+            "lun.resize": { [self] p, peer throws(RPCError) in try audited("lun.resize", p, peer) { () throws(RPCError) in try resizeLUN(p, peer: peer) } },
+            "lun.set_readonly": { [self] p, peer throws(RPCError) in
+                try audited("lun.set_readonly", p, peer) { () throws(RPCError) in try setReadOnly(p, peer: peer) }
+            },
             "stats.get": { [self] p, _ throws(RPCError) in try stats(p) },
-            "config.save": { [self] p, peer throws(RPCError) in try saveConfig(p, peer: peer) },
+            "config.save": { [self] p, peer throws(RPCError) in try audited("config.save", p, peer) { () throws(RPCError) in try saveConfig(p, peer: peer) } },
         ])
     }
 
@@ -143,9 +145,9 @@ public final class AdminService: Sendable {
         let size = try params.size("size")
         let force = try params.bool("force") ?? false
         let (old, new) = try admin { () throws(AdminError) in
-            try gateway.resizeLUN(controller: name, target: target, lun: lun, size: size, force: force)
+            try gateway.resizeLUN(controller: name, target: target, lun: lun, size: size, force: force,
+                                  logMetadata: peerMetadata(peer))
         }
-        logger.debug("resize requested", metadata: peerMetadata(peer))
         return .object(["old_size": .count(old), "size": .count(new)])
     }
 
@@ -156,9 +158,9 @@ public final class AdminService: Sendable {
         let (target, lun) = try address(params, runtime.config)
         let readOnly = try params.bool("read_only", required: true)!
         try admin { () throws(AdminError) in
-            try gateway.setLUNReadOnly(controller: name, target: target, lun: lun, readOnly: readOnly)
+            try gateway.setLUNReadOnly(controller: name, target: target, lun: lun, readOnly: readOnly,
+                                       logMetadata: peerMetadata(peer))
         }
-        logger.debug("set_readonly requested", metadata: peerMetadata(peer))
         let status = gateway.lunStatuses(controller: name).first { $0.config.target == target && $0.config.lun == lun }
         return status.map(Self.json) ?? .null
     }
@@ -179,12 +181,28 @@ public final class AdminService: Sendable {
         if FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory), isDirectory.boolValue {
             throw .invalidParams("path", "'\(path)' is a directory")
         }
-        let count = try admin { () throws(AdminError) in try gateway.saveRunningConfig(to: path) }
-        logger.debug("config.save requested", metadata: peerMetadata(peer))
+        let count = try admin { () throws(AdminError) in
+            try gateway.saveRunningConfig(to: path, logMetadata: peerMetadata(peer))
+        }
         return .object(["path": .string(path), "luns": .number(count)])
     }
 
     // MARK: - Helpers
+
+    /// Runs a changing method; a refusal is logged (warning) with the method, code and client.
+    private func audited(_ method: String, _ params: RPCParams, _ peer: ControlPeer,
+                         _ body: () throws(RPCError) -> JSONValue) throws(RPCError) -> JSONValue {
+        do throws(RPCError) {
+            return try body()
+        } catch {
+            var metadata = peerMetadata(peer)
+            metadata["method"] = .string(method)
+            metadata["code"] = .string("\(error.code)")
+            if let controller = params.members["controller"]?.stringValue { metadata["controller"] = .string(controller) }
+            logger.warning("admin request refused: \(error.message)", metadata: metadata)
+            throw error
+        }
+    }
 
     /// Runs an admin action, turning its refusal into the JSON-RPC error.
     private func admin<T>(_ body: () throws(AdminError) -> T) throws(RPCError) -> T {

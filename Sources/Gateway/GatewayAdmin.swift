@@ -182,7 +182,7 @@ extension Gateway {
     /// Resizes the LUN at an address to `size` bytes (block devices: nil or the device's size re-reads
     /// it). Shrinking needs `force`. Returns (old size, new size) in bytes.
     public func resizeLUN(controller name: String, target: Int, lun: Int, size: UInt64?,
-                          force: Bool) throws(AdminError) -> (old: UInt64, new: UInt64) {
+                          force: Bool, logMetadata: Logger.Metadata = [:]) throws(AdminError) -> (old: UInt64, new: UInt64) {
         let runtime = try runtime(named: name)
         let (unit, entry) = try lookup(runtime, target: target, lun: lun)
         let number = unit.number
@@ -221,7 +221,7 @@ extension Gateway {
                 }
             }
             backends.update(unit.backendID) { $0.config.size = size }
-            logAdmin("lun resized", runtime: runtime, entry.config, ["old_size": "\(oldBytes)", "size": "\(size)"])
+            logAdmin("lun resized", runtime: runtime, entry.config, ["old_size": "\(oldBytes)", "size": "\(size)"].merging(logMetadata) { $1 })
             return (oldBytes, size)
         case .block:
             let geometry: BlockGeometry
@@ -237,13 +237,14 @@ extension Gateway {
             } catch {
                 throw AdminError(.noSuchLUN, error.description)
             }
-            logAdmin("lun resized", runtime: runtime, entry.config, ["old_size": "\(oldBytes)", "size": "\(newBytes)"])
+            logAdmin("lun resized", runtime: runtime, entry.config, ["old_size": "\(oldBytes)", "size": "\(newBytes)"].merging(logMetadata) { $1 })
             return (oldBytes, newBytes)
         }
     }
 
     /// Sets or clears operator read-only on the LUN at an address.
-    public func setLUNReadOnly(controller name: String, target: Int, lun: Int, readOnly: Bool) throws(AdminError) {
+    public func setLUNReadOnly(controller name: String, target: Int, lun: Int, readOnly: Bool,
+                               logMetadata: Logger.Metadata = [:]) throws(AdminError) {
         let runtime = try runtime(named: name)
         let (unit, entry) = try lookup(runtime, target: target, lun: lun)
         if !readOnly && entry.backend.geometry.readOnly {
@@ -253,7 +254,7 @@ extension Gateway {
             throw AdminError(.noSuchLUN, error.description)
         }
         backends.update(unit.backendID) { $0.config.readOnly = readOnly }
-        logAdmin("lun read-only changed", runtime: runtime, entry.config, ["read_only": "\(readOnly)"])
+        logAdmin("lun read-only changed", runtime: runtime, entry.config, ["read_only": "\(readOnly)"].merging(logMetadata) { $1 })
     }
 
     /// The configuration of the running gateway: the settings and controllers it was started with and
@@ -282,7 +283,7 @@ extension Gateway {
     /// parsed back before writing, so a file is only replaced by one `serve` accepts. Returns the
     /// number of LUNs saved.
     @discardableResult
-    public func saveRunningConfig(to path: String) throws(AdminError) -> Int {
+    public func saveRunningConfig(to path: String, logMetadata: Logger.Metadata = [:]) throws(AdminError) -> Int {
         let running = runningConfig()
         let text = ConfigWriter.render(running, header: [
             "ScsiGate configuration saved from the running gateway by `scsigate config save`",
@@ -298,7 +299,8 @@ extension Gateway {
         } catch {
             throw AdminError(.saveFailed, error.description)
         }
-        logger.notice("config saved", metadata: ["event": "config.save", "path": "\(path)", "luns": "\(running.lunCount)"])
+        logger.notice("config saved", metadata: ["event": "config saved", "path": "\(path)", "luns": "\(running.lunCount)"]
+                        .merging(logMetadata) { $1 })
         return running.lunCount
     }
 

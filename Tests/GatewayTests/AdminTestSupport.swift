@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import Synchronization
 import Testing
 @testable import Gateway
 
@@ -47,14 +48,14 @@ final class AdminFixture {
     var client: ControlClient { ControlClient(path: plane.control.path, timeoutMilliseconds: 10_000) }
     var dir: String { scratch.path }
 
-    init(configText: String? = nil) throws {
+    init(configText: String? = nil, logger: Logger = quietLogger) throws {
         configPath = scratch.path + "/gateway.toml"
         try (configText ?? adminConfigText(scratch.path)).write(toFile: configPath, atomically: true, encoding: .utf8)
         let config = try ConfigLoader.load(file: configPath)
-        gateway = Gateway(config: config, logger: quietLogger, frontEnds: FrontEndRegistry([]))
+        gateway = Gateway(config: config, logger: logger, frontEnds: FrontEndRegistry([]))
         try gateway.start()
         do {
-            plane = try AdminPlane(gateway: gateway, logger: quietLogger)
+            plane = try AdminPlane(gateway: gateway, logger: logger)
         } catch {
             gateway.stop()
             throw error
@@ -103,4 +104,32 @@ func residentBytes(pid: Int32? = nil) -> Int {
     let fields = text.split(separator: " ")
     guard fields.count > 1, let pages = Int(fields[1]) else { return 0 }
     return pages * Int(sysconf(Int32(_SC_PAGESIZE)))
+}
+
+/// A log handler that keeps every record (level, message, metadata) for assertions.
+struct RecordingLogHandler: LogHandler {
+    struct Record: Sendable {
+        var level: Logger.Level
+        var message: String
+        var metadata: [String: String]
+    }
+    final class Store: Sendable {
+        let records = Mutex<[Record]>([])
+    }
+    let store: Store
+    var logLevel: Logger.Level = .trace
+    var metadata: Logger.Metadata = [:]
+
+    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { metadata[key] }
+        set { metadata[key] = newValue }
+    }
+
+    func log(event: LogEvent) {
+        var merged = metadata
+        if let extra = event.metadata { merged.merge(extra) { $1 } }
+        let record = Record(level: event.level, message: event.message.description,
+                            metadata: merged.mapValues { "\($0)" })
+        store.records.withLock { $0.append(record) }
+    }
 }

@@ -1,6 +1,7 @@
 import BlockIO
 import Foundation
 import Glibc
+import Logging
 import SCSI
 import Testing
 @testable import Gateway
@@ -381,6 +382,35 @@ struct ControlServerTests {
         config.source = "relative.toml"
         #expect(Gateway(config: config, logger: quietLogger).defaultSavePath
                 == FileManager.default.currentDirectoryPath + "/relative.toml")
+    }
+
+    @Test("every admin change is one structured log line naming the LUN and the client; refusals are logged too")
+    func auditLog() throws {
+        let store = RecordingLogHandler.Store()
+        let logger = Logger(label: "scsigate", factory: { _ in RecordingLogHandler(store: store) })
+        let f = try AdminFixture(logger: logger)
+        _ = try f.call("lun.add", ["controller": "scsi0", "lun": 5, "backend": "null", "size": "1M"])
+        _ = try f.call("lun.resize", ["controller": "scsi0", "lun": 0, "size": "8M"])
+        _ = try f.call("lun.set_readonly", ["controller": "scsi0", "lun": 5, "read_only": true])
+        _ = try f.call("lun.remove", ["controller": "scsi0", "lun": 5])
+        _ = try f.call("config.save", ["path": .string(f.dir + "/s.toml")])
+        _ = f.refusal("lun.add", ["controller": "scsi0", "lun": 0, "backend": "null", "size": "1M"])
+        let records = store.records.withLock { $0 }.filter {
+            $0.metadata["event"] != nil || $0.message.hasPrefix("admin request refused")
+        }
+        let events = records.compactMap { $0.metadata["event"] }
+        #expect(events == ["lun added", "lun resized", "lun read-only changed", "lun removed", "config saved"])
+        for record in records.prefix(4) {
+            #expect(record.metadata["controller"] == "scsi0")
+            #expect(record.metadata["client_pid"] == "\(getpid())")
+            #expect(record.metadata["client_uid"] == "\(getuid())")
+            #expect(record.metadata["lun"] != nil && record.metadata["target"] == "0" && record.metadata["backend"] != nil)
+        }
+        #expect(records[1].metadata["old_size"] == "4194304" && records[1].metadata["size"] == "8388608")
+        let refused = try #require(records.last)
+        #expect(refused.level == .warning)
+        #expect(refused.message.hasPrefix("admin request refused: controller scsi0 already has a LUN at target 0 lun 0"))
+        #expect(refused.metadata["method"] == "lun.add" && refused.metadata["code"] == "\(ControlErrorCode.lunExists)")
     }
 
     static func summary(_ s: LUNStatus) -> String {
