@@ -3,6 +3,7 @@ import Foundation
 import Glibc
 import Logging
 import SCSI
+import Synchronization
 import Testing
 @testable import Gateway
 
@@ -143,6 +144,35 @@ struct ControlServerTests {
         #expect(f.refusal("lun.add", ["controller": "scsi0", "lun": 2, "backend": "null", "size": 1000])?.data?["field"] == "size")
         #expect(try f.call("lun.list") == before, "refused calls changed nothing")
         #expect(!FileManager.default.fileExists(atPath: f.dir + "/none.img"))
+    }
+
+    @Test("hotplug through the control socket reaches front-ends as LUN events and guests as unit attentions")
+    func eventsAndUnitAttentions() throws {
+        let f = try AdminFixture()
+        let runtime = try #require(f.gateway.controller(named: "scsi0"))
+        final class Events: Sendable { let list = Mutex<[LUNEvent]>([]) }
+        let events = Events()
+        runtime.target.subscribe { event in events.list.withLock { $0.append(event) } }
+        let nexus = ITNexus(initiator: 0x42)
+        let lun0 = try #require(runtime.target.logicalUnit(LogicalUnitNumber(0)!))
+        lun0.unitAttentions.clear(for: nexus)
+
+        _ = try f.call("lun.add", ["controller": "scsi0", "lun": 3, "backend": "null", "size": "1M"])
+        #expect(lun0.unitAttentions.pending(for: nexus) == [.reportedLUNsDataHasChanged])
+        let lun3 = try #require(runtime.target.logicalUnit(LogicalUnitNumber(3)!))
+        #expect(lun3.unitAttentions.pendingForNewNexuses.contains(.powerOnResetOrBusDeviceReset))
+        lun0.unitAttentions.clear(for: nexus)
+
+        _ = try f.call("lun.resize", ["controller": "scsi0", "lun": 0, "size": "8M"])
+        #expect(lun0.unitAttentions.pending(for: nexus) == [.capacityDataHasChanged])
+        lun0.unitAttentions.clear(for: nexus)
+        _ = try f.call("lun.set_readonly", ["controller": "scsi0", "lun": 0, "read_only": true])
+        _ = try f.call("lun.remove", ["controller": "scsi0", "lun": 3])
+        #expect(lun0.unitAttentions.pending(for: nexus).contains(.reportedLUNsDataHasChanged))
+
+        let lun = { (n: Int) in LogicalUnitNumber(n)! }
+        #expect(events.list.withLock { $0 } == [.added(lun(3)), .capacityChanged(lun(0), blockCount: (8 << 20) / 512),
+                                                .parametersChanged(lun(0)), .removed(lun(3))])
     }
 
     @Test("lun.remove waits for in-flight commands up to wait_ms")
