@@ -1,3 +1,4 @@
+import Backends
 import BlockIO
 import Foundation
 import Glibc
@@ -173,6 +174,18 @@ struct ControlServerTests {
         let lun = { (n: Int) in LogicalUnitNumber(n)! }
         #expect(events.list.withLock { $0 } == [.added(lun(3)), .capacityChanged(lun(0), blockCount: (8 << 20) / 512),
                                                 .parametersChanged(lun(0)), .removed(lun(3))])
+    }
+
+    @Test("a backing file locked by another ScsiGate is refused with the lock-held code")
+    func lockHeldElsewhere() throws {
+        let f = try AdminFixture()
+        let path = f.dir + "/state/shared.img"
+        let other = try AnyBlockBackend.open(BackendSpec(kind: .file, path: path, size: 1 << 20, create: true))
+        defer { other.close() }
+        let error = f.refusal("lun.add", ["controller": "scsi0", "lun": 4, "backend": "file", "path": .string(path)])
+        #expect(error?.code == ControlErrorCode.lockHeld)
+        #expect(error?.message == "controller scsi0 target 0 lun 4: \(path): already in use by another ScsiGate or LUN (lock held)")
+        #expect(try f.call("lun.list", ["controller": "scsi0"]).arrayValue?.count == 2)
     }
 
     @Test("lun.remove waits for in-flight commands up to wait_ms")
