@@ -290,6 +290,13 @@ struct ControlServerTests {
         #expect(batch[0]["id"] == 1 && batch[0]["result"] != nil)
         #expect(batch[1]["id"] == 2 && batch[1]["error"]?["code"] == .number(ControlErrorCode.methodNotFound))
 
+        // Deep nesting is a parse error, not a crash of the gateway.
+        let deep = String(repeating: "[", count: 100_000) + String(repeating: "]", count: 100_000) + "\n"
+        #expect(try exchange(deep)?["error"]?["code"] == .number(ControlErrorCode.parseError))
+        let deepParams = "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"lun.list\",\"params\":"
+            + String(repeating: "{\"a\":", count: 20_000) + "1" + String(repeating: "}", count: 20_000) + "}\n"
+        #expect(try exchange(deepParams)?["error"] != nil)
+
         // Oversized: refused, connection closed; the server keeps serving others.
         let huge = "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"lun.list\",\"params\":{\"controller\":\""
             + String(repeating: "x", count: ControlServer.maximumRequestBytes + 10) + "\"}}\n"
