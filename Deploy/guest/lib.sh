@@ -29,7 +29,7 @@ sg_apt_update() {
     [ -n "${SG_APT_UPDATED:-}" ] && return 0
     local stamp=/var/lib/apt/periodic/scsigate-update-stamp
     if [ -z "$(find "$stamp" -mmin -60 2>/dev/null)" ] || [ ! -d /var/lib/apt/lists ] \
-        || [ -z "$(ls /var/lib/apt/lists/*_Packages 2>/dev/null)" ]; then
+        || [ -z "$(ls /var/lib/apt/lists/*_Packages* 2>/dev/null)" ]; then
         sg_log "apt-get update"
         apt-get -o DPkg::Lock::Timeout=600 -o Acquire::Retries=3 update >&2 || sg_die "apt-get update failed"
         mkdir -p "${stamp%/*}" && touch "$stamp"
