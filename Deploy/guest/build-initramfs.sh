@@ -26,7 +26,7 @@ done
 
 sg_require_root
 # host packages whose binaries are copied into the guest
-HOST_PKGS=(kmod sg3-utils fio libiscsi-bin util-linux cpio gzip)
+HOST_PKGS=(kmod sg3-utils fio libiscsi-bin util-linux cpio gzip xz-utils libc-bin)
 sg_apt_install "${HOST_PKGS[@]}"
 
 kinfo=$("$HERE/fetch-kernel.sh") || sg_die "fetch-kernel.sh failed"

@@ -69,7 +69,9 @@ cmd=("$qemu" -accel tcg -cpu max -machine "$machine" -m "${mem}M" -smp "$smp"
 if [ $sid = 1 ]; then
     sidargs=(--ro-bind "$(dirname "$VMLINUZ")" --ro-bind "$(dirname "$INITRD")")
     for b in "${binds[@]}"; do sidargs+=(--bind "$b"); done
-    cmd=("$HERE/../chroot/sid-run.sh" "${sidargs[@]}" -- "${cmd[@]}")
+    # build/verify the chroot now, outside the timeout
+    "$HERE/../chroot/make-sid-chroot.sh" >/dev/null || sg_die "make-sid-chroot.sh failed"
+    cmd=("$HERE/../chroot/sid-run.sh" --no-build "${sidargs[@]}" -- "${cmd[@]}")
 else
     if [ "$qemu" = qemu-system-x86_64 ] && ! command -v qemu-system-x86_64 >/dev/null; then
         sg_apt_install qemu-system-x86
