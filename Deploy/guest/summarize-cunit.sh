@@ -45,7 +45,15 @@ cur != "" && /\[SKIPPED\]/ { skip = 1 }
 cur != "" && /(passed|FAILED)[ \t]*$/ { r = ($0 ~ /FAILED[ \t]*$/) ? "FAILED" : "passed"; finish(r); next }
 function finish_pending() { if (cur != "") { unknown[++nu] = cur; cur = ""; skip = 0 } }
 END {
-    if (!have) { print "summary=missing"; print "error=no CUnit Run Summary in the log (run incomplete?)"; exit 2 }
+    finish_pending()
+    if (!have) {
+        print "summary=missing"
+        print "error=no CUnit Run Summary in the log (run incomplete?)"
+        printf "failed_so_far=%d\n", nf
+        for (i = 1; i <= nf; i++) print "FAILED: " failed_names[i]
+        for (i = 1; i <= nu; i++) print "NO-RESULT: " unknown[i]
+        exit 2
+    }
     printf "total=%d\nran=%d\npassed=%d\nfailed=%d\nskipped=%d\ninactive=%d\n", total, ran, passed - ns, failed, ns, inactive
     printf "passed_including_skipped=%d\nexcluded=%d\n", passed, nx
     for (i = 1; i <= nf; i++) print "FAILED: " failed_names[i]

@@ -5,6 +5,7 @@
 #                                (PAT or PAT.*), e.g. CompareAndWrite,*.Miscompare; they are
 #                                listed as excluded, never counted as passed
 #   scsigate.cu_max_failed=N     exit 1 when more than N tests fail (default: report only)
+#   scsigate.cu_timeout=SECS     kill iscsi-test-cu after SECS (exit 124, partial log kept)
 # The CUnit output (verbose: one line per test) and its Run Summary table go to the console;
 # Deploy/guest/summarize-cunit.sh extracts the counts from the console log.
 . /tests/lib/common.sh
@@ -36,12 +37,20 @@ fi
 log "iscsi-test-cu -d -t $tests /dev/$sg"
 echo "SCSIGATE-CUNIT-BEGIN"
 start=$(cut -d. -f1 /proc/uptime)
-{ iscsi-test-cu -d -v -t "$tests" "/dev/$sg"; echo $? > /tmp/cu.rc; } 2>&1 | tee /tmp/cu.log
+if [ -n "${SCSIGATE_CU_TIMEOUT:-}" ]; then
+    { timeout -s KILL "$SCSIGATE_CU_TIMEOUT" iscsi-test-cu -d -v -t "$tests" "/dev/$sg"; echo $? > /tmp/cu.rc; } 2>&1 | tee /tmp/cu.log
+else
+    { iscsi-test-cu -d -v -t "$tests" "/dev/$sg"; echo $? > /tmp/cu.rc; } 2>&1 | tee /tmp/cu.log
+fi
 cu_rc=$(cat /tmp/cu.rc 2>/dev/null || echo unknown)
 end=$(cut -d. -f1 /proc/uptime)
 echo "SCSIGATE-CUNIT-END rc=$cu_rc seconds=$((end - start))"
 # Run Summary "tests" row: tests Total Ran Passed Failed Inactive
 row=$(grep -E '^ +tests +[0-9]+' /tmp/cu.log | tail -1)
+if [ -z "$row" ] && [ -n "${SCSIGATE_CU_TIMEOUT:-}" ] && [ "$cu_rc" = 137 ]; then
+    echo "SCSIGATE-CUNIT-TIMEOUT seconds=$SCSIGATE_CU_TIMEOUT"
+    log "FAIL: iscsi-test-cu killed after ${SCSIGATE_CU_TIMEOUT}s"; exit 124
+fi
 if [ -z "$row" ]; then log "FAIL: iscsi-test-cu printed no Run Summary (crashed or hung?)"; exit 1; fi
 set -- $row
 failed=$5
