@@ -2,7 +2,8 @@
 # Prove the harness itself against QEMU's built-in devices (no ScsiGate involved):
 #  1. virtio-scsi + scsi-hd: smoke, discard, fio-verify, conformance, pattern (+ host byte check)
 #  2. virtio-blk: smoke, discard, fio-verify, pattern (+ host byte check)
-#  3. (--pvscsi) pvscsi + scsi-hd: smoke, fio-verify, pattern
+#  3. virtio-scsi hotplug: a scsi-hd added and removed from the QEMU monitor
+#  4. (--pvscsi) pvscsi + scsi-hd: smoke, fio-verify, pattern
 # Usage: selftest.sh [--sid] [--pvscsi] [--max-failed N] [--keep]
 #   --sid           use the sid chroot's QEMU (11.x) instead of the host's
 #   --max-failed N  conformance failures allowed for QEMU's scsi-hd (default 52, QEMU 7.2's count)
@@ -46,6 +47,22 @@ result "virtio-scsi conformance (<= $maxf failed)" "${PIPESTATUS[0]}"
     -device virtio-blk-pci,drive=d0,serial=SELFTEST-BLK
 result "virtio-blk guest tests" $?
 "$HERE/check-pattern.sh" "$work/virtio-blk.log" "$img"; result "virtio-blk byte check" $?
+
+# hotplug through virtio-scsi events, driven from the QEMU monitor
+port=$((20000 + $$ % 20000))
+truncate -s 32M "$work/hot.img"
+"$HERE/run-guest.sh" "${sid[@]}" --quiet --test hotplug --log "$work/hotplug.log" --timeout 300 \
+    --append "scsigate.expect_serial=SELFTEST-HOT scsigate.hotplug_wait=90" \
+    -- -monitor "tcp:127.0.0.1:$port,server,nowait" \
+    -drive "file=$img,if=none,id=d0,format=raw" -device virtio-scsi-pci,id=vs0 -device scsi-hd,drive=d0,bus=vs0.0 &
+gpid=$!
+if "$HERE/wait-marker.sh" "$work/hotplug.log" SCSIGATE-HOTPLUG-READY 200; then
+    "$HERE/qemu-hmp.sh" $port "drive_add 0 if=none,id=d1,file=$work/hot.img,format=raw"
+    "$HERE/qemu-hmp.sh" $port "device_add scsi-hd,drive=d1,id=hd1,bus=vs0.0,serial=SELFTEST-HOT"
+    "$HERE/wait-marker.sh" "$work/hotplug.log" SCSIGATE-HOTPLUG-ADDED 100 && "$HERE/qemu-hmp.sh" $port "device_del hd1"
+fi
+wait $gpid
+result "virtio-scsi hotplug" $?
 
 if [ $pv = 1 ]; then
     "$HERE/run-guest.sh" "${sid[@]}" --quiet --test multi --log "$work/pvscsi.log" --timeout 600 \
