@@ -47,6 +47,7 @@ BINARIES=(
     /usr/sbin/blkdiscard /usr/bin/lsblk
 )
 
+sg_lock initramfs
 # ---- busybox-static, downloaded (not installed: it conflicts with busybox) ----
 bb_ver=$(apt-cache policy busybox-static | sed -n 's/^ *Candidate: //p')
 [ -n "$bb_ver" ] && [ "$bb_ver" != "(none)" ] || { sg_apt_update; bb_ver=$(apt-cache policy busybox-static | sed -n 's/^ *Candidate: //p'); }

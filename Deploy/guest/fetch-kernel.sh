@@ -14,6 +14,7 @@ force=0
 case ${1:-} in --force) force=1 ;; "") ;; -h|--help) sed -n '2,9p' "$0"; exit 0 ;; *) sg_die "unknown argument: $1" ;; esac
 
 sg_require_root
+sg_lock kernel
 sg_apt_install kmod
 sg_apt_update
 

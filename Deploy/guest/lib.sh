@@ -36,3 +36,10 @@ sg_apt_update() {
     fi
     export SG_APT_UPDATED=1
 }
+
+# Serialize cache builders across concurrent runs: sg_lock NAME (held until the process exits).
+sg_lock() {
+    mkdir -p "$SCSIGATE_CACHE"
+    exec 9>"$SCSIGATE_CACHE/.lock-$1"
+    flock -w 1800 9 || sg_die "timed out waiting for the $1 cache lock"
+}
