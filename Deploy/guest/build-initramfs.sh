@@ -141,7 +141,7 @@ if [ $force = 1 ] || [ ! -s "$cached" ]; then
     (cd "$root" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --quiet) | gzip -1 > "$work/out.cpio.gz"
     mv "$work/out.cpio.gz" "$cached"
     # keep only the newest few images
-    ls -1t "$out_dir"/guest-*.cpio.gz 2>/dev/null | tail -n +6 | xargs -r rm -f
+    ls -1t "$out_dir"/guest-*.cpio.gz 2>/dev/null | tail -n +4 | xargs -r rm -f
     sg_log "built $cached ($(du -h "$cached" | cut -f1))"
 else
     sg_log "cached initramfs $cached"
