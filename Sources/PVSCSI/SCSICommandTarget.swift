@@ -1,0 +1,21 @@
+import BlockIO
+import SCSI
+
+/// What the PVSCSI device needs from the SCSI core: the LUN map, LUN events and the command layer.
+///
+/// `SCSITarget` provides `refresh`, `subscribe` and `unsubscribe`; the command layer adds
+/// `execute(_:view:)` and `resume(_:with:)` (branch `cmd`). The device is generic over this protocol so
+/// that no existential sits in the per-I/O path.
+public protocol SCSICommandTarget: AnyObject, Sendable {
+    /// Brings `view` up to date with the LUN map.
+    func refresh(_ view: inout LUNMapView)
+    /// Starts a command.
+    func execute(_ task: inout SCSITask, view: inout LUNMapView) -> TaskDisposition
+    /// Continues a command after its back-end request completed.
+    func resume(_ task: inout SCSITask, with result: BlockResult) -> TaskDisposition
+    /// Registers a LUN event handler; returns a token.
+    @discardableResult
+    func subscribe(_ handler: @escaping @Sendable (LUNEvent) -> Void) -> Int
+    /// Removes a LUN event handler.
+    func unsubscribe(_ token: Int)
+}
