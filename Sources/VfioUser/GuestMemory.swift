@@ -66,6 +66,15 @@ public final class GuestMemory: @unchecked Sendable {
         }
         var host: UnsafeMutableRawPointer? = nil
         if fd >= 0 {
+            // A window beyond the end of a regular file (memfd) would fault (SIGBUS) on access.
+            var st = stat()
+            guard fstat(fd, &st) == 0 else { throw DMAMapError(EBADF, "DMA_MAP fd cannot be examined") }
+            if (st.st_mode & S_IFMT) == S_IFREG {
+                let (fileEnd, o) = fileOffset.addingReportingOverflow(size)
+                guard !o, fileEnd <= UInt64(st.st_size) else {
+                    throw DMAMapError(EINVAL, "DMA_MAP window [offset 0x\(String(fileOffset, radix: 16)), +0x\(String(size, radix: 16))) extends past the end of its file (0x\(String(st.st_size, radix: 16)) bytes)")
+                }
+            }
             guard let p = csys_mmap_shared(fd, size, fileOffset, writable ? 1 : 0) else {
                 let e = errno
                 throw DMAMapError(e == 0 ? EINVAL : e, "mmap of DMA window failed: \(String(cString: strerror(e)))")

@@ -132,8 +132,8 @@ final class TestGuest {
     func setupRings(requestPages: UInt32 = 1, completionPages: UInt32 = 1) throws -> UInt32 {
         memset(memory, 0, 100 * 4096)
         let status = try command(.setupRings, setupRingsWords(requestPages: requestPages, completionPages: completionPages))
-        requestEntries = requestPages * 32
-        completionEntries = completionPages * 128
+        requestEntries = requestPages &* 32
+        completionEntries = completionPages &* 128
         requestProducer = 0
         return status
     }
@@ -143,7 +143,7 @@ final class TestGuest {
         var ppns = [UInt64](repeating: 0, count: 16)
         for i in 0..<min(Int(pages), 16) { ppns[i] = ppn(page: Self.messageRingPage + i) }
         w += Self.words(ppns, pairs: true)
-        messageEntries = pages * 32
+        messageEntries = pages &* 32
         return try command(.setupMessageRing, w)
     }
 
