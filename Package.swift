@@ -44,6 +44,8 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
+        // Core micro-benchmark: READ(10)/WRITE(10) through execute/resume against a null back-end.
+        .executableTarget(name: "core-bench", dependencies: ["SCSI", "BlockIO"], path: "Benchmarks/CoreBench"),
         .testTarget(name: "EventLoopTests", dependencies: ["EventLoop", "CSystem"]),
         .testTarget(name: "SCSITests", dependencies: ["SCSI", "BlockIO"]),
         .testTarget(name: "BackendsTests", dependencies: ["Backends", "BlockIO", "CSystem"]),
