@@ -19,3 +19,6 @@ public protocol SCSICommandTarget: AnyObject, Sendable {
     /// Removes a LUN event handler.
     func unsubscribe(_ token: Int)
 }
+
+/// The SCSI core's target: LUN map and events (Target.swift) plus the command layer (CommandDispatch.swift).
+extension SCSITarget: SCSICommandTarget {}

@@ -87,10 +87,15 @@ final class MemoryChannel: BlockChannel, @unchecked Sendable {
 
 /// A small command layer for the tests (the real one lives on branch `cmd`): INQUIRY, TEST UNIT READY,
 /// READ CAPACITY(10), READ(10), WRITE(10); anything else is CHECK CONDITION / INVALID COMMAND OPERATION CODE.
+/// With `useCore` it forwards to the real SCSI core (`SCSITarget.execute/resume`, branch `cmd`).
 final class TestCommandTarget: SCSICommandTarget, @unchecked Sendable {
     let table: SCSITarget
+    let useCore: Bool
 
-    init(table: SCSITarget) { self.table = table }
+    init(table: SCSITarget, useCore: Bool = false) {
+        self.table = table
+        self.useCore = useCore
+    }
 
     func refresh(_ view: inout LUNMapView) { table.refresh(&view) }
     func subscribe(_ handler: @escaping @Sendable (LUNEvent) -> Void) -> Int { table.subscribe(handler) }
@@ -103,6 +108,7 @@ final class TestCommandTarget: SCSICommandTarget, @unchecked Sendable {
     }
 
     func execute(_ task: inout SCSITask, view: inout LUNMapView) -> TaskDisposition {
+        if useCore { return table.execute(&task, view: &view) }
         guard let lun = task.lun, let unit = view.unit(lun) else {
             return check(&task, .illegalRequest, .logicalUnitNotSupported)
         }
@@ -143,6 +149,7 @@ final class TestCommandTarget: SCSICommandTarget, @unchecked Sendable {
     }
 
     func resume(_ task: inout SCSITask, with result: BlockResult) -> TaskDisposition {
+        if useCore { return table.resume(&task, with: result) }
         guard result.succeeded else {
             return check(&task, .mediumError, task.cdb.opcode == 0x28 ? .unrecoveredReadError : .writeError)
         }

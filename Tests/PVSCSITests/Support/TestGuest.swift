@@ -292,7 +292,7 @@ final class Fixture {
     var guest: TestGuest!
 
     init(luns: [Int] = [0], blocks: UInt64 = 2048, connect: Bool = true, startup: Bool = true, useMSIX: Bool = true,
-         options: PVSCSIOptions = PVSCSIOptions()) throws {
+         useCore: Bool = false, options: PVSCSIOptions = PVSCSIOptions()) throws {
         let n = Self.counter.add(1, ordering: .relaxed).newValue
         path = "/tmp/scsigate-pvscsi-test-\(getpid())-\(n).sock"
         table = SCSITarget(name: "t\(n)")
@@ -302,7 +302,7 @@ final class Fixture {
             try table.add(makeUnit(l, blocks: blocks, backendID: l))
         }
         disks = d
-        commands = TestCommandTarget(table: table)
+        commands = TestCommandTarget(table: table, useCore: useCore)
         let registry = ChannelRegistry(disks: d)
         channels = registry
         let sink = LogSink()
