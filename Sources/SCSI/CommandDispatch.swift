@@ -33,6 +33,7 @@ extension SCSITarget {
         task.dataOutLength = 0
         task.step = .none
         if task.scratch != nil { task.scratch = nil }
+        if task.taskManagementRequest != nil { task.taskManagementRequest = nil }
         let opcode = task.cdb.opcode
         guard let lun = task.lun, let unit = view.unit(lun) else {
             task.unit = nil

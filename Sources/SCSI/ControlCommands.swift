@@ -100,8 +100,8 @@ extension SCSITarget {
     }
 
     /// PERSISTENT RESERVE OUT: gathers the parameter list (at most 64 KiB), applies it and establishes the
-    /// unit attentions it asks for. Tasks to abort (PREEMPT AND ABORT) are the task set's business: see
-    /// `ReservationEffects.abortTasksOf`, which the front-end's TMF path handles.
+    /// unit attentions it asks for. Tasks to abort (PREEMPT AND ABORT) live in the front-end's task sets:
+    /// the plan is handed back in `task.taskManagementRequest`.
     func persistentReserveOut(_ task: inout SCSITask, unit: LogicalUnit) throws(SCSIError) {
         let length = task.cdb.be32(5)
         if length > 65536 { throw .check(.illegalRequest, .parameterListLengthError) }
@@ -110,6 +110,9 @@ extension SCSITarget {
         task.dataOutLength = parameters.count
         let effects = try unit.reservations.persistentReserveOut(task.cdb, parameters: parameters, from: task.nexus)
         for (condition, scope) in effects.unitAttentions { unit.unitAttentions.establish(condition, for: scope) }
+        if !effects.abortTasksOf.isEmpty, let lun = task.lun {
+            task.taskManagementRequest = TaskManagementPlan.preemptAndAbort(effects, lun: lun, from: task.nexus)
+        }
     }
 
     /// REPORT SUPPORTED OPERATION CODES (MAINTENANCE IN 0Ch): reporting options 0 (all), 1 (opcode),

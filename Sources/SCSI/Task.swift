@@ -40,6 +40,10 @@ public struct SCSITask: Sendable {
     public var backendID: Int = -1
     /// The LUN's generation when the task started (for detecting hot-removal during I/O).
     public var lunGeneration: UInt64 = 0
+    /// Set by PERSISTENT RESERVE OUT / PREEMPT AND ABORT when it completes: the front-end applies this
+    /// plan to its task sets (`apply(to:)`, `finishTaskManagement`) before sending the command's status.
+    /// nil for every other command.
+    public internal(set) var taskManagementRequest: TaskManagementPlan? = nil
 
     // MARK: Continuation state for multi-step commands, owned by the core
     var step: TaskStep = .none
@@ -78,6 +82,7 @@ public struct SCSITask: Sendable {
         step = .none
         scratch = nil
         unit = nil
+        if taskManagementRequest != nil { taskManagementRequest = nil }
     }
 
     /// Residual of data-in (bytes the initiator asked for but did not get).

@@ -13,20 +13,20 @@ import Testing
     }
 
     static let cases: [Case] = [
-        Case(errno: EIO, write: false, status: .checkCondition, sense: fixedSense(0x03, 0x11, 0x00, information: 5)),
-        Case(errno: EIO, write: true, status: .checkCondition, sense: fixedSense(0x03, 0x0C, 0x00, information: 5)),
-        Case(errno: ENOSPC, write: true, status: .checkCondition, sense: fixedSense(0x07, 0x27, 0x07)),
-        Case(errno: EDQUOT, write: true, status: .checkCondition, sense: fixedSense(0x07, 0x27, 0x07)),
-        Case(errno: EROFS, write: true, status: .checkCondition, sense: fixedSense(0x07, 0x27, 0x00)),
+        Case(errno: EIO, write: false, status: .checkCondition, sense: fixedFormatSense(0x03, 0x11, 0x00, information: 5)),
+        Case(errno: EIO, write: true, status: .checkCondition, sense: fixedFormatSense(0x03, 0x0C, 0x00, information: 5)),
+        Case(errno: ENOSPC, write: true, status: .checkCondition, sense: fixedFormatSense(0x07, 0x27, 0x07)),
+        Case(errno: EDQUOT, write: true, status: .checkCondition, sense: fixedFormatSense(0x07, 0x27, 0x07)),
+        Case(errno: EROFS, write: true, status: .checkCondition, sense: fixedFormatSense(0x07, 0x27, 0x00)),
         Case(errno: ENOMEM, write: false, status: .busy, sense: []),
         Case(errno: EAGAIN, write: true, status: .busy, sense: []),
         Case(errno: EBUSY, write: false, status: .busy, sense: []),
-        Case(errno: ETIMEDOUT, write: true, status: .checkCondition, sense: fixedSense(0x02, 0x04, 0x01)),
-        Case(errno: ENOTCONN, write: false, status: .checkCondition, sense: fixedSense(0x02, 0x04, 0x01)),
-        Case(errno: ECONNRESET, write: false, status: .checkCondition, sense: fixedSense(0x02, 0x04, 0x01)),
+        Case(errno: ETIMEDOUT, write: true, status: .checkCondition, sense: fixedFormatSense(0x02, 0x04, 0x01)),
+        Case(errno: ENOTCONN, write: false, status: .checkCondition, sense: fixedFormatSense(0x02, 0x04, 0x01)),
+        Case(errno: ECONNRESET, write: false, status: .checkCondition, sense: fixedFormatSense(0x02, 0x04, 0x01)),
         Case(errno: ECANCELED, write: false, status: .taskAborted, sense: []),
-        Case(errno: EINVAL, write: false, status: .checkCondition, sense: fixedSense(0x04, 0x44, 0x00)),
-        Case(errno: ENXIO, write: true, status: .checkCondition, sense: fixedSense(0x04, 0x44, 0x00)),
+        Case(errno: EINVAL, write: false, status: .checkCondition, sense: fixedFormatSense(0x04, 0x44, 0x00)),
+        Case(errno: ENXIO, write: true, status: .checkCondition, sense: fixedFormatSense(0x04, 0x44, 0x00)),
     ]
 
     @Test(arguments: cases)
@@ -42,16 +42,16 @@ import Testing
     @Test func flushFailureIsAWriteError() {
         var h = Harness()
         h.disk.override = { _ in .failure(EIO) }
-        #expect(h.run([0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0]).sense == fixedSense(0x03, 0x0C, 0x00))
+        #expect(h.run([0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0]).sense == fixedFormatSense(0x03, 0x0C, 0x00))
         h.disk.override = { _ in .failure(ENOSPC) }
-        #expect(h.run([0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0]).sense == fixedSense(0x07, 0x27, 0x07))
+        #expect(h.run([0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0]).sense == fixedFormatSense(0x07, 0x27, 0x07))
     }
 
     @Test func compareAndWriteWriteFailure() {
         var h = Harness()
         h.disk.override = { r in r.operation == .write ? .failure(ENOSPC) : nil }
-        let o = h.run([0x89, 0] + be64(0) + [0, 0, 0, 1, 0, 0], dataOut: [UInt8](repeating: 0, count: 1024))
-        #expect(o.sense == fixedSense(0x07, 0x27, 0x07))
+        let o = h.run([0x89, 0] + bytesBE64(0) + [0, 0, 0, 1, 0, 0], dataOut: [UInt8](repeating: 0, count: 1024))
+        #expect(o.sense == fixedFormatSense(0x07, 0x27, 0x07))
         #expect(o.ops == [.read, .write])
     }
 
@@ -62,8 +62,8 @@ import Testing
             count += 1
             return count == 2 ? .failure(EIO) : nil
         }
-        let o = h.run([0x93, 0] + be64(0) + be32(4096) + [0, 0], dataOut: pattern(512))
-        #expect(o.sense == fixedSense(0x03, 0x0C, 0x00, information: 2048))
+        let o = h.run([0x93, 0] + bytesBE64(0) + bytesBE32(4096) + [0, 0], dataOut: pattern(512))
+        #expect(o.sense == fixedFormatSense(0x03, 0x0C, 0x00, information: 2048))
         #expect(o.requests.count == 2)
     }
 }

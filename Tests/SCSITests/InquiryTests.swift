@@ -15,7 +15,7 @@ import Testing
     }()
 
     static func inquiry(evpd: Bool = false, page: UInt8 = 0, allocation: Int = 255, flags: UInt8 = 0) -> [UInt8] {
-        [0x12, (evpd ? 0x01 : 0) | flags, page] + be16(allocation) + [0]
+        [0x12, (evpd ? 0x01 : 0) | flags, page] + bytesBE16(allocation) + [0]
     }
 
     static let limits: [UInt8] = {
@@ -107,7 +107,7 @@ import Testing
         #expect(o.status == .good)
         #expect(o.data == expected)
         let vpd = h.run(Self.inquiry(evpd: true, page: 0), dataIn: 96, lun: 5)
-        #expect(vpd.sense == fixedSense(0x05, 0x25, 0x00))
+        #expect(vpd.sense == fixedFormatSense(0x05, 0x25, 0x00))
     }
 
     @Test func identityStringsArePaddedAndSanitised() {

@@ -8,14 +8,14 @@ import Testing
     static let control: [UInt8] = [0x0A, 0x0A, 0x02, 0x10, 0x00, 0x40, 0, 0, 0, 0, 0, 0]
     static let exceptions: [UInt8] = [0x1C, 0x0A, 0x08, 0x00, 0, 0, 0, 0, 0, 0, 0, 0]
     static let shortDescriptor: [UInt8] = [0, 0, 0, 64, 0, 0, 2, 0]
-    static let longDescriptor: [UInt8] = be64(64) + [0, 0, 0, 0] + be32(512)
+    static let longDescriptor: [UInt8] = bytesBE64(64) + [0, 0, 0, 0] + bytesBE32(512)
 
     static func sense6(page: UInt8, pc: UInt8 = 0, dbd: Bool = false, subpage: UInt8 = 0, allocation: UInt8 = 255) -> [UInt8] {
         [0x1A, dbd ? 0x08 : 0, pc << 6 | page, subpage, allocation, 0]
     }
 
     static func sense10(page: UInt8, pc: UInt8 = 0, dbd: Bool = false, llbaa: Bool = false) -> [UInt8] {
-        [0x5A, (dbd ? 0x08 : 0) | (llbaa ? 0x10 : 0), pc << 6 | page, 0, 0, 0, 0] + be16(1024) + [0]
+        [0x5A, (dbd ? 0x08 : 0) | (llbaa ? 0x10 : 0), pc << 6 | page, 0, 0, 0, 0] + bytesBE16(1024) + [0]
     }
 
     struct SenseCase: Sendable, CustomStringConvertible {
@@ -50,7 +50,7 @@ import Testing
                   data: [0, 26, 0, 0x10, 0, 0, 0, 8] + shortDescriptor + errorRecovery),
         SenseCase(name: "10: DBD with LLBAA", cdb: sense10(page: 0x01, dbd: true, llbaa: true),
                   data: [0, 18, 0, 0x10, 0, 0, 0, 0] + errorRecovery),
-        SenseCase(name: "saved values", cdb: sense6(page: 0x08, pc: 3), sense: fixedSense(0x05, 0x39, 0x00)),
+        SenseCase(name: "saved values", cdb: sense6(page: 0x08, pc: 3), sense: fixedFormatSense(0x05, 0x39, 0x00)),
         SenseCase(name: "unknown page", cdb: sense6(page: 0x19), sense: invalidCDB(byte: 2, bit: 5)),
         SenseCase(name: "unknown subpage", cdb: sense6(page: 0x08, subpage: 0x01), sense: invalidCDB(byte: 3)),
         SenseCase(name: "6: LLBAA is reserved", cdb: [0x1A, 0x10, 0x3F, 0, 255, 0], sense: invalidCDB(byte: 1, bit: 4)),
@@ -79,7 +79,7 @@ import Testing
         #expect(h.unit.writeThrough)
         #expect(h.run(Self.sense6(page: 0x08, dbd: true), dataIn: 64).data == [23, 0, 0x10, 0] + Self.noWriteCache)
         #expect(h.run(ControlCommandsTestsTUR.cdb).status == .good)
-        #expect(h.run(ControlCommandsTestsTUR.cdb, nexus: Harness.other).sense == fixedSense(0x06, 0x2A, 0x01))
+        #expect(h.run(ControlCommandsTestsTUR.cdb, nexus: Harness.other).sense == fixedFormatSense(0x06, 0x2A, 0x01))
         // Selecting the same values again changes nothing and raises nothing.
         #expect(h.run(Self.select6(list), dataOut: list).status == .good)
         #expect(h.run(ControlCommandsTestsTUR.cdb, nexus: Harness.other).status == .good)
@@ -99,7 +99,7 @@ import Testing
         var h = Harness()
         let page: [UInt8] = [0x01, 0x0A, 0x00, 0, 0, 0, 0, 0, 0, 0, 0, 0]
         let list: [UInt8] = [0, 0, 0, 0, 0x01, 0, 0, 16] + Self.longDescriptor + page
-        let o = h.run([0x55, 0x10, 0, 0, 0, 0, 0] + be16(list.count) + [0], dataOut: list)
+        let o = h.run([0x55, 0x10, 0, 0, 0, 0, 0] + bytesBE16(list.count) + [0], dataOut: list)
         #expect(o.status == .good)
         #expect(!h.unit.mode.automaticReadReallocation && !h.unit.mode.automaticWriteReallocation)
     }

@@ -4,10 +4,10 @@ import Testing
 
 @Suite struct VerifyTests {
     static func verify10(lba: UInt64, blocks: Int, byteCheck: UInt8) -> [UInt8] {
-        [0x2F, byteCheck << 1] + be32(lba) + [0] + be16(blocks) + [0]
+        [0x2F, byteCheck << 1] + bytesBE32(lba) + [0] + bytesBE16(blocks) + [0]
     }
 
-    static func miscompare(_ offset: UInt32) -> [UInt8] { fixedSense(0x0E, 0x1D, 0x00, information: offset) }
+    static func miscompare(_ offset: UInt32) -> [UInt8] { fixedFormatSense(0x0E, 0x1D, 0x00, information: offset) }
 
     @Test func verifyWithoutByteCheckReadsTheRange() {
         var h = Harness()
@@ -33,7 +33,7 @@ import Testing
         #expect(short.sense == invalidCDB(byte: 7))
         #expect(short.requests.isEmpty)
         #expect(h.run(Self.verify10(lba: 2, blocks: 3, byteCheck: 2), dataOut: expected).sense == invalidCDB(byte: 1, bit: 2))
-        #expect(h.run([0x2F, 0x20] + be32(0) + [0, 0, 1, 0]).sense == invalidCDB(byte: 1, bit: 5))  // VRPROTECT
+        #expect(h.run([0x2F, 0x20] + bytesBE32(0) + [0, 0, 1, 0]).sense == invalidCDB(byte: 1, bit: 5))  // VRPROTECT
     }
 
     @Test func verifySingleBlockAgainstEveryBlock() {
@@ -49,7 +49,7 @@ import Testing
         var h = Harness(blocks: 5000)
         h.disk.bytes = pattern(h.disk.bytes.count)
         var expected = h.disk.bytes
-        let cdb: [UInt8] = [0x8F, 0x02] + be64(0) + be32(5000) + [0, 0]
+        let cdb: [UInt8] = [0x8F, 0x02] + bytesBE64(0) + bytesBE32(5000) + [0, 0]
         let good = h.run(cdb, dataOut: expected)
         #expect(good.status == .good)
         #expect(good.requests.map(\.length) == [1 << 20, 1 << 20, UInt64(5000 * 512 - 2 * (1 << 20))])
@@ -60,17 +60,17 @@ import Testing
     @Test func verifyMediumErrorReportsTheChunkLBA() {
         var h = Harness()
         h.disk.override = { _ in .failure(5) }
-        #expect(h.run(Self.verify10(lba: 7, blocks: 2, byteCheck: 0)).sense == fixedSense(0x03, 0x11, 0x00, information: 7))
+        #expect(h.run(Self.verify10(lba: 7, blocks: 2, byteCheck: 0)).sense == fixedFormatSense(0x03, 0x11, 0x00, information: 7))
     }
 
     @Test func writeAndVerify() {
         var h = Harness()
         let data = pattern(1024, seed: 9)
-        let plain = h.run([0x2E, 0x00] + be32(4) + [0] + be16(2) + [0], dataOut: data)
+        let plain = h.run([0x2E, 0x00] + bytesBE32(4) + [0] + bytesBE16(2) + [0], dataOut: data)
         #expect(plain.status == .good)
         #expect(plain.ops == [.write] && plain.requests[0].forceUnitAccess)
         #expect(Array(h.disk.bytes[2048 ..< 3072]) == data)
-        let checked = h.run([0x8E, 0x02] + be64(6) + be32(2) + [0, 0], dataOut: data)
+        let checked = h.run([0x8E, 0x02] + bytesBE64(6) + bytesBE32(2) + [0, 0], dataOut: data)
         #expect(checked.status == .good)
         #expect(checked.ops == [.write, .read])
         // A medium that returns something else than what was written fails the verification.
@@ -79,15 +79,15 @@ import Testing
             r.buffers.zero(from: 0, length: Int(r.length))
             return .success(r.length)
         }
-        let bad = h.run([0x2E, 0x02] + be32(8) + [0] + be16(2) + [0], dataOut: data)
+        let bad = h.run([0x2E, 0x02] + bytesBE32(8) + [0] + bytesBE16(2) + [0], dataOut: data)
         #expect(bad.sense == Self.miscompare(0))
         var ro = Harness(readOnly: true)
-        #expect(ro.run([0x2E, 0x00] + be32(4) + [0] + be16(2) + [0], dataOut: data).sense == writeProtectedSense)
-        #expect(h.run([0x2E, 0x04] + be32(4) + [0] + be16(2) + [0], dataOut: data).sense == invalidCDB(byte: 1, bit: 2))
+        #expect(ro.run([0x2E, 0x00] + bytesBE32(4) + [0] + bytesBE16(2) + [0], dataOut: data).sense == writeProtectedSense)
+        #expect(h.run([0x2E, 0x04] + bytesBE32(4) + [0] + bytesBE16(2) + [0], dataOut: data).sense == invalidCDB(byte: 1, bit: 2))
     }
 
     static func compareAndWrite(lba: UInt64, blocks: UInt8, flags: UInt8 = 0) -> [UInt8] {
-        [0x89, flags] + be64(lba) + [0, 0, 0, blocks, 0, 0]
+        [0x89, flags] + bytesBE64(lba) + [0, 0, 0, blocks, 0, 0]
     }
 
     @Test func compareAndWriteWritesWhenEqual() {

@@ -4,11 +4,11 @@ import Testing
 
 @Suite struct WriteSameTests {
     static func writeSame10(lba: UInt64, blocks: Int, flags: UInt8 = 0) -> [UInt8] {
-        [0x41, flags] + be32(lba) + [0] + be16(blocks) + [0]
+        [0x41, flags] + bytesBE32(lba) + [0] + bytesBE16(blocks) + [0]
     }
 
     static func writeSame16(lba: UInt64, blocks: UInt64, flags: UInt8 = 0) -> [UInt8] {
-        [0x93, flags] + be64(lba) + be32(blocks) + [0, 0]
+        [0x93, flags] + bytesBE64(lba) + bytesBE32(blocks) + [0, 0]
     }
 
     @Test func zeroBlockBecomesWriteZeroes() {
@@ -90,12 +90,12 @@ import Testing
 
 @Suite struct UnmapTests {
     static func unmap(_ list: [UInt8], length: Int? = nil, flags: UInt8 = 0) -> [UInt8] {
-        [0x42, flags, 0, 0, 0, 0, 0] + be16(length ?? list.count) + [0]
+        [0x42, flags, 0, 0, 0, 0, 0] + bytesBE16(length ?? list.count) + [0]
     }
 
     static func list(_ ranges: [(UInt64, UInt32)]) -> [UInt8] {
-        var l = be16(6 + 16 * ranges.count) + be16(16 * ranges.count) + [0, 0, 0, 0]
-        for (lba, count) in ranges { l += be64(lba) + be32(UInt64(count)) + [0, 0, 0, 0] }
+        var l = bytesBE16(6 + 16 * ranges.count) + bytesBE16(16 * ranges.count) + [0, 0, 0, 0]
+        for (lba, count) in ranges { l += bytesBE64(lba) + bytesBE32(UInt64(count)) + [0, 0, 0, 0] }
         return l
     }
 
@@ -127,7 +127,7 @@ import Testing
         Case(name: "data-out shorter than the list", cdb: unmap(oneRange), dataOut: Array(oneRange.prefix(12)),
              sense: parameterListLengthSense),
         Case(name: "descriptor length beyond the list", cdb: unmap(oneRange),
-             dataOut: be16(22) + be16(32) + Array(oneRange[4...]), sense: parameterListLengthSense),
+             dataOut: bytesBE16(22) + bytesBE16(32) + Array(oneRange[4...]), sense: parameterListLengthSense),
         Case(name: "too many descriptors", cdb: unmap(list(Array(repeating: (0, 1), count: 257))),
              dataOut: list(Array(repeating: (0, 1), count: 257)), sense: invalidParameter(byte: 2)),
         Case(name: "range past the end", cdb: unmap(list([(0, 1), (60, 5)])), dataOut: list([(0, 1), (60, 5)]),
@@ -156,6 +156,6 @@ import Testing
         var h = Harness()
         h.disk.override = { _ in .failure(5) }
         let l = Self.list([(7, 1)])
-        #expect(h.run(Self.unmap(l), dataOut: l).sense == fixedSense(0x03, 0x0C, 0x00, information: 7))
+        #expect(h.run(Self.unmap(l), dataOut: l).sense == fixedFormatSense(0x03, 0x0C, 0x00, information: 7))
     }
 }
