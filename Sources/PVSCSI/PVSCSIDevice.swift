@@ -107,10 +107,14 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
     private var requestConsumer: UInt32 = 0
     private var completionProducer: UInt32 = 0
     private var messageProducer: UInt32 = 0
-    /// Whether SETUP_RINGS succeeded (and memory still maps the rings).
-    public var ringsReady: Bool { ringsState != nil }
-    /// Whether SETUP_MSG_RING succeeded.
-    public var messageRingReady: Bool { ringsState != nil && messageEntries > 0 }
+    /// SETUP_RINGS succeeded (until ADAPTER_RESET or the next SETUP_RINGS).
+    private var ringsConfigured = false
+    /// Whether the rings are set up and their pages are mapped right now. A DMA window holding them
+    /// may be unmapped and mapped again by the client (QEMU re-lays out guest memory during boot):
+    /// the rings then detach and re-attach on the next access; meanwhile kicks wait and completions queue.
+    public var ringsReady: Bool { ringsConfigured && ringsState != nil }
+    /// Whether SETUP_MSG_RING succeeded (and the rings are attached).
+    public var messageRingReady: Bool { ringsReady && messageEntries > 0 }
 
     // Requests.
     public static var slotCount: Int { PVSCSI.maxRingPages * 4096 / PVSCSI.requestDescriptorSize }  // 1024
@@ -300,6 +304,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
     }
 
     private func dropRings() {
+        ringsConfigured = false
         ringsState = nil
         requestPageCount = 0
         completionPageCount = 0
@@ -359,6 +364,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
         dropRings()
         ringsStatePPN = statePPN
         ringsState = state
+        ringsConfigured = true
         requestPages = newReq
         completionPages = newCmp
         requestPageCount = Int(reqPages)
@@ -374,7 +380,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
     }
 
     private func setupMessageRing() -> Bool {
-        guard ringsState != nil else {
+        guard ringsConfigured, ringsState != nil || attachRings() else {
             log("pvscsi: SETUP_MSG_RING before SETUP_RINGS ignored")
             return false
         }
@@ -489,10 +495,14 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
 
     /// Consumes new request descriptors (KICK_RW_IO / KICK_NON_RW_IO, or a slot freed up).
     func processRequestRing() {
-        guard ringsState != nil else {
+        guard ringsConfigured else {
             if !loggedRingError { log("pvscsi: kick before SETUP_RINGS ignored") }
             loggedRingError = true
             stats.ringErrors += 1
+            return
+        }
+        guard ringsState != nil || attachRings() else {
+            log("pvscsi: kick while the ring pages are not mapped: waiting for the client to map them again")
             return
         }
         flushAwaitingRing()
@@ -693,7 +703,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
         reapNow(ch)
         commitChannels()
         raiseCompletionInterruptIfNeeded()
-        if ringsState != nil && requestsInFlight < Self.slotCount { processRequestRing() }
+        if ringsReady && requestsInFlight < Self.slotCount { processRequestRing() }
     }
 
     // MARK: Completion
@@ -727,7 +737,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
     }
 
     private func post(_ slot: Int, dataLength: UInt64, senseLength: UInt32, host: HostAdapterStatus, scsiStatus: UInt16) {
-        if slots[slot].orphaned || ringsState == nil {
+        if slots[slot].orphaned || !ringsConfigured {
             release(slot)
             return
         }
@@ -735,7 +745,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
         slots[slot].completionSenseLength = senseLength
         slots[slot].completionHostStatus = host.rawValue
         slots[slot].completionSCSIStatus = scsiStatus
-        if awaitingRingHead < awaitingRing.count || !writeCompletion(slot) {
+        if awaitingRingHead < awaitingRing.count || ringsState == nil || !writeCompletion(slot) {
             slots[slot].state = .awaitingRing
             awaitingRing.append(slot)
         }
@@ -764,6 +774,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
     }
 
     private func flushAwaitingRing() {
+        guard ringsState != nil else { return }
         while awaitingRingHead < awaitingRing.count {
             let slot = awaitingRing[awaitingRingHead]
             guard writeCompletion(slot) else { break }
@@ -829,6 +840,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
     }
 
     private func postMessage(type: UInt32, target: UInt32) {
+        if ringsConfigured && ringsState == nil { attachRings() }
         guard messageRingReady else {
             stats.messagesDropped += 1
             log("pvscsi: no message ring: hotplug message for target \(target) dropped")
@@ -883,27 +895,34 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
     }
 
     public func memoryChanged() {
-        guard memory != nil, ringsState != nil else { return }
-        // Re-translate every ring page: windows may have moved or vanished.
-        guard let state = page(ringsStatePPN, write: true) else { ringsVanished(); return }
-        ringsState = state
-        for i in 0..<requestPageCount {
-            guard let p = page(requestPPNs[i], write: false) else { ringsVanished(); return }
-            requestPages[i] = p
-        }
-        for i in 0..<completionPageCount {
-            guard let p = page(completionPPNs[i], write: true) else { ringsVanished(); return }
-            completionPages[i] = p
-        }
-        for i in 0..<messagePageCount {
-            guard let p = page(messagePPNs[i], write: true) else { ringsVanished(); return }
-            messagePages[i] = p
+        guard memory != nil, ringsConfigured else { return }
+        // Windows may have moved or vanished: re-translate every ring page now (or detach until they return).
+        if !attachRings() {
+            log("pvscsi: guest memory holding the rings is not mapped: rings detached until it is mapped again")
+        } else {
+            flushAwaitingRing()
+            raiseCompletionInterruptIfNeeded()
         }
     }
 
-    private func ringsVanished() {
-        log("pvscsi: guest memory holding the rings was unmapped: rings dropped until the next SETUP_RINGS")
-        orphanInFlight()
-        dropRings()
+    /// Translates every configured ring page; on success the rings are attached, otherwise detached.
+    @discardableResult
+    private func attachRings() -> Bool {
+        ringsState = nil
+        guard ringsConfigured, let state = page(ringsStatePPN, write: true) else { return false }
+        for i in 0..<requestPageCount {
+            guard let p = page(requestPPNs[i], write: false) else { return false }
+            requestPages[i] = p
+        }
+        for i in 0..<completionPageCount {
+            guard let p = page(completionPPNs[i], write: true) else { return false }
+            completionPages[i] = p
+        }
+        for i in 0..<messagePageCount {
+            guard let p = page(messagePPNs[i], write: true) else { return false }
+            messagePages[i] = p
+        }
+        ringsState = state
+        return true
     }
 }
