@@ -131,6 +131,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
     private var reaped: [(UInt64, BlockResult)] = []
     private var completionsPosted = false
     private var loggedRingError = false
+    private var loggedPostedConfig = false
 
     /// Creates the device. `channelFactory(backendID)` returns the channel for a LUN's back-end (called
     /// once per back-end, on the loop thread), or nil when it cannot be opened.
@@ -184,7 +185,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
         return count >= 8 ? shifted : shifted & ((1 << (UInt64(count) * 8)) - 1)
     }
 
-    public func barWrite(bar: Int, offset: UInt64, count: Int, value: UInt64) {
+    public func barWrite(bar: Int, offset: UInt64, count: Int, value: UInt64, posted: Bool) {
         guard bar == 0 else { return }
         guard count == 4 || count == 8, offset & 3 == 0 else {
             log("pvscsi: ignored \(count)-byte register write at 0x\(String(offset, radix: 16))")
@@ -193,7 +194,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
         let v = UInt32(truncatingIfNeeded: value)
         switch offset {
         case PVSCSI.Register.command: writeCommand(v)
-        case PVSCSI.Register.commandData: writeCommandData(v)
+        case PVSCSI.Register.commandData: writeCommandData(v, posted: posted)
         case PVSCSI.Register.interruptStatus:
             interruptStatus &= ~v
             updateInterruptLine()
@@ -234,7 +235,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
             return
         }
         if words == 0 {
-            commandStatus = execute(command)
+            commandStatus = execute(command, posted: false)
             return
         }
         currentCommand = command
@@ -243,7 +244,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
         commandStatus = command == .setupMessageRing ? UInt32(PVSCSI.setupMessageRingWords) : PVSCSI.commandNeedsData
     }
 
-    private func writeCommandData(_ value: UInt32) {
+    private func writeCommandData(_ value: UInt32, posted: Bool) {
         guard let command = currentCommand else {
             log("pvscsi: COMMAND_DATA write with no command pending")
             return
@@ -252,13 +253,13 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
         commandWordCount += 1
         if commandWordCount == commandWordsNeeded {
             currentCommand = nil
-            commandStatus = execute(command)
+            commandStatus = execute(command, posted: posted)
         }
     }
 
     private func word64(_ i: Int) -> UInt64 { UInt64(commandWords[i]) | UInt64(commandWords[i + 1]) << 32 }
 
-    private func execute(_ command: PVSCSI.Command) -> UInt32 {
+    private func execute(_ command: PVSCSI.Command, posted: Bool) -> UInt32 {
         switch command {
         case .adapterReset:
             adapterReset()
@@ -274,7 +275,19 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
         case .resetDevice:
             resetRequests(target: commandWords[0])
             return PVSCSI.commandSucceeded
-        case .config: return configCommand() ? PVSCSI.commandSucceeded : PVSCSI.commandFailed
+        case .config:
+            // Linux reads the page right after its last COMMAND_DATA write and frees it at once. When that
+            // write was posted the guest did not wait for it, so by now the page may hold anything (a kernel
+            // stack, seen under QEMU 11): writing it would corrupt the guest. Answer only synchronous writes;
+            // the driver then falls back to 16 targets.
+            if posted {
+                if !loggedPostedConfig {
+                    log("pvscsi: CONFIG arrived as a posted write: not answered (the guest no longer waits for it); the driver assumes 16 targets. Use x-no-posted-writes=on for the controller config page")
+                    loggedPostedConfig = true
+                }
+                return PVSCSI.commandFailed
+            }
+            return configCommand() ? PVSCSI.commandSucceeded : PVSCSI.commandFailed
         case .issueSCSI, .deviceUnplug, .setupRequestCallThreshold: return PVSCSI.commandFailed
         }
     }

@@ -11,7 +11,9 @@ public protocol VfioUserDevice: AnyObject {
     /// A BAR read of 1, 2, 4 or 8 bytes at `offset` (already checked to lie inside the BAR).
     func barRead(bar: Int, offset: UInt64, count: Int) -> UInt64
     /// A BAR write of 1, 2, 4 or 8 bytes at `offset` (already checked to lie inside the BAR).
-    func barWrite(bar: Int, offset: UInt64, count: Int, value: UInt64)
+    /// `posted` is true when the client asked for no reply: the guest vCPU did not wait for this write
+    /// (QEMU posts BAR writes unless `x-no-posted-writes=on`), so the guest may already have moved on.
+    func barWrite(bar: Int, offset: UInt64, count: Int, value: UInt64, posted: Bool)
     /// Device reset (VFIO_USER_DEVICE_RESET, client disconnect).
     func reset()
     /// Finish or abandon every guest memory access in progress: guest memory windows are about to change.
@@ -559,13 +561,13 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
         if !ok { log("vfio-user: config read out of range") }
     }
 
-    private func performWrite(region: UInt32, offset: UInt64, count: UInt32, data: UnsafeRawBufferPointer) {
+    private func performWrite(region: UInt32, offset: UInt64, count: UInt32, data: UnsafeRawBufferPointer, posted: Bool) {
         if Int(region) == VfioPCIRegion.config {
             _ = device.configSpace.write(offset: Int(offset), from: data)
         } else {
             var v: UInt64 = 0
             for i in 0..<Int(count) { v |= UInt64(data[i]) << (8 * UInt64(i)) }
-            device.barWrite(bar: Int(region), offset: offset, count: Int(count), value: v)
+            device.barWrite(bar: Int(region), offset: offset, count: Int(count), value: v, posted: posted)
         }
     }
 
@@ -579,7 +581,7 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
             fail(h, EINVAL, "REGION_WRITE payload \(p.count) bytes does not match count \(count)")
             return
         }
-        performWrite(region: region, offset: offset, count: count, data: data)
+        performWrite(region: region, offset: offset, count: count, data: data, posted: h.wantsNoReply)
         reply(h) { w in
             w.u64(offset)
             w.u32(region)
@@ -595,7 +597,7 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
             guard let offset = p.u64(base), let region = p.u32(base + 8), let count = p.u32(base + 12),
                   count <= 8, let data = p.slice(base + 16, Int(count)) else { fail(h, EINVAL, "REGION_WRITE_MULTI entry \(i)"); return }
             guard checkAccess(h, region: region, offset: offset, count: count) else { return }
-            performWrite(region: region, offset: offset, count: count, data: data)
+            performWrite(region: region, offset: offset, count: count, data: data, posted: true)
         }
         reply(h) { w in w.u64(n) }
     }

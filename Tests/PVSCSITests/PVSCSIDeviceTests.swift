@@ -324,6 +324,43 @@ let inquiryCDB: [UInt8] = [0x12, 0, 0, 0, 36, 0]
         #expect(try f.guest.readRegister(PVSCSI.Register.interruptMask) == 0xF)
     }
 
+    @Test func configPageIsAnsweredOnlyWhenTheGuestWaitsForTheWrite() throws {
+        let f = try Fixture(startup: false)
+        let g = f.guest!
+        try g.connect()
+        let page = g.address(page: TestGuest.configPage)
+        let header = g.pointer(page)
+        var words: [UInt32] = TestGuest.words([page, UInt64(PVSCSI.configControllerAddress) << 32], pairs: true)
+        words += [PVSCSI.configPageController, 0]
+        // Posted (QEMU's default for BAR writes): the guest has moved on and may have freed the page.
+        memset(header, 0xAB, 4096)
+        try g.writeRegister(PVSCSI.Register.command, PVSCSI.Command.config.rawValue)
+        for w in words { g.client.postWrite32(0, PVSCSI.Register.commandData, w) }
+        #expect(try g.readRegister(PVSCSI.Register.commandStatus) == PVSCSI.commandFailed)
+        #expect(header.load(fromByteOffset: 0, as: UInt32.self) == 0xABAB_ABAB)
+        #expect(f.logLines.contains("posted write"))
+        // Synchronous (x-no-posted-writes=on): the controller page with numPhys.
+        let status = try g.command(.config, words)
+        #expect(status == 0)
+        #expect(header.load(fromByteOffset: 0, as: UInt32.self) == PVSCSI.configPageController)
+        #expect(header.load(fromByteOffset: 6, as: UInt16.self) == 0)
+        #expect(header.load(fromByteOffset: 480 - 8, as: UInt32.self) == 16)
+        // Another page: failure status in the header, command fails.
+        var other = words
+        other[4] = 0x1959
+        #expect(try g.command(.config, other) == PVSCSI.commandFailed)
+        #expect(header.load(fromByteOffset: 6, as: UInt16.self) == HostAdapterStatus.invalidParameter.rawValue)
+    }
+
+    @Test func postedKicksAreProcessedInOrder() throws {
+        let f = try Fixture()
+        let g = f.guest!
+        g.place(GuestRequest(context: 77, cdb: [0, 0, 0, 0, 0, 0]))
+        g.client.postWrite32(0, PVSCSI.Register.kickNonRWIO, 0)
+        #expect(g.waitInterrupt())
+        #expect(g.takeCompletions().map(\.context) == [77])
+    }
+
     @Test func qemuCommandLineNamesTheSocket() throws {
         let arg = PVSCSIController<TestCommandTarget, MemoryChannel>.qemuDeviceArgument(socketPath: "/run/x.sock")
         #expect(arg == "{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"/run/x.sock\",\"type\":\"unix\"}}")

@@ -162,6 +162,17 @@ final class VfioUserTestClient {
         guard !r.isError else { throw TestClientError.io("region write failed errno \(r.errorNumber)") }
     }
 
+    /// A posted write (NO_REPLY), as QEMU sends BAR writes by default.
+    func postWrite32(_ region: UInt32, _ offset: UInt64, _ value: UInt32) {
+        var p = Payload()
+        p.u64(offset)
+        p.u32(region)
+        p.u32(4)
+        p.u32(value)
+        let (_, bytes) = message(.regionWrite, p.bytes, flags: VfioUserHeader.noReply)
+        sendRaw(bytes)
+    }
+
     func setIRQs(index: UInt32, flags: UInt32, start: UInt32, count: UInt32, data: [UInt8] = [], fds: [Int32] = []) throws -> TestReply {
         var p = Payload()
         p.u32(UInt32(20 + data.count))
