@@ -19,6 +19,7 @@ private func env(_ name: String) -> String? {
 /// Serves a PVSCSI controller for a real QEMU (`-device vfio-user-pci`) started outside the test, with the
 /// real SCSI core and in-memory LUNs. Only runs when SCSIGATE_PVSCSI_SERVE_SOCKET names the socket:
 ///   SCSIGATE_PVSCSI_SERVE_SECONDS  (default 300) upper bound on serving time
+///   SCSIGATE_PVSCSI_MAX_TARGETS    numPhys in the controller config page (default 16)
 ///   SCSIGATE_PVSCSI_HOTPLUG        "ADD_AFTER,REMOVE_AFTER" seconds after the client connects: add LUN 1, then remove it
 /// It ends when the client disconnects and checks that the guest did I/O and no request was malformed.
 @Suite struct RealQEMUServeTests {
@@ -32,7 +33,9 @@ private func env(_ name: String) -> String? {
         let registry = ChannelRegistry(disks: [0: MemoryDisk(blocks: blocks)])
         try table.add(makeUnit(0, blocks: blocks, backendID: 0))
         let target = TestCommandTarget(table: table, useCore: true)
-        let controller = try PVSCSIController(socketPath: path, target: target, channelFactory: { registry.channel($0) },
+        var options = PVSCSIOptions()
+        if let n = UInt32(env("SCSIGATE_PVSCSI_MAX_TARGETS") ?? "") { options.maxTargets = n }
+        let controller = try PVSCSIController(socketPath: path, target: target, options: options, channelFactory: { registry.channel($0) },
                                               log: { say($0) })
         try controller.start()
         defer { controller.stop() }
