@@ -459,10 +459,32 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
         }
     }
 
-    private func resetRequests(target: UInt32?) {
+    /// RESET_DEVICE (one target) or RESET_BUS (every target): in-flight requests complete with
+    /// BTSTAT_BUSRESET when their I/O returns, and the core performs a LOGICAL UNIT RESET on each LUN
+    /// (BUS DEVICE RESET FUNCTION OCCURRED unit attention, SPC-2 reservation released).
+    private func resetRequests(target resetTarget: UInt32?) {
+        var hit: [UInt32: Int] = [:]
         for i in 0..<slots.count where slots[i].state == .submitted {
-            if target == nil || slots[i].target == target! { slots[i].resetHit = true }
+            if resetTarget == nil || slots[i].target == resetTarget! {
+                slots[i].resetHit = true
+                hit[slots[i].target, default: 0] += 1
+            }
         }
+        var luns: [LogicalUnitNumber] = []
+        if let t = resetTarget {
+            if t < options.maxTargets, let l = LogicalUnitNumber(Int(t)) { luns = [l] }
+        } else {
+            target.refresh(&view)
+            luns = view.numbers.filter { UInt32($0.value) < options.maxTargets }
+        }
+        let nexus = ITNexus(initiator: options.initiatorID)
+        for lun in luns {
+            let plan = target.planTaskManagement(.logicalUnitReset, nexus: nexus, lun: lun)
+            var outcome = TaskManagementOutcome()
+            outcome.abortedCount = hit[UInt32(lun.value)] ?? 0
+            target.finishTaskManagement(plan, outcome)
+        }
+        log("pvscsi: \(resetTarget.map { "RESET_DEVICE target \($0)" } ?? "RESET_BUS"): \(hit.values.reduce(0, +)) request(s) in flight")
     }
 
     // MARK: Guest ring access

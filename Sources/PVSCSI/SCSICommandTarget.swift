@@ -4,7 +4,7 @@ import SCSI
 /// What the PVSCSI device needs from the SCSI core: the LUN map, LUN events and the command layer.
 ///
 /// `SCSITarget` provides `refresh`, `subscribe` and `unsubscribe`; the command layer adds
-/// `execute(_:view:)` and `resume(_:with:)` (branch `cmd`). The device is generic over this protocol so
+/// `execute(_:view:)`, `resume(_:with:)` and the task management planning. The device is generic over this protocol so
 /// that no existential sits in the per-I/O path.
 public protocol SCSICommandTarget: AnyObject, Sendable {
     /// Brings `view` up to date with the LUN map.
@@ -18,6 +18,11 @@ public protocol SCSICommandTarget: AnyObject, Sendable {
     func subscribe(_ handler: @escaping @Sendable (LUNEvent) -> Void) -> Int
     /// Removes a LUN event handler.
     func unsubscribe(_ token: Int)
+    /// Decides a task management function and applies its logical-unit side effects (unit attentions,
+    /// reservations); the device aborts the matching in-flight requests itself.
+    func planTaskManagement(_ function: TaskManagementFunction, nexus: ITNexus, lun: LogicalUnitNumber?) -> TaskManagementPlan
+    /// Completes a plan after the device applied it.
+    func finishTaskManagement(_ plan: TaskManagementPlan, _ outcome: TaskManagementOutcome)
 }
 
 /// The SCSI core's target: LUN map and events (Target.swift) plus the command layer (CommandDispatch.swift).

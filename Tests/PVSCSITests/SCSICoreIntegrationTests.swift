@@ -86,4 +86,34 @@ import Glibc
         #expect(s[2] & 0xF == 0x06)  // UNIT ATTENTION
         #expect(s[12] == 0x29)  // POWER ON, RESET, OR BUS DEVICE RESET OCCURRED
     }
+
+    @Test func resetDeviceEstablishesBusDeviceResetUnitAttention() throws {
+        let f = try Fixture(luns: [0, 1], useCore: true)
+        let g = f.guest!
+        let sense = g.address(page: TestGuest.sensePage)
+        // Clear the power-on unit attentions of both targets.
+        for t in [UInt8(0), 1] {
+            var n = 0
+            while n < 4 {
+                let r = try g.run([GuestRequest(context: 50 + UInt64(n), target: t, cdb: [0, 0, 0, 0, 0, 0], senseAddress: sense, senseLength: 96)])
+                if r.first?.scsiStatus == 0 { break }
+                n += 1
+            }
+        }
+        #expect(try g.command(.resetDevice, [1, 0, 0]) == 0)
+        let t0 = try g.run([GuestRequest(context: 1, target: 0, cdb: [0, 0, 0, 0, 0, 0], senseAddress: sense, senseLength: 96)])
+        #expect(t0.first?.scsiStatus == 0)  // other target untouched
+        let t1 = try g.run([GuestRequest(context: 2, target: 1, cdb: [0, 0, 0, 0, 0, 0], senseAddress: sense, senseLength: 96)])
+        #expect(t1.first?.scsiStatus == 0x02)
+        let s = UnsafeRawBufferPointer(start: g.pointer(sense), count: 18)
+        #expect(s[2] & 0xF == 0x06)
+        #expect(s[12] == 0x29 && s[13] == 0x03)
+        // RESET_BUS: both targets report it.
+        #expect(try g.command(.resetBus) == 0)
+        for t in [UInt8(0), 1] {
+            let r = try g.run([GuestRequest(context: 10 + UInt64(t), target: t, cdb: [0, 0, 0, 0, 0, 0], senseAddress: sense, senseLength: 96)])
+            #expect(r.first?.scsiStatus == 0x02)
+            #expect(s[12] == 0x29)
+        }
+    }
 }

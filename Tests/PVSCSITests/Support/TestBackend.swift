@@ -100,6 +100,12 @@ final class TestCommandTarget: SCSICommandTarget, @unchecked Sendable {
     func refresh(_ view: inout LUNMapView) { table.refresh(&view) }
     func subscribe(_ handler: @escaping @Sendable (LUNEvent) -> Void) -> Int { table.subscribe(handler) }
     func unsubscribe(_ token: Int) { table.unsubscribe(token) }
+    func planTaskManagement(_ function: TaskManagementFunction, nexus: ITNexus, lun: LogicalUnitNumber?) -> TaskManagementPlan {
+        table.planTaskManagement(function, nexus: nexus, lun: lun)
+    }
+    func finishTaskManagement(_ plan: TaskManagementPlan, _ outcome: TaskManagementOutcome) {
+        table.finishTaskManagement(plan, outcome)
+    }
 
     private func check(_ task: inout SCSITask, _ key: SenseKey, _ asc: AdditionalSense) -> TaskDisposition {
         task.status = .checkCondition
