@@ -367,7 +367,6 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
         guard fdCount <= 1 else { fail(h, EINVAL, "DMA_MAP with \(fdCount) fds"); return }
         let fd: Int32 = fdCount == 1 ? fds[0] : -1
         if fdCount == 1 { fds[0] = -1; fdCount = 0 }  // ownership passes to GuestMemory.map
-        device.quiesce()
         do {
             try memory.map(address: address, size: size, fileOffset: offset, readable: flags & 1 != 0,
                            writable: flags & 2 != 0, fd: fd)
