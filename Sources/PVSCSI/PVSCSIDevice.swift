@@ -69,7 +69,7 @@ struct RequestSlot {
 /// SG lists, sense, interrupts; SCSI commands run by `Target` and their I/O by `Channel`s.
 ///
 /// Runs on the vfio-user server's event-loop thread; every guest address goes through `GuestMemory`.
-public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel>: VfioUserDevice, @unchecked Sendable {
+public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChannel>: VfioUserDevice, @unchecked Sendable {
     public var configSpace: PCIConfigSpace
     public let options: PVSCSIOptions
     public private(set) var stats = PVSCSIStats()

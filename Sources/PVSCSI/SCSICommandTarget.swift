@@ -27,3 +27,20 @@ public protocol SCSICommandTarget: AnyObject, Sendable {
 
 /// The SCSI core's target: LUN map and events (Target.swift) plus the command layer (CommandDispatch.swift).
 extension SCSITarget: SCSICommandTarget {}
+
+/// The back-end channel interface the device drives: `BlockChannel`'s members without its class
+/// constraint, so that the gateway's `AnyBlockChannel` enum (branch `backends`) can be used directly:
+/// `extension AnyBlockChannel: PVSCSIChannel {}` (its members already match). Any `BlockChannel`
+/// class conforms the same way with an empty extension.
+public protocol PVSCSIChannel {
+    /// Readable when completions are ready, or -1 for channels that complete inside `commit`/`reap`.
+    var completionFD: Int32 { get }
+    /// Queues one request; returns 0 or a positive errno.
+    func submit(_ request: BlockRequest, token: UInt64) -> Int32
+    /// Sends the queued requests.
+    func commit()
+    /// Delivers ready completions; returns how many.
+    func reap(_ handler: (UInt64, BlockResult) -> Void) -> Int
+    /// Requests queued or in flight.
+    var inFlight: Int { get }
+}
