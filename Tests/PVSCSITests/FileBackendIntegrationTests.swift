@@ -9,7 +9,7 @@ import Glibc
 #endif
 
 /// The gateway's concrete channel enum drives the device directly (its members match PVSCSIChannel).
-extension AnyBlockChannel: @retroactive PVSCSIChannel {}
+extension AnyBlockChannel: PVSCSIChannel {}
 
 /// PVSCSI in front of the real SCSI core and the real file back-end (AnyBlockChannel): data written by
 /// the guest is byte-identical in the backing file.
