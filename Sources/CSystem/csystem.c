@@ -163,6 +163,11 @@ int csys_set_recv_timeout(int sock, int milliseconds) {
     return setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) < 0 ? -errno : 0;
 }
 
+int csys_set_send_timeout(int sock, int milliseconds) {
+    struct timeval tv = {.tv_sec = milliseconds / 1000, .tv_usec = (milliseconds % 1000) * 1000};
+    return setsockopt(sock, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv) < 0 ? -errno : 0;
+}
+
 #include <sys/un.h>
 int csys_unix_listen(const char *path, int backlog) {
     struct sockaddr_un addr;

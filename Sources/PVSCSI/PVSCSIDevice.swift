@@ -932,8 +932,9 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
     public func memoryChanged() {
         guard memory != nil, ringsConfigured else { return }
         // Windows may have moved or vanished: re-translate every ring page now (or detach until they return).
+        let wasAttached = ringsState != nil
         if !attachRings() {
-            log("pvscsi: guest memory holding the rings is not mapped: rings detached until it is mapped again")
+            if wasAttached { log("pvscsi: guest memory holding the rings is not mapped: rings detached until it is mapped again") }
         } else {
             flushAwaitingRing()
             raiseCompletionInterruptIfNeeded()

@@ -78,7 +78,8 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
     private let replyBuffer: UnsafeMutableRawBufferPointer
     private let fds: UnsafeMutablePointer<Int32>
     private var fdCount = 0
-    /// Milliseconds a client may take to send the rest of a message once its header arrived.
+    /// Milliseconds a client may take to send the rest of a message once its header arrived, and to make
+    /// room for a reply; after that the client is dropped (the loop never waits longer on one client).
     public var bodyTimeoutMilliseconds: Int32 = 5000
 
     /// Creates a server (does not listen yet).
@@ -137,6 +138,7 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
             return
         }
         _ = csys_set_recv_timeout(fd, bodyTimeoutMilliseconds)
+        _ = csys_set_send_timeout(fd, bodyTimeoutMilliseconds)
         do {
             try loop.register(fd: fd, events: [.readable, .hangup]) { [unowned self] events in self.clientReadable(events) }
         } catch {

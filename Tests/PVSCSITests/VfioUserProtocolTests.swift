@@ -234,4 +234,28 @@ import Glibc
         #expect(!f.ringsReady)
         #expect(try f.guest.readRegister(PVSCSI.Register.interruptMask) == 0)
     }
+
+    @Test func clientThatNeverReadsRepliesIsDroppedNotWaitedOnForever() throws {
+        let f = try Fixture(connect: false)
+        let server = f.controller.server
+        _ = f.controller.sync { server.bodyTimeoutMilliseconds = 300; return 0 }
+        let c = try VfioUserTestClient(path: f.path)
+        var size: Int32 = 4096
+        setsockopt(c.fd, SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size))
+        #expect(try !c.negotiateVersion().isError)
+        // Ask for 1 MiB of config-space reads replies (256 bytes each) without reading any of them.
+        var p = Payload()
+        p.u64(0); p.u32(7); p.u32(256)
+        let (_, one) = c.message(.regionRead, p.bytes)
+        var burst: [UInt8] = []
+        for _ in 0..<4096 { burst += one }
+        var flags = fcntl(c.fd, F_GETFL)
+        flags |= O_NONBLOCK
+        _ = fcntl(c.fd, F_SETFL, flags)
+        _ = burst.withUnsafeBytes { send(c.fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+        var waited = 0
+        while f.clientConnected && waited < 500 { usleep(10_000); waited += 1 }
+        #expect(!f.clientConnected)
+        try expectServerAlive(f)
+    }
 }

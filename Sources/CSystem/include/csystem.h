@@ -55,8 +55,9 @@ uint32_t csys_load32_acquire(const void *p);
 void csys_store32_release(void *p, uint32_t v);
 uint64_t csys_load64_relaxed(const void *p);
 void csys_fence_seq_cst(void);
-/* Sets SO_RCVTIMEO on a socket (milliseconds). Returns 0 or -errno. */
+/* Sets SO_RCVTIMEO / SO_SNDTIMEO on a socket (milliseconds). Return 0 or -errno. */
 int csys_set_recv_timeout(int sock, int milliseconds);
+int csys_set_send_timeout(int sock, int milliseconds);
 /* Unix stream socket helpers. Return fd or -errno. */
 int csys_unix_listen(const char *path, int backlog);
 int csys_unix_connect(const char *path);
