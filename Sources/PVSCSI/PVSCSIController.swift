@@ -48,7 +48,9 @@ public final class PVSCSIController<Target: SCSICommandTarget, Channel: PVSCSICh
     }
 
     /// QEMU arguments for this controller. Guest RAM must be shareable (an fd-backed memory backend),
-    /// because the device reads rings and data through mmap'ed DMA windows.
+    /// because the device reads rings and data through mmap'ed DMA windows (DMA_READ/DMA_WRITE for
+    /// fd-less windows is not implemented). Add `"x-no-posted-writes":true` to the device JSON to let the
+    /// adapter answer the controller config page (more than 16 targets), at the cost of a round trip per kick.
     public var qemuArguments: [String] {
         ["-object", "memory-backend-memfd,id=mem0,size=<RAM>,share=on", "-machine", "memory-backend=mem0",
          "-device", "'" + Self.qemuDeviceArgument(socketPath: socketPath) + "'"]

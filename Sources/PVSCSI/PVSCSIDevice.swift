@@ -11,6 +11,8 @@ import Glibc
 public struct PVSCSIOptions: Sendable {
     /// Targets the adapter reports in its controller config page (`numPhys`); Linux scans targets
     /// 0..<maxTargets, LUN 0 each. LUN n of the SCSI target is exposed as PVSCSI target n, LUN 0.
+    /// The page is only answered when QEMU does not post BAR writes (`x-no-posted-writes=on`, see
+    /// `PVSCSIDevice` CONFIG); otherwise Linux assumes 16 targets, so LUNs 16 and above stay invisible.
     public var maxTargets: UInt32 = 16
     /// Largest data length of one request (bytes).
     public var maxTransferBytes: UInt64 = 64 << 20
