@@ -82,13 +82,17 @@ public final class PVSCSIController<Target: SCSICommandTarget, Channel: PVSCSICh
         log("pvscsi: controller on \(socketPath) started; QEMU: -device '\(Self.qemuDeviceArgument(socketPath: socketPath))'")
     }
 
-    /// Disconnects the client, removes the socket and joins the loop thread.
+    /// Disconnects the client, removes the socket, closes the back-end channels and joins the loop thread.
     public func stop() {
         if let s = subscription { target.unsubscribe(s); subscription = nil }
         guard let t = thread else { return }
         let server = self.server
+        let device = self.device
         let loop = self.loop
-        let shutdown = Thunk { server.shutdown() }
+        let shutdown = Thunk {
+            server.shutdown()
+            device.closeChannels()
+        }
         loop.execute {
             shutdown.body()
             loop.stop()

@@ -931,6 +931,16 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
         raiseCompletionInterruptIfNeeded()
     }
 
+    /// Waits for in-flight I/O, then closes every back-end channel (controller stop; loop thread).
+    public func closeChannels() {
+        quiesce()
+        for (_, ch) in channels {
+            if ch.completionFD >= 0 { loop.unregister(fd: ch.completionFD) }
+            ch.close()
+        }
+        channels.removeAll()
+    }
+
     public func memoryChanged() {
         guard memory != nil, ringsConfigured else { return }
         // Windows may have moved or vanished: re-translate every ring page now (or detach until they return).

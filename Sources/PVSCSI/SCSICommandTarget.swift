@@ -43,4 +43,6 @@ public protocol PVSCSIChannel {
     func reap(_ handler: (UInt64, BlockResult) -> Void) -> Int
     /// Requests queued or in flight.
     var inFlight: Int { get }
+    /// Releases the channel (worker threads, fds) when the controller stops.
+    func close()
 }

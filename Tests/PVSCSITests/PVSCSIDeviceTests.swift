@@ -316,6 +316,18 @@ let inquiryCDB: [UInt8] = [0x12, 0, 0, 0, 36, 0]
         #expect(done.first?.dataLength == 36)
     }
 
+    @Test func stopClosesTheBackEndChannelsAndRemovesTheSocket() throws {
+        var f: Fixture? = try Fixture()
+        _ = try f!.guest.run([GuestRequest(context: 1, cdb: read10(lba: 0, blocks: 1), flags: PVSCSI.flagDirectionToHost,
+                                           dataAddress: f!.guest.address(page: TestGuest.dataPage), dataLength: 512)])
+        let ch = try #require(f!.channels.made(0))
+        let path = f!.path
+        f = nil  // stops the controller
+        let closed = ch.closed.load(ordering: .acquiring)
+        #expect(closed)
+        #expect(access(path, F_OK) != 0)
+    }
+
     @Test func secondClientIsRefusedWhileOneIsConnected() throws {
         let f = try Fixture()
         let second = try VfioUserTestClient(path: f.path)

@@ -37,7 +37,7 @@ final class MemoryChannel: BlockChannel, PVSCSIChannel, @unchecked Sendable {
         self.disk = disk
         completionFD = csys_eventfd(0, 1)
     }
-    deinit { close(completionFD) }
+    deinit { Glibc.close(completionFD) }
 
     func submit(_ request: BlockRequest, token: UInt64) -> Int32 {
         submitted.add(1, ordering: .relaxed)
@@ -83,6 +83,9 @@ final class MemoryChannel: BlockChannel, PVSCSIChannel, @unchecked Sendable {
     }
 
     var inFlight: Int { queued.count + ready.count }
+
+    let closed = Atomic<Bool>(false)
+    func close() { closed.store(true, ordering: .releasing) }
 }
 
 /// A small command layer for the tests (the real one lives on branch `cmd`): INQUIRY, TEST UNIT READY,
