@@ -601,8 +601,40 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
         }
         tasks[slot].reset(nexus: ITNexus(initiator: options.initiatorID), lun: lun, tag: d.context, attribute: attribute,
                           cdb: d.cdb, dataOut: toDevice ? list : .empty, dataIn: toHost ? list : .empty)
+        if d.cdb.opcode == 0xA0 {
+            answerReportLUNs(slot)
+            return
+        }
         let disposition = target.execute(&tasks[slot], view: &view)
         handle(slot, disposition)
+    }
+
+    /// REPORT LUNS for a PVSCSI target: each target carries exactly one LUN (0), whatever the SCSI
+    /// target's map holds (those LUNs are the other PVSCSI targets). Answered here so that Linux does not
+    /// probe LUN n on every target during its REPORT LUNS scan.
+    private func answerReportLUNs(_ slot: Int) {
+        let cdb = tasks[slot].cdb
+        let allocation = Int(cdb.be32(6))
+        let select = cdb[2]
+        var badByte: Int? = nil
+        for b in [1, 3, 4, 5, 10] where cdb[b] != 0 { badByte = b; break }
+        if badByte == nil && select > 0x02 { badByte = 2 }
+        if badByte == nil && allocation < 16 { badByte = 6 }
+        if let b = badByte {
+            tasks[slot].status = .checkCondition
+            _ = SCSIError.invalidFieldInCDB(byte: b).sense?.encode(.fixed, into: &tasks[slot].sense)
+            finishTask(slot)
+            return
+        }
+        var list: (UInt64, UInt64) = (0, 0)
+        withUnsafeMutableBytes(of: &list) { raw in
+            // LUN LIST LENGTH: one entry (LUN 0, all zero), none for SELECT REPORT 01h (well-known LUNs).
+            raw[3] = select == 0x01 ? 0 : 8
+            let length = select == 0x01 ? 8 : 16
+            tasks[slot].dataInLength = tasks[slot].dataIn.scatter(at: 0, from: UnsafeRawBufferPointer(rebasing: raw[0..<min(length, allocation)]))
+        }
+        tasks[slot].status = .good
+        finishTask(slot)
     }
 
     private func invalid(_ slot: Int, _ why: String) {

@@ -26,12 +26,21 @@ import Glibc
                                           dataAddress: data, dataLength: 64, senseAddress: sense, senseLength: 96)])
         #expect(vpd.first?.scsiStatus == 0)
         #expect(UnsafeRawBufferPointer(start: g.pointer(data), count: 8)[1] == 0x80)
-        // REPORT LUNS lists both LUNs.
+        // REPORT LUNS on a PVSCSI target lists only its LUN 0 (the core's LUN 1 is PVSCSI target 1).
+        memset(g.pointer(data), 0xEE, 64)
         let rl = try g.run([GuestRequest(context: 3, cdb: [0xA0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], flags: PVSCSI.flagDirectionToHost,
                                          dataAddress: data, dataLength: 256, senseAddress: sense, senseLength: 96)])
         #expect(rl.first?.scsiStatus == 0)
+        #expect(rl.first?.dataLength == 16)
         let list = UnsafeRawBufferPointer(start: g.pointer(data), count: 24)
-        #expect(list[3] == 16)  // two 8-byte entries
+        #expect(Array(list[0..<16]) == [0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+        #expect(list[16] == 0xEE)
+        // Allocation length below 16: ILLEGAL REQUEST, INVALID FIELD IN CDB.
+        let short = try g.run([GuestRequest(context: 4, target: 1, cdb: [0xA0, 0, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0], flags: PVSCSI.flagDirectionToHost,
+                                            dataAddress: data, dataLength: 8, senseAddress: sense, senseLength: 96)])
+        #expect(short.first?.scsiStatus == 0x02)
+        let sb = UnsafeRawBufferPointer(start: g.pointer(sense), count: 18)
+        #expect(sb[2] & 0xF == 0x05 && sb[12] == 0x24)
     }
 
     @Test func writeAndReadRoundTripThroughTheCore() throws {
