@@ -1,4 +1,5 @@
 import Backends
+import Gateway
 import BlockIO
 import CSystem
 import PVSCSI
@@ -9,7 +10,6 @@ import Glibc
 #endif
 
 /// The gateway's concrete channel enum drives the device directly (its members match PVSCSIChannel).
-extension AnyBlockChannel: PVSCSIChannel {}
 
 /// PVSCSI in front of the real SCSI core and the real file back-end (AnyBlockChannel): data written by
 /// the guest is byte-identical in the backing file.
