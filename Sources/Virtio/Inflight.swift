@@ -17,6 +17,8 @@ public final class InflightQueueRegion: @unchecked Sendable {
     public let base: UnsafeMutableRawPointer
     /// Descriptors tracked.
     public let size: Int
+    /// Keeps the shared mapping alive while a ring uses this region.
+    public var owner: AnyObject?
     private var counter: UInt64 = 1
     /// Heads pushed since the last publish (cleared once their used entries are visible).
     private let batch: UnsafeMutablePointer<UInt16>
