@@ -68,6 +68,16 @@ public final class LogicalUnit: Sendable {
     private let modeState: Mutex<ModeParameters>
     /// Descriptor sense, mirrored for the hot path.
     private let descriptorSenseAtomic: Atomic<Bool>
+    /// Logical block size, fixed for the life of the LUN (lock-free copy of the geometry's).
+    private let logicalBlockSize: UInt32
+    /// Largest transfer in logical blocks a command may ask for (B0h MAXIMUM TRANSFER LENGTH; 0: no limit).
+    let maximumTransferBlocks: UInt32
+    /// Whether the back-end has a volatile write cache (fixed at creation).
+    private let hasVolatileWriteCache: Bool
+    /// Writes must be forced to stable storage: WCE = 0 on a back-end with a volatile cache (hot path).
+    private let writeThroughAtomic: Atomic<Bool>
+    /// Per-nexus PREVENT ALLOW MEDIUM REMOVAL state and other rarely used command-layer state.
+    let mediumState = Mutex(MediumState())
 
     /// Unit attentions pending per I_T nexus.
     public let unitAttentions: UnitAttentionBoard
@@ -87,6 +97,10 @@ public final class LogicalUnit: Sendable {
         self.readOnlyAtomic = Atomic(geometry.readOnly)
         self.modeState = Mutex(mode)
         self.descriptorSenseAtomic = Atomic(mode.descriptorSense)
+        self.logicalBlockSize = geometry.logicalBlockSize
+        self.maximumTransferBlocks = geometry.logicalBlockSize == 0 ? 0 : geometry.maxTransferBytes / geometry.logicalBlockSize
+        self.hasVolatileWriteCache = geometry.volatileWriteCache
+        self.writeThroughAtomic = Atomic(geometry.volatileWriteCache && !mode.writeCacheEnabled)
         self.unitAttentions = UnitAttentionBoard()
         self.reservations = ReservationState()
     }
@@ -98,7 +112,11 @@ public final class LogicalUnit: Sendable {
     @inline(__always) public var blockCount: UInt64 { blockCountAtomic.load(ordering: .acquiring) }
 
     /// Logical block size (fixed for the life of the LUN).
-    public var blockSize: UInt32 { geometryState.withLock { $0.logicalBlockSize } }
+    @inline(__always) public var blockSize: UInt32 { logicalBlockSize }
+
+    /// Whether every write must reach stable storage before completing (write cache disabled by
+    /// MODE SELECT while the back-end caches writes); lock-free.
+    @inline(__always) public var writeThrough: Bool { writeThroughAtomic.load(ordering: .relaxed) }
 
     /// Whether writes are refused (back-end read-only or set read-only by the operator).
     @inline(__always) public var isReadOnly: Bool {
@@ -122,6 +140,7 @@ public final class LogicalUnit: Sendable {
             return old != new
         }
         descriptorSenseAtomic.store(new.descriptorSense, ordering: .relaxed)
+        writeThroughAtomic.store(hasVolatileWriteCache && !new.writeCacheEnabled, ordering: .relaxed)
         return changed
     }
 

@@ -1,45 +1,543 @@
 import Synchronization
 
-// OWNER: scsi-state helper. STUB: replace bodies; keep the public signatures (or extend them).
-
 /// Side effects a reservation command asks of the target beyond its own state.
 public struct ReservationEffects: Sendable {
-    /// Unit attentions to establish.
+    /// Unit attentions to establish (on the same logical unit).
     public var unitAttentions: [(AdditionalSense, UnitAttentionScope)] = []
     /// PREEMPT AND ABORT: abort tasks of these nexuses on the LUN.
     public var abortTasksOf: [ITNexus] = []
     public init() {}
 }
 
+/// SPC-4 persistent reservation types (PERSISTENT RESERVE OUT TYPE field).
+public enum PersistentReservationType: UInt8, Sendable, CaseIterable {
+    case writeExclusive = 0x1
+    case exclusiveAccess = 0x3
+    case writeExclusiveRegistrantsOnly = 0x5
+    case exclusiveAccessRegistrantsOnly = 0x6
+    case writeExclusiveAllRegistrants = 0x7
+    case exclusiveAccessAllRegistrants = 0x8
+
+    /// Every registrant is a reservation holder (WE-AR, EA-AR).
+    public var allRegistrantsHold: Bool { self == .writeExclusiveAllRegistrants || self == .exclusiveAccessAllRegistrants }
+    /// Registrants that do not hold the reservation still have full access (RO and AR types).
+    public var registrantsHaveAccess: Bool { rawValue >= 0x5 }
+    /// Non-privileged nexuses may not read (the EA family).
+    public var excludesReads: Bool {
+        self == .exclusiveAccess || self == .exclusiveAccessRegistrantsOnly || self == .exclusiveAccessAllRegistrants
+    }
+}
+
+/// How a command is treated in the presence of a reservation held by another I_T nexus.
+public enum ReservationAccess: Sendable, Equatable {
+    /// Never conflicts (INQUIRY, REPORT LUNS, REQUEST SENSE, READ CAPACITY...).
+    case unrestricted
+    /// Reads the medium or device state: allowed by Write Exclusive types, refused by Exclusive Access types.
+    case read
+    /// Changes the medium or device state: conflicts.
+    case write
+    /// PERSISTENT RESERVE IN.
+    case persistentReserveIn
+    /// PERSISTENT RESERVE OUT (checked by `persistentReserveOut` itself under a persistent reservation).
+    case persistentReserveOut
+    /// RESERVE(6)/(10).
+    case reserve
+    /// RELEASE(6)/(10).
+    case release
+    /// TEST UNIT READY: allowed under persistent reservations (SPC-3 onwards), conflicts with an SPC-2 one.
+    case testUnitReady
+
+    /// Classifies a CDB (SPC-4 table "SPC commands that are allowed in the presence of various
+    /// reservations" and the SBC-3 table for direct-access commands). Unknown operation codes are
+    /// `.write` (conflict by default).
+    public static func of(_ cdb: CDB) -> ReservationAccess {
+        switch cdb.opcode {
+        case 0x00: return .testUnitReady
+        case 0x03, 0x12, 0xA0, 0x4D, 0x25, 0xAB:  // REQUEST SENSE, INQUIRY, REPORT LUNS, LOG SENSE, READ CAPACITY(10), READ MEDIA SERIAL
+            return .unrestricted
+        case 0x5E: return .persistentReserveIn
+        case 0x5F: return .persistentReserveOut
+        case 0x16, 0x56: return .reserve
+        case 0x17, 0x57: return .release
+        case 0x9E:
+            switch cdb[1] & 0x1F {
+            case 0x10: return .unrestricted  // READ CAPACITY(16)
+            case 0x11, 0x12: return .read    // READ LONG(16), GET LBA STATUS
+            default: return .write
+            }
+        case 0xA3:  // MAINTENANCE IN
+            switch cdb[1] & 0x1F {
+            case 0x0C, 0x0D: return .read    // REPORT SUPPORTED OPERATION CODES / TMFs
+            case 0x05, 0x0A, 0x0B, 0x0E, 0x0F: return .unrestricted  // identifying info, target port groups, aliases, priority, timestamp
+            default: return .write
+            }
+        case 0x08, 0x28, 0xA8, 0x88,        // READ
+             0x2F, 0xAF, 0x8F,              // VERIFY
+             0x1A, 0x5A,                    // MODE SENSE
+             0x3C, 0x1C,                    // READ BUFFER, RECEIVE DIAGNOSTIC RESULTS
+             0x37, 0xB7, 0x3E,              // READ DEFECT DATA, READ LONG(10)
+             0x8C, 0x34, 0x90:              // READ ATTRIBUTE, PRE-FETCH
+            return .read
+        case 0x1E:  // PREVENT ALLOW MEDIUM REMOVAL: allowed when PREVENT = 0
+            return cdb[4] & 0x03 == 0 ? .unrestricted : .write
+        case 0x1B:  // START STOP UNIT: allowed when START = 1 and POWER CONDITION = 0
+            return (cdb[4] & 0x01 == 1 && cdb[4] >> 4 == 0) ? .unrestricted : .write
+        default:
+            return .write
+        }
+    }
+}
+
+/// One persistent reservation registration (SPC-4 5.13.7).
+public struct PersistentRegistration: Sendable, Equatable {
+    /// The I_T nexus the registration was made through.
+    public var nexus: ITNexus
+    /// The registered reservation key (never 0).
+    public var key: UInt64
+    /// Registered with ALL_TG_PT = 1: covers the initiator port through every target port.
+    public var allTargetPorts: Bool
+
+    /// Whether this registration covers `other`.
+    public func covers(_ other: ITNexus) -> Bool {
+        nexus.initiator == other.initiator && (allTargetPorts || nexus.targetPort == other.targetPort)
+    }
+}
+
+/// A persistent reservation in force.
+public struct PersistentReservation: Sendable, Equatable {
+    /// The holder's registration (for all-registrants types: the one that reserved; every registrant holds it).
+    public var holder: ITNexus
+    public var type: PersistentReservationType
+}
+
 /// SPC-2 RESERVE/RELEASE and SPC-4 persistent reservations of one logical unit.
+///
+/// Supports every reservation type, LU scope only, ALL_TG_PT, no APTPL (PTPL_C = 0), no SPEC_I_PT
+/// (SIP_C = 0), no REGISTER AND MOVE (rejected with INVALID FIELD IN CDB), and the SPC-3 "compatible
+/// reservation handling" exceptions (CRH = 1): RESERVE and RELEASE conflict while any registration
+/// exists, and PERSISTENT RESERVE OUT conflicts while another nexus holds an SPC-2 reservation.
+///
+/// `isReserved` and the first test of `conflicts(_:from:)` are lock-free; the rest takes a mutex.
 public final class ReservationState: Sendable {
+    /// Most registrations kept; one more is refused with INSUFFICIENT REGISTRATION RESOURCES.
+    public static let maximumRegistrations = 256
+
+    private struct State {
+        var spc2Holder: ITNexus? = nil
+        var registrations: [PersistentRegistration] = []
+        var reservation: PersistentReservation? = nil
+        var generation: UInt32 = 0
+
+        func registration(of nexus: ITNexus) -> Int? {
+            registrations.firstIndex { $0.covers(nexus) }
+        }
+
+        func holds(_ nexus: ITNexus) -> Bool {
+            guard let r = reservation else { return false }
+            if r.type.allRegistrantsHold { return registration(of: nexus) != nil }
+            guard let i = registration(of: r.holder) else { return false }
+            return registrations[i].covers(nexus)
+        }
+    }
+
+    private static let flagSPC2: UInt8 = 1
+    private static let flagPersistent: UInt8 = 2
+    private static let flagRegistered: UInt8 = 4
+
+    private let state = Mutex(State())
+    /// Bit set of `flag*`, mirrored after each change for the lock-free paths.
+    private let flags = Atomic<UInt8>(0)
+
     public init() {}
 
     /// Lock-free: is any reservation (SPC-2 or persistent) held?
-    @inline(__always) public var isReserved: Bool { false }
+    @inline(__always) public var isReserved: Bool {
+        flags.load(ordering: .acquiring) & (Self.flagSPC2 | Self.flagPersistent) != 0
+    }
 
-    /// Whether `cdb` from `nexus` conflicts with the current reservation (SPC-4 5.13.1 table).
-    public func conflicts(_ cdb: CDB, from nexus: ITNexus) -> Bool { false }
+    /// Whether `cdb` from `nexus` conflicts with the current reservations (SPC-4 5.13.1 table, SBC-3
+    /// table, SPC-2 5.5.1, SPC-3 5.6.3). Lock-free when the LU has neither reservations nor registrations.
+    /// RESERVE, RELEASE and PERSISTENT RESERVE OUT are fully decided here only for the conflicts that
+    /// depend on another nexus's reservation; `reserve`, `release` and `persistentReserveOut` check the rest.
+    @inline(__always) public func conflicts(_ cdb: CDB, from nexus: ITNexus) -> Bool {
+        let f = flags.load(ordering: .acquiring)
+        if f == 0 { return false }
+        return slowConflicts(cdb, from: nexus, flags: f)
+    }
+
+    private func slowConflicts(_ cdb: CDB, from nexus: ITNexus, flags f: UInt8) -> Bool {
+        let access = ReservationAccess.of(cdb)
+        if f == Self.flagRegistered {  // registrations only: just RESERVE/RELEASE conflict
+            return access == .reserve || access == .release
+        }
+        return state.withLock { s in
+            if let r = s.reservation {
+                if access == .reserve || access == .release { return true }
+                if s.holds(nexus) || (r.type.registrantsHaveAccess && s.registration(of: nexus) != nil) {
+                    return false
+                }
+                switch access {
+                case .unrestricted, .persistentReserveIn, .persistentReserveOut, .testUnitReady: return false
+                case .read: return r.type.excludesReads
+                case .write, .reserve, .release: return true
+                }
+            }
+            if !s.registrations.isEmpty, access == .reserve || access == .release { return true }
+            if let holder = s.spc2Holder, holder != nexus {
+                switch access {
+                case .unrestricted, .persistentReserveIn, .release: return false
+                case .read, .write, .reserve, .persistentReserveOut, .testUnitReady: return true
+                }
+            }
+            return false
+        }
+    }
+
+    // MARK: SPC-2
+
+    /// Checks the RESERVE(6)/(10) and RELEASE(6)/(10) CDB fields this target does not support
+    /// (extents, third-party reservations).
+    public static func validateReserveRelease(_ cdb: CDB) throws(SCSIError) {
+        switch cdb.opcode {
+        case 0x16, 0x17:
+            if cdb[1] & 0x01 != 0 { throw .invalidFieldInCDB(byte: 1, bit: 0) }  // obsolete extent bit
+        case 0x56, 0x57:
+            if cdb[1] & 0x10 != 0 { throw .invalidFieldInCDB(byte: 1, bit: 4) }  // 3RDPTY
+            if cdb[1] & 0x02 != 0 { throw .invalidFieldInCDB(byte: 1, bit: 1) }  // LONGID
+        default:
+            break
+        }
+    }
+
+    /// RESERVE(6)/RESERVE(10): RESERVATION CONFLICT when another nexus holds the LU or any persistent
+    /// registration exists; reserving again from the holder succeeds.
+    public func reserve(from nexus: ITNexus) throws(SCSIError) {
+        let ok = state.withLock { s -> Bool in
+            if !s.registrations.isEmpty || s.reservation != nil { return false }
+            if let holder = s.spc2Holder, holder != nexus { return false }
+            s.spc2Holder = nexus
+            publish(s)
+            return true
+        }
+        if !ok { throw .reservationConflict }
+    }
+
+    /// RELEASE(6)/RELEASE(10): releases the holder's reservation; from another nexus it does nothing
+    /// (GOOD). The conflict while registrations exist is reported by `conflicts(_:from:)`.
+    public func release(from nexus: ITNexus) {
+        state.withLock { s in
+            guard s.registrations.isEmpty, s.spc2Holder == nexus else { return }
+            s.spc2Holder = nil
+            publish(s)
+        }
+    }
+
+    /// LOGICAL UNIT RESET / hard reset: releases the SPC-2 reservation (persistent ones survive).
+    public func resetSPC2Reservation() {
+        state.withLock { s in
+            s.spc2Holder = nil
+            publish(s)
+        }
+    }
+
+    /// I_T nexus loss or I_T NEXUS RESET: releases an SPC-2 reservation held through `nexus`
+    /// (persistent reservations and registrations survive). Returns whether one was released.
+    @discardableResult
+    public func nexusLost(_ nexus: ITNexus) -> Bool {
+        state.withLock { s in
+            guard s.spc2Holder == nexus else { return false }
+            s.spc2Holder = nil
+            publish(s)
+            return true
+        }
+    }
+
+    // MARK: Introspection
+
+    /// The nexus holding an SPC-2 reservation.
+    public var spc2Holder: ITNexus? { state.withLock { $0.spc2Holder } }
+    /// Current registrations, in registration order.
+    public var registrations: [PersistentRegistration] { state.withLock { $0.registrations } }
+    /// The persistent reservation in force.
+    public var persistentReservation: PersistentReservation? { state.withLock { $0.reservation } }
+    /// PRgeneration.
+    public var generation: UInt32 { state.withLock { $0.generation } }
+
+    private func publish(_ s: State) {
+        var f: UInt8 = 0
+        if s.spc2Holder != nil { f |= Self.flagSPC2 }
+        if s.reservation != nil { f |= Self.flagPersistent }
+        if !s.registrations.isEmpty { f |= Self.flagRegistered }
+        flags.store(f, ordering: .releasing)
+    }
+
+    // MARK: PERSISTENT RESERVE IN
 
     /// PERSISTENT RESERVE IN: returns the parameter data (caller truncates to the allocation length).
     public func persistentReserveIn(_ cdb: CDB, from nexus: ITNexus) throws(SCSIError) -> [UInt8] {
-        throw .invalidOpcode
+        let action = cdb[1] & 0x1F
+        guard action <= 0x03 else { throw .invalidFieldInCDB(byte: 1, bit: 4) }
+        let s = state.withLock { $0 }
+        var out: [UInt8] = []
+        switch action {
+        case 0x00:  // READ KEYS
+            out.appendBE32(s.generation)
+            out.appendBE32(UInt32(s.registrations.count * 8))
+            for r in s.registrations { out.appendBE64(r.key) }
+        case 0x01:  // READ RESERVATION
+            out.appendBE32(s.generation)
+            if let r = s.reservation {
+                out.appendBE32(16)
+                let key: UInt64 = r.type.allRegistrantsHold ? 0 : (s.registration(of: r.holder).map { s.registrations[$0].key } ?? 0)
+                out.appendBE64(key)
+                out.append(contentsOf: [0, 0, 0, 0, 0, r.type.rawValue, 0, 0])
+            } else {
+                out.appendBE32(0)
+            }
+        case 0x02:  // REPORT CAPABILITIES
+            out.appendBE16(8)
+            out.append(0x10 | 0x04)  // CRH = 1, SIP_C = 0, ATP_C = 1, PTPL_C = 0
+            out.append(0x80 | 0x10)  // TMV = 1, ALLOW COMMANDS = 001b (TEST UNIT READY allowed), PTPL_A = 0
+            out.append(0xEA)         // WR_EX_AR, EX_AC_RO, WR_EX_RO, EX_AC, WR_EX
+            out.append(0x01)         // EX_AC_AR
+            out.append(contentsOf: [0, 0])
+        default:    // READ FULL STATUS
+            out.appendBE32(s.generation)
+            out.appendBE32(UInt32(s.registrations.count * 48))
+            for r in s.registrations {
+                let holds: Bool
+                if let res = s.reservation {
+                    holds = res.type.allRegistrantsHold || r.covers(res.holder)
+                } else {
+                    holds = false
+                }
+                out.appendBE64(r.key)
+                out.append(contentsOf: [0, 0, 0, 0])
+                out.append((r.allTargetPorts ? 0x02 : 0) | (holds ? 0x01 : 0))
+                out.append(holds ? s.reservation!.type.rawValue : 0)
+                out.append(contentsOf: [0, 0, 0, 0])
+                out.appendBE16(r.nexus.targetPort)
+                out.appendBE32(24)
+                out.append(contentsOf: Self.transportID(r.nexus))
+            }
+        }
+        return out
     }
 
-    /// PERSISTENT RESERVE OUT with its parameter list.
+    /// The 24-byte TransportID this target reports for an initiator: SAS format (protocol identifier 6)
+    /// carrying the front-end's 64-bit initiator identifier as the SAS address.
+    public static func transportID(_ nexus: ITNexus) -> [UInt8] {
+        var id: [UInt8] = [0x06, 0, 0, 0]
+        id.appendBE64(nexus.initiator)
+        id.append(contentsOf: [UInt8](repeating: 0, count: 12))
+        return id
+    }
+
+    // MARK: PERSISTENT RESERVE OUT
+
+    /// PERSISTENT RESERVE OUT with its parameter list (`parameters` holds the data-out bytes received).
     public func persistentReserveOut(_ cdb: CDB, parameters: [UInt8], from nexus: ITNexus) throws(SCSIError) -> ReservationEffects {
-        throw .invalidOpcode
+        let action = cdb[1] & 0x1F
+        guard action <= 0x06 else { throw .invalidFieldInCDB(byte: 1, bit: 4) }  // 07h REGISTER AND MOVE unsupported
+        let scope = cdb[2] >> 4
+        let typeCode = cdb[2] & 0x0F
+        let listLength = cdb.be32(5)
+        guard listLength >= 24, parameters.count >= 24 else {
+            throw .check(.illegalRequest, .parameterListLengthError)
+        }
+        let flagsByte = parameters[20]
+        if flagsByte & 0x08 != 0 { throw .invalidFieldInParameterList(byte: 20, bit: 3) }  // SPEC_I_PT, SIP_C = 0
+        guard listLength == 24 else { throw .check(.illegalRequest, .parameterListLengthError) }
+        let key = parameters.be64(0)
+        let serviceKey = parameters.be64(8)
+        let isRegister = action == 0x00 || action == 0x06
+        if isRegister, flagsByte & 0x01 != 0 { throw .invalidFieldInParameterList(byte: 20, bit: 0) }  // APTPL, PTPL_C = 0
+        let allTargetPorts = isRegister && flagsByte & 0x04 != 0
+
+        var type: PersistentReservationType? = nil
+        if action == 0x01 || action == 0x02 || action == 0x04 || action == 0x05 {
+            guard scope == 0 else { throw .invalidFieldInCDB(byte: 2, bit: 7) }
+            guard let t = PersistentReservationType(rawValue: typeCode) else { throw .invalidFieldInCDB(byte: 2, bit: 3) }
+            type = t
+        }
+
+        let result = state.withLock { s -> Result<ReservationEffects, SCSIError> in
+            if let holder = s.spc2Holder, holder != nexus { return .failure(.reservationConflict) }
+            let r: Result<ReservationEffects, SCSIError>
+            switch action {
+            case 0x00, 0x06:
+                r = register(&s, nexus: nexus, key: key, serviceKey: serviceKey, ignoreKey: action == 0x06,
+                             allTargetPorts: allTargetPorts)
+            case 0x01: r = reserve(&s, nexus: nexus, key: key, type: type!)
+            case 0x02: r = release(&s, nexus: nexus, key: key, type: type!)
+            case 0x03: r = clear(&s, nexus: nexus, key: key)
+            default: r = preempt(&s, nexus: nexus, key: key, serviceKey: serviceKey, type: type!, abort: action == 0x05)
+            }
+            if case .success = r, action != 0x01, action != 0x02 { s.generation &+= 1 }
+            publish(s)
+            return r
+        }
+        switch result {
+        case .success(let effects): return effects
+        case .failure(let error): throw error
+        }
     }
 
-    /// RESERVE(6)/RESERVE(10).
-    public func reserve(from nexus: ITNexus) throws(SCSIError) {}
+    /// Checks that `nexus` is registered with `key`; returns its registration index.
+    private func registered(_ s: State, _ nexus: ITNexus, key: UInt64) -> Result<Int, SCSIError> {
+        guard let i = s.registration(of: nexus), s.registrations[i].key == key else { return .failure(.reservationConflict) }
+        return .success(i)
+    }
 
-    /// RELEASE(6)/RELEASE(10).
-    public func release(from nexus: ITNexus) {}
+    private func register(_ s: inout State, nexus: ITNexus, key: UInt64, serviceKey: UInt64, ignoreKey: Bool,
+                          allTargetPorts: Bool) -> Result<ReservationEffects, SCSIError> {
+        var effects = ReservationEffects()
+        guard let i = s.registration(of: nexus) else {
+            if !ignoreKey && key != 0 { return .failure(.reservationConflict) }
+            if serviceKey == 0 { return .success(effects) }
+            guard s.registrations.count < Self.maximumRegistrations else {
+                return .failure(.check(.illegalRequest, .insufficientRegistrationResources))
+            }
+            s.registrations.append(PersistentRegistration(nexus: nexus, key: serviceKey, allTargetPorts: allTargetPorts))
+            return .success(effects)
+        }
+        if !ignoreKey && s.registrations[i].key != key { return .failure(.reservationConflict) }
+        if serviceKey != 0 {
+            s.registrations[i].key = serviceKey
+            return .success(effects)
+        }
+        // Unregister.
+        let wasHolder = s.holds(nexus)
+        let removed = s.registrations.remove(at: i)
+        if let res = s.reservation {
+            if res.type.allRegistrantsHold {
+                if s.registrations.isEmpty { s.reservation = nil }
+            } else if wasHolder {
+                s.reservation = nil
+                if res.type == .writeExclusiveRegistrantsOnly || res.type == .exclusiveAccessRegistrantsOnly {
+                    for other in s.registrations where !other.covers(removed.nexus) {
+                        effects.unitAttentions.append((.reservationsReleased, .only(other.nexus)))
+                    }
+                }
+            }
+        }
+        return .success(effects)
+    }
 
-    /// LOGICAL UNIT RESET / I_T NEXUS RESET effects on SPC-2 reservations.
-    public func resetSPC2Reservation() {}
+    private func reserve(_ s: inout State, nexus: ITNexus, key: UInt64,
+                         type: PersistentReservationType) -> Result<ReservationEffects, SCSIError> {
+        if case .failure(let e) = registered(s, nexus, key: key) { return .failure(e) }
+        if let res = s.reservation {
+            // Holder asking again for the same type: no-op; anything else conflicts.
+            if s.holds(nexus) && res.type == type { return .success(ReservationEffects()) }
+            return .failure(.reservationConflict)
+        }
+        s.reservation = PersistentReservation(holder: nexus, type: type)
+        return .success(ReservationEffects())
+    }
 
-    /// I_T nexus loss.
-    public func nexusLost(_ nexus: ITNexus) {}
+    private func release(_ s: inout State, nexus: ITNexus, key: UInt64,
+                         type: PersistentReservationType) -> Result<ReservationEffects, SCSIError> {
+        if case .failure(let e) = registered(s, nexus, key: key) { return .failure(e) }
+        var effects = ReservationEffects()
+        guard let res = s.reservation, s.holds(nexus) else { return .success(effects) }
+        guard res.type == type else {
+            return .failure(.check(.illegalRequest, .invalidReleaseOfPersistentReservation))
+        }
+        s.reservation = nil
+        if res.type.registrantsHaveAccess {
+            for other in s.registrations where !other.covers(nexus) {
+                effects.unitAttentions.append((.reservationsReleased, .only(other.nexus)))
+            }
+        }
+        return .success(effects)
+    }
+
+    private func clear(_ s: inout State, nexus: ITNexus, key: UInt64) -> Result<ReservationEffects, SCSIError> {
+        if case .failure(let e) = registered(s, nexus, key: key) { return .failure(e) }
+        var effects = ReservationEffects()
+        for other in s.registrations where !other.covers(nexus) {
+            effects.unitAttentions.append((.reservationsPreempted, .only(other.nexus)))
+        }
+        s.registrations.removeAll()
+        s.reservation = nil
+        return .success(effects)
+    }
+
+    private func preempt(_ s: inout State, nexus: ITNexus, key: UInt64, serviceKey: UInt64,
+                         type: PersistentReservationType, abort: Bool) -> Result<ReservationEffects, SCSIError> {
+        if case .failure(let e) = registered(s, nexus, key: key) { return .failure(e) }
+        var effects = ReservationEffects()
+
+        /// Removes registrations matching `predicate` (never the issuer's); returns the removed ones.
+        func removeRegistrations(where predicate: (PersistentRegistration) -> Bool) -> [PersistentRegistration] {
+            var removed: [PersistentRegistration] = []
+            s.registrations.removeAll { r in
+                guard !r.covers(nexus), predicate(r) else { return false }
+                removed.append(r)
+                return true
+            }
+            for r in removed {
+                effects.unitAttentions.append((.registrationsPreempted, .only(r.nexus)))
+                if abort { effects.abortTasksOf.append(r.nexus) }
+            }
+            return removed
+        }
+
+        guard let res = s.reservation else {
+            // No reservation: preempt registrations only.
+            guard serviceKey != 0 else { return .failure(.invalidFieldInParameterList(byte: 8)) }
+            let matched = s.registrations.contains { $0.key == serviceKey }
+            guard matched else { return .failure(.reservationConflict) }
+            _ = removeRegistrations { $0.key == serviceKey }
+            return .success(effects)
+        }
+
+        if res.type.allRegistrantsHold {
+            if serviceKey == 0 {
+                // Preempt the all-registrants reservation: every other registration goes, issuer reserves.
+                _ = removeRegistrations { _ in true }
+                s.reservation = PersistentReservation(holder: nexus, type: type)
+                return .success(effects)
+            }
+            guard s.registrations.contains(where: { $0.key == serviceKey }) else { return .failure(.reservationConflict) }
+            _ = removeRegistrations { $0.key == serviceKey }
+            return .success(effects)
+        }
+
+        let holderKey = s.registration(of: res.holder).map { s.registrations[$0].key }
+        if serviceKey == holderKey {
+            // Preempt the reservation: registrations with that key go (not the issuer's), issuer reserves.
+            _ = removeRegistrations { $0.key == serviceKey }
+            s.reservation = PersistentReservation(holder: nexus, type: type)
+            if res.type != type {
+                // The type changed: the registrants that remain learn that the old reservation is gone.
+                for other in s.registrations where !other.covers(nexus) {
+                    effects.unitAttentions.append((.reservationsReleased, .only(other.nexus)))
+                }
+            }
+            return .success(effects)
+        }
+        guard serviceKey != 0 else { return .failure(.invalidFieldInParameterList(byte: 8)) }
+        guard s.registrations.contains(where: { $0.key == serviceKey }) else { return .failure(.reservationConflict) }
+        _ = removeRegistrations { $0.key == serviceKey }
+        return .success(effects)
+    }
+}
+
+extension Array where Element == UInt8 {
+    mutating func appendBE16(_ v: UInt16) {
+        append(UInt8(v >> 8)); append(UInt8(truncatingIfNeeded: v))
+    }
+    mutating func appendBE32(_ v: UInt32) {
+        appendBE16(UInt16(v >> 16)); appendBE16(UInt16(truncatingIfNeeded: v))
+    }
+    mutating func appendBE64(_ v: UInt64) {
+        appendBE32(UInt32(v >> 32)); appendBE32(UInt32(truncatingIfNeeded: v))
+    }
+    func be64(_ i: Int) -> UInt64 {
+        var v: UInt64 = 0
+        for k in 0..<8 { v = v << 8 | UInt64(self[i + k]) }
+        return v
+    }
 }

@@ -44,6 +44,9 @@ public struct SCSITask: Sendable {
     // MARK: Continuation state for multi-step commands, owned by the core
     var step: TaskStep = .none
     var scratch: ScratchBuffer? = nil
+    /// The logical unit the command runs against, retained across `.submit` for `resume`
+    /// (a hot-removed LUN stays alive until its commands complete).
+    var unit: LogicalUnit? = nil
 
     /// Creates a task.
     public init(nexus: ITNexus, lun: LogicalUnitNumber?, tag: UInt64, attribute: TaskAttribute = .simple,
@@ -74,6 +77,7 @@ public struct SCSITask: Sendable {
         backendID = -1
         step = .none
         scratch = nil
+        unit = nil
     }
 
     /// Residual of data-in (bytes the initiator asked for but did not get).
