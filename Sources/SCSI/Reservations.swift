@@ -112,10 +112,11 @@ public struct PersistentReservation: Sendable, Equatable {
 
 /// SPC-2 RESERVE/RELEASE and SPC-4 persistent reservations of one logical unit.
 ///
-/// Supports every reservation type, LU scope only, ALL_TG_PT, no APTPL (PTPL_C = 0), no SPEC_I_PT
-/// (SIP_C = 0), no REGISTER AND MOVE (rejected with INVALID FIELD IN CDB), and the SPC-3 "compatible
-/// reservation handling" exceptions (CRH = 1): RESERVE and RELEASE conflict while any registration
-/// exists, and PERSISTENT RESERVE OUT conflicts while another nexus holds an SPC-2 reservation.
+/// Supports every service action (REGISTER AND MOVE with the SAS-format TransportID this target reports)
+/// and reservation type, LU scope only, ALL_TG_PT, no APTPL (PTPL_C = 0), no SPEC_I_PT (SIP_C = 0),
+/// and the SPC-3 "compatible reservation handling" exceptions (CRH = 1): RESERVE and RELEASE conflict
+/// while any registration exists, and PERSISTENT RESERVE OUT conflicts while another nexus holds an
+/// SPC-2 reservation.
 ///
 /// `isReserved` and the first test of `conflicts(_:from:)` are lock-free; the rest takes a mutex.
 public final class ReservationState: Sendable {
@@ -338,13 +339,14 @@ public final class ReservationState: Sendable {
     /// PERSISTENT RESERVE OUT with its parameter list (`parameters` holds the data-out bytes received).
     public func persistentReserveOut(_ cdb: CDB, parameters: [UInt8], from nexus: ITNexus) throws(SCSIError) -> ReservationEffects {
         let action = cdb[1] & 0x1F
-        guard action <= 0x06 else { throw .invalidFieldInCDB(byte: 1, bit: 4) }  // 07h REGISTER AND MOVE unsupported
+        guard action <= 0x07 else { throw .invalidFieldInCDB(byte: 1, bit: 4) }
         let scope = cdb[2] >> 4
         let typeCode = cdb[2] & 0x0F
         let listLength = cdb.be32(5)
         guard listLength >= 24, parameters.count >= 24 else {
             throw .check(.illegalRequest, .parameterListLengthError)
         }
+        if action == 0x07 { return try registerAndMove(listLength: listLength, parameters: parameters, from: nexus) }
         let flagsByte = parameters[20]
         if flagsByte & 0x08 != 0 { throw .invalidFieldInParameterList(byte: 20, bit: 3) }  // SPEC_I_PT, SIP_C = 0
         guard listLength == 24 else { throw .check(.illegalRequest, .parameterListLengthError) }
@@ -376,6 +378,56 @@ public final class ReservationState: Sendable {
             if case .success = r, action != 0x01, action != 0x02 { s.generation &+= 1 }
             publish(s)
             return r
+        }
+        switch result {
+        case .success(let effects): return effects
+        case .failure(let error): throw error
+        }
+    }
+
+    /// REGISTER AND MOVE (SPC-4 5.13.8): the holder hands its reservation (same type) to the I_T nexus
+    /// named by the TransportID and RELATIVE TARGET PORT IDENTIFIER, registering it with the service
+    /// action reservation key; UNREG also unregisters the holder. Only the SAS-format TransportID this
+    /// target reports (see `transportID(_:)`) is understood.
+    private func registerAndMove(listLength: UInt32, parameters: [UInt8], from nexus: ITNexus) throws(SCSIError) -> ReservationEffects {
+        let key = parameters.be64(0)
+        let serviceKey = parameters.be64(8)
+        let flagsByte = parameters[17]
+        let relativePort = UInt16(parameters[18]) << 8 | UInt16(parameters[19])
+        let idLength = UInt32(parameters[20]) << 24 | UInt32(parameters[21]) << 16 | UInt32(parameters[22]) << 8 | UInt32(parameters[23])
+        guard UInt64(idLength) + 24 <= UInt64(listLength), Int(idLength) + 24 <= parameters.count else {
+            throw .check(.illegalRequest, .parameterListLengthError)
+        }
+        if flagsByte & 0x01 != 0 { throw .invalidFieldInParameterList(byte: 17, bit: 0) }  // APTPL, PTPL_C = 0
+        let unregister = flagsByte & 0x02 != 0
+        guard idLength >= 24 else { throw .invalidFieldInParameterList(byte: 20, bit: 7) }
+        guard parameters[24] == 0x06 else { throw .invalidFieldInParameterList(byte: 24, bit: 7) }  // FORMAT 00b, SAS
+        guard relativePort != 0 else { throw .invalidFieldInParameterList(byte: 18, bit: 7) }
+        let destination = ITNexus(initiator: parameters.be64(28), targetPort: relativePort)
+
+        let result = state.withLock { s -> Result<ReservationEffects, SCSIError> in
+            if let holder = s.spc2Holder, holder != nexus { return .failure(.reservationConflict) }
+            guard let source = s.registration(of: nexus), s.registrations[source].key == key else {
+                return .failure(.reservationConflict)
+            }
+            guard serviceKey != 0 else { return .failure(.invalidFieldInParameterList(byte: 8)) }
+            guard let res = s.reservation, !res.type.allRegistrantsHold, s.holds(nexus) else {
+                return .failure(.reservationConflict)
+            }
+            guard destination.initiator != nexus.initiator else { return .failure(.invalidFieldInParameterList(byte: 24, bit: 7)) }
+            if let existing = s.registration(of: destination) {
+                s.registrations[existing].key = serviceKey
+            } else {
+                guard s.registrations.count < Self.maximumRegistrations else {
+                    return .failure(.check(.illegalRequest, .insufficientRegistrationResources))
+                }
+                s.registrations.append(PersistentRegistration(nexus: destination, key: serviceKey, allTargetPorts: false))
+            }
+            s.reservation = PersistentReservation(holder: destination, type: res.type)
+            if unregister, let i = s.registration(of: nexus) { s.registrations.remove(at: i) }
+            s.generation &+= 1
+            publish(s)
+            return .success(ReservationEffects())
         }
         switch result {
         case .success(let effects): return effects
@@ -539,5 +591,19 @@ extension Array where Element == UInt8 {
         var v: UInt64 = 0
         for k in 0..<8 { v = v << 8 | UInt64(self[i + k]) }
         return v
+    }
+}
+
+extension ReservationEffects {
+    /// The task scopes PREEMPT AND ABORT asks front-ends to abort on `lun` (see `TaskManagementPlan`).
+    public func abortScopes(on lun: LogicalUnitNumber) -> [TaskScope] {
+        abortTasksOf.map { TaskScope(nexus: $0, lun: lun, tag: nil) }
+    }
+}
+
+extension UnitAttentionBoard {
+    /// Establishes the unit attentions a reservation command asked for.
+    public func establish(_ effects: ReservationEffects) {
+        for (condition, scope) in effects.unitAttentions { establish(condition, for: scope) }
     }
 }

@@ -131,6 +131,22 @@ public final class UnitAttentionBoard: Sendable {
         }
     }
 
+    /// Drops everything kept for `nexus` (call when the I_T nexus is gone for good, e.g. the front-end's
+    /// connection closed), so that nexus churn does not grow the board. If the same nexus comes back it is
+    /// new again: it starts with the conditions pending for new nexuses (POWER ON, RESET... by default).
+    public func forget(_ nexus: ITNexus) {
+        state.withLock { s in
+            guard s.queues.removeValue(forKey: nexus) != nil else { return }
+            if let slot = s.tableIndex.removeValue(forKey: nexus) {
+                pendingCount[slot].store(Int.max, ordering: .relaxed)
+                keyPort[slot].store(Self.tombstone, ordering: .releasing)
+            }
+        }
+    }
+
+    /// Number of nexuses the board keeps state for.
+    public var knownNexusCount: Int { state.withLock { $0.queues.count } }
+
     /// Pending conditions of `nexus` in reporting order (for tests, logs and QUERY ASYNCHRONOUS EVENT).
     public func pending(for nexus: ITNexus) -> [AdditionalSense] {
         state.withLock { s in
@@ -210,6 +226,9 @@ public final class UnitAttentionBoard: Sendable {
         return Int(truncatingIfNeeded: h >> 58)  // 6 bits: 0..<64
     }
 
+    /// `keyPort` of a slot whose nexus was forgotten: probing continues past it, claiming may reuse it.
+    private static let tombstone: UInt32 = .max
+
     /// Lock-free probe for `nexus`'s slot.
     @inline(__always) private func lookup(_ nexus: ITNexus) -> Int? {
         var i = Self.home(nexus)
@@ -223,12 +242,14 @@ public final class UnitAttentionBoard: Sendable {
         return nil
     }
 
-    /// Claims a free slot for `nexus` (lock held, so there is a single writer). The count is stored
-    /// before the key is published, so a reader that finds the key sees a valid count.
+    /// Claims a free (or forgotten) slot for `nexus` (lock held, so there is a single writer). The count
+    /// is stored before the key is published, so a reader that finds the key sees a valid count; a reader
+    /// racing with the reuse of a forgotten slot at worst misses and takes the slow path.
     private func claimSlot(for nexus: ITNexus) -> Int? {
         var i = Self.home(nexus)
         for _ in 0..<Self.tableSize {
-            if keyPort[i].load(ordering: .relaxed) == 0 {
+            let p = keyPort[i].load(ordering: .relaxed)
+            if p == 0 || p == Self.tombstone {
                 pendingCount[i].store(Int.max, ordering: .relaxed)  // "maybe" until published
                 keyInitiator[i].store(nexus.initiator, ordering: .relaxed)
                 keyPort[i].store(UInt32(nexus.targetPort) + 1, ordering: .releasing)
@@ -237,5 +258,29 @@ public final class UnitAttentionBoard: Sendable {
             i = (i + 1) & (Self.tableSize - 1)
         }
         return nil
+    }
+}
+
+extension UnitAttentionBoard {
+    /// Whether `cdb` runs despite a pending unit attention (SPC-4 5.14 / SAM-5 5.14 with UA_INTLCK_CTRL
+    /// = 00b): INQUIRY, REPORT LUNS and REQUEST SENSE. (REQUEST SENSE then reports and clears the
+    /// condition with `takeNext`; a successful REPORT LUNS clears REPORTED LUNS DATA HAS CHANGED with
+    /// `remove(_:for:)`.)
+    @inline(__always)
+    public static func isExempt(_ cdb: CDB) -> Bool {
+        switch cdb.opcode {
+        case 0x12, 0xA0, 0x03: return true
+        default: return false
+        }
+    }
+
+    /// The check the command layer makes before running `cdb` from `nexus`: nil (lock-free when nothing
+    /// is pending) when the command may run, else CHECK CONDITION, UNIT ATTENTION with the
+    /// highest-priority condition, which is thereby reported and cleared.
+    @inline(__always)
+    public func check(_ cdb: CDB, from nexus: ITNexus) -> SCSIError? {
+        guard mayHavePending(for: nexus), !Self.isExempt(cdb) else { return nil }
+        guard let condition = takeNext(for: nexus) else { return nil }
+        return .check(.unitAttention, condition)
     }
 }
