@@ -95,6 +95,19 @@ public protocol QueueGroupHandler: AnyObject, SendableMetatype {
     func commit()
     /// Fds that become readable when back-end completions are ready (registered once).
     func completionFDs() -> [Int32]
+    /// Receives a function that registers further completion fds on the loop (loop thread only).
+    func bind(registerCompletionFD: @escaping (Int32) -> Void)
+    /// Whether the group pops requests from `queue` (false for queues the device fills on its own, such
+    /// as the virtio-scsi event queue: they are neither polled nor popped on kicks).
+    func takesRequests(_ queue: RunningQueue) -> Bool
+    /// A queue that does not take requests was kicked.
+    func kicked(_ queue: RunningQueue)
+}
+
+extension QueueGroupHandler {
+    public func bind(registerCompletionFD: @escaping (Int32) -> Void) {}
+    public func takesRequests(_ queue: RunningQueue) -> Bool { true }
+    public func kicked(_ queue: RunningQueue) {}
 }
 
 /// One event-loop thread running a set of virtqueues for a device: kick eventfds and back-end
@@ -121,7 +134,7 @@ public final class QueueGroup<Handler: QueueGroupHandler>: @unchecked Sendable {
     /// Starts the loop thread and registers the back-end completion fds.
     public func start() {
         loop.execute { [self] in
-            for fd in handler.completionFDs() where fd >= 0 {
+            let register: (Int32) -> Void = { [unowned self] fd in
                 do {
                     try loop.register(fd: fd) { [unowned self] _ in
                         if handler.reap() { afterWork() }
@@ -130,6 +143,8 @@ public final class QueueGroup<Handler: QueueGroupHandler>: @unchecked Sendable {
                     log(.error, "\(loop.name): cannot watch completion fd \(fd): \(error)")
                 }
             }
+            for fd in handler.completionFDs() where fd >= 0 { register(fd) }
+            handler.bind(registerCompletionFD: register)
             loop.addPoller(RingPoller(poll: { [unowned self] in pollAll() },
                                       prepareToSleep: { [unowned self] in prepareToSleep() }))
         }
@@ -155,6 +170,11 @@ public final class QueueGroup<Handler: QueueGroupHandler>: @unchecked Sendable {
                 try loop.register(fd: queue.kickFD) { [unowned self, unowned queue] _ in
                     var v: UInt64 = 0
                     _ = csys_eventfd_drain(queue.kickFD, &v)
+                    guard handler.takesRequests(queue) else {
+                        if queue.enabled && !queue.stopping { handler.kicked(queue) }
+                        afterWork()
+                        return
+                    }
                     queue.ring.disableNotifications()
                     if service(queue) { handler.commit() }
                     afterWork()
@@ -232,7 +252,13 @@ public final class QueueGroup<Handler: QueueGroupHandler>: @unchecked Sendable {
     }
 
     /// Runs `work` on the loop thread (for device events such as hotplug notifications).
-    func onLoop(_ work: @escaping @Sendable () -> Void) { loop.execute(work) }
+    func onLoop(_ work: @escaping @Sendable () -> Void) {
+        loop.execute { [self] in
+            work()
+            handler.commit()
+            afterWork()
+        }
+    }
 
     /// The running queue with device index `index` (loop thread only).
     func queue(_ index: Int) -> RunningQueue? { queues.first { $0.index == index } }
@@ -240,7 +266,7 @@ public final class QueueGroup<Handler: QueueGroupHandler>: @unchecked Sendable {
     /// Takes up to `batchLimit` requests from `queue`; returns whether any were taken.
     @discardableResult
     func service(_ queue: RunningQueue) -> Bool {
-        guard queue.enabled, !queue.stopping else { return false }
+        guard queue.enabled, !queue.stopping, handler.takesRequests(queue) else { return false }
         var n = 0
         while n < batchLimit {
             switch queue.ring.pop() {
@@ -298,7 +324,7 @@ public final class QueueGroup<Handler: QueueGroupHandler>: @unchecked Sendable {
 
     private func prepareToSleep() -> Bool {
         var ready = true
-        for q in queues where q.enabled && !q.stopping {
+        for q in queues where q.enabled && !q.stopping && handler.takesRequests(q) {
             if q.ring.enableNotificationsAndCheck() {
                 q.ring.disableNotifications()
                 ready = false

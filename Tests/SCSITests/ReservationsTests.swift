@@ -21,7 +21,6 @@ private func prinCDB(_ action: UInt8, allocation: UInt16 = 0xFFFF) -> CDB {
     CDB([0x5E, action, 0, 0, 0, 0, 0, UInt8(allocation >> 8), UInt8(allocation & 0xFF), 0])
 }
 
-private func be64(_ v: UInt64) -> [UInt8] { (0..<8).map { UInt8(truncatingIfNeeded: v >> (56 - 8 * $0)) } }
 
 /// The 24-byte PR OUT parameter list.
 private func params(key: UInt64 = 0, serviceKey: UInt64 = 0, flags: UInt8 = 0) -> [UInt8] {
