@@ -304,7 +304,7 @@ final class TestFrontEnd {
         var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
         guard poll(&p, 1, 5000) == 1 else { return false }
         var b: UInt8 = 0
-        return recv(fd, &b, 1, Int32(MSG_PEEK)) == 0
+        return recv(fd, &b, 1, Int32(MSG_PEEK) | Int32(MSG_DONTWAIT)) <= 0
     }
 
     static func u64(_ v: UInt64) -> [UInt8] { var p = [UInt8](); p.appendLE(v); return p }
