@@ -340,3 +340,34 @@ final class SCSIFixture: @unchecked Sendable {
         #expect(f.client.ack(.setConfig, bad) == 1)
     }
 }
+
+@Suite struct ControllerTests {
+    @Test func controllersStartPrintQEMULinesAndStop() throws {
+        let target = SCSITarget(name: "ctl")
+        try target.add(SCSIFixture.unit(0, blocks: 64))
+        let log = TestLog()
+        let path = testSocketPath("ctl")
+        let channel = MemoryChannel(bytes: 1 << 20)
+        let scsi = try VhostUserSCSIController(socketPath: path, target: target, options: VirtioSCSIOptions(requestQueues: 2, threads: 2),
+                                               channelFactory: { _ in channel }, log: log.logger)
+        try scsi.start()
+        let line = scsi.qemuCommandLine(id: "scsi0")
+        #expect(line.contains("vhost-user-scsi-pci,id=scsi0,chardev=char-scsi0,num_queues=2"))
+        #expect(line.contains("memory-backend-memfd,id=mem0,size=1024M,share=on"))
+        let client = try #require(TestFrontEnd(path: path))
+        #expect(client.getU64(.getQueueNum) == 4)
+        scsi.stop()
+        #expect(access(path, F_OK) != 0)
+
+        let blkPath = testSocketPath("ctlblk")
+        let blk = try VhostUserBlkController(socketPath: blkPath, geometry: BlockGeometry(logicalBlockSize: 4096, physicalBlockSize: 4096, blockCount: 16),
+                                             options: VirtioBlkOptions(queues: 4, serial: "X", threads: 2), channelFactory: { channel }, log: log.logger)
+        try blk.start()
+        #expect(blk.qemuArguments(id: "blk0").last == "vhost-user-blk-pci,id=blk0,chardev=char-blk0,num-queues=4,queue-size=128")
+        blk.stop()
+        #expect(throws: VhostUserDeviceError.self) {
+            try VhostUserBlkController(socketPath: blkPath, geometry: BlockGeometry(logicalBlockSize: 100, physicalBlockSize: 100, blockCount: 16),
+                                       options: VirtioBlkOptions(serial: "X"), channelFactory: { channel }, log: log.logger)
+        }
+    }
+}
