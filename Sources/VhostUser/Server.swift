@@ -328,6 +328,7 @@ public final class VhostUserServer<Device: VhostUserDevice>: @unchecked Sendable
                 }
                 features = f
                 featuresSet = true
+                log(.info, "features \(format16(f)) (\(VirtqueueOptions(features: f).packed ? "packed" : "split") rings)")
                 device.setNegotiatedFeatures(f & ~vhostUserFeatureProtocolFeatures)
                 return false
             case .getProtocolFeatures:
