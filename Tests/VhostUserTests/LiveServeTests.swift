@@ -69,10 +69,11 @@ final class FileChannel: BlockChannel, @unchecked Sendable {
     func reap(_ handler: (UInt64, BlockResult) -> Void) -> Int {
         var v: UInt64 = 0
         _ = csys_eventfd_drain(completionFD, &v)
-        let n = ready.count
-        for (t, r) in ready { handler(t, r) }
+        // Handlers may submit follow-up requests: hand out a snapshot and keep what they add.
+        let items = ready
         ready.removeAll(keepingCapacity: true)
-        return n
+        for (t, r) in items { handler(t, r) }
+        return items.count
     }
 
     var inFlight: Int { ready.count }
