@@ -195,7 +195,7 @@ public final class QueueGroup<Handler: QueueGroupHandler>: @unchecked Sendable {
     func remove(_ index: Int, milliseconds: Int32 = 30_000) -> RunningQueue? {
         let result = ResultBox()
         let ok = runOnLoopAndWait(loop, milliseconds: milliseconds) { [self] done in
-            guard let q = queues.first(where: { $0.index == index }) else {
+            guard let q = queues.last(where: { $0.index == index && !$0.stopping }) else {
                 done()
                 return
             }
@@ -217,7 +217,7 @@ public final class QueueGroup<Handler: QueueGroupHandler>: @unchecked Sendable {
     func replaceCallFD(_ index: Int, with fd: Int32) -> Int32? {
         let result = ResultBox()
         runOnLoopAndWait(loop) { [self] done in
-            if let q = queues.first(where: { $0.index == index }) {
+            if let q = queues.last(where: { $0.index == index && !$0.stopping }) {
                 result.fd = q.callFD
                 q.callFD = fd
             }
@@ -229,7 +229,7 @@ public final class QueueGroup<Handler: QueueGroupHandler>: @unchecked Sendable {
     /// Enables or disables processing of a running queue.
     func setEnabled(_ index: Int, _ enabled: Bool) {
         runOnLoopAndWait(loop) { [self] done in
-            if let q = queues.first(where: { $0.index == index }) {
+            if let q = queues.last(where: { $0.index == index && !$0.stopping }) {
                 q.enabled = enabled
                 if enabled, service(q) { handler.commit() }
                 afterWork()
@@ -261,7 +261,7 @@ public final class QueueGroup<Handler: QueueGroupHandler>: @unchecked Sendable {
     }
 
     /// The running queue with device index `index` (loop thread only).
-    func queue(_ index: Int) -> RunningQueue? { queues.first { $0.index == index } }
+    func queue(_ index: Int) -> RunningQueue? { queues.last { $0.index == index && !$0.stopping } }
 
     /// Takes up to `batchLimit` requests from `queue`; returns whether any were taken.
     @discardableResult

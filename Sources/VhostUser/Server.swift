@@ -573,8 +573,10 @@ public final class VhostUserServer<Device: VhostUserDevice>: @unchecked Sendable
             let options = VirtqueueOptions(features: features)
             let ring: Virtqueue
             do {
+                // A driver may chain up to the ring size in descriptors (QEMU advertises seg_max = size - 2 for
+                // virtio-scsi), each possibly split across two memory regions at worst once: size the slots for it.
                 ring = try Virtqueue(size: r.size, options: options, addresses: addresses, memory: memory, base: r.base,
-                                     segmentsPerSlot: device.segmentsPerSlot)
+                                     segmentsPerSlot: max(device.segmentsPerSlot, r.size + 8))
             } catch {
                 throw RequestFailure(reason: "ring \(i): \(error)")
             }

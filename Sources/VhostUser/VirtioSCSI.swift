@@ -636,11 +636,10 @@ final class SCSIGroupHandler<Channel: BlockChannel & SendableMetatype>: QueueGro
             let plan = device.target.planTaskManagement(function, nexus: device.nexus, lun: lun)
             let pending = PendingControl(head: head, entries: entries, response: response)
             let pendingBox = UncheckedBox(pending)
-            let index = queue.index
-            device.runTaskManagement(plan) { [unowned(unsafe) self] outcome in
-                // On the control group's loop.
+            device.runTaskManagement(plan) { [queue] outcome in
+                // On the control group's loop; the control queue cannot finish draining before this runs.
                 device.target.finishTaskManagement(plan, outcome)
-                guard let q = group.queue(index) else { return }
+                let q = queue
                 let code: UInt8
                 switch plan.response(queryMatched: outcome.queryMatched) {
                 case .functionComplete: code = VirtioSCSI.responseOK

@@ -96,6 +96,35 @@ final class BlkFixture: @unchecked Sendable {
         #expect(csys_eventfd_drain(f.call, &v) == 0 && v >= 1)
     }
 
+    @Test func requestsBeyondSegMaxFail() throws {
+        // seg_max (126) is advertised in the virtio-blk config; a driver exceeding it gets IOERR.
+        let f = try BlkFixture(queueSize: 256)
+        let hdr = f.ram.alloc(16)
+        var h = [UInt8]()
+        h.appendLE(VirtioBlk.typeOut)
+        h.appendLE(UInt32(0))
+        h.appendLE(UInt64(64))
+        f.ram.write(h, at: hdr)
+        var buffers = [TestSplitRing.Buffer(gpa: hdr, length: 16, writable: false)]
+        var expected = [UInt8]()
+        for i in 0..<200 {
+            let d = f.ram.alloc(512, align: 4096)
+            let chunk = [UInt8](repeating: UInt8(truncatingIfNeeded: i), count: 512)
+            f.ram.write(chunk, at: d)
+            expected += chunk
+            buffers.append(.init(gpa: d, length: 512, writable: false))
+        }
+        let st = f.ram.alloc(1)
+        buffers.append(.init(gpa: st, length: 1, writable: true))
+        let head = f.ring.addIndirect(buffers)
+        f.ring.publish(head)
+        _ = csys_eventfd_signal(f.kick, 1)
+        #expect(waitFor { f.ring.usedIndex == 1 })
+        #expect(f.ram.read(st, 1) == [VirtioBlk.statusIOError])
+        #expect(f.channel.bytes(64 * 512, 512).allSatisfy { $0 == 0 })
+        _ = expected
+    }
+
     @Test func getIDFlushDiscardWriteZeroes() throws {
         let f = try BlkFixture()
         let id = f.request(type: VirtioBlk.typeGetID, sector: 0, inLength: 20)

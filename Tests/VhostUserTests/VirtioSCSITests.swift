@@ -22,10 +22,10 @@ final class SCSIFixture: @unchecked Sendable {
     let path = testSocketPath("scsi")
 
     init(features: UInt64 = VirtioFeature.version1 | VirtioFeature.ringEventIndex | VirtioFeature.ringIndirectDescriptors
-             | vhostUserFeatureProtocolFeatures | VirtioSCSI.featureHotplug | VirtioSCSI.featureChange) throws {
+             | vhostUserFeatureProtocolFeatures | VirtioSCSI.featureHotplug | VirtioSCSI.featureChange, ringSize: Int = 32) throws {
         let memory = TestGuestRAM()
         ram = memory
-        rings = (0..<3).map { _ in TestSplitRing(ram: memory, size: 32) }
+        rings = (0..<3).map { _ in TestSplitRing(ram: memory, size: ringSize) }
         try target.add(Self.unit(0, blocks: 8192))
         let ch = MemoryChannel(bytes: 4 << 20)
         channel = ch
@@ -185,6 +185,37 @@ final class SCSIFixture: @unchecked Sendable {
         #expect(bad.status == SCSIStatus.checkCondition.rawValue)
         #expect(bad.senseLength >= 14)
         #expect(bad.sense[2] & 0x0F == SenseKey.illegalRequest.rawValue && bad.sense[12] == 0x21)
+    }
+
+    @Test func writeWithMoreSegmentsThanTheDefaultSegMax() throws {
+        // QEMU advertises seg_max = virtqueue_size - 2 to virtio-scsi guests: slots must hold ring-size chains.
+        let f = try SCSIFixture(ringSize: 256)
+        f.clearUnitAttention()
+        var req: [UInt8] = [1, 0, 0x40, 0, 0, 0, 0, 0]
+        req.appendLE(UInt64(11))
+        req += [0, 0, 0, 0x2A, 0, 0, 0, 0, 8, 0, 0, 200, 0] + [UInt8](repeating: 0, count: 22)
+        let r = f.ram.alloc(req.count)
+        f.ram.write(req, at: r)
+        var buffers = [TestSplitRing.Buffer(gpa: r, length: UInt32(req.count), writable: false)]
+        var ok = true
+        var addresses: [UInt64] = []
+        for i in 0..<200 {
+            let d = f.ram.alloc(512, align: 4096)
+            f.ram.write([UInt8](repeating: UInt8(truncatingIfNeeded: i), count: 512), at: d)
+            addresses.append(d)
+            buffers.append(.init(gpa: d, length: 512, writable: false))
+        }
+        let resp = f.ram.alloc(108)
+        f.ram.write([UInt8](repeating: 0xFF, count: 12), at: resp)
+        buffers.append(.init(gpa: resp, length: 108, writable: true))
+        let before = f.rings[2].usedIndex
+        let head = f.rings[2].addIndirect(buffers)
+        f.rings[2].publish(head)
+        _ = csys_eventfd_signal(f.fds[2].kick, 1)
+        #expect(waitFor { f.rings[2].usedIndex != before })
+        #expect(f.ram.read(resp + 10, 2) == [SCSIStatus.good.rawValue, VirtioSCSI.responseOK])
+        for i in 0..<200 where f.channel.bytes((8 + i) * 512, 512) != [UInt8](repeating: UInt8(truncatingIfNeeded: i), count: 512) { ok = false }
+        #expect(ok)
     }
 
     @Test func lunAddressing() throws {
