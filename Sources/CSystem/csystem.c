@@ -11,6 +11,13 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/sysmacros.h>
 
 int csys_eventfd(unsigned int initval, int nonblock) {
     return eventfd(initval, EFD_CLOEXEC | (nonblock ? EFD_NONBLOCK : 0));
@@ -157,4 +164,86 @@ int csys_wait_readable(int fd, int timeout_ms) {
         if (r < 0) return -errno;
         return r > 0 ? 1 : 0;
     }
+}
+
+/* ---- Back-end helpers (Backends module) ---- */
+ssize_t csys_preadv2(int fd, const struct iovec *iov, int iovcnt, uint64_t offset, int flags) {
+    for (;;) {
+        ssize_t n = preadv2(fd, iov, iovcnt, (off_t)offset, flags);
+        if (n < 0 && errno == EINTR) continue;
+        return n < 0 ? -errno : n;
+    }
+}
+
+ssize_t csys_pwritev2(int fd, const struct iovec *iov, int iovcnt, uint64_t offset, int flags) {
+    for (;;) {
+        ssize_t n = pwritev2(fd, iov, iovcnt, (off_t)offset, flags);
+        if (n < 0 && errno == EINTR) continue;
+        return n < 0 ? -errno : n;
+    }
+}
+
+int csys_rwf_dsync(void) { return RWF_DSYNC; }
+
+int csys_dio_alignment(int fd, uint32_t *mem_align, uint32_t *offset_align) {
+#ifdef STATX_DIOALIGN
+    struct statx stx;
+    memset(&stx, 0, sizeof stx);
+    if (statx(fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &stx) < 0) return -errno;
+    if (!(stx.stx_mask & STATX_DIOALIGN) || stx.stx_dio_offset_align == 0) return -EOPNOTSUPP;
+    *mem_align = stx.stx_dio_mem_align;
+    *offset_align = stx.stx_dio_offset_align;
+    return 0;
+#else
+    (void)fd; (void)mem_align; (void)offset_align;
+    return -EOPNOTSUPP;
+#endif
+}
+
+int csys_flock_exclusive(int fd) {
+    for (;;) {
+        if (flock(fd, LOCK_EX | LOCK_NB) == 0) return 0;
+        if (errno == EINTR) continue;
+        return -errno;
+    }
+}
+
+int64_t csys_seek_data(int fd, uint64_t offset) {
+    off_t r = lseek(fd, (off_t)offset, SEEK_DATA);
+    return r < 0 ? -errno : (int64_t)r;
+}
+
+int64_t csys_seek_hole(int fd, uint64_t offset) {
+    off_t r = lseek(fd, (off_t)offset, SEEK_HOLE);
+    return r < 0 ? -errno : (int64_t)r;
+}
+
+int csys_allocate(int fd, uint64_t offset, uint64_t length, int keep_size) {
+    if (fallocate(fd, keep_size ? FALLOC_FL_KEEP_SIZE : 0, (off_t)offset, (off_t)length) < 0) return -errno;
+    return 0;
+}
+
+int csys_iov_max(void) { return IOV_MAX; }
+
+int csys_blk_discard_supported(int fd) {
+    struct stat st;
+    if (fstat(fd, &st) < 0) return -errno;
+    if (!S_ISBLK(st.st_mode)) return -ENOTBLK;
+    char path[96];
+    snprintf(path, sizeof path, "/sys/dev/block/%u:%u/queue/discard_max_bytes", major(st.st_rdev), minor(st.st_rdev));
+    int sysfd = open(path, O_RDONLY | O_CLOEXEC);
+    if (sysfd < 0) {
+        /* Partitions: the queue directory is the parent's. */
+        snprintf(path, sizeof path, "/sys/dev/block/%u:%u/../queue/discard_max_bytes", major(st.st_rdev), minor(st.st_rdev));
+        sysfd = open(path, O_RDONLY | O_CLOEXEC);
+        if (sysfd < 0) return -errno;
+    }
+    char text[32];
+    ssize_t n;
+    do { n = read(sysfd, text, sizeof text - 1); } while (n < 0 && errno == EINTR);
+    int saved = errno;
+    close(sysfd);
+    if (n < 0) return -saved;
+    text[n] = 0;
+    return strtoull(text, NULL, 10) > 0 ? 1 : 0;
 }

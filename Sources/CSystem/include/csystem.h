@@ -65,4 +65,26 @@ int64_t csys_fd_size(int fd);
 /* Waits up to timeout_ms for fd to become readable. Returns 1 ready, 0 timeout, -errno. */
 int csys_wait_readable(int fd, int timeout_ms);
 
+/* ---- Back-end helpers (Backends module) ---- */
+/* preadv2/pwritev2 (flags: RWF_*). Return bytes or -errno (EINTR is retried). */
+ssize_t csys_preadv2(int fd, const struct iovec *iov, int iovcnt, uint64_t offset, int flags);
+ssize_t csys_pwritev2(int fd, const struct iovec *iov, int iovcnt, uint64_t offset, int flags);
+/* RWF_DSYNC value (per-write O_DSYNC semantics). */
+int csys_rwf_dsync(void);
+/* O_DIRECT alignment from statx(STATX_DIOALIGN): memory and file-offset alignment in bytes.
+ * Returns 0, -EOPNOTSUPP when the kernel or filesystem does not report it, or -errno. */
+int csys_dio_alignment(int fd, uint32_t *mem_align, uint32_t *offset_align);
+/* flock(fd, LOCK_EX | LOCK_NB). Returns 0 or -errno (-EWOULDBLOCK when held elsewhere). */
+int csys_flock_exclusive(int fd);
+/* lseek(fd, offset, SEEK_DATA / SEEK_HOLE). Returns the offset or -errno (-ENXIO past the end). */
+int64_t csys_seek_data(int fd, uint64_t offset);
+int64_t csys_seek_hole(int fd, uint64_t offset);
+/* fallocate(2) with mode 0 (allocate), KEEP_SIZE when keep_size != 0. Returns 0 or -errno. */
+int csys_allocate(int fd, uint64_t offset, uint64_t length, int keep_size);
+/* Whether the block device behind fd accepts discards: reads
+ * /sys/dev/block/MAJOR:MINOR/queue/discard_max_bytes. Returns 1, 0, or -errno. */
+int csys_blk_discard_supported(int fd);
+/* IOV_MAX */
+int csys_iov_max(void);
+
 #endif

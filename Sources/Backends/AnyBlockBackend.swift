@@ -1,0 +1,118 @@
+import BlockIO
+
+/// A back-end of any kind, as a concrete enum so the gateway and front-ends dispatch without
+/// existentials. The iSCSI back-end (issue 5) adds a case here and in ``AnyBlockChannel``.
+public enum AnyBlockBackend: Sendable {
+    /// A raw file or block device.
+    case file(FileBackend)
+    /// The null back-end.
+    case null(NullBackend)
+
+    /// Opens the back-end `spec` describes (`.file` and `.block` → ``FileBackend``, `.null` → ``NullBackend``).
+    public static func open(_ spec: BackendSpec) throws(BackendOpenError) -> AnyBlockBackend {
+        switch spec.kind {
+        case .file, .block: return .file(try FileBackend(spec: spec))
+        case .null: return .null(try NullBackend(spec: spec))
+        }
+    }
+
+    /// Size and capabilities.
+    public var geometry: BlockGeometry {
+        switch self {
+        case .file(let backend): return backend.geometry
+        case .null(let backend): return backend.geometry
+        }
+    }
+
+    /// Creates a channel for one event-loop thread.
+    public func makeChannel() throws(BlockBackendError) -> AnyBlockChannel {
+        switch self {
+        case .file(let backend): return .file(try backend.makeChannel())
+        case .null(let backend): return .null(try backend.makeChannel())
+        }
+    }
+
+    /// Resizes (files), re-reads the size (block devices; `newSize` 0 or the device's size), or fails
+    /// (null back-ends have a fixed size). Returns the new geometry.
+    @discardableResult
+    public func resize(to newSize: UInt64, allowShrink: Bool = false) throws(BackendOpenError) -> BlockGeometry {
+        switch self {
+        case .file(let backend): return try backend.resize(to: newSize, allowShrink: allowShrink)
+        case .null(let backend):
+            throw .unsupported(path: backend.spec.path.isEmpty ? "null" : backend.spec.path,
+                               reason: "a null back-end cannot be resized")
+        }
+    }
+
+    /// Releases the backing store once all channels are closed.
+    public func close() {
+        switch self {
+        case .file(let backend): backend.close()
+        case .null: break
+        }
+    }
+}
+
+/// A channel of any back-end kind, dispatched by `switch` (no existential in the per-I/O path).
+/// The iSCSI back-end (issue 5) adds a case. Handed to its event-loop thread, then used by that thread only.
+public enum AnyBlockChannel: Sendable {
+    /// A ``FileBackend`` channel.
+    case file(FileChannel)
+    /// A ``NullBackend`` channel.
+    case null(NullChannel)
+
+    /// Readable when completions are ready.
+    public var completionFD: Int32 {
+        @inline(__always) get {
+            switch self {
+            case .file(let channel): return channel.completionFD
+            case .null(let channel): return channel.completionFD
+            }
+        }
+    }
+
+    /// Requests queued or in flight.
+    public var inFlight: Int {
+        @inline(__always) get {
+            switch self {
+            case .file(let channel): return channel.inFlight
+            case .null(let channel): return channel.inFlight
+            }
+        }
+    }
+
+    /// Queues one request (see ``FileChannel/submit(_:token:)`` for the refusals).
+    @inline(__always)
+    public func submit(_ request: BlockRequest, token: UInt64) -> Int32 {
+        switch self {
+        case .file(let channel): return channel.submit(request, token: token)
+        case .null(let channel): return channel.submit(request, token: token)
+        }
+    }
+
+    /// Sends the queued batch.
+    @inline(__always)
+    public func commit() {
+        switch self {
+        case .file(let channel): channel.commit()
+        case .null(let channel): channel.commit()
+        }
+    }
+
+    /// Delivers ready completions; returns how many.
+    @inline(__always)
+    public func reap(_ handler: (UInt64, BlockResult) -> Void) -> Int {
+        switch self {
+        case .file(let channel): return channel.reap(handler)
+        case .null(let channel): return channel.reap(handler)
+        }
+    }
+
+    /// Closes the channel (file channels stop their workers; null channels close with their last reference).
+    public func close() {
+        switch self {
+        case .file(let channel): channel.close()
+        case .null: break
+        }
+    }
+}

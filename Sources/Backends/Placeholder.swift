@@ -1,1 +1,0 @@
-// Placeholder: module Backends is being built.
