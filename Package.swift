@@ -48,7 +48,7 @@ let package = Package(
         .testTarget(name: "SCSITests", dependencies: ["SCSI", "BlockIO"]),
         .testTarget(name: "BackendsTests", dependencies: ["Backends", "BlockIO", "CSystem"]),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "BlockIO", "CSystem"]),
-        .testTarget(name: "VhostUserTests", dependencies: ["VhostUser", "Virtio", "SCSI", "BlockIO", "CSystem"]),
+        .testTarget(name: "VhostUserTests", dependencies: ["VhostUser", "Virtio", "SCSI", "BlockIO", "CSystem", "Backends"]),
         .testTarget(name: "PVSCSITests", dependencies: ["PVSCSI", "VfioUser", "SCSI", "BlockIO", "CSystem"]),
         .testTarget(name: "GatewayTests", dependencies: ["Gateway", "SCSI", "Backends"]),
     ],

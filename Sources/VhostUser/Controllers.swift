@@ -35,7 +35,7 @@ extension String {
 /// print(controller.qemuArguments(id: "scsi0"))
 /// controller.stop()   // drains in-flight I/O
 /// ```
-public final class VhostUserSCSIController<Channel: BlockChannel & SendableMetatype>: Sendable {
+public final class VhostUserSCSIController<Channel: VhostChannel>: Sendable {
     /// The device model.
     public let device: VirtioSCSIDevice<Channel>
     /// The vhost-user server.
@@ -71,7 +71,7 @@ public final class VhostUserSCSIController<Channel: BlockChannel & SendableMetat
 }
 
 /// A virtio-blk device served over vhost-user, over one back-end.
-public final class VhostUserBlkController<Channel: BlockChannel & SendableMetatype>: Sendable {
+public final class VhostUserBlkController<Channel: VhostChannel>: Sendable {
     /// The device model.
     public let device: VirtioBlkDevice<Channel>
     /// The vhost-user server.

@@ -82,7 +82,7 @@ public struct VhostUserDeviceError: Error, CustomStringConvertible, Sendable {
 
 /// The virtio-blk device model over one back-end: request queues spread over event-loop threads,
 /// each thread with its own back-end channel.
-public final class VirtioBlkDevice<Channel: BlockChannel & SendableMetatype>: VhostUserDevice, @unchecked Sendable {
+public final class VirtioBlkDevice<Channel: VhostChannel>: VhostUserDevice, @unchecked Sendable {
     /// Options.
     public let options: VirtioBlkOptions
     private let geometryLock: Mutex<BlockGeometry>
@@ -236,7 +236,7 @@ final class BlkQueueSlots {
 }
 
 /// The virtio-blk data path of one queue group.
-final class BlkGroupHandler<Channel: BlockChannel & SendableMetatype>: QueueGroupHandler {
+final class BlkGroupHandler<Channel: VhostChannel>: QueueGroupHandler {
     let channel: Channel
     unowned(unsafe) var device: VirtioBlkDevice<Channel>!
     private var queues: [BlkQueueSlots?]

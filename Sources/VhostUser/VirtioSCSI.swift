@@ -129,7 +129,7 @@ public struct VirtioSCSIOptions: Sendable {
 
 /// The virtio-scsi device model: a SCSI target behind control, event and request queues.
 /// Back-end channels are created per event-loop thread and LUN back-end on first use.
-public final class VirtioSCSIDevice<Channel: BlockChannel & SendableMetatype>: VhostUserDevice, @unchecked Sendable {
+public final class VirtioSCSIDevice<Channel: VhostChannel>: VhostUserDevice, @unchecked Sendable {
     /// Options.
     public let options: VirtioSCSIOptions
     /// The SCSI target.
@@ -325,7 +325,7 @@ struct PendingControl {
 }
 
 /// The virtio-scsi data path of one queue group (plus the control and event queues on group 0).
-final class SCSIGroupHandler<Channel: BlockChannel & SendableMetatype>: QueueGroupHandler, @unchecked Sendable {
+final class SCSIGroupHandler<Channel: VhostChannel>: QueueGroupHandler, @unchecked Sendable {
     unowned(unsafe) var device: VirtioSCSIDevice<Channel>!
     unowned(unsafe) var group: QueueGroup<SCSIGroupHandler<Channel>>!
     private let channelFactory: @Sendable (Int) throws -> Channel

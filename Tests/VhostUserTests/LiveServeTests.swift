@@ -124,3 +124,5 @@ final class FileChannel: BlockChannel, @unchecked Sendable {
         #expect(scsi.server.connectionCount >= 1 || blk.server.connectionCount >= 1)
     }
 }
+
+extension FileChannel: VhostChannel {}

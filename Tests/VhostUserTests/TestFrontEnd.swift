@@ -382,3 +382,5 @@ final class TestLog: @unchecked Sendable {
     var logger: VhostUserLogger { { [self] _, text in lines.withLock { $0.append(text) } } }
     func contains(_ s: String) -> Bool { lines.withLock { $0.contains { $0.contains(s) } } }
 }
+
+extension MemoryChannel: VhostChannel {}
