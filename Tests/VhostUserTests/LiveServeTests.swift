@@ -118,7 +118,30 @@ final class FileChannel: BlockChannel, @unchecked Sendable {
         log(.info, scsi.qemuCommandLine(id: "scsi0"))
         log(.info, blk.qemuCommandLine(id: "blk0"))
         let deadline = clockSeconds() + 1800
-        while access("\(dir)/stop", F_OK) != 0 && clockSeconds() < deadline { usleep(100_000) }
+        // Operator actions for hotplug checks: touch DIR/add-lun1, DIR/remove-lun1 or DIR/grow-lun0.
+        while access("\(dir)/stop", F_OK) != 0 && clockSeconds() < deadline {
+            if unlink("\(dir)/add-lun1") == 0 {
+                do {
+                    try target.add(LogicalUnit(number: LogicalUnitNumber(1)!,
+                                               identity: LogicalUnitIdentity(vendor: "SCSIGATE", product: "HOTPLUG", serial: "SGLIVE0002",
+                                                                             naa: 0x5000_1234_5678_0002),
+                                               geometry: BlockGeometry(logicalBlockSize: 512, physicalBlockSize: 4096, blockCount: 65536),
+                                               backendID: 0))
+                    log(.info, "added LUN 1")
+                } catch { log(.error, "add LUN 1: \(error)") }
+            }
+            if unlink("\(dir)/remove-lun1") == 0 {
+                do { try target.remove(LogicalUnitNumber(1)!); log(.info, "removed LUN 1") } catch { log(.error, "remove LUN 1: \(error)") }
+            }
+            if unlink("\(dir)/grow-lun0") == 0 {
+                do {
+                    try target.resize(LogicalUnitNumber(0)!, blockCount: (384 << 20) / 512, allowShrink: false)
+                    _ = ftruncate(scsiFD, 384 << 20)
+                    log(.info, "grew LUN 0")
+                } catch { log(.error, "grow LUN 0: \(error)") }
+            }
+            usleep(100_000)
+        }
         scsi.stop()
         blk.stop()
         #expect(scsi.server.connectionCount >= 1 || blk.server.connectionCount >= 1)
