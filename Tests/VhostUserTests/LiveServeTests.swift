@@ -79,6 +79,31 @@ final class FileChannel: BlockChannel, @unchecked Sendable {
     var inFlight: Int { ready.count }
 }
 
+/// A channel that completes every request at once without touching data (transport benchmarks).
+final class InstantChannel: VhostChannel, @unchecked Sendable {
+    let completionFD = csys_eventfd(0, 1)
+    private var ready: [(UInt64, BlockResult)] = []
+    init() { ready.reserveCapacity(4096) }
+    deinit { close(completionFD) }
+    func submit(_ request: BlockRequest, token: UInt64) -> Int32 {
+        ready.append((token, .success(request.length)))
+        return 0
+    }
+    func commit() { if !ready.isEmpty { _ = csys_eventfd_signal(completionFD, 1) } }
+    func reap(_ handler: (UInt64, BlockResult) -> Void) -> Int {
+        var v: UInt64 = 0
+        _ = csys_eventfd_drain(completionFD, &v)
+        var i = 0
+        let n = ready.count
+        while i < n {
+            handler(ready[i].0, ready[i].1)
+            i += 1
+        }
+        ready.removeFirst(n)
+        return n
+    }
+}
+
 /// Serves a virtio-scsi and a virtio-blk controller for a real QEMU guest (Deploy/guest/run-guest.sh).
 /// Runs only when SCSIGATE_VHOST_SERVE_DIR is set: sockets scsi.sock and blk.sock and the backing
 /// files scsi.img and blk.img are created there; the test ends when DIR/stop appears.
@@ -109,6 +134,15 @@ final class FileChannel: BlockChannel, @unchecked Sendable {
         let scsi = try VhostUserSCSIController(socketPath: "\(dir)/scsi.sock", target: target,
                                                options: VirtioSCSIOptions(requestQueues: queues, threads: queues),
                                                channelFactory: { _ in FileChannel(fd: scsiFD) }, log: log)
+        if getenv("SCSIGATE_VHOST_NULL") != nil {
+            let null = try VhostUserBlkController(socketPath: "\(dir)/null.sock",
+                                                  geometry: BlockGeometry(logicalBlockSize: 512, physicalBlockSize: 4096, blockCount: (256 << 20) / 512),
+                                                  options: VirtioBlkOptions(queues: 1, serial: "SGNULL"), channelFactory: { InstantChannel() }, log: log)
+            try null.start()
+            while access("\(dir)/stop", F_OK) != 0 { usleep(100_000) }
+            null.stop()
+            return
+        }
         let blk = try VhostUserBlkController(socketPath: "\(dir)/blk.sock",
                                              geometry: BlockGeometry(logicalBlockSize: 512, physicalBlockSize: 4096, blockCount: (256 << 20) / 512),
                                              options: VirtioBlkOptions(queues: queues, serial: "SGBLK0001", threads: queues),
