@@ -11,6 +11,14 @@ public struct VhostUserServerError: Error, CustomStringConvertible, Sendable {
     public var description: String { message }
 }
 
+/// A refused request: answered with a failure REPLY_ACK when the front-end asked for one, otherwise
+/// (or when the request has its own reply) the connection is closed. Kept outside the generic server:
+/// typed throws of a type nested in a generic context crash the 6.3 optimizer (FunctionSignatureOpts).
+struct RequestFailure: Error {
+    var reason: String
+    var hasOwnReply = false
+}
+
 /// A protocol violation that ends the connection.
 struct ProtocolViolation: Error {
     var reason: String
@@ -292,11 +300,6 @@ public final class VhostUserServer<Device: VhostUserDevice>: @unchecked Sendable
             } catch {
                 throw ProtocolViolation("request \(request): \(error)")
             }
-        }
-
-        struct RequestFailure: Error {
-            var reason: String
-            var hasOwnReply = false
         }
 
         func expectSize(_ payload: [UInt8], _ size: Int, _ fds: [Int32], _ fdCount: Int, own: Bool = false) throws(RequestFailure) {
