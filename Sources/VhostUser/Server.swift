@@ -520,6 +520,7 @@ public final class VhostUserServer<Device: VhostUserDevice>: @unchecked Sendable
                     throw RequestFailure(reason: "\(error)", hasOwnReply: true)
                 }
                 inflight = mapping
+                log(.info, "in-flight region created: \(queues) queue(s) of \(size), \(mapping.length) bytes")
                 var reply = [UInt8]()
                 reply.appendLE(UInt64(mapping.length))
                 reply.appendLE(UInt64(0))
@@ -541,6 +542,7 @@ public final class VhostUserServer<Device: VhostUserDevice>: @unchecked Sendable
                 do {
                     inflight = try InflightMapping.adopt(fd: fds.removeFirst(), length: length, offset: offset,
                                                          queues: queues, queueSize: size)
+                    log(.info, "in-flight region adopted: \(queues) queue(s) of \(size)")
                 } catch {
                     throw RequestFailure(reason: "\(error)")
                 }
