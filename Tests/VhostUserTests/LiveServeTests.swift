@@ -66,9 +66,14 @@ final class FileChannel: BlockChannel, @unchecked Sendable {
         }
     }
 
+    /// Optional artificial latency before completions are delivered (SCSIGATE_VHOST_SLOW_US), to keep
+    /// requests in flight for back-end crash tests.
+    static let delay: UInt32 = getenv("SCSIGATE_VHOST_SLOW_US").flatMap { UInt32(String(cString: $0)) } ?? 0
+
     func reap(_ handler: (UInt64, BlockResult) -> Void) -> Int {
         var v: UInt64 = 0
         _ = csys_eventfd_drain(completionFD, &v)
+        if Self.delay > 0 && !ready.isEmpty { usleep(Self.delay) }
         // Handlers may submit follow-up requests: hand out a snapshot and keep what they add.
         let items = ready
         ready.removeAll(keepingCapacity: true)
