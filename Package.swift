@@ -17,12 +17,16 @@ let package = Package(
         .target(name: "CSystem", cSettings: [.define("_GNU_SOURCE")]),
         // libaio (libaio-dev ships no pkg-config file).
         .systemLibrary(name: "CLibAIO", providers: [.apt(["libaio-dev"])]),
+        // libiscsi (asynchronous iSCSI initiator).
+        .systemLibrary(name: "CLibISCSI", pkgConfig: "libiscsi", providers: [.apt(["libiscsi-dev"])]),
         // Vectored block I/O vocabulary shared by the SCSI core, back-ends and front-ends.
         .target(name: "BlockIO"),
         // The transport-agnostic SCSI target core (SPC-4 / SBC-3).
         .target(name: "SCSI", dependencies: ["BlockIO"]),
         // LUN providers: libaio file/block device, buffered, null.
-        .target(name: "Backends", dependencies: ["BlockIO", "CSystem", "CLibAIO"]),
+        .target(name: "Backends", dependencies: ["BlockIO", "CSystem", "CLibAIO", "ISCSIBackend"]),
+        // Remote iSCSI LUNs as a back-end (libiscsi async API, driven by the owner event loop).
+        .target(name: "ISCSIBackend", dependencies: ["BlockIO", "CLibISCSI", "CSystem"]),
         // One epoll reactor per queue group, with adaptive polling.
         .target(name: "EventLoop", dependencies: ["CSystem"]),
         // Virtqueues over guest memory (split, packed, indirect, EVENT_IDX).
@@ -35,6 +39,7 @@ let package = Package(
         .target(name: "PVSCSI", dependencies: ["VfioUser", "SCSI", "BlockIO", "CSystem", "EventLoop"]),
         // Config, daemon wiring, control socket.
         .target(name: "Gateway", dependencies: [
+            "ISCSIBackend",
             "SCSI", "BlockIO", "Backends", "VhostUser", "PVSCSI", "CSystem", "EventLoop",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "TOMLKit", package: "TOMLKit"),
@@ -44,12 +49,16 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
+        // Core micro-benchmark: READ(10)/WRITE(10) through execute/resume against a null back-end.
+        .executableTarget(name: "core-bench", dependencies: ["SCSI", "BlockIO"], path: "Benchmarks/CoreBench"),
         .testTarget(name: "EventLoopTests", dependencies: ["EventLoop", "CSystem"]),
         .testTarget(name: "SCSITests", dependencies: ["SCSI", "BlockIO"]),
         .testTarget(name: "BackendsTests", dependencies: ["Backends", "BlockIO", "CSystem"]),
+        .testTarget(name: "ISCSIBackendTests", dependencies: ["ISCSIBackend", "BlockIO", "EventLoop"]),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "BlockIO", "CSystem"]),
         .testTarget(name: "VhostUserTests", dependencies: ["VhostUser", "Virtio", "SCSI", "BlockIO", "CSystem", "Backends"]),
-        .testTarget(name: "PVSCSITests", dependencies: ["PVSCSI", "VfioUser", "SCSI", "BlockIO", "CSystem"]),
+        .testTarget(name: "VfioUserTests", dependencies: ["VfioUser", "CSystem"]),
+        .testTarget(name: "PVSCSITests", dependencies: ["PVSCSI", "VfioUser", "SCSI", "BlockIO", "Backends", "Gateway", "CSystem"]),
         .testTarget(name: "GatewayTests", dependencies: ["Gateway", "SCSI", "Backends"]),
     ],
     swiftLanguageModes: [.v6]

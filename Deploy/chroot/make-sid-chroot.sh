@@ -48,6 +48,7 @@ verify() {
 
 mounted_under() { awk -v d="$1" '$2 == d || index($2, d "/") == 1 {print $2}' /proc/self/mounts; }
 
+[ $checkonly = 1 ] || sg_lock sid
 if [ $force = 0 ] && [ -f "$STAMP" ] && summary=$(verify "$SID"); then
     sg_log "cached sid chroot OK: $SID ($summary)"
     echo "$SID"; exit 0

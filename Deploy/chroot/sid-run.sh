@@ -5,6 +5,7 @@
 # concurrent runs (qemu-storage-daemon + qemu-img, or a guest QEMU) do not collide.
 #
 # Usage: sid-run.sh [--bind DIR]... [--ro-bind DIR]... [--no-build] [--] COMMAND [ARGS...]
+#        sid-run.sh --umount   (removes the mounts of the fallback mode, see below)
 #   --bind DIR     make host DIR (file or directory) visible at the same path, read-write
 #   --ro-bind DIR  same, read-only
 #   --no-build     fail instead of building the chroot when it is missing
@@ -17,6 +18,12 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 binds=() robinds=() build=1
 while [ $# -gt 0 ]; do
     case $1 in
+        --umount)
+            SID=${SCSIGATE_SID:-$SCSIGATE_CACHE/sid}
+            awk -v d="$SID" 'index($5, d "/") == 1 {print $5}' /proc/self/mountinfo | sort -r | while read -r m; do
+                umount -l "$m" 2>/dev/null || true
+            done
+            exit 0 ;;
         --bind) binds+=("$2"); shift ;;
         --ro-bind) robinds+=("$2"); shift ;;
         --no-build) build=0 ;;
@@ -64,4 +71,29 @@ for p in "${binds[@]}"; do args+=(rw "$p"); done
 for p in "${robinds[@]}"; do args+=(ro "$p"); done
 nb=$(( ${#args[@]} / 2 ))
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-exec unshare --mount --propagation private /bin/sh -c "$inner" sid-run "$SID" "$nb" "${args[@]}" "$@"
+if mountpoint -q / && unshare --mount --propagation private true 2>/dev/null; then
+    exec unshare --mount --propagation private /bin/sh -c "$inner" sid-run "$SID" "$nb" "${args[@]}" "$@"
+fi
+
+# Fallback (we are ourselves inside a chroot, where / is no mount point and a private
+# namespace cannot be made): mount into the shared namespace, once, and leave the
+# mounts in place so concurrent runs do not pull them from under each other.
+# `sid-run.sh --umount` removes them.
+sg_log "no private mount namespace here: using persistent mounts under $SID"
+is_mnt() { awk -v d="$1" '$5 == d {f=1} END {exit !f}' /proc/self/mountinfo; }
+is_mnt "$SID/dev" || mount --rbind /dev "$SID/dev"
+is_mnt "$SID/proc" || mount -t proc proc "$SID/proc"
+is_mnt "$SID/sys" || mount --rbind /sys "$SID/sys"
+for d in /tmp /var/tmp; do mkdir -p "$SID$d"; is_mnt "$SID$d" || mount --bind "$d" "$SID$d"; done
+set -- "${args[@]}" -- "$@"
+while [ "$1" != -- ]; do
+    mode=$1 p=$(readlink -f "$2"); shift 2
+    if [ -d "$p" ]; then mkdir -p "$SID$p"; else mkdir -p "$SID$(dirname "$p")"; [ -e "$SID$p" ] || : > "$SID$p"; fi
+    if ! is_mnt "$SID$p"; then
+        mount --bind "$p" "$SID$p"
+        [ "$mode" = ro ] && mount -o remount,bind,ro "$SID$p"
+    fi
+done
+shift
+cwd=$(pwd)
+exec chroot "$SID" /bin/sh -c "cd \"\$0\" 2>/dev/null || cd /; exec \"\$@\"" "$cwd" "$@"

@@ -26,7 +26,7 @@ done
 
 sg_require_root
 # host packages whose binaries are copied into the guest
-HOST_PKGS=(kmod sg3-utils fio libiscsi-bin util-linux cpio gzip)
+HOST_PKGS=(kmod sg3-utils fio libiscsi-bin util-linux cpio gzip xz-utils libc-bin)
 sg_apt_install "${HOST_PKGS[@]}"
 
 kinfo=$("$HERE/fetch-kernel.sh") || sg_die "fetch-kernel.sh failed"
@@ -47,6 +47,7 @@ BINARIES=(
     /usr/sbin/blkdiscard /usr/bin/lsblk
 )
 
+sg_lock initramfs
 # ---- busybox-static, downloaded (not installed: it conflicts with busybox) ----
 bb_ver=$(apt-cache policy busybox-static | sed -n 's/^ *Candidate: //p')
 [ -n "$bb_ver" ] && [ "$bb_ver" != "(none)" ] || { sg_apt_update; bb_ver=$(apt-cache policy busybox-static | sed -n 's/^ *Candidate: //p'); }
@@ -140,7 +141,7 @@ if [ $force = 1 ] || [ ! -s "$cached" ]; then
     (cd "$root" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --quiet) | gzip -1 > "$work/out.cpio.gz"
     mv "$work/out.cpio.gz" "$cached"
     # keep only the newest few images
-    ls -1t "$out_dir"/guest-*.cpio.gz 2>/dev/null | tail -n +6 | xargs -r rm -f
+    ls -1t "$out_dir"/guest-*.cpio.gz 2>/dev/null | tail -n +4 | xargs -r rm -f
     sg_log "built $cached ($(du -h "$cached" | cut -f1))"
 else
     sg_log "cached initramfs $cached"

@@ -14,6 +14,7 @@ force=0
 case ${1:-} in --force) force=1 ;; "") ;; -h|--help) sed -n '2,9p' "$0"; exit 0 ;; *) sg_die "unknown argument: $1" ;; esac
 
 sg_require_root
+sg_lock kernel
 sg_apt_install kmod
 sg_apt_update
 
@@ -49,6 +50,7 @@ fi
 sg_log "fetching $pkg $ver"
 rm -rf "$dir"
 mkdir -p "$dir/deb" "$dir/root"
+chown _apt "$dir/deb" 2>/dev/null || true   # apt-get download drops privileges to _apt
 (cd "$dir/deb" && apt-get download "$pkg=$ver" >&2) || sg_die "apt-get download $pkg=$ver failed"
 deb=$(ls "$dir"/deb/*.deb | head -1)
 dpkg-deb -x "$deb" "$dir/root" || sg_die "dpkg-deb -x $deb failed"
@@ -59,4 +61,9 @@ rm -f "$deb"
 echo "$kver" > "$dir/kver"
 echo "$pkg $ver" > "$stamp"
 sg_log "kernel $kver ready in $dir"
+# older kernels (the ABI moved on) are dead weight: drop them
+for old in "$SCSIGATE_CACHE"/kernel/*/; do
+    old=${old%/}
+    [ "$old" = "$dir" ] || { sg_log "removing old kernel cache $old"; rm -rf "$old"; }
+done
 emit

@@ -4,6 +4,8 @@
 # /tests/$SCSIGATE_TEST.sh, prints the end marker and powers off.
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root TERM=dumb
+# note: Debian's static busybox runs its own applets in preference to PATH, so real
+# tools that share an applet's name (modprobe, blkdiscard) are called by full path
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
@@ -36,7 +38,7 @@ done
 
 echo "scsigate-guest: kernel $(uname -r), $(grep -c ^processor /proc/cpuinfo) cpu(s), up $(cut -d' ' -f1 /proc/uptime)s"
 for m in $(cat /etc/scsigate-modules); do
-    modprobe "$m" 2>&1 || echo "scsigate-guest: warning: modprobe $m failed"
+    /usr/sbin/modprobe "$m" 2>&1 || echo "scsigate-guest: warning: modprobe $m failed"
 done
 
 if [ -z "${SCSIGATE_TEST:-}" ]; then

@@ -29,10 +29,17 @@ sg_apt_update() {
     [ -n "${SG_APT_UPDATED:-}" ] && return 0
     local stamp=/var/lib/apt/periodic/scsigate-update-stamp
     if [ -z "$(find "$stamp" -mmin -60 2>/dev/null)" ] || [ ! -d /var/lib/apt/lists ] \
-        || [ -z "$(ls /var/lib/apt/lists/*_Packages 2>/dev/null)" ]; then
+        || [ -z "$(ls /var/lib/apt/lists/*_Packages* 2>/dev/null)" ]; then
         sg_log "apt-get update"
         apt-get -o DPkg::Lock::Timeout=600 -o Acquire::Retries=3 update >&2 || sg_die "apt-get update failed"
         mkdir -p "${stamp%/*}" && touch "$stamp"
     fi
     export SG_APT_UPDATED=1
+}
+
+# Serialize cache builders across concurrent runs: sg_lock NAME (held until the process exits).
+sg_lock() {
+    mkdir -p "$SCSIGATE_CACHE"
+    exec 9>"$SCSIGATE_CACHE/.lock-$1"
+    flock -w 1800 9 || sg_die "timed out waiting for the $1 cache lock"
 }

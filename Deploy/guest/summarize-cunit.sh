@@ -4,7 +4,8 @@
 # printed [SKIPPED]) and the names of the failed tests.
 #
 # Usage: summarize-cunit.sh LOG [--max-failed N]
-# Prints key=value lines: total ran passed failed skipped inactive, then FAILED: Suite.Test lines.
+# Prints key=value lines: total ran passed failed skipped inactive excluded, then
+# FAILED:/SKIPPED:/EXCLUDED: Suite.Test lines (passed excludes the skipped tests).
 # Exit: 0 ok, 1 more than N failed, 2 no Run Summary in the log (run incomplete).
 set -euo pipefail
 [ $# -ge 1 ] || { sed -n '2,8p' "$0"; exit 2; }
@@ -26,6 +27,7 @@ function finish(res) {
     else if (skip) skipped_names[++ns] = cur
     results[cur] = res; cur = ""; skip = 0
 }
+/^SCSIGATE-CUNIT-EXCLUDED: / { excluded[++nx] = $2; next }
 /^Suite: / { finish_pending(); suite = $2; next }
 /^  Test: / {
     finish_pending()
@@ -43,12 +45,21 @@ cur != "" && /\[SKIPPED\]/ { skip = 1 }
 cur != "" && /(passed|FAILED)[ \t]*$/ { r = ($0 ~ /FAILED[ \t]*$/) ? "FAILED" : "passed"; finish(r); next }
 function finish_pending() { if (cur != "") { unknown[++nu] = cur; cur = ""; skip = 0 } }
 END {
-    if (!have) { print "summary=missing"; print "error=no CUnit Run Summary in the log (run incomplete?)"; exit 2 }
+    finish_pending()
+    if (!have) {
+        print "summary=missing"
+        print "error=no CUnit Run Summary in the log (run incomplete?)"
+        printf "failed_so_far=%d\n", nf
+        for (i = 1; i <= nf; i++) print "FAILED: " failed_names[i]
+        for (i = 1; i <= nu; i++) print "NO-RESULT: " unknown[i]
+        exit 2
+    }
     printf "total=%d\nran=%d\npassed=%d\nfailed=%d\nskipped=%d\ninactive=%d\n", total, ran, passed - ns, failed, ns, inactive
-    printf "passed_including_skipped=%d\n", passed
+    printf "passed_including_skipped=%d\nexcluded=%d\n", passed, nx
     for (i = 1; i <= nf; i++) print "FAILED: " failed_names[i]
     for (i = 1; i <= ns; i++) print "SKIPPED: " skipped_names[i]
     for (i = 1; i <= nu; i++) print "NO-RESULT: " unknown[i]
+    for (i = 1; i <= nx; i++) print "EXCLUDED: " excluded[i]
     if (nf != failed) printf "warning=parsed %d failed test names, CUnit counted %d\n", nf, failed
     if (max != "" && failed > max + 0) { printf "verdict=FAIL (%d failed > %d allowed)\n", failed, max; exit 1 }
     print "verdict=" (max == "" ? "REPORTED" : "OK")

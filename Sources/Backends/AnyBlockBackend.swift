@@ -1,12 +1,15 @@
 import BlockIO
+import ISCSIBackend
 
 /// A back-end of any kind, as a concrete enum so the gateway and front-ends dispatch without
-/// existentials. The iSCSI back-end (issue 5) adds a case here and in ``AnyBlockChannel``.
+/// existentials.
 public enum AnyBlockBackend: Sendable {
     /// A raw file or block device.
     case file(FileBackend)
     /// The null back-end.
     case null(NullBackend)
+    /// A LUN on a remote iSCSI target (libiscsi), opened with ``ISCSIBackend/open(config:waitMilliseconds:allowOffline:onGeometryChange:)``.
+    case iscsi(ISCSIBackend)
 
     /// Opens the back-end `spec` describes (`.file` and `.block` → ``FileBackend``, `.null` → ``NullBackend``).
     public static func open(_ spec: BackendSpec) throws(BackendOpenError) -> AnyBlockBackend {
@@ -21,6 +24,7 @@ public enum AnyBlockBackend: Sendable {
         switch self {
         case .file(let backend): return backend.geometry
         case .null(let backend): return backend.geometry
+        case .iscsi(let backend): return backend.geometry
         }
     }
 
@@ -29,6 +33,7 @@ public enum AnyBlockBackend: Sendable {
         switch self {
         case .file(let backend): return .file(try backend.makeChannel())
         case .null(let backend): return .null(try backend.makeChannel())
+        case .iscsi(let backend): return .iscsi(try backend.makeChannel())
         }
     }
 
@@ -41,6 +46,9 @@ public enum AnyBlockBackend: Sendable {
         case .null(let backend):
             throw .unsupported(path: backend.spec.path.isEmpty ? "null" : backend.spec.path,
                                reason: "a null back-end cannot be resized")
+        case .iscsi(let backend):
+            throw .unsupported(path: backend.config.url.description,
+                               reason: "an iSCSI LUN is resized on its target; ScsiGate follows the remote capacity")
         }
     }
 
@@ -48,18 +56,20 @@ public enum AnyBlockBackend: Sendable {
     public func close() {
         switch self {
         case .file(let backend): backend.close()
-        case .null: break
+        case .null, .iscsi: break
         }
     }
 }
 
 /// A channel of any back-end kind, dispatched by `switch` (no existential in the per-I/O path).
-/// The iSCSI back-end (issue 5) adds a case. Handed to its event-loop thread, then used by that thread only.
+/// Handed to its event-loop thread, then used by that thread only.
 public enum AnyBlockChannel: Sendable {
     /// A ``FileBackend`` channel.
     case file(FileChannel)
     /// A ``NullBackend`` channel.
     case null(NullChannel)
+    /// An ``ISCSIBackend`` channel (one iSCSI session; `completionFD` is its private epoll fd).
+    case iscsi(ISCSIChannel)
 
     /// Readable when completions are ready.
     public var completionFD: Int32 {
@@ -67,6 +77,7 @@ public enum AnyBlockChannel: Sendable {
             switch self {
             case .file(let channel): return channel.completionFD
             case .null(let channel): return channel.completionFD
+            case .iscsi(let channel): return channel.completionFD
             }
         }
     }
@@ -77,6 +88,7 @@ public enum AnyBlockChannel: Sendable {
             switch self {
             case .file(let channel): return channel.inFlight
             case .null(let channel): return channel.inFlight
+            case .iscsi(let channel): return channel.inFlight
             }
         }
     }
@@ -87,6 +99,7 @@ public enum AnyBlockChannel: Sendable {
         switch self {
         case .file(let channel): return channel.submit(request, token: token)
         case .null(let channel): return channel.submit(request, token: token)
+        case .iscsi(let channel): return channel.submit(request, token: token)
         }
     }
 
@@ -96,6 +109,7 @@ public enum AnyBlockChannel: Sendable {
         switch self {
         case .file(let channel): channel.commit()
         case .null(let channel): channel.commit()
+        case .iscsi(let channel): channel.commit()
         }
     }
 
@@ -105,6 +119,7 @@ public enum AnyBlockChannel: Sendable {
         switch self {
         case .file(let channel): return channel.reap(handler)
         case .null(let channel): return channel.reap(handler)
+        case .iscsi(let channel): return channel.reap(handler)
         }
     }
 
@@ -112,6 +127,7 @@ public enum AnyBlockChannel: Sendable {
     public func close() {
         switch self {
         case .file(let channel): channel.close()
+        case .iscsi(let channel): channel.close()
         case .null: break
         }
     }

@@ -26,21 +26,22 @@ public struct CDB: Sendable {
         length = n
     }
 
+    @inline(__always)
     public subscript(i: Int) -> UInt8 {
         i >= 0 && i < length ? storage[i] : 0
     }
 
     /// The operation code.
-    public var opcode: UInt8 { self[0] }
+    @inline(__always) public var opcode: UInt8 { self[0] }
 
     /// Big-endian 16-bit field at byte `i`.
-    public func be16(_ i: Int) -> UInt16 { UInt16(self[i]) << 8 | UInt16(self[i + 1]) }
+    @inline(__always) public func be16(_ i: Int) -> UInt16 { UInt16(self[i]) << 8 | UInt16(self[i + 1]) }
     /// Big-endian 24-bit field at byte `i`.
-    public func be24(_ i: Int) -> UInt32 { UInt32(self[i]) << 16 | UInt32(self[i + 1]) << 8 | UInt32(self[i + 2]) }
+    @inline(__always) public func be24(_ i: Int) -> UInt32 { UInt32(self[i]) << 16 | UInt32(self[i + 1]) << 8 | UInt32(self[i + 2]) }
     /// Big-endian 32-bit field at byte `i`.
-    public func be32(_ i: Int) -> UInt32 { UInt32(be16(i)) << 16 | UInt32(be16(i + 2)) }
+    @inline(__always) public func be32(_ i: Int) -> UInt32 { UInt32(be16(i)) << 16 | UInt32(be16(i + 2)) }
     /// Big-endian 64-bit field at byte `i`.
-    public func be64(_ i: Int) -> UInt64 { UInt64(be32(i)) << 32 | UInt64(be32(i + 4)) }
+    @inline(__always) public func be64(_ i: Int) -> UInt64 { UInt64(be32(i)) << 32 | UInt64(be32(i + 4)) }
 
     /// The valid bytes (allocates; for tests and logging).
     public var bytes: [UInt8] { (0..<length).map { storage[$0] } }

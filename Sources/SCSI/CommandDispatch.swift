@@ -1,10 +1,34 @@
 import BlockIO
 import Synchronization
 
+// The SPC-4 / SBC-3 command layer of a direct-access logical unit.
+//
+// Front-ends drive it with `SCSITarget.execute(_:view:)` and `SCSITarget.resume(_:with:)`:
+//
+//     var disposition = target.execute(&task, view: &view)
+//     // .submit(request): queue `request` on back-end `task.backendID`; when it completes:
+//     disposition = target.resume(&task, with: result)    // may submit again (multi-step commands)
+//     // .complete: send task.status, task.sense, task.dataInLength (residual: task.dataInResidual)
+//     // and, when task.taskManagementRequest != nil (PREEMPT AND ABORT), apply it to the task sets first.
+//
+// Commands: TEST UNIT READY, REQUEST SENSE, INQUIRY (VPD 00h 80h 83h 86h B0h B1h B2h), REPORT LUNS,
+// REPORT SUPPORTED OPERATION CODES, READ CAPACITY(10/16), READ/WRITE(6/10/12/16), WRITE AND VERIFY(10/16),
+// VERIFY(10/16), COMPARE AND WRITE, WRITE SAME(10/16), UNMAP, SYNCHRONIZE CACHE(10/16), GET LBA STATUS,
+// START STOP UNIT, PREVENT ALLOW MEDIUM REMOVAL, MODE SENSE/SELECT(6/10), PERSISTENT RESERVE IN/OUT,
+// RESERVE/RELEASE(6/10). `CommandTable` lists them with their CDB usage masks: any bit outside a mask
+// (reserved fields, RDPROTECT/WRPROTECT, ANCHOR, NACA...) is INVALID FIELD IN CDB pointing at that bit.
+//
+// Multi-step commands keep their state in `SCSITask.step` and a `ScratchBuffer` (never READ/WRITE):
+// VERIFY and WRITE AND VERIFY with BYTCHK read back in chunks of 1 MiB; COMPARE AND WRITE reads, compares
+// and writes from a copy of the data-out buffer; WRITE SAME with a non-zero pattern writes 1 MiB chunks;
+// UNMAP sends one discard per descriptor. Back-end errors become sense in `BackendErrorMapping` only.
+
 /// Command-layer state of a logical unit that only rare commands touch.
 struct MediumState: Sendable {
     /// Nexuses that issued PREVENT ALLOW MEDIUM REMOVAL with PREVENT = 1.
     var preventing: Set<ITNexus> = []
+    /// When the COMPARE AND WRITE in progress started (monotonic nanoseconds); nil when none is.
+    var compareAndWriteSince: UInt64? = nil
 }
 
 /// Kinds of multi-step commands, kept in `TaskStep.multi(kind:...)`.
@@ -33,6 +57,7 @@ extension SCSITarget {
         task.dataOutLength = 0
         task.step = .none
         if task.scratch != nil { task.scratch = nil }
+        if task.taskManagementBox != nil { task.taskManagementBox = nil }
         let opcode = task.cdb.opcode
         guard let lun = task.lun, let unit = view.unit(lun) else {
             task.unit = nil
@@ -103,7 +128,7 @@ extension SCSITarget {
     /// Completes a one-request command: errno to sense, short transfers, data-in length.
     private func completeSingle(_ task: inout SCSITask, unit: LogicalUnit, op: BlockOperation, lba: UInt64,
                                 blocks: UInt64, result: BlockResult) throws(SCSIError) {
-        if result.errno != 0 { throw backendError(result.errno, op: op, lba: lba) }
+        if result.errno != 0 { throw backendError(result.errno, op: op, lba: op == .flush ? nil : lba) }
         let blockSize = UInt64(unit.blockSize)
         let expected = blocks &* blockSize
         switch op {
@@ -129,9 +154,9 @@ extension SCSITarget {
     }
 
     /// The error for a failed back-end request, with the LBA in INFORMATION for medium errors.
-    func backendError(_ code: Int32, op: BlockOperation, lba: UInt64) -> SCSIError {
+    func backendError(_ code: Int32, op: BlockOperation, lba: UInt64?) -> SCSIError {
         var error = BackendErrorMapping.error(errno: code, operation: op)
-        if error.sense?.key == .mediumError { error.sense?.information = lba }
+        if let lba, error.sense?.key == .mediumError { error.sense?.information = lba }
         return error
     }
 

@@ -1,5 +1,18 @@
 import BlockIO
 
+extension LogicalUnit {
+    /// Ends the medium removal prevention of `nexus` (I_T nexus loss, I_T NEXUS RESET), or of every nexus
+    /// when `nexus` is nil (LOGICAL UNIT RESET, power on), as SPC-4 PREVENT ALLOW MEDIUM REMOVAL requires.
+    public func clearMediumRemovalPrevention(for nexus: ITNexus?) {
+        mediumState.withLock { state in
+            if let nexus { state.preventing.remove(nexus) } else { state.preventing.removeAll() }
+        }
+    }
+
+    /// Whether some nexus prevents medium removal.
+    public var isMediumRemovalPrevented: Bool { mediumState.withLock { !$0.preventing.isEmpty } }
+}
+
 extension SCSITarget {
     /// REPORT LUNS: SELECT REPORT 00h and 02h list every LUN, 01h (well-known LUNs) lists none. The LUN
     /// LIST LENGTH field gives the full list even when the allocation length truncates it.
@@ -100,8 +113,8 @@ extension SCSITarget {
     }
 
     /// PERSISTENT RESERVE OUT: gathers the parameter list (at most 64 KiB), applies it and establishes the
-    /// unit attentions it asks for. Tasks to abort (PREEMPT AND ABORT) are the task set's business: see
-    /// `ReservationEffects.abortTasksOf`, which the front-end's TMF path handles.
+    /// unit attentions it asks for. Tasks to abort (PREEMPT AND ABORT) live in the front-end's task sets:
+    /// the plan is handed back in `task.taskManagementRequest`.
     func persistentReserveOut(_ task: inout SCSITask, unit: LogicalUnit) throws(SCSIError) {
         let length = task.cdb.be32(5)
         if length > 65536 { throw .check(.illegalRequest, .parameterListLengthError) }
@@ -110,6 +123,9 @@ extension SCSITarget {
         task.dataOutLength = parameters.count
         let effects = try unit.reservations.persistentReserveOut(task.cdb, parameters: parameters, from: task.nexus)
         for (condition, scope) in effects.unitAttentions { unit.unitAttentions.establish(condition, for: scope) }
+        if !effects.abortTasksOf.isEmpty, let lun = task.lun {
+            task.taskManagementBox = TaskManagementPlanBox(TaskManagementPlan.preemptAndAbort(effects, lun: lun, from: task.nexus))
+        }
     }
 
     /// REPORT SUPPORTED OPERATION CODES (MAINTENANCE IN 0Ch): reporting options 0 (all), 1 (opcode),

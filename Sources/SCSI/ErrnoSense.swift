@@ -19,6 +19,7 @@ extension AdditionalSense {
 /// | ENOMEM, EAGAIN, EBUSY, ENOBUFS | BUSY status, no sense (the initiator retries) |
 /// | ETIMEDOUT, ENOTCONN, ECONNRESET, ECONNREFUSED, ECONNABORTED, EPIPE, EHOSTUNREACH, ENETUNREACH, ENETDOWN, ESHUTDOWN | NOT READY 04h/01h LOGICAL UNIT IS IN PROCESS OF BECOMING READY (a remote back-end is reconnecting; initiators retry after a delay) |
 /// | ECANCELED | TASK ABORTED status |
+/// | EOPNOTSUPP (discard, write-zeroes) | ILLEGAL REQUEST 24h/00h INVALID FIELD IN CDB (initiators then stop sending UNMAP / WRITE SAME with UNMAP) |
 /// | anything else | HARDWARE ERROR 44h/00h INTERNAL TARGET FAILURE |
 public enum BackendErrorMapping {
     /// The error for `errno` from a request of kind `operation`.
@@ -37,6 +38,8 @@ public enum BackendErrorMapping {
             return .check(.notReady, .logicalUnitBecomingReady)
         case ECANCELED:
             return SCSIError(status: .taskAborted, sense: nil)
+        case EOPNOTSUPP where operation == .discard || operation == .writeZeroes:
+            return .check(.illegalRequest, .invalidFieldInCDB)
         default:
             return .check(.hardwareError, .internalTargetFailure)
         }

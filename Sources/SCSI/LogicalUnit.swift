@@ -134,14 +134,31 @@ public final class LogicalUnit: Sendable {
     /// Replaces the mode parameters (MODE SELECT). Returns whether anything changed.
     @discardableResult
     public func setMode(_ new: ModeParameters) -> Bool {
-        let changed = modeState.withLock { state -> Bool in
+        modeState.withLock { state -> Bool in
             let old = state
             state = new
+            publishMode(new)
             return old != new
         }
-        descriptorSenseAtomic.store(new.descriptorSense, ordering: .relaxed)
-        writeThroughAtomic.store(hasVolatileWriteCache && !new.writeCacheEnabled, ordering: .relaxed)
-        return changed
+    }
+
+    /// Validates and changes the mode parameters atomically (MODE SELECT): `body` sees the current
+    /// parameters and edits a copy, which replaces them unless it throws. Returns whether anything changed.
+    func updateMode(_ body: (inout ModeParameters) throws(SCSIError) -> Void) throws(SCSIError) -> Bool {
+        try modeState.withLock { state throws(SCSIError) -> Bool in
+            var edited = state
+            try body(&edited)
+            let changed = edited != state
+            state = edited
+            publishMode(edited)
+            return changed
+        }
+    }
+
+    /// Mirrors the hot-path mode bits (called with the mode lock held).
+    private func publishMode(_ mode: ModeParameters) {
+        descriptorSenseAtomic.store(mode.descriptorSense, ordering: .relaxed)
+        writeThroughAtomic.store(hasVolatileWriteCache && !mode.writeCacheEnabled, ordering: .relaxed)
     }
 
     /// Changes the capacity (operator resize or back-end change). Does not raise the UA; the target does.

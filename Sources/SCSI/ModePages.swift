@@ -187,28 +187,26 @@ extension SCSITarget {
                 if blockLength != g.logicalBlockSize { throw .invalidFieldInParameterList(byte: at + 5) }
             }
         }
-        let original = unit.mode
-        var mode = original
-        var p = headerLength + descriptorLength
-        while p < length {
-            if p + 2 > length { throw .check(.illegalRequest, .parameterListLengthError) }
-            if list[p] & 0x40 != 0 { throw .invalidFieldInParameterList(byte: p, bit: 6) }  // no subpages
-            let code = list[p] & 0x3F
-            guard let current = ModePages.page(code, .current, mode: mode, geometry: g),
-                  let mask = ModePages.page(code, .changeable, mode: mode, geometry: g) else {
-                throw .invalidFieldInParameterList(byte: p, bit: 5)
+        let changed = try unit.updateMode { mode throws(SCSIError) in
+            var p = headerLength + descriptorLength
+            while p < length {
+                if p + 2 > length { throw .check(.illegalRequest, .parameterListLengthError) }
+                if list[p] & 0x40 != 0 { throw .invalidFieldInParameterList(byte: p, bit: 6) }  // no subpages
+                let code = list[p] & 0x3F
+                guard let current = ModePages.page(code, .current, mode: mode, geometry: g),
+                      let mask = ModePages.page(code, .changeable, mode: mode, geometry: g) else {
+                    throw .invalidFieldInParameterList(byte: p, bit: 5)
+                }
+                if Int(list[p + 1]) != current.count - 2 { throw .invalidFieldInParameterList(byte: p + 1) }
+                if p + current.count > length { throw .check(.illegalRequest, .parameterListLengthError) }
+                for i in 2 ..< current.count {
+                    let diff = (list[p + i] ^ current[i]) & ~mask[i]
+                    if diff != 0 { throw .invalidFieldInParameterList(byte: p + i, bit: 7 - diff.leadingZeroBitCount) }
+                }
+                try ModePages.apply(list[p ..< p + current.count], to: &mode, at: p)
+                p += current.count
             }
-            if Int(list[p + 1]) != current.count - 2 { throw .invalidFieldInParameterList(byte: p + 1) }
-            if p + current.count > length { throw .check(.illegalRequest, .parameterListLengthError) }
-            for i in 2 ..< current.count {
-                let diff = (list[p + i] ^ current[i]) & ~mask[i]
-                if diff != 0 { throw .invalidFieldInParameterList(byte: p + i, bit: 7 - diff.leadingZeroBitCount) }
-            }
-            try ModePages.apply(list[p ..< p + current.count], to: &mode, at: p)
-            p += current.count
         }
-        if mode != original && unit.setMode(mode) {
-            unit.unitAttentions.establish(.modeParametersChanged, for: .allExcept(task.nexus))
-        }
+        if changed { unit.unitAttentions.establish(.modeParametersChanged, for: .allExcept(task.nexus)) }
     }
 }

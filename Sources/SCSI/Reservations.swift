@@ -149,7 +149,26 @@ public final class ReservationState: Sendable {
     /// Bit set of `flag*`, mirrored after each change for the lock-free paths.
     private let flags = Atomic<UInt8>(0)
 
-    public init() {}
+    // Lock-free snapshot of what `conflicts` needs, rewritten under the mutex after every change and read
+    // with a sequence lock (odd `sequence` = being rewritten).
+    private static let snapshotSlots = 64
+    private static let snapshotMaxRegistrations = 48
+    private static let allPortsKey: UInt32 = 0x1_0001
+    private let sequence = Atomic<UInt64>(0)
+    /// Bits 0-7 reservation type (0 none), bit 8 registrations exist, bit 9 table overflow (use the lock).
+    private let policy = Atomic<UInt64>(0)
+    /// SPC-2 holder: initiator and targetPort + 1 (0 = none).
+    private let spc2Initiator = Atomic<UInt64>(0)
+    private let spc2Port = Atomic<UInt32>(0)
+    /// Registrations by initiator hash: key initiator, and (port key << 8 | role) with port key = targetPort + 1
+    /// or `allPortsKey`, role 1 registrant / 2 holder; 0 = empty slot.
+    private let slotInitiator: InlineArray<64, Atomic<UInt64>>
+    private let slotPortRole: InlineArray<64, Atomic<UInt32>>
+
+    public init() {
+        slotInitiator = InlineArray { _ in Atomic(0) }
+        slotPortRole = InlineArray { _ in Atomic(0) }
+    }
 
     /// Lock-free: is any reservation (SPC-2 or persistent) held?
     @inline(__always) public var isReserved: Bool {
@@ -157,41 +176,86 @@ public final class ReservationState: Sendable {
     }
 
     /// Whether `cdb` from `nexus` conflicts with the current reservations (SPC-4 5.13.1 table, SBC-3
-    /// table, SPC-2 5.5.1, SPC-3 5.6.3). Lock-free when the LU has neither reservations nor registrations.
+    /// table, SPC-2 5.5.1, SPC-3 5.6.3). Lock-free (a sequence-locked snapshot; the mutex only when more
+    /// than 48 registrations exist or a writer keeps the snapshot busy).
     /// RESERVE, RELEASE and PERSISTENT RESERVE OUT are fully decided here only for the conflicts that
     /// depend on another nexus's reservation; `reserve`, `release` and `persistentReserveOut` check the rest.
     @inline(__always) public func conflicts(_ cdb: CDB, from nexus: ITNexus) -> Bool {
         let f = flags.load(ordering: .acquiring)
         if f == 0 { return false }
-        return slowConflicts(cdb, from: nexus, flags: f)
-    }
-
-    private func slowConflicts(_ cdb: CDB, from nexus: ITNexus, flags f: UInt8) -> Bool {
         let access = ReservationAccess.of(cdb)
         if f == Self.flagRegistered {  // registrations only: just RESERVE/RELEASE conflict
             return access == .reserve || access == .release
         }
-        return state.withLock { s in
-            if let r = s.reservation {
-                if access == .reserve || access == .release { return true }
-                if s.holds(nexus) || (r.type.registrantsHaveAccess && s.registration(of: nexus) != nil) {
-                    return false
-                }
-                switch access {
-                case .unrestricted, .persistentReserveIn, .persistentReserveOut, .testUnitReady: return false
-                case .read: return r.type.excludesReads
-                case .write, .reserve, .release: return true
-                }
+        return snapshotConflicts(access, from: nexus)
+    }
+
+    /// The conflict rule, from the facts about the logical unit and the requesting nexus.
+    /// `role`: 0 not registered, 1 registered, 2 reservation holder.
+    @inline(__always)
+    static func decide(_ access: ReservationAccess, type: PersistentReservationType?, registrationsExist: Bool,
+                       role: UInt8, spc2HeldByOther: Bool) -> Bool {
+        if let type {
+            if access == .reserve || access == .release { return true }
+            if role == 2 || (role == 1 && type.registrantsHaveAccess) { return false }
+            switch access {
+            case .unrestricted, .persistentReserveIn, .persistentReserveOut, .testUnitReady: return false
+            case .read: return type.excludesReads
+            case .write, .reserve, .release: return true
             }
-            if !s.registrations.isEmpty, access == .reserve || access == .release { return true }
-            if let holder = s.spc2Holder, holder != nexus {
-                switch access {
-                case .unrestricted, .persistentReserveIn, .release: return false
-                case .read, .write, .reserve, .persistentReserveOut, .testUnitReady: return true
-                }
-            }
-            return false
         }
+        if registrationsExist, access == .reserve || access == .release { return true }
+        if spc2HeldByOther {
+            switch access {
+            case .unrestricted, .persistentReserveIn, .release: return false
+            case .read, .write, .reserve, .persistentReserveOut, .testUnitReady: return true
+            }
+        }
+        return false
+    }
+
+    private func snapshotConflicts(_ access: ReservationAccess, from nexus: ITNexus) -> Bool {
+        let port = UInt32(nexus.targetPort) + 1
+        for _ in 0..<16 {
+            let before = sequence.load(ordering: .acquiring)
+            if before & 1 != 0 { continue }
+            let p = policy.load(ordering: .relaxed)
+            if p & 0x200 != 0 { break }
+            let spc2P = spc2Port.load(ordering: .relaxed)
+            let spc2I = spc2Initiator.load(ordering: .relaxed)
+            var role: UInt8 = 0
+            var i = Self.slotHome(nexus.initiator)
+            for _ in 0..<Self.snapshotSlots {
+                let pr = slotPortRole[i].load(ordering: .relaxed)
+                if pr == 0 { break }
+                if slotInitiator[i].load(ordering: .relaxed) == nexus.initiator {
+                    let key = pr >> 8
+                    if key == port || key == Self.allPortsKey { role = max(role, UInt8(truncatingIfNeeded: pr)) }
+                }
+                i = (i + 1) & (Self.snapshotSlots - 1)
+            }
+            atomicMemoryFence(ordering: .acquiring)
+            guard sequence.load(ordering: .relaxed) == before else { continue }
+            let type = PersistentReservationType(rawValue: UInt8(truncatingIfNeeded: p))
+            let spc2Other = spc2P != 0 && !(spc2P == port && spc2I == nexus.initiator)
+            return Self.decide(access, type: type, registrationsExist: p & 0x100 != 0, role: role,
+                               spc2HeldByOther: spc2Other)
+        }
+        return lockedConflicts(access, from: nexus)
+    }
+
+    /// The same decision from the authoritative state, under the mutex.
+    func lockedConflicts(_ access: ReservationAccess, from nexus: ITNexus) -> Bool {
+        state.withLock { s in
+            let role: UInt8 = s.holds(nexus) ? 2 : (s.registration(of: nexus) != nil ? 1 : 0)
+            let spc2Other = s.spc2Holder.map { $0 != nexus } ?? false
+            return Self.decide(access, type: s.reservation?.type, registrationsExist: !s.registrations.isEmpty,
+                               role: role, spc2HeldByOther: spc2Other)
+        }
+    }
+
+    @inline(__always) private static func slotHome(_ initiator: UInt64) -> Int {
+        Int(truncatingIfNeeded: (initiator &* 0x9E37_79B9_7F4A_7C15) >> 58)
     }
 
     // MARK: SPC-2
@@ -264,7 +328,32 @@ public final class ReservationState: Sendable {
     /// PRgeneration.
     public var generation: UInt32 { state.withLock { $0.generation } }
 
+    /// Rewrites the lock-free snapshot and flags from `s` (mutex held: one writer at a time).
     private func publish(_ s: State) {
+        let v = sequence.load(ordering: .relaxed)
+        sequence.store(v &+ 1, ordering: .relaxed)
+        atomicMemoryFence(ordering: .releasing)
+        var p = UInt64(s.reservation?.type.rawValue ?? 0)
+        if !s.registrations.isEmpty { p |= 0x100 }
+        if s.registrations.count > Self.snapshotMaxRegistrations { p |= 0x200 }
+        policy.store(p, ordering: .relaxed)
+        spc2Initiator.store(s.spc2Holder?.initiator ?? 0, ordering: .relaxed)
+        spc2Port.store(s.spc2Holder.map { UInt32($0.targetPort) + 1 } ?? 0, ordering: .relaxed)
+        for i in 0..<Self.snapshotSlots { slotPortRole[i].store(0, ordering: .relaxed) }
+        if s.registrations.count <= Self.snapshotMaxRegistrations {
+            let holderIndex = s.reservation.flatMap { s.registration(of: $0.holder) }
+            let everyoneHolds = s.reservation?.type.allRegistrantsHold ?? false
+            for (index, r) in s.registrations.enumerated() {
+                let role: UInt32 = (everyoneHolds || index == holderIndex) ? 2 : 1
+                let key = r.allTargetPorts ? Self.allPortsKey : UInt32(r.nexus.targetPort) + 1
+                var i = Self.slotHome(r.nexus.initiator)
+                while slotPortRole[i].load(ordering: .relaxed) != 0 { i = (i + 1) & (Self.snapshotSlots - 1) }
+                slotInitiator[i].store(r.nexus.initiator, ordering: .relaxed)
+                slotPortRole[i].store(key << 8 | role, ordering: .relaxed)
+            }
+        }
+        sequence.store(v &+ 2, ordering: .releasing)
+
         var f: UInt8 = 0
         if s.spc2Holder != nil { f |= Self.flagSPC2 }
         if s.reservation != nil { f |= Self.flagPersistent }
@@ -447,6 +536,10 @@ public final class ReservationState: Sendable {
         guard let i = s.registration(of: nexus) else {
             if !ignoreKey && key != 0 { return .failure(.reservationConflict) }
             if serviceKey == 0 { return .success(effects) }
+            // ALL_TG_PT would overlap a registration this initiator port already has through another port.
+            if allTargetPorts, s.registrations.contains(where: { $0.nexus.initiator == nexus.initiator }) {
+                return .failure(.reservationConflict)
+            }
             guard s.registrations.count < Self.maximumRegistrations else {
                 return .failure(.check(.illegalRequest, .insufficientRegistrationResources))
             }

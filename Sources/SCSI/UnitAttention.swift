@@ -23,7 +23,11 @@ public enum UnitAttentionScope: Sendable, Equatable {
 ///   others); if every queued condition outranks the new one, the new one is dropped.
 /// - `.all` and `.allExcept` also apply to nexuses not seen yet: the board keeps the queue a brand-new
 ///   nexus starts with. By default that queue holds POWER ON, RESET, OR BUS DEVICE RESET OCCURRED
-///   (29h/00h), so each nexus's first command that is not exempt from unit attentions reports it once.
+///   (29h/00h), so each nexus's first command that is not exempt from unit attentions reports it once;
+///   conditions established later for every nexus queue behind it (a nexus that so far sent only
+///   INQUIRY or REPORT LUNS, which do not make it "seen", must still learn that the LUN inventory
+///   changed). A nexus becomes seen on its first `takeNext`, `peekNext`, `remove`, `clear` or on a scope
+///   naming it.
 ///
 /// Thread-safe. `mayHavePending(for:)` is lock-free (a fixed table of per-nexus atomic counters, probed
 /// without a lock); everything else takes a mutex and is off the per-I/O path.
@@ -43,7 +47,8 @@ public final class UnitAttentionBoard: Sendable {
     }
 
     private let state: Mutex<State>
-    // Lock-free table: slot i holds a nexus when keyPort[i] != 0 (targetPort + 1); slots are never reused.
+    // Lock-free table: slot i holds a nexus when keyPort[i] is targetPort + 1; 0 marks a never-used slot
+    // (ends a probe), `tombstone` a forgotten one (probing continues; `claimSlot` may reuse it).
     private let keyInitiator: InlineArray<64, Atomic<UInt64>>
     private let keyPort: InlineArray<64, Atomic<UInt32>>
     private let pendingCount: InlineArray<64, Atomic<Int>>

@@ -1,4 +1,7 @@
 import BlockIO
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Largest NUMBER OF LOGICAL BLOCKS of COMPARE AND WRITE (B0h MAXIMUM COMPARE AND WRITE LENGTH).
 let maximumCompareAndWriteBlocks: UInt8 = 128
@@ -123,9 +126,11 @@ extension SCSITarget {
 
     /// COMPARE AND WRITE: reads N blocks, compares them with the first half of the data-out buffer and,
     /// when equal, writes the second half. The data-out buffer is copied once at the start so the guest
-    /// cannot change it between compare and write. Atomicity against other writers is best effort: no lock
-    /// is held across the read and the write, so a WRITE from another queue to the same blocks between
-    /// the two is not excluded.
+    /// cannot change it between compare and write. COMPARE AND WRITEs of one logical unit run one at a
+    /// time (another one meanwhile gets BUSY and is retried by the initiator), so they are atomic with
+    /// respect to each other; against plain WRITEs from other queues atomicity is best effort (a WRITE to
+    /// the same blocks between the read and the write is not excluded). A COMPARE AND WRITE that never
+    /// resumes (front-end dropped it) stops excluding others after `compareAndWriteLease` nanoseconds.
     func compareAndWrite(_ task: inout SCSITask, unit: LogicalUnit) throws(SCSIError) -> TaskDisposition {
         if unit.isReadOnly { throw .writeProtected }
         let lba = task.cdb.be64(2)
@@ -136,6 +141,7 @@ extension SCSITarget {
         let blockSize = Int(unit.blockSize)
         let half = Int(count) * blockSize
         if task.dataOut.totalLength < 2 * half { throw .invalidFieldInCDB(byte: 13) }
+        if !acquireCompareAndWrite(unit) { throw SCSIError(status: .busy, sense: nil) }
         let scratch = ScratchBuffer(byteCount: 3 * half)
         task.dataOut.gather(from: 0, into: UnsafeMutableRawBufferPointer(rebasing: scratch.memory[half ..< 3 * half]))
         task.scratch = scratch
@@ -148,6 +154,18 @@ extension SCSITarget {
 
     func resumeCompareAndWrite(_ task: inout SCSITask, unit: LogicalUnit, stage: UInt8, lba: UInt64, blocks: UInt64,
                                result: BlockResult) throws(SCSIError) -> TaskDisposition {
+        do throws(SCSIError) {
+            let disposition = try compareAndWriteStep(&task, unit: unit, stage: stage, lba: lba, blocks: blocks, result: result)
+            if case .complete = disposition { releaseCompareAndWrite(unit) }
+            return disposition
+        } catch {
+            releaseCompareAndWrite(unit)
+            throw error
+        }
+    }
+
+    private func compareAndWriteStep(_ task: inout SCSITask, unit: LogicalUnit, stage: UInt8, lba: UInt64, blocks: UInt64,
+                                     result: BlockResult) throws(SCSIError) -> TaskDisposition {
         let blockSize = UInt64(unit.blockSize)
         let half = Int(blocks &* blockSize)
         guard let scratch = task.scratch else { throw .check(.hardwareError, .internalTargetFailure) }
@@ -172,5 +190,31 @@ extension SCSITarget {
         task.step = .none
         task.scratch = nil
         return .complete
+    }
+}
+
+/// How long a COMPARE AND WRITE may hold its logical unit's exclusion without completing.
+let compareAndWriteLease: UInt64 = 30_000_000_000
+
+private func monotonicNanoseconds() -> UInt64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
+}
+
+extension SCSITarget {
+    /// Takes the logical unit's COMPARE AND WRITE exclusion; false when another one holds it.
+    func acquireCompareAndWrite(_ unit: LogicalUnit) -> Bool {
+        let now = monotonicNanoseconds()
+        return unit.mediumState.withLock { state in
+            if let since = state.compareAndWriteSince, now &- since < compareAndWriteLease { return false }
+            state.compareAndWriteSince = now
+            return true
+        }
+    }
+
+    /// Releases the exclusion.
+    func releaseCompareAndWrite(_ unit: LogicalUnit) {
+        unit.mediumState.withLock { $0.compareAndWriteSince = nil }
     }
 }

@@ -27,7 +27,7 @@ import Testing
         let path = dir.file("existing.img")
         makeFilledFile(path, size: 1 << 20, byte: 0xAB)
         for configured: UInt64 in [4 << 20, 512 << 10] {
-            let backend = try FileBackend(spec: BackendSpec(kind: .file, path: path, size: configured, create: true))
+            let backend = try openEventually(BackendSpec(kind: .file, path: path, size: configured, create: true))
             #expect(!backend.created)
             #expect(backend.geometry.capacityBytes == 1 << 20)
             backend.close()

@@ -141,11 +141,11 @@ func openFile(_ spec: BackendSpec) -> Result<FileBackend, BackendOpenError> {
     do { return .success(try FileBackend(spec: spec)) } catch { return .failure(error) }
 }
 
-/// Retries `condition` for up to 2 s. Used where a lock was just released: other tests spawn processes
+/// Retries `condition` for up to 10 s. Used where a lock was just released: other tests spawn processes
 /// concurrently, and a child holds copies of this process's descriptors (and so its flock) from fork
 /// until exec closes them, which can briefly delay the release.
 func eventually(_ condition: () -> Bool) -> Bool {
-    for _ in 0..<200 {
+    for _ in 0..<1000 {
         if condition() { return true }
         usleep(10_000)
     }
@@ -155,7 +155,7 @@ func eventually(_ condition: () -> Bool) -> Bool {
 /// Opens a file back-end whose lock was just released (see `eventually`).
 func openEventually(_ spec: BackendSpec) throws(BackendOpenError) -> FileBackend {
     var last = BackendOpenError.lockConflict(path: spec.path)
-    for _ in 0..<200 {
+    for _ in 0..<1000 {
         switch openFile(spec) {
         case .success(let backend): return backend
         case .failure(let error):

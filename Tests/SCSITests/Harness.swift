@@ -32,7 +32,9 @@ final class IOBuffer {
 
     convenience init(_ bytes: [UInt8], segments: [Int] = []) {
         self.init(size: bytes.count, segments: segments)
-        for (i, b) in bytes.enumerated() { memory[i] = b }
+        bytes.withUnsafeBytes { raw in
+            if raw.count > 0 { memory.baseAddress!.copyMemory(from: raw.baseAddress!, byteCount: raw.count) }
+        }
     }
 
     deinit {
@@ -114,7 +116,7 @@ struct Harness {
                            identity: LogicalUnitIdentity(serial: "SN0001", naa: 0x6001_4051_2345_6789),
                            geometry: geometry, backendID: 7)
         try! target.add(unit)
-        disk = MemoryDisk(size: Int(min(blocks * UInt64(blockSize), 1 << 20)))
+        disk = MemoryDisk(size: Int(min(blocks * UInt64(blockSize), 1 << 23)))
         if !keepPowerOnUA {
             unit.unitAttentions.clear(for: Self.nexus)
             unit.unitAttentions.clear(for: Self.other)
@@ -149,7 +151,7 @@ struct Harness {
 
 /// Fixed-format sense (18 bytes): response code 70h (F0h with VALID), key, INFORMATION, additional
 /// length 10, ASC/ASCQ, sense-key specific.
-func fixedSense(_ key: UInt8, _ asc: UInt8, _ ascq: UInt8, information: UInt32? = nil,
+func fixedFormatSense(_ key: UInt8, _ asc: UInt8, _ ascq: UInt8, information: UInt32? = nil,
                 sks: (UInt8, UInt8, UInt8)? = nil) -> [UInt8] {
     var s: [UInt8] = [information == nil ? 0x70 : 0xF0, 0, key, 0, 0, 0, 0, 10, 0, 0, 0, 0, asc, ascq, 0, 0, 0, 0]
     if let i = information {
@@ -161,30 +163,30 @@ func fixedSense(_ key: UInt8, _ asc: UInt8, _ ascq: UInt8, information: UInt32? 
 
 /// ILLEGAL REQUEST, INVALID FIELD IN CDB with a field pointer.
 func invalidCDB(byte: UInt16, bit: UInt8? = nil) -> [UInt8] {
-    fixedSense(0x05, 0x24, 0x00, sks: (0xC0 | (bit.map { 0x08 | $0 } ?? 0), UInt8(byte >> 8), UInt8(byte & 0xFF)))
+    fixedFormatSense(0x05, 0x24, 0x00, sks: (0xC0 | (bit.map { 0x08 | $0 } ?? 0), UInt8(byte >> 8), UInt8(byte & 0xFF)))
 }
 
 /// ILLEGAL REQUEST, INVALID FIELD IN PARAMETER LIST with a field pointer.
 func invalidParameter(byte: UInt16, bit: UInt8? = nil) -> [UInt8] {
-    fixedSense(0x05, 0x26, 0x00, sks: (0x80 | (bit.map { 0x08 | $0 } ?? 0), UInt8(byte >> 8), UInt8(byte & 0xFF)))
+    fixedFormatSense(0x05, 0x26, 0x00, sks: (0x80 | (bit.map { 0x08 | $0 } ?? 0), UInt8(byte >> 8), UInt8(byte & 0xFF)))
 }
 
-let lbaOutOfRangeSense = fixedSense(0x05, 0x21, 0x00)
-let writeProtectedSense = fixedSense(0x07, 0x27, 0x00)
-let invalidOpcodeSense = fixedSense(0x05, 0x20, 0x00, sks: (0xC0, 0, 0))
-let parameterListLengthSense = fixedSense(0x05, 0x1A, 0x00)
+let lbaOutOfRangeSense = fixedFormatSense(0x05, 0x21, 0x00)
+let writeProtectedSense = fixedFormatSense(0x07, 0x27, 0x00)
+let invalidOpcodeSense = fixedFormatSense(0x05, 0x20, 0x00, sks: (0xC0, 0, 0))
+let parameterListLengthSense = fixedFormatSense(0x05, 0x1A, 0x00)
 
 /// Big-endian helpers for building CDBs.
-func be16(_ v: Int) -> [UInt8] { [UInt8(v >> 8 & 0xFF), UInt8(v & 0xFF)] }
-func be32(_ v: UInt64) -> [UInt8] { [UInt8(v >> 24 & 0xFF), UInt8(v >> 16 & 0xFF), UInt8(v >> 8 & 0xFF), UInt8(v & 0xFF)] }
-func be64(_ v: UInt64) -> [UInt8] { be32(v >> 32) + be32(v & 0xFFFF_FFFF) }
+func bytesBE16(_ v: Int) -> [UInt8] { [UInt8(v >> 8 & 0xFF), UInt8(v & 0xFF)] }
+func bytesBE32(_ v: UInt64) -> [UInt8] { [UInt8(v >> 24 & 0xFF), UInt8(v >> 16 & 0xFF), UInt8(v >> 8 & 0xFF), UInt8(v & 0xFF)] }
+func bytesBE64(_ v: UInt64) -> [UInt8] { bytesBE32(v >> 32) + bytesBE32(v & 0xFFFF_FFFF) }
 
 func read10(lba: UInt64, blocks: Int, flags: UInt8 = 0, control: UInt8 = 0) -> [UInt8] {
-    [0x28, flags] + be32(lba) + [0] + be16(blocks) + [control]
+    [0x28, flags] + bytesBE32(lba) + [0] + bytesBE16(blocks) + [control]
 }
-func write10(lba: UInt64, blocks: Int, flags: UInt8 = 0) -> [UInt8] { [0x2A, flags] + be32(lba) + [0] + be16(blocks) + [0] }
-func read16(lba: UInt64, blocks: UInt64, flags: UInt8 = 0) -> [UInt8] { [0x88, flags] + be64(lba) + be32(blocks) + [0, 0] }
-func write16(lba: UInt64, blocks: UInt64, flags: UInt8 = 0) -> [UInt8] { [0x8A, flags] + be64(lba) + be32(blocks) + [0, 0] }
+func write10(lba: UInt64, blocks: Int, flags: UInt8 = 0) -> [UInt8] { [0x2A, flags] + bytesBE32(lba) + [0] + bytesBE16(blocks) + [0] }
+func read16(lba: UInt64, blocks: UInt64, flags: UInt8 = 0) -> [UInt8] { [0x88, flags] + bytesBE64(lba) + bytesBE32(blocks) + [0, 0] }
+func write16(lba: UInt64, blocks: UInt64, flags: UInt8 = 0) -> [UInt8] { [0x8A, flags] + bytesBE64(lba) + bytesBE32(blocks) + [0, 0] }
 
 /// A byte pattern that differs per position.
 func pattern(_ count: Int, seed: Int = 0) -> [UInt8] { (0 ..< count).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ seed &+ 1) } }

@@ -179,9 +179,9 @@ import Testing
         var h = Harness()
         let ten = h.run([0x35, 0x02, 0, 0, 0, 0, 0, 0, 0, 0])
         #expect(ten.status == .good && ten.ops == [.flush])
-        let sixteen = h.run([0x91, 0] + be64(10) + be32(54) + [0, 0])
+        let sixteen = h.run([0x91, 0] + bytesBE64(10) + bytesBE32(54) + [0, 0])
         #expect(sixteen.status == .good && sixteen.ops == [.flush])
-        let beyond = h.run([0x91, 0] + be64(10) + be32(55) + [0, 0])
+        let beyond = h.run([0x91, 0] + bytesBE64(10) + bytesBE32(55) + [0, 0])
         #expect(beyond.sense == lbaOutOfRangeSense && beyond.requests.isEmpty)
         let reserved = h.run([0x35, 0x01, 0, 0, 0, 0, 0, 0, 0, 0])
         #expect(reserved.sense == invalidCDB(byte: 1, bit: 0))
@@ -192,7 +192,7 @@ import Testing
         h.disk.override = { r in r.operation == .read ? .success(512) : nil }
         let o = h.run(read10(lba: 10, blocks: 2), dataIn: 1024)
         #expect(o.status == .checkCondition)
-        #expect(o.sense == fixedSense(0x05, 0x21, 0x00, information: 11))
+        #expect(o.sense == fixedFormatSense(0x05, 0x21, 0x00, information: 11))
         #expect(o.dataInLength == 512)
     }
 
@@ -201,6 +201,6 @@ import Testing
         h.disk.override = { r in r.operation == .write ? .success(512) : nil }
         let o = h.run(write10(lba: 10, blocks: 2), dataOut: pattern(1024))
         #expect(o.status == .checkCondition)
-        #expect(o.sense == fixedSense(0x03, 0x0C, 0x00, information: 11))
+        #expect(o.sense == fixedFormatSense(0x03, 0x0C, 0x00, information: 11))
     }
 }

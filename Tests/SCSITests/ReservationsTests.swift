@@ -1,5 +1,27 @@
 import Testing
+import Synchronization
 @testable import SCSI
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A pthread running `body` (tests only).
+final class Thread: @unchecked Sendable {
+    private var id = pthread_t()
+    private let body: () -> Void
+
+    init(_ body: @escaping @Sendable () -> Void) {
+        self.body = body
+        let arg = Unmanaged.passRetained(self).toOpaque()
+        pthread_create(&id, nil, { raw in
+            let thread = Unmanaged<Thread>.fromOpaque(raw!).takeRetainedValue()
+            thread.body()
+            return nil
+        }, arg)
+    }
+
+    func join() { pthread_join(id, nil) }
+}
 
 // MARK: Builders
 
@@ -21,6 +43,7 @@ private func prinCDB(_ action: UInt8, allocation: UInt16 = 0xFFFF) -> CDB {
     CDB([0x5E, action, 0, 0, 0, 0, 0, UInt8(allocation >> 8), UInt8(allocation & 0xFF), 0])
 }
 
+private func be64(_ v: UInt64) -> [UInt8] { (0..<8).map { UInt8(truncatingIfNeeded: v >> (56 - 8 * $0)) } }
 
 /// The 24-byte PR OUT parameter list.
 private func params(key: UInt64 = 0, serviceKey: UInt64 = 0, flags: UInt8 = 0) -> [UInt8] {
@@ -473,6 +496,7 @@ struct ReservationConflictTests {
                 let nexus = role == .holder ? holderNexus : role == .registrant ? registrantNexus : outsiderNexus
                 let expected = Self.expectedConflict(row, type, role)
                 #expect(state.conflicts(cdb, from: nexus) == expected, "\(name) from \(role) under \(type)")
+                #expect(state.lockedConflicts(ReservationAccess.of(cdb), from: nexus) == expected, "locked: \(name)")
             }
         }
     }
@@ -489,6 +513,49 @@ struct ReservationConflictTests {
         let earo = try reserved(.exclusiveAccessRegistrantsOnly)
         #expect(!earo.conflicts(Self.write10, from: registrantNexus))
         #expect(earo.conflicts(Self.read10, from: outsiderNexus))
+    }
+
+    @Test func manyRegistrationsFallBackToTheLockedPath() throws {
+        let state = try reserved(.writeExclusiveRegistrantsOnly)
+        for i in 0..<60 { try prout(state, .register, from: ITNexus(initiator: UInt64(0x9000 + i)), serviceKey: UInt64(i + 1)) }
+        #expect(!state.conflicts(Self.write10, from: ITNexus(initiator: 0x9000 + 59)))
+        #expect(!state.conflicts(Self.write10, from: holderNexus))
+        #expect(state.conflicts(Self.write10, from: outsiderNexus))
+        #expect(!state.conflicts(Self.read10, from: outsiderNexus))
+    }
+
+    @Test func overlappingAllTargetPortsRegistrationIsRefused() throws {
+        let state = ReservationState()
+        try prout(state, .register, from: ITNexus(initiator: 7, targetPort: 2), serviceKey: 1)
+        #expect(isConflict { () throws(SCSIError) in
+            try prout(state, .register, from: ITNexus(initiator: 7, targetPort: 1), serviceKey: 2, flags: 0x04)
+        })
+        #expect(state.registrations.count == 1)
+    }
+
+    /// Readers never see a torn snapshot: while a writer keeps changing the reservation type and
+    /// re-registering, the holder may always write and a non-registrant never may.
+    @Test func snapshotIsNeverTorn() throws {
+        let state = try reserved(.writeExclusive)
+        let stop = Atomic<Bool>(false)
+        let writer = Thread {
+            var flip = false
+            while !stop.load(ordering: .relaxed) {
+                flip.toggle()
+                _ = try? prout(state, .preempt, from: holderNexus, key: holderKey, serviceKey: holderKey,
+                               type: flip ? .exclusiveAccess : .writeExclusiveRegistrantsOnly)
+                _ = try? prout(state, .register, from: ITNexus(initiator: 0x7777), serviceKey: flip ? 0x77 : 0)
+                _ = try? prout(state, .registerIgnore, from: ITNexus(initiator: 0x7777), serviceKey: 0)
+            }
+        }
+        var wrong = 0
+        for _ in 0..<2_000_000 {
+            if state.conflicts(Self.write10, from: holderNexus) { wrong += 1 }
+            if !state.conflicts(Self.write10, from: outsiderNexus) { wrong += 1 }
+        }
+        stop.store(true, ordering: .relaxed)
+        writer.join()
+        #expect(wrong == 0)
     }
 
     @Test func registrationsAloneOnlyBlockReserveAndRelease() throws {

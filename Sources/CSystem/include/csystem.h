@@ -49,6 +49,22 @@ int csys_set_thread_name(const char *name);
 /* gettid(2) */
 int csys_gettid(void);
 
+/* Guest-shared memory accesses (vfio-user / PVSCSI rings): single loads and stores with
+ * acquire/release ordering, so each field is read exactly once. */
+uint32_t csys_load32_acquire(const void *p);
+void csys_store32_release(void *p, uint32_t v);
+uint64_t csys_load64_relaxed(const void *p);
+void csys_fence_seq_cst(void);
+/* Sets SO_RCVTIMEO / SO_SNDTIMEO on a socket (milliseconds). Return 0 or -errno. */
+int csys_set_recv_timeout(int sock, int milliseconds);
+int csys_set_send_timeout(int sock, int milliseconds);
+/* Unix stream socket helpers. Return fd or -errno. */
+int csys_unix_listen(const char *path, int backlog);
+int csys_unix_connect(const char *path);
+int csys_accept_nonblock(int sock);
+/* mmap a shared file mapping; returns NULL (and errno) on failure. */
+void *csys_mmap_shared(int fd, uint64_t length, uint64_t offset, int writable);
+int csys_munmap(void *p, uint64_t length);
 
 /* Shared-memory accessors for virtqueues (guest memory written by another process):
  * acquire/release loads and stores and full fences, inlined into Swift callers. */
@@ -56,7 +72,6 @@ static inline uint16_t csys_load_acquire_u16(const void *p) { return __atomic_lo
 static inline uint16_t csys_load_relaxed_u16(const void *p) { return __atomic_load_n((const uint16_t *)p, __ATOMIC_RELAXED); }
 static inline void csys_store_release_u16(void *p, uint16_t v) { __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELEASE); }
 static inline void csys_store_relaxed_u16(void *p, uint16_t v) { __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELAXED); }
-static inline void csys_fence_seq_cst(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 static inline void csys_fence_acquire(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
 static inline void csys_fence_release(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
 

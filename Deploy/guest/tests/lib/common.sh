@@ -4,6 +4,11 @@
 #   scsigate.disk=NAME  pick this block device (sdb, vda, ...) explicitly
 #   scsigate.wait=SECS  how long to wait for disks to appear (default 30)
 
+# Debian's static busybox prefers its applets over PATH: call the real tools by path.
+blkdiscard() { /usr/sbin/blkdiscard "$@"; }
+lsblk() { /usr/bin/lsblk "$@"; }
+modprobe() { /usr/sbin/modprobe "$@"; }
+
 log() { echo "[$SCSIGATE_TEST] $*"; }
 
 trim() { sed 's/^[[:space:]]*//;s/[[:space:]]*$//'; }

@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# Real-client suites: ScsiGate itself (`scsigate serve`) attached to real QEMU guests running Linux's
+# own drivers, plus the real iSCSI target tgtd. Called by Deploy/test.sh after `swift build`/`swift test`.
+#
+#   pvscsi           QEMU 11 (sid chroot) vfio-user-pci + vmw_pvscsi: identity, iscsi-test-cu SCSI
+#                    (<= 7 failures), fio verify, byte check in the backing file, CLI hotplug
+#   vhost-user-scsi  QEMU 7.2 vhost-user-scsi-pci + virtio_scsi: the same, CLI hotplug/resize
+#   vhost-user-blk   QEMU 7.2 vhost-user-blk-pci + virtio_blk: fio verify, byte check, discard
+#                    and write-zeroes reaching the file (holes)
+#   iscsi            a LUN backed by tgtd over iSCSI, served through virtio-scsi: conformance, fio
+#
+# Usage: ci.sh [SUITE...]   (default: all). Ends with "real-client: N passed, M failed".
+# Environment: SCSIGATE_CI_MAX_FAILED (default 7) conformance failures allowed per suite.
+set -uo pipefail
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+HERE="$ROOT/Deploy/guest"
+. "$HERE/lib.sh"
+sg_require_root
+cd "$ROOT"
+
+MAXF=${SCSIGATE_CI_MAX_FAILED:-7}
+BIN="$(swift build --show-bin-path)/scsigate"
+[ -x "$BIN" ] || { swift build >&2 || sg_die "swift build failed"; }
+WORK=$(mktemp -d /var/tmp/scsigate-ci.XXXXXX)
+GW_PID=""
+pass=0 fail=0
+failed_checks=()
+
+cleanup() {
+    stop_gateway
+    [ -n "${KEEP:-}" ] || rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+check() {  # check NAME STATUS
+    if [ "$2" = 0 ]; then
+        pass=$((pass + 1)); echo "real-client: $1 OK"
+    else
+        fail=$((fail + 1)); failed_checks+=("$1"); echo "real-client: $1 FAILED (status $2)"
+    fi
+}
+
+# start_gateway CONFIG LOG: serve CONFIG in the background, wait for its sockets.
+start_gateway() {
+    "$BIN" check-config "$1" >&2 || return 1
+    "$BIN" serve --config "$1" >"$2" 2>&1 &
+    GW_PID=$!
+    local i
+    for i in $(seq 1 100); do
+        grep -q "running; stop with SIGTERM" "$2" 2>/dev/null && return 0
+        kill -0 "$GW_PID" 2>/dev/null || { cat "$2" >&2; GW_PID=""; return 1; }
+        sleep 0.2
+    done
+    cat "$2" >&2
+    return 1
+}
+
+# stop_gateway: SIGTERM, the gateway must drain and exit 0 within 30 s.
+stop_gateway() {
+    [ -n "$GW_PID" ] || return 0
+    local pid=$GW_PID rc
+    GW_PID=""
+    kill -TERM "$pid" 2>/dev/null
+    for _ in $(seq 1 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -KILL "$pid"; wait "$pid" 2>/dev/null; return 1
+    fi
+    wait "$pid"; rc=$?
+    return $rc
+}
+
+gateway_header() {  # gateway_header DIR
+    cat <<TOML
+[gateway]
+state_dir = "$1/state"
+control_socket = "$1/control.sock"
+log_level = "info"
+TOML
+}
+
+cli() { "$BIN" "$@" --socket "$DIR/control.sock"; }
+
+# conformance_check NAME LOG: iscsi-test-cu ran completely with at most MAXF failures.
+conformance_check() {
+    local out rc
+    out=$(bash "$HERE/summarize-cunit.sh" "$2" --max-failed "$MAXF"); rc=$?
+    printf '%s\n' "$out" | grep -v '^SKIPPED:' | sed "s/^/[$1] /"
+    check "$1 conformance (<= $MAXF failed)" $rc
+}
+
+suite_pvscsi() {
+    DIR="$WORK/pvscsi"; mkdir -p "$DIR"
+    { gateway_header "$DIR"; cat <<TOML
+
+[[controller]]
+name = "pv0"
+transport = "pvscsi"
+socket = "$DIR/pv0.sock"
+
+[[controller.lun]]
+target = 0
+lun = 0
+backend = "file"
+path = "$DIR/pv0.img"
+size = "256M"
+create = true
+serial = "SGCI-PV0"
+TOML
+    } > "$DIR/gw.toml"
+    start_gateway "$DIR/gw.toml" "$DIR/gw.log"; check "pvscsi gateway start" $? || return
+    bash "$HERE/run-guest.sh" --sid --quiet --test multi --log "$DIR/guest.log" --timeout 1200 --bind "$DIR" \
+        --append "scsigate.tests=smoke,conformance,fio-verify,pattern scsigate.vendor=SCSIGATE scsigate.expect_serial=SGCI-PV0 scsigate.expect_size=268435456" \
+        -- -device "{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"$DIR/pv0.sock\",\"type\":\"unix\"}}"
+    check "pvscsi guest smoke+conformance+fio-verify+pattern" $?
+    conformance_check pvscsi "$DIR/guest.log"
+    bash "$HERE/check-pattern.sh" "$DIR/guest.log" "$DIR/pv0.img"; check "pvscsi bytes identical in the backing file" $?
+    stop_gateway; check "pvscsi gateway drains and exits 0 on SIGTERM" $?
+}
+
+SUITES=("$@")
+[ ${#SUITES[@]} -gt 0 ] || SUITES=(pvscsi)
+for s in "${SUITES[@]}"; do
+    sg_log "suite $s"
+    "suite_${s//-/_}"
+done
+[ ${#failed_checks[@]} -eq 0 ] || printf 'real-client: failed: %s\n' "${failed_checks[@]}"
+echo "real-client: $pass passed, $fail failed"
+[ "$fail" = 0 ]

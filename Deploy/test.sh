@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Runs every ScsiGate test on this machine:
+#   1. installs missing Debian packages (libaio-dev, libiscsi-dev, pkg-config),
+#   2. swift build of every target and test target; any compiler warning fails the run,
+#   3. swift test: all unit and protocol tests (XCTest, then Swift Testing with its summary),
+#   4. the real-client suites (QEMU guests, tgtd) through Deploy/guest/ci.sh when it exists.
+# CI runs this through .ci/run (as root, no stdin, CI=true).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source Deploy/common.sh
+
+sg_install_packages "${SG_BUILD_PACKAGES[@]}"
+sg_require_swift
+
+logs=$(mktemp -d)
+trap 'rm -rf "$logs"' EXIT
+
+sg_say "swift build (warnings are errors)"
+set +e
+swift build --build-tests 2>&1 | tee "$logs/build.log"
+status=${PIPESTATUS[0]}
+set -e
+[ "$status" -eq 0 ] || sg_fail "swift build failed (exit $status)"
+if grep -n "warning:" "$logs/build.log" >&2; then
+    sg_fail "swift build produced warnings (listed above)"
+fi
+
+sg_say "swift test"
+set +e
+swift test 2>&1 | tee "$logs/test.log"
+status=${PIPESTATUS[0]}
+set -e
+[ "$status" -eq 0 ] || sg_fail "swift test failed (exit $status)"
+grep -Eq "Test run with [0-9]+ tests? .*passed" "$logs/test.log" || sg_fail "swift test printed no Swift Testing summary"
+
+if [ -f Deploy/guest/ci.sh ]; then
+    sg_say "real-client suites: Deploy/guest/ci.sh"
+    bash Deploy/guest/ci.sh
+else
+    sg_say "Deploy/guest/ci.sh not present: no real-client suites in this checkout"
+fi
+sg_say "all tests passed"

@@ -1,0 +1,312 @@
+import Backends
+import BlockIO
+import Foundation
+import Logging
+import SCSI
+import Synchronization
+
+/// Why the gateway could not start.
+public struct GatewayError: Error, Sendable, CustomStringConvertible {
+    /// One line per problem.
+    public var problems: [String]
+    /// Creates an error.
+    public init(_ problems: [String]) { self.problems = problems }
+    public var description: String { problems.joined(separator: "\n") }
+}
+
+/// A LUN's back-end as the gateway keeps it: looked up by `LogicalUnit.backendID`.
+public struct LUNBackend: Sendable {
+    /// The LUN entry (as configured or as added at run time).
+    public var config: LUNConfig
+    /// The controller it belongs to.
+    public var controller: String
+    /// The open back-end.
+    public var backend: AnyBlockBackend
+}
+
+/// Every open back-end of a gateway, by back-end id. Front-ends resolve `LogicalUnit.backendID` here
+/// when they create channels (at connect, and on an `added` event).
+public final class BackendRegistry: Sendable {
+    private struct State {
+        var entries: [Int: LUNBackend] = [:]
+        var nextID = 1
+    }
+    private let state = Mutex(State())
+
+    /// Creates an empty registry.
+    public init() {}
+
+    /// Registers a back-end; returns its id.
+    public func register(_ entry: LUNBackend) -> Int {
+        state.withLock { s in
+            let id = s.nextID
+            s.nextID += 1
+            s.entries[id] = entry
+            return id
+        }
+    }
+
+    /// The back-end with `id`.
+    public func backend(_ id: Int) -> LUNBackend? { state.withLock { $0.entries[id] } }
+
+    /// Removes and returns the back-end with `id` (the caller closes it once its channels are closed).
+    @discardableResult
+    public func remove(_ id: Int) -> LUNBackend? { state.withLock { $0.entries.removeValue(forKey: id) } }
+
+    /// Every registered id, ascending.
+    public var ids: [Int] { state.withLock { $0.entries.keys.sorted() } }
+}
+
+/// One configured controller at run time: its SCSI target and what a front-end needs.
+///
+/// Each controller has one `SCSITarget`. A LUN entry's guest address maps onto the target's LUNs by
+/// `TransportKind.coreLUN(target:lun:)`: virtio-scsi LUN n is LUN n, PVSCSI target n is LUN n, the
+/// virtio-blk disk is LUN 0.
+public final class ControllerRuntime: Sendable {
+    /// The controller's configuration.
+    public let config: ControllerConfig
+    /// The SCSI target (LUN table, task sets, unit attentions) the front-end drives.
+    public let target: SCSITarget
+    /// Back-ends of the whole gateway (resolve `LogicalUnit.backendID`).
+    public let backends: BackendRegistry
+    /// A logger labelled with the controller name.
+    public let logger: Logger
+
+    /// Creates the runtime with an empty target.
+    public init(config: ControllerConfig, backends: BackendRegistry, logger: Logger) {
+        self.config = config
+        self.target = SCSITarget(name: config.name)
+        self.backends = backends
+        var logger = logger
+        logger[metadataKey: "controller"] = .string(config.name)
+        self.logger = logger
+    }
+
+    /// The back-end behind a logical unit.
+    public func backend(of unit: LogicalUnit) -> LUNBackend? { backends.backend(unit.backendID) }
+
+    /// Opens a channel to the back-end with `backendID` (what front-ends pass as their channel factory).
+    public func makeChannel(backendID: Int) throws(BlockBackendError) -> AnyBlockChannel {
+        guard let entry = backends.backend(backendID) else {
+            throw BlockBackendError("back-end \(backendID) of controller \(config.name) is gone")
+        }
+        return try entry.backend.makeChannel()
+    }
+}
+
+/// The gateway daemon: opens back-ends, builds one SCSI target per controller with its LUNs, and
+/// starts one front-end per controller through the `FrontEndRegistry`.
+///
+/// `start` and `stop` are called from one thread (the CLI's main thread); the runtime objects they
+/// create are shared with front-end threads and the control plane.
+public final class Gateway: @unchecked Sendable {
+    /// The configuration being served.
+    public let config: GatewayConfig
+    /// Every open back-end.
+    public let backends = BackendRegistry()
+    private let logger: Logger
+    private let opener: any BackendOpener
+    private let frontEndRegistry: FrontEndRegistry
+    /// Read by the control plane from other threads; written by start/stop.
+    private let runtimeState = Mutex<[ControllerRuntime]>([])
+    private var frontEnds: [(String, any FrontEnd)] = []
+    private var started = false
+
+    /// Creates a gateway (nothing is opened until `start`).
+    public init(config: GatewayConfig, logger: Logger, backendOpener: any BackendOpener = StandardBackendOpener(),
+                frontEnds: FrontEndRegistry = .standard) {
+        self.config = config
+        self.logger = logger
+        self.opener = backendOpener
+        self.frontEndRegistry = frontEnds
+    }
+
+    /// The controllers, once started.
+    public var controllers: [ControllerRuntime] { runtimeState.withLock { $0 } }
+
+    /// The controller named `name`, once started.
+    public func controller(named name: String) -> ControllerRuntime? {
+        runtimeState.withLock { $0.first { $0.config.name == name } }
+    }
+
+    /// Prepares directories, opens every back-end, builds the targets and starts the front-ends.
+    /// On failure everything opened so far is closed again and the error lists every problem.
+    public func start() throws(GatewayError) {
+        precondition(!started, "Gateway.start called twice")
+        try prepareDirectories()
+        var problems: [String] = []
+        var built: [ControllerRuntime] = []
+        for controller in config.controllers {
+            let runtime = ControllerRuntime(config: controller, backends: backends, logger: logger)
+            for lun in controller.luns {
+                do throws(BackendOpeningError) {
+                    try addConfiguredLUN(lun, to: runtime)
+                } catch where error.mayStartWithout {
+                    logger.error("LUN offline: \(error.description); retrying in the background")
+                    retryWhenOnline(lun, on: runtime)
+                } catch {
+                    problems.append(error.description)
+                }
+            }
+            built.append(runtime)
+        }
+        if !problems.isEmpty {
+            closeAllBackends()
+            throw GatewayError(problems)
+        }
+        runtimeState.withLock { $0 = built }
+        started = true
+        for runtime in built {
+            logServed(runtime)
+            guard let factory = frontEndRegistry.factory(for: runtime.config.transport) else {
+                runtime.logger.warning(
+                    "transport \(runtime.config.transport.rawValue) has no front-end in this build; controller \(runtime.config.name) is not attached")
+                continue
+            }
+            do throws(FrontEndError) {
+                let frontEnd = try factory.makeFrontEnd(for: runtime)
+                try frontEnd.start()
+                frontEnds.append((runtime.config.name, frontEnd))
+                runtime.logger.info("listening on \(runtime.config.socket)")
+            } catch {
+                stop()
+                throw GatewayError(["controller \(runtime.config.name): \(error.description)"])
+            }
+        }
+    }
+
+    /// Stops the front-ends (each drains its in-flight I/O), then closes every back-end. Idempotent.
+    public func stop() {
+        for (name, frontEnd) in frontEnds.reversed() {
+            logger.info("stopping controller \(name)")
+            frontEnd.stop()
+        }
+        frontEnds.removeAll()
+        closeAllBackends()
+        runtimeState.withLock { $0.removeAll() }
+        started = false
+    }
+
+    /// Adds a LUN to a running controller (control plane): opens its back-end and adds it to the
+    /// controller's target, which tells the front-end and raises the unit attentions. `lun` must have
+    /// passed the same checks as a config entry.
+    public func addLUN(_ lun: LUNConfig, to controllerName: String) throws(BackendOpeningError) {
+        guard let runtime = controller(named: controllerName) else {
+            throw BackendOpeningError(lun: "controller \(controllerName)", reason: "no such controller")
+        }
+        try addConfiguredLUN(lun, to: runtime)
+        runtime.logger.info("added target \(lun.target) lun \(lun.lun) (\(lun.backend.rawValue))")
+    }
+
+    /// Removes a LUN from a running controller and closes its back-end once the front-end has closed
+    /// its channels. Returns the removed entry.
+    @discardableResult
+    public func removeLUN(target: Int, lun: Int, from controllerName: String) throws(BackendOpeningError) -> LUNConfig {
+        let name = "controller \(controllerName) target \(target) lun \(lun)"
+        guard let runtime = controller(named: controllerName) else {
+            throw BackendOpeningError(lun: "controller \(controllerName)", reason: "no such controller")
+        }
+        guard let number = LogicalUnitNumber(runtime.config.transport.coreLUN(target: target, lun: lun)) else {
+            throw BackendOpeningError(lun: name, reason: "address out of range for \(runtime.config.transport.rawValue)")
+        }
+        let unit: LogicalUnit
+        do throws(LUNTableError) {
+            unit = try runtime.target.remove(number)
+        } catch {
+            throw BackendOpeningError(lun: name, reason: error.description)
+        }
+        let entry = backends.remove(unit.backendID)
+        entry?.backend.close()
+        runtime.logger.info("removed target \(target) lun \(lun)")
+        guard let config = entry?.config else {
+            throw BackendOpeningError(lun: name, reason: "its back-end was already gone")
+        }
+        return config
+    }
+
+    /// Opens a configured LUN and adds it to its target.
+    private func addConfiguredLUN(_ lun: LUNConfig, to runtime: ControllerRuntime) throws(BackendOpeningError) {
+        let opened = try opener.open(lun, on: runtime.config)
+        let id = backends.register(LUNBackend(config: lun, controller: runtime.config.name, backend: opened.backend))
+        var geometry = opened.geometry
+        geometry.readOnly = geometry.readOnly || lun.readOnly
+        let name = "controller \(runtime.config.name) target \(lun.target) lun \(lun.lun)"
+        guard let number = LogicalUnitNumber(runtime.config.transport.coreLUN(target: lun.target, lun: lun.lun)) else {
+            backends.remove(id)?.backend.close()
+            throw BackendOpeningError(lun: name, reason: "address out of range for \(runtime.config.transport.rawValue)")
+        }
+        let unit = LogicalUnit(number: number, identity: DerivedIdentity.identity(for: lun, controller: runtime.config),
+                               geometry: geometry, backendID: id)
+        do throws(LUNTableError) {
+            try runtime.target.add(unit)
+        } catch {
+            backends.remove(id)?.backend.close()
+            throw BackendOpeningError(lun: name, reason: error.description)
+        }
+    }
+
+    /// Keeps trying to bring a remote LUN online (every 5 s) until it is added or the gateway stops:
+    /// a target unreachable at start-up does not hold back the others, and its LUN appears (with the
+    /// usual hotplug events) once the target answers.
+    private func retryWhenOnline(_ lun: LUNConfig, on runtime: ControllerRuntime) {
+        let thread = Thread { [weak self] in
+            while true {
+                Thread.sleep(forTimeInterval: 5)
+                guard let self, self.controller(named: runtime.config.name) === runtime else { return }
+                do throws(BackendOpeningError) {
+                    try self.addConfiguredLUN(lun, to: runtime)
+                    runtime.logger.info("LUN online: target \(lun.target) lun \(lun.lun) (\(lun.backend.rawValue))")
+                    return
+                } catch where error.mayStartWithout {
+                    continue
+                } catch {
+                    runtime.logger.error("LUN stays offline: \(error.description)")
+                    return
+                }
+            }
+        }
+        thread.name = "lun-retry"
+        thread.start()
+    }
+
+    private func closeAllBackends() {
+        for id in backends.ids { backends.remove(id)?.backend.close() }
+    }
+
+    /// Creates the state directory and the directories of every socket.
+    private func prepareDirectories() throws(GatewayError) {
+        var directories = [config.settings.stateDirectory, ConfigValidator.directory(of: config.settings.controlSocket)]
+        for controller in config.controllers { directories.append(ConfigValidator.directory(of: controller.socket)) }
+        for lun in config.controllers.flatMap(\.luns) where lun.create {
+            if let path = lun.path { directories.append(ConfigValidator.directory(of: path)) }
+        }
+        var problems: [String] = []
+        for directory in Set(directories).sorted() {
+            do {
+                try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+            } catch {
+                problems.append("cannot create directory \(directory): \(error.localizedDescription)")
+            }
+        }
+        if !problems.isEmpty { throw GatewayError(problems) }
+    }
+
+    private func logServed(_ runtime: ControllerRuntime) {
+        let c = runtime.config
+        runtime.logger.info("controller \(c.name): \(c.transport.rawValue) on \(c.socket)")
+        for unit in runtime.target.logicalUnits {
+            guard let entry = runtime.backend(of: unit) else { continue }
+            let g = unit.geometry
+            var what: String
+            switch entry.config.backend {
+            case .file, .block: what = "\(entry.config.backend.rawValue) \(entry.config.path ?? "")"
+            case .iscsi: what = "iscsi \(entry.config.iscsi?.url.description ?? "")"
+            case .null: what = "null"
+            }
+            if unit.isReadOnly { what += " (read-only)" }
+            runtime.logger.info(
+                "  target \(entry.config.target) lun \(entry.config.lun): \(what), \(ByteSize.format(g.capacityBytes)), \(g.logicalBlockSize)-byte blocks, serial \(unit.identity.serial), naa \(String(unit.identity.naa, radix: 16))")
+        }
+        runtime.logger.info("  attach with: \(QEMUCommandLine.deviceArguments(for: c).joined(separator: " "))")
+    }
+}

@@ -1,0 +1,59 @@
+import Backends
+import BlockIO
+import Glibc
+import Logging
+import PVSCSI
+import SCSI
+
+extension AnyBlockChannel: PVSCSIChannel {}
+
+/// Serves a `pvscsi` controller: a PVSCSI adapter emulated over vfio-user (PVSCSI module).
+public struct PVSCSIFrontEndFactory: FrontEndFactory {
+    public init() {}
+    public var transport: TransportKind { .pvscsi }
+
+    public func makeFrontEnd(for controller: ControllerRuntime) throws(FrontEndError) -> any FrontEnd {
+        try PVSCSIFrontEnd(controller)
+    }
+}
+
+/// A running PVSCSI controller bound to its vfio-user socket.
+final class PVSCSIFrontEnd: FrontEnd, @unchecked Sendable {
+    private let runtime: ControllerRuntime
+    private let controller: PVSCSIController<SCSITarget, AnyBlockChannel>
+
+    init(_ runtime: ControllerRuntime) throws(FrontEndError) {
+        self.runtime = runtime
+        var options = PVSCSIOptions()
+        options.maxTargets = UInt32(runtime.config.maxTargets)
+        let logger = runtime.logger
+        do {
+            controller = try PVSCSIController(
+                socketPath: runtime.config.socket, target: runtime.target, options: options,
+                channelFactory: { [runtime] id in
+                    do throws(BlockBackendError) {
+                        return try runtime.makeChannel(backendID: id)
+                    } catch {
+                        runtime.logger.error("cannot open a channel to back-end \(id): \(error.description)")
+                        return nil
+                    }
+                },
+                log: { line in logger.info("\(line)") })
+        } catch {
+            throw FrontEndError("controller \(runtime.config.name): \(error)")
+        }
+    }
+
+    func start() throws(FrontEndError) {
+        do {
+            try controller.start()
+        } catch {
+            throw FrontEndError("controller \(runtime.config.name) on \(runtime.config.socket): \(error)")
+        }
+        if chmod(runtime.config.socket, mode_t(runtime.config.socketMode)) != 0 {
+            runtime.logger.warning("cannot set mode \(String(runtime.config.socketMode, radix: 8)) on \(runtime.config.socket)")
+        }
+    }
+
+    func stop() { controller.stop() }
+}

@@ -1,1 +1,0 @@
-// Placeholder: module Gateway is being built.

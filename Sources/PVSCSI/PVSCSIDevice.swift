@@ -1,0 +1,1008 @@
+import BlockIO
+import CSystem
+import EventLoop
+import SCSI
+import VfioUser
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Tunables of one PVSCSI controller.
+public struct PVSCSIOptions: Sendable {
+    /// Targets the adapter reports in its controller config page (`numPhys`); Linux scans targets
+    /// 0..<maxTargets, LUN 0 each. LUN n of the SCSI target is exposed as PVSCSI target n, LUN 0.
+    /// The page is only answered when QEMU does not post BAR writes (`x-no-posted-writes=on`, see
+    /// `PVSCSIDevice` CONFIG); otherwise Linux assumes 16 targets, so LUNs 16 and above stay invisible.
+    public var maxTargets: UInt32 = 16
+    /// Largest data length of one request (bytes).
+    public var maxTransferBytes: UInt64 = 64 << 20
+    /// Largest number of SG elements walked for one request (bounds loops and endless lists).
+    public var maxSGElements = 2048
+    /// Initiator identifier used for the I_T nexus of this adapter.
+    public var initiatorID: UInt64 = 1
+    public init() {}
+}
+
+/// Counters (loop thread).
+public struct PVSCSIStats: Sendable {
+    public var requests = 0
+    public var completions = 0
+    public var invalidRequests = 0
+    public var ringErrors = 0
+    public var messagesPosted = 0
+    public var messagesDropped = 0
+    public var interrupts = 0
+}
+
+/// State of one request slot.
+enum SlotState: UInt8 {
+    case free
+    case executing
+    case submitted
+    case awaitingRing
+}
+
+/// Per-slot request bookkeeping (the SCSITask and iovecs live in parallel preallocated storage).
+struct RequestSlot {
+    var state: SlotState = .free
+    var context: UInt64 = 0
+    var target: UInt32 = 0
+    var senseAddress: UInt64 = 0
+    var senseLength: UInt32 = 0
+    var dataLength: UInt64 = 0
+    var toHost = false
+    var toDevice = false
+    /// ABORT_CMD asked for this one: complete with BTSTAT_ABORTQUEUE.
+    var aborted = false
+    /// RESET_BUS / RESET_DEVICE hit it: complete with BTSTAT_BUSRESET.
+    var resetHit = false
+    /// The rings it came from are gone (adapter reset): drop its completion.
+    var orphaned = false
+    /// Nested resume depth guard.
+    var resubmits = 0
+    // Completion awaiting room on the completion ring.
+    var completionDataLength: UInt64 = 0
+    var completionSenseLength: UInt32 = 0
+    var completionHostStatus: UInt16 = 0
+    var completionSCSIStatus: UInt16 = 0
+}
+
+/// The PVSCSI device model: registers, commands, request/completion/message rings in guest memory,
+/// SG lists, sense, interrupts; SCSI commands run by `Target` and their I/O by `Channel`s.
+///
+/// Runs on the vfio-user server's event-loop thread; every guest address goes through `GuestMemory`.
+public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChannel>: VfioUserDevice, @unchecked Sendable {
+    public var configSpace: PCIConfigSpace
+    public let options: PVSCSIOptions
+    public private(set) var stats = PVSCSIStats()
+    public let target: Target
+    private let log: VfioUserLog
+    private let channelFactory: (Int) -> Channel?
+    private unowned(unsafe) var loop: EventLoop
+    private var memory: GuestMemory!
+    private var interrupts: InterruptController!
+
+    // Registers.
+    private var currentCommand: PVSCSI.Command? = nil
+    private var commandWords: [UInt32] = Array(repeating: 0, count: 136)
+    private var commandWordCount = 0
+    private var commandWordsNeeded = 0
+    public private(set) var commandStatus: UInt32 = 0
+    public private(set) var interruptStatus: UInt32 = 0
+    public private(set) var interruptMask: UInt32 = 0
+
+    // Rings.
+    private var ringsStatePPN: UInt64 = 0
+    private var requestPPNs: [UInt64] = Array(repeating: 0, count: PVSCSI.maxRingPages)
+    private var completionPPNs: [UInt64] = Array(repeating: 0, count: PVSCSI.maxRingPages)
+    private var messagePPNs: [UInt64] = Array(repeating: 0, count: PVSCSI.maxMessageRingPages)
+    private var ringsState: UnsafeMutableRawPointer? = nil
+    private var requestPages: [UnsafeMutableRawPointer?] = Array(repeating: nil, count: PVSCSI.maxRingPages)
+    private var completionPages: [UnsafeMutableRawPointer?] = Array(repeating: nil, count: PVSCSI.maxRingPages)
+    private var messagePages: [UnsafeMutableRawPointer?] = Array(repeating: nil, count: PVSCSI.maxMessageRingPages)
+    private var requestPageCount = 0
+    private var completionPageCount = 0
+    private var messagePageCount = 0
+    private var requestEntries: UInt32 = 0
+    private var completionEntries: UInt32 = 0
+    private var messageEntries: UInt32 = 0
+    private var requestConsumer: UInt32 = 0
+    private var completionProducer: UInt32 = 0
+    private var messageProducer: UInt32 = 0
+    /// SETUP_RINGS succeeded (until ADAPTER_RESET or the next SETUP_RINGS).
+    private var ringsConfigured = false
+    /// Whether the rings are set up and their pages are mapped right now. A DMA window holding them
+    /// may be unmapped and mapped again by the client (QEMU re-lays out guest memory during boot):
+    /// the rings then detach and re-attach on the next access; meanwhile kicks wait and completions queue.
+    public var ringsReady: Bool { ringsConfigured && ringsState != nil }
+    /// Whether SETUP_MSG_RING succeeded (and the rings are attached).
+    public var messageRingReady: Bool { ringsReady && messageEntries > 0 }
+
+    // Requests.
+    public static var slotCount: Int { PVSCSI.maxRingPages * 4096 / PVSCSI.requestDescriptorSize }  // 1024
+    public static var iovecsPerSlot: Int { 160 }
+    private var slots: [RequestSlot]
+    private var tasks: [SCSITask]
+    private var freeSlots: [Int]
+    private var awaitingRing: [Int]
+    private var awaitingRingHead = 0
+    private let iovecs: IOVectorStorage
+    private var view = LUNMapView()
+    private var channels: [Int: Channel] = [:]
+    private var channelsToCommit: [Int] = []
+    private var reaped: [(UInt64, BlockResult)] = []
+    private var completionsPosted = false
+    private var loggedRingError = false
+    private var loggedPostedConfig = false
+
+    /// Creates the device. `channelFactory(backendID)` returns the channel for a LUN's back-end (called
+    /// once per back-end, on the loop thread), or nil when it cannot be opened.
+    public init(target: Target, options: PVSCSIOptions, loop: EventLoop,
+                channelFactory: @escaping (Int) -> Channel?, log: @escaping VfioUserLog) {
+        self.target = target
+        self.options = options
+        self.loop = loop
+        self.channelFactory = channelFactory
+        self.log = log
+        let identity = PCIIdentity(vendorID: PVSCSI.vendorID, deviceID: PVSCSI.deviceID,
+                                   subsystemVendorID: PVSCSI.vendorID, subsystemID: PVSCSI.deviceID,
+                                   classCode: PVSCSI.classCode, revision: PVSCSI.revision)
+        configSpace = PCIConfigSpace(identity: identity, bars: [PCIBAR(size: PVSCSI.memorySpaceSize)],
+                                     msix: MSIXLayout(vectors: 1, tableBAR: 0, tableOffset: PVSCSI.msixTableOffset,
+                                                      pbaBAR: 0, pbaOffset: PVSCSI.msixPBAOffset))
+        let n = Self.slotCount
+        slots = Array(repeating: RequestSlot(), count: n)
+        let placeholder = SCSITask(nexus: ITNexus(initiator: options.initiatorID), lun: nil, tag: 0, cdb: CDB())
+        tasks = Array(repeating: placeholder, count: n)
+        freeSlots = Array((0..<n).reversed())
+        awaitingRing = []
+        awaitingRing.reserveCapacity(n)
+        channelsToCommit.reserveCapacity(8)
+        reaped.reserveCapacity(n)
+        iovecs = IOVectorStorage(capacity: n * Self.iovecsPerSlot)
+    }
+
+    /// Connects the device to the server's guest memory and interrupt lines.
+    public func attach(memory: GuestMemory, interrupts: InterruptController) {
+        self.memory = memory
+        self.interrupts = interrupts
+    }
+
+    /// Requests in flight (submitted to a back-end or waiting for completion-ring room).
+    public var requestsInFlight: Int { Self.slotCount - freeSlots.count }
+
+    // MARK: Register access
+
+    public func barRead(bar: Int, offset: UInt64, count: Int) -> UInt64 {
+        guard bar == 0 else { return 0 }
+        let aligned = offset & ~3
+        let value: UInt32
+        switch aligned {
+        case PVSCSI.Register.commandStatus: value = commandStatus
+        case PVSCSI.Register.interruptStatus: value = interruptStatus
+        case PVSCSI.Register.interruptMask: value = interruptMask
+        default: value = 0
+        }
+        let shifted = UInt64(value) >> ((offset & 3) * 8)
+        return count >= 8 ? shifted : shifted & ((1 << (UInt64(count) * 8)) - 1)
+    }
+
+    public func barWrite(bar: Int, offset: UInt64, count: Int, value: UInt64, posted: Bool) {
+        guard bar == 0 else { return }
+        guard count == 4 || count == 8, offset & 3 == 0 else {
+            log("pvscsi: ignored \(count)-byte register write at 0x\(String(offset, radix: 16))")
+            return
+        }
+        let v = UInt32(truncatingIfNeeded: value)
+        switch offset {
+        case PVSCSI.Register.command: writeCommand(v)
+        case PVSCSI.Register.commandData: writeCommandData(v, posted: posted)
+        case PVSCSI.Register.interruptStatus:
+            interruptStatus &= ~v
+            updateInterruptLine()
+        case PVSCSI.Register.interruptMask:
+            interruptMask = v & PVSCSI.interruptAll
+            updateInterruptLine()
+            if interruptStatus & interruptMask != 0 && interrupts.msixActive { signalMSIX() }
+        case PVSCSI.Register.kickNonRWIO, PVSCSI.Register.kickRWIO:
+            processRequestRing()
+        case PVSCSI.Register.debug:
+            log("pvscsi: guest DEBUG register 0x\(String(v, radix: 16))")
+        default:
+            break  // MSI-X table/PBA (emulated by the client) and unused space
+        }
+    }
+
+    // MARK: Commands
+
+    private func writeCommand(_ value: UInt32) {
+        commandWordCount = 0
+        currentCommand = nil
+        guard let command = PVSCSI.Command(rawValue: value) else {
+            log("pvscsi: unknown command \(value)")
+            commandStatus = PVSCSI.commandFailed
+            return
+        }
+        let words: Int
+        switch command {
+        case .adapterReset, .resetBus: words = 0
+        case .setupRings: words = PVSCSI.setupRingsWords
+        case .resetDevice: words = PVSCSI.resetDeviceWords
+        case .abortCommand: words = PVSCSI.abortCommandWords
+        case .config: words = PVSCSI.configWords
+        case .setupMessageRing: words = PVSCSI.setupMessageRingWords
+        case .issueSCSI, .deviceUnplug, .setupRequestCallThreshold:
+            // Not implemented (as in QEMU): the driver reads -1 and falls back (no request-call threshold).
+            commandStatus = PVSCSI.commandFailed
+            return
+        }
+        if words == 0 {
+            commandStatus = execute(command, posted: false)
+            return
+        }
+        currentCommand = command
+        commandWordsNeeded = words
+        // SETUP_MSG_RING support probe: the status register answers the descriptor size in words.
+        commandStatus = command == .setupMessageRing ? UInt32(PVSCSI.setupMessageRingWords) : PVSCSI.commandNeedsData
+    }
+
+    private func writeCommandData(_ value: UInt32, posted: Bool) {
+        guard let command = currentCommand else {
+            log("pvscsi: COMMAND_DATA write with no command pending")
+            return
+        }
+        commandWords[commandWordCount] = value
+        commandWordCount += 1
+        if commandWordCount == commandWordsNeeded {
+            currentCommand = nil
+            commandStatus = execute(command, posted: posted)
+        }
+    }
+
+    private func word64(_ i: Int) -> UInt64 { UInt64(commandWords[i]) | UInt64(commandWords[i + 1]) << 32 }
+
+    private func execute(_ command: PVSCSI.Command, posted: Bool) -> UInt32 {
+        switch command {
+        case .adapterReset:
+            adapterReset()
+            return PVSCSI.commandSucceeded
+        case .setupRings: return setupRings() ? PVSCSI.commandSucceeded : PVSCSI.commandFailed
+        case .setupMessageRing: return setupMessageRing() ? PVSCSI.commandSucceeded : PVSCSI.commandFailed
+        case .abortCommand:
+            abortCommand(context: word64(0), target: commandWords[2])
+            return PVSCSI.commandSucceeded
+        case .resetBus:
+            resetRequests(target: nil)
+            return PVSCSI.commandSucceeded
+        case .resetDevice:
+            resetRequests(target: commandWords[0])
+            return PVSCSI.commandSucceeded
+        case .config:
+            // Linux reads the page right after its last COMMAND_DATA write and frees it at once. When that
+            // write was posted the guest did not wait for it, so by now the page may hold anything (a kernel
+            // stack, seen under QEMU 11): writing it would corrupt the guest. Answer only synchronous writes;
+            // the driver then falls back to 16 targets.
+            if posted {
+                if !loggedPostedConfig {
+                    log("pvscsi: CONFIG arrived as a posted write: not answered (the guest no longer waits for it); the driver assumes 16 targets. Use x-no-posted-writes=on for the controller config page")
+                    loggedPostedConfig = true
+                }
+                return PVSCSI.commandFailed
+            }
+            return configCommand() ? PVSCSI.commandSucceeded : PVSCSI.commandFailed
+        case .issueSCSI, .deviceUnplug, .setupRequestCallThreshold: return PVSCSI.commandFailed
+        }
+    }
+
+    /// Drops rings, interrupts and command state; in-flight requests finish silently.
+    func adapterReset() {
+        orphanInFlight()
+        dropRings()
+        currentCommand = nil
+        commandWordCount = 0
+        commandStatus = 0
+        interruptStatus = 0
+        interruptMask = 0
+        updateInterruptLine()
+    }
+
+    private func orphanInFlight() {
+        for i in 0..<slots.count {
+            switch slots[i].state {
+            case .submitted, .executing: slots[i].orphaned = true
+            case .awaitingRing: release(i)
+            case .free: break
+            }
+        }
+        awaitingRing.removeAll(keepingCapacity: true)
+        awaitingRingHead = 0
+    }
+
+    private func dropRings() {
+        ringsConfigured = false
+        ringsState = nil
+        requestPageCount = 0
+        completionPageCount = 0
+        messagePageCount = 0
+        requestEntries = 0
+        completionEntries = 0
+        messageEntries = 0
+        requestConsumer = 0
+        completionProducer = 0
+        messageProducer = 0
+        loggedRingError = false
+    }
+
+    /// A page-aligned guest page, or nil when the PPN is out of range or not mapped with the access.
+    private func page(_ ppn: UInt64, write: Bool) -> UnsafeMutableRawPointer? {
+        guard ppn < (UInt64(1) << 52) else { return nil }
+        return memory.translate(ppn << 12, length: PVSCSI.pageSize, write: write)
+    }
+
+    private static func validPageCount(_ n: UInt32, max: Int) -> Bool {
+        n > 0 && n <= UInt32(max) && n & (n - 1) == 0
+    }
+
+    private func setupRings() -> Bool {
+        let reqPages = commandWords[0]
+        let cmpPages = commandWords[1]
+        guard Self.validPageCount(reqPages, max: PVSCSI.maxRingPages), Self.validPageCount(cmpPages, max: PVSCSI.maxRingPages) else {
+            log("pvscsi: SETUP_RINGS rejected: page counts \(reqPages)/\(cmpPages) (need a power of two in 1...\(PVSCSI.maxRingPages))")
+            return false
+        }
+        let statePPN = word64(2)
+        var newReq: [UnsafeMutableRawPointer?] = Array(repeating: nil, count: PVSCSI.maxRingPages)
+        var newCmp: [UnsafeMutableRawPointer?] = Array(repeating: nil, count: PVSCSI.maxRingPages)
+        guard let state = page(statePPN, write: true) else {
+            log("pvscsi: SETUP_RINGS rejected: rings state PPN 0x\(String(statePPN, radix: 16)) not in mapped guest memory")
+            return false
+        }
+        for i in 0..<Int(reqPages) {
+            let ppn = word64(4 + 2 * i)
+            guard let p = page(ppn, write: false) else {
+                log("pvscsi: SETUP_RINGS rejected: request ring PPN[\(i)] 0x\(String(ppn, radix: 16)) not in mapped guest memory")
+                return false
+            }
+            newReq[i] = p
+            requestPPNs[i] = ppn
+        }
+        for i in 0..<Int(cmpPages) {
+            let ppn = word64(4 + 2 * PVSCSI.maxRingPages + 2 * i)
+            guard let p = page(ppn, write: true) else {
+                log("pvscsi: SETUP_RINGS rejected: completion ring PPN[\(i)] 0x\(String(ppn, radix: 16)) not in mapped guest memory")
+                return false
+            }
+            newCmp[i] = p
+            completionPPNs[i] = ppn
+        }
+        orphanInFlight()
+        dropRings()
+        ringsStatePPN = statePPN
+        ringsState = state
+        ringsConfigured = true
+        requestPages = newReq
+        completionPages = newCmp
+        requestPageCount = Int(reqPages)
+        completionPageCount = Int(cmpPages)
+        requestEntries = reqPages * UInt32(4096 / PVSCSI.requestDescriptorSize)
+        completionEntries = cmpPages * UInt32(4096 / PVSCSI.completionDescriptorSize)
+        store32(PVSCSI.RingsState.requestEntriesLog2, UInt32(requestEntries.trailingZeroBitCount))
+        store32(PVSCSI.RingsState.completionEntriesLog2, UInt32(completionEntries.trailingZeroBitCount))
+        store32(PVSCSI.RingsState.requestConsumer, 0)
+        store32(PVSCSI.RingsState.completionProducer, 0)
+        log("pvscsi: rings set up: \(requestEntries) request / \(completionEntries) completion entries")
+        return true
+    }
+
+    private func setupMessageRing() -> Bool {
+        guard ringsConfigured, ringsState != nil || attachRings() else {
+            log("pvscsi: SETUP_MSG_RING before SETUP_RINGS ignored")
+            return false
+        }
+        let pages = commandWords[0]
+        guard Self.validPageCount(pages, max: PVSCSI.maxMessageRingPages) else {
+            log("pvscsi: SETUP_MSG_RING rejected: \(pages) pages (need a power of two in 1...\(PVSCSI.maxMessageRingPages))")
+            return false
+        }
+        var newPages: [UnsafeMutableRawPointer?] = Array(repeating: nil, count: PVSCSI.maxMessageRingPages)
+        for i in 0..<Int(pages) {
+            let ppn = word64(2 + 2 * i)
+            guard let p = page(ppn, write: true) else {
+                log("pvscsi: SETUP_MSG_RING rejected: PPN[\(i)] 0x\(String(ppn, radix: 16)) not in mapped guest memory")
+                return false
+            }
+            newPages[i] = p
+            messagePPNs[i] = ppn
+        }
+        messagePages = newPages
+        messagePageCount = Int(pages)
+        messageEntries = pages * UInt32(4096 / PVSCSI.messageDescriptorSize)
+        messageProducer = 0
+        store32(PVSCSI.RingsState.messageEntriesLog2, UInt32(messageEntries.trailingZeroBitCount))
+        store32(PVSCSI.RingsState.messageProducer, 0)
+        log("pvscsi: message ring set up: \(messageEntries) entries")
+        return true
+    }
+
+    private func configCommand() -> Bool {
+        let completionAddress = word64(0)
+        let pageAddress = word64(2)
+        let pageNumber = commandWords[4]
+        // PVSCSIConfigPageController: 16-byte header, nodeWWN, 5 UTF-16 strings (64+64+32+32+32 units), numPhys, flags.
+        let size = 16 + 8 + 2 * (64 + 64 + 32 + 32 + 32) + 4 + 4
+        var pageBytes = [UInt8](repeating: 0, count: size)
+        func put16(_ o: Int, _ v: UInt16) { pageBytes[o] = UInt8(v & 0xFF); pageBytes[o + 1] = UInt8(v >> 8) }
+        func put32(_ o: Int, _ v: UInt32) { put16(o, UInt16(v & 0xFFFF)); put16(o + 2, UInt16(v >> 16)) }
+        put32(0, pageNumber)
+        let supported = pageNumber == PVSCSI.configPageController
+            && pageAddress == UInt64(PVSCSI.configControllerAddress) << 32
+        if supported {
+            put16(4, UInt16(size / 4))
+            put16(6, HostAdapterStatus.success.rawValue)
+            put16(8, UInt16(SCSIStatus.good.rawValue))
+            let wwn: UInt64 = 0x5000_C0DE_0000_0000 | (options.initiatorID & 0xFFFF_FFFF)
+            for i in 0..<8 { pageBytes[16 + i] = UInt8(truncatingIfNeeded: wwn >> (8 * UInt64(i))) }
+            for (i, c) in "ScsiGate".utf16.enumerated() { put16(24 + 2 * i, c) }
+            put32(size - 8, options.maxTargets)
+        } else {
+            put16(6, HostAdapterStatus.invalidParameter.rawValue)
+            put16(8, UInt16(SCSIStatus.checkCondition.rawValue))
+        }
+        let written = pageBytes.withUnsafeBytes { memory.write(completionAddress, from: $0) }
+        if !written { log("pvscsi: CONFIG completion address 0x\(String(completionAddress, radix: 16)) not in mapped guest memory") }
+        return written && supported
+    }
+
+    private func abortCommand(context: UInt64, target: UInt32) {
+        for i in 0..<slots.count where slots[i].state == .submitted && slots[i].context == context && slots[i].target == target {
+            slots[i].aborted = true
+            log("pvscsi: abort of context \(context) target \(target): completes with BTSTAT_ABORTQUEUE when its I/O returns")
+            return
+        }
+    }
+
+    /// RESET_DEVICE (one target) or RESET_BUS (every target): in-flight requests complete with
+    /// BTSTAT_BUSRESET when their I/O returns, and the core performs a LOGICAL UNIT RESET on each LUN
+    /// (BUS DEVICE RESET FUNCTION OCCURRED unit attention, SPC-2 reservation released).
+    private func resetRequests(target resetTarget: UInt32?) {
+        var hit: [UInt32: Int] = [:]
+        for i in 0..<slots.count where slots[i].state == .submitted {
+            if resetTarget == nil || slots[i].target == resetTarget! {
+                slots[i].resetHit = true
+                hit[slots[i].target, default: 0] += 1
+            }
+        }
+        var luns: [LogicalUnitNumber] = []
+        if let t = resetTarget {
+            if t < options.maxTargets, let l = LogicalUnitNumber(Int(t)) { luns = [l] }
+        } else {
+            target.refresh(&view)
+            luns = view.numbers.filter { UInt32($0.value) < options.maxTargets }
+        }
+        let nexus = ITNexus(initiator: options.initiatorID)
+        for lun in luns {
+            let plan = target.planTaskManagement(.logicalUnitReset, nexus: nexus, lun: lun)
+            var outcome = TaskManagementOutcome()
+            outcome.abortedCount = hit[UInt32(lun.value)] ?? 0
+            target.finishTaskManagement(plan, outcome)
+        }
+        log("pvscsi: \(resetTarget.map { "RESET_DEVICE target \($0)" } ?? "RESET_BUS"): \(hit.values.reduce(0, +)) request(s) in flight")
+    }
+
+    // MARK: Guest ring access
+
+    @inline(__always) private func load32(_ offset: Int) -> UInt32 { csys_load32_acquire(ringsState! + offset) }
+    @inline(__always) private func store32(_ offset: Int, _ value: UInt32) { csys_store32_release(ringsState! + offset, value) }
+
+    /// A request descriptor, each field read once from guest memory.
+    struct RequestDescriptor {
+        var context: UInt64
+        var dataAddress: UInt64
+        var dataLength: UInt64
+        var senseAddress: UInt64
+        var senseLength: UInt32
+        var flags: UInt32
+        var cdb: CDB
+        var cdbLength: UInt8
+        var lun: UInt64
+        var tag: UInt8
+        var bus: UInt8
+        var target: UInt8
+    }
+
+    private func readRequest(_ index: UInt32) -> RequestDescriptor {
+        let perPage = UInt32(4096 / PVSCSI.requestDescriptorSize)
+        let p = requestPages[Int(index / perPage)]! + Int(index % perPage) * PVSCSI.requestDescriptorSize
+        let cdbLength = p.load(fromByteOffset: 56, as: UInt8.self)
+        let cdb = CDB(copying: UnsafeRawBufferPointer(start: p + 40, count: Int(min(cdbLength, 16))))
+        var lun: UInt64 = 0
+        for i in 0..<8 { lun = lun << 8 | UInt64(p.load(fromByteOffset: 57 + i, as: UInt8.self)) }
+        return RequestDescriptor(
+            context: p.loadUnaligned(fromByteOffset: 0, as: UInt64.self),
+            dataAddress: p.loadUnaligned(fromByteOffset: 8, as: UInt64.self),
+            dataLength: p.loadUnaligned(fromByteOffset: 16, as: UInt64.self),
+            senseAddress: p.loadUnaligned(fromByteOffset: 24, as: UInt64.self),
+            senseLength: p.loadUnaligned(fromByteOffset: 32, as: UInt32.self),
+            flags: p.loadUnaligned(fromByteOffset: 36, as: UInt32.self),
+            cdb: cdb, cdbLength: cdbLength, lun: lun,
+            tag: p.load(fromByteOffset: 65, as: UInt8.self),
+            bus: p.load(fromByteOffset: 66, as: UInt8.self),
+            target: p.load(fromByteOffset: 67, as: UInt8.self))
+    }
+
+    /// Consumes new request descriptors (KICK_RW_IO / KICK_NON_RW_IO, or a slot freed up).
+    func processRequestRing() {
+        guard ringsConfigured else {
+            if !loggedRingError { log("pvscsi: kick before SETUP_RINGS ignored") }
+            loggedRingError = true
+            stats.ringErrors += 1
+            return
+        }
+        guard ringsState != nil || attachRings() else {
+            log("pvscsi: kick while the ring pages are not mapped: waiting for the client to map them again")
+            return
+        }
+        flushAwaitingRing()
+        let producer = load32(PVSCSI.RingsState.requestProducer)
+        var available = producer &- requestConsumer
+        if available > requestEntries {
+            stats.ringErrors += 1
+            if !loggedRingError {
+                log("pvscsi: request producer index \(producer) is \(available) entries ahead of the consumer (ring holds \(requestEntries)): ignoring the ring until it is sane")
+                loggedRingError = true
+            }
+            return
+        }
+        target.refresh(&view)
+        while available > 0, let slot = freeSlots.popLast() {
+            let descriptor = readRequest(requestConsumer & (requestEntries - 1))
+            requestConsumer &+= 1
+            available -= 1
+            store32(PVSCSI.RingsState.requestConsumer, requestConsumer)
+            stats.requests += 1
+            start(slot, descriptor)
+        }
+        commitChannels()
+        raiseCompletionInterruptIfNeeded()
+    }
+
+    private func start(_ slot: Int, _ d: RequestDescriptor) {
+        slots[slot] = RequestSlot(state: .executing, context: d.context, target: UInt32(d.target),
+                                  senseAddress: d.senseAddress, senseLength: d.senseLength, dataLength: d.dataLength)
+        // Addressing: bus 0, target n <-> LUN n of the SCSI target, PVSCSI LUN 0 only.
+        guard d.bus == 0, d.lun == 0, UInt32(d.target) < options.maxTargets,
+              let lun = LogicalUnitNumber(Int(d.target)), view.unit(lun) != nil else {
+            finish(slot, host: .selectionTimeout)
+            return
+        }
+        guard d.cdbLength >= 1, d.cdbLength <= 16, d.flags & PVSCSI.flagOutOfBandCDB == 0 else {
+            invalid(slot, "CDB length \(d.cdbLength) / flags 0x\(String(d.flags, radix: 16))")
+            return
+        }
+        let toHost = d.flags & PVSCSI.flagDirectionToHost != 0
+        let toDevice = d.flags & PVSCSI.flagDirectionToDevice != 0
+        if toHost && toDevice { invalid(slot, "both data directions"); return }
+        var list = IOVectorList.empty
+        if d.dataLength > 0 && (toHost || toDevice) {
+            guard d.dataLength <= options.maxTransferBytes else { invalid(slot, "data length \(d.dataLength)"); return }
+            guard let count = buildIOVectors(slot, d, toHost: toHost) else { return }
+            list = IOVectorList(base: iovecs.elements + slot * Self.iovecsPerSlot, count: count)
+        } else if d.dataLength > 0 && d.flags & PVSCSI.flagDirectionNone == 0 {
+            invalid(slot, "data length \(d.dataLength) without a direction")
+            return
+        }
+        slots[slot].toHost = toHost && d.dataLength > 0
+        slots[slot].toDevice = toDevice && d.dataLength > 0
+        let attribute: TaskAttribute
+        switch d.tag {
+        case 0x21: attribute = .headOfQueue
+        case 0x22: attribute = .ordered
+        default: attribute = .simple
+        }
+        tasks[slot].reset(nexus: ITNexus(initiator: options.initiatorID), lun: lun, tag: d.context, attribute: attribute,
+                          cdb: d.cdb, dataOut: toDevice ? list : .empty, dataIn: toHost ? list : .empty)
+        if d.cdb.opcode == 0xA0 {
+            answerReportLUNs(slot)
+            return
+        }
+        let disposition = target.execute(&tasks[slot], view: &view)
+        handle(slot, disposition)
+    }
+
+    /// REPORT LUNS for a PVSCSI target: each target carries exactly one LUN (0), whatever the SCSI
+    /// target's map holds (those LUNs are the other PVSCSI targets). Answered here so that Linux does not
+    /// probe LUN n on every target during its REPORT LUNS scan.
+    private func answerReportLUNs(_ slot: Int) {
+        let cdb = tasks[slot].cdb
+        let allocation = Int(cdb.be32(6))
+        let select = cdb[2]
+        var badByte: Int? = nil
+        for b in [1, 3, 4, 5, 10] where cdb[b] != 0 { badByte = b; break }
+        if badByte == nil && select > 0x02 { badByte = 2 }
+        if badByte == nil && allocation < 16 { badByte = 6 }
+        if let b = badByte {
+            tasks[slot].status = .checkCondition
+            _ = SCSIError.invalidFieldInCDB(byte: b).sense?.encode(.fixed, into: &tasks[slot].sense)
+            finishTask(slot)
+            return
+        }
+        var list: (UInt64, UInt64) = (0, 0)
+        withUnsafeMutableBytes(of: &list) { raw in
+            // LUN LIST LENGTH: one entry (LUN 0, all zero), none for SELECT REPORT 01h (well-known LUNs).
+            raw[3] = select == 0x01 ? 0 : 8
+            let length = select == 0x01 ? 8 : 16
+            tasks[slot].dataInLength = tasks[slot].dataIn.scatter(at: 0, from: UnsafeRawBufferPointer(rebasing: raw[0..<min(length, allocation)]))
+        }
+        tasks[slot].status = .good
+        finishTask(slot)
+    }
+
+    private func invalid(_ slot: Int, _ why: String) {
+        stats.invalidRequests += 1
+        log("pvscsi: request context \(slots[slot].context) rejected: \(why)")
+        finish(slot, host: .invalidParameter)
+    }
+
+    /// Translates the data buffer or SG list into iovecs; returns the count, or nil after failing the request.
+    private func buildIOVectors(_ slot: Int, _ d: RequestDescriptor, toHost: Bool) -> Int? {
+        let base = iovecs.elements + slot * Self.iovecsPerSlot
+        var count = 0
+        var overflow = false
+        func add(_ address: UInt64, _ length: UInt64) -> Bool {
+            memory.forEachPiece(address, length: length, write: toHost) { p, n in
+                guard count < Self.iovecsPerSlot else { overflow = true; return false }
+                base[count] = iovec(iov_base: p, iov_len: n)
+                count += 1
+                return true
+            }
+        }
+        if d.flags & PVSCSI.flagSGList == 0 {
+            guard add(d.dataAddress, d.dataLength) else {
+                invalid(slot, overflow ? "buffer spans too many DMA windows" : "data buffer 0x\(String(d.dataAddress, radix: 16)) +\(d.dataLength) not in mapped guest memory")
+                return nil
+            }
+            return count
+        }
+        var remaining = d.dataLength
+        var segment = d.dataAddress
+        var index: UInt64 = 0
+        var visited = 0
+        var element = (UInt64(0), UInt32(0), UInt32(0))
+        while remaining > 0 {
+            visited += 1
+            guard visited <= options.maxSGElements else {
+                invalid(slot, "SG list longer than \(options.maxSGElements) elements (loop, or shorter than the data length \(d.dataLength))")
+                return nil
+            }
+            guard (segment & 0xFFF) + 16 * (index + 1) <= 4096 else {
+                invalid(slot, "SG segment at 0x\(String(segment, radix: 16)) runs off its page without a chain element")
+                return nil
+            }
+            let ok = withUnsafeMutableBytes(of: &element) { memory.read(segment + 16 * index, into: $0) }
+            guard ok else {
+                invalid(slot, "SG element at 0x\(String(segment + 16 * index, radix: 16)) not in mapped guest memory")
+                return nil
+            }
+            let (address, length, flags) = element
+            if flags & PVSCSI.sgChainElement != 0 {
+                segment = address
+                index = 0
+                continue
+            }
+            index += 1
+            let n = min(UInt64(length), remaining)
+            if n == 0 { continue }
+            guard add(address, n) else {
+                invalid(slot, overflow ? "SG list needs more than \(Self.iovecsPerSlot) buffers" : "SG buffer 0x\(String(address, radix: 16)) +\(n) not in mapped guest memory")
+                return nil
+            }
+            remaining -= n
+        }
+        return count
+    }
+
+    // MARK: Back-end I/O
+
+    private func channel(for backendID: Int) -> Channel? {
+        if let c = channels[backendID] { return c }
+        guard let c = channelFactory(backendID) else { return nil }
+        channels[backendID] = c
+        if c.completionFD >= 0 {
+            do {
+                try loop.register(fd: c.completionFD) { [unowned self] _ in self.reap(backendID) }
+            } catch {
+                log("pvscsi: cannot watch back-end \(backendID) completions: \(error)")
+            }
+        }
+        return c
+    }
+
+    private func handle(_ slot: Int, _ disposition: TaskDisposition) {
+        switch disposition {
+        case .complete:
+            finishTask(slot)
+        case .submit(let request):
+            let backendID = tasks[slot].backendID
+            guard let ch = channel(for: backendID) else {
+                log("pvscsi: no channel for back-end \(backendID)")
+                handle(slot, target.resume(&tasks[slot], with: .failure(EIO)))
+                return
+            }
+            slots[slot].state = .submitted
+            let rc = ch.submit(request, token: UInt64(slot))
+            if rc != 0 {
+                slots[slot].state = .executing
+                slots[slot].resubmits += 1
+                if slots[slot].resubmits > 16 { finish(slot, host: .hardwareFailure); return }
+                handle(slot, target.resume(&tasks[slot], with: .failure(rc)))
+                return
+            }
+            if !channelsToCommit.contains(backendID) { channelsToCommit.append(backendID) }
+            if ch.completionFD < 0 {
+                ch.commit()
+                reapNow(ch)
+            }
+        }
+    }
+
+    private func commitChannels() {
+        while let id = channelsToCommit.popLast() {
+            channels[id]?.commit()
+        }
+    }
+
+    private func reapNow(_ ch: Channel) {
+        let start = reaped.count
+        _ = ch.reap { token, result in reaped.append((token, result)) }
+        var i = start
+        while i < reaped.count {
+            let (token, result) = reaped[i]
+            i += 1
+            guard token < UInt64(slots.count) else { continue }
+            let slot = Int(token)
+            guard slots[slot].state == .submitted else { continue }
+            slots[slot].state = .executing
+            handle(slot, target.resume(&tasks[slot], with: result))
+        }
+        reaped.removeSubrange(start...)
+    }
+
+    private func reap(_ backendID: Int) {
+        guard let ch = channels[backendID] else { return }
+        reapNow(ch)
+        commitChannels()
+        raiseCompletionInterruptIfNeeded()
+        if ringsReady && requestsInFlight < Self.slotCount { processRequestRing() }
+    }
+
+    // MARK: Completion
+
+    private func finishTask(_ slot: Int) {
+        let s = slots[slot]
+        let task = tasks[slot]
+        var host: HostAdapterStatus = .success
+        if s.aborted { host = .abortQueue } else if s.resetHit { host = .busReset }
+        var dataLength: UInt64 = 0
+        if s.toHost { dataLength = UInt64(max(0, task.dataInLength)) }
+        else if s.toDevice { dataLength = task.status == .good ? s.dataLength : UInt64(max(0, task.dataOutLength)) }
+        var senseLength: UInt32 = 0
+        if task.sense.length > 0 && s.senseLength > 0 && s.senseAddress != 0 && !s.orphaned && host == .success {
+            let n = min(Int(s.senseLength), task.sense.length, SenseBytes.capacity)
+            var buffer = (UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0),
+                          UInt64(0), UInt64(0), UInt64(0), UInt64(0))
+            let copied = withUnsafeMutableBytes(of: &buffer) { raw -> Bool in
+                let dst = UnsafeMutableRawBufferPointer(rebasing: raw[0..<n])
+                _ = task.sense.copy(into: dst)
+                return memory.write(s.senseAddress, from: UnsafeRawBufferPointer(dst))
+            }
+            if copied { senseLength = UInt32(n) } else { log("pvscsi: sense buffer 0x\(String(s.senseAddress, radix: 16)) not in mapped guest memory") }
+        }
+        post(slot, dataLength: dataLength, senseLength: senseLength, host: host,
+             scsiStatus: host == .success ? UInt16(task.status.rawValue) : 0)
+    }
+
+    private func finish(_ slot: Int, host: HostAdapterStatus) {
+        post(slot, dataLength: 0, senseLength: 0, host: host, scsiStatus: 0)
+    }
+
+    private func post(_ slot: Int, dataLength: UInt64, senseLength: UInt32, host: HostAdapterStatus, scsiStatus: UInt16) {
+        if slots[slot].orphaned || !ringsConfigured {
+            release(slot)
+            return
+        }
+        slots[slot].completionDataLength = dataLength
+        slots[slot].completionSenseLength = senseLength
+        slots[slot].completionHostStatus = host.rawValue
+        slots[slot].completionSCSIStatus = scsiStatus
+        if awaitingRingHead < awaitingRing.count || ringsState == nil || !writeCompletion(slot) {
+            slots[slot].state = .awaitingRing
+            awaitingRing.append(slot)
+        }
+    }
+
+    /// Writes one completion descriptor if the ring has room; releases the slot.
+    private func writeCompletion(_ slot: Int) -> Bool {
+        let consumer = load32(PVSCSI.RingsState.completionConsumer)
+        guard completionProducer &- consumer < completionEntries else { return false }
+        let perPage = UInt32(4096 / PVSCSI.completionDescriptorSize)
+        let index = completionProducer & (completionEntries - 1)
+        let p = completionPages[Int(index / perPage)]! + Int(index % perPage) * PVSCSI.completionDescriptorSize
+        let s = slots[slot]
+        p.storeBytes(of: s.context, toByteOffset: 0, as: UInt64.self)
+        p.storeBytes(of: s.completionDataLength, toByteOffset: 8, as: UInt64.self)
+        p.storeBytes(of: s.completionSenseLength, toByteOffset: 16, as: UInt32.self)
+        p.storeBytes(of: s.completionHostStatus, toByteOffset: 20, as: UInt16.self)
+        p.storeBytes(of: s.completionSCSIStatus, toByteOffset: 22, as: UInt16.self)
+        p.storeBytes(of: UInt64(0), toByteOffset: 24, as: UInt64.self)
+        completionProducer &+= 1
+        store32(PVSCSI.RingsState.completionProducer, completionProducer)
+        completionsPosted = true
+        stats.completions += 1
+        release(slot)
+        return true
+    }
+
+    private func flushAwaitingRing() {
+        guard ringsState != nil else { return }
+        while awaitingRingHead < awaitingRing.count {
+            let slot = awaitingRing[awaitingRingHead]
+            guard writeCompletion(slot) else { break }
+            awaitingRingHead += 1
+        }
+        if awaitingRingHead == awaitingRing.count {
+            awaitingRing.removeAll(keepingCapacity: true)
+            awaitingRingHead = 0
+        }
+    }
+
+    private func release(_ slot: Int) {
+        slots[slot].state = .free
+        slots[slot].orphaned = false
+        freeSlots.append(slot)
+    }
+
+    private func raiseCompletionInterruptIfNeeded() {
+        guard completionsPosted else { return }
+        completionsPosted = false
+        raise(PVSCSI.interruptCompletion0)
+    }
+
+    // MARK: Interrupts
+
+    private func raise(_ bits: UInt32) {
+        interruptStatus |= bits
+        guard interruptMask & bits != 0 else { return }
+        stats.interrupts += 1
+        if interrupts.msixActive {
+            signalMSIX()
+        } else {
+            updateInterruptLine()
+        }
+    }
+
+    private func signalMSIX() {
+        interrupts.signalMSIX(0)
+    }
+
+    private func updateInterruptLine() {
+        guard let interrupts else { return }
+        let intxEnabled = configSpace.command & PCIConfigSpace.commandINTxDisable == 0
+        interrupts.setINTx(!interrupts.msixActive && intxEnabled && interruptStatus & interruptMask != 0)
+    }
+
+    // MARK: Messages (hotplug)
+
+    /// Posts DEV_ADDED / DEV_REMOVED for `event` on the message ring and raises MSG_0.
+    public func handle(_ event: LUNEvent) {
+        let type: UInt32
+        let lun: LogicalUnitNumber
+        switch event {
+        case .added(let l): type = PVSCSI.messageDeviceAdded; lun = l
+        case .removed(let l): type = PVSCSI.messageDeviceRemoved; lun = l
+        case .capacityChanged, .parametersChanged: return  // reported through unit attentions by the core
+        }
+        guard UInt32(lun.value) < options.maxTargets else {
+            log("pvscsi: \(lun) is beyond the adapter's \(options.maxTargets) targets: no hotplug message")
+            return
+        }
+        postMessage(type: type, target: UInt32(lun.value))
+    }
+
+    private func postMessage(type: UInt32, target: UInt32) {
+        if ringsConfigured && ringsState == nil { attachRings() }
+        guard messageRingReady else {
+            stats.messagesDropped += 1
+            log("pvscsi: no message ring: hotplug message for target \(target) dropped")
+            return
+        }
+        let consumer = load32(PVSCSI.RingsState.messageConsumer)
+        guard messageProducer &- consumer < messageEntries else {
+            stats.messagesDropped += 1
+            log("pvscsi: message ring full: hotplug message for target \(target) dropped")
+            return
+        }
+        let perPage = UInt32(4096 / PVSCSI.messageDescriptorSize)
+        let index = messageProducer & (messageEntries - 1)
+        let p = messagePages[Int(index / perPage)]! + Int(index % perPage) * PVSCSI.messageDescriptorSize
+        p.initializeMemory(as: UInt8.self, repeating: 0, count: PVSCSI.messageDescriptorSize)
+        p.storeBytes(of: type, toByteOffset: 0, as: UInt32.self)
+        p.storeBytes(of: UInt32(0), toByteOffset: 4, as: UInt32.self)  // bus
+        p.storeBytes(of: target, toByteOffset: 8, as: UInt32.self)
+        // lun[8] at 12: LUN 0 of the target.
+        messageProducer &+= 1
+        store32(PVSCSI.RingsState.messageProducer, messageProducer)
+        stats.messagesPosted += 1
+        raise(PVSCSI.interruptMessage0)
+    }
+
+    // MARK: VfioUserDevice
+
+    public func reset() {
+        adapterReset()
+    }
+
+    public func quiesce() {
+        // Wait (bounded) for back-end I/O that still references guest memory.
+        var rounds = 0
+        while rounds < 10_000 {
+            var busy = false
+            for (id, ch) in channels where ch.inFlight > 0 {
+                busy = true
+                if ch.completionFD >= 0 {
+                    var pfd = pollfd(fd: ch.completionFD, events: Int16(POLLIN), revents: 0)
+                    _ = poll(&pfd, 1, 1)
+                }
+                reapNow(ch)
+                _ = id
+            }
+            if !busy { break }
+            rounds += 1
+        }
+        if rounds == 10_000 { log("pvscsi: back-end I/O still in flight after 10 s of quiesce") }
+        commitChannels()
+        raiseCompletionInterruptIfNeeded()
+    }
+
+    /// Waits for in-flight I/O, then closes every back-end channel (controller stop; loop thread).
+    public func closeChannels() {
+        quiesce()
+        for (_, ch) in channels {
+            if ch.completionFD >= 0 { loop.unregister(fd: ch.completionFD) }
+            ch.close()
+        }
+        channels.removeAll()
+    }
+
+    public func memoryChanged() {
+        guard memory != nil, ringsConfigured else { return }
+        // Windows may have moved or vanished: re-translate every ring page now (or detach until they return).
+        let wasAttached = ringsState != nil
+        if !attachRings() {
+            if wasAttached { log("pvscsi: guest memory holding the rings is not mapped: rings detached until it is mapped again") }
+        } else {
+            flushAwaitingRing()
+            raiseCompletionInterruptIfNeeded()
+        }
+    }
+
+    /// Translates every configured ring page; on success the rings are attached, otherwise detached.
+    @discardableResult
+    private func attachRings() -> Bool {
+        ringsState = nil
+        guard ringsConfigured, let state = page(ringsStatePPN, write: true) else { return false }
+        for i in 0..<requestPageCount {
+            guard let p = page(requestPPNs[i], write: false) else { return false }
+            requestPages[i] = p
+        }
+        for i in 0..<completionPageCount {
+            guard let p = page(completionPPNs[i], write: true) else { return false }
+            completionPages[i] = p
+        }
+        for i in 0..<messagePageCount {
+            guard let p = page(messagePPNs[i], write: true) else { return false }
+            messagePages[i] = p
+        }
+        ringsState = state
+        return true
+    }
+}

@@ -1,1 +1,0 @@
-// Placeholder: module PVSCSI is being built.

@@ -1,0 +1,178 @@
+import CSystem
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Why a DMA_MAP or DMA_UNMAP was refused; carries the errno for the reply.
+public struct DMAMapError: Error, Sendable, Equatable, CustomStringConvertible {
+    public var errno: Int32
+    public var reason: String
+    public init(_ errno: Int32, _ reason: String) {
+        self.errno = errno
+        self.reason = reason
+    }
+    public var description: String { reason }
+}
+
+/// One DMA window the client exported with VFIO_USER_DMA_MAP.
+public struct DMARegion: @unchecked Sendable {
+    /// Guest (IOVA) start address.
+    public var address: UInt64
+    /// Length in bytes.
+    public var size: UInt64
+    /// Client allows device reads.
+    public var readable: Bool
+    /// Client allows device writes.
+    public var writable: Bool
+    /// Host address of the mapping, or nil when the client sent no fd (such memory is only reachable through
+    /// VFIO_USER_DMA_READ/WRITE, which this server does not use: accesses to it fail).
+    public var host: UnsafeMutableRawPointer?
+
+    /// Exclusive end (no overflow: checked at map time).
+    public var end: UInt64 { address + size }
+}
+
+/// The guest memory the client has exported: a sorted, non-overlapping set of DMA windows. Every
+/// device access translates a guest address range through `translate`, which checks bounds and
+/// overflow; nothing outside a mapped window is ever touched.
+///
+/// Owned by the server's event-loop thread.
+public final class GuestMemory: @unchecked Sendable {
+    /// Largest number of windows (QEMU's default max_dma_maps is 65535; a PVSCSI guest needs a handful).
+    public static let maxRegions = 1024
+    /// DMA page size (alignment of address, size and file offset).
+    public static let pageSize: UInt64 = 4096
+
+    public private(set) var regions: [DMARegion] = []
+
+    public init() { regions.reserveCapacity(16) }
+
+    deinit { unmapAll() }
+
+    /// Adds a window. With `fd` >= 0 the window is mmap'ed (the fd is closed by this call either way).
+    public func map(address: UInt64, size: UInt64, fileOffset: UInt64, readable: Bool, writable: Bool,
+                    fd: Int32) throws(DMAMapError) {
+        defer { if fd >= 0 { close(fd) } }
+        guard size > 0 else { throw DMAMapError(EINVAL, "DMA_MAP size 0") }
+        let (end, overflow) = address.addingReportingOverflow(size)
+        guard !overflow else { throw DMAMapError(EINVAL, "DMA_MAP address 0x\(String(address, radix: 16)) + size overflows") }
+        guard address % Self.pageSize == 0, size % Self.pageSize == 0, fileOffset % Self.pageSize == 0 else {
+            throw DMAMapError(EINVAL, "DMA_MAP address/size/offset not 4 KiB aligned")
+        }
+        guard size <= UInt64(Int.max), fileOffset <= UInt64(Int64.max) else { throw DMAMapError(EINVAL, "DMA_MAP size too large") }
+        guard regions.count < Self.maxRegions else { throw DMAMapError(ENOSPC, "too many DMA windows") }
+        for r in regions where address < r.end && r.address < end {
+            throw DMAMapError(EEXIST, "DMA_MAP [0x\(String(address, radix: 16)), +0x\(String(size, radix: 16))) overlaps an existing window")
+        }
+        var host: UnsafeMutableRawPointer? = nil
+        if fd >= 0 {
+            // A window beyond the end of a regular file (memfd) would fault (SIGBUS) on access.
+            var st = stat()
+            guard fstat(fd, &st) == 0 else { throw DMAMapError(EBADF, "DMA_MAP fd cannot be examined") }
+            if (st.st_mode & S_IFMT) == S_IFREG {
+                let (fileEnd, o) = fileOffset.addingReportingOverflow(size)
+                guard !o, fileEnd <= UInt64(st.st_size) else {
+                    throw DMAMapError(EINVAL, "DMA_MAP window [offset 0x\(String(fileOffset, radix: 16)), +0x\(String(size, radix: 16))) extends past the end of its file (0x\(String(st.st_size, radix: 16)) bytes)")
+                }
+            }
+            guard let p = csys_mmap_shared(fd, size, fileOffset, writable ? 1 : 0) else {
+                let e = errno
+                throw DMAMapError(e == 0 ? EINVAL : e, "mmap of DMA window failed: \(String(cString: strerror(e)))")
+            }
+            host = p
+        }
+        let region = DMARegion(address: address, size: size, readable: readable, writable: writable, host: host)
+        let index = regions.firstIndex { $0.address > address } ?? regions.count
+        regions.insert(region, at: index)
+    }
+
+    /// Removes the window that exactly matches `address` and `size`.
+    public func unmap(address: UInt64, size: UInt64) throws(DMAMapError) {
+        guard let i = regions.firstIndex(where: { $0.address == address && $0.size == size }) else {
+            throw DMAMapError(EINVAL, "DMA_UNMAP [0x\(String(address, radix: 16)), +0x\(String(size, radix: 16))) matches no window")
+        }
+        let r = regions.remove(at: i)
+        if let h = r.host { _ = csys_munmap(h, r.size) }
+    }
+
+    /// Removes every window.
+    public func unmapAll() {
+        for r in regions { if let h = r.host { _ = csys_munmap(h, r.size) } }
+        regions.removeAll(keepingCapacity: true)
+    }
+
+    /// The host address of `length` bytes at guest `address` when they lie inside ONE mapped window with
+    /// the needed access; nil otherwise (unmapped, fd-less window, overflow, or no write permission).
+    @inline(__always)
+    public func translate(_ address: UInt64, length: UInt64, write: Bool) -> UnsafeMutableRawPointer? {
+        let (last, overflow) = address.addingReportingOverflow(length == 0 ? 0 : length - 1)
+        if overflow { return nil }
+        // Binary search for the last region with start <= address.
+        var lo = 0
+        var hi = regions.count
+        while lo < hi {
+            let mid = (lo + hi) / 2
+            if regions[mid].address <= address { lo = mid + 1 } else { hi = mid }
+        }
+        guard lo > 0 else { return nil }
+        let r = regions[lo - 1]
+        guard last < r.end, let host = r.host else { return nil }
+        if write ? !r.writable : !r.readable { return nil }
+        return host + Int(address - r.address)
+    }
+
+    /// Like `translate`, but a range may span adjacent windows: calls `body` with each host piece in order.
+    /// Returns false (after possibly calling `body` for a prefix) when any byte is not accessible.
+    @inline(__always)
+    public func forEachPiece(_ address: UInt64, length: UInt64, write: Bool,
+                             _ body: (UnsafeMutableRawPointer, Int) -> Bool) -> Bool {
+        var addr = address
+        var remaining = length
+        var guardCount = 0
+        while remaining > 0 {
+            guardCount += 1
+            if guardCount > Self.maxRegions { return false }
+            var lo = 0
+            var hi = regions.count
+            while lo < hi {
+                let mid = (lo + hi) / 2
+                if regions[mid].address <= addr { lo = mid + 1 } else { hi = mid }
+            }
+            guard lo > 0 else { return false }
+            let r = regions[lo - 1]
+            guard addr < r.end, let host = r.host else { return false }
+            if write ? !r.writable : !r.readable { return false }
+            let available = r.end - addr
+            let n = min(available, remaining)
+            guard n <= UInt64(Int.max) else { return false }
+            if !body(host + Int(addr - r.address), Int(n)) { return false }
+            remaining -= n
+            let (next, o) = addr.addingReportingOverflow(n)
+            if o && remaining > 0 { return false }
+            addr = next
+        }
+        return true
+    }
+
+    /// Copies `count` bytes from guest memory into `destination`; false if not entirely mapped/readable.
+    public func read(_ address: UInt64, into destination: UnsafeMutableRawBufferPointer) -> Bool {
+        guard let dst = destination.baseAddress else { return destination.count == 0 }
+        var done = 0
+        return forEachPiece(address, length: UInt64(destination.count), write: false) { p, n in
+            (dst + done).copyMemory(from: p, byteCount: n)
+            done += n
+            return true
+        }
+    }
+
+    /// Copies `source` into guest memory; false if not entirely mapped/writable (a prefix may be written).
+    public func write(_ address: UInt64, from source: UnsafeRawBufferPointer) -> Bool {
+        guard let src = source.baseAddress else { return source.count == 0 }
+        var done = 0
+        return forEachPiece(address, length: UInt64(source.count), write: true) { p, n in
+            p.copyMemory(from: src + done, byteCount: n)
+            done += n
+            return true
+        }
+    }
+}

@@ -1,1 +1,0 @@
-// Placeholder: module VfioUser is being built.

@@ -1,0 +1,204 @@
+import BlockIO
+import Foundation
+@testable import ISCSIBackend
+import Synchronization
+
+/// A private tgtd instance on 127.0.0.1 driven by Deploy/tgt/backend-test-target.sh.
+final class TgtTarget: @unchecked Sendable {
+    static let script: String = {
+        var dir = URL(fileURLWithPath: #filePath)
+        for _ in 0..<3 { dir.deleteLastPathComponent() }
+        return dir.appendingPathComponent("Deploy/tgt/backend-test-target.sh").path
+    }()
+
+    private static let counter = Mutex(0)
+    static func nextPorts() -> (port: Int, control: Int) {
+        let n = counter.withLock { c -> Int in c += 1; return c }
+        let base = 20000 + Int(getpid() % 2000) * 10
+        return (base + n, 900 + Int(getpid() % 500) * 10 + n)
+    }
+
+    /// Whether tgtd can be started here at all (checked once, loudly reported when not).
+    static let availability: (ok: Bool, reason: String) = {
+        do {
+            let t = try TgtTarget(sizeMiB: 4)
+            t.stop()
+            return (true, "")
+        } catch {
+            let reason = "SKIPPING ISCSI TARGET TESTS: tgtd cannot be started here: \(error)"
+            FileHandle.standardError.write(Data("\n*** \(reason) ***\n\n".utf8))
+            return (false, reason)
+        }
+    }()
+
+    let dir: String
+    let port: Int
+    let controlPort: Int
+    let iqn: String
+    let backingFile: String
+    let chap: (user: String, secret: String)?
+
+    struct Failure: Error, CustomStringConvertible { var description: String }
+
+    init(sizeMiB: Int, chap: (user: String, secret: String)? = nil) throws {
+        let ports = Self.nextPorts()
+        port = ports.port
+        controlPort = ports.control
+        dir = NSTemporaryDirectory() + "scsigate-iscsi-\(getpid())-\(port)"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        iqn = "iqn.2026-11.test.scsigate:backend-\(port)"
+        backingFile = dir + "/disk.img"
+        _ = FileManager.default.createFile(atPath: backingFile, contents: nil)
+        let fh = try FileHandle(forWritingTo: URL(fileURLWithPath: backingFile))
+        try fh.truncate(atOffset: UInt64(sizeMiB) << 20)
+        try fh.close()
+        self.chap = chap
+        try start()
+    }
+
+    var url: String { "iscsi://127.0.0.1:\(port)/\(iqn)/1" }
+
+    /// Runs the script with posix_spawn + waitpid (Foundation's Process can hang in waitUntilExit
+    /// when the child leaves a daemon behind); output goes to a log file in the test directory.
+    @discardableResult
+    static func run(_ args: [String]) throws -> String {
+        let logPath = NSTemporaryDirectory() + "scsigate-tgt-script-\(getpid()).log"
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 1, logPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+        posix_spawn_file_actions_adddup2(&actions, 1, 2)
+        let argv = ["/bin/sh", script] + args
+        var cargs: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) } + [nil]
+        defer { for p in cargs { free(p) } }
+        var pid: pid_t = 0
+        let rc = posix_spawn(&pid, "/bin/sh", &actions, nil, &cargs, environ)
+        guard rc == 0 else { throw Failure(description: "posix_spawn /bin/sh failed: \(rc)") }
+        var status: Int32 = 0
+        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        let text = (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? ""
+        let exited = (status & 0x7f) == 0
+        let code = (status >> 8) & 0xff
+        guard exited && code == 0 else {
+            throw Failure(description: "\(args.first ?? "") failed (status \(status)): \(text)")
+        }
+        return text
+    }
+
+    func start() throws {
+        try Self.run(["start", dir, "\(port)", "\(controlPort)"])
+        var args = ["target", "\(controlPort)", "1", iqn, backingFile]
+        if let chap { args += [chap.user, chap.secret] }
+        try Self.run(args)
+    }
+
+    /// Kills tgtd (SIGKILL when `hard`).
+    func stop(hard: Bool = false) {
+        _ = try? Self.run(["stop", dir] + (hard ? ["KILL"] : []))
+    }
+
+    /// Sends `sig` to the running tgtd.
+    func signal(_ sig: Int32) -> Bool {
+        guard let text = try? String(contentsOfFile: dir + "/tgtd.pid", encoding: .utf8),
+              let pid = pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)) else { return false }
+        return kill(pid, sig) == 0
+    }
+
+    deinit {
+        stop()
+        try? FileManager.default.removeItem(atPath: dir)
+    }
+
+    /// Reads `count` bytes of the backing file at `offset` from the host.
+    func readBacking(offset: Int, count: Int) -> [UInt8] {
+        let fd = open(backingFile, O_RDONLY)
+        defer { close(fd) }
+        var buf = [UInt8](repeating: 0xEE, count: count)
+        let n = buf.withUnsafeMutableBytes { pread(fd, $0.baseAddress, count, off_t(offset)) }
+        return n == count ? buf : []
+    }
+
+    /// Writes bytes into the backing file from the host.
+    func writeBacking(offset: Int, bytes: [UInt8]) {
+        let fd = open(backingFile, O_WRONLY)
+        defer { close(fd) }
+        _ = bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress, bytes.count, off_t(offset)) }
+        fsync(fd)
+    }
+}
+
+/// Page-aligned buffers exposed as an iovec list (split into several elements to exercise scatter/gather).
+final class TestBuffers {
+    let storage: UnsafeMutableRawPointer
+    let length: Int
+    let iovecs: IOVectorStorage
+
+    init(length: Int, pieces: Int = 3, fill: UInt8? = nil) {
+        self.length = length
+        storage = .allocate(byteCount: length, alignment: 4096)
+        storage.initializeMemory(as: UInt8.self, repeating: fill ?? 0, count: length)
+        iovecs = IOVectorStorage(capacity: max(pieces, 1))
+        // Uneven split on 512-byte boundaries.
+        let blocks = length / 512
+        var start = 0
+        for i in 0..<pieces {
+            let remaining = blocks - start / 512
+            let take = i == pieces - 1 ? remaining : max(1, remaining / (pieces - i) + (i % 2 == 0 ? 1 : -1))
+            let len = min(take, remaining) * 512
+            iovecs.elements[i] = iovec(iov_base: storage + start, iov_len: len)
+            start += len
+        }
+    }
+
+    deinit { storage.deallocate() }
+
+    var list: IOVectorList { iovecs.view(count: iovecs.capacity) }
+
+    var bytes: [UInt8] {
+        get { Array(UnsafeRawBufferPointer(start: storage, count: length)) }
+        set { newValue.withUnsafeBytes { storage.copyMemory(from: $0.baseAddress!, byteCount: min(length, $0.count)) } }
+    }
+
+    static func pattern(_ length: Int, seed: UInt8) -> [UInt8] {
+        (0..<length).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ Int(seed) &+ ($0 >> 9)) }
+    }
+}
+
+/// Runs a channel with poll(2) until `done` or the deadline, collecting completions.
+final class ChannelDriver {
+    let channel: ISCSIChannel
+    var results: [UInt64: (BlockResult, ISCSIRemoteSense)] = [:]
+
+    init(_ channel: ISCSIChannel) { self.channel = channel }
+
+    func pump(seconds: Double, until done: () -> Bool) {
+        let deadline = Date().addingTimeInterval(seconds)
+        channel.commit()
+        while !done() && Date() < deadline {
+            channel.runOnce(timeoutMilliseconds: 20)
+            _ = channel.reapDetailed { token, result, sense in self.results[token] = (result, sense) }
+        }
+        _ = channel.reapDetailed { token, result, sense in self.results[token] = (result, sense) }
+    }
+
+    /// Submits and waits for one request; nil when it did not complete in time.
+    func perform(_ request: BlockRequest, token: UInt64, seconds: Double = 10) -> BlockResult? {
+        let rc = channel.submit(request, token: token)
+        if rc != 0 { return BlockResult.failure(rc) }
+        pump(seconds: seconds) { results[token] != nil }
+        return results.removeValue(forKey: token)?.0
+    }
+
+    func waitOnline(seconds: Double) -> Bool {
+        pump(seconds: seconds) { channel.isOnline }
+        return channel.isOnline
+    }
+}
+
+/// Collects log lines.
+final class LogCapture: @unchecked Sendable {
+    private let lines = Mutex<[String]>([])
+    var sink: ISCSILogSink { { [self] _, line in lines.withLock { $0.append(line) } } }
+    var all: [String] { lines.withLock { $0 } }
+}

@@ -1,0 +1,409 @@
+import CSystem
+import PVSCSI
+import SCSI
+import VfioUser
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A completion descriptor as the guest reads it.
+struct GuestCompletion: Equatable {
+    var context: UInt64
+    var dataLength: UInt64
+    var senseLength: UInt32
+    var hostStatus: UInt16
+    var scsiStatus: UInt16
+}
+
+/// One request to place on the ring.
+struct GuestRequest {
+    var context: UInt64
+    var target: UInt8 = 0
+    var bus: UInt8 = 0
+    var lun: [UInt8] = [0, 0, 0, 0, 0, 0, 0, 0]
+    var cdb: [UInt8]
+    var flags: UInt32 = PVSCSI.flagDirectionNone
+    var dataAddress: UInt64 = 0
+    var dataLength: UInt64 = 0
+    var senseAddress: UInt64 = 0
+    var senseLength: UInt32 = 0
+    var tag: UInt8 = 0x20
+}
+
+/// A PVSCSI "driver" on guest memory (a memfd exported with DMA_MAP), talking to the device over the
+/// vfio-user test client, in the order Linux vmw_pvscsi uses.
+final class TestGuest {
+    static let iova: UInt64 = 0x10_0000
+    static let size = 8 << 20
+    let client: VfioUserTestClient
+    let memfd: Int32
+    let memory: UnsafeMutableRawPointer
+    var msixFD: Int32 = -1
+    var intxFD: Int32 = -1
+
+    // Page numbers inside the guest area.
+    static let ringsStatePage = 0
+    static let requestRingPage = 1  // up to 32 pages
+    static let completionRingPage = 40  // up to 32 pages
+    static let messageRingPage = 80  // up to 16 pages
+    static let configPage = 100
+    static let sgPage = 101  // 16 pages
+    static let sensePage = 120
+    static let dataPage = 128
+
+    var requestEntries: UInt32 = 0
+    var completionEntries: UInt32 = 0
+    var messageEntries: UInt32 = 0
+    var requestProducer: UInt32 = 0
+
+    init(client: VfioUserTestClient) {
+        self.client = client
+        memfd = csys_memfd_create("pvscsi-guest", 0)
+        precondition(memfd >= 0)
+        precondition(ftruncate(memfd, off_t(Self.size)) == 0)
+        memory = csys_mmap_shared(memfd, UInt64(Self.size), 0, 1)!
+    }
+
+    deinit {
+        _ = csys_munmap(memory, UInt64(Self.size))
+        close(memfd)
+        if msixFD >= 0 { close(msixFD) }
+        if intxFD >= 0 { close(intxFD) }
+    }
+
+    func address(page: Int, offset: Int = 0) -> UInt64 { Self.iova + UInt64(page * 4096 + offset) }
+    func ppn(page: Int) -> UInt64 { address(page: page) >> 12 }
+    func pointer(_ iova: UInt64) -> UnsafeMutableRawPointer { memory + Int(iova - Self.iova) }
+
+    func load32(page: Int, offset: Int) -> UInt32 { csys_load32_acquire(memory + page * 4096 + offset) }
+    func store32(page: Int, offset: Int, _ v: UInt32) { csys_store32_release(memory + page * 4096 + offset, v) }
+
+    // MARK: vfio-user bring-up
+
+    /// VERSION, DMA_MAP of the memfd, device info, and MSI-X (or INTx) eventfds.
+    func connect(useMSIX: Bool = true) throws {
+        let v = try client.negotiateVersion()
+        precondition(!v.isError)
+        let dup1 = dup(memfd)
+        let m = try client.dmaMap(address: Self.iova, size: UInt64(Self.size), fd: dup1)
+        close(dup1)
+        precondition(!m.isError, "DMA_MAP failed \(m.errorNumber)")
+        if useMSIX {
+            msixFD = csys_eventfd(0, 1)
+            let r = try client.setIRQs(index: UInt32(VfioPCIIRQ.msix), flags: 4 | 32, start: 0, count: 1, fds: [msixFD])
+            precondition(!r.isError)
+        } else {
+            intxFD = csys_eventfd(0, 1)
+            let r = try client.setIRQs(index: UInt32(VfioPCIIRQ.intx), flags: 4 | 32, start: 0, count: 1, fds: [intxFD])
+            precondition(!r.isError)
+        }
+    }
+
+    // MARK: Registers and commands
+
+    func readRegister(_ offset: UInt64) throws -> UInt32 { try client.read32(0, offset) }
+    func writeRegister(_ offset: UInt64, _ value: UInt32) throws { try client.write32(0, offset, value) }
+
+    /// Writes a command and its descriptor words; returns COMMAND_STATUS.
+    @discardableResult
+    func command(_ command: PVSCSI.Command, _ words: [UInt32] = []) throws -> UInt32 {
+        try writeRegister(PVSCSI.Register.command, command.rawValue)
+        for w in words { try writeRegister(PVSCSI.Register.commandData, w) }
+        return try readRegister(PVSCSI.Register.commandStatus)
+    }
+
+    static func words(_ values: [UInt64], pairs: Bool) -> [UInt32] {
+        values.flatMap { [UInt32(truncatingIfNeeded: $0), UInt32(truncatingIfNeeded: $0 >> 32)] }
+    }
+
+    func setupRingsWords(requestPages: UInt32, completionPages: UInt32, statePPN: UInt64? = nil,
+                         requestPPNs: [UInt64]? = nil, completionPPNs: [UInt64]? = nil) -> [UInt32] {
+        var w: [UInt32] = [requestPages, completionPages]
+        w += Self.words([statePPN ?? ppn(page: Self.ringsStatePage)], pairs: true)
+        var req = [UInt64](repeating: 0, count: 32)
+        var cmp = [UInt64](repeating: 0, count: 32)
+        for i in 0..<min(Int(requestPages), 32) { req[i] = requestPPNs?[i] ?? ppn(page: Self.requestRingPage + i) }
+        for i in 0..<min(Int(completionPages), 32) { cmp[i] = completionPPNs?[i] ?? ppn(page: Self.completionRingPage + i) }
+        w += Self.words(req, pairs: true)
+        w += Self.words(cmp, pairs: true)
+        return w
+    }
+
+    func setupRings(requestPages: UInt32 = 1, completionPages: UInt32 = 1) throws -> UInt32 {
+        memset(memory, 0, 100 * 4096)
+        let status = try command(.setupRings, setupRingsWords(requestPages: requestPages, completionPages: completionPages))
+        requestEntries = requestPages &* 32
+        completionEntries = completionPages &* 128
+        requestProducer = 0
+        return status
+    }
+
+    func setupMessageRing(pages: UInt32 = 1) throws -> UInt32 {
+        var w: [UInt32] = [pages, 0]
+        var ppns = [UInt64](repeating: 0, count: 16)
+        for i in 0..<min(Int(pages), 16) { ppns[i] = ppn(page: Self.messageRingPage + i) }
+        w += Self.words(ppns, pairs: true)
+        messageEntries = pages &* 32
+        return try command(.setupMessageRing, w)
+    }
+
+    /// The Linux vmw_pvscsi probe order: CONFIG, ADAPTER_RESET, SETUP_MSG_RING probe, SETUP_RINGS,
+    /// SETUP_MSG_RING, request-threshold probe, unmask. Returns the CONFIG page's numPhys.
+    @discardableResult
+    func linuxStartup() throws -> UInt32 {
+        let configAddress = address(page: Self.configPage)
+        let header = pointer(configAddress)
+        memset(header, 0, 4096)
+        header.storeBytes(of: UInt16(0x1A), toByteOffset: 6, as: UInt16.self)
+        header.storeBytes(of: UInt16(0x02), toByteOffset: 8, as: UInt16.self)
+        var config: [UInt32] = Self.words([configAddress, UInt64(PVSCSI.configControllerAddress) << 32], pairs: true)
+        config += [PVSCSI.configPageController, 0]
+        try command(.config, config)
+        let numPhys = header.load(fromByteOffset: 480 - 8, as: UInt32.self)
+        precondition(header.load(fromByteOffset: 6, as: UInt16.self) == 0, "CONFIG page status")
+        try command(.adapterReset)
+        try writeRegister(PVSCSI.Register.command, PVSCSI.Command.setupMessageRing.rawValue)
+        let probe = try readRegister(PVSCSI.Register.commandStatus)
+        precondition(probe == UInt32(PVSCSI.setupMessageRingWords), "SETUP_MSG_RING probe returned \(probe)")
+        let rings = try setupRings()
+        precondition(rings == 0)
+        let messages = try setupMessageRing()
+        precondition(messages == 0)
+        try writeRegister(PVSCSI.Register.command, PVSCSI.Command.setupRequestCallThreshold.rawValue)
+        let threshold = try readRegister(PVSCSI.Register.commandStatus)
+        precondition(threshold == PVSCSI.commandFailed)
+        try writeRegister(PVSCSI.Register.interruptMask, PVSCSI.interruptCompletion0 | PVSCSI.interruptCompletion1
+                          | PVSCSI.interruptMessage0 | PVSCSI.interruptMessage1)
+        return numPhys
+    }
+
+    // MARK: Requests
+
+    func place(_ r: GuestRequest) {
+        let index = requestProducer & (requestEntries - 1)
+        let p = memory + Self.requestRingPage * 4096 + Int(index) * 128
+        memset(p, 0, 128)
+        p.storeBytes(of: r.context, toByteOffset: 0, as: UInt64.self)
+        p.storeBytes(of: r.dataAddress, toByteOffset: 8, as: UInt64.self)
+        p.storeBytes(of: r.dataLength, toByteOffset: 16, as: UInt64.self)
+        p.storeBytes(of: r.senseAddress, toByteOffset: 24, as: UInt64.self)
+        p.storeBytes(of: r.senseLength, toByteOffset: 32, as: UInt32.self)
+        p.storeBytes(of: r.flags, toByteOffset: 36, as: UInt32.self)
+        for (i, b) in r.cdb.prefix(16).enumerated() { p.storeBytes(of: b, toByteOffset: 40 + i, as: UInt8.self) }
+        p.storeBytes(of: UInt8(r.cdb.count), toByteOffset: 56, as: UInt8.self)
+        for (i, b) in r.lun.prefix(8).enumerated() { p.storeBytes(of: b, toByteOffset: 57 + i, as: UInt8.self) }
+        p.storeBytes(of: r.tag, toByteOffset: 65, as: UInt8.self)
+        p.storeBytes(of: r.bus, toByteOffset: 66, as: UInt8.self)
+        p.storeBytes(of: r.target, toByteOffset: 67, as: UInt8.self)
+        requestProducer &+= 1
+        store32(page: Self.ringsStatePage, offset: PVSCSI.RingsState.requestProducer, requestProducer)
+    }
+
+    func kick(rw: Bool = true) throws {
+        try writeRegister(rw ? PVSCSI.Register.kickRWIO : PVSCSI.Register.kickNonRWIO, 0)
+    }
+
+    /// Waits for an interrupt eventfd to fire.
+    func waitInterrupt(milliseconds: Int32 = 5000) -> Bool {
+        let fd = msixFD >= 0 ? msixFD : intxFD
+        var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        guard poll(&pfd, 1, milliseconds) == 1 else { return false }
+        var v: UInt64 = 0
+        _ = csys_eventfd_drain(fd, &v)
+        return true
+    }
+
+    /// Clears interrupt signals already delivered (run() may return before it consumed the last one).
+    func drainInterrupts() {
+        var v: UInt64 = 0
+        if msixFD >= 0 { _ = csys_eventfd_drain(msixFD, &v) }
+        if intxFD >= 0 { _ = csys_eventfd_drain(intxFD, &v) }
+    }
+
+    /// Consumes the completion ring.
+    func takeCompletions() -> [GuestCompletion] {
+        var out: [GuestCompletion] = []
+        let producer = load32(page: Self.ringsStatePage, offset: PVSCSI.RingsState.completionProducer)
+        var consumer = load32(page: Self.ringsStatePage, offset: PVSCSI.RingsState.completionConsumer)
+        while consumer != producer {
+            let index = consumer & (completionEntries - 1)
+            let p = memory + Self.completionRingPage * 4096 + Int(index) * 32
+            out.append(GuestCompletion(context: p.load(fromByteOffset: 0, as: UInt64.self),
+                                       dataLength: p.load(fromByteOffset: 8, as: UInt64.self),
+                                       senseLength: p.load(fromByteOffset: 16, as: UInt32.self),
+                                       hostStatus: p.load(fromByteOffset: 20, as: UInt16.self),
+                                       scsiStatus: p.load(fromByteOffset: 22, as: UInt16.self)))
+            consumer &+= 1
+        }
+        store32(page: Self.ringsStatePage, offset: PVSCSI.RingsState.completionConsumer, consumer)
+        return out
+    }
+
+    /// Submits, kicks and waits until `count` completions arrived (or the timeout passes).
+    func run(_ requests: [GuestRequest], expect count: Int? = nil, milliseconds: Int32 = 5000) throws -> [GuestCompletion] {
+        for r in requests { place(r) }
+        try kick()
+        var got: [GuestCompletion] = takeCompletions()
+        let want = count ?? requests.count
+        while got.count < want {
+            guard waitInterrupt(milliseconds: milliseconds) else { break }
+            got += takeCompletions()
+        }
+        return got
+    }
+
+    /// Writes an SG list into an SG page.
+    func writeSG(page: Int, _ elements: [(UInt64, UInt32, UInt32)]) {
+        let p = memory + page * 4096
+        for (i, e) in elements.enumerated() {
+            p.storeBytes(of: e.0, toByteOffset: i * 16, as: UInt64.self)
+            p.storeBytes(of: e.1, toByteOffset: i * 16 + 8, as: UInt32.self)
+            p.storeBytes(of: e.2, toByteOffset: i * 16 + 12, as: UInt32.self)
+        }
+    }
+
+    /// Consumes the message ring: (type, bus, target, lun[1]).
+    func takeMessages() -> [(UInt32, UInt32, UInt32, UInt8)] {
+        var out: [(UInt32, UInt32, UInt32, UInt8)] = []
+        let producer = load32(page: Self.ringsStatePage, offset: PVSCSI.RingsState.messageProducer)
+        var consumer = load32(page: Self.ringsStatePage, offset: PVSCSI.RingsState.messageConsumer)
+        while consumer != producer {
+            let p = memory + Self.messageRingPage * 4096 + Int(consumer & (messageEntries - 1)) * 128
+            out.append((p.load(fromByteOffset: 0, as: UInt32.self), p.load(fromByteOffset: 4, as: UInt32.self),
+                        p.load(fromByteOffset: 8, as: UInt32.self), p.load(fromByteOffset: 13, as: UInt8.self)))
+            consumer &+= 1
+        }
+        store32(page: Self.ringsStatePage, offset: PVSCSI.RingsState.messageConsumer, consumer)
+        return out
+    }
+}
+
+/// A running controller with a SCSI target of `luns` LUNs on in-memory disks, a connected client and guest.
+final class Fixture {
+    static let counter = Atomic<Int>(0)
+    let path: String
+    let table: SCSITarget
+    let commands: TestCommandTarget
+    let disks: [Int: MemoryDisk]
+    let channels: ChannelRegistry
+    let controller: PVSCSIController<TestCommandTarget, MemoryChannel>
+    let logLines: LogSink
+    var client: VfioUserTestClient!
+    var guest: TestGuest!
+
+    init(luns: [Int] = [0], blocks: UInt64 = 2048, connect: Bool = true, startup: Bool = true, useMSIX: Bool = true,
+         useCore: Bool = false, options: PVSCSIOptions = PVSCSIOptions()) throws {
+        let n = Self.counter.add(1, ordering: .relaxed).newValue
+        path = "/tmp/scsigate-pvscsi-test-\(getpid())-\(n).sock"
+        table = SCSITarget(name: "t\(n)")
+        var d: [Int: MemoryDisk] = [:]
+        for l in luns {
+            d[l] = MemoryDisk(blocks: blocks)
+            try table.add(makeUnit(l, blocks: blocks, backendID: l))
+        }
+        disks = d
+        commands = TestCommandTarget(table: table, useCore: useCore)
+        let registry = ChannelRegistry(disks: d)
+        channels = registry
+        let sink = LogSink()
+        logLines = sink
+        controller = try PVSCSIController(socketPath: path, target: commands, options: options,
+                                          channelFactory: { id in registry.channel(id) }, log: { sink.append($0) })
+        try controller.start()
+        if connect {
+            client = try VfioUserTestClient(path: path)
+            guest = TestGuest(client: client)
+            if startup {
+                try guest.connect(useMSIX: useMSIX)
+                try guest.linuxStartup()
+            }
+        }
+    }
+
+    var ringsReady: Bool {
+        let device = controller.device
+        return controller.sync { device.ringsReady }
+    }
+    var messageRingReady: Bool {
+        let device = controller.device
+        return controller.sync { device.messageRingReady }
+    }
+    var requestsInFlight: Int {
+        let device = controller.device
+        return controller.sync { device.requestsInFlight }
+    }
+    var deviceStats: PVSCSIStats {
+        let device = controller.device
+        return controller.sync { device.stats }
+    }
+    var clientConnected: Bool {
+        let server = controller.server
+        return controller.sync { server.clientFD >= 0 }
+    }
+    var dmaWindowCount: Int {
+        let server = controller.server
+        return controller.sync { server.memory.regions.count }
+    }
+    var serverStats: VfioUserStats {
+        let server = controller.server
+        return controller.sync { server.stats }
+    }
+    /// Runs `body` on the loop thread.
+    func onLoop(_ body: @escaping @Sendable () -> Void) {
+        _ = controller.sync { body(); return 0 }
+    }
+
+    /// Adds a LUN at run time (hotplug).
+    func addLUN(_ l: Int, blocks: UInt64 = 2048) throws {
+        channels.addDisk(l, MemoryDisk(blocks: blocks))
+        try table.add(makeUnit(l, blocks: blocks, backendID: l))
+    }
+
+    deinit {
+        guest = nil
+        client = nil
+        controller.stop()
+    }
+}
+
+/// Creates channels for back-end ids (on the loop thread) and keeps them for the test to inspect.
+final class ChannelRegistry: @unchecked Sendable {
+    private var disks: [Int: MemoryDisk]
+    private var made: [Int: MemoryChannel] = [:]
+    private let lock = NSLockLike()
+    init(disks: [Int: MemoryDisk]) { self.disks = disks }
+    func addDisk(_ id: Int, _ disk: MemoryDisk) { lock.locked { disks[id] = disk } }
+    func disk(_ id: Int) -> MemoryDisk? { lock.locked { disks[id] } }
+    func channel(_ id: Int) -> MemoryChannel? {
+        lock.locked {
+            guard let disk = disks[id] else { return nil }
+            let c = MemoryChannel(disk: disk)
+            made[id] = c
+            return c
+        }
+    }
+    func made(_ id: Int) -> MemoryChannel? { lock.locked { made[id] } }
+}
+
+/// A pthread mutex wrapper for test bookkeeping.
+final class NSLockLike: @unchecked Sendable {
+    private var m = pthread_mutex_t()
+    init() { pthread_mutex_init(&m, nil) }
+    deinit { pthread_mutex_destroy(&m) }
+    func locked<T>(_ body: () -> T) -> T {
+        pthread_mutex_lock(&m)
+        defer { pthread_mutex_unlock(&m) }
+        return body()
+    }
+}
+
+/// Collects log lines.
+final class LogSink: @unchecked Sendable {
+    private var lines: [String] = []
+    private let lock = NSLockLike()
+    func append(_ s: String) { lock.locked { lines.append(s) } }
+    var all: [String] { lock.locked { lines } }
+    func contains(_ s: String) -> Bool { all.contains { $0.contains(s) } }
+}
+
+import Synchronization

@@ -1,0 +1,186 @@
+import CSystem
+import VfioUser
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A reply as the test client received it.
+struct TestReply {
+    var header: VfioUserHeader
+    var payload: [UInt8]
+    var isError: Bool { header.isError }
+    var errorNumber: Int32 { Int32(bitPattern: header.errorNumber) }
+    func u32(_ o: Int) -> UInt32 { payload.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: o, as: UInt32.self) } }
+    func u64(_ o: Int) -> UInt64 { payload.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: o, as: UInt64.self) } }
+}
+
+/// Little-endian payload builder.
+struct Payload {
+    var bytes: [UInt8] = []
+    mutating func u16(_ v: UInt16) { withUnsafeBytes(of: v.littleEndian) { bytes.append(contentsOf: $0) } }
+    mutating func u32(_ v: UInt32) { withUnsafeBytes(of: v.littleEndian) { bytes.append(contentsOf: $0) } }
+    mutating func u64(_ v: UInt64) { withUnsafeBytes(of: v.littleEndian) { bytes.append(contentsOf: $0) } }
+}
+
+enum TestClientError: Error { case connect(Int32), io(String) }
+
+/// A minimal blocking vfio-user client (the role QEMU's vfio-user-pci plays).
+final class VfioUserTestClient {
+    let fd: Int32
+    private var nextID: UInt16 = 1
+
+    init(path: String) throws {
+        var attempt = 0
+        var s: Int32 = -1
+        while attempt < 200 {
+            s = csys_unix_connect(path)
+            if s >= 0 { break }
+            usleep(10_000)
+            attempt += 1
+        }
+        guard s >= 0 else { throw TestClientError.connect(-s) }
+        fd = s
+        _ = csys_set_recv_timeout(fd, 5000)
+    }
+
+    deinit { close(fd) }
+
+    /// Sends raw bytes (for malformed messages).
+    func sendRaw(_ bytes: [UInt8], fds: [Int32] = []) {
+        bytes.withUnsafeBytes { raw in
+            fds.withUnsafeBufferPointer { f in
+                _ = csys_send_with_fds(fd, raw.baseAddress, raw.count, f.baseAddress, Int32(f.count))
+            }
+        }
+    }
+
+    /// Builds a message with a correct header.
+    func message(_ command: VfioUserCommand, _ payload: [UInt8], flags: UInt32 = 0, sizeOverride: UInt32? = nil) -> (UInt16, [UInt8]) {
+        let id = nextID
+        nextID &+= 1
+        var bytes = [UInt8](repeating: 0, count: 16)
+        let h = VfioUserHeader(messageID: id, command: command.rawValue,
+                               size: sizeOverride ?? UInt32(16 + payload.count), flags: flags)
+        bytes.withUnsafeMutableBytes { h.encode(into: $0) }
+        return (id, bytes + payload)
+    }
+
+    /// Receives one message (blocking with timeout).
+    func receive() throws -> TestReply {
+        var head = [UInt8](repeating: 0, count: 16)
+        try readExactly(&head)
+        guard let h = head.withUnsafeBytes({ VfioUserHeader($0) }) else { throw TestClientError.io("bad header") }
+        guard h.size >= 16 else { throw TestClientError.io("reply size \(h.size)") }
+        var body = [UInt8](repeating: 0, count: Int(h.size) - 16)
+        if !body.isEmpty { try readExactly(&body) }
+        return TestReply(header: h, payload: body)
+    }
+
+    private func readExactly(_ buffer: inout [UInt8]) throws {
+        var got = 0
+        let count = buffer.count
+        while got < count {
+            let n = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress! + got, count - got, 0) }
+            if n > 0 { got += n; continue }
+            if n < 0 && errno == EINTR { continue }
+            throw TestClientError.io(n == 0 ? "end of stream" : "recv errno \(errno)")
+        }
+    }
+
+    /// Sends a command and waits for its reply.
+    @discardableResult
+    func request(_ command: VfioUserCommand, _ payload: [UInt8] = [], fds: [Int32] = []) throws -> TestReply {
+        let (id, bytes) = message(command, payload)
+        sendRaw(bytes, fds: fds)
+        let r = try receive()
+        guard r.header.messageID == id, r.header.isReply else { throw TestClientError.io("reply id \(r.header.messageID) for \(id)") }
+        return r
+    }
+
+    /// Whether the server closed the connection (recv returns 0 within the timeout).
+    func serverClosed() -> Bool {
+        var b: UInt8 = 0
+        let n = recv(fd, &b, 1, 0)
+        return n == 0
+    }
+
+    // MARK: Convenience
+
+    func negotiateVersion() throws -> TestReply {
+        var p = Payload()
+        p.u16(0)
+        p.u16(1)
+        let json = "{\"capabilities\":{\"max_msg_fds\":16,\"max_data_xfer_size\":1048576,\"pgsizes\":4096,\"migration\":{\"pgsize\":4096,\"max_bitmap_size\":1048576},\"write_multiple\":true}}"
+        p.bytes += Array(json.utf8) + [0]
+        return try request(.version, p.bytes)
+    }
+
+    func dmaMap(address: UInt64, size: UInt64, offset: UInt64 = 0, flags: UInt32 = 3, fd: Int32?) throws -> TestReply {
+        var p = Payload()
+        p.u32(32)
+        p.u32(flags)
+        p.u64(offset)
+        p.u64(address)
+        p.u64(size)
+        return try request(.dmaMap, p.bytes, fds: fd.map { [$0] } ?? [])
+    }
+
+    func dmaUnmap(address: UInt64, size: UInt64, flags: UInt32 = 0) throws -> TestReply {
+        var p = Payload()
+        p.u32(24)
+        p.u32(flags)
+        p.u64(address)
+        p.u64(size)
+        return try request(.dmaUnmap, p.bytes)
+    }
+
+    func regionRead(_ region: UInt32, offset: UInt64, count: UInt32) throws -> TestReply {
+        var p = Payload()
+        p.u64(offset)
+        p.u32(region)
+        p.u32(count)
+        return try request(.regionRead, p.bytes)
+    }
+
+    func regionWrite(_ region: UInt32, offset: UInt64, data: [UInt8]) throws -> TestReply {
+        var p = Payload()
+        p.u64(offset)
+        p.u32(region)
+        p.u32(UInt32(data.count))
+        p.bytes += data
+        return try request(.regionWrite, p.bytes)
+    }
+
+    func read32(_ region: UInt32, _ offset: UInt64) throws -> UInt32 {
+        let r = try regionRead(region, offset: offset, count: 4)
+        guard !r.isError, r.payload.count == 20 else { throw TestClientError.io("region read failed errno \(r.errorNumber)") }
+        return r.u32(16)
+    }
+
+    func write32(_ region: UInt32, _ offset: UInt64, _ value: UInt32) throws {
+        let r = try regionWrite(region, offset: offset, data: withUnsafeBytes(of: value.littleEndian) { Array($0) })
+        guard !r.isError else { throw TestClientError.io("region write failed errno \(r.errorNumber)") }
+    }
+
+    /// A posted write (NO_REPLY), as QEMU sends BAR writes by default.
+    func postWrite32(_ region: UInt32, _ offset: UInt64, _ value: UInt32) {
+        var p = Payload()
+        p.u64(offset)
+        p.u32(region)
+        p.u32(4)
+        p.u32(value)
+        let (_, bytes) = message(.regionWrite, p.bytes, flags: VfioUserHeader.noReply)
+        sendRaw(bytes)
+    }
+
+    func setIRQs(index: UInt32, flags: UInt32, start: UInt32, count: UInt32, data: [UInt8] = [], fds: [Int32] = []) throws -> TestReply {
+        var p = Payload()
+        p.u32(UInt32(20 + data.count))
+        p.u32(flags)
+        p.u32(index)
+        p.u32(start)
+        p.u32(count)
+        p.bytes += data
+        return try request(.deviceSetIRQs, p.bytes, fds: fds)
+    }
+}
