@@ -1,4 +1,5 @@
 import Backends
+import Gateway
 import BlockIO
 import CSystem
 import SCSI
@@ -9,7 +10,6 @@ import Virtio
 import Glibc
 #endif
 
-extension AnyBlockChannel: VhostChannel {}
 
 /// The devices instantiated as the gateway does: over `AnyBlockChannel` with a real file back-end.
 @Suite(.serialized) struct BackendsIntegrationTests {
