@@ -12,8 +12,9 @@ import Synchronization
 //     // and, when task.taskManagementRequest != nil (PREEMPT AND ABORT), apply it to the task sets first.
 //
 // Commands: TEST UNIT READY, REQUEST SENSE, INQUIRY (VPD 00h 80h 83h 86h B0h B1h B2h), REPORT LUNS,
-// REPORT SUPPORTED OPERATION CODES, READ CAPACITY(10/16), READ/WRITE(6/10/12/16), WRITE AND VERIFY(10/16),
-// VERIFY(10/16), COMPARE AND WRITE, WRITE SAME(10/16), UNMAP, SYNCHRONIZE CACHE(10/16), GET LBA STATUS,
+// REPORT SUPPORTED OPERATION CODES, READ CAPACITY(10/16), READ/WRITE(6/10/12/16), WRITE AND VERIFY(10/12/16),
+// VERIFY(10/12/16), COMPARE AND WRITE, WRITE SAME(10/16), UNMAP, SYNCHRONIZE CACHE(10/16), GET LBA STATUS,
+// PRE-FETCH(10/16), READ DEFECT DATA(10/12),
 // START STOP UNIT, PREVENT ALLOW MEDIUM REMOVAL, MODE SENSE/SELECT(6/10), PERSISTENT RESERVE IN/OUT,
 // RESERVE/RELEASE(6/10). `CommandTable` lists them with their CDB usage masks: any bit outside a mask
 // (reserved fields, RDPROTECT/WRPROTECT, ANCHOR, NACA...) is INVALID FIELD IN CDB pointing at that bit.
@@ -242,9 +243,15 @@ extension SCSITarget {
             return .complete
         case Opcode.synchronizeCache10, Opcode.synchronizeCache16:
             return try synchronizeCache(&task, unit: unit)
-        case Opcode.verify10, Opcode.verify16:
+        case Opcode.verify10, Opcode.verify12, Opcode.verify16:
             return try verify(&task, unit: unit)
-        case Opcode.writeAndVerify10, Opcode.writeAndVerify16:
+        case Opcode.preFetch10, Opcode.preFetch16:
+            try preFetch(&task, unit: unit)
+            return .complete
+        case Opcode.readDefectData10, Opcode.readDefectData12:
+            try readDefectData(&task)
+            return .complete
+        case Opcode.writeAndVerify10, Opcode.writeAndVerify12, Opcode.writeAndVerify16:
             return try writeAndVerify(&task, unit: unit)
         case Opcode.compareAndWrite:
             return try compareAndWrite(&task, unit: unit)
