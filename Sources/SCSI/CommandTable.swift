@@ -30,6 +30,7 @@ enum Opcode {
     static let read16: UInt8 = 0x88
     static let compareAndWrite: UInt8 = 0x89
     static let write16: UInt8 = 0x8A
+    static let orWrite16: UInt8 = 0x8B
     static let writeAndVerify16: UInt8 = 0x8E
     static let verify16: UInt8 = 0x8F
     static let preFetch16: UInt8 = 0x90
@@ -123,6 +124,7 @@ enum CommandTable {
         CommandDescriptor(Opcode.compareAndWrite, nil,
                           [0xFF, 0x1A, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0x1F, 0]),
         CommandDescriptor(Opcode.write16, nil, sixteen(byte1: 0x1A)),
+        CommandDescriptor(Opcode.orWrite16, nil, sixteen(byte1: 0x18)),
         CommandDescriptor(Opcode.writeAndVerify16, nil, sixteen(byte1: 0x12)),
         CommandDescriptor(Opcode.verify16, nil, sixteen(byte1: 0x16), timeout: 120),
         CommandDescriptor(Opcode.preFetch16, nil, sixteen(byte1: 0x02)),

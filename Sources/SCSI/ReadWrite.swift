@@ -24,7 +24,7 @@ struct TransferFields {
             blocks = UInt64(cdb.be32(6))
             lengthByte = 6
         case Opcode.read16, Opcode.write16, Opcode.verify16, Opcode.writeAndVerify16, Opcode.writeSame16,
-             Opcode.synchronizeCache16, Opcode.preFetch16:
+             Opcode.synchronizeCache16, Opcode.preFetch16, Opcode.orWrite16:
             lba = cdb.be64(2)
             blocks = UInt64(cdb.be32(10))
             lengthByte = 10

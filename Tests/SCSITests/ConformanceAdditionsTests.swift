@@ -1,4 +1,5 @@
 import BlockIO
+import Glibc
 @testable import SCSI
 import Testing
 
@@ -152,5 +153,62 @@ import Testing
         #expect(data == [0, 0, 0, 20, 0, 0, 0, 0] + Self.descriptor(9, 55, 0))
         let (_, sense, _) = Self.run(target, Self.getLBAStatus(lba: 64), dataIn: 24)
         #expect(sense == lbaOutOfRangeSense)
+    }
+}
+
+@Suite struct OrWriteTests {
+    static func orWrite16(lba: UInt64, blocks: UInt64, flags: UInt8 = 0) -> [UInt8] {
+        [0x8B, flags] + bytesBE64(lba) + bytesBE32(blocks) + [0, 0]
+    }
+
+    @Test func orsTheDataIntoTheMedium() {
+        var h = Harness()
+        h.disk.bytes.replaceSubrange(1024 ..< 2048, with: [UInt8](repeating: 0xA5, count: 1024))
+        let o = h.run(Self.orWrite16(lba: 2, blocks: 2), dataOut: [UInt8](repeating: 0x5A, count: 1024), segments: [300])
+        #expect(o.status == .good && o.sense.isEmpty)
+        #expect(o.ops == [.read, .write])
+        #expect(o.requests[1].offset == 1024 && o.requests[1].length == 1024 && !o.requests[1].forceUnitAccess)
+        #expect(h.disk.bytes[1024 ..< 2048].allSatisfy { $0 == 0xFF })
+        #expect(h.disk.bytes[2048] == 0 && h.disk.bytes[1023] == 0)
+        let varied = pattern(512, seed: 3)
+        let fua = h.run(Self.orWrite16(lba: 10, blocks: 1, flags: 0x18), dataOut: varied)
+        #expect(fua.status == .good && fua.requests[1].forceUnitAccess)
+        #expect(Array(h.disk.bytes[5120 ..< 5632]) == varied)
+        // The unit's COMPARE AND WRITE exclusion is released: a COMPARE AND WRITE runs afterwards.
+        let caw: [UInt8] = [0x89, 0] + bytesBE64(10) + [0, 0, 0, 1, 0, 0]
+        #expect(h.run(caw, dataOut: varied + pattern(512, seed: 4)).status == .good)
+    }
+
+    @Test func largeTransfersGoInChunks() {
+        var h = Harness(blocks: 5000)
+        h.disk.bytes = [UInt8](repeating: 0x0F, count: h.disk.bytes.count)
+        let o = h.run(Self.orWrite16(lba: 100, blocks: 4500), dataOut: [UInt8](repeating: 0xF0, count: 4500 * 512))
+        #expect(o.status == .good)
+        let tail = UInt64(4500 * 512 - 2 * (1 << 20))
+        #expect(o.ops == [.read, .write, .read, .write, .read, .write])
+        #expect(o.requests.map(\.length) == [1 << 20, 1 << 20, 1 << 20, 1 << 20, tail, tail])
+        #expect(h.disk.bytes[100 * 512 ..< 4600 * 512].allSatisfy { $0 == 0xFF })
+        #expect(h.disk.bytes[99 * 512] == 0x0F && h.disk.bytes[4600 * 512] == 0x0F)
+    }
+
+    @Test func errors() {
+        var h = Harness()
+        #expect(h.run(Self.orWrite16(lba: 63, blocks: 2), dataOut: pattern(1024)).sense == lbaOutOfRangeSense)
+        #expect(h.run(Self.orWrite16(lba: .max, blocks: 1), dataOut: pattern(512)).sense == lbaOutOfRangeSense)
+        #expect(h.run(Self.orWrite16(lba: 0, blocks: 0)).requests.isEmpty)
+        #expect(h.run(Self.orWrite16(lba: 0, blocks: 1, flags: 0x20), dataOut: pattern(512)).sense
+            == invalidCDB(byte: 1, bit: 5))  // ORPROTECT
+        #expect(h.run(Self.orWrite16(lba: 0, blocks: 2), dataOut: pattern(512)).sense == invalidCDB(byte: 10))
+        var ro = Harness(readOnly: true)
+        #expect(ro.run(Self.orWrite16(lba: 0, blocks: 1), dataOut: pattern(512)).sense == writeProtectedSense)
+        var limited = Harness(maxTransferBytes: 4096)
+        #expect(limited.run(Self.orWrite16(lba: 0, blocks: 9), dataOut: pattern(9 * 512)).sense == invalidCDB(byte: 10))
+        // A failing read releases the exclusion and reports a medium error at the LBA.
+        var failing = Harness()
+        failing.disk.override = { $0.operation == .read ? .failure(EIO) : nil }
+        let o = failing.run(Self.orWrite16(lba: 5, blocks: 1), dataOut: pattern(512))
+        #expect(o.sense == fixedFormatSense(0x03, 0x11, 0x00, information: 5) && o.ops == [.read])
+        failing.disk.override = nil
+        #expect(failing.run(Self.orWrite16(lba: 5, blocks: 1), dataOut: pattern(512)).status == .good)
     }
 }
