@@ -80,6 +80,13 @@ TOML
 
 cli() { "$BIN" "$@" --socket "$DIR/control.sock"; }
 
+# report_iops NAME LOG: the guest's fio 4 KiB random read figure.
+report_iops() {
+    local line
+    line=$(grep -a '^SCSIGATE-IOPS' "$2" | tail -1 | tr -d '\r')
+    if [ -n "$line" ]; then echo "[$1] ${line#SCSIGATE-IOPS }"; check "$1 fio 4k randread" 0; else check "$1 fio 4k randread" 1; fi
+}
+
 # conformance_check NAME LOG: iscsi-test-cu ran completely with at most MAXF failures.
 conformance_check() {
     local out rc
@@ -109,10 +116,11 @@ TOML
     } > "$DIR/gw.toml"
     start_gateway "$DIR/gw.toml" "$DIR/gw.log"; check "pvscsi gateway start" $? || return
     bash "$HERE/run-guest.sh" --sid --quiet --test multi --log "$DIR/guest.log" --timeout 1200 --bind "$DIR" \
-        --append "scsigate.tests=smoke,conformance,fio-verify,pattern scsigate.vendor=SCSIGATE scsigate.expect_serial=SGCI-PV0 scsigate.expect_size=268435456" \
+        --append "scsigate.tests=smoke,conformance,fio-verify,fio-randread,pattern scsigate.vendor=SCSIGATE scsigate.expect_serial=SGCI-PV0 scsigate.expect_size=268435456" \
         -- -device "{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"$DIR/pv0.sock\",\"type\":\"unix\"}}"
     check "pvscsi guest smoke+conformance+fio-verify+pattern" $?
     conformance_check pvscsi "$DIR/guest.log"
+    report_iops pvscsi "$DIR/guest.log"
     bash "$HERE/check-pattern.sh" "$DIR/guest.log" "$DIR/pv0.img"; check "pvscsi bytes identical in the backing file" $?
     stop_gateway; check "pvscsi gateway drains and exits 0 on SIGTERM" $?
 }
@@ -139,10 +147,11 @@ TOML
     } > "$DIR/gw.toml"
     start_gateway "$DIR/gw.toml" "$DIR/gw.log"; check "vhost-user-scsi gateway start" $? || return
     bash "$HERE/run-guest.sh" --quiet --test multi --log "$DIR/guest.log" --timeout 1200 \
-        --append "scsigate.tests=smoke,conformance,fio-verify,pattern scsigate.vendor=SCSIGATE scsigate.expect_serial=SGCI-VS0 scsigate.expect_size=268435456" \
+        --append "scsigate.tests=smoke,conformance,fio-verify,fio-randread,pattern scsigate.vendor=SCSIGATE scsigate.expect_serial=SGCI-VS0 scsigate.expect_size=268435456" \
         -- -chardev "socket,id=c0,path=$DIR/vscsi0.sock" -device vhost-user-scsi-pci,chardev=c0,num_queues=2
     check "vhost-user-scsi guest smoke+conformance+fio-verify+pattern" $?
     conformance_check vhost-user-scsi "$DIR/guest.log"
+    report_iops vhost-user-scsi "$DIR/guest.log"
     bash "$HERE/check-pattern.sh" "$DIR/guest.log" "$DIR/lun0.img"; check "vhost-user-scsi bytes identical in the backing file" $?
     stop_gateway; check "vhost-user-scsi gateway drains and exits 0 on SIGTERM" $?
 }
@@ -227,10 +236,11 @@ TOML
     if start_gateway "$DIR/gw.toml" "$DIR/gw.log"; then
         check "iscsi gateway start" 0
         bash "$HERE/run-guest.sh" --quiet --test multi --log "$DIR/guest.log" --timeout 1200 \
-            --append "scsigate.tests=smoke,conformance,fio-verify,pattern scsigate.vendor=SCSIGATE scsigate.expect_serial=SGCI-IS0" \
+            --append "scsigate.tests=smoke,conformance,fio-verify,fio-randread,pattern scsigate.vendor=SCSIGATE scsigate.expect_serial=SGCI-IS0" \
             -- -chardev "socket,id=c0,path=$DIR/iscsi0.sock" -device vhost-user-scsi-pci,chardev=c0
         check "iscsi-backed guest smoke+conformance+fio-verify+pattern" $?
         conformance_check iscsi "$DIR/guest.log"
+        report_iops iscsi "$DIR/guest.log"
         bash "$HERE/check-pattern.sh" "$DIR/guest.log" "$DIR/tgt-lun1.img"; check "iscsi bytes identical in tgtd's backing file" $?
         stop_gateway; check "iscsi gateway drains and exits 0 on SIGTERM" $?
     else
