@@ -242,6 +242,23 @@ TOML
         conformance_check iscsi "$DIR/guest.log"
         report_iops iscsi "$DIR/guest.log"
         bash "$HERE/check-pattern.sh" "$DIR/guest.log" "$DIR/tgt-lun1.img"; check "iscsi bytes identical in tgtd's backing file" $?
+        # tgtd killed (SIGKILL) and restarted during a guest fio randwrite+verify: no error may reach fio.
+        bash "$HERE/run-guest.sh" --quiet --test fio-verify --log "$DIR/outage.log" --timeout 900 \
+            --append "scsigate.vendor=SCSIGATE scsigate.bs=4k scsigate.size=200M" \
+            -- -chardev "socket,id=c0,path=$DIR/iscsi0.sock" -device vhost-user-scsi-pci,chardev=c0 &
+        local guest=$! t0
+        if bash "$HERE/wait-marker.sh" "$DIR/outage.log" "[fio-verify] disk" 300 >/dev/null; then
+            sleep 15
+            t0=$(date +%s)
+            kill -KILL "$(cat "$DIR/tgt/tgtd.pid")"
+            sleep 5
+            bash "$ROOT/Deploy/tgt/start-tgtd.sh" --port 3262 --control-port 17 --state-dir "$DIR/tgt" \
+                --backing "$DIR/tgt-lun1.img" --size 256M --iqn iqn.2026-11.org.scsigate:ci >/dev/null
+            echo "[iscsi] tgtd killed and restarted: outage $(( $(date +%s) - t0 )) s during guest fio verify"
+        fi
+        wait $guest; check "iscsi fio verify across a tgtd kill/restart (0 errors)" $?
+        grep -a "fio 4k:" "$DIR/outage.log" | tr -d '\r' | sed 's/^/[iscsi] /'
+        grep -c "reconnect\|logged in\|connection" "$DIR/gw.log" | sed 's/^/[iscsi] gateway log lines about the session: /'
         stop_gateway; check "iscsi gateway drains and exits 0 on SIGTERM" $?
     else
         check "iscsi gateway start" 1
