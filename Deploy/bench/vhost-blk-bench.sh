@@ -96,7 +96,10 @@ row() {  # row NAME QSD-BLOCKDEV SCSIGATE-LUN
             "$(awk -v a="$sg" -v b="$q" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }')"
     done
 }
-truncate -s 1G "$W/disk.img"
+# A fully written file, so that both sides read real data and overwrite allocated blocks (a sparse
+# file would favour whichever side runs second, after the first allocated the blocks).
+dd if=/dev/zero of="$W/disk.img" bs=1M count=1024 oflag=direct status=none || sg_die "cannot write $W/disk.img"
+sync
 row null "driver=null-co,node-name=b0,size=1073741824" 'backend = "null"
 size = "1G"'
 row file-direct "driver=file,node-name=b0,filename=$W/disk.img,cache.direct=on,aio=native" "backend = \"file\"

@@ -80,6 +80,13 @@ TOML
 
 cli() { "$BIN" "$@" --socket "$DIR/control.sock"; }
 
+# report_iops NAME LOG: the guest's fio 4 KiB random read figure.
+report_iops() {
+    local line
+    line=$(grep -a '^SCSIGATE-IOPS' "$2" | tail -1 | tr -d '\r')
+    if [ -n "$line" ]; then echo "[$1] ${line#SCSIGATE-IOPS }"; check "$1 fio 4k randread" 0; else check "$1 fio 4k randread" 1; fi
+}
+
 # conformance_check NAME LOG: iscsi-test-cu ran completely with at most MAXF failures.
 conformance_check() {
     local out rc
@@ -109,16 +116,158 @@ TOML
     } > "$DIR/gw.toml"
     start_gateway "$DIR/gw.toml" "$DIR/gw.log"; check "pvscsi gateway start" $? || return
     bash "$HERE/run-guest.sh" --sid --quiet --test multi --log "$DIR/guest.log" --timeout 1200 --bind "$DIR" \
-        --append "scsigate.tests=smoke,conformance,fio-verify,pattern scsigate.vendor=SCSIGATE scsigate.expect_serial=SGCI-PV0 scsigate.expect_size=268435456" \
+        --append "scsigate.tests=smoke,conformance,fio-verify,fio-randread,pattern scsigate.vendor=SCSIGATE scsigate.expect_serial=SGCI-PV0 scsigate.expect_size=268435456" \
         -- -device "{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"$DIR/pv0.sock\",\"type\":\"unix\"}}"
     check "pvscsi guest smoke+conformance+fio-verify+pattern" $?
     conformance_check pvscsi "$DIR/guest.log"
+    report_iops pvscsi "$DIR/guest.log"
     bash "$HERE/check-pattern.sh" "$DIR/guest.log" "$DIR/pv0.img"; check "pvscsi bytes identical in the backing file" $?
     stop_gateway; check "pvscsi gateway drains and exits 0 on SIGTERM" $?
 }
 
+suite_vhost_user_scsi() {
+    DIR="$WORK/vscsi"; mkdir -p "$DIR"
+    { gateway_header "$DIR"; cat <<TOML
+
+[[controller]]
+name = "vscsi0"
+transport = "vhost-user-scsi"
+socket = "$DIR/vscsi0.sock"
+queues = 2
+io_threads = 2
+
+[[controller.lun]]
+lun = 0
+backend = "file"
+path = "$DIR/lun0.img"
+size = "256M"
+create = true
+serial = "SGCI-VS0"
+TOML
+    } > "$DIR/gw.toml"
+    start_gateway "$DIR/gw.toml" "$DIR/gw.log"; check "vhost-user-scsi gateway start" $? || return
+    bash "$HERE/run-guest.sh" --quiet --test multi --log "$DIR/guest.log" --timeout 1200 \
+        --append "scsigate.tests=smoke,conformance,fio-verify,fio-randread,pattern scsigate.vendor=SCSIGATE scsigate.expect_serial=SGCI-VS0 scsigate.expect_size=268435456" \
+        -- -chardev "socket,id=c0,path=$DIR/vscsi0.sock" -device vhost-user-scsi-pci,chardev=c0,num_queues=2
+    check "vhost-user-scsi guest smoke+conformance+fio-verify+pattern" $?
+    conformance_check vhost-user-scsi "$DIR/guest.log"
+    report_iops vhost-user-scsi "$DIR/guest.log"
+    bash "$HERE/check-pattern.sh" "$DIR/guest.log" "$DIR/lun0.img"; check "vhost-user-scsi bytes identical in the backing file" $?
+    stop_gateway; check "vhost-user-scsi gateway drains and exits 0 on SIGTERM" $?
+}
+
+# holes_at FILE LOG MARKER: every "MARKER off=N len=M" region of the guest log is a hole in FILE
+holes_at() {
+    python3 - "$1" "$2" "$3" <<'PY'
+import os, re, sys
+path, log, marker = sys.argv[1:4]
+regions = []
+for line in open(log, errors="replace"):
+    if line.startswith(marker):
+        kv = dict(re.findall(r"(\w+)=(\S+)", line))
+        if "offset" in kv and "bytes" in kv:
+            regions.append((int(kv["offset"]), int(kv["bytes"])))
+if not regions:
+    print(f"{marker}: no region in the guest log"); sys.exit(1)
+fd = os.open(path, os.O_RDONLY)
+bad = 0
+for off, length in regions:
+    try:
+        data = os.lseek(fd, off, os.SEEK_DATA)
+    except OSError:
+        data = os.fstat(fd).st_size
+    if data < off + length:
+        print(f"{marker}: data at {data} inside [{off}, {off + length})"); bad += 1
+    else:
+        print(f"{marker}: [{off}, {off + length}) is a hole in {path}")
+sys.exit(1 if bad else 0)
+PY
+}
+
+suite_vhost_user_blk() {
+    DIR="$WORK/vblk"; mkdir -p "$DIR"
+    { gateway_header "$DIR"; cat <<TOML
+
+[[controller]]
+name = "vblk0"
+transport = "vhost-user-blk"
+socket = "$DIR/vblk0.sock"
+
+[[controller.lun]]
+lun = 0
+backend = "file"
+path = "$DIR/blk0.img"
+size = "256M"
+create = true
+serial = "SGCI-VB0"
+TOML
+    } > "$DIR/gw.toml"
+    start_gateway "$DIR/gw.toml" "$DIR/gw.log"; check "vhost-user-blk gateway start" $? || return
+    bash "$HERE/run-guest.sh" --quiet --test multi --log "$DIR/guest.log" --timeout 900 \
+        --append "scsigate.tests=smoke,fio-verify,discard,pattern scsigate.expect_serial=SGCI-VB0" \
+        -- -chardev "socket,id=c0,path=$DIR/vblk0.sock" -device vhost-user-blk-pci,chardev=c0
+    check "vhost-user-blk guest smoke+fio-verify+discard+pattern" $?
+    bash "$HERE/check-pattern.sh" "$DIR/guest.log" "$DIR/blk0.img"; check "vhost-user-blk bytes identical in the backing file" $?
+    holes_at "$DIR/blk0.img" "$DIR/guest.log" SCSIGATE-DISCARD; check "vhost-user-blk discard punched holes in the file" $?
+    holes_at "$DIR/blk0.img" "$DIR/guest.log" SCSIGATE-WRITE-ZEROES; check "vhost-user-blk write-zeroes left holes in the file" $?
+    stop_gateway; check "vhost-user-blk gateway drains and exits 0 on SIGTERM" $?
+}
+
+suite_iscsi() {
+    DIR="$WORK/iscsi"; mkdir -p "$DIR"
+    local out url
+    out=$(bash "$ROOT/Deploy/tgt/start-tgtd.sh" --port 3262 --control-port 17 --state-dir "$DIR/tgt" \
+        --backing "$DIR/tgt-lun1.img" --size 256M --iqn iqn.2026-11.org.scsigate:ci); check "tgtd start" $? || return
+    url=$(printf '%s\n' "$out" | sed -n 's/^TGT_URL=//p')
+    { gateway_header "$DIR"; cat <<TOML
+
+[[controller]]
+name = "iscsi0"
+transport = "vhost-user-scsi"
+socket = "$DIR/iscsi0.sock"
+
+[[controller.lun]]
+lun = 0
+backend = "iscsi"
+url = "$url"
+serial = "SGCI-IS0"
+TOML
+    } > "$DIR/gw.toml"
+    if start_gateway "$DIR/gw.toml" "$DIR/gw.log"; then
+        check "iscsi gateway start" 0
+        bash "$HERE/run-guest.sh" --quiet --test multi --log "$DIR/guest.log" --timeout 1200 \
+            --append "scsigate.tests=smoke,conformance,fio-verify,fio-randread,pattern scsigate.vendor=SCSIGATE scsigate.expect_serial=SGCI-IS0" \
+            -- -chardev "socket,id=c0,path=$DIR/iscsi0.sock" -device vhost-user-scsi-pci,chardev=c0
+        check "iscsi-backed guest smoke+conformance+fio-verify+pattern" $?
+        conformance_check iscsi "$DIR/guest.log"
+        report_iops iscsi "$DIR/guest.log"
+        bash "$HERE/check-pattern.sh" "$DIR/guest.log" "$DIR/tgt-lun1.img"; check "iscsi bytes identical in tgtd's backing file" $?
+        # tgtd killed (SIGKILL) and restarted during a guest fio randwrite+verify: no error may reach fio.
+        bash "$HERE/run-guest.sh" --quiet --test fio-verify --log "$DIR/outage.log" --timeout 900 \
+            --append "scsigate.vendor=SCSIGATE scsigate.bs=4k scsigate.size=200M" \
+            -- -chardev "socket,id=c0,path=$DIR/iscsi0.sock" -device vhost-user-scsi-pci,chardev=c0 &
+        local guest=$! t0
+        if bash "$HERE/wait-marker.sh" "$DIR/outage.log" "[fio-verify] disk" 300 >/dev/null; then
+            sleep 15
+            t0=$(date +%s)
+            kill -KILL "$(cat "$DIR/tgt/tgtd.pid")"
+            sleep 5
+            bash "$ROOT/Deploy/tgt/start-tgtd.sh" --port 3262 --control-port 17 --state-dir "$DIR/tgt" \
+                --backing "$DIR/tgt-lun1.img" --size 256M --iqn iqn.2026-11.org.scsigate:ci >/dev/null
+            echo "[iscsi] tgtd killed and restarted: outage $(( $(date +%s) - t0 )) s during guest fio verify"
+        fi
+        wait $guest; check "iscsi fio verify across a tgtd kill/restart (0 errors)" $?
+        grep -a "fio 4k:" "$DIR/outage.log" | tr -d '\r' | sed 's/^/[iscsi] /'
+        grep -c "reconnect\|logged in\|connection" "$DIR/gw.log" | sed 's/^/[iscsi] gateway log lines about the session: /'
+        stop_gateway; check "iscsi gateway drains and exits 0 on SIGTERM" $?
+    else
+        check "iscsi gateway start" 1
+    fi
+    bash "$ROOT/Deploy/tgt/stop-tgtd.sh" --state-dir "$DIR/tgt" >/dev/null 2>&1
+}
+
 SUITES=("$@")
-[ ${#SUITES[@]} -gt 0 ] || SUITES=(pvscsi)
+[ ${#SUITES[@]} -gt 0 ] || SUITES=(vhost-user-scsi vhost-user-blk pvscsi iscsi)
 for s in "${SUITES[@]}"; do
     sg_log "suite $s"
     "suite_${s//-/_}"

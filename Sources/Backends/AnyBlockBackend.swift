@@ -52,6 +52,18 @@ public enum AnyBlockBackend: Sendable {
         }
     }
 
+    /// The GET LBA STATUS allocation query for `LogicalUnit(allocationQuery:)`: files answer from their
+    /// holes (``FileBackend/allocationStatus(offset:length:)``); block devices, null and iSCSI back-ends
+    /// have none (every LBA is then "mapped or unknown").
+    public var allocationQuery: AllocationQuery? {
+        switch self {
+        case .file(let backend):
+            if backend.isBlockDevice { return nil }
+            return { offset, length in backend.allocationStatus(offset: offset, length: length) }
+        case .null, .iscsi: return nil
+        }
+    }
+
     /// Releases the backing store once all channels are closed.
     public func close() {
         switch self {

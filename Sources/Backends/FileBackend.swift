@@ -284,6 +284,24 @@ public final class FileBackend: BlockBackend, @unchecked Sendable {
         if remaining == 0 && closeRequested.load(ordering: .sequentiallyConsistent) { closeDescriptor() }
     }
 
+    /// Allocation state of the bytes at `offset` (GET LBA STATUS): for files, the data or hole extent
+    /// that starts there (`lseek` SEEK_DATA / SEEK_HOLE), clipped to `length`; nil for block devices, after
+    /// `close()`, or when the filesystem cannot tell. Pass it to `LogicalUnit(allocationQuery:)` as
+    /// `{ backend.allocationStatus(offset: $0, length: $1) }`.
+    public func allocationStatus(offset: UInt64, length: UInt64) -> AllocationExtent? {
+        guard !isBlockDevice, length > 0, !closeRequested.load(ordering: .acquiring) else { return nil }
+        let end = capacityBytes
+        guard offset < end else { return nil }
+        let limit = min(length, end - offset)
+        let data = csys_seek_data(fd, offset)
+        if data == -Int64(ENXIO) { return AllocationExtent(state: .deallocated, length: limit) }  // hole to EOF
+        guard data >= 0 else { return nil }
+        if UInt64(data) > offset { return AllocationExtent(state: .deallocated, length: min(UInt64(data) - offset, limit)) }
+        let hole = csys_seek_hole(fd, offset)
+        guard hole > Int64(offset) else { return nil }
+        return AllocationExtent(state: .mapped, length: min(UInt64(hole) - offset, limit))
+    }
+
     /// Releases the file (descriptor and lock) once every channel is closed; refuses new channels.
     public func close() {
         closeRequested.store(true, ordering: .sequentiallyConsistent)

@@ -8,6 +8,7 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #include <sys/file.h>
@@ -148,6 +149,22 @@ int csys_set_thread_name(const char *name) {
 }
 
 int csys_gettid(void) { return (int)syscall(SYS_gettid); }
+
+int64_t csys_fd_size(int fd) {
+    struct stat st;
+    if (fstat(fd, &st) < 0) return -errno;
+    return (int64_t)st.st_size;
+}
+
+int csys_wait_readable(int fd, int timeout_ms) {
+    struct pollfd p = {.fd = fd, .events = POLLIN};
+    for (;;) {
+        int r = poll(&p, 1, timeout_ms);
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0) return -errno;
+        return r > 0 ? 1 : 0;
+    }
+}
 
 uint32_t csys_load32_acquire(const void *p) { return __atomic_load_n((const uint32_t *)p, __ATOMIC_ACQUIRE); }
 void csys_store32_release(void *p, uint32_t v) { __atomic_store_n((uint32_t *)p, v, __ATOMIC_RELEASE); }

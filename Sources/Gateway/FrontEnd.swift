@@ -55,5 +55,5 @@ public struct FrontEndRegistry: Sendable {
     ///
     /// INTEGRATION POINT: register the vhost-user (VhostUser module) and PVSCSI (PVSCSI module)
     /// factories here, e.g. `FrontEndRegistry([VhostUserSCSIFactory(), VhostUserBlkFactory(), PVSCSIFactory()])`.
-    public static var standard: FrontEndRegistry { FrontEndRegistry([PVSCSIFrontEndFactory()]) }
+    public static var standard: FrontEndRegistry { FrontEndRegistry([VhostUserSCSIFrontEndFactory(), VhostUserBlkFrontEndFactory(), PVSCSIFrontEndFactory()]) }
 }

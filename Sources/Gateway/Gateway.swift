@@ -269,7 +269,7 @@ public final class Gateway: @unchecked Sendable {
             throw BackendOpeningError(lun: name, reason: "address out of range for \(runtime.config.transport.rawValue)")
         }
         let unit = LogicalUnit(number: number, identity: DerivedIdentity.identity(for: lun, controller: runtime.config),
-                               geometry: geometry, backendID: id)
+                               geometry: geometry, backendID: id, allocationQuery: opened.backend.allocationQuery)
         do throws(LUNTableError) {
             try runtime.target.add(unit)
         } catch {

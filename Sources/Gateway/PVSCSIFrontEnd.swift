@@ -1,6 +1,5 @@
 import Backends
 import BlockIO
-import Glibc
 import Logging
 import PVSCSI
 import SCSI
@@ -50,9 +49,7 @@ final class PVSCSIFrontEnd: FrontEnd, @unchecked Sendable {
         } catch {
             throw FrontEndError("controller \(runtime.config.name) on \(runtime.config.socket): \(error)")
         }
-        if chmod(runtime.config.socket, mode_t(runtime.config.socketMode)) != 0 {
-            runtime.logger.warning("cannot set mode \(String(runtime.config.socketMode, radix: 8)) on \(runtime.config.socket)")
-        }
+        applySocketMode(runtime)
     }
 
     func stop() { controller.stop() }

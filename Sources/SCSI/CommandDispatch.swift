@@ -12,15 +12,17 @@ import Synchronization
 //     // and, when task.taskManagementRequest != nil (PREEMPT AND ABORT), apply it to the task sets first.
 //
 // Commands: TEST UNIT READY, REQUEST SENSE, INQUIRY (VPD 00h 80h 83h 86h B0h B1h B2h), REPORT LUNS,
-// REPORT SUPPORTED OPERATION CODES, READ CAPACITY(10/16), READ/WRITE(6/10/12/16), WRITE AND VERIFY(10/16),
-// VERIFY(10/16), COMPARE AND WRITE, WRITE SAME(10/16), UNMAP, SYNCHRONIZE CACHE(10/16), GET LBA STATUS,
+// REPORT SUPPORTED OPERATION CODES, READ CAPACITY(10/16), READ/WRITE(6/10/12/16), WRITE AND VERIFY(10/12/16),
+// VERIFY(10/12/16), COMPARE AND WRITE, ORWRITE(16), WRITE SAME(10/16), UNMAP, SYNCHRONIZE CACHE(10/16), GET LBA STATUS,
+// PRE-FETCH(10/16), READ DEFECT DATA(10/12),
 // START STOP UNIT, PREVENT ALLOW MEDIUM REMOVAL, MODE SENSE/SELECT(6/10), PERSISTENT RESERVE IN/OUT,
 // RESERVE/RELEASE(6/10). `CommandTable` lists them with their CDB usage masks: any bit outside a mask
 // (reserved fields, RDPROTECT/WRPROTECT, ANCHOR, NACA...) is INVALID FIELD IN CDB pointing at that bit.
 //
 // Multi-step commands keep their state in `SCSITask.step` and a `ScratchBuffer` (never READ/WRITE):
 // VERIFY and WRITE AND VERIFY with BYTCHK read back in chunks of 1 MiB; COMPARE AND WRITE reads, compares
-// and writes from a copy of the data-out buffer; WRITE SAME with a non-zero pattern writes 1 MiB chunks;
+// and writes from a copy of the data-out buffer; ORWRITE reads, ORs in the data-out and writes back per 1 MiB
+// chunk; WRITE SAME with a non-zero pattern writes 1 MiB chunks;
 // UNMAP sends one discard per descriptor. Back-end errors become sense in `BackendErrorMapping` only.
 
 /// Command-layer state of a logical unit that only rare commands touch.
@@ -38,6 +40,7 @@ enum MultiStepKind {
     static let compareAndWrite: UInt8 = 3
     static let writeSamePattern: UInt8 = 4
     static let unmap: UInt8 = 5
+    static let orWrite: UInt8 = 6
 }
 
 extension SCSITarget {
@@ -113,6 +116,9 @@ extension SCSITarget {
                     return try resumeWriteSame(&task, unit: unit, lba: lba, blocks: blocks, cursor: cursor, result: result)
                 case MultiStepKind.unmap:
                     return try resumeUnmap(&task, unit: unit, count: blocks, cursor: cursor, result: result)
+                case MultiStepKind.orWrite:
+                    return try resumeOrWrite(&task, unit: unit, stage: stage, lba: lba, blocks: blocks, cursor: cursor,
+                                             result: result)
                 default:
                     throw SCSIError.check(.hardwareError, .internalTargetFailure)
                 }
@@ -242,12 +248,20 @@ extension SCSITarget {
             return .complete
         case Opcode.synchronizeCache10, Opcode.synchronizeCache16:
             return try synchronizeCache(&task, unit: unit)
-        case Opcode.verify10, Opcode.verify16:
+        case Opcode.verify10, Opcode.verify12, Opcode.verify16:
             return try verify(&task, unit: unit)
-        case Opcode.writeAndVerify10, Opcode.writeAndVerify16:
+        case Opcode.preFetch10, Opcode.preFetch16:
+            try preFetch(&task, unit: unit)
+            return .complete
+        case Opcode.readDefectData10, Opcode.readDefectData12:
+            try readDefectData(&task)
+            return .complete
+        case Opcode.writeAndVerify10, Opcode.writeAndVerify12, Opcode.writeAndVerify16:
             return try writeAndVerify(&task, unit: unit)
         case Opcode.compareAndWrite:
             return try compareAndWrite(&task, unit: unit)
+        case Opcode.orWrite16:
+            return try orWrite(&task, unit: unit)
         case Opcode.writeSame10, Opcode.writeSame16:
             return try writeSame(&task, unit: unit)
         case Opcode.unmap:

@@ -16,7 +16,9 @@ enum Opcode {
     static let write10: UInt8 = 0x2A
     static let writeAndVerify10: UInt8 = 0x2E
     static let verify10: UInt8 = 0x2F
+    static let preFetch10: UInt8 = 0x34
     static let synchronizeCache10: UInt8 = 0x35
+    static let readDefectData10: UInt8 = 0x37
     static let writeSame10: UInt8 = 0x41
     static let unmap: UInt8 = 0x42
     static let modeSelect10: UInt8 = 0x55
@@ -28,8 +30,10 @@ enum Opcode {
     static let read16: UInt8 = 0x88
     static let compareAndWrite: UInt8 = 0x89
     static let write16: UInt8 = 0x8A
+    static let orWrite16: UInt8 = 0x8B
     static let writeAndVerify16: UInt8 = 0x8E
     static let verify16: UInt8 = 0x8F
+    static let preFetch16: UInt8 = 0x90
     static let synchronizeCache16: UInt8 = 0x91
     static let writeSame16: UInt8 = 0x93
     static let serviceActionIn16: UInt8 = 0x9E
@@ -37,6 +41,9 @@ enum Opcode {
     static let maintenanceIn: UInt8 = 0xA3
     static let read12: UInt8 = 0xA8
     static let write12: UInt8 = 0xAA
+    static let writeAndVerify12: UInt8 = 0xAE
+    static let verify12: UInt8 = 0xAF
+    static let readDefectData12: UInt8 = 0xB7
 
     /// SERVICE ACTION IN(16) service actions.
     static let readCapacity16: UInt8 = 0x10
@@ -92,7 +99,9 @@ enum CommandTable {
         CommandDescriptor(Opcode.write10, nil, [0xFF, 0x1A, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0xFF, 0xFF, 0]),
         CommandDescriptor(Opcode.writeAndVerify10, nil, [0xFF, 0x12, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0xFF, 0xFF, 0]),
         CommandDescriptor(Opcode.verify10, nil, [0xFF, 0x16, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0xFF, 0xFF, 0], timeout: 120),
+        CommandDescriptor(Opcode.preFetch10, nil, [0xFF, 0x02, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0xFF, 0xFF, 0]),
         CommandDescriptor(Opcode.synchronizeCache10, nil, [0xFF, 0x06, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0xFF, 0xFF, 0], timeout: 120),
+        CommandDescriptor(Opcode.readDefectData10, nil, [0xFF, 0, 0x1F, 0, 0, 0, 0, 0xFF, 0xFF, 0]),
         CommandDescriptor(Opcode.writeSame10, nil, [0xFF, 0x08, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0xFF, 0xFF, 0], timeout: 120),
         CommandDescriptor(Opcode.unmap, nil, [0xFF, 0, 0, 0, 0, 0, 0x1F, 0xFF, 0xFF, 0], timeout: 120),
         CommandDescriptor(Opcode.modeSelect10, nil, [0xFF, 0x11, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0]),
@@ -115,8 +124,10 @@ enum CommandTable {
         CommandDescriptor(Opcode.compareAndWrite, nil,
                           [0xFF, 0x1A, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0x1F, 0]),
         CommandDescriptor(Opcode.write16, nil, sixteen(byte1: 0x1A)),
+        CommandDescriptor(Opcode.orWrite16, nil, sixteen(byte1: 0x18)),
         CommandDescriptor(Opcode.writeAndVerify16, nil, sixteen(byte1: 0x12)),
         CommandDescriptor(Opcode.verify16, nil, sixteen(byte1: 0x16), timeout: 120),
+        CommandDescriptor(Opcode.preFetch16, nil, sixteen(byte1: 0x02)),
         CommandDescriptor(Opcode.synchronizeCache16, nil, sixteen(byte1: 0x06), timeout: 120),
         CommandDescriptor(Opcode.writeSame16, nil, sixteen(byte1: 0x09), timeout: 120),
         CommandDescriptor(Opcode.serviceActionIn16, Opcode.readCapacity16,
@@ -128,6 +139,10 @@ enum CommandTable {
                           [0xFF, 0x1F, 0x87, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0]),
         CommandDescriptor(Opcode.read12, nil, [0xFF, 0x1A, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0]),
         CommandDescriptor(Opcode.write12, nil, [0xFF, 0x1A, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0]),
+        CommandDescriptor(Opcode.writeAndVerify12, nil, [0xFF, 0x12, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0]),
+        CommandDescriptor(Opcode.verify12, nil, [0xFF, 0x16, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0],
+                          timeout: 120),
+        CommandDescriptor(Opcode.readDefectData12, nil, [0xFF, 0x1F, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0]),
     ]
 
     private static func sixteen(byte1: UInt8) -> [UInt8] {

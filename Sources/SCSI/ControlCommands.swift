@@ -70,17 +70,84 @@ extension SCSITarget {
         task.respond(data, allocationLength: Int(task.cdb.be32(10)))
     }
 
-    /// GET LBA STATUS: one descriptor from the starting LBA to the end of the LUN with provisioning
-    /// status 0 (mapped or unknown): this target does not track allocation.
+    /// GET LBA STATUS: LBA status descriptors from the starting LBA on (the first one starts exactly there),
+    /// as many as the allocation length holds, at most `maximumLBAStatusDescriptors`. On a thin-provisioned
+    /// unit (LBPME = 1) with a back-end allocation query, each extent is "mapped" (0h) or "deallocated" (1h)
+    /// as the back-end reports it (a partly deallocated block counts as mapped); otherwise one descriptor
+    /// covers the rest of the LUN (at most FFFFFFFFh blocks) as "mapped or unknown".
     func getLBAStatus(_ task: inout SCSITask, unit: LogicalUnit) throws(SCSIError) {
         let lba = task.cdb.be64(2)
+        let allocation = Int(task.cdb.be32(10))
         let capacity = unit.blockCount
         if lba >= capacity { throw .lbaOutOfRange }
-        var data = [UInt8](repeating: 0, count: 24)
-        data.putBE32(20, at: 0)
-        data.putBE64(lba, at: 8)
-        data.putBE32(UInt32(clamping: capacity - lba), at: 16)
-        task.respond(data, allocationLength: Int(task.cdb.be32(10)))
+        let blockSize = UInt64(unit.blockSize)
+        let query = unit.geometry.supportsDiscard ? unit.allocationQuery : nil
+        let room = allocation >= 24 ? min(Self.maximumLBAStatusDescriptors, (allocation - 8) / 16) : 1
+        var data = [UInt8](repeating: 0, count: 8)
+        var count = 0
+        var previous: (lba: UInt64, blocks: UInt64, state: UInt8)? = nil
+        var at = lba
+        var queries = 0
+        while at < capacity && queries < 4 * Self.maximumLBAStatusDescriptors {
+            queries += 1
+            let remaining = min(capacity - at, UInt64(UInt32.max))
+            var blocks = remaining
+            var state: UInt8 = 0
+            if let query, let extent = query(at &* blockSize, remaining &* blockSize), extent.length > 0 {
+                let length = min(extent.length, remaining &* blockSize)
+                if extent.state == .deallocated && length >= blockSize {
+                    blocks = length / blockSize
+                    state = 1
+                } else if extent.state == .mapped {
+                    blocks = (length + blockSize - 1) / blockSize
+                } else {
+                    blocks = 1  // a hole smaller than a block: the block still holds data
+                }
+            }
+            if let p = previous, p.state == state, p.blocks + blocks <= UInt64(UInt32.max) {
+                previous = (p.lba, p.blocks + blocks, state)
+            } else {
+                if let p = previous {
+                    if count == room { break }
+                    Self.appendLBAStatus(&data, p)
+                    count += 1
+                }
+                previous = (at, blocks, state)
+            }
+            at += blocks
+            if query == nil { break }
+        }
+        if let p = previous, count < room {
+            Self.appendLBAStatus(&data, p)
+            count += 1
+        }
+        data.putBE32(UInt32(4 + 16 * count), at: 0)
+        task.respond(data, allocationLength: allocation)
+    }
+
+    /// Most LBA status descriptors one GET LBA STATUS returns (each may cost a back-end query).
+    static let maximumLBAStatusDescriptors = 64
+
+    private static func appendLBAStatus(_ data: inout [UInt8], _ d: (lba: UInt64, blocks: UInt64, state: UInt8)) {
+        var descriptor = [UInt8](repeating: 0, count: 16)
+        descriptor.putBE64(d.lba, at: 0)
+        descriptor.putBE32(UInt32(d.blocks), at: 8)
+        descriptor[12] = d.state
+        data += descriptor
+    }
+
+    /// READ DEFECT DATA(10/12): a virtual medium has no defects, so both the primary and the grown defect
+    /// lists are empty. The header echoes the requested lists as valid (PLISTV/GLISTV) and the requested
+    /// address format (an empty list is valid in every format); the reserved format 111b is refused.
+    func readDefectData(_ task: inout SCSITask) throws(SCSIError) {
+        let twelve = task.cdb.opcode == Opcode.readDefectData12
+        let flagsByte = twelve ? 1 : 2
+        let flags = task.cdb[flagsByte] & 0x1F
+        if flags & 0x07 == 0x07 { throw .invalidFieldInCDB(byte: flagsByte, bit: 2) }
+        let allocation = twelve ? Int(task.cdb.be32(6)) : Int(task.cdb.be16(7))
+        var header = [UInt8](repeating: 0, count: twelve ? 8 : 4)
+        header[1] = flags  // PLISTV = REQ_PLIST, GLISTV = REQ_GLIST, format; list length 0 (12: generation 0)
+        task.respond(header, allocationLength: allocation)
     }
 
     /// START STOP UNIT: accepted (the unit stays ready); an eject (LOEJ = 1, START = 0, POWER CONDITION 0)

@@ -79,14 +79,19 @@ public final class LogicalUnit: Sendable {
     /// Per-nexus PREVENT ALLOW MEDIUM REMOVAL state and other rarely used command-layer state.
     let mediumState = Mutex(MediumState())
 
+    /// Back-end allocation query for GET LBA STATUS; nil: every LBA is reported "mapped or unknown".
+    public let allocationQuery: AllocationQuery?
+
     /// Unit attentions pending per I_T nexus.
     public let unitAttentions: UnitAttentionBoard
     /// SPC-2 and persistent reservations.
     public let reservations: ReservationState
 
     public init(number: LogicalUnitNumber, identity: LogicalUnitIdentity, geometry: BlockGeometry,
-                backendID: Int, generation: UInt64 = 0, mode: ModeParameters = ModeParameters()) {
+                backendID: Int, generation: UInt64 = 0, mode: ModeParameters = ModeParameters(),
+                allocationQuery: AllocationQuery? = nil) {
         self.number = number
+        self.allocationQuery = allocationQuery
         self.identity = identity
         self.backendID = backendID
         self.generation = generation

@@ -19,12 +19,12 @@ struct TransferFields {
             let n = cdb[4]
             blocks = n == 0 ? 256 : UInt64(n)
             lengthByte = 4
-        case Opcode.read12, Opcode.write12:
+        case Opcode.read12, Opcode.write12, Opcode.verify12, Opcode.writeAndVerify12:
             lba = UInt64(cdb.be32(2))
             blocks = UInt64(cdb.be32(6))
             lengthByte = 6
         case Opcode.read16, Opcode.write16, Opcode.verify16, Opcode.writeAndVerify16, Opcode.writeSame16,
-             Opcode.synchronizeCache16:
+             Opcode.synchronizeCache16, Opcode.preFetch16, Opcode.orWrite16:
             lba = cdb.be64(2)
             blocks = UInt64(cdb.be32(10))
             lengthByte = 10
@@ -48,7 +48,7 @@ extension SCSITarget {
             if cdb[5] != 0 { throw .invalidFieldInCDB(byte: 5, bit: 7 - cdb[5].leadingZeroBitCount) }
             return
         case Opcode.read10, Opcode.write10: length = 10
-        case Opcode.read12, Opcode.write12: length = 12
+        case Opcode.read12, Opcode.write12, Opcode.verify12, Opcode.writeAndVerify12: length = 12
         default: length = 16
         }
         let flags = cdb[1] & ~0x1A
@@ -117,6 +117,16 @@ extension SCSITarget {
         try checkRange(lba: fields.lba, blocks: fields.blocks, capacity: unit.blockCount)
         task.step = .single(op: .flush, lba: fields.lba, blocks: 0)
         return .submit(BlockRequest(operation: .flush, offset: 0, length: 0))
+    }
+}
+
+extension SCSITarget {
+    /// PRE-FETCH(10/16): checks the range and completes with GOOD. This device server keeps no cache of
+    /// its own to load (the back-end's caching is outside its control), and SBC-3 answers GOOD, not
+    /// CONDITION MET, when the blocks cannot all be placed in the cache. IMMED is accepted either way.
+    func preFetch(_ task: inout SCSITask, unit: LogicalUnit) throws(SCSIError) {
+        let fields = TransferFields(task.cdb)
+        try checkRange(lba: fields.lba, blocks: fields.blocks, capacity: unit.blockCount)
     }
 }
 

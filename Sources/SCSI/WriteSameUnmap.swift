@@ -2,19 +2,23 @@ import BlockIO
 
 /// Logical block provisioning limits reported in the Block Limits VPD page (B0h) and enforced here.
 enum ProvisioningLimits {
-    /// MAXIMUM UNMAP LBA COUNT: most blocks one UNMAP descriptor may name.
-    static let maximumUnmapBlocks: UInt32 = 0x0040_0000
+    /// MAXIMUM UNMAP LBA COUNT: most blocks one UNMAP descriptor may name (1 Mi blocks: 512 MiB at
+    /// 512-byte blocks, a bounded amount of back-end work per descriptor).
+    static let maximumUnmapBlocks: UInt32 = 0x0010_0000
     /// MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT.
     static let maximumUnmapDescriptors: UInt32 = 256
-    /// MAXIMUM WRITE SAME LENGTH.
-    static let maximumWriteSameBlocks: UInt64 = 0x0040_0000
+    /// MAXIMUM WRITE SAME LENGTH: the largest count WRITE SAME(10) can express, so that WRITE SAME(10)
+    /// and WRITE SAME(16) share one limit.
+    static let maximumWriteSameBlocks: UInt64 = 0xFFFF
 }
 
 extension SCSITarget {
     /// WRITE SAME(10/16). An all-zero block (or NDOB = 1) becomes one write-zeroes request (the back-end
     /// may deallocate when UNMAP = 1); any other pattern, or zeroes on a back-end without write-zeroes, is
     /// written from a scratch buffer filled with the block, 1 MiB at a time. NUMBER OF LOGICAL BLOCKS 0 is
-    /// refused (B0h WSNZ = 1); ANCHOR = 1 is refused by the CDB usage mask.
+    /// refused (B0h WSNZ = 1); ANCHOR = 1 is refused by the CDB usage mask. Unless NDOB = 1 the data-out
+    /// buffer must hold exactly one logical block: any other size is INVALID FIELD IN CDB (the initiator's
+    /// expected transfer length disagrees with the CDB).
     func writeSame(_ task: inout SCSITask, unit: LogicalUnit) throws(SCSIError) -> TaskDisposition {
         if unit.isReadOnly { throw .writeProtected }
         let fields = TransferFields(task.cdb)
@@ -31,7 +35,7 @@ extension SCSITarget {
         var isZero = true
         var scratch: ScratchBuffer? = nil
         if !noDataOut {
-            if task.dataOut.totalLength < blockSize { throw .invalidFieldInCDB(byte: fields.lengthByte) }
+            if task.dataOut.totalLength != blockSize { throw .invalidFieldInCDB(byte: fields.lengthByte) }
             let buffer = ScratchBuffer(byteCount: chunk)
             task.dataOut.gather(from: 0, into: UnsafeMutableRawBufferPointer(rebasing: buffer.memory[0 ..< blockSize]))
             task.dataOutLength = blockSize

@@ -22,11 +22,11 @@ import Testing
         var b = [UInt8](repeating: 0, count: 64)
         b[0] = 0; b[1] = 0xB0; b[3] = 0x3C
         b[4] = 0x01; b[5] = 128; b[7] = 1
-        b[21] = 0x40                  // max unmap LBA count 0x00400000
+        b[21] = 0x10                  // max unmap LBA count 0x00100000 (libiscsi: at most 1 Mi)
         b[26] = 0x01                  // max unmap descriptors 256
         b[31] = 0x01                  // optimal unmap granularity 1
         b[32] = 0x80                  // UGAVALID
-        b[41] = 0x40                  // max write same length 0x400000
+        b[42] = 0xFF; b[43] = 0xFF    // max write same length 0xFFFF
         return b
     }()
 
@@ -75,7 +75,7 @@ import Testing
         expected[7] = 8                              // 4096 / 512
         expected[10] = 0x08                          // max transfer 2048 blocks
         expected[14] = 0x08                          // optimal transfer 2048 blocks
-        expected[41] = 0x40
+        expected[42] = 0xFF; expected[43] = 0xFF     // max write same length 0xFFFF
         #expect(o.data == expected)
     }
 

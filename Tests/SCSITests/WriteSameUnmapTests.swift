@@ -71,7 +71,12 @@ import Testing
         Case(name: "NDOB in WRITE SAME(10) is reserved", cdb: writeSame10(lba: 0, blocks: 1, flags: 0x01),
              sense: invalidCDB(byte: 1, bit: 0)),
         Case(name: "zero blocks (WSNZ)", cdb: writeSame10(lba: 0, blocks: 0), sense: invalidCDB(byte: 7)),
-        Case(name: "above maximum write same length", cdb: writeSame16(lba: 0, blocks: 0x40_0001), sense: invalidCDB(byte: 10)),
+        Case(name: "above maximum write same length", cdb: writeSame16(lba: 0, blocks: 0x1_0000), sense: invalidCDB(byte: 10)),
+        Case(name: "data-out of two blocks (10)", cdb: writeSame10(lba: 0, blocks: 1), dataOut: 1024, sense: invalidCDB(byte: 7)),
+        Case(name: "data-out of two blocks (16)", cdb: writeSame16(lba: 0, blocks: 1, flags: 0x08), dataOut: 1024,
+             sense: invalidCDB(byte: 10)),
+        Case(name: "data-out of half a block (16)", cdb: writeSame16(lba: 0, blocks: 1), dataOut: 256,
+             sense: invalidCDB(byte: 10)),
         Case(name: "past the end", cdb: writeSame10(lba: 60, blocks: 5), sense: lbaOutOfRangeSense),
         Case(name: "no data-out block", cdb: writeSame10(lba: 0, blocks: 1), dataOut: 100, sense: invalidCDB(byte: 7)),
         Case(name: "read-only", cdb: writeSame10(lba: 0, blocks: 1), readOnly: true, sense: writeProtectedSense),
@@ -133,8 +138,8 @@ import Testing
         Case(name: "range past the end", cdb: unmap(list([(0, 1), (60, 5)])), dataOut: list([(0, 1), (60, 5)]),
              sense: lbaOutOfRangeSense),
         Case(name: "LBA overflow", cdb: unmap(list([(.max, 2)])), dataOut: list([(.max, 2)]), sense: lbaOutOfRangeSense),
-        Case(name: "above maximum unmap LBA count", cdb: unmap(list([(0, 1), (0, 0x40_0001)])),
-             dataOut: list([(0, 1), (0, 0x40_0001)]), sense: invalidParameter(byte: 32)),
+        Case(name: "above maximum unmap LBA count", cdb: unmap(list([(0, 1), (0, 0x10_0001)])),
+             dataOut: list([(0, 1), (0, 0x10_0001)]), sense: invalidParameter(byte: 32)),
     ]
 
     @Test(arguments: cases)

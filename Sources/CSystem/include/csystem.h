@@ -66,6 +66,20 @@ int csys_accept_nonblock(int sock);
 void *csys_mmap_shared(int fd, uint64_t length, uint64_t offset, int writable);
 int csys_munmap(void *p, uint64_t length);
 
+/* Shared-memory accessors for virtqueues (guest memory written by another process):
+ * acquire/release loads and stores and full fences, inlined into Swift callers. */
+static inline uint16_t csys_load_acquire_u16(const void *p) { return __atomic_load_n((const uint16_t *)p, __ATOMIC_ACQUIRE); }
+static inline uint16_t csys_load_relaxed_u16(const void *p) { return __atomic_load_n((const uint16_t *)p, __ATOMIC_RELAXED); }
+static inline void csys_store_release_u16(void *p, uint16_t v) { __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELEASE); }
+static inline void csys_store_relaxed_u16(void *p, uint16_t v) { __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELAXED); }
+static inline void csys_fence_acquire(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
+static inline void csys_fence_release(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
+
+/* Size of the object behind an fd (fstat st_size), or -errno. */
+int64_t csys_fd_size(int fd);
+/* Waits up to timeout_ms for fd to become readable. Returns 1 ready, 0 timeout, -errno. */
+int csys_wait_readable(int fd, int timeout_ms);
+
 /* ---- Back-end helpers (Backends module) ---- */
 /* preadv2/pwritev2 (flags: RWF_*). Return bytes or -errno (EINTR is retried). */
 ssize_t csys_preadv2(int fd, const struct iovec *iov, int iovcnt, uint64_t offset, int flags);

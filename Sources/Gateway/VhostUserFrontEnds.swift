@@ -1,0 +1,134 @@
+import Backends
+import BlockIO
+import Glibc
+import Logging
+import SCSI
+import VhostUser
+
+extension AnyBlockChannel: VhostChannel {}
+
+extension Logger {
+    /// Bridges the vhost-user module's log calls to swift-log.
+    func vhostUserSink() -> VhostUserLogger {
+        let logger = self
+        return { level, text in
+            switch level {
+            case .debug: logger.debug("\(text)")
+            case .info: logger.info("\(text)")
+            case .warning: logger.warning("\(text)")
+            case .error: logger.error("\(text)")
+            }
+        }
+    }
+}
+
+/// Sets the configured permission bits on a controller's listening socket.
+func applySocketMode(_ runtime: ControllerRuntime) {
+    if chmod(runtime.config.socket, mode_t(runtime.config.socketMode)) != 0 {
+        runtime.logger.warning("cannot set mode \(String(runtime.config.socketMode, radix: 8)) on \(runtime.config.socket)")
+    }
+}
+
+/// Serves a `vhost-user-scsi` controller: virtio-scsi over vhost-user (VhostUser module).
+public struct VhostUserSCSIFrontEndFactory: FrontEndFactory {
+    public init() {}
+    public var transport: TransportKind { .vhostUserSCSI }
+
+    public func makeFrontEnd(for controller: ControllerRuntime) throws(FrontEndError) -> any FrontEnd {
+        try VhostUserSCSIFrontEnd(controller)
+    }
+}
+
+/// A running virtio-scsi controller.
+final class VhostUserSCSIFrontEnd: FrontEnd, @unchecked Sendable {
+    private let runtime: ControllerRuntime
+    private let controller: VhostUserSCSIController<AnyBlockChannel>
+
+    init(_ runtime: ControllerRuntime) throws(FrontEndError) {
+        self.runtime = runtime
+        let config = runtime.config
+        let options = VirtioSCSIOptions(
+            requestQueues: config.queues, maxQueueSize: max(config.queueSize, 128), maxSegments: config.segmentMax,
+            threads: config.ioThreads, pollBudgetNanoseconds: UInt64(config.pollMicroseconds) * 1000)
+        do {
+            controller = try VhostUserSCSIController(
+                socketPath: config.socket, target: runtime.target, options: options,
+                channelFactory: { [runtime] id throws(BlockBackendError) in try runtime.makeChannel(backendID: id) },
+                log: runtime.logger.vhostUserSink())
+        } catch {
+            throw FrontEndError("controller \(config.name): \(error)")
+        }
+    }
+
+    func start() throws(FrontEndError) {
+        do {
+            try controller.start()
+        } catch {
+            throw FrontEndError("controller \(runtime.config.name) on \(runtime.config.socket): \(error)")
+        }
+        applySocketMode(runtime)
+    }
+
+    func stop() { controller.stop() }
+}
+
+/// Serves a `vhost-user-blk` controller: its one LUN as a virtio-blk disk over vhost-user.
+public struct VhostUserBlkFrontEndFactory: FrontEndFactory {
+    public init() {}
+    public var transport: TransportKind { .vhostUserBlk }
+
+    public func makeFrontEnd(for controller: ControllerRuntime) throws(FrontEndError) -> any FrontEnd {
+        try VhostUserBlkFrontEnd(controller)
+    }
+}
+
+/// A running virtio-blk controller. Capacity changes of its LUN (admin resize) become a
+/// config-change notification to the guest.
+final class VhostUserBlkFrontEnd: FrontEnd, @unchecked Sendable {
+    private let runtime: ControllerRuntime
+    private let controller: VhostUserBlkController<AnyBlockChannel>
+    private var subscription: Int?
+
+    init(_ runtime: ControllerRuntime) throws(FrontEndError) {
+        self.runtime = runtime
+        let config = runtime.config
+        guard let unit = runtime.target.logicalUnits.first, let entry = runtime.backend(of: unit) else {
+            throw FrontEndError("controller \(config.name): its LUN is not online (a vhost-user-blk controller needs its disk at start)")
+        }
+        var geometry = unit.geometry
+        geometry.supportsDiscard = geometry.supportsDiscard && config.discard
+        geometry.supportsWriteZeroes = geometry.supportsWriteZeroes && config.writeZeroes
+        let options = VirtioBlkOptions(
+            queues: config.queues, maxQueueSize: max(config.queueSize, 128), maxSegments: config.segmentMax,
+            serial: unit.identity.serial, threads: config.ioThreads,
+            pollBudgetNanoseconds: UInt64(config.pollMicroseconds) * 1000)
+        let backend = entry.backend
+        do {
+            controller = try VhostUserBlkController(
+                socketPath: config.socket, geometry: geometry, options: options,
+                channelFactory: { () throws(BlockBackendError) -> AnyBlockChannel in try backend.makeChannel() },
+                log: runtime.logger.vhostUserSink())
+        } catch {
+            throw FrontEndError("controller \(config.name): \(error)")
+        }
+    }
+
+    func start() throws(FrontEndError) {
+        do {
+            try controller.start()
+        } catch {
+            throw FrontEndError("controller \(runtime.config.name) on \(runtime.config.socket): \(error)")
+        }
+        applySocketMode(runtime)
+        let controller = self.controller
+        subscription = runtime.target.subscribe { event in
+            if case .capacityChanged(_, let blocks) = event { controller.resize(blockCount: blocks) }
+        }
+    }
+
+    func stop() {
+        if let subscription { runtime.target.unsubscribe(subscription) }
+        subscription = nil
+        controller.stop()
+    }
+}

@@ -1,0 +1,38 @@
+import Virtio
+
+/// A virtio device model served over vhost-user (virtio-scsi, virtio-blk). The server calls these
+/// on its control thread; the device runs its queues on its own queue groups.
+public protocol VhostUserDevice: AnyObject, Sendable {
+    /// Virtio device feature bits offered (device-specific and ring bits; the server adds
+    /// VERSION_1 and PROTOCOL_FEATURES).
+    var offeredFeatures: UInt64 { get }
+    /// Extra protocol features the device supports beyond the server's own (e.g. CONFIG).
+    var offeredProtocolFeatures: UInt64 { get }
+    /// Number of virtqueues (GET_QUEUE_NUM reports request queues plus fixed ones as the device counts them).
+    var queueCount: Int { get }
+    /// Largest ring size accepted.
+    var maxQueueSize: Int { get }
+    /// Iovecs per request slot (segment limit plus headers and region splits).
+    var segmentsPerSlot: Int { get }
+    /// The device configuration space.
+    func readConfig() -> [UInt8]
+    /// Writes config bytes at `offset` (only writable fields change). Returns false when refused.
+    func writeConfig(offset: Int, bytes: [UInt8]) -> Bool
+    /// The driver's features were accepted (before rings start).
+    func setNegotiatedFeatures(_ features: UInt64)
+    /// Starts a ring: the device puts it on one of its queue groups.
+    func startQueue(_ queue: RunningQueue)
+    /// Stops ring `index`, draining in-flight requests; returns it (nil if it was not running or did not drain).
+    func stopQueue(_ index: Int) -> RunningQueue?
+    /// Replaces the call fd of running ring `index`; returns the previous fd.
+    func replaceCallFD(_ index: Int, with fd: Int32) -> Int32?
+    /// Enables or disables running ring `index`.
+    func setQueueEnabled(_ index: Int, _ enabled: Bool)
+    /// A new memory table for the running rings.
+    func updateMemory(_ memory: GuestMemory)
+    /// Called with a closure that sends a config-change notification to the front-end (nil when the
+    /// front-end did not negotiate one).
+    func setConfigChangeNotifier(_ notify: (@Sendable () -> Void)?)
+    /// The front-end connection went away (rings already stopped).
+    func connectionClosed()
+}

@@ -1,1 +1,0 @@
-// Placeholder: module VhostUser is being built.

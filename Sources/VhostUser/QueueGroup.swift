@@ -1,0 +1,358 @@
+import CSystem
+import EventLoop
+import Virtio
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Severity of a vhost-user log line.
+public enum VhostUserLogLevel: Sendable, Comparable {
+    case debug, info, warning, error
+}
+
+/// Where the vhost-user server and devices write their log (the gateway bridges it to swift-log).
+public typealias VhostUserLogger = @Sendable (VhostUserLogLevel, String) -> Void
+
+/// A one-shot completion signal between threads (an eventfd kept alive by whichever side holds it last).
+final class CompletionSignal: @unchecked Sendable {
+    let fd: Int32
+    init() { fd = csys_eventfd(0, 0) }
+    deinit { if fd >= 0 { close(fd) } }
+    func signal() { _ = csys_eventfd_signal(fd, 1) }
+    /// Waits up to `milliseconds`; returns whether the signal arrived.
+    func wait(milliseconds: Int32) -> Bool {
+        guard fd >= 0 else { return false }
+        return csys_wait_readable(fd, milliseconds) == 1
+    }
+}
+
+/// Runs `work` on `loop` and blocks the calling (control) thread until it calls its completion argument,
+/// or `milliseconds` pass. Returns whether it completed.
+@discardableResult
+func runOnLoopAndWait(_ loop: EventLoop, milliseconds: Int32 = 30_000,
+                      _ work: @escaping @Sendable (@escaping @Sendable () -> Void) -> Void) -> Bool {
+    let done = CompletionSignal()
+    loop.execute { work { done.signal() } }
+    return done.wait(milliseconds: milliseconds)
+}
+
+/// A running virtqueue as the event loop sees it: ring, kick and call fds, and stop state.
+/// Touched only on its group's loop thread after it is handed over.
+public final class RunningQueue: @unchecked Sendable {
+    /// Virtqueue index in the device (0-based, as vhost-user numbers them).
+    public let index: Int
+    /// The ring.
+    public let ring: Virtqueue
+    /// Kick eventfd (driver to device).
+    public internal(set) var kickFD: Int32
+    /// Call eventfd (device to driver), or -1 for none.
+    public internal(set) var callFD: Int32
+    /// Whether SET_VRING_ENABLE allows processing.
+    public internal(set) var enabled: Bool
+    var stopping = false
+    var onDrained: (@Sendable () -> Void)?
+    var retiredMemory: [GuestMemory] = []
+    var brokenReported = false
+    var interruptsSent: UInt64 = 0
+    /// Slot index of this queue inside its group (handlers use it in completion tokens).
+    public internal(set) var groupSlot = 0
+
+    init(index: Int, ring: Virtqueue, kickFD: Int32, callFD: Int32, enabled: Bool) {
+        self.index = index
+        self.ring = ring
+        self.kickFD = kickFD
+        self.callFD = callFD
+        self.enabled = enabled
+    }
+
+    /// Returns request `head` with `length` bytes written (published by the group's next flush).
+    @inline(__always)
+    public func complete(head: UInt16, ringEntries: UInt16, length: UInt32) {
+        ring.push(head: head, ringEntries: ringEntries, length: length)
+    }
+
+    /// Signals the call fd when the driver wants an interrupt for what was pushed.
+    @inline(__always)
+    func flush() {
+        if ring.flush(), callFD >= 0 {
+            _ = csys_eventfd_signal(callFD, 1)
+            interruptsSent &+= 1
+        }
+    }
+}
+
+/// The device-specific data path of one queue group, called on the group's loop thread only.
+public protocol QueueGroupHandler: AnyObject, SendableMetatype {
+    /// A queue joins the group (allocate its slots here).
+    func attach(_ queue: RunningQueue)
+    /// A queue leaves the group (it has no request in flight).
+    func detach(_ queue: RunningQueue)
+    /// Handles one request; completes it now or later with `queue.complete`.
+    func handle(_ chain: DescriptorChain, on queue: RunningQueue)
+    /// Delivers back-end completions; returns whether any arrived.
+    func reap() -> Bool
+    /// Sends queued back-end submissions.
+    func commit()
+    /// Fds that become readable when back-end completions are ready (registered once).
+    func completionFDs() -> [Int32]
+    /// Receives a function that registers further completion fds on the loop (loop thread only).
+    func bind(registerCompletionFD: @escaping (Int32) -> Void)
+    /// Whether the group pops requests from `queue` (false for queues the device fills on its own, such
+    /// as the virtio-scsi event queue: they are neither polled nor popped on kicks).
+    func takesRequests(_ queue: RunningQueue) -> Bool
+    /// A queue that does not take requests was kicked.
+    func kicked(_ queue: RunningQueue)
+}
+
+extension QueueGroupHandler {
+    public func bind(registerCompletionFD: @escaping (Int32) -> Void) {}
+    public func takesRequests(_ queue: RunningQueue) -> Bool { true }
+    public func kicked(_ queue: RunningQueue) {}
+}
+
+/// One event-loop thread running a set of virtqueues for a device: kick eventfds and back-end
+/// completion fds in epoll, adaptive ring polling with kick suppression, batched used-ring updates
+/// with one interrupt per batch.
+public final class QueueGroup<Handler: QueueGroupHandler>: @unchecked Sendable {
+    /// The reactor.
+    public let loop: EventLoop
+    /// The device data path.
+    public let handler: Handler
+    private var queues: [RunningQueue] = []
+    private let log: VhostUserLogger
+    private var thread: pthread_t?
+    /// Requests taken from a ring per queue per pass before others get a turn.
+    public var batchLimit = 64
+
+    /// Creates a group (its thread starts with `start`).
+    public init(name: String, handler: Handler, pollBudgetNanoseconds: UInt64, log: @escaping VhostUserLogger) throws(EventLoopError) {
+        loop = try EventLoop(name: name, pollBudgetNanoseconds: pollBudgetNanoseconds)
+        self.handler = handler
+        self.log = log
+    }
+
+    /// Starts the loop thread and registers the back-end completion fds.
+    public func start() {
+        loop.execute { [self] in
+            let register: (Int32) -> Void = { [unowned self] fd in
+                do {
+                    try loop.register(fd: fd) { [unowned self] _ in
+                        if handler.reap() { afterWork() }
+                    }
+                } catch {
+                    log(.error, "\(loop.name): cannot watch completion fd \(fd): \(error)")
+                }
+            }
+            for fd in handler.completionFDs() where fd >= 0 { register(fd) }
+            handler.bind(registerCompletionFD: register)
+            loop.addPoller(RingPoller(poll: { [unowned self] in pollAll() },
+                                      prepareToSleep: { [unowned self] in prepareToSleep() }))
+        }
+        thread = spawnThread { [self] in loop.run() }
+    }
+
+    /// Stops the loop thread and waits for it.
+    public func shutdown() {
+        loop.stop()
+        if let thread {
+            pthread_join(thread, nil)
+            self.thread = nil
+        }
+    }
+
+    /// Hands a running queue to the loop (blocks until it is registered).
+    func add(_ queue: RunningQueue) {
+        runOnLoopAndWait(loop) { [self] done in
+            queue.groupSlot = queues.count
+            queues.append(queue)
+            handler.attach(queue)
+            do {
+                try loop.register(fd: queue.kickFD) { [unowned self, unowned queue] _ in
+                    var v: UInt64 = 0
+                    _ = csys_eventfd_drain(queue.kickFD, &v)
+                    guard handler.takesRequests(queue) else {
+                        if queue.enabled && !queue.stopping { handler.kicked(queue) }
+                        afterWork()
+                        return
+                    }
+                    queue.ring.disableNotifications()
+                    if service(queue) { handler.commit() }
+                    afterWork()
+                }
+            } catch {
+                log(.error, "\(loop.name): cannot watch kick fd of queue \(queue.index): \(error)")
+            }
+            // Work made available before the kick fd was handed over.
+            if service(queue) { handler.commit() }
+            afterWork()
+            done()
+        }
+    }
+
+    /// Stops taking requests from queue `index`, waits until its in-flight requests complete, and
+    /// removes it. Returns the queue (its ring base is then stable), or nil when it is not here or the
+    /// drain timed out.
+    func remove(_ index: Int, milliseconds: Int32 = 30_000) -> RunningQueue? {
+        let result = ResultBox()
+        let ok = runOnLoopAndWait(loop, milliseconds: milliseconds) { [self] done in
+            guard let q = queues.last(where: { $0.index == index && !$0.stopping }) else {
+                done()
+                return
+            }
+            loop.unregister(fd: q.kickFD)
+            q.stopping = true
+            q.onDrained = { [unowned self, unowned q] in
+                handler.detach(q)
+                queues.removeAll { $0 === q }
+                for (i, other) in queues.enumerated() { other.groupSlot = i }
+                result.queue = q
+                done()
+            }
+            checkDrained()
+        }
+        return ok ? result.queue : nil
+    }
+
+    /// Replaces the call fd of a running queue; returns the old one (for the caller to close).
+    func replaceCallFD(_ index: Int, with fd: Int32) -> Int32? {
+        let result = ResultBox()
+        runOnLoopAndWait(loop) { [self] done in
+            if let q = queues.last(where: { $0.index == index && !$0.stopping }) {
+                result.fd = q.callFD
+                q.callFD = fd
+            }
+            done()
+        }
+        return result.fd
+    }
+
+    /// Enables or disables processing of a running queue.
+    func setEnabled(_ index: Int, _ enabled: Bool) {
+        runOnLoopAndWait(loop) { [self] done in
+            if let q = queues.last(where: { $0.index == index && !$0.stopping }) {
+                q.enabled = enabled
+                if enabled, service(q) { handler.commit() }
+                afterWork()
+            }
+            done()
+        }
+    }
+
+    /// Switches every ring of the group to a new memory table; the old one stays mapped until the
+    /// requests using it complete.
+    func updateMemory(_ memory: GuestMemory) {
+        runOnLoopAndWait(loop) { [self] done in
+            for q in queues {
+                let old = q.ring.memory
+                if !q.ring.updateMemory(memory) { log(.error, "queue \(q.index): \(q.ring.brokenReason)") }
+                if q.ring.inFlight > 0 { q.retiredMemory.append(old) }
+            }
+            done()
+        }
+    }
+
+    /// Runs `work` on the loop thread (for device events such as hotplug notifications).
+    func onLoop(_ work: @escaping @Sendable () -> Void) {
+        loop.execute { [self] in
+            work()
+            handler.commit()
+            afterWork()
+        }
+    }
+
+    /// The running queue with device index `index` (loop thread only).
+    func queue(_ index: Int) -> RunningQueue? { queues.last { $0.index == index && !$0.stopping } }
+
+    /// Takes up to `batchLimit` requests from `queue`; returns whether any were taken.
+    @discardableResult
+    func service(_ queue: RunningQueue) -> Bool {
+        guard queue.enabled, !queue.stopping, handler.takesRequests(queue) else { return false }
+        var n = 0
+        while n < batchLimit {
+            switch queue.ring.pop() {
+            case .empty:
+                return n > 0
+            case .broken:
+                if !queue.brokenReported {
+                    queue.brokenReported = true
+                    log(.error, "\(loop.name): queue \(queue.index) broken: \(queue.ring.brokenReason)")
+                }
+                return n > 0
+            case let .invalid(head, entries, error):
+                log(.warning, "\(loop.name): queue \(queue.index): request \(head) refused: \(error)")
+                queue.complete(head: head, ringEntries: entries, length: 0)
+            case let .chain(chain):
+                handler.handle(chain, on: queue)
+            }
+            n += 1
+        }
+        return true
+    }
+
+    /// Publishes used entries, signals interrupts, finishes drains.
+    @inline(__always)
+    func afterWork() {
+        for q in queues {
+            q.flush()
+            if !q.retiredMemory.isEmpty && q.ring.inFlight == 0 { q.retiredMemory.removeAll() }
+        }
+        checkDrained()
+    }
+
+    private func checkDrained() {
+        var i = 0
+        while i < queues.count {
+            let q = queues[i]
+            i += 1
+            if q.stopping, q.ring.inFlight == 0, let done = q.onDrained {
+                q.onDrained = nil
+                q.flush()
+                done()
+                i = 0
+            }
+        }
+    }
+
+    private func pollAll() -> Bool {
+        var work = false
+        for q in queues where service(q) { work = true }
+        if work { handler.commit() }
+        if handler.reap() { work = true }
+        if work { afterWork() }
+        return work
+    }
+
+    private func prepareToSleep() -> Bool {
+        var ready = true
+        for q in queues where q.enabled && !q.stopping && handler.takesRequests(q) {
+            if q.ring.enableNotificationsAndCheck() {
+                q.ring.disableNotifications()
+                ready = false
+            }
+        }
+        return ready
+    }
+}
+
+/// Carries a value out of a loop closure to the waiting control thread.
+final class ResultBox: @unchecked Sendable {
+    var queue: RunningQueue?
+    var fd: Int32?
+}
+
+/// Starts a joinable thread running `body`.
+func spawnThread(_ body: @escaping () -> Void) -> pthread_t? {
+    final class Box { let body: () -> Void; init(_ b: @escaping () -> Void) { body = b } }
+    let box = Unmanaged.passRetained(Box(body)).toOpaque()
+    var thread = pthread_t()
+    let rc = pthread_create(&thread, nil, { arg in
+        let b = Unmanaged<Box>.fromOpaque(arg!).takeRetainedValue()
+        b.body()
+        return nil
+    }, box)
+    if rc != 0 {
+        Unmanaged<Box>.fromOpaque(box).release()
+        return nil
+    }
+    return thread
+}

@@ -1,0 +1,18 @@
+import BlockIO
+
+/// What the vhost-user devices need from a back-end channel: the `BlockChannel` operations without its
+/// class requirement, so that both `BlockChannel` classes and the gateway's `AnyBlockChannel` enum
+/// (Backends) fit. Declare conformance with an empty extension, e.g. `extension AnyBlockChannel: VhostChannel {}`.
+///
+/// A channel is used by one event-loop thread; the devices are generic over it (no existential in the
+/// per-I/O path).
+public protocol VhostChannel: SendableMetatype {
+    /// Readable when completions are ready (-1 when completions only come from `reap`).
+    var completionFD: Int32 { get }
+    /// Queues one request; 0 or a positive errno (the request is then not completed later).
+    func submit(_ request: BlockRequest, token: UInt64) -> Int32
+    /// Sends the queued requests.
+    func commit()
+    /// Delivers ready completions; returns how many.
+    func reap(_ handler: (UInt64, BlockResult) -> Void) -> Int
+}

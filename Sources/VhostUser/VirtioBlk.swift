@@ -1,0 +1,364 @@
+import BlockIO
+import CSystem
+import Synchronization
+import Virtio
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// virtio-blk feature bits and wire constants (virtio 1.2 section 5.2).
+public enum VirtioBlk {
+    public static let featureSizeMax: UInt64 = 1 << 1
+    public static let featureSegMax: UInt64 = 1 << 2
+    public static let featureReadOnly: UInt64 = 1 << 5
+    public static let featureBlockSize: UInt64 = 1 << 6
+    public static let featureFlush: UInt64 = 1 << 9
+    public static let featureTopology: UInt64 = 1 << 10
+    public static let featureConfigWCE: UInt64 = 1 << 11
+    public static let featureMultiQueue: UInt64 = 1 << 12
+    public static let featureDiscard: UInt64 = 1 << 13
+    public static let featureWriteZeroes: UInt64 = 1 << 14
+
+    public static let typeIn: UInt32 = 0
+    public static let typeOut: UInt32 = 1
+    public static let typeFlush: UInt32 = 4
+    public static let typeGetID: UInt32 = 8
+    public static let typeDiscard: UInt32 = 11
+    public static let typeWriteZeroes: UInt32 = 13
+
+    public static let statusOK: UInt8 = 0
+    public static let statusIOError: UInt8 = 1
+    public static let statusUnsupported: UInt8 = 2
+
+    /// Length of the GET_ID answer.
+    public static let serialLength = 20
+    /// Offset of `writeback` in the config space.
+    public static let configWritebackOffset = 32
+}
+
+/// Settings of a virtio-blk device.
+public struct VirtioBlkOptions: Sendable {
+    /// Request queues.
+    public var queues: Int
+    /// Largest ring size accepted.
+    public var maxQueueSize: Int
+    /// seg_max: data segments per request.
+    public var maxSegments: Int
+    /// size_max: bytes per segment.
+    public var maxSegmentBytes: UInt32
+    /// Serial returned by GET_ID (up to 20 bytes).
+    public var serial: String
+    /// Event-loop threads (queues are spread over them).
+    public var threads: Int
+    /// Adaptive polling budget of each loop.
+    public var pollBudgetNanoseconds: UInt64
+    /// Discard sectors per request.
+    public var maxDiscardSectors: UInt32
+    /// Write-zeroes sectors per request.
+    public var maxWriteZeroesSectors: UInt32
+
+    /// Creates options.
+    public init(queues: Int = 1, maxQueueSize: Int = 1024, maxSegments: Int = 126, maxSegmentBytes: UInt32 = 1 << 20,
+                serial: String, threads: Int = 1, pollBudgetNanoseconds: UInt64 = 50_000,
+                maxDiscardSectors: UInt32 = 1 << 22, maxWriteZeroesSectors: UInt32 = 1 << 22) {
+        self.queues = queues
+        self.maxQueueSize = maxQueueSize
+        self.maxSegments = maxSegments
+        self.maxSegmentBytes = maxSegmentBytes
+        self.serial = serial
+        self.threads = threads
+        self.pollBudgetNanoseconds = pollBudgetNanoseconds
+        self.maxDiscardSectors = maxDiscardSectors
+        self.maxWriteZeroesSectors = maxWriteZeroesSectors
+    }
+}
+
+/// Why a device could not be set up.
+public struct VhostUserDeviceError: Error, CustomStringConvertible, Sendable {
+    public var message: String
+    public init(_ message: String) { self.message = message }
+    public var description: String { message }
+}
+
+/// The virtio-blk device model over one back-end: request queues spread over event-loop threads,
+/// each thread with its own back-end channel.
+public final class VirtioBlkDevice<Channel: VhostChannel>: VhostUserDevice, @unchecked Sendable {
+    /// Options.
+    public let options: VirtioBlkOptions
+    private let geometryLock: Mutex<BlockGeometry>
+    let capacitySectors: Atomic<UInt64>
+    let readOnly: Atomic<Bool>
+    let writeback: Atomic<Bool>
+    let serialBytes: [UInt8]
+    /// Logical block size in 512-byte sectors (fixed for the device's life).
+    let blockSectors: UInt64
+    let log: VhostUserLogger
+    private var groups: [QueueGroup<BlkGroupHandler<Channel>>] = []
+    private let notifier = Mutex<(@Sendable () -> Void)?>(nil)
+    private let negotiated = Atomic<UInt64>(0)
+
+    /// Creates the device; `channelFactory` is called once per event-loop thread.
+    public init(geometry: BlockGeometry, options: VirtioBlkOptions, channelFactory: () throws -> Channel,
+                log: @escaping VhostUserLogger) throws(VhostUserDeviceError) {
+        guard options.queues >= 1, options.queues <= 64 else { throw VhostUserDeviceError("virtio-blk queues must be 1...64, not \(options.queues)") }
+        guard options.threads >= 1 else { throw VhostUserDeviceError("virtio-blk threads must be at least 1") }
+        guard geometry.logicalBlockSize >= 512, geometry.logicalBlockSize % 512 == 0 else {
+            throw VhostUserDeviceError("block size \(geometry.logicalBlockSize) is not a multiple of 512")
+        }
+        self.options = options
+        geometryLock = Mutex(geometry)
+        capacitySectors = Atomic(geometry.capacityBytes / 512)
+        readOnly = Atomic(geometry.readOnly)
+        writeback = Atomic(geometry.volatileWriteCache)
+        var serial = Array(options.serial.utf8.prefix(VirtioBlk.serialLength))
+        while serial.count < VirtioBlk.serialLength { serial.append(0) }
+        serialBytes = serial
+        blockSectors = UInt64(geometry.logicalBlockSize / 512)
+        self.log = log
+        let threads = min(options.threads, options.queues)
+        for t in 0..<threads {
+            let channel: Channel
+            do { channel = try channelFactory() } catch { throw VhostUserDeviceError("back-end channel: \(error)") }
+            let handler = BlkGroupHandler(channel: channel, queueCount: options.queues)
+            do {
+                let group = try QueueGroup(name: "blk-q\(t)", handler: handler, pollBudgetNanoseconds: options.pollBudgetNanoseconds, log: log)
+                handler.device = self
+                groups.append(group)
+            } catch {
+                throw VhostUserDeviceError("event loop: \(error)")
+            }
+        }
+        for g in groups { g.start() }
+    }
+
+    /// Stops the event-loop threads (call after the server stopped).
+    public func shutdown() {
+        for g in groups { g.shutdown() }
+    }
+
+    /// Current geometry.
+    public var geometry: BlockGeometry { geometryLock.withLock { $0 } }
+
+    /// Changes the capacity and tells the front-end (config-change notification when negotiated).
+    public func resize(blockCount: UInt64) {
+        let bytes = geometryLock.withLock { g -> UInt64 in
+            g.blockCount = blockCount
+            return g.capacityBytes
+        }
+        capacitySectors.store(bytes / 512, ordering: .releasing)
+        notifier.withLock { $0 }?()
+    }
+
+    public var offeredFeatures: UInt64 {
+        let g = geometry
+        var f = VirtioBlk.featureSizeMax | VirtioBlk.featureSegMax | VirtioBlk.featureBlockSize | VirtioBlk.featureFlush
+            | VirtioBlk.featureTopology | VirtioBlk.featureConfigWCE | VirtioBlk.featureMultiQueue
+            | VirtioFeature.ringEventIndex | VirtioFeature.ringIndirectDescriptors | VirtioFeature.ringPacked
+        if g.readOnly { f |= VirtioBlk.featureReadOnly }
+        if g.supportsDiscard && !g.readOnly { f |= VirtioBlk.featureDiscard }
+        if !g.readOnly { f |= VirtioBlk.featureWriteZeroes }
+        return f
+    }
+
+    public var offeredProtocolFeatures: UInt64 { VhostUserProtocolFeature.config }
+    public var queueCount: Int { options.queues }
+    public var maxQueueSize: Int { options.maxQueueSize }
+    public var segmentsPerSlot: Int { options.maxSegments + 8 }
+
+    public func readConfig() -> [UInt8] {
+        let g = geometry
+        var c = [UInt8]()
+        c.appendLE(capacitySectors.load(ordering: .acquiring))
+        c.appendLE(options.maxSegmentBytes)
+        c.appendLE(UInt32(options.maxSegments))
+        c.appendLE(UInt32(0))  // geometry (cylinders, heads, sectors): not offered
+        c.appendLE(g.logicalBlockSize)
+        var exponent: UInt8 = 0
+        while (g.logicalBlockSize << exponent) < g.physicalBlockSize && exponent < 15 { exponent += 1 }
+        c.append(exponent)  // physical_block_exp
+        c.append(0)  // alignment_offset
+        c.appendLE(UInt16(1))  // min_io_size (logical blocks)
+        c.appendLE(UInt32(max(1, g.physicalBlockSize / g.logicalBlockSize)))  // opt_io_size
+        c.append(writeback.load(ordering: .relaxed) ? 1 : 0)
+        c.append(0)
+        c.appendLE(UInt16(options.queues))
+        let granularity = max(g.discardGranularity, g.logicalBlockSize) / 512
+        c.appendLE(options.maxDiscardSectors)
+        c.appendLE(UInt32(1))  // max_discard_seg
+        c.appendLE(granularity)  // discard_sector_alignment
+        c.appendLE(options.maxWriteZeroesSectors)
+        c.appendLE(UInt32(1))  // max_write_zeroes_seg
+        c.append(g.supportsDiscard ? 1 : 0)  // write_zeroes_may_unmap
+        c += [0, 0, 0]
+        while c.count < VhostUserWire.maxConfigSize { c.append(0) }
+        return c
+    }
+
+    public func writeConfig(offset: Int, bytes: [UInt8]) -> Bool {
+        // Only `writeback` is writable (VIRTIO_BLK_F_CONFIG_WCE).
+        guard offset == VirtioBlk.configWritebackOffset, bytes.count == 1, bytes[0] <= 1 else { return false }
+        writeback.store(bytes[0] == 1, ordering: .relaxed)
+        log(.info, "virtio-blk: write cache \(bytes[0] == 1 ? "writeback" : "writethrough")")
+        return true
+    }
+
+    public func setNegotiatedFeatures(_ features: UInt64) { negotiated.store(features, ordering: .relaxed) }
+
+    private func group(for index: Int) -> QueueGroup<BlkGroupHandler<Channel>> { groups[index % groups.count] }
+
+    public func startQueue(_ queue: RunningQueue) { group(for: queue.index).add(queue) }
+    public func stopQueue(_ index: Int) -> RunningQueue? { group(for: index).remove(index) }
+    public func replaceCallFD(_ index: Int, with fd: Int32) -> Int32? { group(for: index).replaceCallFD(index, with: fd) }
+    public func setQueueEnabled(_ index: Int, _ enabled: Bool) { group(for: index).setEnabled(index, enabled) }
+    public func updateMemory(_ memory: GuestMemory) { for g in groups { g.updateMemory(memory) } }
+    public func setConfigChangeNotifier(_ notify: (@Sendable () -> Void)?) { notifier.withLock { $0 = notify } }
+    public func connectionClosed() {}
+}
+
+/// One request slot of a virtio-blk queue.
+struct BlkSlot {
+    var status: UnsafeMutableRawPointer?
+    var entries: UInt16 = 1
+    var written: UInt32 = 0
+    var isRead = false
+}
+
+/// Per-queue slot table.
+final class BlkQueueSlots {
+    let queue: RunningQueue
+    let slots: UnsafeMutablePointer<BlkSlot>
+    init(queue: RunningQueue) {
+        self.queue = queue
+        slots = .allocate(capacity: queue.ring.size)
+        slots.initialize(repeating: BlkSlot(), count: queue.ring.size)
+    }
+    deinit { slots.deallocate() }
+}
+
+/// The virtio-blk data path of one queue group.
+final class BlkGroupHandler<Channel: VhostChannel>: QueueGroupHandler {
+    let channel: Channel
+    unowned(unsafe) var device: VirtioBlkDevice<Channel>!
+    private var queues: [BlkQueueSlots?]
+    private var pendingCommit = false
+
+    init(channel: Channel, queueCount: Int) {
+        self.channel = channel
+        queues = Array(repeating: nil, count: queueCount)
+    }
+
+    func attach(_ queue: RunningQueue) { queues[queue.index] = BlkQueueSlots(queue: queue) }
+    func detach(_ queue: RunningQueue) { queues[queue.index] = nil }
+    func completionFDs() -> [Int32] { [channel.completionFD] }
+
+    func commit() {
+        if pendingCommit {
+            pendingCommit = false
+            channel.commit()
+        }
+    }
+
+    func reap() -> Bool {
+        let n = channel.reap { token, result in
+            let qi = Int(token >> 32)
+            let head = UInt16(truncatingIfNeeded: token)
+            guard qi < queues.count, let q = queues[qi] else { return }
+            let slot = q.slots[Int(head)]
+            var ok = result.succeeded
+            if slot.isRead && result.bytesTransferred < UInt64(slot.written) { ok = false }
+            finish(q, head, ok ? VirtioBlk.statusOK : VirtioBlk.statusIOError, dataWritten: ok ? slot.written : 0)
+        }
+        return n > 0
+    }
+
+    @inline(__always)
+    private func finish(_ q: BlkQueueSlots, _ head: UInt16, _ status: UInt8, dataWritten: UInt32) {
+        let slot = q.slots[Int(head)]
+        slot.status?.storeBytes(of: status, as: UInt8.self)
+        q.queue.complete(head: head, ringEntries: slot.entries, length: dataWritten + 1)
+    }
+
+    func handle(_ chain: DescriptorChain, on queue: RunningQueue) {
+        guard let q = queues[queue.index] else { return }
+        let head = chain.head
+        // The status byte is the last device-writable byte.
+        guard let status = chain.writable.lastByte else {
+            queue.complete(head: head, ringEntries: chain.ringEntries, length: 0)
+            return
+        }
+        q.slots[Int(head)] = BlkSlot(status: status, entries: chain.ringEntries, written: 0, isRead: false)
+        var header = (UInt64(0), UInt64(0))
+        let got = withUnsafeMutableBytes(of: &header) { chain.readable.gather(from: 0, into: $0) }
+        guard got == 16, let dataOut = chain.readable.droppingPrefix(16), let dataIn = chain.writable.droppingSuffix(1) else {
+            finish(q, head, VirtioBlk.statusIOError, dataWritten: 0)
+            return
+        }
+        let type = UInt32(truncatingIfNeeded: header.0.littleEndian)
+        let sector = header.1.littleEndian
+        let device = self.device!
+        let capacity = device.capacitySectors.load(ordering: .relaxed)
+        let blockSectors = device.blockSectors
+        let token = UInt64(queue.index) << 32 | UInt64(head)
+        let request: BlockRequest
+        switch type {
+        case VirtioBlk.typeIn, VirtioBlk.typeOut:
+            let isRead = type == VirtioBlk.typeIn
+            let buffers = isRead ? dataIn : dataOut
+            let bytes = UInt64(isRead ? chain.writableBytes - 1 : chain.readableBytes - 16)
+            guard bytes > 0, bytes % (512 * blockSectors) == 0, sector % blockSectors == 0,
+                  sector <= capacity, bytes / 512 <= capacity - sector, buffers.count <= device.options.maxSegments + 4 else {
+                finish(q, head, VirtioBlk.statusIOError, dataWritten: 0)
+                return
+            }
+            if !isRead && device.readOnly.load(ordering: .relaxed) {
+                finish(q, head, VirtioBlk.statusIOError, dataWritten: 0)
+                return
+            }
+            q.slots[Int(head)].isRead = isRead
+            q.slots[Int(head)].written = isRead ? UInt32(truncatingIfNeeded: bytes) : 0
+            request = BlockRequest(operation: isRead ? .read : .write, offset: sector * 512, length: bytes, buffers: buffers,
+                                   forceUnitAccess: !isRead && !device.writeback.load(ordering: .relaxed))
+        case VirtioBlk.typeFlush:
+            request = BlockRequest(operation: .flush, offset: 0, length: 0)
+        case VirtioBlk.typeGetID:
+            let n = min(dataIn.totalLength, VirtioBlk.serialLength)
+            let written = device.serialBytes.withUnsafeBytes { dataIn.scatter(at: 0, from: UnsafeRawBufferPointer(rebasing: $0.prefix(n))) }
+            finish(q, head, VirtioBlk.statusOK, dataWritten: UInt32(written))
+            return
+        case VirtioBlk.typeDiscard, VirtioBlk.typeWriteZeroes:
+            let isDiscard = type == VirtioBlk.typeDiscard
+            var segment = (UInt64(0), UInt64(0))
+            let n = withUnsafeMutableBytes(of: &segment) { dataOut.gather(from: 0, into: $0) }
+            guard n == 16, chain.readableBytes == 32 else {
+                // Only one segment per request is offered (max_*_seg = 1).
+                finish(q, head, n == 16 ? VirtioBlk.statusUnsupported : VirtioBlk.statusIOError, dataWritten: 0)
+                return
+            }
+            let start = segment.0.littleEndian
+            let count = UInt64(UInt32(truncatingIfNeeded: segment.1.littleEndian))
+            let flags = UInt32(truncatingIfNeeded: segment.1.littleEndian >> 32)
+            let unmap = flags & 1 != 0
+            let limit = UInt64(isDiscard ? device.options.maxDiscardSectors : device.options.maxWriteZeroesSectors)
+            guard flags & ~1 == 0, !(isDiscard && unmap) else {
+                finish(q, head, VirtioBlk.statusUnsupported, dataWritten: 0)
+                return
+            }
+            guard !device.readOnly.load(ordering: .relaxed), count > 0, count <= limit, start <= capacity, count <= capacity - start,
+                  start % blockSectors == 0, count % blockSectors == 0 else {
+                finish(q, head, VirtioBlk.statusIOError, dataWritten: 0)
+                return
+            }
+            request = BlockRequest(operation: isDiscard ? .discard : .writeZeroes, offset: start * 512, length: count * 512,
+                                   mayUnmap: unmap)
+        default:
+            finish(q, head, VirtioBlk.statusUnsupported, dataWritten: 0)
+            return
+        }
+        let rc = channel.submit(request, token: token)
+        if rc != 0 {
+            finish(q, head, VirtioBlk.statusIOError, dataWritten: 0)
+        } else {
+            pendingCommit = true
+        }
+    }
+}

@@ -1,0 +1,780 @@
+import BlockIO
+import CSystem
+import SCSI
+import Synchronization
+import Virtio
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// virtio-scsi wire constants (virtio 1.2 section 5.6).
+public enum VirtioSCSI {
+    public static let featureInOut: UInt64 = 1 << 0
+    public static let featureHotplug: UInt64 = 1 << 1
+    public static let featureChange: UInt64 = 1 << 2
+
+    /// Virtqueue indices: control, event, then request queues.
+    public static let controlQueue = 0
+    public static let eventQueue = 1
+    public static let firstRequestQueue = 2
+
+    // Response codes.
+    public static let responseOK: UInt8 = 0
+    public static let responseOverrun: UInt8 = 1
+    public static let responseAborted: UInt8 = 2
+    public static let responseBadTarget: UInt8 = 3
+    public static let responseReset: UInt8 = 4
+    public static let responseBusy: UInt8 = 5
+    public static let responseTransportFailure: UInt8 = 6
+    public static let responseTargetFailure: UInt8 = 7
+    public static let responseNexusFailure: UInt8 = 8
+    public static let responseFailure: UInt8 = 9
+    public static let responseFunctionSucceeded: UInt8 = 10
+    public static let responseFunctionRejected: UInt8 = 11
+    public static let responseIncorrectLUN: UInt8 = 12
+
+    // Control queue request types.
+    public static let typeTMF: UInt32 = 0
+    public static let typeANQuery: UInt32 = 1
+    public static let typeANSubscribe: UInt32 = 2
+
+    // TMF subtypes.
+    public static let tmfAbortTask: UInt32 = 0
+    public static let tmfAbortTaskSet: UInt32 = 1
+    public static let tmfClearACA: UInt32 = 2
+    public static let tmfClearTaskSet: UInt32 = 3
+    public static let tmfITNexusReset: UInt32 = 4
+    public static let tmfLogicalUnitReset: UInt32 = 5
+    public static let tmfQueryTask: UInt32 = 6
+    public static let tmfQueryTaskSet: UInt32 = 7
+
+    // Events.
+    public static let eventNone: UInt32 = 0
+    public static let eventTransportReset: UInt32 = 1
+    public static let eventParamChange: UInt32 = 3
+    public static let eventsMissed: UInt32 = 0x8000_0000
+    public static let resetRescan: UInt32 = 1
+    public static let resetRemoved: UInt32 = 2
+
+    /// Size of a virtio_scsi_event.
+    public static let eventSize = 16
+    /// Request header bytes before the CDB (lun, tag, task_attr, prio, crn).
+    public static let requestHeaderSize = 19
+    /// Response header bytes before the sense (sense_len, resid, status_qualifier, status, response).
+    public static let responseHeaderSize = 12
+    /// Config space offsets of the writable fields.
+    public static let configSenseSizeOffset = 20
+    public static let configCDBSizeOffset = 24
+
+    /// The LUN a virtio-scsi 8-byte address names: `.badTarget` when byte 0 is not 1 or the target is
+    /// not 0, `.incorrectLUN` when bytes 2-3 are not a single-level flat or peripheral LUN or bytes 4-7 are set.
+    public enum Address: Equatable, Sendable {
+        case lun(LogicalUnitNumber)
+        case badTarget
+        case incorrectLUN
+    }
+
+    /// Decodes an 8-byte virtio-scsi LUN field.
+    public static func decodeAddress(_ b: (UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8)) -> Address {
+        guard b.0 == 1, b.1 == 0 else { return .badTarget }
+        guard b.4 == 0, b.5 == 0, b.6 == 0, b.7 == 0 else { return .incorrectLUN }
+        let value: Int
+        switch b.2 >> 6 {
+        case 1: value = Int(b.2 & 0x3F) << 8 | Int(b.3)
+        case 0 where b.2 == 0: value = Int(b.3)
+        default: return .incorrectLUN
+        }
+        guard let lun = LogicalUnitNumber(value) else { return .incorrectLUN }
+        return .lun(lun)
+    }
+
+    /// The 8-byte address of `lun` on target 0 (flat addressing, as Linux builds it).
+    public static func encodeAddress(_ lun: LogicalUnitNumber) -> [UInt8] {
+        [1, 0, 0x40 | UInt8(lun.value >> 8), UInt8(truncatingIfNeeded: lun.value), 0, 0, 0, 0]
+    }
+}
+
+/// Settings of a virtio-scsi controller.
+public struct VirtioSCSIOptions: Sendable {
+    /// Request queues (num_queues).
+    public var requestQueues: Int
+    /// Largest ring size accepted.
+    public var maxQueueSize: Int
+    /// seg_max.
+    public var maxSegments: Int
+    /// max_sectors.
+    public var maxSectors: UInt32
+    /// cmd_per_lun.
+    public var commandsPerLUN: UInt32
+    /// Event-loop threads the request queues are spread over (control and event queues run on the first).
+    public var threads: Int
+    /// Adaptive polling budget.
+    public var pollBudgetNanoseconds: UInt64
+    /// Initiator port identifier of the front-end's I_T nexus.
+    public var initiatorID: UInt64
+
+    /// Creates options.
+    public init(requestQueues: Int = 1, maxQueueSize: Int = 1024, maxSegments: Int = 126, maxSectors: UInt32 = 0xFFFF,
+                commandsPerLUN: UInt32 = 128, threads: Int = 1, pollBudgetNanoseconds: UInt64 = 50_000, initiatorID: UInt64 = 1) {
+        self.requestQueues = requestQueues
+        self.maxQueueSize = maxQueueSize
+        self.maxSegments = maxSegments
+        self.maxSectors = maxSectors
+        self.commandsPerLUN = commandsPerLUN
+        self.threads = threads
+        self.pollBudgetNanoseconds = pollBudgetNanoseconds
+        self.initiatorID = initiatorID
+    }
+}
+
+/// The virtio-scsi device model: a SCSI target behind control, event and request queues.
+/// Back-end channels are created per event-loop thread and LUN back-end on first use.
+public final class VirtioSCSIDevice<Channel: VhostChannel>: VhostUserDevice, @unchecked Sendable {
+    /// Options.
+    public let options: VirtioSCSIOptions
+    /// The SCSI target.
+    public let target: SCSITarget
+    let log: VhostUserLogger
+    let senseSize = Atomic<UInt32>(UInt32(SenseBytes.capacity))
+    let cdbSize = Atomic<UInt32>(UInt32(CDB.capacity))
+    let negotiated = Atomic<UInt64>(0)
+    let nexus: ITNexus
+    private(set) var groups: [QueueGroup<SCSIGroupHandler<Channel>>] = []
+    private var subscription = 0
+
+    /// Creates the device; `channelFactory(backendID)` runs on an event-loop thread the first time that
+    /// thread needs the back-end (it may throw: the command then fails with a hardware error).
+    public init(target: SCSITarget, options: VirtioSCSIOptions, channelFactory: @escaping @Sendable (Int) throws -> Channel,
+                log: @escaping VhostUserLogger) throws(VhostUserDeviceError) {
+        guard options.requestQueues >= 1, options.requestQueues <= 64 else {
+            throw VhostUserDeviceError("virtio-scsi request queues must be 1...64, not \(options.requestQueues)")
+        }
+        guard options.threads >= 1 else { throw VhostUserDeviceError("virtio-scsi threads must be at least 1") }
+        self.options = options
+        self.target = target
+        self.log = log
+        nexus = ITNexus(initiator: options.initiatorID)
+        let threads = min(options.threads, options.requestQueues)
+        let perGroup = (options.requestQueues + threads - 1) / threads
+        for t in 0..<threads {
+            let handler = SCSIGroupHandler<Channel>(queueCount: 2 + options.requestQueues, slotsPerQueue: options.maxQueueSize,
+                                                    taskCapacity: (perGroup + 1) * options.maxQueueSize, channelFactory: channelFactory)
+            do {
+                groups.append(try QueueGroup(name: "scsi-q\(t)", handler: handler, pollBudgetNanoseconds: options.pollBudgetNanoseconds, log: log))
+            } catch {
+                throw VhostUserDeviceError("event loop: \(error)")
+            }
+        }
+        for g in groups {
+            g.handler.device = self
+            g.handler.group = g
+            g.start()
+        }
+        let control = groups[0]
+        subscription = target.subscribe { event in
+            control.onLoop { control.handler.lunEvent(event) }
+        }
+    }
+
+    /// Stops the event-loop threads (after the server stopped).
+    public func shutdown() {
+        target.unsubscribe(subscription)
+        for g in groups { g.shutdown() }
+    }
+
+    public var offeredFeatures: UInt64 {
+        VirtioSCSI.featureInOut | VirtioSCSI.featureHotplug | VirtioSCSI.featureChange
+            | VirtioFeature.ringEventIndex | VirtioFeature.ringIndirectDescriptors | VirtioFeature.ringPacked
+    }
+    public var offeredProtocolFeatures: UInt64 { VhostUserProtocolFeature.config }
+    public var queueCount: Int { 2 + options.requestQueues }
+    public var maxQueueSize: Int { options.maxQueueSize }
+    public var segmentsPerSlot: Int { options.maxSegments + 8 }
+
+    public func readConfig() -> [UInt8] {
+        var c = [UInt8]()
+        c.appendLE(UInt32(options.requestQueues))
+        c.appendLE(UInt32(options.maxSegments))
+        c.appendLE(options.maxSectors)
+        c.appendLE(options.commandsPerLUN)
+        c.appendLE(UInt32(VirtioSCSI.eventSize))
+        c.appendLE(senseSize.load(ordering: .relaxed))
+        c.appendLE(cdbSize.load(ordering: .relaxed))
+        c.appendLE(UInt16(0))  // max_channel
+        c.appendLE(UInt16(0))  // max_target
+        c.appendLE(UInt32(LogicalUnitNumber.maximum))  // max_lun
+        return c
+    }
+
+    public func writeConfig(offset: Int, bytes: [UInt8]) -> Bool {
+        // sense_size and cdb_size are the only writable fields (4 bytes each, adjacent).
+        guard bytes.count % 4 == 0, !bytes.isEmpty, offset >= VirtioSCSI.configSenseSizeOffset,
+              offset + bytes.count <= VirtioSCSI.configCDBSizeOffset + 4, offset % 4 == 0 else { return false }
+        var sense = senseSize.load(ordering: .relaxed)
+        var cdb = cdbSize.load(ordering: .relaxed)
+        var at = offset
+        var i = 0
+        while i < bytes.count {
+            let v = bytes.readLE(UInt32.self, at: i)!
+            if at == VirtioSCSI.configSenseSizeOffset { sense = v } else { cdb = v }
+            at += 4
+            i += 4
+        }
+        guard sense <= 252, cdb >= 6, cdb <= UInt32(CDB.capacity) else { return false }
+        senseSize.store(sense, ordering: .relaxed)
+        cdbSize.store(cdb, ordering: .relaxed)
+        return true
+    }
+
+    public func setNegotiatedFeatures(_ features: UInt64) { negotiated.store(features, ordering: .relaxed) }
+
+    func group(for index: Int) -> QueueGroup<SCSIGroupHandler<Channel>> {
+        index < VirtioSCSI.firstRequestQueue ? groups[0] : groups[(index - VirtioSCSI.firstRequestQueue) % groups.count]
+    }
+
+    public func startQueue(_ queue: RunningQueue) { group(for: queue.index).add(queue) }
+    public func stopQueue(_ index: Int) -> RunningQueue? { group(for: index).remove(index) }
+    public func replaceCallFD(_ index: Int, with fd: Int32) -> Int32? { group(for: index).replaceCallFD(index, with: fd) }
+    public func setQueueEnabled(_ index: Int, _ enabled: Bool) { group(for: index).setEnabled(index, enabled) }
+    public func updateMemory(_ memory: GuestMemory) { for g in groups { g.updateMemory(memory) } }
+    public func setConfigChangeNotifier(_ notify: (@Sendable () -> Void)?) {}
+    public func connectionClosed() {
+        // The front-end's nexus is gone: its tasks ended with the rings; report I_T NEXUS LOSS next time.
+        for u in target.logicalUnits { u.unitAttentions.establish(.iTNexusLossOccurred, for: .only(nexus)) }
+    }
+
+    /// Runs a TMF plan over every group's task set; `done` runs on the control group's loop with the
+    /// merged outcome once every aborted task has completed.
+    func runTaskManagement(_ plan: TaskManagementPlan, done: @escaping @Sendable (TaskManagementOutcome) -> Void) {
+        let tracker = TMFTracker(groups: groups.count, done: done)
+        let control = groups[0]
+        for g in groups {
+            g.onLoop {
+                g.handler.applyTaskManagement(plan) { outcome in
+                    if tracker.report(outcome) {
+                        let merged = tracker.merged
+                        control.onLoop { done(merged) }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Collects TMF outcomes from every queue group.
+final class TMFTracker: Sendable {
+    private let state: Mutex<(remaining: Int, outcome: TaskManagementOutcome)>
+    init(groups: Int, done: @escaping @Sendable (TaskManagementOutcome) -> Void) {
+        state = Mutex((groups, TaskManagementOutcome()))
+    }
+    /// Adds one group's outcome; true when it was the last.
+    func report(_ outcome: TaskManagementOutcome) -> Bool {
+        state.withLock { s in
+            s.outcome.merge(outcome)
+            s.remaining -= 1
+            return s.remaining == 0
+        }
+    }
+    var merged: TaskManagementOutcome { state.withLock { $0.outcome } }
+}
+
+/// Per-request-queue slot tables (preallocated at attach).
+final class SCSIQueueSlots {
+    let queue: RunningQueue
+    let size: Int
+    let tasks: UnsafeMutablePointer<SCSITask>
+    let responseVectors: UnsafeMutablePointer<iovec>
+    let responseCounts: UnsafeMutablePointer<Int>
+    let entries: UnsafeMutablePointer<UInt16>
+    /// Base of this queue's slots in the group's task set.
+    let taskSetBase: Int
+    static let responseVectorCapacity = 4
+
+    init(queue: RunningQueue, taskSetBase: Int) {
+        self.queue = queue
+        size = queue.ring.size
+        self.taskSetBase = taskSetBase
+        tasks = .allocate(capacity: size)
+        tasks.initialize(repeating: SCSITask(nexus: ITNexus(initiator: 0), lun: nil, tag: 0, cdb: CDB()), count: size)
+        responseVectors = .allocate(capacity: size * Self.responseVectorCapacity)
+        responseVectors.initialize(repeating: iovec(iov_base: nil, iov_len: 0), count: size * Self.responseVectorCapacity)
+        responseCounts = .allocate(capacity: size)
+        responseCounts.initialize(repeating: 0, count: size)
+        entries = .allocate(capacity: size)
+        entries.initialize(repeating: 1, count: size)
+    }
+
+    deinit {
+        tasks.deinitialize(count: size)
+        tasks.deallocate()
+        responseVectors.deallocate()
+        responseCounts.deallocate()
+        entries.deallocate()
+    }
+
+    func response(_ head: UInt16) -> IOVectorList {
+        IOVectorList(base: responseVectors + Int(head) * Self.responseVectorCapacity, count: responseCounts[Int(head)])
+    }
+}
+
+/// A control-queue request waiting for its TMF to finish.
+struct PendingControl {
+    var head: UInt16
+    var entries: UInt16
+    var response: UnsafeMutableRawPointer
+}
+
+/// The virtio-scsi data path of one queue group (plus the control and event queues on group 0).
+final class SCSIGroupHandler<Channel: VhostChannel>: QueueGroupHandler, @unchecked Sendable {
+    unowned(unsafe) var device: VirtioSCSIDevice<Channel>!
+    unowned(unsafe) var group: QueueGroup<SCSIGroupHandler<Channel>>!
+    private let channelFactory: @Sendable (Int) throws -> Channel
+    private var channels: [Channel?] = []
+    private var dirtyChannels: [Int] = []
+    private var queues: [SCSIQueueSlots?]
+    private var queueSlotsInUse: [Bool]
+    private let slotsPerQueue: Int
+    private var taskSet: TaskSet
+    private var view = LUNMapView()
+    private var abortWaiters: [@Sendable (TaskManagementOutcome) -> Void] = []
+    private var abortOutcomes: [TaskManagementOutcome] = []
+    private var registerFD: ((Int32) -> Void)?
+    // Event queue state (group 0).
+    private var pendingEvents: [(UInt32, LogicalUnitNumber?, UInt32)] = []
+    private var eventsMissed = false
+
+    init(queueCount: Int, slotsPerQueue: Int, taskCapacity: Int, channelFactory: @escaping @Sendable (Int) throws -> Channel) {
+        queues = Array(repeating: nil, count: queueCount)
+        queueSlotsInUse = Array(repeating: false, count: max(1, taskCapacity / max(1, slotsPerQueue)))
+        self.slotsPerQueue = slotsPerQueue
+        taskSet = TaskSet(capacity: taskCapacity)
+        self.channelFactory = channelFactory
+        channels.reserveCapacity(64)
+        dirtyChannels.reserveCapacity(64)
+    }
+
+    func bind(registerCompletionFD: @escaping (Int32) -> Void) { registerFD = registerCompletionFD }
+    func completionFDs() -> [Int32] { [] }
+    func takesRequests(_ queue: RunningQueue) -> Bool { queue.index != VirtioSCSI.eventQueue }
+    func kicked(_ queue: RunningQueue) { if queue.index == VirtioSCSI.eventQueue { eventQueueKicked() } }
+
+    func attach(_ queue: RunningQueue) {
+        guard queue.index >= VirtioSCSI.firstRequestQueue else { return }
+        guard let base = queueSlotsInUse.firstIndex(of: false), queue.ring.size <= slotsPerQueue else {
+            queue.ring.markBroken("no task slots for another queue in this group")
+            return
+        }
+        queueSlotsInUse[base] = true
+        queues[queue.index] = SCSIQueueSlots(queue: queue, taskSetBase: base * slotsPerQueue)
+    }
+
+    func detach(_ queue: RunningQueue) {
+        if let q = queues[queue.index] { queueSlotsInUse[q.taskSetBase / slotsPerQueue] = false }
+        queues[queue.index] = nil
+    }
+
+    // MARK: Back-end channels
+
+    @inline(__always)
+    private func channel(_ backendID: Int) -> Channel? {
+        if backendID >= 0 && backendID < channels.count, let c = channels[backendID] { return c }
+        guard backendID >= 0 && backendID < 1 << 16 else { return nil }
+        do {
+            let c = try channelFactory(backendID)
+            while channels.count <= backendID { channels.append(nil) }
+            channels[backendID] = c
+            if c.completionFD >= 0 { registerFD?(c.completionFD) }
+            return c
+        } catch {
+            device.log(.error, "back-end \(backendID): no channel: \(error)")
+            return nil
+        }
+    }
+
+    func commit() {
+        for id in dirtyChannels { channels[id]?.commit() }
+        dirtyChannels.removeAll(keepingCapacity: true)
+    }
+
+    func reap() -> Bool {
+        var any = false
+        for c in channels {
+            guard let c else { continue }
+            let n = c.reap { token, result in
+                let qi = Int(token >> 32)
+                let head = UInt16(truncatingIfNeeded: token)
+                guard qi < queues.count, let q = queues[qi], Int(head) < q.size else { return }
+                taskSet.setInBackend(slot: q.taskSetBase + Int(head), false)
+                let disposition = device.target.resume(&q.tasks[Int(head)], with: result)
+                drive(q, head, disposition)
+            }
+            if n > 0 { any = true }
+        }
+        if any { commit() }
+        return any
+    }
+
+    // MARK: Requests
+
+    func handle(_ chain: DescriptorChain, on queue: RunningQueue) {
+        switch queue.index {
+        case VirtioSCSI.controlQueue: handleControl(chain, on: queue)
+        case VirtioSCSI.eventQueue:
+            // Event buffers are taken only when an event exists (see deliverEvents); a popped one returns unused.
+            queue.complete(head: chain.head, ringEntries: chain.ringEntries, length: 0)
+        default: handleCommand(chain, on: queue)
+        }
+    }
+
+    private func handleCommand(_ chain: DescriptorChain, on queue: RunningQueue) {
+        guard let q = queues[queue.index] else {
+            queue.complete(head: chain.head, ringEntries: chain.ringEntries, length: 0)
+            return
+        }
+        let head = chain.head
+        let device = self.device!
+        let cdbSize = Int(device.cdbSize.load(ordering: .relaxed))
+        let senseSize = Int(device.senseSize.load(ordering: .relaxed))
+        let requestSize = VirtioSCSI.requestHeaderSize + cdbSize
+        let responseSize = VirtioSCSI.responseHeaderSize + senseSize
+        q.entries[Int(head)] = chain.ringEntries
+        guard chain.writableBytes >= UInt64(responseSize),
+              let n = chain.writable.copyPrefix(responseSize, into: q.responseVectors + Int(head) * SCSIQueueSlots.responseVectorCapacity,
+                                                capacity: SCSIQueueSlots.responseVectorCapacity) else {
+            device.log(.warning, "virtio-scsi queue \(queue.index): request \(head) has no room for a response")
+            queue.complete(head: head, ringEntries: chain.ringEntries, length: 0)
+            return
+        }
+        q.responseCounts[Int(head)] = n
+        guard chain.readableBytes >= UInt64(requestSize) else {
+            respondTransport(q, head, VirtioSCSI.responseFailure)
+            return
+        }
+        // Copy the request header out of guest memory once (the guest may change it under us).
+        var lun: (UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8) = (0, 0, 0, 0, 0, 0, 0, 0)
+        var tag: UInt64 = 0
+        var attributeByte: UInt8 = 0
+        var cdb = CDB()
+        withUnsafeTemporaryAllocation(byteCount: VirtioSCSI.requestHeaderSize + CDB.capacity, alignment: 8) { raw in
+            let header = UnsafeMutableRawBufferPointer(rebasing: raw[0..<requestSize])
+            _ = chain.readable.gather(from: 0, into: header)
+            withUnsafeMutableBytes(of: &lun) { $0.copyMemory(from: UnsafeRawBufferPointer(rebasing: header[0..<8])) }
+            tag = UInt64(littleEndian: header.loadUnaligned(fromByteOffset: 8, as: UInt64.self))
+            attributeByte = header[16]
+            cdb = CDB(copying: UnsafeRawBufferPointer(rebasing: header[VirtioSCSI.requestHeaderSize..<requestSize]))
+        }
+        guard let dataOut = chain.readable.droppingPrefix(requestSize),
+              let dataIn = chain.writable.droppingPrefix(responseSize) else {
+            respondTransport(q, head, VirtioSCSI.responseFailure)
+            return
+        }
+        let unitNumber: LogicalUnitNumber
+        switch VirtioSCSI.decodeAddress(lun) {
+        case .badTarget:
+            respondTransport(q, head, VirtioSCSI.responseBadTarget)
+            return
+        case .incorrectLUN:
+            respondTransport(q, head, VirtioSCSI.responseIncorrectLUN)
+            return
+        case let .lun(l):
+            unitNumber = l
+        }
+        if dataOut.count > 0 && dataIn.count > 0 && device.negotiated.load(ordering: .relaxed) & VirtioSCSI.featureInOut == 0 {
+            respondTransport(q, head, VirtioSCSI.responseFailure)
+            return
+        }
+        let attribute: TaskAttribute
+        switch attributeByte {
+        case 1: attribute = .ordered
+        case 2: attribute = .headOfQueue
+        case 3: attribute = .aca
+        default: attribute = .simple
+        }
+        let slot = q.taskSetBase + Int(head)
+        let task = q.tasks + Int(head)
+        task.pointee.reset(nexus: device.nexus, lun: unitNumber, tag: tag, attribute: attribute, cdb: cdb,
+                           dataOut: dataOut, dataIn: dataIn)
+        switch taskSet.register(slot: slot, nexus: device.nexus, lun: unitNumber, tag: tag, attribute: attribute) {
+        case .registered:
+            break
+        case .overlapped:
+            task.pointee.status = .checkCondition
+            let sense = TaskSet.overlappedCommandsError.sense!
+            sense.encode(.fixed, into: &task.pointee.sense)
+            respond(q, head, registered: false)
+            return
+        case .slotUnavailable:
+            respondTransport(q, head, VirtioSCSI.responseBusy)
+            return
+        }
+        let disposition = device.target.execute(&task.pointee, view: &view)
+        drive(q, head, disposition)
+    }
+
+    /// Submits back-end requests until the task completes or waits for the back-end.
+    @inline(__always)
+    private func drive(_ q: SCSIQueueSlots, _ head: UInt16, _ start: TaskDisposition) {
+        var disposition = start
+        let task = q.tasks + Int(head)
+        while true {
+            switch disposition {
+            case .complete:
+                respond(q, head, registered: true)
+                return
+            case let .submit(request):
+                let id = task.pointee.backendID
+                guard let c = channel(id) else {
+                    disposition = device.target.resume(&task.pointee, with: .failure(EIO))
+                    continue
+                }
+                let rc = c.submit(request, token: UInt64(q.queue.index) << 32 | UInt64(head))
+                if rc != 0 {
+                    disposition = device.target.resume(&task.pointee, with: .failure(rc))
+                    continue
+                }
+                taskSet.setInBackend(slot: q.taskSetBase + Int(head), true)
+                if !dirtyChannels.contains(id) { dirtyChannels.append(id) }
+                return
+            }
+        }
+    }
+
+    // MARK: Responses
+
+    private func respondTransport(_ q: SCSIQueueSlots, _ head: UInt16, _ response: UInt8) {
+        var bytes: (UInt64, UInt32) = (0, 0)
+        withUnsafeMutableBytes(of: &bytes) { b in
+            b[11] = response
+            _ = q.response(head).scatter(at: 0, from: UnsafeRawBufferPointer(rebasing: b[0..<12]))
+        }
+        q.queue.complete(head: head, ringEntries: q.entries[Int(head)], length: UInt32(VirtioSCSI.responseHeaderSize))
+    }
+
+    /// Writes the response of a completed task and returns its buffers.
+    private func respond(_ q: SCSIQueueSlots, _ head: UInt16, registered: Bool) {
+        let task = q.tasks + Int(head)
+        var response = VirtioSCSI.responseOK
+        if registered, taskSet.complete(slot: q.taskSetBase + Int(head)) == .aborted {
+            response = VirtioSCSI.responseAborted
+            task.pointee.status = .taskAborted
+            task.pointee.sense.length = 0
+        }
+        let senseSize = Int(device.senseSize.load(ordering: .relaxed))
+        let senseLength = min(task.pointee.sense.length, senseSize, SenseBytes.capacity)
+        let dataIn = response == VirtioSCSI.responseOK ? min(task.pointee.dataInLength, task.pointee.dataIn.totalLength) : 0
+        let residual = task.pointee.dataIn.totalLength - dataIn
+        withUnsafeTemporaryAllocation(byteCount: VirtioSCSI.responseHeaderSize + SenseBytes.capacity, alignment: 8) { raw in
+            raw.storeBytes(of: UInt32(senseLength).littleEndian, toByteOffset: 0, as: UInt32.self)
+            raw.storeBytes(of: UInt32(truncatingIfNeeded: residual).littleEndian, toByteOffset: 4, as: UInt32.self)
+            raw.storeBytes(of: UInt16(0), toByteOffset: 8, as: UInt16.self)
+            raw[10] = task.pointee.status.rawValue
+            raw[11] = response
+            var i = 0
+            while i < senseLength {
+                raw[VirtioSCSI.responseHeaderSize + i] = task.pointee.sense[i]
+                i += 1
+            }
+            _ = q.response(head).scatter(at: 0, from: UnsafeRawBufferPointer(rebasing: raw[0..<(VirtioSCSI.responseHeaderSize + senseLength)]))
+        }
+        let responseSize = VirtioSCSI.responseHeaderSize + senseSize
+        q.queue.complete(head: head, ringEntries: q.entries[Int(head)], length: UInt32(responseSize + dataIn))
+        if !abortWaiters.isEmpty && taskSet.abortedCount == 0 { finishAbortWaiters() }
+    }
+
+    // MARK: Control queue
+
+    private func handleControl(_ chain: DescriptorChain, on queue: RunningQueue) {
+        let head = chain.head
+        let entries = chain.ringEntries
+        var request = (UInt64(0), UInt64(0), UInt64(0))
+        let got = withUnsafeMutableBytes(of: &request) { chain.readable.gather(from: 0, into: $0) }
+        guard got >= 4, let response = chain.writable.base?[0].iov_base, chain.writable.base![0].iov_len >= 1 else {
+            queue.complete(head: head, ringEntries: entries, length: 0)
+            return
+        }
+        let type = UInt32(truncatingIfNeeded: request.0.littleEndian)
+        switch type {
+        case VirtioSCSI.typeTMF:
+            guard got >= 24 else {
+                response.storeBytes(of: VirtioSCSI.responseFailure, as: UInt8.self)
+                queue.complete(head: head, ringEntries: entries, length: 1)
+                return
+            }
+            let subtype = UInt32(truncatingIfNeeded: request.0.littleEndian >> 32)
+            let l = request.1
+            let lunBytes = (UInt8(truncatingIfNeeded: l), UInt8(truncatingIfNeeded: l >> 8), UInt8(truncatingIfNeeded: l >> 16),
+                            UInt8(truncatingIfNeeded: l >> 24), UInt8(truncatingIfNeeded: l >> 32), UInt8(truncatingIfNeeded: l >> 40),
+                            UInt8(truncatingIfNeeded: l >> 48), UInt8(truncatingIfNeeded: l >> 56))
+            let tag = request.2.littleEndian
+            let lun: LogicalUnitNumber?
+            switch VirtioSCSI.decodeAddress(lunBytes) {
+            case .badTarget:
+                response.storeBytes(of: VirtioSCSI.responseBadTarget, as: UInt8.self)
+                queue.complete(head: head, ringEntries: entries, length: 1)
+                return
+            case .incorrectLUN:
+                lun = nil
+            case let .lun(value):
+                lun = value
+            }
+            let function: TaskManagementFunction
+            switch subtype {
+            case VirtioSCSI.tmfAbortTask: function = .abortTask(tag: tag)
+            case VirtioSCSI.tmfAbortTaskSet: function = .abortTaskSet
+            case VirtioSCSI.tmfClearACA: function = .clearACA
+            case VirtioSCSI.tmfClearTaskSet: function = .clearTaskSet
+            case VirtioSCSI.tmfITNexusReset: function = .itNexusReset
+            case VirtioSCSI.tmfLogicalUnitReset: function = .logicalUnitReset
+            case VirtioSCSI.tmfQueryTask: function = .queryTask(tag: tag)
+            case VirtioSCSI.tmfQueryTaskSet: function = .queryTaskSet
+            default:
+                response.storeBytes(of: VirtioSCSI.responseFunctionRejected, as: UInt8.self)
+                queue.complete(head: head, ringEntries: entries, length: 1)
+                return
+            }
+            let device = self.device!
+            let plan = device.target.planTaskManagement(function, nexus: device.nexus, lun: lun)
+            let pending = PendingControl(head: head, entries: entries, response: response)
+            let pendingBox = UncheckedBox(pending)
+            device.runTaskManagement(plan) { [queue] outcome in
+                // On the control group's loop; the control queue cannot finish draining before this runs.
+                device.target.finishTaskManagement(plan, outcome)
+                let q = queue
+                let code: UInt8
+                switch plan.response(queryMatched: outcome.queryMatched) {
+                case .functionComplete: code = VirtioSCSI.responseOK
+                case .functionSucceeded: code = VirtioSCSI.responseFunctionSucceeded
+                case .functionRejected: code = VirtioSCSI.responseFunctionRejected
+                case .incorrectLUN: code = VirtioSCSI.responseIncorrectLUN
+                case .serviceDeliveryFailure: code = VirtioSCSI.responseFailure
+                }
+                let p = pendingBox.value
+                p.response.storeBytes(of: code, as: UInt8.self)
+                q.complete(head: p.head, ringEntries: p.entries, length: 1)
+            }
+        case VirtioSCSI.typeANQuery, VirtioSCSI.typeANSubscribe:
+            // No asynchronous notification classes are supported: event_actual = 0, response OK.
+            guard got >= 16, chain.writableBytes >= 5 else {
+                response.storeBytes(of: VirtioSCSI.responseFailure, as: UInt8.self)
+                queue.complete(head: head, ringEntries: entries, length: 1)
+                return
+            }
+            let reply: [UInt8] = [0, 0, 0, 0, VirtioSCSI.responseOK]
+            _ = reply.withUnsafeBytes { chain.writable.scatter(at: 0, from: $0) }
+            queue.complete(head: head, ringEntries: entries, length: 5)
+        default:
+            response.storeBytes(of: VirtioSCSI.responseFailure, as: UInt8.self)
+            queue.complete(head: head, ringEntries: entries, length: 1)
+        }
+    }
+
+    /// Applies a TMF plan to this group's task set; `report` runs once the tasks it aborted completed.
+    func applyTaskManagement(_ plan: TaskManagementPlan, report: @escaping @Sendable (TaskManagementOutcome) -> Void) {
+        let outcome = plan.apply(to: &taskSet)
+        taskSet.takeAborted { slot in
+            // Aborted tasks the back-end does not own: answer them now.
+            for case let q? in queues where slot >= q.taskSetBase && slot < q.taskSetBase + q.size {
+                let head = UInt16(slot - q.taskSetBase)
+                q.tasks[Int(head)].status = .taskAborted
+                respondAborted(q, head)
+            }
+        }
+        if taskSet.abortedCount == 0 {
+            report(outcome)
+        } else {
+            abortWaiters.append(report)
+            abortOutcomes.append(outcome)
+        }
+    }
+
+    private func respondAborted(_ q: SCSIQueueSlots, _ head: UInt16) {
+        respondTransport(q, head, VirtioSCSI.responseAborted)
+    }
+
+    private func finishAbortWaiters() {
+        let waiters = abortWaiters
+        let outcomes = abortOutcomes
+        abortWaiters.removeAll()
+        abortOutcomes.removeAll()
+        for (w, o) in zip(waiters, outcomes) { w(o) }
+    }
+
+    // MARK: Event queue
+
+    func lunEvent(_ event: LUNEvent) {
+        let features = device.negotiated.load(ordering: .relaxed)
+        switch event {
+        case let .added(lun):
+            guard features & VirtioSCSI.featureHotplug != 0 else { return }
+            pendingEvents.append((VirtioSCSI.eventTransportReset, lun, VirtioSCSI.resetRescan))
+        case let .removed(lun):
+            guard features & VirtioSCSI.featureHotplug != 0 else { return }
+            pendingEvents.append((VirtioSCSI.eventTransportReset, lun, VirtioSCSI.resetRemoved))
+        case let .capacityChanged(lun, _):
+            guard features & VirtioSCSI.featureChange != 0 else { return }
+            pendingEvents.append((VirtioSCSI.eventParamChange, lun, 0x2A | 0x09 << 8))
+        case let .parametersChanged(lun):
+            guard features & VirtioSCSI.featureChange != 0 else { return }
+            pendingEvents.append((VirtioSCSI.eventParamChange, lun, 0x2A | 0x01 << 8))
+        }
+        deliverEvents()
+    }
+
+    /// Sends pending events into event-queue buffers; with no buffer, the events are dropped and the
+    /// next event (or a NO_EVENT when a buffer arrives) carries VIRTIO_SCSI_T_EVENTS_MISSED.
+    func deliverEvents() {
+        guard let queue = group.queue(VirtioSCSI.eventQueue), queue.enabled else {
+            if !pendingEvents.isEmpty { eventsMissed = true }
+            pendingEvents.removeAll()
+            return
+        }
+        while !pendingEvents.isEmpty || eventsMissed {
+            let chain: DescriptorChain
+            switch queue.ring.pop() {
+            case let .chain(c): chain = c
+            case let .invalid(head, entries, error):
+                device.log(.warning, "virtio-scsi event queue: buffer \(head) refused: \(error)")
+                queue.complete(head: head, ringEntries: entries, length: 0)
+                continue
+            case .empty, .broken:
+                if !pendingEvents.isEmpty { eventsMissed = true }
+                pendingEvents.removeAll()
+                return
+            }
+            guard chain.writableBytes >= UInt64(VirtioSCSI.eventSize) else {
+                queue.complete(head: chain.head, ringEntries: chain.ringEntries, length: 0)
+                continue
+            }
+            var event: UInt32 = VirtioSCSI.eventNone
+            var lunBytes: [UInt8] = [0, 0, 0, 0, 0, 0, 0, 0]
+            var reason: UInt32 = 0
+            if !pendingEvents.isEmpty {
+                let e = pendingEvents.removeFirst()
+                event = e.0
+                if let lun = e.1 { lunBytes = VirtioSCSI.encodeAddress(lun) }
+                reason = e.2
+            }
+            if eventsMissed {
+                event |= VirtioSCSI.eventsMissed
+                eventsMissed = false
+            }
+            var bytes = [UInt8]()
+            bytes.appendLE(event)
+            bytes += lunBytes
+            bytes.appendLE(reason)
+            _ = bytes.withUnsafeBytes { chain.writable.scatter(at: 0, from: $0) }
+            queue.complete(head: chain.head, ringEntries: chain.ringEntries, length: UInt32(VirtioSCSI.eventSize))
+        }
+    }
+
+    /// The event queue was kicked: report missed events if any.
+    func eventQueueKicked() {
+        if eventsMissed { deliverEvents() }
+    }
+}
+
+/// Moves a non-Sendable value into a @Sendable closure that runs on the same loop thread.
+struct UncheckedBox<T>: @unchecked Sendable {
+    var value: T
+    init(_ value: T) { self.value = value }
+}

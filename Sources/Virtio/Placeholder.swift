@@ -1,1 +1,0 @@
-// Placeholder: module Virtio is being built.
