@@ -122,7 +122,71 @@ TOML
     conformance_check pvscsi "$DIR/guest.log"
     report_iops pvscsi "$DIR/guest.log"
     bash "$HERE/check-pattern.sh" "$DIR/guest.log" "$DIR/pv0.img"; check "pvscsi bytes identical in the backing file" $?
+    GUEST_OPTS=(--sid --bind "$DIR") HOTPLUG_RESIZE=0 hotplug_run pvscsi pv0 "--target 1" \
+        -device "{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"$DIR/pv0.sock\",\"type\":\"unix\"}}"
+    GUEST_OPTS=(--sid --bind "$DIR") cycles_with_guest pvscsi pv0 "--target 2" \
+        -device "{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"$DIR/pv0.sock\",\"type\":\"unix\"}}"
     stop_gateway; check "pvscsi gateway drains and exits 0 on SIGTERM" $?
+}
+
+# hotplug_run NAME CONTROLLER ADDRESS-ARGS QEMU-ARGS...: while a guest runs, add a LUN with the CLI, see it
+# appear (no rescan), optionally resize it (HOTPLUG_RESIZE=1), remove it, see it disappear; then 100
+# add/remove cycles with the gateway's fd count and RSS before and after.
+hotplug_run() {
+    local name=$1 ctl=$2 addr=$3; shift 3
+    local resize=${HOTPLUG_RESIZE:-0} glog="$DIR/hotplug.log" gpid
+    bash "$HERE/run-guest.sh" "${GUEST_OPTS[@]}" --quiet --test hotplug --log "$glog" --timeout 600 \
+        --append "scsigate.expect_serial=SGCI-HOT scsigate.hotplug_wait=120 scsigate.hotplug_resize=$resize" -- "$@" &
+    gpid=$!
+    if bash "$HERE/wait-marker.sh" "$glog" SCSIGATE-HOTPLUG-READY 300 >/dev/null; then
+        # shellcheck disable=SC2086
+        cli lun add "$ctl" $addr --backend file --path "$DIR/hot.img" --size 32M --create --serial SGCI-HOT
+        check "$name CLI lun add" $?
+        if bash "$HERE/wait-marker.sh" "$glog" SCSIGATE-HOTPLUG-ADDED 150 | sed "s/^/[$name] /"; then
+            if [ "$resize" = 1 ] && bash "$HERE/wait-marker.sh" "$glog" SCSIGATE-HOTPLUG-WAIT-RESIZE 60 >/dev/null; then
+                # shellcheck disable=SC2086
+                cli lun resize "$ctl" $addr --size 64M; check "$name CLI lun resize" $?
+                bash "$HERE/wait-marker.sh" "$glog" SCSIGATE-HOTPLUG-RESIZED 150 | sed "s/^/[$name] /"
+            fi
+            bash "$HERE/wait-marker.sh" "$glog" SCSIGATE-HOTPLUG-WAIT-REMOVE 150 >/dev/null
+            # shellcheck disable=SC2086
+            cli lun remove "$ctl" $addr; check "$name CLI lun remove" $?
+        fi
+    fi
+    wait $gpid; check "$name guest sees the LUN added$([ "$resize" = 1 ] && echo ', resized') and removed without a rescan" $?
+    grep -a "SCSIGATE-HOTPLUG-REMOVED" "$glog" | tr -d '\r' | sed "s/^/[$name] /"
+}
+
+# cycles NAME CONTROLLER ADDRESS-ARGS: 100 add/remove cycles; fds and RSS of the gateway before/after.
+cycles() {
+    local name=$1 ctl=$2 addr=$3 i bad=0 fd0 fd1 rss0 rss1
+    # shellcheck disable=SC2086
+    for i in 1 2 3; do cli lun add "$ctl" $addr --backend null --size 32M >/dev/null && cli lun remove "$ctl" $addr >/dev/null; done
+    fd0=$(ls "/proc/$GW_PID/fd" | wc -l); rss0=$(awk '/VmRSS/ {print $2}' "/proc/$GW_PID/status")
+    for i in $(seq 1 100); do
+        # shellcheck disable=SC2086
+        cli lun add "$ctl" $addr --backend file --path "$DIR/cycle.img" --size 32M --create >/dev/null || { bad=$((bad + 1)); continue; }
+        # shellcheck disable=SC2086
+        cli lun remove "$ctl" $addr >/dev/null || bad=$((bad + 1))
+    done
+    sleep 1
+    fd1=$(ls "/proc/$GW_PID/fd" | wc -l); rss1=$(awk '/VmRSS/ {print $2}' "/proc/$GW_PID/status")
+    echo "[$name] 100 add/remove cycles: $bad failed calls; fds $fd0 -> $fd1; RSS $rss0 -> $rss1 KiB"
+    [ "$bad" = 0 ] && [ "$fd1" -le "$fd0" ] && [ "$rss1" -le $((rss0 + 4096)) ]
+    check "$name 100 add/remove cycles return fds and memory to their start" $?
+}
+
+# cycles_with_guest NAME CONTROLLER ADDRESS-ARGS QEMU-ARGS...: the 100 cycles while a guest runs fio verify
+# on LUN 0 (which must pass: nothing acknowledged on the remaining LUNs is lost).
+cycles_with_guest() {
+    local name=$1 ctl=$2 addr=$3; shift 3
+    local glog="$DIR/cycles.log" gpid
+    bash "$HERE/run-guest.sh" "${GUEST_OPTS[@]}" --quiet --test fio-verify --log "$glog" --timeout 900 \
+        --append "scsigate.vendor=SCSIGATE scsigate.disk=sda scsigate.bs=4k scsigate.size=48M" -- "$@" &
+    gpid=$!
+    bash "$HERE/wait-marker.sh" "$glog" "[fio-verify] disk" 300 >/dev/null
+    cycles "$name" "$ctl" "$addr"
+    wait $gpid; check "$name guest fio verify on LUN 0 during the cycles" $?
 }
 
 suite_vhost_user_scsi() {
@@ -153,6 +217,10 @@ TOML
     conformance_check vhost-user-scsi "$DIR/guest.log"
     report_iops vhost-user-scsi "$DIR/guest.log"
     bash "$HERE/check-pattern.sh" "$DIR/guest.log" "$DIR/lun0.img"; check "vhost-user-scsi bytes identical in the backing file" $?
+    GUEST_OPTS=() HOTPLUG_RESIZE=1 hotplug_run vhost-user-scsi vscsi0 "--lun 1" \
+        -chardev "socket,id=c0,path=$DIR/vscsi0.sock" -device vhost-user-scsi-pci,chardev=c0,num_queues=2
+    GUEST_OPTS=() cycles_with_guest vhost-user-scsi vscsi0 "--lun 2" \
+        -chardev "socket,id=c0,path=$DIR/vscsi0.sock" -device vhost-user-scsi-pci,chardev=c0,num_queues=2
     stop_gateway; check "vhost-user-scsi gateway drains and exits 0 on SIGTERM" $?
 }
 

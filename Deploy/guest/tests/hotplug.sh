@@ -6,6 +6,8 @@
 #   scsigate.hotplug_wait=SECS      how long to wait for each event (default 120)
 #   scsigate.expect_serial=S        the added disk must report this serial
 #   scsigate.hotplug_remove=0       only check the addition
+#   scsigate.hotplug_resize=1       after the addition, wait for the disk's size to change
+#                                   (host: resize on SCSIGATE-HOTPLUG-WAIT-RESIZE), no manual rescan
 . /tests/lib/common.sh
 max=${SCSIGATE_HOTPLUG_WAIT:-120}
 before=" $(list_disks | tr '\n' ' ') "
@@ -27,6 +29,19 @@ if [ -n "${SCSIGATE_EXPECT_SERIAL:-}" ] && [ "$serial" != "$SCSIGATE_EXPECT_SERI
     log "FAIL: serial '$serial', expected '$SCSIGATE_EXPECT_SERIAL'"; rc=1
 fi
 dd if="/dev/$new" of=/dev/null bs=4k count=16 iflag=direct 2>/dev/null || { log "FAIL: cannot read /dev/$new"; rc=1; }
+if [ "${SCSIGATE_HOTPLUG_RESIZE:-0}" = 1 ]; then
+    size0=$(disk_bytes "$new")
+    echo "SCSIGATE-HOTPLUG-WAIT-RESIZE disk=$new bytes=$size0"
+    n=0
+    while [ "$(disk_bytes "$new")" = "$size0" ] && [ $n -lt $((max * 5)) ]; do
+        # a read lets a unit attention (CAPACITY DATA HAS CHANGED) reach the guest as well
+        dd if="/dev/$new" of=/dev/null bs=4k count=1 iflag=direct 2>/dev/null
+        sleep 0.2; n=$((n + 1))
+    done
+    size1=$(disk_bytes "$new")
+    if [ "$size1" = "$size0" ]; then log "FAIL: size of /dev/$new still $size0 after ${max}s"; rc=1
+    else echo "SCSIGATE-HOTPLUG-RESIZED disk=$new bytes=$size1 after=$((n / 5))s"; fi
+fi
 [ "${SCSIGATE_HOTPLUG_REMOVE:-1}" = 0 ] && { [ $rc = 0 ] && log PASS; exit $rc; }
 echo "SCSIGATE-HOTPLUG-WAIT-REMOVE disk=$new"
 n=0
