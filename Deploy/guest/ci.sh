@@ -122,9 +122,10 @@ TOML
     conformance_check pvscsi "$DIR/guest.log"
     report_iops pvscsi "$DIR/guest.log"
     bash "$HERE/check-pattern.sh" "$DIR/guest.log" "$DIR/pv0.img"; check "pvscsi bytes identical in the backing file" $?
-    GUEST_OPTS=(--sid --bind "$DIR") HOTPLUG_RESIZE=0 hotplug_run pvscsi pv0 "--target 1" \
+    GUEST_OPTS=(--sid --bind "$DIR")
+    HOTPLUG_RESIZE=0 hotplug_run pvscsi pv0 "--target 1" \
         -device "{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"$DIR/pv0.sock\",\"type\":\"unix\"}}"
-    GUEST_OPTS=(--sid --bind "$DIR") cycles_with_guest pvscsi pv0 "--target 2" \
+    cycles_with_guest pvscsi pv0 "--target 2" \
         -device "{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"$DIR/pv0.sock\",\"type\":\"unix\"}}"
     stop_gateway; check "pvscsi gateway drains and exits 0 on SIGTERM" $?
 }
@@ -217,9 +218,10 @@ TOML
     conformance_check vhost-user-scsi "$DIR/guest.log"
     report_iops vhost-user-scsi "$DIR/guest.log"
     bash "$HERE/check-pattern.sh" "$DIR/guest.log" "$DIR/lun0.img"; check "vhost-user-scsi bytes identical in the backing file" $?
-    GUEST_OPTS=() HOTPLUG_RESIZE=1 hotplug_run vhost-user-scsi vscsi0 "--lun 1" \
+    GUEST_OPTS=()
+    HOTPLUG_RESIZE=1 hotplug_run vhost-user-scsi vscsi0 "--lun 1" \
         -chardev "socket,id=c0,path=$DIR/vscsi0.sock" -device vhost-user-scsi-pci,chardev=c0,num_queues=2
-    GUEST_OPTS=() cycles_with_guest vhost-user-scsi vscsi0 "--lun 2" \
+    cycles_with_guest vhost-user-scsi vscsi0 "--lun 2" \
         -chardev "socket,id=c0,path=$DIR/vscsi0.sock" -device vhost-user-scsi-pci,chardev=c0,num_queues=2
     stop_gateway; check "vhost-user-scsi gateway drains and exits 0 on SIGTERM" $?
 }
