@@ -19,6 +19,8 @@ sg_require_root
 cd "$ROOT"
 
 MAXF=${SCSIGATE_CI_MAX_FAILED:-7}
+# Guest tests of the SCSI suites' main run (override only when developing the harness).
+SCSI_TESTS=${SCSIGATE_CI_SCSI_TESTS:-smoke,conformance,fio-verify,fio-randread,pattern}
 BIN="$(swift build --show-bin-path)/scsigate"
 [ -x "$BIN" ] || { swift build >&2 || sg_die "swift build failed"; }
 WORK=$(mktemp -d /var/tmp/scsigate-ci.XXXXXX)
@@ -116,7 +118,7 @@ TOML
     } > "$DIR/gw.toml"
     start_gateway "$DIR/gw.toml" "$DIR/gw.log"; check "pvscsi gateway start" $? || return
     bash "$HERE/run-guest.sh" --sid --quiet --test multi --log "$DIR/guest.log" --timeout 1200 --bind "$DIR" \
-        --append "scsigate.tests=smoke,conformance,fio-verify,fio-randread,pattern scsigate.vendor=SCSIGATE scsigate.expect_serial=SGCI-PV0 scsigate.expect_size=268435456" \
+        --append "scsigate.tests=$SCSI_TESTS scsigate.vendor=SCSIGATE scsigate.expect_serial=SGCI-PV0 scsigate.expect_size=268435456" \
         -- -device "{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"$DIR/pv0.sock\",\"type\":\"unix\"}}"
     check "pvscsi guest smoke+conformance+fio-verify+pattern" $?
     conformance_check pvscsi "$DIR/guest.log"
@@ -212,7 +214,7 @@ TOML
     } > "$DIR/gw.toml"
     start_gateway "$DIR/gw.toml" "$DIR/gw.log"; check "vhost-user-scsi gateway start" $? || return
     bash "$HERE/run-guest.sh" --quiet --test multi --log "$DIR/guest.log" --timeout 1200 \
-        --append "scsigate.tests=smoke,conformance,fio-verify,fio-randread,pattern scsigate.vendor=SCSIGATE scsigate.expect_serial=SGCI-VS0 scsigate.expect_size=268435456" \
+        --append "scsigate.tests=$SCSI_TESTS scsigate.vendor=SCSIGATE scsigate.expect_serial=SGCI-VS0 scsigate.expect_size=268435456" \
         -- -chardev "socket,id=c0,path=$DIR/vscsi0.sock" -device vhost-user-scsi-pci,chardev=c0,num_queues=2
     check "vhost-user-scsi guest smoke+conformance+fio-verify+pattern" $?
     conformance_check vhost-user-scsi "$DIR/guest.log"
@@ -306,7 +308,7 @@ TOML
     if start_gateway "$DIR/gw.toml" "$DIR/gw.log"; then
         check "iscsi gateway start" 0
         bash "$HERE/run-guest.sh" --quiet --test multi --log "$DIR/guest.log" --timeout 1200 \
-            --append "scsigate.tests=smoke,conformance,fio-verify,fio-randread,pattern scsigate.vendor=SCSIGATE scsigate.expect_serial=SGCI-IS0" \
+            --append "scsigate.tests=$SCSI_TESTS scsigate.vendor=SCSIGATE scsigate.expect_serial=SGCI-IS0" \
             -- -chardev "socket,id=c0,path=$DIR/iscsi0.sock" -device vhost-user-scsi-pci,chardev=c0
         check "iscsi-backed guest smoke+conformance+fio-verify+pattern" $?
         conformance_check iscsi "$DIR/guest.log"
