@@ -11,7 +11,8 @@ import Glibc
 /// and the back-end channels it submits to. The gateway creates one per configured controller:
 ///
 ///     let c = try PVSCSIController(socketPath: "/run/scsigate/pvscsi0.sock", target: target,
-///                                  channelFactory: { id in try? backends[id].makeChannel() }, log: { print($0) })
+///                                  channelFactory: { id in try? backends[id].makeChannel() },
+///                                  statistics: { id in stats[id]?.counters(queue: 0) }, log: { print($0) })
 ///     try c.start()
 ///     print(c.qemuArguments.joined(separator: " "))
 ///
@@ -77,6 +78,7 @@ public final class PVSCSIController<Target: SCSICommandTarget, Channel: PVSCSICh
         let loop = self.loop
         let onEvent = EventThunk { event in device.handle(event) }
         let threadBox = LoopThreadID()
+        let removalWait = Self.removalWaitMilliseconds
         subscription = target.subscribe { event in
             guard case .removed = event, !threadBox.isCurrent else {
                 loop.execute { onEvent.body(event) }
@@ -88,7 +90,7 @@ public final class PVSCSIController<Target: SCSICommandTarget, Channel: PVSCSICh
                 onEvent.body(event)
                 whenClosed.body()
             }
-            done.wait(milliseconds: Self.removalWaitMilliseconds)
+            done.wait(milliseconds: removalWait)
         }
         let box = ThreadBody {
             threadBox.set()
