@@ -37,6 +37,7 @@ final class PVSCSIFrontEnd: FrontEnd, @unchecked Sendable {
                         return nil
                     }
                 },
+                statistics: { [runtime] id in runtime.statistics(backendID: id)?.counters(queue: 0) },
                 log: { line in logger.info("\(line)") })
         } catch {
             throw FrontEndError("controller \(runtime.config.name): \(error)")

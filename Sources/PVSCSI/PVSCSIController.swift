@@ -2,6 +2,7 @@ import BlockIO
 import EventLoop
 import SCSI
 import VfioUser
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -10,7 +11,8 @@ import Glibc
 /// and the back-end channels it submits to. The gateway creates one per configured controller:
 ///
 ///     let c = try PVSCSIController(socketPath: "/run/scsigate/pvscsi0.sock", target: target,
-///                                  channelFactory: { id in try? backends[id].makeChannel() }, log: { print($0) })
+///                                  channelFactory: { id in try? backends[id].makeChannel() },
+///                                  statistics: { id in stats[id]?.counters(queue: 0) }, log: { print($0) })
 ///     try c.start()
 ///     print(c.qemuArguments.joined(separator: " "))
 ///
@@ -26,9 +28,13 @@ public final class PVSCSIController<Target: SCSICommandTarget, Channel: PVSCSICh
     private var subscription: Int? = nil
     private var thread: pthread_t? = nil
 
-    /// Creates the controller (nothing runs until `start`).
+    /// Creates the controller (nothing runs until `start`). `statistics(backendID)` gives the I/O
+    /// counters of a LUN (queue 0 of its `LUNIOStatistics`); it is called on the loop thread when the
+    /// device opens that LUN's channel.
     public init(socketPath: String, target: Target, options: PVSCSIOptions = PVSCSIOptions(),
-                channelFactory: @escaping (Int) -> Channel?, log: @escaping VfioUserLog) throws(VfioUserError) {
+                channelFactory: @escaping (Int) -> Channel?,
+                statistics: @escaping (Int) -> IOCounters? = { _ in nil },
+                log: @escaping VfioUserLog) throws(VfioUserError) {
         self.socketPath = socketPath
         self.target = target
         self.log = log
@@ -37,7 +43,8 @@ public final class PVSCSIController<Target: SCSICommandTarget, Channel: PVSCSICh
         } catch {
             throw VfioUserError("cannot create the event loop: \(error)", errno: error.errno)
         }
-        device = PVSCSIDevice(target: target, options: options, loop: loop, channelFactory: channelFactory, log: log)
+        device = PVSCSIDevice(target: target, options: options, loop: loop, channelFactory: channelFactory,
+                              statistics: statistics, log: log)
         server = VfioUserServer(socketPath: socketPath, loop: loop, device: device, msixVectors: 1, log: log)
         device.attach(memory: server.memory, interrupts: server.interrupts)
     }
@@ -56,17 +63,39 @@ public final class PVSCSIController<Target: SCSICommandTarget, Channel: PVSCSICh
          "-device", "'" + Self.qemuDeviceArgument(socketPath: socketPath) + "'"]
     }
 
+    /// Longest time a LUN removal waits for the device to close the removed LUN's channel.
+    public static var removalWaitMilliseconds: Int { 5000 }
+
     /// Binds the socket, subscribes to LUN events and starts the loop thread.
+    ///
+    /// A `.removed` event blocks the thread that removed the LUN until the device has delivered the
+    /// completions still in flight on that LUN's channel and closed it (at most `removalWaitMilliseconds`),
+    /// so that the back-end's file is unlocked when `SCSITarget.remove` returns.
     public func start() throws(VfioUserError) {
         guard thread == nil else { return }
         try server.listen()
         let device = self.device
         let loop = self.loop
         let onEvent = EventThunk { event in device.handle(event) }
+        let threadBox = LoopThreadID()
+        let removalWait = Self.removalWaitMilliseconds
         subscription = target.subscribe { event in
-            loop.execute { onEvent.body(event) }
+            guard case .removed = event, !threadBox.isCurrent else {
+                loop.execute { onEvent.body(event) }
+                return
+            }
+            let done = DoneFlag()
+            let whenClosed = Thunk { device.whenRemovedChannelsClosed { done.set() } }
+            loop.execute {
+                onEvent.body(event)
+                whenClosed.body()
+            }
+            done.wait(milliseconds: removalWait)
         }
-        let box = ThreadBody { loop.run() }
+        let box = ThreadBody {
+            threadBox.set()
+            loop.run()
+        }
         let raw = Unmanaged.passRetained(box).toOpaque()
         var t = pthread_t()
         let rc = pthread_create(&t, nil, { arg in
@@ -127,6 +156,54 @@ private final class EventThunk: @unchecked Sendable {
 private final class ThreadBody: @unchecked Sendable {
     let run: () -> Void
     init(_ run: @escaping () -> Void) { self.run = run }
+}
+
+/// The loop thread's identity, so that an event raised on the loop thread itself never waits for it.
+private final class LoopThreadID: @unchecked Sendable {
+    private let id = Atomic<UInt>(0)
+    func set() { id.store(UInt(pthread_self()), ordering: .releasing) }
+    var isCurrent: Bool { id.load(ordering: .acquiring) == UInt(pthread_self()) }
+}
+
+/// A flag set on the loop thread and awaited, with a time limit, by a control thread.
+private final class DoneFlag: @unchecked Sendable {
+    private var done = false
+    private var mutex = pthread_mutex_t()
+    private var cond = pthread_cond_t()
+    init() {
+        pthread_mutex_init(&mutex, nil)
+        var attributes = pthread_condattr_t()
+        pthread_condattr_init(&attributes)
+        pthread_condattr_setclock(&attributes, CLOCK_MONOTONIC)
+        pthread_cond_init(&cond, &attributes)
+        pthread_condattr_destroy(&attributes)
+    }
+    deinit {
+        pthread_mutex_destroy(&mutex)
+        pthread_cond_destroy(&cond)
+    }
+    func set() {
+        pthread_mutex_lock(&mutex)
+        done = true
+        pthread_cond_broadcast(&cond)
+        pthread_mutex_unlock(&mutex)
+    }
+    /// Returns whether the flag was set within `milliseconds`.
+    @discardableResult
+    func wait(milliseconds: Int) -> Bool {
+        var deadline = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &deadline)
+        let nanos = Int(deadline.tv_nsec) + (milliseconds % 1000) * 1_000_000
+        deadline.tv_sec += milliseconds / 1000 + nanos / 1_000_000_000
+        deadline.tv_nsec = nanos % 1_000_000_000
+        pthread_mutex_lock(&mutex)
+        while !done {
+            if pthread_cond_timedwait(&cond, &mutex, &deadline) == ETIMEDOUT { break }
+        }
+        let result = done
+        pthread_mutex_unlock(&mutex)
+        return result
+    }
 }
 
 /// A one-shot value handed from the loop thread to a waiting thread.

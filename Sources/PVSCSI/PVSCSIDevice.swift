@@ -65,6 +65,19 @@ struct RequestSlot {
     var completionSenseLength: UInt32 = 0
     var completionHostStatus: UInt16 = 0
     var completionSCSIStatus: UInt16 = 0
+    /// The LUN's I/O counters while the command is counted (`begin` done, `record` not yet).
+    var counters: IOCounters? = nil
+    /// `IOCounters.now()` when the command arrived.
+    var arrival: UInt64 = 0
+}
+
+/// The device's state for one back-end (one LUN instance): its channel, its I/O counters and whether
+/// its LUN is gone (the channel then closes once nothing is in flight).
+struct BackendChannel<Channel: PVSCSIChannel> {
+    /// Nil while the factory cannot open it (retried on the next I/O).
+    var channel: Channel?
+    var counters: IOCounters?
+    var retiring = false
 }
 
 /// The PVSCSI device model: registers, commands, request/completion/message rings in guest memory,
@@ -78,6 +91,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
     public let target: Target
     private let log: VfioUserLog
     private let channelFactory: (Int) -> Channel?
+    private let statistics: (Int) -> IOCounters?
     private unowned(unsafe) var loop: EventLoop
     private var memory: GuestMemory!
     private var interrupts: InterruptController!
@@ -128,7 +142,11 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
     private var awaitingRingHead = 0
     private let iovecs: IOVectorStorage
     private var view = LUNMapView()
-    private var channels: [Int: Channel] = [:]
+    private var channels: [Int: BackendChannel<Channel>] = [:]
+    /// Entries of `channels` marked `retiring` and not yet closed.
+    private var retiringCount = 0
+    /// Called (control path) once no retiring channel is left.
+    private var retiredWaiters: [() -> Void] = []
     private var channelsToCommit: [Int] = []
     private var reaped: [(UInt64, BlockResult)] = []
     private var completionsPosted = false
@@ -136,13 +154,19 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
     private var loggedPostedConfig = false
 
     /// Creates the device. `channelFactory(backendID)` returns the channel for a LUN's back-end (called
-    /// once per back-end, on the loop thread), or nil when it cannot be opened.
+    /// once per back-end, on the loop thread, when the LUN gets its first command), or nil when it cannot
+    /// be opened. `statistics(backendID)` returns that LUN's I/O counters (queue 0), asked once at the
+    /// same moment; the device calls `begin()` when a command starts and `record(task:latencyNanos:)`
+    /// when its completion is posted. The channel of a removed LUN is closed once its I/O has completed.
     public init(target: Target, options: PVSCSIOptions, loop: EventLoop,
-                channelFactory: @escaping (Int) -> Channel?, log: @escaping VfioUserLog) {
+                channelFactory: @escaping (Int) -> Channel?,
+                statistics: @escaping (Int) -> IOCounters? = { _ in nil },
+                log: @escaping VfioUserLog) {
         self.target = target
         self.options = options
         self.loop = loop
         self.channelFactory = channelFactory
+        self.statistics = statistics
         self.log = log
         let identity = PCIIdentity(vendorID: PVSCSI.vendorID, deviceID: PVSCSI.deviceID,
                                    subsystemVendorID: PVSCSI.vendorID, subsystemID: PVSCSI.deviceID,
@@ -564,14 +588,16 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
         }
         commitChannels()
         raiseCompletionInterruptIfNeeded()
+        sweepRetired()
     }
 
     private func start(_ slot: Int, _ d: RequestDescriptor) {
+        let arrival = IOCounters.now()
         slots[slot] = RequestSlot(state: .executing, context: d.context, target: UInt32(d.target),
                                   senseAddress: d.senseAddress, senseLength: d.senseLength, dataLength: d.dataLength)
         // Addressing: bus 0, target n <-> LUN n of the SCSI target, PVSCSI LUN 0 only.
         guard d.bus == 0, d.lun == 0, UInt32(d.target) < options.maxTargets,
-              let lun = LogicalUnitNumber(Int(d.target)), view.unit(lun) != nil else {
+              let lun = LogicalUnitNumber(Int(d.target)), let unit = view.unit(lun) else {
             finish(slot, host: .selectionTimeout)
             return
         }
@@ -601,6 +627,11 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
         }
         tasks[slot].reset(nexus: ITNexus(initiator: options.initiatorID), lun: lun, tag: d.context, attribute: attribute,
                           cdb: d.cdb, dataOut: toDevice ? list : .empty, dataIn: toHost ? list : .empty)
+        if let counters = backendEntry(unit.backendID) {
+            counters.begin()
+            slots[slot].counters = counters
+            slots[slot].arrival = arrival
+        }
         if d.cdb.opcode == 0xA0 {
             answerReportLUNs(slot)
             return
@@ -703,10 +734,24 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
 
     // MARK: Back-end I/O
 
+    /// Opens the back-end's entry on its LUN's first command (channel and counters); returns its counters.
+    @inline(__always)
+    private func backendEntry(_ backendID: Int) -> IOCounters? {
+        if let entry = channels[backendID] { return entry.counters }
+        let counters = statistics(backendID)
+        channels[backendID] = BackendChannel(channel: nil, counters: counters)
+        _ = channel(for: backendID)
+        return counters
+    }
+
     private func channel(for backendID: Int) -> Channel? {
-        if let c = channels[backendID] { return c }
+        if let c = channels[backendID]?.channel { return c }
         guard let c = channelFactory(backendID) else { return nil }
-        channels[backendID] = c
+        if channels[backendID] == nil {
+            channels[backendID] = BackendChannel(channel: c, counters: statistics(backendID))
+        } else {
+            channels[backendID]!.channel = c
+        }
         if c.completionFD >= 0 {
             do {
                 try loop.register(fd: c.completionFD) { [unowned self] _ in self.reap(backendID) }
@@ -716,6 +761,47 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
         }
         return c
     }
+
+    /// Marks the entries of back-ends no LUN of the map uses any more, and closes those with nothing in
+    /// flight (the others close in `sweepRetired` after their last completion is reaped).
+    private func retireUnmappedBackends() {
+        target.refresh(&view)
+        var mapped = Set<Int>()
+        for number in view.numbers { if let unit = view.unit(number) { mapped.insert(unit.backendID) } }
+        for (id, entry) in channels where !entry.retiring && !mapped.contains(id) {
+            channels[id]!.retiring = true
+            retiringCount += 1
+        }
+        sweepRetired()
+    }
+
+    /// Closes retiring channels that have nothing in flight: unwatch the completion fd, close, drop.
+    private func sweepRetired() {
+        guard retiringCount > 0 else { return }
+        for (id, entry) in channels where entry.retiring && (entry.channel?.inFlight ?? 0) == 0 {
+            if let ch = entry.channel {
+                if ch.completionFD >= 0 { loop.unregister(fd: ch.completionFD) }
+                ch.close()
+            }
+            channels.removeValue(forKey: id)
+            retiringCount -= 1
+            log("pvscsi: back-end \(id) of a removed LUN: channel closed")
+        }
+        if retiringCount == 0 && !retiredWaiters.isEmpty {
+            let waiters = retiredWaiters
+            retiredWaiters.removeAll()
+            for w in waiters { w() }
+        }
+    }
+
+    /// Runs `body` (loop thread) once every channel of a removed LUN is closed: now, or after the last
+    /// in-flight completion of those channels has been delivered.
+    public func whenRemovedChannelsClosed(_ body: @escaping () -> Void) {
+        if retiringCount == 0 { body() } else { retiredWaiters.append(body) }
+    }
+
+    /// Open back-end channels (including those of removed LUNs still draining).
+    public var openChannelCount: Int { channels.values.reduce(0) { $0 + ($1.channel == nil ? 0 : 1) } }
 
     private func handle(_ slot: Int, _ disposition: TaskDisposition) {
         switch disposition {
@@ -747,7 +833,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
 
     private func commitChannels() {
         while let id = channelsToCommit.popLast() {
-            channels[id]?.commit()
+            channels[id]?.channel?.commit()
         }
     }
 
@@ -768,9 +854,10 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
     }
 
     private func reap(_ backendID: Int) {
-        guard let ch = channels[backendID] else { return }
+        guard let ch = channels[backendID]?.channel else { return }
         reapNow(ch)
         commitChannels()
+        sweepRetired()
         raiseCompletionInterruptIfNeeded()
         if ringsReady && requestsInFlight < Self.slotCount { processRequestRing() }
     }
@@ -806,6 +893,21 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
     }
 
     private func post(_ slot: Int, dataLength: UInt64, senseLength: UInt32, host: HostAdapterStatus, scsiStatus: UInt16) {
+        if let counters = slots[slot].counters {
+            slots[slot].counters = nil
+            let latency = IOCounters.now() &- slots[slot].arrival
+            switch host {
+            case .success:
+                counters.record(task: tasks[slot], latencyNanos: latency)
+            case .abortQueue, .busReset:
+                counters.record(command: IOCommandClass(scsiOpcode: tasks[slot].cdb.opcode), bytes: 0,
+                                latencyNanos: latency, status: SCSIStatus.taskAborted.rawValue)
+            default:  // adapter-level failure: counted as CHECK CONDITION / HARDWARE ERROR
+                counters.record(command: IOCommandClass(scsiOpcode: tasks[slot].cdb.opcode), bytes: 0,
+                                latencyNanos: latency, status: SCSIStatus.checkCondition.rawValue,
+                                senseKey: SenseKey.hardwareError.rawValue)
+            }
+        }
         if slots[slot].orphaned || !ringsConfigured {
             release(slot)
             return
@@ -898,7 +1000,9 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
         let lun: LogicalUnitNumber
         switch event {
         case .added(let l): type = PVSCSI.messageDeviceAdded; lun = l
-        case .removed(let l): type = PVSCSI.messageDeviceRemoved; lun = l
+        case .removed(let l):
+            type = PVSCSI.messageDeviceRemoved; lun = l
+            retireUnmappedBackends()
         case .capacityChanged, .parametersChanged: return  // reported through unit attentions by the core
         }
         guard UInt32(lun.value) < options.maxTargets else {
@@ -946,14 +1050,14 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
         var rounds = 0
         while rounds < 10_000 {
             var busy = false
-            for (id, ch) in channels where ch.inFlight > 0 {
+            for (_, entry) in channels {
+                guard let ch = entry.channel, ch.inFlight > 0 else { continue }
                 busy = true
                 if ch.completionFD >= 0 {
                     var pfd = pollfd(fd: ch.completionFD, events: Int16(POLLIN), revents: 0)
                     _ = poll(&pfd, 1, 1)
                 }
                 reapNow(ch)
-                _ = id
             }
             if !busy { break }
             rounds += 1
@@ -961,16 +1065,22 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
         if rounds == 10_000 { log("pvscsi: back-end I/O still in flight after 10 s of quiesce") }
         commitChannels()
         raiseCompletionInterruptIfNeeded()
+        sweepRetired()
     }
 
     /// Waits for in-flight I/O, then closes every back-end channel (controller stop; loop thread).
     public func closeChannels() {
         quiesce()
-        for (_, ch) in channels {
+        for (_, entry) in channels {
+            guard let ch = entry.channel else { continue }
             if ch.completionFD >= 0 { loop.unregister(fd: ch.completionFD) }
             ch.close()
         }
         channels.removeAll()
+        retiringCount = 0
+        let waiters = retiredWaiters
+        retiredWaiters.removeAll()
+        for w in waiters { w() }
     }
 
     public func memoryChanged() {

@@ -43,6 +43,7 @@ public protocol PVSCSIChannel {
     func reap(_ handler: (UInt64, BlockResult) -> Void) -> Int
     /// Requests queued or in flight.
     var inFlight: Int { get }
-    /// Releases the channel (worker threads, fds) when the controller stops.
+    /// Releases the channel (worker threads, fds): when the controller stops, and when its LUN was
+    /// removed and nothing of it is in flight any more.
     func close()
 }

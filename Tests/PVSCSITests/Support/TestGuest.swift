@@ -1,3 +1,4 @@
+import BlockIO
 import CSystem
 import PVSCSI
 import SCSI
@@ -292,7 +293,8 @@ final class Fixture {
     var guest: TestGuest!
 
     init(luns: [Int] = [0], blocks: UInt64 = 2048, connect: Bool = true, startup: Bool = true, useMSIX: Bool = true,
-         useCore: Bool = false, options: PVSCSIOptions = PVSCSIOptions()) throws {
+         useCore: Bool = false, options: PVSCSIOptions = PVSCSIOptions(),
+         statistics: [Int: LUNIOStatistics] = [:]) throws {
         let n = Self.counter.add(1, ordering: .relaxed).newValue
         path = "/tmp/scsigate-pvscsi-test-\(getpid())-\(n).sock"
         table = SCSITarget(name: "t\(n)")
@@ -308,7 +310,9 @@ final class Fixture {
         let sink = LogSink()
         logLines = sink
         controller = try PVSCSIController(socketPath: path, target: commands, options: options,
-                                          channelFactory: { id in registry.channel(id) }, log: { sink.append($0) })
+                                          channelFactory: { id in registry.channel(id) },
+                                          statistics: { id in statistics[id]?.counters(queue: 0) },
+                                          log: { sink.append($0) })
         try controller.start()
         if connect {
             client = try VfioUserTestClient(path: path)
