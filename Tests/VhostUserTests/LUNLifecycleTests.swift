@@ -78,8 +78,8 @@ private final class TestRegistry: @unchecked Sendable {
     }
 }
 
-/// A virtio-scsi guest driver in miniature: request queues 2... of a connected test front-end.
-private final class TestSCSIGuest {
+/// A virtio-scsi guest driver in miniature: the control, event and request queues of a connected test front-end.
+final class TestSCSIGuest {
     let ram: TestGuestRAM
     let rings: [TestSplitRing]
     let fds: [(kick: Int32, call: Int32)]
