@@ -517,9 +517,6 @@ final class SCSIGroupHandler<Channel: VhostChannel>: QueueGroupHandler, @uncheck
         retiredCount = 0
     }
 
-    /// Back-ends whose channel is open on this thread (tests).
-    var openChannelCount: Int { uses.reduce(0) { $0 + ($1?.channel == nil ? 0 : 1) } }
-
     func commit() {
         for i in dirtyUses {
             guard let use = uses[i] else { continue }
