@@ -54,6 +54,10 @@ final class VhostUserSCSIFrontEnd: FrontEnd, @unchecked Sendable {
             controller = try VhostUserSCSIController(
                 socketPath: config.socket, target: runtime.target, options: options,
                 channelFactory: { [runtime] id throws(BlockBackendError) in try runtime.makeChannel(backendID: id) },
+                counters: { [runtime] id, queue in
+                    guard let statistics = runtime.statistics(backendID: id), queue < statistics.queueCount else { return nil }
+                    return statistics.counters(queue: queue)
+                },
                 log: runtime.logger.vhostUserSink())
         } catch {
             throw FrontEndError("controller \(config.name): \(error)")
@@ -103,10 +107,12 @@ final class VhostUserBlkFrontEnd: FrontEnd, @unchecked Sendable {
             serial: unit.identity.serial, threads: config.ioThreads,
             pollBudgetNanoseconds: UInt64(config.pollMicroseconds) * 1000)
         let backend = entry.backend
+        let statistics = entry.statistics
         do {
             controller = try VhostUserBlkController(
                 socketPath: config.socket, geometry: geometry, options: options,
                 channelFactory: { () throws(BlockBackendError) -> AnyBlockChannel in try backend.makeChannel() },
+                counters: { queue in queue < statistics.queueCount ? statistics.counters(queue: queue) : nil },
                 log: runtime.logger.vhostUserSink())
         } catch {
             throw FrontEndError("controller \(config.name): \(error)")

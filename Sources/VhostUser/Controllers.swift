@@ -42,10 +42,13 @@ public final class VhostUserSCSIController<Channel: VhostChannel>: Sendable {
     public let server: VhostUserServer<VirtioSCSIDevice<Channel>>
 
     /// Creates the controller (threads start; the socket is bound by `start`).
-    /// `channelFactory(backendID)` is called on each event-loop thread the first time it needs that back-end.
+    /// `channelFactory(backendID)` is called on each event-loop thread the first time it needs that back-end;
+    /// that thread closes the channel once the LUN has left the target and nothing is in flight on it.
+    /// `counters(backendID, requestQueue)` gives the statistics the commands of that LUN and queue are counted in.
     public init(socketPath: String, target: SCSITarget, options: VirtioSCSIOptions = VirtioSCSIOptions(),
-                channelFactory: @escaping @Sendable (Int) throws -> Channel, log: @escaping VhostUserLogger) throws(VhostUserDeviceError) {
-        device = try VirtioSCSIDevice(target: target, options: options, channelFactory: channelFactory, log: log)
+                channelFactory: @escaping @Sendable (Int) throws -> Channel, counters: VirtioSCSICountersProvider? = nil,
+                log: @escaping VhostUserLogger) throws(VhostUserDeviceError) {
+        device = try VirtioSCSIDevice(target: target, options: options, channelFactory: channelFactory, counters: counters, log: log)
         server = VhostUserServer(socketPath: socketPath, device: device, log: log)
     }
 
@@ -77,10 +80,12 @@ public final class VhostUserBlkController<Channel: VhostChannel>: Sendable {
     /// The vhost-user server.
     public let server: VhostUserServer<VirtioBlkDevice<Channel>>
 
-    /// Creates the controller; `channelFactory` is called once per event-loop thread, now.
+    /// Creates the controller; `channelFactory` is called once per event-loop thread, now (the channels
+    /// close when the controller stops). `counters(queue)` gives the statistics of each request queue.
     public init(socketPath: String, geometry: BlockGeometry, options: VirtioBlkOptions, channelFactory: () throws -> Channel,
+                counters: VirtioBlkCountersProvider? = nil,
                 log: @escaping VhostUserLogger) throws(VhostUserDeviceError) {
-        device = try VirtioBlkDevice(geometry: geometry, options: options, channelFactory: channelFactory, log: log)
+        device = try VirtioBlkDevice(geometry: geometry, options: options, channelFactory: channelFactory, counters: counters, log: log)
         server = VhostUserServer(socketPath: socketPath, device: device, log: log)
     }
 

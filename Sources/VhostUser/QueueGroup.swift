@@ -97,6 +97,11 @@ public protocol QueueGroupHandler: AnyObject, SendableMetatype {
     func completionFDs() -> [Int32]
     /// Receives a function that registers further completion fds on the loop (loop thread only).
     func bind(registerCompletionFD: @escaping (Int32) -> Void)
+    /// Receives a function that takes a completion fd out of the loop before its channel closes
+    /// (loop thread only).
+    func bind(unregisterCompletionFD: @escaping (Int32) -> Void)
+    /// The group is about to stop: release back-end channels (loop thread, after the queues drained).
+    func stopping()
     /// Whether the group pops requests from `queue` (false for queues the device fills on its own, such
     /// as the virtio-scsi event queue: they are neither polled nor popped on kicks).
     func takesRequests(_ queue: RunningQueue) -> Bool
@@ -106,6 +111,8 @@ public protocol QueueGroupHandler: AnyObject, SendableMetatype {
 
 extension QueueGroupHandler {
     public func bind(registerCompletionFD: @escaping (Int32) -> Void) {}
+    public func bind(unregisterCompletionFD: @escaping (Int32) -> Void) {}
+    public func stopping() {}
     public func takesRequests(_ queue: RunningQueue) -> Bool { true }
     public func kicked(_ queue: RunningQueue) {}
 }
@@ -145,14 +152,21 @@ public final class QueueGroup<Handler: QueueGroupHandler>: @unchecked Sendable {
             }
             for fd in handler.completionFDs() where fd >= 0 { register(fd) }
             handler.bind(registerCompletionFD: register)
+            handler.bind(unregisterCompletionFD: { [unowned self] fd in loop.unregister(fd: fd) })
             loop.addPoller(RingPoller(poll: { [unowned self] in pollAll() },
                                       prepareToSleep: { [unowned self] in prepareToSleep() }))
         }
         thread = spawnThread { [self] in loop.run() }
     }
 
-    /// Stops the loop thread and waits for it.
+    /// Lets the handler release its channels, then stops the loop thread and waits for it.
     public func shutdown() {
+        if thread != nil {
+            runOnLoopAndWait(loop, milliseconds: 5_000) { [self] done in
+                handler.stopping()
+                done()
+            }
+        }
         loop.stop()
         if let thread {
             pthread_join(thread, nil)

@@ -15,4 +15,8 @@ public protocol VhostChannel: SendableMetatype {
     func commit()
     /// Delivers ready completions; returns how many.
     func reap(_ handler: (UInt64, BlockResult) -> Void) -> Int
+    /// Releases the channel (worker threads, completion fd, its hold on the back-end). The devices call
+    /// it once, on the channel's thread, after the last completion was reaped and the completion fd was
+    /// taken out of the event loop; the channel is not used afterwards.
+    func close()
 }

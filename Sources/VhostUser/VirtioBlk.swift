@@ -80,6 +80,10 @@ public struct VhostUserDeviceError: Error, CustomStringConvertible, Sendable {
     public var description: String { message }
 }
 
+/// Where a virtio-blk device finds the I/O counters of its request queue `queue` (nil: count nothing).
+/// Called when a queue starts, never per I/O.
+public typealias VirtioBlkCountersProvider = @Sendable (_ queue: Int) -> IOCounters?
+
 /// The virtio-blk device model over one back-end: request queues spread over event-loop threads,
 /// each thread with its own back-end channel.
 public final class VirtioBlkDevice<Channel: VhostChannel>: VhostUserDevice, @unchecked Sendable {
@@ -99,6 +103,7 @@ public final class VirtioBlkDevice<Channel: VhostChannel>: VhostUserDevice, @unc
 
     /// Creates the device; `channelFactory` is called once per event-loop thread.
     public init(geometry: BlockGeometry, options: VirtioBlkOptions, channelFactory: () throws -> Channel,
+                counters: VirtioBlkCountersProvider? = nil,
                 log: @escaping VhostUserLogger) throws(VhostUserDeviceError) {
         guard options.queues >= 1, options.queues <= 64 else { throw VhostUserDeviceError("virtio-blk queues must be 1...64, not \(options.queues)") }
         guard options.threads >= 1 else { throw VhostUserDeviceError("virtio-blk threads must be at least 1") }
@@ -119,7 +124,7 @@ public final class VirtioBlkDevice<Channel: VhostChannel>: VhostUserDevice, @unc
         for t in 0..<threads {
             let channel: Channel
             do { channel = try channelFactory() } catch { throw VhostUserDeviceError("back-end channel: \(error)") }
-            let handler = BlkGroupHandler(channel: channel, queueCount: options.queues)
+            let handler = BlkGroupHandler(channel: channel, queueCount: options.queues, counters: counters)
             do {
                 let group = try QueueGroup(name: "blk-q\(t)", handler: handler, pollBudgetNanoseconds: options.pollBudgetNanoseconds, log: log)
                 handler.device = self
@@ -221,14 +226,23 @@ struct BlkSlot {
     var entries: UInt16 = 1
     var written: UInt32 = 0
     var isRead = false
+    /// Arrival time (`IOCounters.now()`), for the latency statistics.
+    var arrival: UInt64 = 0
+    /// Statistics class of the request.
+    var kind: IOCommandClass = .other
+    /// Bytes the request moves (reads and writes), counted when it succeeds.
+    var bytes: UInt64 = 0
 }
 
 /// Per-queue slot table.
 final class BlkQueueSlots {
     let queue: RunningQueue
     let slots: UnsafeMutablePointer<BlkSlot>
-    init(queue: RunningQueue) {
+    /// This queue's statistics, if any.
+    let counters: IOCounters?
+    init(queue: RunningQueue, counters: IOCounters?) {
         self.queue = queue
+        self.counters = counters
         slots = .allocate(capacity: queue.ring.size)
         slots.initialize(repeating: BlkSlot(), count: queue.ring.size)
     }
@@ -241,15 +255,28 @@ final class BlkGroupHandler<Channel: VhostChannel>: QueueGroupHandler {
     unowned(unsafe) var device: VirtioBlkDevice<Channel>!
     private var queues: [BlkQueueSlots?]
     private var pendingCommit = false
+    private let countersProvider: VirtioBlkCountersProvider?
+    private var unregisterFD: ((Int32) -> Void)?
+    private var closed = false
 
-    init(channel: Channel, queueCount: Int) {
+    init(channel: Channel, queueCount: Int, counters: VirtioBlkCountersProvider?) {
         self.channel = channel
         queues = Array(repeating: nil, count: queueCount)
+        countersProvider = counters
     }
 
-    func attach(_ queue: RunningQueue) { queues[queue.index] = BlkQueueSlots(queue: queue) }
+    func attach(_ queue: RunningQueue) { queues[queue.index] = BlkQueueSlots(queue: queue, counters: countersProvider?(queue.index)) }
     func detach(_ queue: RunningQueue) { queues[queue.index] = nil }
     func completionFDs() -> [Int32] { [channel.completionFD] }
+    func bind(unregisterCompletionFD: @escaping (Int32) -> Void) { unregisterFD = unregisterCompletionFD }
+
+    /// The loop is stopping (queues drained): release the channel.
+    func stopping() {
+        guard !closed else { return }
+        closed = true
+        if channel.completionFD >= 0 { unregisterFD?(channel.completionFD) }
+        channel.close()
+    }
 
     func commit() {
         if pendingCommit {
@@ -259,6 +286,7 @@ final class BlkGroupHandler<Channel: VhostChannel>: QueueGroupHandler {
     }
 
     func reap() -> Bool {
+        if closed { return false }
         let n = channel.reap { token, result in
             let qi = Int(token >> 32)
             let head = UInt16(truncatingIfNeeded: token)
@@ -275,6 +303,13 @@ final class BlkGroupHandler<Channel: VhostChannel>: QueueGroupHandler {
     private func finish(_ q: BlkQueueSlots, _ head: UInt16, _ status: UInt8, dataWritten: UInt32) {
         let slot = q.slots[Int(head)]
         slot.status?.storeBytes(of: status, as: UInt8.self)
+        if let counters = q.counters {
+            // IOERR counts as CHECK CONDITION / MEDIUM ERROR, UNSUPP as CHECK CONDITION / ILLEGAL REQUEST.
+            let ok = status == VirtioBlk.statusOK
+            counters.record(command: slot.kind, bytes: ok ? Int(truncatingIfNeeded: slot.bytes) : 0,
+                            latencyNanos: IOCounters.now() &- slot.arrival, status: ok ? 0 : 0x02,
+                            senseKey: status == VirtioBlk.statusUnsupported ? 0x05 : 0x03)
+        }
         q.queue.complete(head: head, ringEntries: slot.entries, length: dataWritten + 1)
     }
 
@@ -286,7 +321,9 @@ final class BlkGroupHandler<Channel: VhostChannel>: QueueGroupHandler {
             queue.complete(head: head, ringEntries: chain.ringEntries, length: 0)
             return
         }
-        q.slots[Int(head)] = BlkSlot(status: status, entries: chain.ringEntries, written: 0, isRead: false)
+        q.slots[Int(head)] = BlkSlot(status: status, entries: chain.ringEntries, written: 0, isRead: false,
+                                     arrival: IOCounters.now())
+        q.counters?.begin()
         var header = (UInt64(0), UInt64(0))
         let got = withUnsafeMutableBytes(of: &header) { chain.readable.gather(from: 0, into: $0) }
         guard got == 16, let dataOut = chain.readable.droppingPrefix(16), let dataIn = chain.writable.droppingSuffix(1) else {
@@ -294,6 +331,13 @@ final class BlkGroupHandler<Channel: VhostChannel>: QueueGroupHandler {
             return
         }
         let type = UInt32(truncatingIfNeeded: header.0.littleEndian)
+        switch type {
+        case VirtioBlk.typeIn: q.slots[Int(head)].kind = .read
+        case VirtioBlk.typeOut, VirtioBlk.typeWriteZeroes: q.slots[Int(head)].kind = .write
+        case VirtioBlk.typeFlush: q.slots[Int(head)].kind = .flush
+        case VirtioBlk.typeDiscard: q.slots[Int(head)].kind = .discard
+        default: break
+        }
         let sector = header.1.littleEndian
         let device = self.device!
         let capacity = device.capacitySectors.load(ordering: .relaxed)
@@ -316,6 +360,7 @@ final class BlkGroupHandler<Channel: VhostChannel>: QueueGroupHandler {
             }
             q.slots[Int(head)].isRead = isRead
             q.slots[Int(head)].written = isRead ? UInt32(truncatingIfNeeded: bytes) : 0
+            q.slots[Int(head)].bytes = bytes
             request = BlockRequest(operation: isRead ? .read : .write, offset: sector * 512, length: bytes, buffers: buffers,
                                    forceUnitAccess: !isRead && !device.writeback.load(ordering: .relaxed))
         case VirtioBlk.typeFlush:

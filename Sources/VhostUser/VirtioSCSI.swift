@@ -127,8 +127,14 @@ public struct VirtioSCSIOptions: Sendable {
     }
 }
 
+/// Where a virtio-scsi device finds the I/O counters of a LUN: `(backendID, requestQueueIndex)` to the
+/// counters of that LUN's queue, or nil to count nothing for it. Called on an event-loop thread when it
+/// starts using a back-end (control path), never per I/O.
+public typealias VirtioSCSICountersProvider = @Sendable (_ backendID: Int, _ requestQueue: Int) -> IOCounters?
+
 /// The virtio-scsi device model: a SCSI target behind control, event and request queues.
-/// Back-end channels are created per event-loop thread and LUN back-end on first use.
+/// Back-end channels are created per event-loop thread and LUN back-end on first use, and closed
+/// once their LUN is gone from the map and nothing is in flight on them.
 public final class VirtioSCSIDevice<Channel: VhostChannel>: VhostUserDevice, @unchecked Sendable {
     /// Options.
     public let options: VirtioSCSIOptions
@@ -144,7 +150,9 @@ public final class VirtioSCSIDevice<Channel: VhostChannel>: VhostUserDevice, @un
 
     /// Creates the device; `channelFactory(backendID)` runs on an event-loop thread the first time that
     /// thread needs the back-end (it may throw: the command then fails with a hardware error).
+    /// `counters(backendID, requestQueue)` gives the statistics each command is counted in.
     public init(target: SCSITarget, options: VirtioSCSIOptions, channelFactory: @escaping @Sendable (Int) throws -> Channel,
+                counters: VirtioSCSICountersProvider? = nil,
                 log: @escaping VhostUserLogger) throws(VhostUserDeviceError) {
         guard options.requestQueues >= 1, options.requestQueues <= 64 else {
             throw VhostUserDeviceError("virtio-scsi request queues must be 1...64, not \(options.requestQueues)")
@@ -158,7 +166,8 @@ public final class VirtioSCSIDevice<Channel: VhostChannel>: VhostUserDevice, @un
         let perGroup = (options.requestQueues + threads - 1) / threads
         for t in 0..<threads {
             let handler = SCSIGroupHandler<Channel>(queueCount: 2 + options.requestQueues, slotsPerQueue: options.maxQueueSize,
-                                                    taskCapacity: (perGroup + 1) * options.maxQueueSize, channelFactory: channelFactory)
+                                                    taskCapacity: (perGroup + 1) * options.maxQueueSize, channelFactory: channelFactory,
+                                                    counters: counters)
             do {
                 groups.append(try QueueGroup(name: "scsi-q\(t)", handler: handler, pollBudgetNanoseconds: options.pollBudgetNanoseconds, log: log))
             } catch {
@@ -171,8 +180,13 @@ public final class VirtioSCSIDevice<Channel: VhostChannel>: VhostUserDevice, @un
             g.start()
         }
         let control = groups[0]
+        let all = groups
         subscription = target.subscribe { event in
             control.onLoop { control.handler.lunEvent(event) }
+            if case .removed = event {
+                // Every thread closes its channel of the removed LUN once nothing is in flight on it.
+                for g in all { g.onLoop { g.handler.retireRemovedBackends() } }
+            }
         }
     }
 
@@ -286,14 +300,25 @@ final class SCSIQueueSlots {
     let responseVectors: UnsafeMutablePointer<iovec>
     let responseCounts: UnsafeMutablePointer<Int>
     let entries: UnsafeMutablePointer<UInt16>
+    /// Per slot: index of the `BackendUse` the task is counted on (-1: none).
+    let uses: UnsafeMutablePointer<Int32>
+    /// Per slot: arrival time (`IOCounters.now()`).
+    let arrivals: UnsafeMutablePointer<UInt64>
     /// Base of this queue's slots in the group's task set.
     let taskSetBase: Int
+    /// Request-queue number (virtqueue index - 2): the statistics queue slot.
+    let requestQueue: Int
     static let responseVectorCapacity = 4
 
     init(queue: RunningQueue, taskSetBase: Int) {
         self.queue = queue
         size = queue.ring.size
         self.taskSetBase = taskSetBase
+        requestQueue = queue.index - VirtioSCSI.firstRequestQueue
+        uses = .allocate(capacity: size)
+        uses.initialize(repeating: -1, count: size)
+        arrivals = .allocate(capacity: size)
+        arrivals.initialize(repeating: 0, count: size)
         tasks = .allocate(capacity: size)
         tasks.initialize(repeating: SCSITask(nexus: ITNexus(initiator: 0), lun: nil, tag: 0, cdb: CDB()), count: size)
         responseVectors = .allocate(capacity: size * Self.responseVectorCapacity)
@@ -310,6 +335,8 @@ final class SCSIQueueSlots {
         responseVectors.deallocate()
         responseCounts.deallocate()
         entries.deallocate()
+        uses.deallocate()
+        arrivals.deallocate()
     }
 
     func response(_ head: UInt16) -> IOVectorList {
@@ -329,8 +356,17 @@ final class SCSIGroupHandler<Channel: VhostChannel>: QueueGroupHandler, @uncheck
     unowned(unsafe) var device: VirtioSCSIDevice<Channel>!
     unowned(unsafe) var group: QueueGroup<SCSIGroupHandler<Channel>>!
     private let channelFactory: @Sendable (Int) throws -> Channel
-    private var channels: [Channel?] = []
-    private var dirtyChannels: [Int] = []
+    private let countersProvider: VirtioSCSICountersProvider?
+    private let requestQueueCount: Int
+    /// Back-ends this thread uses; a slot is reused once its use is closed.
+    private var uses: [BackendUse<Channel>?] = []
+    private var freeUses: [Int] = []
+    /// Index in `uses` of the live use of each back-end id (-1: none); retired uses are unlinked.
+    private var useOfBackend: [Int32] = []
+    private var dirtyUses: [Int] = []
+    /// Retired uses still waiting for their last task; checked after each batch.
+    private var retiredCount = 0
+    private var unregisterFD: ((Int32) -> Void)?
     private var queues: [SCSIQueueSlots?]
     private var queueSlotsInUse: [Bool]
     private let slotsPerQueue: Int
@@ -343,17 +379,23 @@ final class SCSIGroupHandler<Channel: VhostChannel>: QueueGroupHandler, @uncheck
     private var pendingEvents: [(UInt32, LogicalUnitNumber?, UInt32)] = []
     private var eventsMissed = false
 
-    init(queueCount: Int, slotsPerQueue: Int, taskCapacity: Int, channelFactory: @escaping @Sendable (Int) throws -> Channel) {
+    init(queueCount: Int, slotsPerQueue: Int, taskCapacity: Int, channelFactory: @escaping @Sendable (Int) throws -> Channel,
+         counters: VirtioSCSICountersProvider?) {
         queues = Array(repeating: nil, count: queueCount)
         queueSlotsInUse = Array(repeating: false, count: max(1, taskCapacity / max(1, slotsPerQueue)))
         self.slotsPerQueue = slotsPerQueue
         taskSet = TaskSet(capacity: taskCapacity)
         self.channelFactory = channelFactory
-        channels.reserveCapacity(64)
-        dirtyChannels.reserveCapacity(64)
+        countersProvider = counters
+        requestQueueCount = max(0, queueCount - VirtioSCSI.firstRequestQueue)
+        uses.reserveCapacity(64)
+        freeUses.reserveCapacity(64)
+        dirtyUses.reserveCapacity(64)
+        useOfBackend.reserveCapacity(256)
     }
 
     func bind(registerCompletionFD: @escaping (Int32) -> Void) { registerFD = registerCompletionFD }
+    func bind(unregisterCompletionFD: @escaping (Int32) -> Void) { unregisterFD = unregisterCompletionFD }
     func completionFDs() -> [Int32] { [] }
     func takesRequests(_ queue: RunningQueue) -> Bool { queue.index != VirtioSCSI.eventQueue }
     func kicked(_ queue: RunningQueue) { if queue.index == VirtioSCSI.eventQueue { eventQueueKicked() } }
@@ -369,38 +411,131 @@ final class SCSIGroupHandler<Channel: VhostChannel>: QueueGroupHandler, @uncheck
     }
 
     func detach(_ queue: RunningQueue) {
-        if let q = queues[queue.index] { queueSlotsInUse[q.taskSetBase / slotsPerQueue] = false }
+        if let q = queues[queue.index] {
+            queueSlotsInUse[q.taskSetBase / slotsPerQueue] = false
+            // A drained queue has no task left; forget any that never got its answer.
+            for head in 0..<q.size where q.uses[head] >= 0 {
+                uses[Int(q.uses[head])]?.tasks -= 1
+                q.uses[head] = -1
+            }
+        }
         queues[queue.index] = nil
+        if retiredCount > 0 { closeIdleRetired() }
     }
 
     // MARK: Back-end channels
 
+    /// The live use of `backendID` on this thread, or -1.
     @inline(__always)
-    private func channel(_ backendID: Int) -> Channel? {
-        if backendID >= 0 && backendID < channels.count, let c = channels[backendID] { return c }
-        guard backendID >= 0 && backendID < 1 << 16 else { return nil }
+    private func existingUse(_ backendID: Int) -> Int {
+        backendID >= 0 && backendID < useOfBackend.count ? Int(useOfBackend[backendID]) : -1
+    }
+
+    /// The live use of `backendID`, created (with its counters, without a channel yet) on first need.
+    @inline(__always)
+    private func use(for backendID: Int) -> Int {
+        let existing = existingUse(backendID)
+        if existing >= 0 { return existing }
+        guard backendID >= 0 && backendID < 1 << 16 else { return -1 }
+        return makeUse(backendID)
+    }
+
+    private func makeUse(_ backendID: Int) -> Int {
+        let use = BackendUse<Channel>(backendID: backendID, requestQueues: requestQueueCount, provider: countersProvider)
+        let index: Int
+        if let free = freeUses.popLast() {
+            index = free
+            uses[index] = use
+        } else {
+            index = uses.count
+            uses.append(use)
+        }
+        while useOfBackend.count <= backendID { useOfBackend.append(-1) }
+        useOfBackend[backendID] = Int32(index)
+        return index
+    }
+
+    /// The channel of a use, opened on first I/O (never again once the use is retired).
+    @inline(__always)
+    private func channel(_ use: BackendUse<Channel>) -> Channel? {
+        if let c = use.channel { return c }
+        guard !use.retired else { return nil }
         do {
-            let c = try channelFactory(backendID)
-            while channels.count <= backendID { channels.append(nil) }
-            channels[backendID] = c
+            let c = try channelFactory(use.backendID)
+            use.channel = c
             if c.completionFD >= 0 { registerFD?(c.completionFD) }
             return c
         } catch {
-            device.log(.error, "back-end \(backendID): no channel: \(error)")
+            device.log(.error, "back-end \(use.backendID): no channel: \(error)")
             return nil
         }
     }
 
+    /// Retires the uses whose back-end no LUN of the map names any more (after a `.removed` event):
+    /// new commands can no longer reach them, and each closes once its last task has been answered.
+    func retireRemovedBackends() {
+        device.target.refresh(&view)
+        var named = Set<Int>()
+        for lun in view.numbers { if let unit = view.unit(lun) { named.insert(unit.backendID) } }
+        for case let use? in uses where !use.retired && !named.contains(use.backendID) {
+            use.retired = true
+            retiredCount += 1
+            if existingUse(use.backendID) >= 0 { useOfBackend[use.backendID] = -1 }
+        }
+        if retiredCount > 0 { closeIdleRetired() }
+    }
+
+    /// Closes every retired use with nothing in flight: its completion fd leaves the loop, then the
+    /// channel closes (releasing the back-end), and the slot is freed.
+    private func closeIdleRetired() {
+        for i in uses.indices {
+            guard let use = uses[i], use.retired, use.tasks <= 0, use.submitted <= 0 else { continue }
+            closeChannel(of: use)
+            uses[i] = nil
+            freeUses.append(i)
+            retiredCount -= 1
+        }
+    }
+
+    private func closeChannel(of use: BackendUse<Channel>) {
+        if let c = use.channel {
+            if c.completionFD >= 0 { unregisterFD?(c.completionFD) }
+            c.close()
+            use.channel = nil
+        }
+    }
+
+    /// The loop is stopping (the queues drained): close every channel.
+    func stopping() {
+        for i in uses.indices {
+            if let use = uses[i] { closeChannel(of: use) }
+            uses[i] = nil
+        }
+        freeUses.removeAll()
+        useOfBackend.removeAll()
+        dirtyUses.removeAll()
+        retiredCount = 0
+    }
+
     func commit() {
-        for id in dirtyChannels { channels[id]?.commit() }
-        dirtyChannels.removeAll(keepingCapacity: true)
+        for i in dirtyUses {
+            guard let use = uses[i] else { continue }
+            use.dirty = false
+            use.channel?.commit()
+        }
+        dirtyUses.removeAll(keepingCapacity: true)
+        if retiredCount > 0 { closeIdleRetired() }
     }
 
     func reap() -> Bool {
         var any = false
-        for c in channels {
-            guard let c else { continue }
+        var i = 0
+        let count = uses.count
+        while i < count {
+            defer { i += 1 }
+            guard let use = uses[i], let c = use.channel else { continue }
             let n = c.reap { token, result in
+                use.submitted -= 1
                 let qi = Int(token >> 32)
                 let head = UInt16(truncatingIfNeeded: token)
                 guard qi < queues.count, let q = queues[qi], Int(head) < q.size else { return }
@@ -410,8 +545,32 @@ final class SCSIGroupHandler<Channel: VhostChannel>: QueueGroupHandler, @uncheck
             }
             if n > 0 { any = true }
         }
-        if any { commit() }
+        if any || retiredCount > 0 { commit() }
         return any
+    }
+
+    // MARK: Statistics
+
+    /// Starts counting the task in `head` on use `index` (-1: not counted).
+    @inline(__always)
+    private func beginTask(_ q: SCSIQueueSlots, _ head: UInt16, use index: Int) {
+        q.uses[Int(head)] = Int32(index)
+        guard index >= 0, let use = uses[index] else { return }
+        use.tasks += 1
+        if q.requestQueue < use.counterCount { use.counters[q.requestQueue]?.begin() }
+    }
+
+    /// Counts the answer of the task in `head` (status and sense final) and releases its use.
+    @inline(__always)
+    private func endTask(_ q: SCSIQueueSlots, _ head: UInt16) {
+        let index = Int(q.uses[Int(head)])
+        guard index >= 0 else { return }
+        q.uses[Int(head)] = -1
+        guard let use = uses[index] else { return }
+        use.tasks -= 1
+        if q.requestQueue < use.counterCount, let counters = use.counters[q.requestQueue] {
+            counters.record(task: q.tasks[Int(head)], latencyNanos: IOCounters.now() &- q.arrivals[Int(head)])
+        }
     }
 
     // MARK: Requests
@@ -492,6 +651,7 @@ final class SCSIGroupHandler<Channel: VhostChannel>: QueueGroupHandler, @uncheck
         }
         let slot = q.taskSetBase + Int(head)
         let task = q.tasks + Int(head)
+        q.arrivals[Int(head)] = IOCounters.now()
         task.pointee.reset(nexus: device.nexus, lun: unitNumber, tag: tag, attribute: attribute, cdb: cdb,
                            dataOut: dataOut, dataIn: dataIn)
         switch taskSet.register(slot: slot, nexus: device.nexus, lun: unitNumber, tag: tag, attribute: attribute) {
@@ -501,13 +661,18 @@ final class SCSIGroupHandler<Channel: VhostChannel>: QueueGroupHandler, @uncheck
             task.pointee.status = .checkCondition
             let sense = TaskSet.overlappedCommandsError.sense!
             sense.encode(.fixed, into: &task.pointee.sense)
+            beginTask(q, head, use: existingUse(view.unit(unitNumber)?.backendID ?? -1))
             respond(q, head, registered: false)
             return
         case .slotUnavailable:
+            task.pointee.status = .busy
+            beginTask(q, head, use: existingUse(view.unit(unitNumber)?.backendID ?? -1))
+            endTask(q, head)
             respondTransport(q, head, VirtioSCSI.responseBusy)
             return
         }
         let disposition = device.target.execute(&task.pointee, view: &view)
+        beginTask(q, head, use: use(for: task.pointee.backendID))
         drive(q, head, disposition)
     }
 
@@ -522,8 +687,8 @@ final class SCSIGroupHandler<Channel: VhostChannel>: QueueGroupHandler, @uncheck
                 respond(q, head, registered: true)
                 return
             case let .submit(request):
-                let id = task.pointee.backendID
-                guard let c = channel(id) else {
+                let index = Int(q.uses[Int(head)])
+                guard index >= 0, let use = uses[index], let c = channel(use) else {
                     disposition = device.target.resume(&task.pointee, with: .failure(EIO))
                     continue
                 }
@@ -532,8 +697,12 @@ final class SCSIGroupHandler<Channel: VhostChannel>: QueueGroupHandler, @uncheck
                     disposition = device.target.resume(&task.pointee, with: .failure(rc))
                     continue
                 }
+                use.submitted += 1
                 taskSet.setInBackend(slot: q.taskSetBase + Int(head), true)
-                if !dirtyChannels.contains(id) { dirtyChannels.append(id) }
+                if !use.dirty {
+                    use.dirty = true
+                    dirtyUses.append(index)
+                }
                 return
             }
         }
@@ -577,6 +746,7 @@ final class SCSIGroupHandler<Channel: VhostChannel>: QueueGroupHandler, @uncheck
             _ = q.response(head).scatter(at: 0, from: UnsafeRawBufferPointer(rebasing: raw[0..<(VirtioSCSI.responseHeaderSize + senseLength)]))
         }
         let responseSize = VirtioSCSI.responseHeaderSize + senseSize
+        endTask(q, head)
         q.queue.complete(head: head, ringEntries: q.entries[Int(head)], length: UInt32(responseSize + dataIn))
         if !abortWaiters.isEmpty && taskSet.abortedCount == 0 { finishAbortWaiters() }
     }
@@ -688,6 +858,7 @@ final class SCSIGroupHandler<Channel: VhostChannel>: QueueGroupHandler, @uncheck
     }
 
     private func respondAborted(_ q: SCSIQueueSlots, _ head: UInt16) {
+        endTask(q, head)
         respondTransport(q, head, VirtioSCSI.responseAborted)
     }
 
@@ -770,6 +941,41 @@ final class SCSIGroupHandler<Channel: VhostChannel>: QueueGroupHandler, @uncheck
     /// The event queue was kicked: report missed events if any.
     func eventQueueKicked() {
         if eventsMissed { deliverEvents() }
+    }
+}
+
+/// One back-end as one queue-group thread uses it: its channel (opened on the first I/O), the LUN's
+/// counters for each request queue, and what is in flight on it. Touched on that thread only.
+final class BackendUse<Channel: VhostChannel> {
+    /// The LUN's `backendID`.
+    let backendID: Int
+    /// The channel, once opened.
+    var channel: Channel?
+    /// Counters per request queue (nil where the provider has none).
+    let counters: UnsafeMutablePointer<IOCounters?>
+    let counterCount: Int
+    /// Tasks begun on this back-end and not yet answered.
+    var tasks = 0
+    /// Requests submitted on `channel` and not yet reaped.
+    var submitted = 0
+    /// Submitted since the last commit.
+    var dirty = false
+    /// Its LUN left the map: no new task reaches it; it closes when idle.
+    var retired = false
+
+    init(backendID: Int, requestQueues: Int, provider: VirtioSCSICountersProvider?) {
+        self.backendID = backendID
+        counterCount = requestQueues
+        counters = .allocate(capacity: max(1, requestQueues))
+        counters.initialize(repeating: nil, count: max(1, requestQueues))
+        if let provider {
+            for queue in 0..<requestQueues { counters[queue] = provider(backendID, queue) }
+        }
+    }
+
+    deinit {
+        counters.deinitialize(count: max(1, counterCount))
+        counters.deallocate()
     }
 }
 

@@ -23,7 +23,7 @@ final class FileChannel: BlockChannel, @unchecked Sendable {
         ready.reserveCapacity(1024)
     }
 
-    deinit { close(completionFD) }
+    deinit { Glibc.close(completionFD) }
 
     func submit(_ request: BlockRequest, token: UInt64) -> Int32 {
         var result: BlockResult
@@ -82,6 +82,9 @@ final class FileChannel: BlockChannel, @unchecked Sendable {
     }
 
     var inFlight: Int { ready.count }
+
+    /// The descriptors stay with the test (closed in deinit).
+    func close() {}
 }
 
 /// A channel that completes every request at once without touching data (transport benchmarks).
@@ -89,12 +92,13 @@ final class InstantChannel: VhostChannel, @unchecked Sendable {
     let completionFD = csys_eventfd(0, 1)
     private var ready: [(UInt64, BlockResult)] = []
     init() { ready.reserveCapacity(4096) }
-    deinit { close(completionFD) }
+    deinit { Glibc.close(completionFD) }
     func submit(_ request: BlockRequest, token: UInt64) -> Int32 {
         ready.append((token, .success(request.length)))
         return 0
     }
     func commit() { if !ready.isEmpty { _ = csys_eventfd_signal(completionFD, 1) } }
+    func close() {}
     func reap(_ handler: (UInt64, BlockResult) -> Void) -> Int {
         var v: UInt64 = 0
         _ = csys_eventfd_drain(completionFD, &v)

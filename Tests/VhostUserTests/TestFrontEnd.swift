@@ -167,8 +167,8 @@ final class MemoryChannel: BlockChannel, @unchecked Sendable {
 
     deinit {
         storage.deallocate()
-        close(completionFD)
-        close(releaseFD)
+        Glibc.close(completionFD)
+        Glibc.close(releaseFD)
     }
 
     func submit(_ request: BlockRequest, token: UInt64) -> Int32 {
@@ -223,6 +223,10 @@ final class MemoryChannel: BlockChannel, @unchecked Sendable {
     }
 
     var inFlight: Int { queued.count + ready.count + held.count }
+
+    /// How many times the device closed this channel.
+    let closeCount = Atomic<Int>(0)
+    func close() { closeCount.add(1, ordering: .relaxed) }
 
     func bytes(_ offset: Int, _ count: Int) -> [UInt8] { Array(storage[offset..<(offset + count)]) }
 }

@@ -1,0 +1,74 @@
+import Backends
+import BlockIO
+import Foundation
+import Gateway
+import SCSI
+import Testing
+import VhostUser
+import Virtio
+
+/// The gateway's own vhost-user-scsi front-end (`VhostUserSCSIFrontEndFactory`) under LUN hotplug:
+/// statistics reach the gateway's counters, and a removed file LUN can be added again at once after
+/// its channels closed, while the front-end stays connected.
+@Suite(.serialized) struct GatewayHotplugTests {
+    @Test func gatewayFrontEndCountsAndReleasesRemovedLUNs() throws {
+        let dir = "/tmp/sg-gwhotplug-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let config = try ConfigLoader.parse("""
+            [gateway]
+            state_dir = "\(dir)/state"
+            control_socket = "\(dir)/run/control.sock"
+            [[controller]]
+            name = "scsi0"
+            transport = "vhost-user-scsi"
+            socket = "\(dir)/run/scsi0.sock"
+            queues = 2
+            [[controller.lun]]
+            lun = 0
+            backend = "file"
+            path = "disk0.img"
+            size = "4M"
+            create = true
+            """, source: "hotplug.toml")
+        let gateway = Gateway(config: config, logger: .init(label: "hotplug-test"),
+                              frontEnds: FrontEndRegistry([VhostUserSCSIFrontEndFactory()]))
+        try gateway.start()
+        defer { gateway.stop() }
+        let runtime = try #require(gateway.controller(named: "scsi0"))
+        let guest = try #require(TestSCSIGuest(socket: runtime.config.socket, requestQueues: 2))
+
+        _ = guest.command([0x00, 0, 0, 0, 0, 0], lun: 0, queue: 0)
+        let pattern = [UInt8](repeating: 0x5A, count: 4096)
+        #expect(guest.command([0x2A, 0, 0, 0, 0, 8, 0, 0, 8, 0], lun: 0, queue: 0, out: pattern)?.status == 0)
+        #expect(guest.command([0x28, 0, 0, 0, 0, 8, 0, 0, 8, 0], lun: 0, queue: 1, inLength: 4096)?.status == 0)
+        let disk = try #require(runtime.target.logicalUnit(LogicalUnitNumber(0)!))
+        let stats = try #require(runtime.statistics(backendID: disk.backendID))
+        #expect(stats.snapshot(queue: 0).commands(.write) == 1 && stats.snapshot(queue: 0).writeBytes == 4096)
+        #expect(stats.snapshot(queue: 1).commands(.read) == 1 && stats.snapshot(queue: 1).readBytes == 4096)
+        #expect(stats.snapshot().commands == 3 && stats.inFlight == 0)
+
+        let hot = LUNConfig(lun: 1, backend: .file, path: "\(dir)/state/hot1.img", size: 4 << 20, create: true)
+        for round in 0..<5 {
+            try gateway.addLUN(hot, to: "scsi0")
+            let unit = try #require(runtime.target.logicalUnit(LogicalUnitNumber(1)!))
+            let hotStats = try #require(runtime.statistics(backendID: unit.backendID))
+            _ = guest.command([0x00, 0, 0, 0, 0, 0], lun: 1, queue: round % 2)
+            #expect(guest.command([0x2A, 0, 0, 0, 0, 0, 0, 0, 8, 0], lun: 1, queue: 0, out: pattern)?.status == 0)
+            #expect(guest.command([0x28, 0, 0, 0, 0, 0, 0, 0, 8, 0], lun: 1, queue: 1, inLength: 4096)?.data == pattern)
+            #expect(hotStats.snapshot().commands == 3 && hotStats.snapshot().readBytes == 4096)
+            try gateway.removeLUN(target: 0, lun: 1, from: "scsi0", drainTimeoutMilliseconds: 1000)
+            // The front-end closes its channels on the removal; then the file opens (and locks) again.
+            var reopened = false
+            #expect(waitFor(seconds: 10) {
+                guard let b = try? AnyBlockBackend.open(BackendSpec(kind: .file, path: "\(dir)/state/hot1.img")) else { return false }
+                b.close()
+                reopened = true
+                return true
+            })
+            #expect(reopened, "round \(round): the removed LUN's file stays locked")
+        }
+        // LUN 0 keeps working (after its REPORTED LUNS DATA HAS CHANGED attention).
+        _ = guest.command([0x00, 0, 0, 0, 0, 0], lun: 0, queue: 1)
+        #expect(guest.command([0x28, 0, 0, 0, 0, 8, 0, 0, 8, 0], lun: 0, queue: 1, inLength: 4096)?.data == pattern)
+    }
+}

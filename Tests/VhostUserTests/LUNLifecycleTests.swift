@@ -1,0 +1,405 @@
+import Backends
+import BlockIO
+import CSystem
+import Gateway
+import SCSI
+import Synchronization
+import Testing
+import VhostUser
+import Virtio
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Open file descriptors of this process (/proc/self/fd).
+private func openFDCount() -> Int { directoryEntryCount("/proc/self/fd") - 1 }  // minus the listing's own
+
+/// Threads of this process (/proc/self/task).
+private func threadCount() -> Int { directoryEntryCount("/proc/self/task") }
+
+private func directoryEntryCount(_ path: String) -> Int {
+    guard let dir = opendir(path) else { return -1 }
+    defer { closedir(dir) }
+    var n = 0
+    while let entry = readdir(dir) {
+        let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        if name != "." && name != ".." { n += 1 }
+    }
+    return n
+}
+
+/// Descriptors of this process that point at `path`.
+private func descriptorsOpen(on path: String) -> Int {
+    guard let dir = opendir("/proc/self/fd") else { return -1 }
+    defer { closedir(dir) }
+    var n = 0
+    var buffer = [CChar](repeating: 0, count: 4096)
+    while let entry = readdir(dir) {
+        let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        guard name != ".", name != ".." else { continue }
+        let length = readlink("/proc/self/fd/" + name, &buffer, buffer.count - 1)
+        guard length > 0 else { continue }
+        let target = buffer.prefix(length).withUnsafeBufferPointer { String(decoding: UnsafeRawBufferPointer($0), as: UTF8.self) }
+        if target == path { n += 1 }
+    }
+    return n
+}
+
+/// The gateway's bookkeeping in miniature: back-ends and their counters by back-end id.
+private final class TestRegistry: @unchecked Sendable {
+    struct Entry {
+        var backend: AnyBlockBackend
+        var statistics: LUNIOStatistics
+    }
+    private let state = Mutex<(entries: [Int: Entry], next: Int)>(([:], 1))
+    let queues: Int
+    init(queues: Int) { self.queues = queues }
+
+    func register(_ backend: AnyBlockBackend) -> (id: Int, statistics: LUNIOStatistics) {
+        let statistics = LUNIOStatistics(queues: queues)
+        let id = state.withLock { s in
+            let id = s.next
+            s.next += 1
+            s.entries[id] = Entry(backend: backend, statistics: statistics)
+            return id
+        }
+        return (id, statistics)
+    }
+    func remove(_ id: Int) -> Entry? { state.withLock { $0.entries.removeValue(forKey: id) } }
+    func entry(_ id: Int) -> Entry? { state.withLock { $0.entries[id] } }
+
+    func makeChannel(_ id: Int) throws(BlockBackendError) -> AnyBlockChannel {
+        guard let entry = entry(id) else { throw BlockBackendError("back-end \(id) is gone") }
+        return try entry.backend.makeChannel()
+    }
+    func counters(_ id: Int, _ queue: Int) -> IOCounters? {
+        guard let statistics = entry(id)?.statistics, queue < statistics.queueCount else { return nil }
+        return statistics.counters(queue: queue)
+    }
+}
+
+/// A virtio-scsi guest driver in miniature: the control, event and request queues of a connected test front-end.
+final class TestSCSIGuest {
+    let ram: TestGuestRAM
+    let rings: [TestSplitRing]
+    let fds: [(kick: Int32, call: Int32)]
+    let client: TestFrontEnd
+    private var nextTag: UInt64 = 0
+
+    init?(socket: String, requestQueues: Int) {
+        let ram = TestGuestRAM(size: 32 << 20)
+        self.ram = ram
+        rings = (0..<(2 + requestQueues)).map { _ in TestSplitRing(ram: ram, size: 32) }
+        guard let client = TestFrontEnd(path: socket) else { return nil }
+        self.client = client
+        fds = client.setUp(ram: ram, rings: rings, features: VirtioFeature.version1 | vhostUserFeatureProtocolFeatures,
+                           protocolFeatures: VhostUserProtocolFeature.replyAck)
+    }
+
+    deinit { for f in fds { close(f.kick); close(f.call) } }
+
+    struct Pending {
+        var ring: Int
+        var usedBefore: UInt16
+        var response: UInt64
+        var data: UInt64
+        var inLength: Int
+    }
+
+    /// Publishes a command on request queue `queue` (0-based) and kicks it.
+    func send(_ cdb: [UInt8], lun: Int, queue: Int, out: [UInt8] = [], inLength: Int = 0) -> Pending {
+        let ringIndex = 2 + queue
+        let ring = rings[ringIndex]
+        var req: [UInt8] = [1, 0, 0x40, UInt8(lun), 0, 0, 0, 0]
+        nextTag += 1
+        req.appendLE(nextTag); req += [0, 0, 0]; req += cdb + [UInt8](repeating: 0, count: 32 - cdb.count)
+        let r = ram.alloc(req.count)
+        ram.write(req, at: r)
+        var buffers = [TestSplitRing.Buffer(gpa: r, length: UInt32(req.count), writable: false)]
+        if !out.isEmpty {
+            let d = ram.alloc(out.count, align: 4096)
+            ram.write(out, at: d)
+            buffers.append(.init(gpa: d, length: UInt32(out.count), writable: false))
+        }
+        let resp = ram.alloc(108)
+        buffers.append(.init(gpa: resp, length: 108, writable: true))
+        var data: UInt64 = 0
+        if inLength > 0 {
+            data = ram.alloc(inLength, align: 4096)
+            buffers.append(.init(gpa: data, length: UInt32(inLength), writable: true))
+        }
+        let before = ring.usedIndex
+        ring.publish(ring.addChain(buffers))
+        _ = csys_eventfd_signal(fds[ringIndex].kick, 1)
+        return Pending(ring: ringIndex, usedBefore: before, response: resp, data: data, inLength: inLength)
+    }
+
+    /// Waits for the answer of `p`: (SCSI status, virtio response, sense key, data-in).
+    func wait(_ p: Pending) -> (status: UInt8, response: UInt8, senseKey: UInt8, data: [UInt8])? {
+        guard waitFor({ rings[p.ring].usedIndex != p.usedBefore }) else { return nil }
+        let h = ram.read(p.response, 15)
+        return (h[10], h[11], h[12 + 2] & 0x0F, p.inLength > 0 ? ram.read(p.data, p.inLength) : [])
+    }
+
+    func command(_ cdb: [UInt8], lun: Int, queue: Int, out: [UInt8] = [], inLength: Int = 0)
+        -> (status: UInt8, response: UInt8, senseKey: UInt8, data: [UInt8])? {
+        wait(send(cdb, lun: lun, queue: queue, out: out, inLength: inLength))
+    }
+}
+
+/// Channels of removed LUNs are closed (fds, worker threads and the file lock come back), and commands
+/// are counted in the LUN's statistics.
+@Suite(.serialized) struct LUNLifecycleTests {
+    private static func identity(_ n: Int) -> LogicalUnitIdentity {
+        LogicalUnitIdentity(serial: "LC\(n)", naa: 0x5000_0000_0000_1000 | UInt64(n))
+    }
+
+    @Test func removedLUNsReleaseTheirChannelsAndTheFileLock() throws {
+        let path = "/tmp/sg-vhost-lifecycle-\(getpid()).img"
+        unlink(path)
+        defer { unlink(path) }
+        let spec = BackendSpec(kind: .file, path: path, size: 4 << 20, cache: .writeback, create: true)
+        // Create the file once, so that every cycle below opens (and locks) the same existing file.
+        try AnyBlockBackend.open(spec).close()
+        let registry = TestRegistry(queues: 2)
+        let target = SCSITarget(name: "lifecycle")
+        // LUN 0 stays for the whole test; LUN 1 comes and goes.
+        let keep = try AnyBlockBackend.open(BackendSpec(kind: .null, path: "", size: 4 << 20))
+        let kept = registry.register(keep)
+        defer { keep.close() }
+        try target.add(LogicalUnit(number: LogicalUnitNumber(0)!, identity: Self.identity(0), geometry: keep.geometry,
+                                   backendID: kept.id))
+        let log = TestLog()
+        let sock = testSocketPath("lifecycle")
+        let controller = try VhostUserSCSIController<AnyBlockChannel>(
+            socketPath: sock, target: target, options: VirtioSCSIOptions(requestQueues: 2, threads: 2),
+            channelFactory: { id throws(BlockBackendError) in try registry.makeChannel(id) },
+            counters: { id, queue in registry.counters(id, queue) }, log: log.logger)
+        try controller.start()
+        defer { controller.stop() }
+        let guest = try #require(TestSCSIGuest(socket: sock, requestQueues: 2))
+        // Both threads have opened LUN 0's channel before the baseline is taken.
+        for queue in 0..<2 {
+            _ = guest.command([0x00, 0, 0, 0, 0, 0], lun: 0, queue: queue)
+            #expect(guest.command([0x28, 0, 0, 0, 0, 0, 0, 0, 8, 0], lun: 0, queue: queue, inLength: 4096)?.status == 0)
+        }
+        let startFDs = openFDCount()
+        let startThreads = threadCount()
+        #expect(descriptorsOpen(on: path) == 0)
+
+        let cycles = 50
+        var inFlightAtRemove = 0
+        for cycle in 0..<cycles {
+            // Opening the same file again fails with EWOULDBLOCK while an earlier channel holds it.
+            let backend = try AnyBlockBackend.open(spec)
+            let (id, statistics) = registry.register(backend)
+            try target.add(LogicalUnit(number: LogicalUnitNumber(1)!, identity: Self.identity(1), geometry: backend.geometry,
+                                       backendID: id))
+            _ = guest.command([0x00, 0, 0, 0, 0, 0], lun: 1, queue: 0)  // POWER ON RESET unit attention
+            let pattern = (0..<4096).map { UInt8(truncatingIfNeeded: $0 &* 5 &+ cycle) }
+            let lba = UInt8(cycle % 30)  // blocks lba*8 ... lba*8+15
+            let w = guest.command([0x2A, 0x08, 0, 0, 0, lba &* 8, 0, 0, 8, 0], lun: 1, queue: 0, out: pattern)
+            #expect(w?.status == 0 && w?.response == VirtioSCSI.responseOK)
+            let r = guest.command([0x28, 0, 0, 0, 0, lba &* 8, 0, 0, 8, 0], lun: 1, queue: 1, inLength: 4096)
+            #expect(r?.status == 0 && r?.data == pattern)
+            // Every other cycle a write has just started (counted as begun) when the LUN goes.
+            var pending: TestSCSIGuest.Pending?
+            if cycle % 2 == 1 {
+                let begun = statistics.snapshot().started
+                pending = guest.send([0x2A, 0x08, 0, 0, 0, lba &* 8 &+ 8, 0, 0, 8, 0], lun: 1, queue: cycle % 4 == 1 ? 0 : 1,
+                                     out: pattern)
+                #expect(waitFor { statistics.snapshot().started > begun })
+                if statistics.inFlight > 0 { inFlightAtRemove += 1 }
+            }
+            try target.remove(LogicalUnitNumber(1)!)
+            if let pending {
+                // Not lost: it completes against the unit it holds, and its data is on the file.
+                let answer = try #require(guest.wait(pending))
+                #expect(answer.response == VirtioSCSI.responseOK && answer.status == 0)
+                let check = try #require(guest.command([0x00, 0, 0, 0, 0, 0], lun: 1, queue: 0))
+                #expect(check.status == 2 && check.senseKey == 5)  // the LUN itself is gone
+            }
+            registry.remove(id)?.backend.close()
+            // Both threads close their channel: the file is released without the controller stopping.
+            #expect(waitFor(seconds: 10) { descriptorsOpen(on: path) == 0 }, "cycle \(cycle): file still open")
+            let s = statistics.snapshot()
+            #expect(s.inFlight == 0 && s.commands == s.started)
+        }
+        // LUN 0 (whose channels stay) still works, after its REPORTED LUNS DATA HAS CHANGED attention.
+        let attention = guest.command([0x00, 0, 0, 0, 0, 0], lun: 0, queue: 1)
+        #expect(attention?.status == 2 && attention?.senseKey == 6)
+        #expect(guest.command([0x28, 0, 0, 0, 0, 0, 0, 0, 8, 0], lun: 0, queue: 1, inLength: 4096)?.status == 0)
+        // Run alone, the counts come back exactly. Other suites of the same test process open and close
+        // descriptors and threads concurrently, so allow that noise, but far below one leaked channel
+        // per cycle (a FileChannel holds 3 descriptors and 1 worker thread: +150 fds and +50 threads).
+        let exact = waitFor(seconds: 10) { openFDCount() == startFDs && threadCount() == startThreads }
+        let endFDs = openFDCount()
+        let endThreads = threadCount()
+        print("LUN add/remove x\(cycles): fds \(startFDs) -> \(endFDs), threads \(startThreads) -> \(endThreads)"
+              + "\(exact ? "" : " (other tests running)"), writes still in flight at remove: \(inFlightAtRemove)/\(cycles / 2)")
+        #expect(endFDs - startFDs < cycles / 2)
+        #expect(endThreads - startThreads < cycles / 5)
+        // The same file can be added again: the lock was released.
+        let again = try AnyBlockBackend.open(spec)
+        again.close()
+        #expect(!log.contains("no channel"))
+    }
+
+    @Test func channelOfARemovedLUNClosesAfterItsLastCompletion() throws {
+        let held = MemoryChannel(bytes: 1 << 20)
+        held.hold.store(true, ordering: .releasing)
+        let fresh = MemoryChannel(bytes: 1 << 20)
+        let target = SCSITarget(name: "inflight")
+        let geometry = BlockGeometry(logicalBlockSize: 512, physicalBlockSize: 512, blockCount: 2048)
+        try target.add(LogicalUnit(number: LogicalUnitNumber(1)!, identity: Self.identity(1), geometry: geometry, backendID: 10))
+        let statistics = LUNIOStatistics(queues: 1)
+        let log = TestLog()
+        let sock = testSocketPath("inflight")
+        let controller = try VhostUserSCSIController<MemoryChannel>(
+            socketPath: sock, target: target, options: VirtioSCSIOptions(requestQueues: 1),
+            channelFactory: { id in
+                switch id {
+                case 10: return held
+                case 11: return fresh
+                default: throw BlockBackendError("no back-end \(id)")
+                }
+            },
+            counters: { id, queue in id == 10 ? statistics.counters(queue: queue) : nil }, log: log.logger)
+        try controller.start()
+        defer { controller.stop() }
+        let guest = try #require(TestSCSIGuest(socket: sock, requestQueues: 1))
+        _ = guest.command([0x00, 0, 0, 0, 0, 0], lun: 1, queue: 0)
+        let pattern = [UInt8](repeating: 0x3C, count: 4096)
+        let pending = guest.send([0x2A, 0, 0, 0, 0, 8, 0, 0, 8, 0], lun: 1, queue: 0, out: pattern)
+        #expect(waitFor { held.operations.withLock { $0.contains(.write) } })
+        #expect(statistics.inFlight == 1)
+        try target.remove(LogicalUnitNumber(1)!)
+        // A new command to the removed LUN fails at once; the held write keeps the channel open.
+        let refused = guest.command([0x00, 0, 0, 0, 0, 0], lun: 1, queue: 0)
+        #expect(refused?.status == 2 && refused?.senseKey == 5)
+        usleep(50_000)
+        #expect(held.closeCount.load(ordering: .relaxed) == 0)
+        #expect(guest.rings[2].usedIndex == pending.usedBefore &+ 1)  // only the refused command answered
+        held.releaseHeld()
+        let answer = try #require(guest.wait(pending))
+        #expect(answer.status == 0 && answer.response == VirtioSCSI.responseOK)
+        #expect(held.bytes(8 * 512, 4096) == pattern)
+        #expect(waitFor { held.closeCount.load(ordering: .relaxed) == 1 })
+        #expect(statistics.inFlight == 0 && statistics.snapshot().commands(.write) == 1)
+        // Added again under a new back-end id: a fresh channel serves it.
+        try target.add(LogicalUnit(number: LogicalUnitNumber(1)!, identity: Self.identity(1), geometry: geometry, backendID: 11))
+        _ = guest.command([0x00, 0, 0, 0, 0, 0], lun: 1, queue: 0)
+        #expect(guest.command([0x2A, 0, 0, 0, 0, 8, 0, 0, 8, 0], lun: 1, queue: 0, out: pattern)?.status == 0)
+        #expect(fresh.bytes(8 * 512, 4096) == pattern)
+        #expect(held.closeCount.load(ordering: .relaxed) == 1 && fresh.closeCount.load(ordering: .relaxed) == 0)
+        controller.stop()
+        #expect(fresh.closeCount.load(ordering: .relaxed) == 1)
+    }
+
+    @Test func virtioSCSICountsCommandsAndBytesPerLUNAndQueue() throws {
+        let path = "/tmp/sg-vhost-stats-\(getpid()).img"
+        unlink(path)
+        defer { unlink(path) }
+        let backend = try AnyBlockBackend.open(BackendSpec(kind: .file, path: path, size: 4 << 20, cache: .writeback, create: true))
+        defer { backend.close() }
+        let registry = TestRegistry(queues: 2)
+        let (id, statistics) = registry.register(backend)
+        let target = SCSITarget(name: "stats")
+        try target.add(LogicalUnit(number: LogicalUnitNumber(0)!, identity: Self.identity(0), geometry: backend.geometry,
+                                   backendID: id))
+        let log = TestLog()
+        let sock = testSocketPath("scsistats")
+        let controller = try VhostUserSCSIController<AnyBlockChannel>(
+            socketPath: sock, target: target, options: VirtioSCSIOptions(requestQueues: 2, threads: 2),
+            channelFactory: { id throws(BlockBackendError) in try registry.makeChannel(id) },
+            counters: { id, queue in registry.counters(id, queue) }, log: log.logger)
+        try controller.start()
+        defer { controller.stop() }
+        let guest = try #require(TestSCSIGuest(socket: sock, requestQueues: 2))
+        let tur = guest.command([0x00, 0, 0, 0, 0, 0], lun: 0, queue: 0)  // unit attention
+        #expect(tur?.status == 2 && tur?.senseKey == 6)
+        let pattern = [UInt8](repeating: 0xA5, count: 8192)
+        #expect(guest.command([0x2A, 0, 0, 0, 0, 16, 0, 0, 16, 0], lun: 0, queue: 0, out: pattern)?.status == 0)
+        #expect(guest.command([0x28, 0, 0, 0, 0, 16, 0, 0, 8, 0], lun: 0, queue: 1, inLength: 4096)?.status == 0)
+        #expect(guest.command([0x28, 0, 0, 0, 0, 24, 0, 0, 8, 0], lun: 0, queue: 1, inLength: 4096)?.status == 0)
+        #expect(guest.command([0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], lun: 0, queue: 0)?.status == 0)
+        // READ beyond the capacity: CHECK CONDITION, ILLEGAL REQUEST.
+        let bad = guest.command([0x28, 0, 0xFF, 0xFF, 0, 0, 0, 0, 8, 0], lun: 0, queue: 1, inLength: 4096)
+        #expect(bad?.status == 2 && bad?.senseKey == 5)
+        let q0 = statistics.snapshot(queue: 0)
+        let q1 = statistics.snapshot(queue: 1)
+        #expect(q0.commands == 3 && q0.started == 3)
+        #expect(q0.commands(.write) == 1 && q0.writeBytes == 8192)
+        #expect(q0.commands(.flush) == 1 && q0.commands(.other) == 1)
+        #expect(q0.errors(senseKey: 6) == 1)
+        #expect(q1.commands == 3 && q1.commands(.read) == 3)
+        #expect(q1.readBytes == 8192)
+        #expect(q1.errors(senseKey: 5) == 1)
+        let total = statistics.snapshot()
+        #expect(total.commands == 6 && total.inFlight == 0)
+        let buckets = (0..<LatencyHistogram.bucketCount).reduce(UInt64(0)) { $0 + total.latencyBucket($1) }
+        #expect(buckets == 6 && total.latencySumNanos > 0)
+        // Commands to an absent LUN are counted nowhere.
+        #expect(guest.command([0x00, 0, 0, 0, 0, 0], lun: 5, queue: 0)?.status == 2)
+        #expect(statistics.snapshot().commands == 6)
+    }
+
+    @Test func virtioBlkCountsCommandsAndBytes() throws {
+        let path = "/tmp/sg-vhost-blkstats-\(getpid()).img"
+        unlink(path)
+        defer { unlink(path) }
+        let backend = try AnyBlockBackend.open(BackendSpec(kind: .file, path: path, size: 4 << 20, cache: .writeback, create: true))
+        defer { backend.close() }
+        let statistics = LUNIOStatistics(queues: 1)
+        let log = TestLog()
+        let sock = testSocketPath("blkstats")
+        let controller = try VhostUserBlkController<AnyBlockChannel>(
+            socketPath: sock, geometry: backend.geometry, options: VirtioBlkOptions(queues: 1, serial: "STATS"),
+            channelFactory: { () throws(BlockBackendError) -> AnyBlockChannel in try backend.makeChannel() },
+            counters: { queue in statistics.counters(queue: queue) }, log: log.logger)
+        try controller.start()
+        let ram = TestGuestRAM()
+        let ring = TestSplitRing(ram: ram, size: 16)
+        let client = try #require(TestFrontEnd(path: sock))
+        let fds = client.setUp(ram: ram, rings: [ring], features: VirtioFeature.version1 | vhostUserFeatureProtocolFeatures,
+                               protocolFeatures: VhostUserProtocolFeature.replyAck)
+        defer { close(fds[0].kick); close(fds[0].call) }
+        func request(_ type: UInt32, sector: UInt64, out: [UInt8] = [], inLength: Int = 0) -> UInt8? {
+            let hdr = ram.alloc(16)
+            var h = [UInt8]()
+            h.appendLE(type); h.appendLE(UInt32(0)); h.appendLE(sector)
+            ram.write(h, at: hdr)
+            var buffers = [TestSplitRing.Buffer(gpa: hdr, length: 16, writable: false)]
+            if !out.isEmpty {
+                let d = ram.alloc(out.count, align: 4096)
+                ram.write(out, at: d)
+                buffers.append(.init(gpa: d, length: UInt32(out.count), writable: false))
+            }
+            if inLength > 0 {
+                buffers.append(.init(gpa: ram.alloc(inLength, align: 4096), length: UInt32(inLength), writable: true))
+            }
+            let st = ram.alloc(1)
+            buffers.append(.init(gpa: st, length: 1, writable: true))
+            let before = ring.usedIndex
+            ring.publish(ring.addChain(buffers))
+            _ = csys_eventfd_signal(fds[0].kick, 1)
+            guard waitFor({ ring.usedIndex != before }) else { return nil }
+            return ram.read(st, 1)[0]
+        }
+        #expect(request(VirtioBlk.typeOut, sector: 8, out: [UInt8](repeating: 7, count: 4096)) == VirtioBlk.statusOK)
+        #expect(request(VirtioBlk.typeIn, sector: 8, inLength: 8192) == VirtioBlk.statusOK)
+        #expect(request(VirtioBlk.typeFlush, sector: 0) == VirtioBlk.statusOK)
+        #expect(request(99, sector: 0) == VirtioBlk.statusUnsupported)
+        #expect(request(VirtioBlk.typeIn, sector: 1 << 40, inLength: 512) == VirtioBlk.statusIOError)
+        let s = statistics.snapshot()
+        #expect(s.commands == 5 && s.started == 5 && s.inFlight == 0)
+        #expect(s.commands(.write) == 1 && s.writeBytes == 4096)
+        #expect(s.commands(.read) == 2 && s.readBytes == 8192)
+        #expect(s.commands(.flush) == 1 && s.commands(.other) == 1)
+        #expect(s.errors(senseKey: 5) == 1 && s.errors(senseKey: 3) == 1)
+        // Stopping the controller closes its channels: the file is no longer held open by them.
+        controller.stop()
+        backend.close()  // (its deferred close is then a no-op)
+        #expect(descriptorsOpen(on: path) == 0)
+    }
+}
