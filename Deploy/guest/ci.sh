@@ -156,7 +156,10 @@ hotplug_run() {
             cli lun remove "$ctl" $addr; check "$name CLI lun remove" $?
         fi
     fi
-    wait $gpid; check "$name guest sees the LUN added$([ "$resize" = 1 ] && echo ', resized') and removed without a rescan" $?
+    local rc what="added"
+    wait $gpid; rc=$?
+    [ "$resize" = 1 ] && what="added, resized"
+    check "$name guest sees the LUN $what and removed without a rescan" $rc
     grep -a "SCSIGATE-HOTPLUG-REMOVED" "$glog" | tr -d '\r' | sed "s/^/[$name] /"
 }
 
