@@ -234,6 +234,13 @@ public final class QueueGroup<Handler: QueueGroupHandler>: @unchecked Sendable {
             if let q = queues.last(where: { $0.index == index && !$0.stopping }) {
                 result.fd = q.callFD
                 q.callFD = fd
+                // An interrupt signalled on the old fd after the front-end last looked at it is lost
+                // (QEMU < 8.2 sends SET_VRING_CALL without waiting, then checks its masked notifier):
+                // one spurious interrupt on the new fd lets the driver see what was published.
+                if fd >= 0 {
+                    _ = csys_eventfd_signal(fd, 1)
+                    q.interruptsSent &+= 1
+                }
             }
             done()
         }
