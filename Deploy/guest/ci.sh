@@ -42,6 +42,22 @@ check() {  # check NAME STATUS
     fi
 }
 
+# guest_run ARGS...: run-guest.sh; when the guest never reached its test (a boot-time stall: no test
+# output line in the log), run it once more and say so. Every retry is printed and counted.
+RETRIES=0
+guest_run() {
+    local log="" a rc
+    for a in "$@"; do [ "${prev:-}" = --log ] && log=$a; prev=$a; done
+    bash "$HERE/run-guest.sh" "$@"; rc=$?
+    if [ "$rc" -ge 124 ] && [ -n "$log" ] && ! tr -d '\r' < "$log" | grep -aq '^\['; then
+        RETRIES=$((RETRIES + 1))
+        echo "real-client: RETRY: the guest stalled before its test started (rc $rc, log kept as $log.stalled)"
+        mv "$log" "$log.stalled"
+        bash "$HERE/run-guest.sh" "$@"; rc=$?
+    fi
+    return $rc
+}
+
 # start_gateway CONFIG LOG: serve CONFIG in the background, wait for its sockets.
 start_gateway() {
     "$BIN" check-config "$1" >&2 || return 1
@@ -117,7 +133,7 @@ serial = "SGCI-PV0"
 TOML
     } > "$DIR/gw.toml"
     start_gateway "$DIR/gw.toml" "$DIR/gw.log"; check "pvscsi gateway start" $? || return
-    bash "$HERE/run-guest.sh" --sid --quiet --test multi --log "$DIR/guest.log" --timeout 1200 --bind "$DIR" \
+    guest_run --sid --quiet --test multi --log "$DIR/guest.log" --timeout 900 --bind "$DIR" \
         --append "scsigate.tests=$SCSI_TESTS scsigate.vendor=SCSIGATE scsigate.expect_serial=SGCI-PV0 scsigate.expect_size=268435456" \
         -- -device "{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"$DIR/pv0.sock\",\"type\":\"unix\"}}"
     check "pvscsi guest smoke+conformance+fio-verify+pattern" $?
@@ -190,7 +206,7 @@ cycles_with_guest() {
     bash "$HERE/run-guest.sh" "${GUEST_OPTS[@]}" --quiet --test fio-verify --log "$glog" --timeout 900 \
         --append "scsigate.vendor=SCSIGATE scsigate.disk=sda scsigate.bs=4k scsigate.size=48M" -- "$@" &
     gpid=$!
-    bash "$HERE/wait-marker.sh" "$glog" "[fio-verify] disk" 300 >/dev/null
+    bash "$HERE/wait-marker.sh" "$glog" "\\[fio-verify\\] disk" 300 >/dev/null
     cycles "$name" "$ctl" "$addr"
     wait $gpid; check "$name guest fio verify on LUN 0 during the cycles" $?
 }
@@ -216,7 +232,7 @@ serial = "SGCI-VS0"
 TOML
     } > "$DIR/gw.toml"
     start_gateway "$DIR/gw.toml" "$DIR/gw.log"; check "vhost-user-scsi gateway start" $? || return
-    bash "$HERE/run-guest.sh" --quiet --test multi --log "$DIR/guest.log" --timeout 1200 \
+    guest_run --quiet --test multi --log "$DIR/guest.log" --timeout 900 \
         --append "scsigate.tests=$SCSI_TESTS scsigate.vendor=SCSIGATE scsigate.expect_serial=SGCI-VS0 scsigate.expect_size=268435456" \
         -- -chardev "socket,id=c0,path=$DIR/vscsi0.sock" -device vhost-user-scsi-pci,chardev=c0,num_queues=2
     check "vhost-user-scsi guest smoke+conformance+fio-verify+pattern" $?
@@ -278,7 +294,7 @@ serial = "SGCI-VB0"
 TOML
     } > "$DIR/gw.toml"
     start_gateway "$DIR/gw.toml" "$DIR/gw.log"; check "vhost-user-blk gateway start" $? || return
-    bash "$HERE/run-guest.sh" --quiet --test multi --log "$DIR/guest.log" --timeout 900 \
+    guest_run --quiet --test multi --log "$DIR/guest.log" --timeout 900 \
         --append "scsigate.tests=smoke,fio-verify,discard,pattern scsigate.expect_serial=SGCI-VB0" \
         -- -chardev "socket,id=c0,path=$DIR/vblk0.sock" -device vhost-user-blk-pci,chardev=c0
     check "vhost-user-blk guest smoke+fio-verify+discard+pattern" $?
@@ -310,7 +326,7 @@ TOML
     } > "$DIR/gw.toml"
     if start_gateway "$DIR/gw.toml" "$DIR/gw.log"; then
         check "iscsi gateway start" 0
-        bash "$HERE/run-guest.sh" --quiet --test multi --log "$DIR/guest.log" --timeout 1200 \
+        guest_run --quiet --test multi --log "$DIR/guest.log" --timeout 900 \
             --append "scsigate.tests=$SCSI_TESTS scsigate.vendor=SCSIGATE scsigate.expect_serial=SGCI-IS0" \
             -- -chardev "socket,id=c0,path=$DIR/iscsi0.sock" -device vhost-user-scsi-pci,chardev=c0
         check "iscsi-backed guest smoke+conformance+fio-verify+pattern" $?
@@ -324,7 +340,7 @@ TOML
             --append "scsigate.vendor=SCSIGATE scsigate.bs=4k scsigate.size=200M" \
             -- -chardev "socket,id=c0,path=$DIR/iscsi0.sock" -device vhost-user-scsi-pci,chardev=c0 &
         local guest=$! t0
-        if bash "$HERE/wait-marker.sh" "$DIR/outage.log" "[fio-verify] disk" 300 >/dev/null; then
+        if bash "$HERE/wait-marker.sh" "$DIR/outage.log" "\\[fio-verify\\] disk" 300 >/dev/null; then
             sleep 15
             t0=$(date +%s)
             kill -KILL "$(cat "$DIR/tgt/tgtd.pid")"
@@ -350,5 +366,6 @@ for s in "${SUITES[@]}"; do
     "suite_${s//-/_}"
 done
 [ ${#failed_checks[@]} -eq 0 ] || printf 'real-client: failed: %s\n' "${failed_checks[@]}"
+echo "real-client: guest runs retried after a boot-time stall: $RETRIES"
 echo "real-client: $pass passed, $fail failed"
 [ "$fail" = 0 ]
