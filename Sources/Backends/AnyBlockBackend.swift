@@ -64,6 +64,15 @@ public enum AnyBlockBackend: Sendable {
         }
     }
 
+    /// Channels still open (front-ends close theirs asynchronously after a LUN is removed). Only file and
+    /// block back-ends hold a lock that outlives `close()` while channels remain; the others report 0.
+    public var openChannelCount: Int {
+        switch self {
+        case .file(let backend): return backend.openChannelCount
+        case .null, .iscsi: return 0
+        }
+    }
+
     /// Releases the backing store once all channels are closed.
     public func close() {
         switch self {

@@ -45,6 +45,9 @@ public final class FileBackend: BlockBackend, @unchecked Sendable {
     private let closeRequested = Atomic<Bool>(false)
     private let descriptorClosed = Atomic<Bool>(false)
     private let channelCount = Atomic<Int>(0)
+
+    /// Channels still open; the file and its lock are released when this reaches 0 after `close()`.
+    public var openChannelCount: Int { channelCount.load(ordering: .sequentiallyConsistent) }
     private let adminLock = Mutex<Void>(())
 
     /// Opens (and if asked creates) the file or block device named by `spec`.

@@ -248,7 +248,16 @@ public final class Gateway: @unchecked Sendable {
         }
         let entry = backends.remove(unit.backendID)
         if let entry { retire(entry.statistics, controller: controllerName) }
-        entry?.backend.close()
+        if let backend = entry?.backend {
+            backend.close()
+            // Front-ends close their channels of the removed LUN on their own threads once its last
+            // command completed; wait (bounded) so that the file is unlocked when this returns.
+            let deadline = Date().addingTimeInterval(Double(max(drainTimeoutMilliseconds, 2_000)) / 1000)
+            while backend.openChannelCount > 0 && Date() < deadline { usleep(1_000) }
+            if backend.openChannelCount > 0 {
+                runtime.logger.warning("target \(target) lun \(lun): \(backend.openChannelCount) channel(s) still open; the backing file stays locked until they close")
+            }
+        }
         runtime.logger.info("removed target \(target) lun \(lun)")
         guard let config = entry?.config else {
             throw BackendOpeningError(lun: name, reason: "its back-end was already gone")
