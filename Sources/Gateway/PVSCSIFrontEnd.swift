@@ -45,12 +45,7 @@ final class PVSCSIFrontEnd: FrontEnd, @unchecked Sendable {
     }
 
     func start() throws(FrontEndError) {
-        do {
-            try controller.start()
-        } catch {
-            throw FrontEndError("controller \(runtime.config.name) on \(runtime.config.socket): \(error)")
-        }
-        applySocketMode(runtime)
+        try startListening(runtime, controller.start)
     }
 
     func stop() { controller.stop() }

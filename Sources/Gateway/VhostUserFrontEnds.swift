@@ -22,6 +22,17 @@ extension Logger {
     }
 }
 
+/// Starts a front-end's server (naming the controller and socket in its error), then sets the configured
+/// permission bits on the listening socket. Shared by every transport's front-end.
+func startListening<E: Error>(_ runtime: ControllerRuntime, _ start: () throws(E) -> Void) throws(FrontEndError) {
+    do {
+        try start()
+    } catch {
+        throw FrontEndError("controller \(runtime.config.name) on \(runtime.config.socket): \(error)")
+    }
+    applySocketMode(runtime)
+}
+
 /// Sets the configured permission bits on a controller's listening socket.
 func applySocketMode(_ runtime: ControllerRuntime) {
     if chmod(runtime.config.socket, mode_t(runtime.config.socketMode)) != 0 {
@@ -65,12 +76,7 @@ final class VhostUserSCSIFrontEnd: FrontEnd, @unchecked Sendable {
     }
 
     func start() throws(FrontEndError) {
-        do {
-            try controller.start()
-        } catch {
-            throw FrontEndError("controller \(runtime.config.name) on \(runtime.config.socket): \(error)")
-        }
-        applySocketMode(runtime)
+        try startListening(runtime, controller.start)
     }
 
     func stop() { controller.stop() }
@@ -120,12 +126,7 @@ final class VhostUserBlkFrontEnd: FrontEnd, @unchecked Sendable {
     }
 
     func start() throws(FrontEndError) {
-        do {
-            try controller.start()
-        } catch {
-            throw FrontEndError("controller \(runtime.config.name) on \(runtime.config.socket): \(error)")
-        }
-        applySocketMode(runtime)
+        try startListening(runtime, controller.start)
         let controller = self.controller
         subscription = runtime.target.subscribe { event in
             if case .capacityChanged(_, let blocks) = event { controller.resize(blockCount: blocks) }
