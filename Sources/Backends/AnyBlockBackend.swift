@@ -144,6 +144,25 @@ public enum AnyBlockChannel: Sendable {
         }
     }
 
+    /// Asks the back-end to abort one submitted request (see ``BlockChannel/abort(token:)``); the
+    /// request still completes through `reap`. Only remote back-ends can abort.
+    public func abort(token: UInt64) -> Bool {
+        switch self {
+        case .file(let channel): return channel.abort(token: token)
+        case .null(let channel): return channel.abort(token: token)
+        case .iscsi(let channel): return channel.abort(token: token)
+        }
+    }
+
+    /// Asks the back-end to reset its logical unit (see ``BlockChannel/resetLogicalUnit()``).
+    public func resetLogicalUnit() -> Bool {
+        switch self {
+        case .file(let channel): return channel.resetLogicalUnit()
+        case .null(let channel): return channel.resetLogicalUnit()
+        case .iscsi(let channel): return channel.resetLogicalUnit()
+        }
+    }
+
     /// Closes the channel (file channels stop their workers; null channels close with their last reference).
     public func close() {
         switch self {

@@ -28,6 +28,22 @@ public protocol BlockChannel: AnyObject {
     func reap(_ handler: (UInt64, BlockResult) -> Void) -> Int
     /// Requests queued or in flight.
     var inFlight: Int { get }
+    /// Asks the back-end to abort the request submitted with `token` (the core's ABORT TASK and the
+    /// aborts of ABORT TASK SET / CLEAR TASK SET / I_T NEXUS RESET). The request still completes
+    /// through `reap`, with ECANCELED if the abort won or its real result if it finished first.
+    /// Returns false when the back-end cannot abort (local I/O: the request just completes).
+    func abort(token: UInt64) -> Bool
+    /// Asks the back-end to reset the logical unit (the core's LOGICAL UNIT RESET): every request
+    /// still completes through `reap` (ECANCELED or its real result). Returns false when the
+    /// back-end has nothing to reset (local I/O).
+    func resetLogicalUnit() -> Bool
+}
+
+extension BlockChannel {
+    /// Local back-ends cannot abort a submitted request; it completes normally.
+    public func abort(token: UInt64) -> Bool { false }
+    /// Local back-ends have no remote logical unit to reset.
+    public func resetLogicalUnit() -> Bool { false }
 }
 
 /// Why a back-end could not be opened or a channel created.

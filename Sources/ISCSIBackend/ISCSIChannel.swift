@@ -905,6 +905,10 @@ public final class ISCSIChannel: BlockChannel, @unchecked Sendable {
     /// LUN RESET (or with their real result if they finished first). Returns 0, or ENOTCONN when
     /// the session is down (all outstanding requests are then cancelled locally).
     @discardableResult
+    public func resetLogicalUnit() -> Bool { resetLUN() == 0 }
+
+    /// Resets the remote LUN; see ``resetLogicalUnit()``. Returns 0 or ENOTCONN.
+    @discardableResult
     public func resetLUN() -> Int32 {
         var inFlightCount = 0
         for i in 0..<capacity {
