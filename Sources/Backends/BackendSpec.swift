@@ -31,6 +31,9 @@ public struct BackendSpec: Sendable, Equatable {
     public var size: UInt64
     /// Logical block size in bytes: 512 or 4096.
     public var logicalBlockSize: UInt32
+    /// Physical block size reported to initiators (a power of two, a multiple of the logical block
+    /// size, at most 65536); nil: a block device's own (BLKPBSZGET), the logical size for files and null.
+    public var physicalBlockSize: UInt32?
     /// Open read-only; writes, discards and write-zeroes are refused with EROFS.
     public var readOnly: Bool
     /// Cache mode.
@@ -45,11 +48,13 @@ public struct BackendSpec: Sendable, Equatable {
 
     /// Creates a spec.
     public init(kind: Kind, path: String, size: UInt64 = 0, logicalBlockSize: UInt32 = 512, readOnly: Bool = false,
-                cache: CacheMode = .none, create: Bool = false, queueDepth: Int = 256, workerThreads: Int = 2) {
+                cache: CacheMode = .none, create: Bool = false, queueDepth: Int = 256, workerThreads: Int = 2,
+                physicalBlockSize: UInt32? = nil) {
         self.kind = kind
         self.path = path
         self.size = size
         self.logicalBlockSize = logicalBlockSize
+        self.physicalBlockSize = physicalBlockSize
         self.readOnly = readOnly
         self.cache = cache
         self.create = create
@@ -58,10 +63,20 @@ public struct BackendSpec: Sendable, Equatable {
     }
 }
 
+extension BackendSpec {
+    /// Whether `physical` is a valid physical block size over `logical`: a power of two, a multiple
+    /// of the logical block size, at most 65536 (READ CAPACITY(16) reports the ratio as an exponent).
+    public static func isValidPhysicalBlockSize(_ physical: UInt32, logical: UInt32) -> Bool {
+        physical >= logical && physical <= 65536 && physical.nonzeroBitCount == 1
+    }
+}
+
 /// Why a back-end could not be opened or resized. Every description names the path and the reason.
 public enum BackendOpenError: Error, CustomStringConvertible, Sendable, Equatable {
     /// The logical block size is neither 512 nor 4096.
     case invalidBlockSize(path: String, blockSize: UInt32)
+    /// The physical block size is not a power-of-two multiple of the logical one up to 65536.
+    case invalidPhysicalBlockSize(path: String, physical: UInt32, logical: UInt32)
     /// A queue depth or worker count outside its range.
     case invalidTuning(path: String, reason: String)
     /// The file does not exist and `create` is off (or the LUN is read-only).
@@ -97,6 +112,8 @@ public enum BackendOpenError: Error, CustomStringConvertible, Sendable, Equatabl
         switch self {
         case let .invalidBlockSize(path, size):
             return "\(path): logical block size \(size) is not supported (use 512 or 4096)"
+        case let .invalidPhysicalBlockSize(path, physical, logical):
+            return "\(path): physical block size \(physical) must be a power of two from the logical block size \(logical) up to 65536"
         case let .invalidTuning(path, reason):
             return "\(path): \(reason)"
         case let .missingFile(path):

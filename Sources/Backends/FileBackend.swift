@@ -56,6 +56,10 @@ public final class FileBackend: BlockBackend, @unchecked Sendable {
         guard spec.logicalBlockSize == 512 || spec.logicalBlockSize == 4096 else {
             throw .invalidBlockSize(path: path, blockSize: spec.logicalBlockSize)
         }
+        if let physical = spec.physicalBlockSize,
+           !BackendSpec.isValidPhysicalBlockSize(physical, logical: spec.logicalBlockSize) {
+            throw .invalidPhysicalBlockSize(path: path, physical: physical, logical: spec.logicalBlockSize)
+        }
         guard (1...4096).contains(spec.queueDepth) else {
             throw .invalidTuning(path: path, reason: "queue depth \(spec.queueDepth) is outside 1...4096")
         }
@@ -169,16 +173,17 @@ public final class FileBackend: BlockBackend, @unchecked Sendable {
             }
             deviceDiscards = discard == 1
             size = bytes
-            physical = max(phys, spec.logicalBlockSize)
+            physical = spec.physicalBlockSize ?? max(phys, spec.logicalBlockSize)
         } else if createdFile {
             guard ftruncate(fd, off_t(spec.size)) == 0 else {
                 throw fail(.systemCall(path: path, call: "ftruncate", errno: currentErrno()))
             }
             size = spec.size
-            physical = max(spec.logicalBlockSize, 4096)
+            // A file has no physical block; like QEMU's disks, report the logical size unless told.
+            physical = spec.physicalBlockSize ?? spec.logicalBlockSize
         } else {
             size = UInt64(st.st_size)
-            physical = st.st_blksize >= 4096 ? max(spec.logicalBlockSize, 4096) : spec.logicalBlockSize
+            physical = spec.physicalBlockSize ?? spec.logicalBlockSize
         }
         guard size > 0, size % lbs == 0 else {
             throw fail(.sizeNotMultipleOfBlockSize(path: path, size: size, blockSize: spec.logicalBlockSize))

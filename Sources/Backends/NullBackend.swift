@@ -25,6 +25,10 @@ public final class NullBackend: BlockBackend, @unchecked Sendable {
         guard spec.logicalBlockSize == 512 || spec.logicalBlockSize == 4096 else {
             throw .invalidBlockSize(path: name, blockSize: spec.logicalBlockSize)
         }
+        if let physical = spec.physicalBlockSize,
+           !BackendSpec.isValidPhysicalBlockSize(physical, logical: spec.logicalBlockSize) {
+            throw .invalidPhysicalBlockSize(path: name, physical: physical, logical: spec.logicalBlockSize)
+        }
         guard spec.size > 0, spec.size % UInt64(spec.logicalBlockSize) == 0 else {
             throw .sizeNotMultipleOfBlockSize(path: name, size: spec.size, blockSize: spec.logicalBlockSize)
         }
@@ -32,7 +36,7 @@ public final class NullBackend: BlockBackend, @unchecked Sendable {
             throw .invalidTuning(path: name, reason: "queue depth \(spec.queueDepth) is outside 1...4096")
         }
         self.spec = spec
-        self.geometry = BlockGeometry(logicalBlockSize: spec.logicalBlockSize, physicalBlockSize: spec.logicalBlockSize,
+        self.geometry = BlockGeometry(logicalBlockSize: spec.logicalBlockSize, physicalBlockSize: spec.physicalBlockSize ?? spec.logicalBlockSize,
                                       blockCount: spec.size / UInt64(spec.logicalBlockSize), readOnly: spec.readOnly,
                                       supportsDiscard: true, supportsWriteZeroes: true, discardReadsZeroes: false,
                                       volatileWriteCache: false, maxTransferBytes: FileBackend.maxTransferBytes)

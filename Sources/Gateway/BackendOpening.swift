@@ -65,7 +65,8 @@ public struct StandardBackendOpener: BackendOpener {
         return BackendSpec(kind: kind, path: lun.path ?? "", size: lun.size ?? 0,
                            logicalBlockSize: UInt32(lun.blockSize), readOnly: lun.readOnly,
                            cache: lun.cache == .writeback ? .writeback : .none, create: lun.create,
-                           queueDepth: depth, workerThreads: 2)
+                           queueDepth: depth, workerThreads: 2,
+                           physicalBlockSize: lun.physicalBlockSize.map { UInt32($0) })
     }
 
     public func open(_ lun: LUNConfig, on controller: ControllerConfig) throws(BackendOpeningError) -> OpenedBackend {

@@ -213,6 +213,8 @@ public struct LUNConfig: Sendable, Equatable {
     public var size: UInt64?
     /// Logical block size, 512 or 4096.
     public var blockSize: Int
+    /// Physical block size reported to the guest; nil: the device's own (block), else `blockSize`.
+    public var physicalBlockSize: Int?
     /// Refuse writes.
     public var readOnly: Bool
     /// Host caching (file and block back-ends).
@@ -236,13 +238,14 @@ public struct LUNConfig: Sendable, Equatable {
     public init(target: Int = 0, lun: Int, backend: BackendKind, path: String? = nil, size: UInt64? = nil,
                 blockSize: Int = 512, readOnly: Bool = false, cache: CacheMode = .none, create: Bool = false,
                 serial: String? = nil, wwn: UInt64? = nil, vendor: String? = nil, product: String? = nil,
-                revision: String? = nil, iscsi: ISCSIConfig? = nil) {
+                revision: String? = nil, iscsi: ISCSIConfig? = nil, physicalBlockSize: Int? = nil) {
         self.target = target
         self.lun = lun
         self.backend = backend
         self.path = path
         self.size = size
         self.blockSize = blockSize
+        self.physicalBlockSize = physicalBlockSize
         self.readOnly = readOnly
         self.cache = cache
         self.create = create

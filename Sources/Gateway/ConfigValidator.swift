@@ -15,7 +15,7 @@ struct ConfigValidator {
     static let gatewayKeys = ["state_dir", "control_socket", "log_level", "stats_listen"]
     static let controllerKeys = ["name", "transport", "socket", "socket_mode", "queues", "queue_size", "poll_us",
                                  "hotplug", "seg_max", "discard", "write_zeroes", "io_threads", "max_targets", "lun"]
-    static let lunKeys = ["target", "lun", "backend", "path", "url", "size", "block_size", "read_only", "cache",
+    static let lunKeys = ["target", "lun", "backend", "path", "url", "size", "block_size", "physical_block_size", "read_only", "cache",
                           "create", "serial", "wwn", "vendor", "product", "revision", "initiator_name", "chap_user",
                           "chap_secret_file", "chap_secret_env", "header_digest", "data_digest", "timeout",
                           "reconnect_min_ms", "reconnect_max_ms"]
@@ -229,6 +229,15 @@ struct ConfigValidator {
             }
             return size
         }
+        let physicalBlockSize = reader.int("physical_block_size").flatMap { physical -> Int? in
+            let logical = blockSize ?? 512
+            guard physical >= logical, physical <= 65536, physical.nonzeroBitCount == 1 else {
+                validation.fail(reader.keyPath("physical_block_size"),
+                                "must be a power of two from block_size (\(logical)) up to 65536, found \(physical)")
+                return nil
+            }
+            return physical
+        }
         let size = reader.size("size")
         let readOnly = reader.bool("read_only") ?? false
         let cache = reader.choice("cache", CacheMode.self)
@@ -251,7 +260,7 @@ struct ConfigValidator {
                 validation.fail(reader.keyPath("size"), "required when create = true (the size of the new file)")
             }
         case .iscsi?:
-            for key in ["path", "size", "create", "cache", "block_size"] {
+            for key in ["path", "size", "create", "cache", "block_size", "physical_block_size"] {
                 reader.rejectIfPresent(key, "not used by backend 'iscsi' (the remote LUN decides)")
             }
             iscsi = validateISCSI(reader, settings: settings)
@@ -295,7 +304,7 @@ struct ConfigValidator {
         return LUNConfig(target: target, lun: lun, backend: backend, path: path, size: size,
                          blockSize: blockSize ?? 512, readOnly: readOnly, cache: cache ?? .none,
                          create: create ?? false, serial: serial, wwn: wwn, vendor: vendor, product: product,
-                         revision: revision, iscsi: iscsi)
+                         revision: revision, iscsi: iscsi, physicalBlockSize: physicalBlockSize)
     }
 
     private func inquiryText(_ reader: TableReader, _ key: String, limit: Int) -> String? {

@@ -48,6 +48,7 @@ public enum ConfigWriter {
         if let path = lun.path { out.append("path = \(quote(path))") }
         if let size = lun.size { out.append("size = \(size)") }
         if lun.backend != .iscsi { out.append("block_size = \(lun.blockSize)") }
+        if let physical = lun.physicalBlockSize { out.append("physical_block_size = \(physical)") }
         out.append("read_only = \(lun.readOnly)")
         if lun.backend == .file || lun.backend == .block { out.append("cache = \(quote(lun.cache.rawValue))") }
         if lun.backend == .file { out.append("create = \(lun.create)") }

@@ -64,6 +64,8 @@ queue_size = 128
 #   size         size of the LUN (required for null, and for file with create = true; an existing file keeps
 #                its own size and is never truncated; not allowed for block and iscsi)
 #   block_size   logical block size, 512 or 4096 (default 512); size must be a multiple of it
+#   physical_block_size  physical block size the guest sees: a power of two from block_size up to 65536
+#                (default: a block device's own; block_size for files and null, as QEMU's disks)
 #   read_only    refuse writes (default false)
 #   cache        "none" (O_DIRECT, default) or "writeback" (host page cache; flushes still reach the disk)
 #   create       create a missing backing file, sparse, at `size` (file only, default false)

@@ -101,6 +101,8 @@ struct LUNAdd: ParsableCommand {
     @Option(help: ArgumentHelp("Remote LUN iscsi://host[:port]/iqn.../lun (iscsi).", valueName: "url")) var url: String?
     @Option(help: ArgumentHelp("Size: bytes or 512M, 10GiB... (null; file with --create).", valueName: "size")) var size: String?
     @Option(help: ArgumentHelp("Logical block size, 512 or 4096.", valueName: "bytes")) var blockSize: Int?
+    @Option(help: ArgumentHelp("Physical block size the guest sees (power of two, >= block size).", valueName: "bytes"))
+    var physicalBlockSize: Int?
     @Flag(help: "Refuse writes.") var readOnly = false
     @Option(help: ArgumentHelp("Host caching: none (O_DIRECT) or writeback.", valueName: "mode")) var cache: String?
     @Flag(help: "Create a missing backing file, sparse, at --size.") var create = false
@@ -127,6 +129,7 @@ struct LUNAdd: ParsableCommand {
         ]
         for (key, value) in strings { if let value { p[key] = .string(value) } }
         if let blockSize { p["block_size"] = .number(blockSize) }
+        if let physicalBlockSize { p["physical_block_size"] = .number(physicalBlockSize) }
         if readOnly { p["read_only"] = .bool(true) }
         if create { p["create"] = .bool(true) }
         let result = try options.call("lun.add", p)

@@ -16,10 +16,31 @@ import Testing
         let st = statOf(path)
         #expect(st.st_size == 64 << 20)
         #expect(st.st_blocks == 0)  // sparse: nothing allocated
-        #expect(backend.geometry == BlockGeometry(logicalBlockSize: 512, physicalBlockSize: 4096, blockCount: (64 << 20) / 512,
+        #expect(backend.geometry == BlockGeometry(logicalBlockSize: 512, physicalBlockSize: 512, blockCount: (64 << 20) / 512,
                                                   readOnly: false, supportsDiscard: true, supportsWriteZeroes: true,
                                                   discardReadsZeroes: true, volatileWriteCache: true,
                                                   maxTransferBytes: FileBackend.maxTransferBytes, discardGranularity: 512))
+    }
+
+    @Test("a file reports the configured physical block size, else the logical one; a bad one is refused")
+    func physicalBlockSize() throws {
+        let dir = TemporaryDirectory()
+        let path = dir.file("phys.img")
+        let plain = try FileBackend(spec: BackendSpec(kind: .file, path: path, size: 1 << 20, create: true))
+        #expect(plain.geometry.physicalBlockSize == 512)
+        plain.close()
+        let told = try openEventually(BackendSpec(kind: .file, path: path, size: 1 << 20, physicalBlockSize: 4096))
+        #expect(told.geometry.physicalBlockSize == 4096)
+        #expect(told.geometry.logicalBlockSize == 512)
+        told.close()
+        for bad: UInt32 in [256, 1536, 131072] {
+            #expect(throws: BackendOpenError.invalidPhysicalBlockSize(path: path, physical: bad, logical: 512)) {
+                _ = try FileBackend(spec: BackendSpec(kind: .file, path: path, physicalBlockSize: bad))
+            }
+        }
+        let null = try NullBackend(spec: BackendSpec(kind: .null, path: "", size: 1 << 20, logicalBlockSize: 4096,
+                                                     physicalBlockSize: 16384))
+        #expect(null.geometry.physicalBlockSize == 16384)
     }
 
     @Test func existingFileIsNeverTruncatedOrGrown() throws {

@@ -128,6 +128,17 @@ struct ConfigErrorTests {
         ])
     }
 
+    @Test("physical_block_size must be a power of two from block_size up to 65536, and not for iscsi")
+    func physicalBlockSize() {
+        #expect(configMessages(oneLUN("lun = 0\nbackend = \"null\"\nsize = \"1M\"\nblock_size = 4096\nphysical_block_size = 512")) == [
+            "test.toml:14: key 'controller[0].lun[0].physical_block_size': must be a power of two from block_size (4096) up to 65536, found 512",
+        ])
+        #expect(configMessages(oneLUN("lun = 0\nbackend = \"null\"\nsize = \"1M\"\nphysical_block_size = 3072")) == [
+            "test.toml:13: key 'controller[0].lun[0].physical_block_size': must be a power of two from block_size (512) up to 65536, found 3072",
+        ])
+        #expect(configMessages(oneLUN("lun = 0\nbackend = \"null\"\nsize = \"1M\"\nphysical_block_size = 4096")) == [])
+    }
+
     @Test("the exact message of the brief for the second LUN of a controller")
     func blockSizeSecondLUN() {
         let text = oneLUN("lun = 0\nbackend = \"null\"\nsize = 4096") + "\n\n[[controller.lun]]\nlun = 1\nbackend = \"null\"\nsize = 4096\nblock_size = 520"
