@@ -7,6 +7,7 @@
 #   vhost-user-scsi  QEMU 7.2 vhost-user-scsi-pci + virtio_scsi: the same, CLI hotplug/resize
 #   vhost-user-blk   QEMU 7.2 vhost-user-blk-pci + virtio_blk: fio verify, byte check, discard
 #                    and write-zeroes reaching the file (holes)
+#   vhost-user-blk-resize  QEMU 11 vhost-user-blk-pci: CLI resize seen by virtio_blk (config change)
 #   iscsi            a LUN backed by tgtd over iSCSI, served through virtio-scsi: conformance, fio
 #
 # Usage: ci.sh [SUITE...]   (default: all). Ends with "real-client: N passed, M failed".
@@ -359,8 +360,42 @@ TOML
     bash "$ROOT/Deploy/tgt/stop-tgtd.sh" --state-dir "$DIR/tgt" >/dev/null 2>&1
 }
 
+# vhost-user-blk-resize: QEMU 11 (sid chroot; it speaks VHOST_USER_PROTOCOL_F_CONFIG, QEMU 7.2 does not)
+# attaches a vhost-user-blk controller; the LUN is resized from the CLI while the guest runs, and
+# the guest's virtio_blk must see the new size from the config-change interrupt alone (no I/O, no rescan).
+suite_vhost_user_blk_resize() {
+    DIR="$WORK/vblkr"; mkdir -p "$DIR"
+    { gateway_header "$DIR"; cat <<TOML
+
+[[controller]]
+name = "vblkr0"
+transport = "vhost-user-blk"
+socket = "$DIR/vblkr0.sock"
+
+[[controller.lun]]
+backend = "file"
+path = "$DIR/blkr0.img"
+size = "64M"
+create = true
+TOML
+    } > "$DIR/gw.toml"
+    start_gateway "$DIR/gw.toml" "$DIR/gw.log"; check "vhost-user-blk-resize gateway start" $? || return
+    local glog="$DIR/guest.log" gpid rc
+    bash "$HERE/run-guest.sh" --sid --quiet --test resize --log "$glog" --timeout 600 \
+        --append "scsigate.resize_wait=120 scsigate.expect_size=100663296" \
+        -- -chardev "socket,id=c0,path=$DIR/vblkr0.sock" -device vhost-user-blk-pci,chardev=c0 &
+    gpid=$!
+    if bash "$HERE/wait-marker.sh" "$glog" SCSIGATE-RESIZE-WAIT 300 | sed "s/^/[vhost-user-blk-resize] /"; then
+        cli lun resize vblkr0 --size 96M; check "vhost-user-blk-resize CLI lun resize 64M -> 96M" $?
+    fi
+    wait $gpid; rc=$?
+    grep -a "SCSIGATE-RESIZED" "$glog" | tr -d '\r' | sed "s/^/[vhost-user-blk-resize] /"
+    check "vhost-user-blk-resize guest (QEMU 11) sees the new size from the config-change interrupt" $rc
+    stop_gateway; check "vhost-user-blk-resize gateway drains and exits 0 on SIGTERM" $?
+}
+
 SUITES=("$@")
-[ ${#SUITES[@]} -gt 0 ] || SUITES=(vhost-user-scsi vhost-user-blk pvscsi iscsi)
+[ ${#SUITES[@]} -gt 0 ] || SUITES=(vhost-user-scsi vhost-user-blk vhost-user-blk-resize pvscsi iscsi)
 for s in "${SUITES[@]}"; do
     sg_log "suite $s"
     "suite_${s//-/_}"
