@@ -8,6 +8,7 @@
 #   vhost-user-blk   QEMU 7.2 vhost-user-blk-pci + virtio_blk: fio verify, byte check, discard
 #                    and write-zeroes reaching the file (holes)
 #   vhost-user-blk-resize  QEMU 11 vhost-user-blk-pci: CLI resize seen by virtio_blk (config change)
+#   vhost-user-memhotplug  QEMU 7.2 pc-dimm hotplug under a vhost-user-scsi disk (ADD_MEM_REG), fio verify
 #   iscsi            a LUN backed by tgtd over iSCSI, served through virtio-scsi: conformance, fio
 #
 # Usage: ci.sh [SUITE...]   (default: all). Ends with "real-client: N passed, M failed".
@@ -394,8 +395,47 @@ TOML
     stop_gateway; check "vhost-user-blk-resize gateway drains and exits 0 on SIGTERM" $?
 }
 
+# vhost-user-memhotplug: guest RAM grows while a vhost-user-scsi disk is in use (QEMU 7.2 pc-dimm hotplug,
+# memfd share=on: the gateway gets VHOST_USER_ADD_MEM_REG for the live rings); fio verify then runs with
+# its buffers in the new memory (the guest onlines it as ZONE_MOVABLE, which user pages come from first).
+suite_vhost_user_memhotplug() {
+    DIR="$WORK/vmemhp"; mkdir -p "$DIR"
+    { gateway_header "$DIR"; cat <<TOML
+
+[[controller]]
+name = "vmemhp0"
+transport = "vhost-user-scsi"
+socket = "$DIR/vmemhp0.sock"
+
+[[controller.lun]]
+lun = 0
+backend = "file"
+path = "$DIR/lun0.img"
+size = "128M"
+create = true
+TOML
+    } > "$DIR/gw.toml"
+    start_gateway "$DIR/gw.toml" "$DIR/gw.log"; check "vhost-user-memhotplug gateway start" $? || return
+    local glog="$DIR/guest.log" gpid rc port=$((20000 + RANDOM % 20000))
+    bash "$HERE/run-guest.sh" --quiet --test memhotplug --log "$glog" --timeout 900 \
+        --append "memhp_default_state=online_movable scsigate.memhp_wait=120 scsigate.size=32M" \
+        -- -m 1024M,slots=2,maxmem=2048M -monitor "tcp:127.0.0.1:$port,server,nowait" \
+        -chardev "socket,id=c0,path=$DIR/vmemhp0.sock" -device vhost-user-scsi-pci,chardev=c0 &
+    gpid=$!
+    if bash "$HERE/wait-marker.sh" "$glog" SCSIGATE-MEMHP-READY 300 | sed "s/^/[vhost-user-memhotplug] /"; then
+        bash "$HERE/qemu-hmp.sh" "$port" "object_add memory-backend-memfd,id=hp1,size=512M,share=on"
+        bash "$HERE/qemu-hmp.sh" "$port" "device_add pc-dimm,id=dimm1,memdev=hp1"
+    fi
+    wait $gpid; rc=$?
+    grep -a "SCSIGATE-MEMHP-ADDED\|SCSIGATE-MEMHP-ZONE\|fio 4k\|fio 64k" "$glog" | tr -d '\r' | sed "s/^/[vhost-user-memhotplug] /"
+    check "vhost-user-memhotplug guest fio verify after a 512M DIMM hotplug" $rc
+    grep -q "memory region added" "$DIR/gw.log"; check "vhost-user-memhotplug gateway mapped the new region (ADD_MEM_REG)" $?
+    grep -a "memory region added" "$DIR/gw.log" | sed "s/^/[vhost-user-memhotplug] /" | tail -2
+    stop_gateway; check "vhost-user-memhotplug gateway drains and exits 0 on SIGTERM" $?
+}
+
 SUITES=("$@")
-[ ${#SUITES[@]} -gt 0 ] || SUITES=(vhost-user-scsi vhost-user-blk vhost-user-blk-resize pvscsi iscsi)
+[ ${#SUITES[@]} -gt 0 ] || SUITES=(vhost-user-scsi vhost-user-blk vhost-user-blk-resize vhost-user-memhotplug pvscsi iscsi)
 for s in "${SUITES[@]}"; do
     sg_log "suite $s"
     "suite_${s//-/_}"

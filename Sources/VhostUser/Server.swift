@@ -387,6 +387,7 @@ public final class VhostUserServer<Device: VhostUserDevice>: @unchecked Sendable
                     let newMemory = try memory.adding(mapped, limit: VhostUserWire.maxMemSlots)
                     memory = newMemory
                     device.updateMemory(newMemory)
+                    log(.info, "memory region added: guest 0x\(String(d.guestPhysicalAddress, radix: 16)), \(d.size) bytes; \(newMemory.regionCount) region(s)")
                 } catch {
                     throw RequestFailure(reason: "add region: \(error)")
                 }
@@ -397,6 +398,7 @@ public final class VhostUserServer<Device: VhostUserDevice>: @unchecked Sendable
                     let newMemory = try memory.removing(region(p, at: 8))
                     memory = newMemory
                     device.updateMemory(newMemory)
+                    log(.info, "memory region removed: \(newMemory.regionCount) region(s) left")
                 } catch {
                     throw RequestFailure(reason: "remove region: \(error)")
                 }
