@@ -425,12 +425,16 @@ TOML
     if bash "$HERE/wait-marker.sh" "$glog" SCSIGATE-MEMHP-READY 300 | sed "s/^/[vhost-user-memhotplug] /"; then
         bash "$HERE/qemu-hmp.sh" "$port" "object_add memory-backend-memfd,id=hp1,size=512M,share=on"
         bash "$HERE/qemu-hmp.sh" "$port" "device_add pc-dimm,id=dimm1,memdev=hp1"
+        if bash "$HERE/wait-marker.sh" "$glog" SCSIGATE-MEMHP-WAIT-REMOVE 300 >/dev/null; then
+            bash "$HERE/qemu-hmp.sh" "$port" "device_del dimm1"
+        fi
     fi
     wait $gpid; rc=$?
-    grep -a "SCSIGATE-MEMHP-ADDED\|SCSIGATE-MEMHP-ZONE\|fio 4k\|fio 64k" "$glog" | tr -d '\r' | sed "s/^/[vhost-user-memhotplug] /"
-    check "vhost-user-memhotplug guest fio verify after a 512M DIMM hotplug" $rc
+    grep -a "SCSIGATE-MEMHP-ADDED\|SCSIGATE-MEMHP-ZONE\|SCSIGATE-MEMHP-REMOVED\|fio 4k\|fio 64k" "$glog" | tr -d '\r' | sed "s/^/[vhost-user-memhotplug] /"
+    check "vhost-user-memhotplug guest fio verify after a 512M DIMM hotplug and after its unplug" $rc
     grep -q "memory region added" "$DIR/gw.log"; check "vhost-user-memhotplug gateway mapped the new region (ADD_MEM_REG)" $?
-    grep -a "memory region added" "$DIR/gw.log" | sed "s/^/[vhost-user-memhotplug] /" | tail -2
+    grep -q "memory region removed" "$DIR/gw.log"; check "vhost-user-memhotplug gateway unmapped it (REM_MEM_REG)" $?
+    grep -a "memory region added\\|memory region removed" "$DIR/gw.log" | sed "s/^/[vhost-user-memhotplug] /" | tail -3
     stop_gateway; check "vhost-user-memhotplug gateway drains and exits 0 on SIGTERM" $?
 }
 

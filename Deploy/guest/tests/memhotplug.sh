@@ -3,7 +3,9 @@
 # gets VHOST_USER_ADD_MEM_REG for the new memfd region), then fio verify runs with its buffers in the
 # new memory. Boot with memhp_default_state=online_movable: the DIMM becomes ZONE_MOVABLE, the zone
 # user pages are taken from first, so fio's buffers land in it.
-# Host side: wait for SCSIGATE-MEMHP-READY, hotplug the DIMM from the monitor, wait for the exit marker.
+# Then the DIMM is unplugged again (VHOST_USER_REM_MEM_REG) and a short fio verify runs.
+# Host side: wait for SCSIGATE-MEMHP-READY, hotplug the DIMM from the monitor; on
+# SCSIGATE-MEMHP-WAIT-REMOVE, device_del it; wait for the exit marker.
 #   scsigate.memhp_wait=SECS  how long to wait for the memory (default 120)
 . /tests/lib/common.sh
 wait_for_disks || exit 1
@@ -28,5 +30,12 @@ sleep 3
 echo "SCSIGATE-MEMHP-ZONE movable_free_pages before=$free0 during_fio=$(movable_free)"
 wait $fio_pid
 rc=$?
-[ $rc = 0 ] && log PASS || log "FAIL: fio verify after the memory hotplug (rc $rc)"
-exit $rc
+[ $rc = 0 ] || { log "FAIL: fio verify after the memory hotplug (rc $rc)"; exit $rc; }
+# Unplug: the guest offlines the DIMM (its pages migrate back), QEMU sends VHOST_USER_REM_MEM_REG.
+echo "SCSIGATE-MEMHP-WAIT-REMOVE memtotal_kib=$(total)"
+n=0
+while [ "$(total)" != "$mem0" ] && [ $n -lt $((max * 5)) ]; do sleep 0.2; n=$((n + 1)); done
+[ "$(total)" = "$mem0" ] || { log "FAIL: MemTotal $(total) kB, not back to $mem0 kB after ${max}s"; exit 1; }
+echo "SCSIGATE-MEMHP-REMOVED memtotal_kib=$(total) after=$((n / 5))s"
+SCSIGATE_TEST=fio-verify SCSIGATE_BS=4k SCSIGATE_SIZE=8M /bin/sh /tests/fio-verify.sh || { log "FAIL: fio verify after the unplug"; exit 1; }
+log PASS
