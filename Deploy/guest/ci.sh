@@ -8,6 +8,7 @@
 #   vhost-user-blk   QEMU 7.2 vhost-user-blk-pci + virtio_blk: fio verify, byte check, discard
 #                    and write-zeroes reaching the file (holes)
 #   vhost-user-blk-resize  QEMU 11 vhost-user-blk-pci: CLI resize seen by virtio_blk (config change)
+#   vhost-user-blk-reconnect  QEMU 7.2 vhost-user-blk, gateway SIGKILLed and restarted under fio verify
 #   vhost-user-memhotplug  QEMU 7.2 pc-dimm hotplug under a vhost-user-scsi disk (ADD_MEM_REG), fio verify
 #   iscsi            a LUN backed by tgtd over iSCSI, served through virtio-scsi: conformance, fio
 #
@@ -438,8 +439,48 @@ TOML
     stop_gateway; check "vhost-user-memhotplug gateway drains and exits 0 on SIGTERM" $?
 }
 
+# vhost-user-blk-reconnect: the gateway is killed (SIGKILL) in the middle of a guest fio verify and
+# started again; QEMU (chardev reconnect=1) reconnects and hands over the in-flight region
+# (VHOST_USER_SET_INFLIGHT_FD); what the guest still waited for is resubmitted, fio ends with 0 errors.
+suite_vhost_user_blk_reconnect() {
+    DIR="$WORK/vblkrc"; mkdir -p "$DIR"
+    { gateway_header "$DIR"; cat <<TOML
+
+[[controller]]
+name = "vblkrc0"
+transport = "vhost-user-blk"
+socket = "$DIR/vblkrc0.sock"
+
+[[controller.lun]]
+backend = "file"
+path = "$DIR/blk0.img"
+size = "512M"
+create = true
+TOML
+    } > "$DIR/gw.toml"
+    start_gateway "$DIR/gw.toml" "$DIR/gw.log"; check "vhost-user-blk-reconnect gateway start" $? || return
+    local glog="$DIR/guest.log" gpid rc pid
+    bash "$HERE/run-guest.sh" --quiet --test fio-verify --log "$glog" --timeout 900 \
+        --append "scsigate.size=256M scsigate.bs=4k" \
+        -- -chardev "socket,id=c0,path=$DIR/vblkrc0.sock,reconnect=1" -device vhost-user-blk-pci,chardev=c0 &
+    gpid=$!
+    if bash "$HERE/wait-marker.sh" "$glog" '\[fio-verify\] disk' 300 >/dev/null; then
+        sleep 4
+        pid=$GW_PID; GW_PID=""
+        kill -KILL "$pid"; wait "$pid" 2>/dev/null
+        echo "[vhost-user-blk-reconnect] gateway killed (SIGKILL) during fio; restarting in 2 s"
+        sleep 2
+        start_gateway "$DIR/gw.toml" "$DIR/gw2.log"; check "vhost-user-blk-reconnect gateway restart" $?
+    fi
+    wait $gpid; rc=$?
+    grep -a "fio 4k" "$glog" | tr -d '\r' | sed "s/^/[vhost-user-blk-reconnect] /"
+    check "vhost-user-blk-reconnect guest fio verify across a gateway kill and restart" $rc
+    grep -a "resubmitting\|connected\|in-flight" "$DIR/gw2.log" 2>/dev/null | cut -c1-200 | sed "s/^/[vhost-user-blk-reconnect] /" | tail -4
+    stop_gateway; check "vhost-user-blk-reconnect gateway drains and exits 0 on SIGTERM" $?
+}
+
 SUITES=("$@")
-[ ${#SUITES[@]} -gt 0 ] || SUITES=(vhost-user-scsi vhost-user-blk vhost-user-blk-resize vhost-user-memhotplug pvscsi iscsi)
+[ ${#SUITES[@]} -gt 0 ] || SUITES=(vhost-user-scsi vhost-user-blk vhost-user-blk-resize vhost-user-blk-reconnect vhost-user-memhotplug pvscsi iscsi)
 for s in "${SUITES[@]}"; do
     sg_log "suite $s"
     "suite_${s//-/_}"
