@@ -72,6 +72,11 @@ public final class LogicalUnit: Sendable {
     private let logicalBlockSize: UInt32
     /// Largest transfer in logical blocks a command may ask for (B0h MAXIMUM TRANSFER LENGTH; 0: no limit).
     let maximumTransferBlocks: UInt32
+    /// The back-end sends COMPARE AND WRITE to a remote device server unchanged (`BlockGeometry.supportsPassThrough`).
+    public let passesThroughCommands: Bool
+    /// PERSISTENT RESERVE IN/OUT go to the remote device server, which implements them
+    /// (`BlockGeometry.remotePersistentReservations`); otherwise `reservations` emulates them.
+    public let remotePersistentReservations: Bool
     /// Whether the back-end has a volatile write cache (fixed at creation).
     private let hasVolatileWriteCache: Bool
     /// Writes must be forced to stable storage: WCE = 0 on a back-end with a volatile cache (hot path).
@@ -105,6 +110,8 @@ public final class LogicalUnit: Sendable {
         self.logicalBlockSize = geometry.logicalBlockSize
         self.maximumTransferBlocks = geometry.logicalBlockSize == 0 ? 0 : geometry.maxTransferBytes / geometry.logicalBlockSize
         self.hasVolatileWriteCache = geometry.volatileWriteCache
+        self.passesThroughCommands = geometry.supportsPassThrough
+        self.remotePersistentReservations = geometry.supportsPassThrough && geometry.remotePersistentReservations
         self.writeThroughAtomic = Atomic(geometry.volatileWriteCache && !mode.writeCacheEnabled)
         self.unitAttentions = UnitAttentionBoard()
         self.reservations = ReservationState()
