@@ -244,9 +244,11 @@ public struct BlockGeometry: Sendable, Equatable {
     public var maxTransferBytes: UInt32
     /// Discard granularity in bytes (0: logical block size).
     public var discardGranularity: UInt32
-    /// The back-end sends `SCSIPassThrough` requests to a remote device server (COMPARE AND WRITE is
-    /// then executed atomically by the remote instead of emulated).
+    /// The back-end sends `SCSIPassThrough` requests to a remote device server.
     public var supportsPassThrough: Bool = false
+    /// The remote device server implements COMPARE AND WRITE (probed at login with REPORT SUPPORTED
+    /// OPERATION CODES): the SCSI core passes it through, so it is atomic for every host sharing the LUN.
+    public var remoteCompareAndWrite: Bool = false
     /// The remote device server implements PERSISTENT RESERVE IN/OUT (probed at login): the SCSI core
     /// passes them through so that every host sharing the remote LUN sees the same registrations.
     public var remotePersistentReservations: Bool = false

@@ -119,7 +119,7 @@ public final class ISCSIChannel: BlockChannel, @unchecked Sendable {
     }
 
     enum DiscoveryStep: Equatable {
-        case idle, readCapacity, blockLimits, provisioning, caching, persistentReservations
+        case idle, readCapacity, blockLimits, provisioning, caching, persistentReservations, compareAndWrite
     }
 
     let backend: ISCSIBackend
@@ -1206,6 +1206,10 @@ public final class ISCSIChannel: BlockChannel, @unchecked Sendable {
             discoveryTask = iscsi_persistent_reserve_in_task(context, config.url.lun,
                                                              Int32(SCSI_PERSISTENT_RESERVE_READ_KEYS.rawValue), 255,
                                                              iscsiTrampoline, tag)
+        case .compareAndWrite:
+            // REPORT SUPPORTED OPERATION CODES, one command: COMPARE AND WRITE (89h).
+            discoveryTask = iscsi_report_supported_opcodes_task(context, config.url.lun, 0, 1, 0x89, 0, 64,
+                                                                iscsiTrampoline, tag)
         case .idle:
             return
         }
@@ -1220,10 +1224,18 @@ public final class ISCSIChannel: BlockChannel, @unchecked Sendable {
         discoveryTask = nil
         defer { scsi_free_scsi_task(mine) }
         let good = status == Int32(bitPattern: SCSI_STATUS_GOOD.rawValue)
-        if discoveryStep == .persistentReservations && status == Int32(bitPattern: SCSI_STATUS_RESERVATION_CONFLICT.rawValue) {
-            // PERSISTENT RESERVE IN never conflicts on a target implementing it; treat as unsupported.
-            pendingGeometry.remotePersistentReservations = false
-            finishDiscovery(lbpu: pendingLBPU, lbpws: pendingLBPWS)
+        if (discoveryStep == .persistentReservations || discoveryStep == .compareAndWrite)
+            && status == Int32(bitPattern: SCSI_STATUS_RESERVATION_CONFLICT.rawValue) {
+            // Optional probes: a conflict (not expected) counts as "unsupported".
+            if discoveryStep == .persistentReservations {
+                pendingGeometry.remotePersistentReservations = false
+                discoveryStep = .compareAndWrite
+                discoveryRetries = 0
+                issueDiscoveryStep()
+            } else {
+                pendingGeometry.remoteCompareAndWrite = false
+                finishDiscovery(lbpu: pendingLBPU, lbpws: pendingLBPWS)
+            }
             return
         }
         if status != Int32(bitPattern: SCSI_STATUS_GOOD.rawValue) && status != Int32(bitPattern: SCSI_STATUS_CHECK_CONDITION.rawValue) {
@@ -1319,6 +1331,17 @@ public final class ISCSIChannel: BlockChannel, @unchecked Sendable {
         case .persistentReservations:
             // READ KEYS answered: the remote implements persistent reservations (SPC-3 or later).
             pendingGeometry.remotePersistentReservations = good
+            discoveryStep = .compareAndWrite
+            discoveryRetries = 0
+            issueDiscoveryStep()
+        case .compareAndWrite:
+            // SUPPORT field 011b (supported as in the standard) or 101b (vendor-specific manner).
+            var supported = false
+            if good, let data = mine.pointee.datain.data, mine.pointee.datain.size >= 2 {
+                let support = data[1] & 0x07
+                supported = support == 3 || support == 5
+            }
+            pendingGeometry.remoteCompareAndWrite = supported
             finishDiscovery(lbpu: pendingLBPU, lbpws: pendingLBPWS)
         case .idle:
             break

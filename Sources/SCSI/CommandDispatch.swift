@@ -120,8 +120,7 @@ extension SCSITarget {
                 case MultiStepKind.unmap:
                     return try resumeUnmap(&task, unit: unit, count: blocks, cursor: cursor, result: result)
                 case MultiStepKind.passThrough:
-                    try resumePassThrough(&task, dataIn: stage == 0, length: blocks, result: result)
-                    return .complete
+                    return try resumePassThrough(&task, unit: unit, stage: stage, length: blocks, result: result)
                 case MultiStepKind.orWrite:
                     return try resumeOrWrite(&task, unit: unit, stage: stage, lba: lba, blocks: blocks, cursor: cursor,
                                              result: result)

@@ -73,7 +73,7 @@ extension SCSITarget {
         if count == 0 { return .complete }
         let bytes = 2 * UInt64(count) * UInt64(unit.blockSize)
         if UInt64(task.dataOut.totalLength) < bytes { throw .invalidFieldInCDB(byte: 13) }
-        task.step = .multi(kind: MultiStepKind.passThrough, stage: 1, lba: lba, blocks: bytes, cursor: 0)
+        task.step = .multi(kind: MultiStepKind.passThrough, stage: Self.compareAndWriteStage, lba: lba, blocks: bytes, cursor: 0)
         return .submit(.passThrough(SCSIPassThrough(task.cdb), direction: .write, length: bytes, buffers: task.dataOut))
     }
 
@@ -95,6 +95,24 @@ extension SCSITarget {
         task.step = .multi(kind: MultiStepKind.passThrough, stage: 1, lba: 0, blocks: length, cursor: 0)
         return .submit(.passThrough(SCSIPassThrough(task.cdb), direction: length == 0 ? .flush : .write,
                                     length: length, buffers: task.dataOut))
+    }
+
+    /// `TaskStep.multi` stage of a COMPARE AND WRITE pass-through (data-out, may fall back to emulation).
+    static let compareAndWriteStage: UInt8 = 2
+
+    /// Continues a pass-through command. A COMPARE AND WRITE the remote rejects as an unknown operation
+    /// code (although it listed it as supported) is emulated instead, now and from then on.
+    func resumePassThrough(_ task: inout SCSITask, unit: LogicalUnit, stage: UInt8, length: UInt64,
+                           result: BlockResult) throws(SCSIError) -> TaskDisposition {
+        if stage == Self.compareAndWriteStage && result.remote.status == SCSIStatus.checkCondition.rawValue
+            && result.remote.senseKey == SenseKey.illegalRequest.rawValue
+            && result.remote.additionalSenseCode == 0x20 && result.remote.additionalSenseCodeQualifier == 0 {
+            unit.stopCompareAndWritePassThrough()
+            task.step = .none
+            return try compareAndWrite(&task, unit: unit)
+        }
+        try resumePassThrough(&task, dataIn: stage == 0, length: length, result: result)
+        return .complete
     }
 
     /// Completes a pass-through command: the remote's status and sense, or GOOD with the data moved.

@@ -114,6 +114,7 @@ struct Harness {
                                      supportsWriteZeroes: writeZeroes, discardReadsZeroes: readsZeroes,
                                      volatileWriteCache: volatileCache, maxTransferBytes: maxTransferBytes)
         geometry.supportsPassThrough = passThrough
+        geometry.remoteCompareAndWrite = passThrough
         geometry.remotePersistentReservations = remotePersistentReservations
         unit = LogicalUnit(number: LogicalUnitNumber(lun)!,
                            identity: LogicalUnitIdentity(serial: "SN0001", naa: 0x6001_4051_2345_6789),

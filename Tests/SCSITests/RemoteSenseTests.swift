@@ -140,6 +140,23 @@ import Testing
         #expect(h.run(Self.compareAndWrite(lba: 63, blocks: 2), dataOut: data).sense == lbaOutOfRangeSense)
     }
 
+    @Test func compareAndWriteFallsBackToEmulationWhenTheRemoteRejectsTheOpcode() {
+        var h = Harness(passThrough: true)
+        #expect(h.unit.passesThroughCommands)
+        h.disk.override = { r in
+            r.passThrough.isPresent ? .failure(EOPNOTSUPP, remote: Self.remoteCheck(0x05, 0x20, 0x00)) : nil
+        }
+        let o = h.run(Self.compareAndWrite(lba: 3, blocks: 1), dataOut: [UInt8](repeating: 0, count: 512) + pattern(512))
+        #expect(o.status == .good)
+        #expect(o.requests.map(\.passThrough.isPresent) == [true, false, false])
+        #expect(Array(h.disk.bytes[1536 ..< 2048]) == pattern(512))
+        #expect(!h.unit.passesThroughCommands)
+        // From then on it is emulated at once.
+        let again = h.run(Self.compareAndWrite(lba: 3, blocks: 1), dataOut: pattern(512) + pattern(512, seed: 9))
+        #expect(again.status == .good)
+        #expect(again.ops == [.read, .write] && !again.requests.contains { $0.passThrough.isPresent })
+    }
+
     @Test func compareAndWriteIsEmulatedWithoutPassThrough() {
         var h = Harness()
         let o = h.run(Self.compareAndWrite(lba: 3, blocks: 1), dataOut: [UInt8](repeating: 0, count: 512) + pattern(512))
