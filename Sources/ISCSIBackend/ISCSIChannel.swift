@@ -47,6 +47,22 @@ private let iscsiTrampoline: iscsi_command_cb = { _, status, commandData, privat
 /// _ = channel.submit(request, token: token) ... ; channel.commit()
 /// ```
 ///
+/// ## What goes to the remote
+/// READ/WRITE become READ(16)/WRITE(16) on the guest's iovecs (zero-copy); a transfer above the remote's
+/// B0h MAXIMUM TRANSFER LENGTH is sent as consecutive parts of at most that size from the same slot
+/// (one completion; the first failing part fails the whole request with its sense), so the geometry
+/// handed to the core reports no transfer limit. FLUSH is SYNCHRONIZE CACHE(16), discard UNMAP,
+/// write-zeroes WRITE SAME(16) (both split by the B0h limits). `SCSIPassThrough` requests (COMPARE AND
+/// WRITE, PERSISTENT RESERVE IN/OUT) are sent unchanged with `iscsi_scsi_command_async` on the guest's
+/// iovecs. At login the channel reads READ CAPACITY(16), VPD B0h/B2h, the caching mode page, probes
+/// persistent reservations (PERSISTENT RESERVE IN, READ KEYS) and COMPARE AND WRITE (REPORT SUPPORTED
+/// OPERATION CODES) and publishes them in the geometry. Failed commands carry the remote's status and
+/// sense in `BlockResult.remote`.
+///
+/// Persistent reservations are held by this channel's session (its I_T nexus on the remote): with one
+/// event-loop thread per LUN (`io_threads = 1`, the default) that is one nexus for the guest, as PR
+/// expects; with several threads each has its own session and registers separately.
+///
 /// `reap` first handles whatever is ready inside (socket, timer), then delivers the completions
 /// the libiscsi callbacks collected in the slot ring. `commit` sends the queued commands at once
 /// (one writev per batch where the socket allows). The lower-level `service(revents:)`/`tick()`
