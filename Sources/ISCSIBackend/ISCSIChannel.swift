@@ -1047,7 +1047,15 @@ public final class ISCSIChannel: BlockChannel, @unchecked Sendable {
             complete(index, .failure(ENOMEM))
             return
         }
-        if length > 0 {
+        if length > 0 && UInt64(request.buffers.totalLength) == request.length {
+            // The buffers are exactly the transfer: libiscsi reads or fills them as they are.
+            let iov = UnsafeMutablePointer<scsi_iovec>(OpaquePointer(request.buffers.base))
+            if direction == Int32(SCSI_XFER_READ.rawValue) {
+                scsi_task_set_iov_in(task, iov, Int32(request.buffers.count))
+            } else {
+                scsi_task_set_iov_out(task, iov, Int32(request.buffers.count))
+            }
+        } else if length > 0 {
             let part = splitPart(index, request: request, from: 0, upTo: request.length, wholeBlocks: false)
             guard part.bytes == request.length else {
                 scsi_free_scsi_task(task)

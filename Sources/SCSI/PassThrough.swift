@@ -1,4 +1,7 @@
 import BlockIO
+#if canImport(Glibc)
+import Glibc
+#endif
 
 // Commands a remote device server must execute itself, and the remote's status and sense.
 //
@@ -108,6 +111,11 @@ extension SCSITarget {
             && result.remote.senseKey == SenseKey.illegalRequest.rawValue
             && result.remote.additionalSenseCode == 0x20 && result.remote.additionalSenseCodeQualifier == 0 {
             unit.stopCompareAndWritePassThrough()
+            task.step = .none
+            return try compareAndWrite(&task, unit: unit)
+        }
+        if stage == Self.compareAndWriteStage && result.errno == EINVAL && !result.remote.isPresent {
+            // The back-end could not send this one as it is (e.g. too many buffer segments): emulate it.
             task.step = .none
             return try compareAndWrite(&task, unit: unit)
         }

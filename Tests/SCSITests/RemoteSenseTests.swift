@@ -157,6 +157,15 @@ import Testing
         #expect(again.ops == [.read, .write] && !again.requests.contains { $0.passThrough.isPresent })
     }
 
+    @Test func compareAndWriteTheBackEndCannotSendIsEmulatedThisOnce() {
+        var h = Harness(passThrough: true)
+        h.disk.override = { r in r.passThrough.isPresent ? .failure(EINVAL) : nil }
+        let o = h.run(Self.compareAndWrite(lba: 2, blocks: 1), dataOut: [UInt8](repeating: 0, count: 512) + pattern(512))
+        #expect(o.status == .good)
+        #expect(o.requests.map(\.passThrough.isPresent) == [true, false, false])
+        #expect(h.unit.passesThroughCommands)
+    }
+
     @Test func compareAndWriteIsEmulatedWithoutPassThrough() {
         var h = Harness()
         let o = h.run(Self.compareAndWrite(lba: 3, blocks: 1), dataOut: [UInt8](repeating: 0, count: 512) + pattern(512))
