@@ -1403,6 +1403,9 @@ public final class ISCSIChannel: BlockChannel, @unchecked Sendable {
             failureReason = ""
             if !quiet || wasFailing { config.emit(wasFailing ? .warning : .info,
                         "\(config.url): online, \(geometry.blockCount) blocks of \(geometry.logicalBlockSize) bytes"
+                        + (statistics.logins == 1 ? "; remote persistent reservations: \(geometry.remotePersistentReservations ? "yes" : "no")"
+                           + ", COMPARE AND WRITE: \(geometry.remoteCompareAndWrite ? "listed" : "no")"
+                           + ", max transfer: \(remoteMaxTransferBytes == 0 ? "none" : "\(remoteMaxTransferBytes) bytes (larger I/O split)")" : "")
                         + (wasFailing ? " (back after \(outageMs) ms; resubmitting \(submitQueue.count) commands)" : "")) }
             backend.channelCameOnline()
         }
