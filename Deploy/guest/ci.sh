@@ -330,6 +330,7 @@ TOML
             --append "scsigate.tests=$SCSI_TESTS scsigate.vendor=SCSIGATE scsigate.expect_serial=SGCI-IS0" \
             -- -chardev "socket,id=c0,path=$DIR/iscsi0.sock" -device vhost-user-scsi-pci,chardev=c0
         check "iscsi-backed guest smoke+conformance+fio-verify+pattern" $?
+        grep -a "remote persistent reservations" "$DIR/gw.log" | head -1 | cut -c1-260 | sed 's/^/[iscsi] /'
         conformance_check iscsi "$DIR/guest.log"
         report_iops iscsi "$DIR/guest.log"
         bash "$HERE/check-pattern.sh" "$DIR/guest.log" "$DIR/tgt-lun1.img"; check "iscsi bytes identical in tgtd's backing file" $?

@@ -157,7 +157,14 @@ public final class ISCSIChannel: BlockChannel, @unchecked Sendable {
     private var blockSize: UInt64 = 512
     /// Largest READ/WRITE sent as one command: the remote's B0h MAXIMUM TRANSFER LENGTH (larger requests
     /// are split inside the channel, so the geometry handed to the core reports no limit).
-    var maxIOBytes: UInt64 = UInt64(UInt32.max)
+    private(set) var maxIOBytes: UInt64 = UInt64(UInt32.max)
+    /// A smaller per-command limit in bytes set from outside (tests), kept across rediscoveries; 0: none.
+    var transferLimitOverride: UInt64 = 0 { didSet { updateMaxIOBytes() } }
+
+    private func updateMaxIOBytes() {
+        let limit = remoteMaxTransferBytes == 0 ? UInt64(UInt32.max) & ~(blockSize - 1) : remoteMaxTransferBytes
+        maxIOBytes = transferLimitOverride != 0 ? min(transferLimitOverride, limit) : limit
+    }
     /// The remote's B0h MAXIMUM TRANSFER LENGTH in bytes (0: none), as last discovered.
     public private(set) var remoteMaxTransferBytes: UInt64 = 0
     private var pendingRemoteMaxTransfer: UInt64 = 0
@@ -1416,7 +1423,7 @@ public final class ISCSIChannel: BlockChannel, @unchecked Sendable {
         geometryKnown = true
         blockSize = UInt64(g.logicalBlockSize)
         if g.maxTransferBytes != 0 { remoteMaxTransferBytes = UInt64(g.maxTransferBytes) }
-        maxIOBytes = remoteMaxTransferBytes == 0 ? UInt64(UInt32.max) & ~(blockSize - 1) : remoteMaxTransferBytes
+        updateMaxIOBytes()
         if zeroBlockSize < Int(g.logicalBlockSize) {
             zeroBlock.deallocate()
             zeroBlockSize = Int(g.logicalBlockSize)

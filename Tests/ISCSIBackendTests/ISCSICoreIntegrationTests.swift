@@ -111,7 +111,7 @@ struct ISCSICoreIntegrationTests {
         #expect(o.sense.count == 18)
         #expect(o.sense.count == 18 && o.sense[2] == 0x03, "remote sense \(o.sense)")  // MEDIUM ERROR from tgtd
         // A split read (parts of 64 KiB) whose later part fails: the whole command fails with that sense.
-        core.driver.channel.maxIOBytes = 65536
+        core.driver.channel.transferLimitOverride = 65536
         let split = core.run(read16CDB(lba: 1024, blocks: 2048), dataIn: 1 << 20)
         #expect(split.status == .checkCondition && split.sense == o.sense, "\(split.sense)")
         // Parts 0-7 (LBA 1024 ..< 2048) succeeded, part 8 (the new end of the file) failed: no part after it was sent.
@@ -123,7 +123,7 @@ struct ISCSICoreIntegrationTests {
         let (backend, core) = try gateway(target)
         #expect(backend.geometry.maxTransferBytes == 0)  // the core reports no limit: the channel splits
         let channel = core.driver.channel
-        channel.maxIOBytes = 65536
+        channel.transferLimitOverride = 65536
         let size = 3 << 20
         let data = TestBuffers.pattern(size, seed: 91)
         let w = core.run(write16CDB(lba: 2048, blocks: UInt32(size / 512)), dataOut: data)
@@ -230,5 +230,38 @@ struct ISCSICoreIntegrationTests {
         let again = core.run(write16CDB(lba: 0, blocks: 1), dataOut: [UInt8](repeating: 0x42, count: 512))
         #expect(again.status == .good)
         #expect(target.readBacking(offset: 0, count: 512) == [UInt8](repeating: 0x42, count: 512))
+    }
+}
+
+/// A transfer split into many parts survives a target kill in the middle: only the parts not yet
+/// acknowledged are sent again, and the guest sees one successful completion.
+@Suite(.serialized, .enabled(if: TgtTarget.availability.ok, "tgtd cannot be started on this machine (see stderr)"))
+struct ISCSISplitTransferReconnectTests {
+    @Test func splitWriteResumesAfterTheTargetIsKilledMidway() throws {
+        let target = try TgtTarget(sizeMiB: 32)
+        let config = try ISCSIBackendConfig(url: target.url, initiatorName: testInitiator, timeoutSeconds: 30,
+                                            reconnectBackoff: ISCSIReconnectBackoff(initialMilliseconds: 50, maximumMilliseconds: 400),
+                                            queueDepth: 8)
+        let backend = try ISCSIBackend.open(config: config)
+        let channel = try backend.makeChannel()
+        let driver = ChannelDriver(channel)
+        #expect(driver.waitOnline(seconds: 5))
+        channel.transferLimitOverride = 16384
+        let size = 16 << 20
+        let w = TestBuffers(length: size, pieces: 7)
+        w.bytes = TestBuffers.pattern(size, seed: 17)
+        #expect(channel.submit(BlockRequest(operation: .write, offset: 8 << 20, length: UInt64(size), buffers: w.list), token: 1) == 0)
+        driver.pump(seconds: 20) { channel.statistics.splitParts >= 40 || driver.results[1] != nil }
+        #expect(driver.results[1] == nil, "the write finished before the target could be killed")
+        let partsBefore = channel.statistics.splitParts
+        target.stop(hard: true)
+        driver.pump(seconds: 0.3) { false }
+        try target.start()
+        driver.pump(seconds: 30) { driver.results[1] != nil }
+        #expect(driver.results[1]?.0 == .success(UInt64(size)))
+        #expect(channel.statistics.connectionLosses >= 1)
+        // Every part was acknowledged exactly once (the lost one was sent again, not counted as a new part).
+        #expect(channel.statistics.splitParts == UInt64(size / 16384 - 1), "before the kill: \(partsBefore)")
+        #expect(target.readBacking(offset: 8 << 20, count: size) == TestBuffers.pattern(size, seed: 17))
     }
 }
