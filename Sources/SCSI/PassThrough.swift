@@ -61,8 +61,21 @@ extension SCSITarget {
     /// The remote LUN's capacity changed (the back-end re-read it): the same resize event an operator
     /// resize raises (CAPACITY DATA HAS CHANGED for every nexus, `.capacityChanged` for the front-ends).
     func followRemoteCapacity(_ unit: LogicalUnit, blockCount: UInt64) {
-        guard blockCount != unit.blockCount, logicalUnit(unit.number) === unit else { return }
-        try? resize(unit.number, blockCount: blockCount, allowShrink: true)
+        followCapacity(of: unit, blockCount: blockCount)
+    }
+
+    /// Follows a back-end's new capacity (a remote LUN resized on its target): when `unit` is still
+    /// this target's LUN and `blockCount` differs, resizes it (shrinking allowed: the remote already
+    /// did), raising CAPACITY DATA HAS CHANGED and `.capacityChanged`. Returns whether it resized.
+    @discardableResult
+    public func followCapacity(of unit: LogicalUnit, blockCount: UInt64) -> Bool {
+        guard blockCount > 0, blockCount != unit.blockCount, logicalUnit(unit.number) === unit else { return false }
+        do throws(LUNTableError) {
+            try resize(unit.number, blockCount: blockCount, allowShrink: true)
+            return true
+        } catch {
+            return false
+        }
     }
 
     /// COMPARE AND WRITE sent unchanged to the remote, with the initiator's data-out buffers (verify and

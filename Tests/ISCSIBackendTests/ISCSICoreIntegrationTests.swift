@@ -265,3 +265,43 @@ struct ISCSISplitTransferReconnectTests {
         #expect(target.readBacking(offset: 8 << 20, count: size) == TestBuffers.pattern(size, seed: 17))
     }
 }
+
+/// A remote LUN grown on its target: the back-end's geometry observer (what the gateway registers with
+/// `OpenedBackend.followRemoteCapacity`) turns it into the target's resize event.
+@Suite(.serialized, .enabled(if: TgtTarget.availability.ok, "tgtd cannot be started on this machine (see stderr)"))
+struct ISCSIRemoteCapacityTests {
+    @Test func remoteCapacityChangeResizesTheLogicalUnit() throws {
+        let target = try TgtTarget(sizeMiB: 4)
+        let config = try ISCSIBackendConfig(url: target.url, initiatorName: testInitiator, timeoutSeconds: 30,
+                                            reconnectBackoff: ISCSIReconnectBackoff(initialMilliseconds: 50, maximumMilliseconds: 400),
+                                            queueDepth: 8)
+        let backend = try ISCSIBackend.open(config: config)
+        let core = try CoreOverChannel(backend: backend, channel: try backend.makeChannel())
+        #expect(core.driver.waitOnline(seconds: 5))
+        let events = Mutex<[LUNEvent]>([])
+        core.target.subscribe { e in events.withLock { $0.append(e) } }
+        let unit = core.unit
+        let scsiTarget = core.target
+        backend.addGeometryObserver { [weak unit] g in
+            if let unit { scsiTarget.followCapacity(of: unit, blockCount: g.blockCount) }
+        }
+        #expect(unit.blockCount == 4 * 2048)
+        // tgtd reads the size when the LUN is created: grow the file and recreate the target.
+        target.stop(hard: true)
+        let fh = try FileHandle(forWritingTo: URL(fileURLWithPath: target.backingFile))
+        try fh.truncate(atOffset: 6 << 20)
+        try fh.close()
+        try target.start()
+        core.driver.pump(seconds: 10) { unit.blockCount == 6 * 2048 }
+        #expect(unit.blockCount == 6 * 2048)
+        #expect(events.withLock { $0 } == [.capacityChanged(unit.number, blockCount: 6 * 2048)])
+        // The initiator learns it (CAPACITY DATA HAS CHANGED), then READ CAPACITY(16) shows the new size
+        // and a write beyond the old end reaches the remote.
+        #expect(core.run([0, 0, 0, 0, 0, 0]).sense == fixedSense(0x06, 0x2A, 0x09))
+        let capacity = core.run([0x9E, 0x10] + be64(0) + be32(32) + [0, 0], dataIn: 32)
+        #expect(capacity.status == .good && Array(capacity.data.prefix(8)) == be64(6 * 2048 - 1))
+        let data = TestBuffers.pattern(4096, seed: 8)
+        #expect(core.run(write16CDB(lba: 5 * 2048, blocks: 8), dataOut: data).status == .good)
+        #expect(target.readBacking(offset: 5 << 20, count: 4096) == data)
+    }
+}
