@@ -21,8 +21,9 @@ public enum BlockOperation: UInt8, Sendable {
 /// `offset` is unused. The result carries the remote's status and sense (`BlockResult.remote`).
 /// Only back-ends whose geometry says `supportsPassThrough` accept it; the SCSI core sends it to no other.
 public struct SCSIPassThrough: Sendable, Equatable {
-    /// CDB bytes 0-7 and 8-15, big-endian (byte 0 is the top byte of `head`).
+    /// CDB bytes 0-7, big-endian (byte 0 is the top byte).
     public var head: UInt64
+    /// CDB bytes 8-15, big-endian (byte 8 is the top byte).
     public var tail: UInt64
     /// CDB length in bytes (6...16), 0 when not a pass-through.
     public var length: UInt8
