@@ -333,14 +333,16 @@ TOML
             --append "scsigate.tests=$SCSI_TESTS scsigate.vendor=SCSIGATE scsigate.expect_serial=SGCI-IS0" \
             -- -chardev "socket,id=c0,path=$DIR/iscsi0.sock" -device vhost-user-scsi-pci,chardev=c0
         check "iscsi-backed guest smoke+conformance+fio-verify+pattern" $?
+        grep -a "remote persistent reservations" "$DIR/gw.log" | head -1 | cut -c1-260 | sed 's/^/[iscsi] /'
         conformance_check iscsi "$DIR/guest.log"
         report_iops iscsi "$DIR/guest.log"
         bash "$HERE/check-pattern.sh" "$DIR/guest.log" "$DIR/tgt-lun1.img"; check "iscsi bytes identical in tgtd's backing file" $?
         stop_gateway; check "iscsi gateway drains and exits 0 on SIGTERM" $?
-        # tgtd killed (SIGKILL) and restarted during a guest fio randwrite+verify: no error may reach fio.
+        # tgtd killed (SIGKILL) and restarted during a guest fio randwrite+verify of at least 60 s
+        # (repeated write+verify rounds): no error may reach fio.
         start_gateway "$DIR/gw.toml" "$DIR/gw2.log"; check "iscsi gateway restart" $? || return
         bash "$HERE/run-guest.sh" --quiet --test fio-verify --log "$DIR/outage.log" --timeout 900 \
-            --append "scsigate.vendor=SCSIGATE scsigate.bs=4k scsigate.size=200M" \
+            --append "scsigate.vendor=SCSIGATE scsigate.bs=4k scsigate.size=128M scsigate.runtime=60" \
             -- -chardev "socket,id=c0,path=$DIR/iscsi0.sock" -device vhost-user-scsi-pci,chardev=c0 &
         local guest=$! t0
         if bash "$HERE/wait-marker.sh" "$DIR/outage.log" "\\[fio-verify\\] disk" 300 >/dev/null; then
@@ -353,8 +355,12 @@ TOML
             echo "[iscsi] tgtd killed and restarted: outage $(( $(date +%s) - t0 )) s during guest fio verify"
         fi
         wait $guest; check "iscsi fio verify across a tgtd kill/restart (0 errors)" $?
-        grep -a "fio 4k:" "$DIR/outage.log" | tr -d '\r' | sed 's/^/[iscsi] /'
-        grep -a -i "lost\|reconnect\|logged in\|resubmit" "$DIR/gw2.log" | tail -5 | cut -c1-200 | sed 's/^/[iscsi] /'
+        grep -a "fio 4k:\|fio-verify:" "$DIR/outage.log" | tr -d '\r' | sed 's/^/[iscsi] /'
+        local ran
+        ran=$(grep -a "fio-verify: .* passed" "$DIR/outage.log" | tr -d '\r' | sed -n 's/.*rounds, \([0-9]*\) s).*/\1/p' | tail -1)
+        [ "${ran:-0}" -ge 60 ]; check "iscsi outage fio run lasted >= 60 s (${ran:-?} s)" $?
+        grep -a -i "lost\|reconnect\|logged in\|resubmit\|back after" "$DIR/gw2.log" | tail -6 | cut -c1-220 | sed 's/^/[iscsi] /'
+        grep -a -q "resubmitting [0-9]* commands" "$DIR/gw2.log"; check "iscsi gateway log shows the reconnect and the resubmitted count" $?
         stop_gateway; check "iscsi gateway drains and exits 0 on SIGTERM after the outage" $?
     else
         check "iscsi gateway start" 1

@@ -37,7 +37,19 @@ start)
     echo $! >"$dir/tgtd.pid"
     i=0
     while [ $i -lt 100 ]; do
-        if tgtadm -C "$cport" --lld iscsi --mode sys --op show >/dev/null 2>&1; then exit 0; fi
+        if tgtadm -C "$cport" --lld iscsi --mode sys --op show >/dev/null 2>&1; then
+            # tgtadm may answer before the portal listens: wait for the listening socket too.
+            hex=$(printf '%04X' "$port")
+            j=0
+            while [ $j -lt 100 ]; do
+                if grep -q ":$hex 00000000:0000 0A" /proc/net/tcp 2>/dev/null; then exit 0; fi
+                sleep 0.05
+                j=$((j + 1))
+            done
+            echo "backend-test-target: tgtd answers on control port $cport but does not listen on 127.0.0.1:$port; log:" >&2
+            cat "$dir/tgtd.log" >&2
+            exit 6
+        fi
         if ! kill -0 "$(cat "$dir/tgtd.pid")" 2>/dev/null; then
             echo "backend-test-target: tgtd exited; log:" >&2; cat "$dir/tgtd.log" >&2; exit 4
         fi

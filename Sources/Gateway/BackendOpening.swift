@@ -1,6 +1,7 @@
 import Backends
 import BlockIO
 import ISCSIBackend
+import SCSI
 
 /// An open back-end together with the LUN entry it serves.
 public struct OpenedBackend: Sendable {
@@ -13,6 +14,20 @@ public struct OpenedBackend: Sendable {
     public init(backend: AnyBlockBackend) {
         self.backend = backend
         self.geometry = backend.geometry
+    }
+}
+
+extension OpenedBackend {
+    /// For a remote (iSCSI) LUN: follows capacity changes the back-end discovers (a remote CAPACITY DATA
+    /// HAS CHANGED, or a different capacity found at a re-login) with `target`'s resize event for `unit`
+    /// (CAPACITY DATA HAS CHANGED for the initiators, `.capacityChanged` for every front-end, virtio-blk
+    /// included). File, block and null back-ends are resized by the operator: nothing to follow.
+    public func followRemoteCapacity(of unit: LogicalUnit, in target: SCSITarget) {
+        guard case .iscsi(let remote) = backend else { return }
+        remote.addGeometryObserver { [weak unit] geometry in
+            guard let unit else { return }
+            target.followCapacity(of: unit, blockCount: geometry.blockCount)
+        }
     }
 }
 

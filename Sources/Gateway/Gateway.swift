@@ -285,6 +285,7 @@ public final class Gateway: @unchecked Sendable {
             backends.remove(id)?.backend.close()
             throw BackendOpeningError(lun: name, reason: error.description)
         }
+        opened.followRemoteCapacity(of: unit, in: runtime.target)
     }
 
     /// Keeps trying to bring a remote LUN online (every 5 s) until it is added or the gateway stops:

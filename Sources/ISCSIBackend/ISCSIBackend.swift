@@ -45,6 +45,8 @@ public final class ISCSIBackend: BlockBackend {
     private let shared = Mutex(Shared())
     private let generation = Atomic<UInt64>(0)
     private let geometryCallback: (@Sendable (BlockGeometry) -> Void)?
+    /// Handlers added after creation (`addGeometryObserver`), called after `geometryCallback`.
+    private let geometryObservers = Mutex<[@Sendable (BlockGeometry) -> Void]>([])
     /// `address:port` handed to libiscsi. A host name is resolved here, on the control path, so
     /// that reconnects on the event-loop thread never wait for DNS; if it cannot be resolved now,
     /// the name is kept (libiscsi then resolves it at each attempt).
@@ -166,7 +168,17 @@ public final class ISCSIBackend: BlockBackend {
         if let old, old.blockCount != geometry.blockCount || old.logicalBlockSize != geometry.logicalBlockSize {
             config.emit(.info, "\(config.url): capacity changed from \(old.capacityBytes) to \(geometry.capacityBytes) bytes")
         }
-        if old != nil || changed { geometryCallback?(geometry) }
+        if old != nil || changed {
+            geometryCallback?(geometry)
+            for observer in geometryObservers.withLock({ $0 }) { observer(geometry) }
+        }
+    }
+
+    /// Adds a handler for geometry changes the channels discover (a remote CAPACITY DATA HAS CHANGED, or
+    /// a different capacity found at a re-login); it runs on the discovering channel's thread and must
+    /// only enqueue work or take short locks (the gateway calls `SCSITarget.followCapacity`).
+    public func addGeometryObserver(_ observer: @escaping @Sendable (BlockGeometry) -> Void) {
+        geometryObservers.withLock { $0.append(observer) }
     }
 
     func channelCameOnline() {

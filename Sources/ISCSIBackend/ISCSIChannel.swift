@@ -47,6 +47,22 @@ private let iscsiTrampoline: iscsi_command_cb = { _, status, commandData, privat
 /// _ = channel.submit(request, token: token) ... ; channel.commit()
 /// ```
 ///
+/// ## What goes to the remote
+/// READ/WRITE become READ(16)/WRITE(16) on the guest's iovecs (zero-copy); a transfer above the remote's
+/// B0h MAXIMUM TRANSFER LENGTH is sent as consecutive parts of at most that size from the same slot
+/// (one completion; the first failing part fails the whole request with its sense), so the geometry
+/// handed to the core reports no transfer limit. FLUSH is SYNCHRONIZE CACHE(16), discard UNMAP,
+/// write-zeroes WRITE SAME(16) (both split by the B0h limits). `SCSIPassThrough` requests (COMPARE AND
+/// WRITE, PERSISTENT RESERVE IN/OUT) are sent unchanged with `iscsi_scsi_command_async` on the guest's
+/// iovecs. At login the channel reads READ CAPACITY(16), VPD B0h/B2h, the caching mode page, probes
+/// persistent reservations (PERSISTENT RESERVE IN, READ KEYS) and COMPARE AND WRITE (REPORT SUPPORTED
+/// OPERATION CODES) and publishes them in the geometry. Failed commands carry the remote's status and
+/// sense in `BlockResult.remote`.
+///
+/// Persistent reservations are held by this channel's session (its I_T nexus on the remote): with one
+/// event-loop thread per LUN (`io_threads = 1`, the default) that is one nexus for the guest, as PR
+/// expects; with several threads each has its own session and registers separately.
+///
 /// `reap` first handles whatever is ready inside (socket, timer), then delivers the completions
 /// the libiscsi callbacks collected in the slot ring. `commit` sends the queued commands at once
 /// (one writev per batch where the socket allows). The lower-level `service(revents:)`/`tick()`
@@ -59,6 +75,8 @@ public struct ISCSIChannelStatistics: Sendable, Equatable {
     public var connectionLosses: UInt64 = 0
     /// Commands sent again on a new session after the previous one was lost.
     public var commandsResubmitted: UInt64 = 0
+    /// Extra commands sent for transfers above the remote's maximum transfer length.
+    public var splitParts: UInt64 = 0
     /// Commands retried after a remote UNIT ATTENTION.
     public var unitAttentionsRetried: UInt64 = 0
     /// Commands retried after BUSY, TASK SET FULL, TASK ABORTED, NOT READY (becoming ready) or ABORTED COMMAND.
@@ -103,6 +121,12 @@ public final class ISCSIChannel: BlockChannel, @unchecked Sendable {
         var retries: UInt16 = 0
         var result = BlockResult.success(0)
         var sense = ISCSIRemoteSense.none
+        /// The remote's full status and sense (INFORMATION, sense-key specific) for the result.
+        var remote = RemoteSCSIStatus.none
+        /// Answered by the remote with CAPACITY DATA HAS CHANGED: held until the capacity is re-read,
+        /// then sent again; its result carries the new block count (the core's resize event).
+        var awaitingGeometry = false
+        var reportBlockCount = false
         var unmap = unmap_list(lba: 0, num: 0)
         /// The guest (via the core) asked to abort it: a cancellation completes it with ECANCELED.
         var aborting = false
@@ -111,7 +135,7 @@ public final class ISCSIChannel: BlockChannel, @unchecked Sendable {
     }
 
     enum DiscoveryStep: Equatable {
-        case idle, readCapacity, blockLimits, provisioning, caching
+        case idle, readCapacity, blockLimits, provisioning, caching, persistentReservations, compareAndWrite
     }
 
     let backend: ISCSIBackend
@@ -131,7 +155,19 @@ public final class ISCSIChannel: BlockChannel, @unchecked Sendable {
 
     private var geometryKnown = false
     private var blockSize: UInt64 = 512
-    private var maxIOBytes: UInt64 = UInt64(UInt32.max)
+    /// Largest READ/WRITE sent as one command: the remote's B0h MAXIMUM TRANSFER LENGTH (larger requests
+    /// are split inside the channel, so the geometry handed to the core reports no limit).
+    private(set) var maxIOBytes: UInt64 = UInt64(UInt32.max)
+    /// A smaller per-command limit in bytes set from outside (tests), kept across rediscoveries; 0: none.
+    var transferLimitOverride: UInt64 = 0 { didSet { updateMaxIOBytes() } }
+
+    private func updateMaxIOBytes() {
+        let limit = remoteMaxTransferBytes == 0 ? UInt64(UInt32.max) & ~(blockSize - 1) : remoteMaxTransferBytes
+        maxIOBytes = transferLimitOverride != 0 ? min(transferLimitOverride, limit) : limit
+    }
+    /// The remote's B0h MAXIMUM TRANSFER LENGTH in bytes (0: none), as last discovered.
+    public private(set) var remoteMaxTransferBytes: UInt64 = 0
+    private var pendingRemoteMaxTransfer: UInt64 = 0
     /// Blocks per UNMAP / WRITE SAME command (larger requests are split; from VPD B0h).
     var maxUnmapBlocks: UInt64 = 0x40_0000
     var maxWriteSameBlocks: UInt64 = 0x40_0000
@@ -153,6 +189,10 @@ public final class ISCSIChannel: BlockChannel, @unchecked Sendable {
     private var submitQueue: SlotRing
     private var completions: SlotRing
     private var zeroBlock: UnsafeMutableRawPointer
+    /// Per-slot iovec arrays for the parts of a transfer above the remote's maximum transfer length
+    /// (`splitIOVCapacity` entries per slot, preallocated).
+    private let splitIOV: UnsafeMutablePointer<scsi_iovec>
+    static let splitIOVCapacity = 64
     private var zeroBlockSize: Int
     private let timeoutNanoseconds: UInt64
 
@@ -190,6 +230,8 @@ public final class ISCSIChannel: BlockChannel, @unchecked Sendable {
         while i >= 0 { freeSlots.append(Int32(i)); i -= 1 }
         submitQueue = SlotRing(capacity: capacity)
         completions = SlotRing(capacity: capacity)
+        splitIOV = .allocate(capacity: capacity * Self.splitIOVCapacity)
+        splitIOV.initialize(repeating: scsi_iovec(iov_base: nil, iov_len: 0), count: capacity * Self.splitIOVCapacity)
         zeroBlockSize = 4096
         zeroBlock = .allocate(byteCount: 4096, alignment: 4096)
         zeroBlock.initializeMemory(as: UInt8.self, repeating: 0, count: 4096)
@@ -226,6 +268,7 @@ public final class ISCSIChannel: BlockChannel, @unchecked Sendable {
         slots.deinitialize(count: capacity)
         slots.deallocate()
         zeroBlock.deallocate()
+        splitIOV.deallocate()
         eventBuffer.deallocate()
         if timerFD >= 0 { Glibc.close(timerFD) }
         if epollFD >= 0 { Glibc.close(epollFD) }
@@ -388,11 +431,20 @@ public final class ISCSIChannel: BlockChannel, @unchecked Sendable {
 
     public func submit(_ request: BlockRequest, token: UInt64) -> Int32 {
         guard phase != .closed else { return ENXIO }
+        if request.passThrough.isPresent {
+            guard request.passThrough.length >= 6, request.operation == .read || request.operation == .write
+                    || request.operation == .flush, request.length <= UInt64(Int32.max) else { return EINVAL }
+            if request.operation != .flush {
+                guard request.length > 0, UInt64(request.buffers.totalLength) >= request.length else { return EINVAL }
+            }
+            return admit(request, token: token)
+        }
         switch request.operation {
         case .flush:
             break
         case .read, .write:
-            guard request.length > 0, request.length <= maxIOBytes, request.length <= UInt64(UInt32.max) else { return EINVAL }
+            // Above the remote's maximum transfer length the request is sent as several commands.
+            guard request.length > 0, request.length <= UInt64(UInt32.max) else { return EINVAL }
             guard request.buffers.count > 0, UInt64(request.buffers.totalLength) >= request.length else { return EINVAL }
             if request.operation == .write && geometryKnown && geometry.readOnly { return EROFS }
         case .discard, .writeZeroes:
@@ -407,6 +459,11 @@ public final class ISCSIChannel: BlockChannel, @unchecked Sendable {
             guard request.offset % blockSize == 0, request.length % blockSize == 0, !overflow,
                   end <= geometry.capacityBytes else { return EINVAL }
         }
+        return admit(request, token: token)
+    }
+
+    /// Takes a free slot for a validated request and queues it.
+    private func admit(_ request: BlockRequest, token: UInt64) -> Int32 {
         guard let index = freeSlots.popLast() else { return EAGAIN }
         let now = monotonicNanoseconds()
         let slot = slots + Int(index)
@@ -420,6 +477,9 @@ public final class ISCSIChannel: BlockChannel, @unchecked Sendable {
         slot.pointee.chunk = 0
         slot.pointee.retries = 0
         slot.pointee.sense = .none
+        slot.pointee.remote = .none
+        slot.pointee.awaitingGeometry = false
+        slot.pointee.reportBlockCount = false
         slot.pointee.aborting = false
         slot.pointee.cancelRequested = false
         enqueue(index)
@@ -680,9 +740,22 @@ public final class ISCSIChannel: BlockChannel, @unchecked Sendable {
             let sense = ISCSIRemoteSense(status: ISCSIRemoteSense.statusCheckCondition, key: key,
                                          asc: UInt8(code >> 8), ascq: UInt8(code & 0xff))
             slot.pointee.sense = sense
+            slot.pointee.remote = Self.remoteStatus(of: mine, sense: sense)
             switch key {
+            case ISCSIRemoteSense.keyUnitAttention where code == 0x2a09:
+                // The remote's capacity changed: re-read it, then send this command again; its result
+                // carries the new block count (the SCSI core turns it into its resize event).
+                capacityChanged()
+                statistics.unitAttentionsRetried += 1
+                slot.pointee.awaitingGeometry = true
+                slot.pointee.reportBlockCount = true
+                retryOrFail(index, sense: sense, delayNanoseconds: 0, limit: 16, now: now)
+            case ISCSIRemoteSense.keyUnitAttention where slot.pointee.request.passThrough.isPresent
+                    && sense.asc == 0x2a && (0x03...0x05).contains(sense.ascq):
+                // Reservations/registrations preempted or released on the remote: the guest that
+                // passes PERSISTENT RESERVE through must learn it (the command did not execute).
+                complete(index, .failure(sense.errno))
             case ISCSIRemoteSense.keyUnitAttention:
-                if code == 0x2a09 { capacityChanged() }
                 statistics.unitAttentionsRetried += 1
                 retryOrFail(index, sense: sense, delayNanoseconds: 0, limit: 16, now: now)
             case ISCSIRemoteSense.keyNotReady where sense.asc == 0x04 && (sense.ascq == 0x01 || sense.ascq == 0x0a):
@@ -697,12 +770,14 @@ public final class ISCSIChannel: BlockChannel, @unchecked Sendable {
         case Int32(bitPattern: SCSI_STATUS_BUSY.rawValue), Int32(bitPattern: SCSI_STATUS_TASK_SET_FULL.rawValue), Int32(bitPattern: SCSI_STATUS_TASK_ABORTED.rawValue):
             let sense = ISCSIRemoteSense(status: UInt8(truncatingIfNeeded: status))
             slot.pointee.sense = sense
+            slot.pointee.remote = RemoteSCSIStatus(status: sense.status)
             statistics.busyRetries += 1
             let backoff = min(UInt64(1) << min(UInt64(slot.pointee.retries), 7), 100) * 1_000_000
             retryOrFail(index, sense: sense, delayNanoseconds: backoff, limit: 10_000, now: now)
         case Int32(bitPattern: SCSI_STATUS_RESERVATION_CONFLICT.rawValue):
             let sense = ISCSIRemoteSense(status: ISCSIRemoteSense.statusReservationConflict)
             slot.pointee.sense = sense
+            slot.pointee.remote = RemoteSCSIStatus(status: sense.status)
             complete(index, .failure(sense.errno))
         default:
             // CANCELLED (session torn down), ERROR (protocol error), TIMEOUT: the command did not
@@ -733,11 +808,26 @@ public final class ISCSIChannel: BlockChannel, @unchecked Sendable {
         let request = slot.pointee.request
         switch request.operation {
         case .read, .write:
-            var bytes = request.length
+            if request.passThrough.isPresent {
+                var bytes = request.length
+                if task.pointee.residual_status == SCSI_RESIDUAL_UNDERFLOW { bytes -= min(UInt64(task.pointee.residual), bytes) }
+                complete(index, .success(bytes))
+                return
+            }
+            var bytes = slot.pointee.chunk
             if task.pointee.residual_status == SCSI_RESIDUAL_UNDERFLOW {
                 bytes -= min(UInt64(task.pointee.residual), bytes)
             }
-            complete(index, .success(bytes))
+            let short = bytes < slot.pointee.chunk
+            slot.pointee.done += bytes
+            slot.pointee.chunk = 0
+            slot.pointee.retries = 0
+            if short || slot.pointee.done >= request.length {
+                complete(index, .success(slot.pointee.done))
+            } else {
+                statistics.splitParts += 1
+                requeue(index, delayNanoseconds: 0)
+            }
         case .flush:
             complete(index, .success(0))
         case .discard, .writeZeroes:
@@ -771,8 +861,18 @@ public final class ISCSIChannel: BlockChannel, @unchecked Sendable {
     private func complete(_ index: Int32, _ result: BlockResult) {
         let slot = slots + Int(index)
         slot.pointee.phase = .completed
+        var result = result
+        if result.succeeded {
+            slot.pointee.sense = .none
+            slot.pointee.remote = .none
+        } else if result.errno != ECANCELED && result.errno != ETIMEDOUT && slot.pointee.remote.isPresent {
+            // The remote's verdict (kept when a BUSY/UA that recurred until the deadline ends the request).
+            result.remote = slot.pointee.remote
+        }
+        if slot.pointee.reportBlockCount && geometryKnown { result.remoteBlockCount = geometry.blockCount }
+        slot.pointee.awaitingGeometry = false
+        slot.pointee.reportBlockCount = false
         slot.pointee.result = result
-        if result.succeeded { slot.pointee.sense = .none }
         completions.push(index)
     }
 
@@ -809,7 +909,7 @@ public final class ISCSIChannel: BlockChannel, @unchecked Sendable {
             remaining -= 1
             let slot = slots + Int(index)
             guard slot.pointee.phase == .queued else { slot.pointee.inQueue = false; continue }
-            if slot.pointee.notBefore > now {
+            if slot.pointee.notBefore > now || slot.pointee.awaitingGeometry {
                 submitQueue.push(index)
                 continue
             }
@@ -827,16 +927,36 @@ public final class ISCSIChannel: BlockChannel, @unchecked Sendable {
         let bs = blockSize
         let lba = (request.offset + slot.pointee.done) / bs
         var task: UnsafeMutablePointer<scsi_task>?
+        if request.passThrough.isPresent {
+            issuePassThrough(index, context: context)
+            return
+        }
         switch request.operation {
-        case .read:
-            let iov = UnsafeMutablePointer<scsi_iovec>(OpaquePointer(request.buffers.base))
-            task = iscsi_read16_iov_task(context, lun, lba, UInt32(request.length), Int32(bs), 0, 0, 0, 0, 0,
-                                         iscsiTrampoline, tag, iov, Int32(request.buffers.count))
-        case .write:
-            let iov = UnsafeMutablePointer<scsi_iovec>(OpaquePointer(request.buffers.base))
-            task = iscsi_write16_iov_task(context, lun, lba, nil, UInt32(request.length), Int32(bs), 0, 0,
-                                          request.forceUnitAccess ? 1 : 0, 0, 0, iscsiTrampoline, tag, iov,
-                                          Int32(request.buffers.count))
+        case .read, .write:
+            var iov = UnsafeMutablePointer<scsi_iovec>(OpaquePointer(request.buffers.base))
+            var iovCount = Int32(request.buffers.count)
+            var bytes = request.length
+            if request.length > maxIOBytes || slot.pointee.done > 0 {
+                // One part of a transfer above the remote's limit: the next `maxIOBytes` (or fewer,
+                // when they need more iovec entries than a slot has), then the rest on completion.
+                let part = splitPart(index, request: request, from: slot.pointee.done,
+                                     upTo: min(request.length - slot.pointee.done, maxIOBytes))
+                guard part.bytes > 0 else {
+                    complete(index, .failure(EINVAL))
+                    return
+                }
+                iov = part.iov
+                iovCount = part.count
+                bytes = part.bytes
+            }
+            slot.pointee.chunk = bytes
+            if request.operation == .read {
+                task = iscsi_read16_iov_task(context, lun, lba, UInt32(bytes), Int32(bs), 0, 0, 0, 0, 0,
+                                             iscsiTrampoline, tag, iov, iovCount)
+            } else {
+                task = iscsi_write16_iov_task(context, lun, lba, nil, UInt32(bytes), Int32(bs), 0, 0,
+                                              request.forceUnitAccess ? 1 : 0, 0, 0, iscsiTrampoline, tag, iov, iovCount)
+            }
         case .flush:
             task = iscsi_synchronizecache16_task(context, lun, 0, 0, 0, 0, iscsiTrampoline, tag)
         case .discard:
@@ -853,6 +973,111 @@ public final class ISCSIChannel: BlockChannel, @unchecked Sendable {
         }
         guard let task else {
             // libiscsi refused to queue it (no session or out of memory): try again on a new session.
+            failureReason = "cannot queue command: \(lastLibraryError())"
+            lostConnection = true
+            requeue(index, delayNanoseconds: 0)
+            return
+        }
+        slot.pointee.task = task
+        if slot.pointee.phase == .queued { slot.pointee.phase = .inFlight }
+    }
+
+    // MARK: - Pass-through and split transfers
+
+    /// The remote's status and sense for a CHECK CONDITION: the raw sense libiscsi keeps in `datain`
+    /// (2-byte length, then the sense bytes) gives INFORMATION and the sense-key specific bytes.
+    static func remoteStatus(of task: UnsafeMutablePointer<scsi_task>, sense: ISCSIRemoteSense) -> RemoteSCSIStatus {
+        var remote = RemoteSCSIStatus(status: sense.status, senseKey: sense.key, additionalSenseCode: sense.asc,
+                                      additionalSenseCodeQualifier: sense.ascq)
+        if let data = task.pointee.datain.data, task.pointee.datain.size > 2 {
+            let declared = Int(data[0]) << 8 | Int(data[1])
+            let n = min(declared, Int(task.pointee.datain.size) - 2)
+            if n > 0, let parsed = RemoteSCSIStatus.checkCondition(sense: UnsafeRawBufferPointer(start: data + 2, count: n)),
+               parsed.senseKey == sense.key {
+                remote.information = parsed.information
+                remote.hasInformation = parsed.hasInformation
+                remote.senseKeySpecific = parsed.senseKeySpecific
+            }
+        }
+        return remote
+    }
+
+    /// Fills the slot's iovec array with `upTo` bytes of the request's buffers starting at byte `from`
+    /// (fewer, whole blocks, when more than `splitIOVCapacity` entries would be needed).
+    private func splitPart(_ index: Int32, request: BlockRequest, from: UInt64, upTo: UInt64, wholeBlocks: Bool = true)
+        -> (iov: UnsafeMutablePointer<scsi_iovec>, count: Int32, bytes: UInt64) {
+        let out = splitIOV + Int(index) * Self.splitIOVCapacity
+        var skip = from
+        var remaining = upTo
+        var used = 0
+        var covered: UInt64 = 0
+        var i = 0
+        while i < request.buffers.count && remaining > 0 && used < Self.splitIOVCapacity {
+            let v = request.buffers[i]
+            i += 1
+            let length = UInt64(v.iov_len)
+            if skip >= length { skip -= length; continue }
+            let take = min(length - skip, remaining)
+            out[used] = scsi_iovec(iov_base: v.iov_base.map { $0 + Int(skip) }, iov_len: Int(take))
+            skip = 0
+            remaining -= take
+            covered += take
+            used += 1
+        }
+        // Whole blocks only: trim the tail when the entries ran out in the middle of a block.
+        let whole = wholeBlocks ? covered - covered % blockSize : covered
+        var excess = covered - whole
+        while excess > 0 && used > 0 {
+            let last = UInt64(out[used - 1].iov_len)
+            if last <= excess { excess -= last; used -= 1 } else { out[used - 1].iov_len = Int(last - excess); excess = 0 }
+        }
+        return (out, Int32(used), whole)
+    }
+
+    /// Sends a pass-through command unchanged, with the request's buffers as data-in or data-out.
+    private func issuePassThrough(_ index: Int32, context: OpaquePointer) {
+        let slot = slots + Int(index)
+        let request = slot.pointee.request
+        let command = request.passThrough
+        var cdb: (UInt64, UInt64) = (command.head.bigEndian, command.tail.bigEndian)
+        let direction: Int32
+        switch request.operation {
+        case .read: direction = Int32(SCSI_XFER_READ.rawValue)
+        case .write: direction = Int32(SCSI_XFER_WRITE.rawValue)
+        default: direction = Int32(SCSI_XFER_NONE.rawValue)
+        }
+        let length = direction == Int32(SCSI_XFER_NONE.rawValue) ? 0 : Int32(request.length)
+        let created = withUnsafeMutableBytes(of: &cdb) { raw in
+            scsi_create_task(Int32(command.length), raw.baseAddress!.assumingMemoryBound(to: UInt8.self), direction, length)
+        }
+        guard let task = created else {
+            complete(index, .failure(ENOMEM))
+            return
+        }
+        if length > 0 && UInt64(request.buffers.totalLength) == request.length {
+            // The buffers are exactly the transfer: libiscsi reads or fills them as they are.
+            let iov = UnsafeMutablePointer<scsi_iovec>(OpaquePointer(request.buffers.base))
+            if direction == Int32(SCSI_XFER_READ.rawValue) {
+                scsi_task_set_iov_in(task, iov, Int32(request.buffers.count))
+            } else {
+                scsi_task_set_iov_out(task, iov, Int32(request.buffers.count))
+            }
+        } else if length > 0 {
+            let part = splitPart(index, request: request, from: 0, upTo: request.length, wholeBlocks: false)
+            guard part.bytes == request.length else {
+                scsi_free_scsi_task(task)
+                complete(index, .failure(EINVAL))
+                return
+            }
+            if direction == Int32(SCSI_XFER_READ.rawValue) {
+                scsi_task_set_iov_in(task, part.iov, part.count)
+            } else {
+                scsi_task_set_iov_out(task, part.iov, part.count)
+            }
+        }
+        if iscsi_scsi_command_async(context, Int32(config.url.lun), task, iscsiTrampoline, nil,
+                                    UnsafeMutableRawPointer(tags + Int(index))) != 0 {
+            scsi_free_scsi_task(task)
             failureReason = "cannot queue command: \(lastLibraryError())"
             lostConnection = true
             requeue(index, delayNanoseconds: 0)
@@ -1008,6 +1233,14 @@ public final class ISCSIChannel: BlockChannel, @unchecked Sendable {
             // MODE SENSE(10), DBD, current values of the caching page: WP bit and WCE.
             discoveryTask = iscsi_modesense10_task(context, config.url.lun, 0, 1, Int32(SCSI_MODESENSE_PC_CURRENT.rawValue),
                                                    Int32(SCSI_MODEPAGE_CACHING.rawValue), 0, 255, iscsiTrampoline, tag)
+        case .persistentReservations:
+            discoveryTask = iscsi_persistent_reserve_in_task(context, config.url.lun,
+                                                             Int32(SCSI_PERSISTENT_RESERVE_READ_KEYS.rawValue), 255,
+                                                             iscsiTrampoline, tag)
+        case .compareAndWrite:
+            // REPORT SUPPORTED OPERATION CODES, one command: COMPARE AND WRITE (89h).
+            discoveryTask = iscsi_report_supported_opcodes_task(context, config.url.lun, 0, 1, 0x89, 0, 64,
+                                                                iscsiTrampoline, tag)
         case .idle:
             return
         }
@@ -1022,6 +1255,20 @@ public final class ISCSIChannel: BlockChannel, @unchecked Sendable {
         discoveryTask = nil
         defer { scsi_free_scsi_task(mine) }
         let good = status == Int32(bitPattern: SCSI_STATUS_GOOD.rawValue)
+        if (discoveryStep == .persistentReservations || discoveryStep == .compareAndWrite)
+            && status == Int32(bitPattern: SCSI_STATUS_RESERVATION_CONFLICT.rawValue) {
+            // Optional probes: a conflict (not expected) counts as "unsupported".
+            if discoveryStep == .persistentReservations {
+                pendingGeometry.remotePersistentReservations = false
+                discoveryStep = .compareAndWrite
+                discoveryRetries = 0
+                issueDiscoveryStep()
+            } else {
+                pendingGeometry.remoteCompareAndWrite = false
+                finishDiscovery(lbpu: pendingLBPU, lbpws: pendingLBPWS)
+            }
+            return
+        }
         if status != Int32(bitPattern: SCSI_STATUS_GOOD.rawValue) && status != Int32(bitPattern: SCSI_STATUS_CHECK_CONDITION.rawValue) {
             if status == Int32(bitPattern: SCSI_STATUS_BUSY.rawValue) || status == Int32(bitPattern: SCSI_STATUS_TASK_SET_FULL.rawValue) {
                 discoveryRetries += 1
@@ -1061,6 +1308,8 @@ public final class ISCSIChannel: BlockChannel, @unchecked Sendable {
                                             supportsDiscard: false, supportsWriteZeroes: true,
                                             discardReadsZeroes: rc.lbprz != 0, volatileWriteCache: true,
                                             maxTransferBytes: 0, discardGranularity: 0)
+            pendingGeometry.supportsPassThrough = true
+            pendingRemoteMaxTransfer = 0
             pendingLBPME = rc.lbpme != 0
             pendingLBPU = false
             pendingLBPWS = false
@@ -1074,7 +1323,7 @@ public final class ISCSIChannel: BlockChannel, @unchecked Sendable {
                 let bl = raw.assumingMemoryBound(to: scsi_inquiry_block_limits.self).pointee
                 let bs = UInt64(pendingGeometry.logicalBlockSize)
                 let maxXfer = UInt64(bl.max_xfer_len) * bs
-                pendingGeometry.maxTransferBytes = maxXfer == 0 ? 0 : UInt32(min(maxXfer, UInt64(UInt32.max) & ~(bs - 1)))
+                pendingRemoteMaxTransfer = maxXfer == 0 ? 0 : min(maxXfer, UInt64(UInt32.max) & ~(bs - 1))
                 pendingGeometry.discardGranularity = UInt32(truncatingIfNeeded: min(UInt64(bl.opt_unmap_gran) * bs, UInt64(UInt32.max)))
                 pendingMaxUnmap = UInt64(bl.max_unmap)
                 pendingMaxWriteSame = bl.max_ws_len
@@ -1107,6 +1356,23 @@ public final class ISCSIChannel: BlockChannel, @unchecked Sendable {
                     pendingGeometry.volatileWriteCache = data[page + 2] & 0x04 != 0
                 }
             }
+            discoveryStep = .persistentReservations
+            discoveryRetries = 0
+            issueDiscoveryStep()
+        case .persistentReservations:
+            // READ KEYS answered: the remote implements persistent reservations (SPC-3 or later).
+            pendingGeometry.remotePersistentReservations = good
+            discoveryStep = .compareAndWrite
+            discoveryRetries = 0
+            issueDiscoveryStep()
+        case .compareAndWrite:
+            // SUPPORT field 011b (supported as in the standard) or 101b (vendor-specific manner).
+            var supported = false
+            if good, let data = mine.pointee.datain.data, mine.pointee.datain.size >= 2 {
+                let support = data[1] & 0x07
+                supported = support == 3 || support == 5
+            }
+            pendingGeometry.remoteCompareAndWrite = supported
             finishDiscovery(lbpu: pendingLBPU, lbpws: pendingLBPWS)
         case .idle:
             break
@@ -1120,6 +1386,7 @@ public final class ISCSIChannel: BlockChannel, @unchecked Sendable {
 
     private func finishDiscovery(lbpu: Bool, lbpws: Bool) {
         discoveryStep = .idle
+        for i in 0..<capacity { slots[i].awaitingGeometry = false }
         pendingGeometry.supportsDiscard = pendingLBPME && lbpu
         // WRITE SAME(16) writing zeroes works on any SBC target; with UNMAP=1 it deallocates only when LBPWS.
         pendingGeometry.supportsWriteZeroes = true
@@ -1129,6 +1396,7 @@ public final class ISCSIChannel: BlockChannel, @unchecked Sendable {
         maxUnmapBlocks = limitUnmap
         maxWriteSameBlocks = limitWS
         let changed = !geometryKnown || pendingGeometry != geometry
+        remoteMaxTransferBytes = pendingRemoteMaxTransfer
         adoptGeometry(pendingGeometry)
         backend.publish(geometry: pendingGeometry, changed: changed)
         if phase == .discovering {
@@ -1142,6 +1410,9 @@ public final class ISCSIChannel: BlockChannel, @unchecked Sendable {
             failureReason = ""
             if !quiet || wasFailing { config.emit(wasFailing ? .warning : .info,
                         "\(config.url): online, \(geometry.blockCount) blocks of \(geometry.logicalBlockSize) bytes"
+                        + (statistics.logins == 1 ? "; remote persistent reservations: \(geometry.remotePersistentReservations ? "yes" : "no")"
+                           + ", COMPARE AND WRITE: \(geometry.remoteCompareAndWrite ? "listed" : "no")"
+                           + ", max transfer: \(remoteMaxTransferBytes == 0 ? "none" : "\(remoteMaxTransferBytes) bytes (larger I/O split)")" : "")
                         + (wasFailing ? " (back after \(outageMs) ms; resubmitting \(submitQueue.count) commands)" : "")) }
             backend.channelCameOnline()
         }
@@ -1151,7 +1422,8 @@ public final class ISCSIChannel: BlockChannel, @unchecked Sendable {
         geometry = g
         geometryKnown = true
         blockSize = UInt64(g.logicalBlockSize)
-        maxIOBytes = g.maxTransferBytes == 0 ? UInt64(UInt32.max) & ~(blockSize - 1) : UInt64(g.maxTransferBytes)
+        if g.maxTransferBytes != 0 { remoteMaxTransferBytes = UInt64(g.maxTransferBytes) }
+        updateMaxIOBytes()
         if zeroBlockSize < Int(g.logicalBlockSize) {
             zeroBlock.deallocate()
             zeroBlockSize = Int(g.logicalBlockSize)

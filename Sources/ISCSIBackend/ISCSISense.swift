@@ -70,7 +70,14 @@ public struct ISCSIRemoteSense: Sendable, Equatable, CustomStringConvertible {
     /// | BUSY, TASK SET FULL (after the timeout)   | EBUSY      |
     ///
     /// UNIT ATTENTION, BUSY, TASK SET FULL and TASK ABORTED are retried by the channel within the
-    /// timeout and only reach the caller once it expires.
+    /// timeout and only reach the caller once it expires. Exceptions: CAPACITY DATA HAS CHANGED (2Ah/09h)
+    /// makes the channel re-read the capacity before retrying, and the result then carries the new block
+    /// count (`BlockResult.remoteBlockCount`, the SCSI core's resize event); RESERVATIONS PREEMPTED /
+    /// RELEASED and REGISTRATIONS PREEMPTED (2Ah/03h-05h) on a pass-through command (PERSISTENT RESERVE,
+    /// COMPARE AND WRITE) complete it at once so the guest learns it.
+    ///
+    /// Every failure the remote answered also travels in `BlockResult.remote` (status, key, ASC/ASCQ,
+    /// INFORMATION, sense-key specific), which the SCSI core reports to the guest unchanged.
     public var errno: Int32 {
         switch status {
         case Self.statusReservationConflict: return EBADE

@@ -41,6 +41,8 @@ enum MultiStepKind {
     static let writeSamePattern: UInt8 = 4
     static let unmap: UInt8 = 5
     static let orWrite: UInt8 = 6
+    /// A command sent unchanged to a remote device server (`SCSIPassThrough`).
+    static let passThrough: UInt8 = 7
 }
 
 extension SCSITarget {
@@ -96,6 +98,7 @@ extension SCSITarget {
             task.fail(.check(.hardwareError, .internalTargetFailure), format: .fixed)
             return .complete
         }
+        if result.remoteBlockCount != 0 { followRemoteCapacity(unit, blockCount: result.remoteBlockCount) }
         do throws(SCSIError) {
             switch task.step {
             case .none:
@@ -116,6 +119,8 @@ extension SCSITarget {
                     return try resumeWriteSame(&task, unit: unit, lba: lba, blocks: blocks, cursor: cursor, result: result)
                 case MultiStepKind.unmap:
                     return try resumeUnmap(&task, unit: unit, count: blocks, cursor: cursor, result: result)
+                case MultiStepKind.passThrough:
+                    return try resumePassThrough(&task, unit: unit, stage: stage, length: blocks, result: result)
                 case MultiStepKind.orWrite:
                     return try resumeOrWrite(&task, unit: unit, stage: stage, lba: lba, blocks: blocks, cursor: cursor,
                                              result: result)
@@ -134,7 +139,7 @@ extension SCSITarget {
     /// Completes a one-request command: errno to sense, short transfers, data-in length.
     private func completeSingle(_ task: inout SCSITask, unit: LogicalUnit, op: BlockOperation, lba: UInt64,
                                 blocks: UInt64, result: BlockResult) throws(SCSIError) {
-        if result.errno != 0 { throw backendError(result.errno, op: op, lba: op == .flush ? nil : lba) }
+        if result.errno != 0 { throw backendError(result, op: op, lba: op == .flush ? nil : lba) }
         let blockSize = UInt64(unit.blockSize)
         let expected = blocks &* blockSize
         switch op {
@@ -157,6 +162,14 @@ extension SCSITarget {
         case .flush, .discard, .writeZeroes:
             break
         }
+    }
+
+    /// The error for a failed back-end request: the remote device server's status and sense unchanged
+    /// when the back-end reports them (`BlockResult.remote`), else the errno mapping (with the LBA in
+    /// INFORMATION for medium errors).
+    func backendError(_ result: BlockResult, op: BlockOperation, lba: UInt64?) -> SCSIError {
+        if result.remote.isPresent { return Self.remoteError(result.remote) }
+        return backendError(result.errno, op: op, lba: lba)
     }
 
     /// The error for a failed back-end request, with the LBA in INFORMATION for medium errors.
@@ -259,6 +272,7 @@ extension SCSITarget {
         case Opcode.writeAndVerify10, Opcode.writeAndVerify12, Opcode.writeAndVerify16:
             return try writeAndVerify(&task, unit: unit)
         case Opcode.compareAndWrite:
+            if unit.passesThroughCommands { return try compareAndWritePassThrough(&task, unit: unit) }
             return try compareAndWrite(&task, unit: unit)
         case Opcode.orWrite16:
             return try orWrite(&task, unit: unit)
@@ -267,9 +281,11 @@ extension SCSITarget {
         case Opcode.unmap:
             return try unmap(&task, unit: unit)
         case Opcode.persistentReserveIn:
+            if unit.remotePersistentReservations { return persistentReserveInPassThrough(&task) }
             try persistentReserveIn(&task, unit: unit)
             return .complete
         case Opcode.persistentReserveOut:
+            if unit.remotePersistentReservations { return try persistentReserveOutPassThrough(&task) }
             try persistentReserveOut(&task, unit: unit)
             return .complete
         case Opcode.reserve6, Opcode.reserve10:

@@ -72,6 +72,15 @@ public final class LogicalUnit: Sendable {
     private let logicalBlockSize: UInt32
     /// Largest transfer in logical blocks a command may ask for (B0h MAXIMUM TRANSFER LENGTH; 0: no limit).
     let maximumTransferBlocks: UInt32
+    /// COMPARE AND WRITE goes unchanged to a remote device server that implements it
+    /// (`BlockGeometry.supportsPassThrough` and `remoteCompareAndWrite`); otherwise it is emulated
+    /// (read, compare, write: atomic only among this gateway's queues). Turned off for good when the
+    /// remote answers INVALID COMMAND OPERATION CODE although its REPORT SUPPORTED OPERATION CODES listed it.
+    public var passesThroughCommands: Bool { compareAndWritePassThrough.load(ordering: .relaxed) }
+    private let compareAndWritePassThrough: Atomic<Bool>
+    /// PERSISTENT RESERVE IN/OUT go to the remote device server, which implements them
+    /// (`BlockGeometry.remotePersistentReservations`); otherwise `reservations` emulates them.
+    public let remotePersistentReservations: Bool
     /// Whether the back-end has a volatile write cache (fixed at creation).
     private let hasVolatileWriteCache: Bool
     /// Writes must be forced to stable storage: WCE = 0 on a back-end with a volatile cache (hot path).
@@ -105,10 +114,15 @@ public final class LogicalUnit: Sendable {
         self.logicalBlockSize = geometry.logicalBlockSize
         self.maximumTransferBlocks = geometry.logicalBlockSize == 0 ? 0 : geometry.maxTransferBytes / geometry.logicalBlockSize
         self.hasVolatileWriteCache = geometry.volatileWriteCache
+        self.compareAndWritePassThrough = Atomic(geometry.supportsPassThrough && geometry.remoteCompareAndWrite)
+        self.remotePersistentReservations = geometry.supportsPassThrough && geometry.remotePersistentReservations
         self.writeThroughAtomic = Atomic(geometry.volatileWriteCache && !mode.writeCacheEnabled)
         self.unitAttentions = UnitAttentionBoard()
         self.reservations = ReservationState()
     }
+
+    /// Stops passing COMPARE AND WRITE through (the remote turned out not to implement it).
+    func stopCompareAndWritePassThrough() { compareAndWritePassThrough.store(false, ordering: .relaxed) }
 
     /// Current geometry (takes a lock; not for the per-I/O path).
     public var geometry: BlockGeometry { geometryState.withLock { $0 } }

@@ -55,7 +55,7 @@ extension SCSITarget {
         let bytes = Int(n &* blockSize)
         guard let scratch = task.scratch else { throw .check(.hardwareError, .internalTargetFailure) }
         if stage & 0x80 == 0 {
-            if result.errno != 0 { throw backendError(result.errno, op: .read, lba: lba &+ cursor) }
+            if result.errno != 0 { throw backendError(result, op: .read, lba: lba &+ cursor) }
             if result.bytesTransferred < UInt64(bytes) {
                 throw .check(.illegalRequest, .lbaOutOfRange, information: lba &+ cursor &+ result.bytesTransferred / blockSize)
             }
@@ -83,7 +83,7 @@ extension SCSITarget {
                                         buffers: scratch.list(offset: 0, length: bytes),
                                         forceUnitAccess: stage & 0x01 != 0 || unit.writeThrough))
         }
-        if result.errno != 0 { throw backendError(result.errno, op: .write, lba: lba &+ cursor) }
+        if result.errno != 0 { throw backendError(result, op: .write, lba: lba &+ cursor) }
         if result.bytesTransferred < UInt64(bytes) {
             throw .check(.mediumError, .writeError, information: lba &+ cursor &+ result.bytesTransferred / blockSize)
         }

@@ -11,6 +11,8 @@ public enum SenseKeySpecific: Hashable, Sendable {
     case fieldPointer(inCDB: Bool, byte: UInt16, bit: UInt8?)
     /// Progress indication (NOT READY), 0...65535.
     case progress(UInt16)
+    /// The three bytes as a remote device server sent them (SKSV is set on encoding).
+    case raw(UInt8, UInt8, UInt8)
 
     /// The three SKS bytes with SKSV set.
     var bytes: (UInt8, UInt8, UInt8) {
@@ -22,6 +24,8 @@ public enum SenseKeySpecific: Hashable, Sendable {
             return (b0, UInt8(byte >> 8), UInt8(truncatingIfNeeded: byte))
         case let .progress(value):
             return (0x80, UInt8(value >> 8), UInt8(truncatingIfNeeded: value))
+        case let .raw(b0, b1, b2):
+            return (b0 | 0x80, b1, b2)
         }
     }
 }

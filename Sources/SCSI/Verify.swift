@@ -52,7 +52,7 @@ extension SCSITarget {
         let blockSize = UInt64(unit.blockSize)
         let n = min(blocks - cursor, chunkBlocks(blockSize))
         let bytes = Int(n &* blockSize)
-        if result.errno != 0 { throw backendError(result.errno, op: .read, lba: lba &+ cursor) }
+        if result.errno != 0 { throw backendError(result, op: .read, lba: lba &+ cursor) }
         if result.bytesTransferred < UInt64(bytes) {
             throw .check(.illegalRequest, .lbaOutOfRange, information: lba &+ cursor &+ result.bytesTransferred / blockSize)
         }
@@ -116,7 +116,7 @@ extension SCSITarget {
                               cursor: UInt64, result: BlockResult) throws(SCSIError) -> TaskDisposition {
         let blockSize = UInt64(unit.blockSize)
         let bytes = blocks &* blockSize
-        if result.errno != 0 { throw backendError(result.errno, op: .write, lba: lba) }
+        if result.errno != 0 { throw backendError(result, op: .write, lba: lba) }
         if result.bytesTransferred < bytes {
             throw .check(.mediumError, .writeError, information: lba &+ result.bytesTransferred / blockSize)
         }
@@ -171,7 +171,7 @@ extension SCSITarget {
         guard let scratch = task.scratch else { throw .check(.hardwareError, .internalTargetFailure) }
         if stage & 0x80 == 0 {
             // The read completed: compare.
-            if result.errno != 0 { throw backendError(result.errno, op: .read, lba: lba) }
+            if result.errno != 0 { throw backendError(result, op: .read, lba: lba) }
             if result.bytesTransferred < UInt64(half) {
                 throw .check(.illegalRequest, .lbaOutOfRange, information: lba &+ result.bytesTransferred / blockSize)
             }
@@ -183,7 +183,7 @@ extension SCSITarget {
                                         buffers: scratch.list(offset: 2 * half, length: half),
                                         forceUnitAccess: stage & 0x01 != 0 || unit.writeThrough))
         }
-        if result.errno != 0 { throw backendError(result.errno, op: .write, lba: lba) }
+        if result.errno != 0 { throw backendError(result, op: .write, lba: lba) }
         if result.bytesTransferred < UInt64(half) {
             throw .check(.mediumError, .writeError, information: lba &+ result.bytesTransferred / blockSize)
         }

@@ -74,7 +74,7 @@ extension SCSITarget {
                          result: BlockResult) throws(SCSIError) -> TaskDisposition {
         let blockSize = UInt64(unit.blockSize)
         let n = min(blocks - cursor, chunkBlocks(blockSize))
-        if result.errno != 0 { throw backendError(result.errno, op: .write, lba: lba &+ cursor) }
+        if result.errno != 0 { throw backendError(result, op: .write, lba: lba &+ cursor) }
         if result.bytesTransferred < n &* blockSize {
             throw .check(.mediumError, .writeError, information: lba &+ cursor &+ result.bytesTransferred / blockSize)
         }
@@ -149,7 +149,7 @@ extension SCSITarget {
         if result.errno != 0 {
             var lba: UInt64 = 0
             if case let .multi(_, _, l, _, _) = task.step { lba = l }
-            throw backendError(result.errno, op: .discard, lba: lba)
+            throw backendError(result, op: .discard, lba: lba)
         }
         return unmapNext(&task, unit: unit, count: count, from: cursor &+ 1)
     }

@@ -174,7 +174,9 @@ struct ISCSIBackendTargetTests {
         #expect(channel.submit(BlockRequest(operation: .write, offset: 0, length: 4096, buffers: b.list), token: 1) == 0)
         driver.pump(seconds: 5) { driver.results[1] != nil }
         let (result, sense) = try #require(driver.results[1])
-        #expect(result == .failure(EROFS))
+        #expect(result.errno == EROFS && result.bytesTransferred == 0)
+        // The same verdict rides in the result for the SCSI core (reported to the guest unchanged).
+        #expect(result.remote == RemoteSCSIStatus(status: 0x02, senseKey: 0x07, additionalSenseCode: 0x27, additionalSenseCodeQualifier: 0))
         #expect(sense.status == ISCSIRemoteSense.statusCheckCondition)
         #expect(sense.key == ISCSIRemoteSense.keyDataProtect)
         #expect(sense.asc == 0x27)

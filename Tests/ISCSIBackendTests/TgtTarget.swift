@@ -12,10 +12,27 @@ final class TgtTarget: @unchecked Sendable {
     }()
 
     private static let counter = Mutex(0)
+    /// A TCP port nothing listens on now (the kernel's choice for an ephemeral bind on 127.0.0.1), so
+    /// that concurrent test processes and suites never pick the same portal; the control "port" only
+    /// names tgtd's unix socket and just has to be unique.
     static func nextPorts() -> (port: Int, control: Int) {
         let n = counter.withLock { c -> Int in c += 1; return c }
-        let base = 20000 + Int(getpid() % 2000) * 10
-        return (base + n, 900 + Int(getpid() % 500) * 10 + n)
+        let control = 5000 + Int(getpid() % 400) * 100 + n % 100
+        var port = 20000 + Int(getpid() % 2000) * 10 + n
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        if fd >= 0 {
+            defer { close(fd) }
+            var addr = sockaddr_in()
+            addr.sin_family = sa_family_t(AF_INET)
+            addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+            addr.sin_port = 0
+            var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+            let bound = withUnsafeMutablePointer(to: &addr) { p in
+                p.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) == 0 && getsockname(fd, $0, &length) == 0 }
+            }
+            if bound { port = Int(UInt16(bigEndian: addr.sin_port)) }
+        }
+        return (port, control)
     }
 
     /// Whether tgtd can be started here at all (checked once, loudly reported when not).

@@ -106,12 +106,16 @@ struct Harness {
 
     init(blocks: UInt64 = 64, blockSize: UInt32 = 512, physicalBlockSize: UInt32? = nil, readOnly: Bool = false,
          discard: Bool = true, writeZeroes: Bool = true, readsZeroes: Bool = true, volatileCache: Bool = true,
-         maxTransferBytes: UInt32 = 0, lun: Int = 0, keepPowerOnUA: Bool = false) {
+         maxTransferBytes: UInt32 = 0, lun: Int = 0, keepPowerOnUA: Bool = false,
+         passThrough: Bool = false, remotePersistentReservations: Bool = false) {
         target = SCSITarget(name: "test")
-        let geometry = BlockGeometry(logicalBlockSize: blockSize, physicalBlockSize: physicalBlockSize ?? blockSize,
+        var geometry = BlockGeometry(logicalBlockSize: blockSize, physicalBlockSize: physicalBlockSize ?? blockSize,
                                      blockCount: blocks, readOnly: readOnly, supportsDiscard: discard,
                                      supportsWriteZeroes: writeZeroes, discardReadsZeroes: readsZeroes,
                                      volatileWriteCache: volatileCache, maxTransferBytes: maxTransferBytes)
+        geometry.supportsPassThrough = passThrough
+        geometry.remoteCompareAndWrite = passThrough
+        geometry.remotePersistentReservations = remotePersistentReservations
         unit = LogicalUnit(number: LogicalUnitNumber(lun)!,
                            identity: LogicalUnitIdentity(serial: "SN0001", naa: 0x6001_4051_2345_6789),
                            geometry: geometry, backendID: 7)

@@ -5,6 +5,9 @@
 #   scsigate.offset=OFF   start offset (default 0)
 #   scsigate.bs=LIST      block sizes, comma separated (default 4k,64k)
 #   scsigate.iodepth=N    queue depth (default 16)
+#   scsigate.runtime=SECS minimum run time: each block size's randwrite+verify pass is repeated (a full
+#                         write pass, then its verify) until SECS seconds have passed since the test
+#                         began (default 0: one pass per block size); every pass is checked
 . /tests/lib/common.sh
 wait_for_disks || exit 1
 d=$(find_disk) || exit 1
@@ -12,7 +15,11 @@ size=${SCSIGATE_SIZE:-64M}
 offset=${SCSIGATE_OFFSET:-0}
 qd=${SCSIGATE_IODEPTH:-16}
 log "disk /dev/$d vendor=$(disk_vendor "$d") bytes=$(disk_bytes "$d") size=$size offset=$offset qd=$qd"
-pass=0 fail=0
+runtime=${SCSIGATE_RUNTIME:-0}
+t0=$(cut -d' ' -f1 /proc/uptime | cut -d. -f1)
+pass=0 fail=0 round=0
+while :; do
+round=$((round + 1))
 for bs in $(echo "${SCSIGATE_BS:-4k,64k}" | tr ',' ' '); do
     out=/tmp/fio-$bs.log
     start=$(cut -d' ' -f1 /proc/uptime)
@@ -34,5 +41,10 @@ for bs in $(echo "${SCSIGATE_BS:-4k,64k}" | tr ',' ' '); do
         fail=$((fail + 1))
     fi
 done
-log "fio-verify: $pass passed, $fail failed"
+now=$(cut -d' ' -f1 /proc/uptime | cut -d. -f1)
+[ $fail = 0 ] && [ $((now - t0)) -lt "$runtime" ] || break
+log "fio-verify: round $round done after $((now - t0)) s of at least ${runtime} s; again"
+done
+now=$(cut -d' ' -f1 /proc/uptime | cut -d. -f1)
+log "fio-verify: $pass passed, $fail failed ($round rounds, $((now - t0)) s)"
 [ $fail = 0 ] && [ $pass -gt 0 ]
