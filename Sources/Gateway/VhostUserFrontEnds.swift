@@ -60,7 +60,8 @@ final class VhostUserSCSIFrontEnd: FrontEnd, @unchecked Sendable {
         let config = runtime.config
         let options = VirtioSCSIOptions(
             requestQueues: config.queues, maxQueueSize: max(config.queueSize, 128), maxSegments: config.segmentMax,
-            threads: config.ioThreads, pollBudgetNanoseconds: UInt64(config.pollMicroseconds) * 1000)
+            threads: config.ioThreads, pollBudgetNanoseconds: UInt64(config.pollMicroseconds) * 1000,
+            hotplug: config.hotplug)
         do {
             controller = try VhostUserSCSIController(
                 socketPath: config.socket, target: runtime.target, options: options,

@@ -601,9 +601,11 @@ public final class VhostUserServer<Device: VhostUserDevice>: @unchecked Sendable
             var base = rings[i].base
             if let q = device.stopQueue(i) {
                 base = q.ring.ringBase
-                if q.callFD != rings[i].callFD, q.callFD >= 0 { close(q.callFD) }
-            } else {
-                log(.error, "ring \(i) did not drain; reporting its start base")
+                if q.abandoned {
+                    log(.error, "ring \(i) did not drain; its \(q.ring.inFlight) late request(s) will be dropped")
+                } else if q.callFD != rings[i].callFD, q.callFD >= 0 {
+                    close(q.callFD)
+                }
             }
             rings[i].base = base
             if rings[i].kickFD >= 0 {

@@ -56,11 +56,15 @@ public struct VirtioBlkOptions: Sendable {
     public var maxDiscardSectors: UInt32
     /// Write-zeroes sectors per request.
     public var maxWriteZeroesSectors: UInt32
+    /// How long stopping a ring (GET_VRING_BASE) waits for its back-end requests before abandoning them.
+    public var drainTimeoutMilliseconds: Int32
 
     /// Creates options.
     public init(queues: Int = 1, maxQueueSize: Int = 1024, maxSegments: Int = 126, maxSegmentBytes: UInt32 = 1 << 20,
                 serial: String, threads: Int = 1, pollBudgetNanoseconds: UInt64 = 50_000,
-                maxDiscardSectors: UInt32 = 1 << 22, maxWriteZeroesSectors: UInt32 = 1 << 22) {
+                maxDiscardSectors: UInt32 = 1 << 22, maxWriteZeroesSectors: UInt32 = 1 << 22,
+                drainTimeoutMilliseconds: Int32 = 30_000) {
+        self.drainTimeoutMilliseconds = drainTimeoutMilliseconds
         self.queues = queues
         self.maxQueueSize = maxQueueSize
         self.maxSegments = maxSegments
@@ -127,6 +131,7 @@ public final class VirtioBlkDevice<Channel: VhostChannel>: VhostUserDevice, @unc
             let handler = BlkGroupHandler(channel: channel, queueCount: options.queues, counters: counters)
             do {
                 let group = try QueueGroup(name: "blk-q\(t)", handler: handler, pollBudgetNanoseconds: options.pollBudgetNanoseconds, log: log)
+                group.drainMilliseconds = max(1, options.drainTimeoutMilliseconds)
                 handler.device = self
                 groups.append(group)
             } catch {
@@ -232,6 +237,8 @@ struct BlkSlot {
     var kind: IOCommandClass = .other
     /// Bytes the request moves (reads and writes), counted when it succeeds.
     var bytes: UInt64 = 0
+    /// Submitted to the back-end and not yet reaped.
+    var inBackend = false
 }
 
 /// Per-queue slot table.
@@ -240,13 +247,22 @@ final class BlkQueueSlots {
     let slots: UnsafeMutablePointer<BlkSlot>
     /// This queue's statistics, if any.
     let counters: IOCounters?
-    init(queue: RunningQueue, counters: IOCounters?) {
+    /// Which start of a ring these slots serve (carried in back-end tokens).
+    let generation: UInt32
+    init(queue: RunningQueue, counters: IOCounters?, generation: UInt32) {
         self.queue = queue
         self.counters = counters
+        self.generation = generation
         slots = .allocate(capacity: queue.ring.size)
         slots.initialize(repeating: BlkSlot(), count: queue.ring.size)
     }
     deinit { slots.deallocate() }
+
+    /// The back-end token of request `head`: queue index (bits 48-63), ring generation (16-47), head (0-15).
+    @inline(__always)
+    func token(_ head: UInt16) -> UInt64 {
+        UInt64(queue.index) << 48 | UInt64(generation) << 16 | UInt64(head)
+    }
 }
 
 /// The virtio-blk data path of one queue group.
@@ -254,6 +270,10 @@ final class BlkGroupHandler<Channel: VhostChannel>: QueueGroupHandler {
     let channel: Channel
     unowned(unsafe) var device: VirtioBlkDevice<Channel>!
     private var queues: [BlkQueueSlots?]
+    /// Slots of abandoned rings (drain timed out) waiting for their late back-end completions, which
+    /// are dropped without touching guest memory.
+    private var abandonedQueues: [BlkQueueSlots] = []
+    private var nextGeneration: UInt32 = 0
     private var pendingCommit = false
     private let countersProvider: VirtioBlkCountersProvider?
     private var unregisterFD: ((Int32) -> Void)?
@@ -265,8 +285,40 @@ final class BlkGroupHandler<Channel: VhostChannel>: QueueGroupHandler {
         countersProvider = counters
     }
 
-    func attach(_ queue: RunningQueue) { queues[queue.index] = BlkQueueSlots(queue: queue, counters: countersProvider?(queue.index)) }
-    func detach(_ queue: RunningQueue) { queues[queue.index] = nil }
+    func attach(_ queue: RunningQueue) {
+        if let previous = queues[queue.index] { abandonedQueues.append(previous) }
+        nextGeneration &+= 1
+        queues[queue.index] = BlkQueueSlots(queue: queue, counters: countersProvider?(queue.index), generation: nextGeneration)
+    }
+
+    func detach(_ queue: RunningQueue) {
+        // Only the slots of this very ring: a later start of the same index may be attached already.
+        if let q = queues[queue.index], q.queue === queue {
+            queues[queue.index] = nil
+        } else if let i = abandonedQueues.firstIndex(where: { $0.queue === queue }) {
+            abandonedQueues.remove(at: i)
+        }
+    }
+
+    /// The ring stopped before its back-end requests came back: ask the back-end to abort them and keep
+    /// the slots until their completions arrive (then dropped).
+    func abandon(_ queue: RunningQueue) {
+        guard let q = queues[queue.index], q.queue === queue else { return }
+        queues[queue.index] = nil
+        abandonedQueues.append(q)
+        for h in 0..<queue.ring.size where q.slots[h].inBackend {
+            q.slots[h].status = nil
+            if !closed { _ = channel.abort(token: q.token(UInt16(h))) }
+        }
+    }
+
+    /// The queue slots a back-end token belongs to: the running start of its queue, or an abandoned one.
+    @inline(__always)
+    private func slots(for token: BackendToken) -> BlkQueueSlots? {
+        if token.queueIndex < queues.count, let q = queues[token.queueIndex], q.generation == token.generation { return q }
+        for q in abandonedQueues where q.generation == token.generation && q.queue.index == token.queueIndex { return q }
+        return nil
+    }
     func completionFDs() -> [Int32] { [channel.completionFD] }
     func bind(unregisterCompletionFD: @escaping (Int32) -> Void) { unregisterFD = unregisterCompletionFD }
 
@@ -287,10 +339,16 @@ final class BlkGroupHandler<Channel: VhostChannel>: QueueGroupHandler {
 
     func reap() -> Bool {
         if closed { return false }
-        let n = channel.reap { token, result in
-            let qi = Int(token >> 32)
-            let head = UInt16(truncatingIfNeeded: token)
-            guard qi < queues.count, let q = queues[qi] else { return }
+        let n = channel.reap { raw, result in
+            let token = BackendToken(raw)
+            let head = token.head
+            guard let q = slots(for: token), Int(head) < q.queue.ring.size, q.slots[Int(head)].inBackend else { return }
+            q.slots[Int(head)].inBackend = false
+            if q.queue.abandoned {
+                // Its ring is gone: drop the completion (the broken ring only does its bookkeeping).
+                q.queue.complete(head: head, ringEntries: q.slots[Int(head)].entries, length: 0)
+                return
+            }
             let slot = q.slots[Int(head)]
             var ok = result.succeeded
             if slot.isRead && result.bytesTransferred < UInt64(slot.written) { ok = false }
@@ -342,7 +400,7 @@ final class BlkGroupHandler<Channel: VhostChannel>: QueueGroupHandler {
         let device = self.device!
         let capacity = device.capacitySectors.load(ordering: .relaxed)
         let blockSectors = device.blockSectors
-        let token = UInt64(queue.index) << 32 | UInt64(head)
+        let token = q.token(head)
         let request: BlockRequest
         switch type {
         case VirtioBlk.typeIn, VirtioBlk.typeOut:
@@ -403,6 +461,7 @@ final class BlkGroupHandler<Channel: VhostChannel>: QueueGroupHandler {
         if rc != 0 {
             finish(q, head, VirtioBlk.statusIOError, dataWritten: 0)
         } else {
+            q.slots[Int(head)].inBackend = true
             pendingCommit = true
         }
     }
