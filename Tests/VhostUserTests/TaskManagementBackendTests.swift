@@ -12,7 +12,7 @@ import Glibc
 /// aborted there (ABORT TASK per task, LOGICAL UNIT RESET once per channel); the ECANCELED
 /// completion answers VIRTIO_SCSI_S_ABORTED and the TMF answers after them. The back-end here is the
 /// in-memory channel whose abort completes the held request with ECANCELED (as the iSCSI channel does
-/// when the target honours the abort); ISCSITaskManagementTests covers the same against tgtd.
+/// when the target honours the abort); ISCSITaskManagementThroughVirtioSCSITests covers the same against a frozen tgtd.
 @Suite(.serialized) struct TaskManagementBackendTests {
     static let read8: [UInt8] = [0x28, 0, 0, 0, 0, 0, 0, 0, 8, 0]
 
