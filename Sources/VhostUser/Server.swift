@@ -643,7 +643,6 @@ final class InflightMapping: @unchecked Sendable {
     let mapLength: Int
     let queues: Int
     let queueSize: Int
-    private var regions: [Int: InflightQueueRegion] = [:]
 
     static func perQueueBytes(_ size: Int) -> Int { (InflightQueueRegion.byteCount(queueSize: size) + 63) & ~63 }
 
@@ -698,13 +697,13 @@ final class InflightMapping: @unchecked Sendable {
                                queues: queues, queueSize: queueSize)
     }
 
-    /// The tracking region of queue `queue` when its ring size matches the mapping's.
+    /// A tracking region for one start of queue `queue` when its ring size matches the mapping's. The
+    /// region keeps the mapping alive while its ring runs; the mapping holds no region (no cycle: the
+    /// memfd and mapping go away with the last ring and the session that used them).
     func region(queue: Int, size: Int) -> InflightQueueRegion? {
         guard queue < queues, size == queueSize else { return nil }
-        if let r = regions[queue] { return r }
         let r = InflightQueueRegion(base: base + queue * Self.perQueueBytes(queueSize), size: size)
         r.owner = self
-        regions[queue] = r
         return r
     }
 }
