@@ -149,6 +149,21 @@ public final class VirtioBlkDevice<Channel: VhostChannel>: VhostUserDevice, @unc
     /// Current geometry.
     public var geometry: BlockGeometry { geometryLock.withLock { $0 } }
 
+    /// Whether `detachBackend` ran.
+    public var backendDetached: Bool { detached.load(ordering: .acquiring) }
+    private let detached = Atomic<Bool>(false)
+
+    /// The device's LUN was removed while running: the capacity becomes 0 (the front-end gets a
+    /// config-change notification), every new request fails with VIRTIO_BLK_S_IOERR, and each thread
+    /// closes its back-end channel once the requests it has in the back-end have completed.
+    public func detachBackend() {
+        guard !detached.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        geometryLock.withLock { $0.blockCount = 0 }
+        capacitySectors.store(0, ordering: .releasing)
+        for g in groups { g.onLoop { g.handler.closeBackend() } }
+        notifier.withLock { $0 }?()
+    }
+
     /// Changes the capacity and tells the front-end (config-change notification when negotiated).
     public func resize(blockCount: UInt64) {
         let bytes = geometryLock.withLock { g -> UInt64 in
@@ -277,7 +292,12 @@ final class BlkGroupHandler<Channel: VhostChannel>: QueueGroupHandler {
     private var pendingCommit = false
     private let countersProvider: VirtioBlkCountersProvider?
     private var unregisterFD: ((Int32) -> Void)?
+    /// The channel is closed (device stopping, or its LUN removed and nothing left in it).
     private var closed = false
+    /// The LUN was removed: no new request reaches the channel, which closes once `submitted` is 0.
+    private var backendGone = false
+    /// Requests submitted on the channel and not yet reaped.
+    private var submitted = 0
 
     init(channel: Channel, queueCount: Int, counters: VirtioBlkCountersProvider?) {
         self.channel = channel
@@ -323,23 +343,32 @@ final class BlkGroupHandler<Channel: VhostChannel>: QueueGroupHandler {
     func bind(unregisterCompletionFD: @escaping (Int32) -> Void) { unregisterFD = unregisterCompletionFD }
 
     /// The loop is stopping (queues drained): release the channel.
-    func stopping() {
+    func stopping() { closeChannel() }
+
+    private func closeChannel() {
         guard !closed else { return }
         closed = true
         if channel.completionFD >= 0 { unregisterFD?(channel.completionFD) }
         channel.close()
     }
 
+    /// The LUN is gone: fail new requests; close the channel now or after its last completion.
+    func closeBackend() {
+        backendGone = true
+        if submitted == 0 { closeChannel() }
+    }
+
     func commit() {
         if pendingCommit {
             pendingCommit = false
-            channel.commit()
+            if !closed { channel.commit() }
         }
     }
 
     func reap() -> Bool {
         if closed { return false }
         let n = channel.reap { raw, result in
+            submitted -= 1
             let token = BackendToken(raw)
             let head = token.head
             guard let q = slots(for: token), Int(head) < q.queue.ring.size, q.slots[Int(head)].inBackend else { return }
@@ -354,6 +383,7 @@ final class BlkGroupHandler<Channel: VhostChannel>: QueueGroupHandler {
             if slot.isRead && result.bytesTransferred < UInt64(slot.written) { ok = false }
             finish(q, head, ok ? VirtioBlk.statusOK : VirtioBlk.statusIOError, dataWritten: ok ? slot.written : 0)
         }
+        if backendGone && submitted <= 0 { closeChannel() }
         return n > 0
     }
 
@@ -457,11 +487,16 @@ final class BlkGroupHandler<Channel: VhostChannel>: QueueGroupHandler {
             finish(q, head, VirtioBlk.statusUnsupported, dataWritten: 0)
             return
         }
+        guard !backendGone, !closed else {
+            finish(q, head, VirtioBlk.statusIOError, dataWritten: 0)
+            return
+        }
         let rc = channel.submit(request, token: token)
         if rc != 0 {
             finish(q, head, VirtioBlk.statusIOError, dataWritten: 0)
         } else {
             q.slots[Int(head)].inBackend = true
+            submitted += 1
             pendingCommit = true
         }
     }
