@@ -57,6 +57,15 @@ public final class RunningQueue: @unchecked Sendable {
     /// The queue stopped before its requests completed (see `QueueGroup.remove`): its ring is broken
     /// and its slots wait only for the back-end's late completions.
     public internal(set) var abandoned = false
+    /// Watchdog state: progress seen at the last tick, pushes covered by its last re-signal, and counts
+    /// of the lost notifications it repaired.
+    var watchPops: UInt64 = 0
+    var watchPushes: UInt64 = 0
+    var watchSignalledPushes: UInt64 = 0
+    /// Times the watchdog found requests made available without a kick reaching the loop.
+    public internal(set) var lostKicks: UInt64 = 0
+    /// Times the watchdog signalled an idle queue whose driver still waited for an interrupt.
+    public internal(set) var interruptsResent: UInt64 = 0
     /// Slot index of this queue inside its group (handlers use it in completion tokens).
     public internal(set) var groupSlot = 0
 
@@ -141,6 +150,13 @@ public final class QueueGroup<Handler: QueueGroupHandler>: @unchecked Sendable {
     public var batchLimit = 64
     /// How long `remove` waits for a stopping queue's requests before abandoning it.
     public var drainMilliseconds: Int32 = 30_000
+    /// Period of the notification watchdog (0: none; set before `start`). On each tick, a queue that
+    /// made no progress since the previous one is checked for requests available without a kick
+    /// (serviced, logged) and for a driver still waiting for an interrupt about published entries
+    /// (signalled once more, logged): a lost notification then costs a tick, not a stalled guest.
+    public var watchdogMilliseconds = 1000
+    private var watchdogStop: CompletionSignal?
+    private var watchdogThread: pthread_t?
 
     /// Creates a group (its thread starts with `start`).
     public init(name: String, handler: Handler, pollBudgetNanoseconds: UInt64, log: @escaping VhostUserLogger) throws(EventLoopError) {
@@ -168,10 +184,16 @@ public final class QueueGroup<Handler: QueueGroupHandler>: @unchecked Sendable {
                                       prepareToSleep: { [unowned self] in prepareToSleep() }))
         }
         thread = spawnThread { [self] in loop.run() }
+        startWatchdog()
     }
 
     /// Lets the handler release its channels, then stops the loop thread and waits for it.
     public func shutdown() {
+        if let watchdogThread {
+            watchdogStop?.signal()
+            pthread_join(watchdogThread, nil)
+            self.watchdogThread = nil
+        }
         if thread != nil {
             runOnLoopAndWait(loop, milliseconds: 5_000) { [self] done in
                 handler.stopping()
@@ -183,6 +205,53 @@ public final class QueueGroup<Handler: QueueGroupHandler>: @unchecked Sendable {
             pthread_join(thread, nil)
             self.thread = nil
         }
+    }
+
+    /// Starts the watchdog thread: it only wakes the loop with a tick every `watchdogMilliseconds`.
+    private func startWatchdog() {
+        guard watchdogMilliseconds > 0 else { return }
+        let stop = CompletionSignal()
+        let period = Int32(clamping: watchdogMilliseconds)
+        watchdogStop = stop
+        // Weak: a group dropped without `shutdown` ends its watchdog at the next tick.
+        watchdogThread = spawnThread { [weak self] in
+            while !stop.wait(milliseconds: period) {
+                guard let group = self else { return }
+                group.loop.execute { [weak group] in group?.watchdog() }
+            }
+        }
+    }
+
+    /// One watchdog tick (loop thread): see `watchdogMilliseconds`.
+    func watchdog() {
+        var work = false
+        for q in queues where q.enabled && !q.stopping && !q.abandoned && !q.ring.isBroken && handler.takesRequests(q) {
+            let pops = q.ring.popCount
+            let pushes = q.ring.pushCount
+            let idle = pops == q.watchPops && pushes == q.watchPushes
+            q.watchPops = pops
+            q.watchPushes = pushes
+            guard idle else { continue }
+            if q.ring.hasAvailable {
+                q.lostKicks &+= 1
+                if q.lostKicks <= 10 || q.lostKicks % 100 == 0 {
+                    log(.warning, "\(loop.name): queue \(q.index): requests available with no kick for \(watchdogMilliseconds) ms "
+                        + "(lost notification #\(q.lostKicks)); serviced")
+                }
+                if service(q) { work = true }
+            } else if pushes != q.watchSignalledPushes, q.callFD >= 0, q.ring.driverAwaitsInterrupt {
+                q.watchSignalledPushes = pushes
+                q.interruptsResent &+= 1
+                _ = csys_eventfd_signal(q.callFD, 1)
+                q.interruptsSent &+= 1
+                if q.ring.interruptNeedIsExact && (q.interruptsResent <= 10 || q.interruptsResent % 100 == 0) {
+                    log(.warning, "\(loop.name): queue \(q.index): the driver still waits for an interrupt about published "
+                        + "entries after \(watchdogMilliseconds) ms (lost interrupt #\(q.interruptsResent)); signalled again")
+                }
+            }
+        }
+        if work { handler.commit() }
+        afterWork()
     }
 
     /// Hands a running queue to the loop (blocks until it is registered).

@@ -58,12 +58,15 @@ public struct VirtioBlkOptions: Sendable {
     public var maxWriteZeroesSectors: UInt32
     /// How long stopping a ring (GET_VRING_BASE) waits for its back-end requests before abandoning them.
     public var drainTimeoutMilliseconds: Int32
+    /// Period of the lost-notification watchdog of each queue group (0: off); see `QueueGroup.watchdogMilliseconds`.
+    public var watchdogMilliseconds: Int
 
     /// Creates options.
     public init(queues: Int = 1, maxQueueSize: Int = 1024, maxSegments: Int = 126, maxSegmentBytes: UInt32 = 1 << 20,
                 serial: String, threads: Int = 1, pollBudgetNanoseconds: UInt64 = 50_000,
                 maxDiscardSectors: UInt32 = 1 << 22, maxWriteZeroesSectors: UInt32 = 1 << 22,
-                drainTimeoutMilliseconds: Int32 = 30_000) {
+                drainTimeoutMilliseconds: Int32 = 30_000, watchdogMilliseconds: Int = 1000) {
+        self.watchdogMilliseconds = watchdogMilliseconds
         self.drainTimeoutMilliseconds = drainTimeoutMilliseconds
         self.queues = queues
         self.maxQueueSize = maxQueueSize
@@ -132,6 +135,7 @@ public final class VirtioBlkDevice<Channel: VhostChannel>: VhostUserDevice, @unc
             do {
                 let group = try QueueGroup(name: "blk-q\(t)", handler: handler, pollBudgetNanoseconds: options.pollBudgetNanoseconds, log: log)
                 group.drainMilliseconds = max(1, options.drainTimeoutMilliseconds)
+                group.watchdogMilliseconds = max(0, options.watchdogMilliseconds)
                 handler.device = self
                 groups.append(group)
             } catch {

@@ -117,11 +117,14 @@ public struct VirtioSCSIOptions: Sendable {
     public var hotplug: Bool
     /// How long stopping a ring (GET_VRING_BASE) waits for its back-end requests before abandoning them.
     public var drainTimeoutMilliseconds: Int32
+    /// Period of the lost-notification watchdog of each queue group (0: off); see `QueueGroup.watchdogMilliseconds`.
+    public var watchdogMilliseconds: Int
 
     /// Creates options.
     public init(requestQueues: Int = 1, maxQueueSize: Int = 1024, maxSegments: Int = 126, maxSectors: UInt32 = 0xFFFF,
                 commandsPerLUN: UInt32 = 128, threads: Int = 1, pollBudgetNanoseconds: UInt64 = 50_000, initiatorID: UInt64 = 1,
-                hotplug: Bool = true, drainTimeoutMilliseconds: Int32 = 30_000) {
+                hotplug: Bool = true, drainTimeoutMilliseconds: Int32 = 30_000, watchdogMilliseconds: Int = 1000) {
+        self.watchdogMilliseconds = watchdogMilliseconds
         self.hotplug = hotplug
         self.drainTimeoutMilliseconds = drainTimeoutMilliseconds
         self.requestQueues = requestQueues
@@ -179,6 +182,7 @@ public final class VirtioSCSIDevice<Channel: VhostChannel>: VhostUserDevice, @un
             do {
                 let group = try QueueGroup(name: "scsi-q\(t)", handler: handler, pollBudgetNanoseconds: options.pollBudgetNanoseconds, log: log)
                 group.drainMilliseconds = max(1, options.drainTimeoutMilliseconds)
+                group.watchdogMilliseconds = max(0, options.watchdogMilliseconds)
                 groups.append(group)
             } catch {
                 throw VhostUserDeviceError("event loop: \(error)")

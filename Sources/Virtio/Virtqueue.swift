@@ -113,6 +113,9 @@ public final class Virtqueue: @unchecked Sendable {
     private let slotVectors: UnsafeMutablePointer<iovec>
     /// Requests popped and not yet pushed back.
     public private(set) var inFlight = 0
+    /// Requests popped and pushed since the queue started (progress counters for watchdogs).
+    public private(set) var popCount: UInt64 = 0
+    public private(set) var pushCount: UInt64 = 0
     /// Whether the queue found its ring corrupt and stopped.
     public private(set) var isBroken = false
     /// Why the queue broke (for the log).
@@ -262,6 +265,7 @@ public final class Virtqueue: @unchecked Sendable {
         guard Int(b.id) < size, !busy[Int(b.id)], let region = packedInflight else { return popPacked() }
         busy[Int(b.id)] = true
         inFlight += 1
+        popCount &+= 1
         var chain = DescriptorChain(head: b.id, ringEntries: b.count, vectors: vectors(of: b.id), readableCount: 0,
                                     writableCount: 0, readableBytes: 0, writableBytes: 0)
         var count = 0
@@ -327,6 +331,7 @@ public final class Virtqueue: @unchecked Sendable {
             guard Int(head) < size, !busy[Int(head)] else { return popSplit() }
             busy[Int(head)] = true
             inFlight += 1
+            popCount &+= 1
             inflight?.begin(head)
             switch walkSplit(head: head) {
             case let .success(chain): return .chain(chain)
@@ -352,6 +357,7 @@ public final class Virtqueue: @unchecked Sendable {
         lastAvail &+= 1
         busy[Int(head)] = true
         inFlight += 1
+        popCount &+= 1
         if let inflight { inflight.begin(head) }
         switch walkSplit(head: head) {
         case let .success(chain): return .chain(chain)
@@ -463,6 +469,7 @@ public final class Virtqueue: @unchecked Sendable {
         }
         busy[Int(id)] = true
         inFlight += 1
+        popCount &+= 1
         if let packedInflight {
             let table = desc
             let n = size
@@ -558,6 +565,7 @@ public final class Virtqueue: @unchecked Sendable {
         guard Int(head) < size, busy[Int(head)] else { return }
         busy[Int(head)] = false
         inFlight -= 1
+        pushCount &+= 1
         if isBroken { return }
         pendingUsed += 1
         if options.packed {
@@ -616,6 +624,20 @@ public final class Virtqueue: @unchecked Sendable {
         }
         return csys_load_relaxed_u16(driver) & 1 == 0
     }
+
+    /// Whether the driver may be waiting for an interrupt about entries already published: split rings
+    /// with EVENT_IDX say so precisely (the driver sets used_event to the last entry it consumed when it
+    /// re-enables interrupts, so used_event behind the used index means entries it has not seen);
+    /// otherwise true unless the driver disabled interrupts.
+    public var driverAwaitsInterrupt: Bool {
+        if isBroken { return false }
+        if options.packed { return csys_load_acquire_u16(driver + 2) & 3 != 1 }
+        if options.eventIndex { return csys_load_acquire_u16(driver + 4 + 2 * size) != usedIndex }
+        return csys_load_acquire_u16(driver) & 1 == 0
+    }
+
+    /// Whether `driverAwaitsInterrupt` is exact (split ring with EVENT_IDX).
+    public var interruptNeedIsExact: Bool { !options.packed && options.eventIndex }
 
     // MARK: Kick suppression for adaptive polling
 

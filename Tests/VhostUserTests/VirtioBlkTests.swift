@@ -21,12 +21,14 @@ final class BlkFixture: @unchecked Sendable {
     let path = testSocketPath("blk")
 
     init(features: UInt64 = VirtioFeature.version1 | VirtioFeature.ringIndirectDescriptors | vhostUserFeatureProtocolFeatures,
-         queueSize: Int = 16, readOnly: Bool = false, drainTimeoutMilliseconds: Int32 = 30_000) throws {
+         queueSize: Int = 16, readOnly: Bool = false, drainTimeoutMilliseconds: Int32 = 30_000,
+         watchdogMilliseconds: Int = 1000) throws {
         ring = TestSplitRing(ram: ram, size: queueSize)
         let geometry = BlockGeometry(logicalBlockSize: 512, physicalBlockSize: 4096, blockCount: 2048, readOnly: readOnly)
         let ch = channel
         device = try VirtioBlkDevice(geometry: geometry, options: VirtioBlkOptions(queues: 2, serial: "SG-BLK-0001",
-                                                                                   drainTimeoutMilliseconds: drainTimeoutMilliseconds),
+                                                                                   drainTimeoutMilliseconds: drainTimeoutMilliseconds,
+                                                                                   watchdogMilliseconds: watchdogMilliseconds),
                                      channelFactory: { ch }, log: log.logger)
         server = VhostUserServer(socketPath: path, device: device, log: log.logger)
         try server.start()
