@@ -56,7 +56,7 @@ let package = Package(
         .testTarget(name: "BackendsTests", dependencies: ["Backends", "BlockIO", "CSystem"]),
         .testTarget(name: "ISCSIBackendTests", dependencies: ["ISCSIBackend", "BlockIO", "EventLoop", "SCSI"]),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "BlockIO", "CSystem"]),
-        .testTarget(name: "VhostUserTests", dependencies: ["VhostUser", "Virtio", "SCSI", "BlockIO", "CSystem", "Backends", "Gateway"]),
+        .testTarget(name: "VhostUserTests", dependencies: ["VhostUser", "Virtio", "SCSI", "BlockIO", "CSystem", "Backends", "Gateway", "ISCSIBackend"]),
         .testTarget(name: "VfioUserTests", dependencies: ["VfioUser", "CSystem"]),
         .testTarget(name: "PVSCSITests", dependencies: ["PVSCSI", "VfioUser", "SCSI", "BlockIO", "Backends", "Gateway", "CSystem"]),
         .testTarget(name: "GatewayTests", dependencies: ["Gateway", "SCSI", "Backends"]),

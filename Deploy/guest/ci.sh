@@ -304,6 +304,10 @@ TOML
     bash "$HERE/check-pattern.sh" "$DIR/guest.log" "$DIR/blk0.img"; check "vhost-user-blk bytes identical in the backing file" $?
     holes_at "$DIR/blk0.img" "$DIR/guest.log" SCSIGATE-DISCARD; check "vhost-user-blk discard punched holes in the file" $?
     holes_at "$DIR/blk0.img" "$DIR/guest.log" SCSIGATE-WRITE-ZEROES; check "vhost-user-blk write-zeroes left holes in the file" $?
+    # Its one LUN removed while the gateway runs: the front-end closes its channel (the file unlocks at once).
+    cli lun remove vblk0 --lun 0 >/dev/null; check "vhost-user-blk CLI lun remove" $?
+    flock -n -x "$DIR/blk0.img" true; check "vhost-user-blk removed LUN's file unlocked" $?
+    ! grep -q "still open" "$DIR/gw.log"; check "vhost-user-blk no channel of the removed LUN left open" $?
     stop_gateway; check "vhost-user-blk gateway drains and exits 0 on SIGTERM" $?
 }
 

@@ -60,7 +60,8 @@ final class VhostUserSCSIFrontEnd: FrontEnd, @unchecked Sendable {
         let config = runtime.config
         let options = VirtioSCSIOptions(
             requestQueues: config.queues, maxQueueSize: max(config.queueSize, 128), maxSegments: config.segmentMax,
-            threads: config.ioThreads, pollBudgetNanoseconds: UInt64(config.pollMicroseconds) * 1000)
+            threads: config.ioThreads, pollBudgetNanoseconds: UInt64(config.pollMicroseconds) * 1000,
+            hotplug: config.hotplug)
         do {
             controller = try VhostUserSCSIController(
                 socketPath: config.socket, target: runtime.target, options: options,
@@ -93,7 +94,8 @@ public struct VhostUserBlkFrontEndFactory: FrontEndFactory {
 }
 
 /// A running virtio-blk controller. Capacity changes of its LUN (admin resize) become a
-/// config-change notification to the guest.
+/// config-change notification to the guest; removing its LUN detaches the back-end (capacity 0,
+/// requests fail with VIRTIO_BLK_S_IOERR, channels closed once idle).
 final class VhostUserBlkFrontEnd: FrontEnd, @unchecked Sendable {
     private let runtime: ControllerRuntime
     private let controller: VhostUserBlkController<AnyBlockChannel>
@@ -129,7 +131,12 @@ final class VhostUserBlkFrontEnd: FrontEnd, @unchecked Sendable {
         try startListening(runtime, controller.start)
         let controller = self.controller
         subscription = runtime.target.subscribe { event in
-            if case .capacityChanged(_, let blocks) = event { controller.resize(blockCount: blocks) }
+            switch event {
+            case let .capacityChanged(_, blocks): controller.resize(blockCount: blocks)
+            // Its one LUN is gone: capacity 0, requests fail, channels close once idle (the file unlocks).
+            case .removed: controller.device.detachBackend()
+            default: break
+            }
         }
     }
 

@@ -54,6 +54,18 @@ public final class RunningQueue: @unchecked Sendable {
     var retiredMemory: [GuestMemory] = []
     var brokenReported = false
     var interruptsSent: UInt64 = 0
+    /// The queue stopped before its requests completed (see `QueueGroup.remove`): its ring is broken
+    /// and its slots wait only for the back-end's late completions.
+    public internal(set) var abandoned = false
+    /// Watchdog state: progress seen at the last tick, pushes covered by its last re-signal, and counts
+    /// of the lost notifications it repaired.
+    var watchPops: UInt64 = 0
+    var watchPushes: UInt64 = 0
+    var watchSignalledPushes: UInt64 = 0
+    /// Times the watchdog found requests made available without a kick reaching the loop.
+    public internal(set) var lostKicks: UInt64 = 0
+    /// Times the watchdog signalled an idle queue whose driver still waited for an interrupt.
+    public internal(set) var interruptsResent: UInt64 = 0
     /// Slot index of this queue inside its group (handlers use it in completion tokens).
     public internal(set) var groupSlot = 0
 
@@ -107,6 +119,11 @@ public protocol QueueGroupHandler: AnyObject, SendableMetatype {
     func takesRequests(_ queue: RunningQueue) -> Bool
     /// A queue that does not take requests was kicked.
     func kicked(_ queue: RunningQueue)
+    /// A stopping queue did not drain in time and was abandoned (its ring is broken: pushes no longer
+    /// touch guest memory). The handler keeps the queue's slots until the back-end completions of its
+    /// requests arrive, then drops them (completing them on `queue`, which only does bookkeeping); a
+    /// new start of the same queue index gets fresh slots meanwhile.
+    func abandon(_ queue: RunningQueue)
 }
 
 extension QueueGroupHandler {
@@ -115,6 +132,7 @@ extension QueueGroupHandler {
     public func stopping() {}
     public func takesRequests(_ queue: RunningQueue) -> Bool { true }
     public func kicked(_ queue: RunningQueue) {}
+    public func abandon(_ queue: RunningQueue) {}
 }
 
 /// One event-loop thread running a set of virtqueues for a device: kick eventfds and back-end
@@ -130,6 +148,15 @@ public final class QueueGroup<Handler: QueueGroupHandler>: @unchecked Sendable {
     private var thread: pthread_t?
     /// Requests taken from a ring per queue per pass before others get a turn.
     public var batchLimit = 64
+    /// How long `remove` waits for a stopping queue's requests before abandoning it.
+    public var drainMilliseconds: Int32 = 30_000
+    /// Period of the notification watchdog (0: none; set before `start`). On each tick, a queue that
+    /// made no progress since the previous one is checked for requests available without a kick
+    /// (serviced, logged) and for a driver still waiting for an interrupt about published entries
+    /// (signalled once more, logged): a lost notification then costs a tick, not a stalled guest.
+    public var watchdogMilliseconds = 1000
+    private var watchdogStop: CompletionSignal?
+    private var watchdogThread: pthread_t?
 
     /// Creates a group (its thread starts with `start`).
     public init(name: String, handler: Handler, pollBudgetNanoseconds: UInt64, log: @escaping VhostUserLogger) throws(EventLoopError) {
@@ -157,10 +184,16 @@ public final class QueueGroup<Handler: QueueGroupHandler>: @unchecked Sendable {
                                       prepareToSleep: { [unowned self] in prepareToSleep() }))
         }
         thread = spawnThread { [self] in loop.run() }
+        startWatchdog()
     }
 
     /// Lets the handler release its channels, then stops the loop thread and waits for it.
     public func shutdown() {
+        if let watchdogThread {
+            watchdogStop?.signal()
+            pthread_join(watchdogThread, nil)
+            self.watchdogThread = nil
+        }
         if thread != nil {
             runOnLoopAndWait(loop, milliseconds: 5_000) { [self] done in
                 handler.stopping()
@@ -172,6 +205,53 @@ public final class QueueGroup<Handler: QueueGroupHandler>: @unchecked Sendable {
             pthread_join(thread, nil)
             self.thread = nil
         }
+    }
+
+    /// Starts the watchdog thread: it only wakes the loop with a tick every `watchdogMilliseconds`.
+    private func startWatchdog() {
+        guard watchdogMilliseconds > 0 else { return }
+        let stop = CompletionSignal()
+        let period = Int32(clamping: watchdogMilliseconds)
+        watchdogStop = stop
+        // Weak: a group dropped without `shutdown` ends its watchdog at the next tick.
+        watchdogThread = spawnThread { [weak self] in
+            while !stop.wait(milliseconds: period) {
+                guard let group = self else { return }
+                group.loop.execute { [weak group] in group?.watchdog() }
+            }
+        }
+    }
+
+    /// One watchdog tick (loop thread): see `watchdogMilliseconds`.
+    func watchdog() {
+        var work = false
+        for q in queues where q.enabled && !q.stopping && !q.abandoned && !q.ring.isBroken && handler.takesRequests(q) {
+            let pops = q.ring.popCount
+            let pushes = q.ring.pushCount
+            let idle = pops == q.watchPops && pushes == q.watchPushes
+            q.watchPops = pops
+            q.watchPushes = pushes
+            guard idle else { continue }
+            if q.ring.hasAvailable {
+                q.lostKicks &+= 1
+                if q.lostKicks <= 10 || q.lostKicks % 100 == 0 {
+                    log(.warning, "\(loop.name): queue \(q.index): requests available with no kick for \(watchdogMilliseconds) ms "
+                        + "(lost notification #\(q.lostKicks)); serviced")
+                }
+                if service(q) { work = true }
+            } else if pushes != q.watchSignalledPushes, q.callFD >= 0, q.ring.driverAwaitsInterrupt {
+                q.watchSignalledPushes = pushes
+                q.interruptsResent &+= 1
+                _ = csys_eventfd_signal(q.callFD, 1)
+                q.interruptsSent &+= 1
+                if q.ring.interruptNeedIsExact && (q.interruptsResent <= 10 || q.interruptsResent % 100 == 0) {
+                    log(.warning, "\(loop.name): queue \(q.index): the driver still waits for an interrupt about published "
+                        + "entries after \(watchdogMilliseconds) ms (lost interrupt #\(q.interruptsResent)); signalled again")
+                }
+            }
+        }
+        if work { handler.commit() }
+        afterWork()
     }
 
     /// Hands a running queue to the loop (blocks until it is registered).
@@ -204,27 +284,49 @@ public final class QueueGroup<Handler: QueueGroupHandler>: @unchecked Sendable {
     }
 
     /// Stops taking requests from queue `index`, waits until its in-flight requests complete, and
-    /// removes it. Returns the queue (its ring base is then stable), or nil when it is not here or the
-    /// drain timed out.
-    func remove(_ index: Int, milliseconds: Int32 = 30_000) -> RunningQueue? {
+    /// removes it. Returns the queue (its ring base is then stable), or nil when it is not here.
+    /// When the drain times out (`drainMilliseconds`, e.g. a remote target that stopped answering) the
+    /// queue is abandoned: its ring is marked broken so that nothing more is written into guest memory
+    /// through it, the handler drops its requests' late completions, and the queue is returned with
+    /// `abandoned` set (its ring base counts the abandoned requests as taken).
+    func remove(_ index: Int) -> RunningQueue? {
         let result = ResultBox()
-        let ok = runOnLoopAndWait(loop, milliseconds: milliseconds) { [self] done in
+        let ok = runOnLoopAndWait(loop, milliseconds: drainMilliseconds) { [self] done in
             guard let q = queues.last(where: { $0.index == index && !$0.stopping }) else {
                 done()
                 return
             }
             loop.unregister(fd: q.kickFD)
             q.stopping = true
+            result.queue = q
             q.onDrained = { [unowned self, unowned q] in
                 handler.detach(q)
                 queues.removeAll { $0 === q }
                 for (i, other) in queues.enumerated() { other.groupSlot = i }
-                result.queue = q
                 done()
             }
             checkDrained()
         }
-        return ok ? result.queue : nil
+        if ok { return result.queue }
+        // Timed out: abandon the queue on its loop before answering (no write into the ring after this).
+        let abandoned = ResultBox()
+        runOnLoopAndWait(loop) { [self] done in
+            if let q = queues.first(where: { $0.index == index && $0.stopping && $0.onDrained != nil && !$0.abandoned }) {
+                q.abandoned = true
+                q.ring.markBroken("abandoned: requests still in flight after \(drainMilliseconds) ms")
+                handler.abandon(q)
+                abandoned.queue = q
+                afterWork()
+            } else {
+                // It drained just after the wait gave up.
+                abandoned.queue = result.queue
+            }
+            done()
+        }
+        if let q = abandoned.queue, q.abandoned {
+            log(.error, "\(loop.name): queue \(index) abandoned with \(q.ring.inFlight) request(s) in the back-end")
+        }
+        return abandoned.queue
     }
 
     /// Replaces the call fd of a running queue; returns the old one (for the caller to close).
@@ -263,7 +365,7 @@ public final class QueueGroup<Handler: QueueGroupHandler>: @unchecked Sendable {
     /// requests using it complete.
     func updateMemory(_ memory: GuestMemory) {
         runOnLoopAndWait(loop) { [self] done in
-            for q in queues {
+            for q in queues where !q.abandoned {
                 let old = q.ring.memory
                 if !q.ring.updateMemory(memory) { log(.error, "queue \(q.index): \(q.ring.brokenReason)") }
                 if q.ring.inFlight > 0 { q.retiredMemory.append(old) }

@@ -587,8 +587,13 @@ public final class VhostUserServer<Device: VhostUserDevice>: @unchecked Sendable
             } catch {
                 throw RequestFailure(reason: "ring \(i): \(error)")
             }
-            if let inflight, !options.packed, let region = inflight.region(queue: i, size: r.size) {
-                let resubmitted = ring.attachInflight(region)
+            if let inflight {
+                var resubmitted = 0
+                if options.packed, let region = inflight.packedRegion(queue: i, size: r.size) {
+                    resubmitted = ring.attachInflight(packed: region)
+                } else if !options.packed, let region = inflight.region(queue: i, size: r.size) {
+                    resubmitted = ring.attachInflight(region)
+                }
                 if resubmitted > 0 { log(.info, "ring \(i): resubmitting \(resubmitted) in-flight request(s)") }
             }
             let running = RunningQueue(index: i, ring: ring, kickFD: r.kickFD, callFD: r.callFD, enabled: r.enabled)
@@ -603,9 +608,11 @@ public final class VhostUserServer<Device: VhostUserDevice>: @unchecked Sendable
             var base = rings[i].base
             if let q = device.stopQueue(i) {
                 base = q.ring.ringBase
-                if q.callFD != rings[i].callFD, q.callFD >= 0 { close(q.callFD) }
-            } else {
-                log(.error, "ring \(i) did not drain; reporting its start base")
+                if q.abandoned {
+                    log(.error, "ring \(i) did not drain; its \(q.ring.inFlight) late request(s) will be dropped")
+                } else if q.callFD != rings[i].callFD, q.callFD >= 0 {
+                    close(q.callFD)
+                }
             }
             rings[i].base = base
             if rings[i].kickFD >= 0 {
@@ -643,15 +650,22 @@ final class InflightMapping: @unchecked Sendable {
     let mapLength: Int
     let queues: Int
     let queueSize: Int
-    private var regions: [Int: InflightQueueRegion] = [:]
+    /// Bytes between two queues' regions.
+    let stride: Int
 
-    static func perQueueBytes(_ size: Int) -> Int { (InflightQueueRegion.byteCount(queueSize: size) + 63) & ~63 }
+    /// Bytes per queue this back-end lays out: room for the packed layout (which also holds the split
+    /// one, whichever format the rings negotiate after GET_INFLIGHT_FD), 64-byte aligned.
+    static func perQueueBytes(_ size: Int) -> Int { (InflightPackedRegion.byteCount(queueSize: size) + 63) & ~63 }
+    /// The split-only stride (regions made by earlier versions).
+    static func splitPerQueueBytes(_ size: Int) -> Int { (InflightQueueRegion.byteCount(queueSize: size) + 63) & ~63 }
 
     struct Failure: Error, CustomStringConvertible {
         var description: String
     }
 
-    private init(fd: Int32, mapBase: UnsafeMutableRawPointer, mapLength: Int, offset: Int, length: Int, queues: Int, queueSize: Int) {
+    private init(fd: Int32, mapBase: UnsafeMutableRawPointer, mapLength: Int, offset: Int, length: Int, queues: Int, queueSize: Int,
+                 stride: Int) {
+        self.stride = stride
         self.fd = fd
         self.mapBase = mapBase
         self.mapLength = mapLength
@@ -675,11 +689,13 @@ final class InflightMapping: @unchecked Sendable {
             throw Failure(description: "inflight region of \(length) bytes: errno \(errno)")
         }
         p.initializeMemory(as: UInt8.self, repeating: 0, count: length)
-        return InflightMapping(fd: fd, mapBase: p, mapLength: length, offset: 0, length: length, queues: queues, queueSize: queueSize)
+        return InflightMapping(fd: fd, mapBase: p, mapLength: length, offset: 0, length: length, queues: queues, queueSize: queueSize,
+                               stride: perQueueBytes(queueSize))
     }
 
     static func adopt(fd: Int32, length: UInt64, offset: UInt64, queues: Int, queueSize: Int) throws(Failure) -> InflightMapping {
-        let need = UInt64(queues * perQueueBytes(queueSize))
+        let stride = length >= UInt64(queues * perQueueBytes(queueSize)) ? perQueueBytes(queueSize) : splitPerQueueBytes(queueSize)
+        let need = UInt64(queues * stride)
         let (end, overflow) = offset.addingReportingOverflow(length)
         guard !overflow, length >= need, end <= UInt64(Int32.max) else {
             close(fd)
@@ -695,16 +711,25 @@ final class InflightMapping: @unchecked Sendable {
             throw Failure(description: "inflight mmap: errno \(errno)")
         }
         return InflightMapping(fd: fd, mapBase: p, mapLength: Int(end), offset: Int(offset), length: Int(length),
-                               queues: queues, queueSize: queueSize)
+                               queues: queues, queueSize: queueSize, stride: stride)
     }
 
-    /// The tracking region of queue `queue` when its ring size matches the mapping's.
+    /// A tracking region for one start of queue `queue` when its ring size matches the mapping's. The
+    /// region keeps the mapping alive while its ring runs; the mapping holds no region (no cycle: the
+    /// memfd and mapping go away with the last ring and the session that used them).
     func region(queue: Int, size: Int) -> InflightQueueRegion? {
         guard queue < queues, size == queueSize else { return nil }
-        if let r = regions[queue] { return r }
-        let r = InflightQueueRegion(base: base + queue * Self.perQueueBytes(queueSize), size: size)
+        let r = InflightQueueRegion(base: base + queue * stride, size: size)
         r.owner = self
-        regions[queue] = r
+        return r
+    }
+
+    /// A packed-ring tracking region for one start of queue `queue` (nil when the size does not match or
+    /// the adopted mapping has only split-sized regions).
+    func packedRegion(queue: Int, size: Int) -> InflightPackedRegion? {
+        guard queue < queues, size == queueSize, stride >= InflightPackedRegion.byteCount(queueSize: size) else { return nil }
+        let r = InflightPackedRegion(base: base + queue * stride, size: size, usedPosition: 0, usedWrap: true)
+        r.owner = self
         return r
     }
 }

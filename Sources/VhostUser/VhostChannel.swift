@@ -19,4 +19,11 @@ public protocol VhostChannel: SendableMetatype {
     /// it once, on the channel's thread, after the last completion was reaped and the completion fd was
     /// taken out of the event loop; the channel is not used afterwards.
     func close()
+    /// Asks the back-end to abort the request submitted with `token`; it still completes through
+    /// `reap` (ECANCELED when the abort won). False when the back-end cannot abort (local I/O).
+    /// `BlockChannel` types get this from BlockIO (false for local back-ends).
+    func abort(token: UInt64) -> Bool
+    /// Asks the back-end to reset its logical unit (LOGICAL UNIT RESET); every request still completes
+    /// through `reap`. False when there is nothing to reset (local I/O).
+    func resetLogicalUnit() -> Bool
 }

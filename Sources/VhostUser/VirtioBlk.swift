@@ -56,11 +56,18 @@ public struct VirtioBlkOptions: Sendable {
     public var maxDiscardSectors: UInt32
     /// Write-zeroes sectors per request.
     public var maxWriteZeroesSectors: UInt32
+    /// How long stopping a ring (GET_VRING_BASE) waits for its back-end requests before abandoning them.
+    public var drainTimeoutMilliseconds: Int32
+    /// Period of the lost-notification watchdog of each queue group (0: off); see `QueueGroup.watchdogMilliseconds`.
+    public var watchdogMilliseconds: Int
 
     /// Creates options.
     public init(queues: Int = 1, maxQueueSize: Int = 1024, maxSegments: Int = 126, maxSegmentBytes: UInt32 = 1 << 20,
                 serial: String, threads: Int = 1, pollBudgetNanoseconds: UInt64 = 50_000,
-                maxDiscardSectors: UInt32 = 1 << 22, maxWriteZeroesSectors: UInt32 = 1 << 22) {
+                maxDiscardSectors: UInt32 = 1 << 22, maxWriteZeroesSectors: UInt32 = 1 << 22,
+                drainTimeoutMilliseconds: Int32 = 30_000, watchdogMilliseconds: Int = 1000) {
+        self.watchdogMilliseconds = watchdogMilliseconds
+        self.drainTimeoutMilliseconds = drainTimeoutMilliseconds
         self.queues = queues
         self.maxQueueSize = maxQueueSize
         self.maxSegments = maxSegments
@@ -127,6 +134,8 @@ public final class VirtioBlkDevice<Channel: VhostChannel>: VhostUserDevice, @unc
             let handler = BlkGroupHandler(channel: channel, queueCount: options.queues, counters: counters)
             do {
                 let group = try QueueGroup(name: "blk-q\(t)", handler: handler, pollBudgetNanoseconds: options.pollBudgetNanoseconds, log: log)
+                group.drainMilliseconds = max(1, options.drainTimeoutMilliseconds)
+                group.watchdogMilliseconds = max(0, options.watchdogMilliseconds)
                 handler.device = self
                 groups.append(group)
             } catch {
@@ -143,6 +152,21 @@ public final class VirtioBlkDevice<Channel: VhostChannel>: VhostUserDevice, @unc
 
     /// Current geometry.
     public var geometry: BlockGeometry { geometryLock.withLock { $0 } }
+
+    /// Whether `detachBackend` ran.
+    public var backendDetached: Bool { detached.load(ordering: .acquiring) }
+    private let detached = Atomic<Bool>(false)
+
+    /// The device's LUN was removed while running: the capacity becomes 0 (the front-end gets a
+    /// config-change notification), every new request fails with VIRTIO_BLK_S_IOERR, and each thread
+    /// closes its back-end channel once the requests it has in the back-end have completed.
+    public func detachBackend() {
+        guard !detached.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        geometryLock.withLock { $0.blockCount = 0 }
+        capacitySectors.store(0, ordering: .releasing)
+        for g in groups { g.onLoop { g.handler.closeBackend() } }
+        notifier.withLock { $0 }?()
+    }
 
     /// Changes the capacity and tells the front-end (config-change notification when negotiated).
     public func resize(blockCount: UInt64) {
@@ -232,6 +256,8 @@ struct BlkSlot {
     var kind: IOCommandClass = .other
     /// Bytes the request moves (reads and writes), counted when it succeeds.
     var bytes: UInt64 = 0
+    /// Submitted to the back-end and not yet reaped.
+    var inBackend = false
 }
 
 /// Per-queue slot table.
@@ -240,13 +266,22 @@ final class BlkQueueSlots {
     let slots: UnsafeMutablePointer<BlkSlot>
     /// This queue's statistics, if any.
     let counters: IOCounters?
-    init(queue: RunningQueue, counters: IOCounters?) {
+    /// Which start of a ring these slots serve (carried in back-end tokens).
+    let generation: UInt32
+    init(queue: RunningQueue, counters: IOCounters?, generation: UInt32) {
         self.queue = queue
         self.counters = counters
+        self.generation = generation
         slots = .allocate(capacity: queue.ring.size)
         slots.initialize(repeating: BlkSlot(), count: queue.ring.size)
     }
     deinit { slots.deallocate() }
+
+    /// The back-end token of request `head`: queue index (bits 48-63), ring generation (16-47), head (0-15).
+    @inline(__always)
+    func token(_ head: UInt16) -> UInt64 {
+        UInt64(queue.index) << 48 | UInt64(generation) << 16 | UInt64(head)
+    }
 }
 
 /// The virtio-blk data path of one queue group.
@@ -254,10 +289,19 @@ final class BlkGroupHandler<Channel: VhostChannel>: QueueGroupHandler {
     let channel: Channel
     unowned(unsafe) var device: VirtioBlkDevice<Channel>!
     private var queues: [BlkQueueSlots?]
+    /// Slots of abandoned rings (drain timed out) waiting for their late back-end completions, which
+    /// are dropped without touching guest memory.
+    private var abandonedQueues: [BlkQueueSlots] = []
+    private var nextGeneration: UInt32 = 0
     private var pendingCommit = false
     private let countersProvider: VirtioBlkCountersProvider?
     private var unregisterFD: ((Int32) -> Void)?
+    /// The channel is closed (device stopping, or its LUN removed and nothing left in it).
     private var closed = false
+    /// The LUN was removed: no new request reaches the channel, which closes once `submitted` is 0.
+    private var backendGone = false
+    /// Requests submitted on the channel and not yet reaped.
+    private var submitted = 0
 
     init(channel: Channel, queueCount: Int, counters: VirtioBlkCountersProvider?) {
         self.channel = channel
@@ -265,37 +309,85 @@ final class BlkGroupHandler<Channel: VhostChannel>: QueueGroupHandler {
         countersProvider = counters
     }
 
-    func attach(_ queue: RunningQueue) { queues[queue.index] = BlkQueueSlots(queue: queue, counters: countersProvider?(queue.index)) }
-    func detach(_ queue: RunningQueue) { queues[queue.index] = nil }
+    func attach(_ queue: RunningQueue) {
+        if let previous = queues[queue.index] { abandonedQueues.append(previous) }
+        nextGeneration &+= 1
+        queues[queue.index] = BlkQueueSlots(queue: queue, counters: countersProvider?(queue.index), generation: nextGeneration)
+    }
+
+    func detach(_ queue: RunningQueue) {
+        // Only the slots of this very ring: a later start of the same index may be attached already.
+        if let q = queues[queue.index], q.queue === queue {
+            queues[queue.index] = nil
+        } else if let i = abandonedQueues.firstIndex(where: { $0.queue === queue }) {
+            abandonedQueues.remove(at: i)
+        }
+    }
+
+    /// The ring stopped before its back-end requests came back: ask the back-end to abort them and keep
+    /// the slots until their completions arrive (then dropped).
+    func abandon(_ queue: RunningQueue) {
+        guard let q = queues[queue.index], q.queue === queue else { return }
+        queues[queue.index] = nil
+        abandonedQueues.append(q)
+        for h in 0..<queue.ring.size where q.slots[h].inBackend {
+            q.slots[h].status = nil
+            if !closed { _ = channel.abort(token: q.token(UInt16(h))) }
+        }
+    }
+
+    /// The queue slots a back-end token belongs to: the running start of its queue, or an abandoned one.
+    @inline(__always)
+    private func slots(for token: BackendToken) -> BlkQueueSlots? {
+        if token.queueIndex < queues.count, let q = queues[token.queueIndex], q.generation == token.generation { return q }
+        for q in abandonedQueues where q.generation == token.generation && q.queue.index == token.queueIndex { return q }
+        return nil
+    }
     func completionFDs() -> [Int32] { [channel.completionFD] }
     func bind(unregisterCompletionFD: @escaping (Int32) -> Void) { unregisterFD = unregisterCompletionFD }
 
     /// The loop is stopping (queues drained): release the channel.
-    func stopping() {
+    func stopping() { closeChannel() }
+
+    private func closeChannel() {
         guard !closed else { return }
         closed = true
         if channel.completionFD >= 0 { unregisterFD?(channel.completionFD) }
         channel.close()
     }
 
+    /// The LUN is gone: fail new requests; close the channel now or after its last completion.
+    func closeBackend() {
+        backendGone = true
+        if submitted == 0 { closeChannel() }
+    }
+
     func commit() {
         if pendingCommit {
             pendingCommit = false
-            channel.commit()
+            if !closed { channel.commit() }
         }
     }
 
     func reap() -> Bool {
         if closed { return false }
-        let n = channel.reap { token, result in
-            let qi = Int(token >> 32)
-            let head = UInt16(truncatingIfNeeded: token)
-            guard qi < queues.count, let q = queues[qi] else { return }
+        let n = channel.reap { raw, result in
+            submitted -= 1
+            let token = BackendToken(raw)
+            let head = token.head
+            guard let q = slots(for: token), Int(head) < q.queue.ring.size, q.slots[Int(head)].inBackend else { return }
+            q.slots[Int(head)].inBackend = false
+            if q.queue.abandoned {
+                // Its ring is gone: drop the completion (the broken ring only does its bookkeeping).
+                q.queue.complete(head: head, ringEntries: q.slots[Int(head)].entries, length: 0)
+                return
+            }
             let slot = q.slots[Int(head)]
             var ok = result.succeeded
             if slot.isRead && result.bytesTransferred < UInt64(slot.written) { ok = false }
             finish(q, head, ok ? VirtioBlk.statusOK : VirtioBlk.statusIOError, dataWritten: ok ? slot.written : 0)
         }
+        if backendGone && submitted <= 0 { closeChannel() }
         return n > 0
     }
 
@@ -342,7 +434,7 @@ final class BlkGroupHandler<Channel: VhostChannel>: QueueGroupHandler {
         let device = self.device!
         let capacity = device.capacitySectors.load(ordering: .relaxed)
         let blockSectors = device.blockSectors
-        let token = UInt64(queue.index) << 32 | UInt64(head)
+        let token = q.token(head)
         let request: BlockRequest
         switch type {
         case VirtioBlk.typeIn, VirtioBlk.typeOut:
@@ -399,10 +491,16 @@ final class BlkGroupHandler<Channel: VhostChannel>: QueueGroupHandler {
             finish(q, head, VirtioBlk.statusUnsupported, dataWritten: 0)
             return
         }
+        guard !backendGone, !closed else {
+            finish(q, head, VirtioBlk.statusIOError, dataWritten: 0)
+            return
+        }
         let rc = channel.submit(request, token: token)
         if rc != 0 {
             finish(q, head, VirtioBlk.statusIOError, dataWritten: 0)
         } else {
+            q.slots[Int(head)].inBackend = true
+            submitted += 1
             pendingCommit = true
         }
     }

@@ -112,10 +112,21 @@ public struct VirtioSCSIOptions: Sendable {
     public var pollBudgetNanoseconds: UInt64
     /// Initiator port identifier of the front-end's I_T nexus.
     public var initiatorID: UInt64
+    /// Offer VIRTIO_SCSI_F_HOTPLUG (TRANSPORT_RESET events for added and removed LUNs). Without it the
+    /// guest learns of LUN changes only through the REPORTED LUNS DATA HAS CHANGED unit attention.
+    public var hotplug: Bool
+    /// How long stopping a ring (GET_VRING_BASE) waits for its back-end requests before abandoning them.
+    public var drainTimeoutMilliseconds: Int32
+    /// Period of the lost-notification watchdog of each queue group (0: off); see `QueueGroup.watchdogMilliseconds`.
+    public var watchdogMilliseconds: Int
 
     /// Creates options.
     public init(requestQueues: Int = 1, maxQueueSize: Int = 1024, maxSegments: Int = 126, maxSectors: UInt32 = 0xFFFF,
-                commandsPerLUN: UInt32 = 128, threads: Int = 1, pollBudgetNanoseconds: UInt64 = 50_000, initiatorID: UInt64 = 1) {
+                commandsPerLUN: UInt32 = 128, threads: Int = 1, pollBudgetNanoseconds: UInt64 = 50_000, initiatorID: UInt64 = 1,
+                hotplug: Bool = true, drainTimeoutMilliseconds: Int32 = 30_000, watchdogMilliseconds: Int = 1000) {
+        self.watchdogMilliseconds = watchdogMilliseconds
+        self.hotplug = hotplug
+        self.drainTimeoutMilliseconds = drainTimeoutMilliseconds
         self.requestQueues = requestQueues
         self.maxQueueSize = maxQueueSize
         self.maxSegments = maxSegments
@@ -169,7 +180,10 @@ public final class VirtioSCSIDevice<Channel: VhostChannel>: VhostUserDevice, @un
                                                     taskCapacity: (perGroup + 1) * options.maxQueueSize, channelFactory: channelFactory,
                                                     counters: counters)
             do {
-                groups.append(try QueueGroup(name: "scsi-q\(t)", handler: handler, pollBudgetNanoseconds: options.pollBudgetNanoseconds, log: log))
+                let group = try QueueGroup(name: "scsi-q\(t)", handler: handler, pollBudgetNanoseconds: options.pollBudgetNanoseconds, log: log)
+                group.drainMilliseconds = max(1, options.drainTimeoutMilliseconds)
+                group.watchdogMilliseconds = max(0, options.watchdogMilliseconds)
+                groups.append(group)
             } catch {
                 throw VhostUserDeviceError("event loop: \(error)")
             }
@@ -197,7 +211,7 @@ public final class VirtioSCSIDevice<Channel: VhostChannel>: VhostUserDevice, @un
     }
 
     public var offeredFeatures: UInt64 {
-        VirtioSCSI.featureInOut | VirtioSCSI.featureHotplug | VirtioSCSI.featureChange
+        (options.hotplug ? VirtioSCSI.featureHotplug : 0) | VirtioSCSI.featureInOut | VirtioSCSI.featureChange
             | VirtioFeature.ringEventIndex | VirtioFeature.ringIndirectDescriptors | VirtioFeature.ringPacked
     }
     public var offeredProtocolFeatures: UInt64 { VhostUserProtocolFeature.config }
@@ -308,12 +322,24 @@ final class SCSIQueueSlots {
     let taskSetBase: Int
     /// Request-queue number (virtqueue index - 2): the statistics queue slot.
     let requestQueue: Int
+    /// Which start of a ring these slots serve (back-end tokens carry it, so that a late completion for
+    /// an abandoned start never lands on a later start of the same queue index).
+    let generation: UInt32
+    /// Per slot: a back-end request of the task is submitted and not yet reaped.
+    let inBackend: UnsafeMutablePointer<Bool>
+    /// Per slot: the back-end was already asked to abort it (one abort per submission).
+    let abortRequested: UnsafeMutablePointer<Bool>
     static let responseVectorCapacity = 4
 
-    init(queue: RunningQueue, taskSetBase: Int) {
+    init(queue: RunningQueue, taskSetBase: Int, generation: UInt32) {
         self.queue = queue
         size = queue.ring.size
         self.taskSetBase = taskSetBase
+        self.generation = generation
+        inBackend = .allocate(capacity: size)
+        inBackend.initialize(repeating: false, count: size)
+        abortRequested = .allocate(capacity: size)
+        abortRequested.initialize(repeating: false, count: size)
         requestQueue = queue.index - VirtioSCSI.firstRequestQueue
         uses = .allocate(capacity: size)
         uses.initialize(repeating: -1, count: size)
@@ -337,10 +363,32 @@ final class SCSIQueueSlots {
         entries.deallocate()
         uses.deallocate()
         arrivals.deallocate()
+        inBackend.deallocate()
+        abortRequested.deallocate()
     }
 
     func response(_ head: UInt16) -> IOVectorList {
         IOVectorList(base: responseVectors + Int(head) * Self.responseVectorCapacity, count: responseCounts[Int(head)])
+    }
+
+    /// The back-end token of request `head`: queue index (bits 48-63), ring generation (16-47), head (0-15).
+    @inline(__always)
+    func token(_ head: UInt16) -> UInt64 {
+        UInt64(queue.index) << 48 | UInt64(generation) << 16 | UInt64(head)
+    }
+}
+
+/// The parts of a back-end token (see `SCSIQueueSlots.token` and `BlkQueueSlots.token`).
+struct BackendToken {
+    var queueIndex: Int
+    var generation: UInt32
+    var head: UInt16
+
+    @inline(__always)
+    init(_ token: UInt64) {
+        queueIndex = Int(token >> 48)
+        generation = UInt32(truncatingIfNeeded: token >> 16)
+        head = UInt16(truncatingIfNeeded: token)
     }
 }
 
@@ -368,6 +416,10 @@ final class SCSIGroupHandler<Channel: VhostChannel>: QueueGroupHandler, @uncheck
     private var retiredCount = 0
     private var unregisterFD: ((Int32) -> Void)?
     private var queues: [SCSIQueueSlots?]
+    /// Slots of abandoned rings (their drain timed out) whose back-end requests have not all come back:
+    /// their task-set slots stay reserved; their late completions are dropped.
+    private var abandonedQueues: [SCSIQueueSlots] = []
+    private var nextGeneration: UInt32 = 0
     private var queueSlotsInUse: [Bool]
     private let slotsPerQueue: Int
     private var taskSet: TaskSet
@@ -407,20 +459,69 @@ final class SCSIGroupHandler<Channel: VhostChannel>: QueueGroupHandler, @uncheck
             return
         }
         queueSlotsInUse[base] = true
-        queues[queue.index] = SCSIQueueSlots(queue: queue, taskSetBase: base * slotsPerQueue)
+        if let previous = queues[queue.index] { abandonedQueues.append(previous) }
+        nextGeneration &+= 1
+        queues[queue.index] = SCSIQueueSlots(queue: queue, taskSetBase: base * slotsPerQueue, generation: nextGeneration)
     }
 
     func detach(_ queue: RunningQueue) {
-        if let q = queues[queue.index] {
-            queueSlotsInUse[q.taskSetBase / slotsPerQueue] = false
-            // A drained queue has no task left; forget any that never got its answer.
-            for head in 0..<q.size where q.uses[head] >= 0 {
-                uses[Int(q.uses[head])]?.tasks -= 1
-                q.uses[head] = -1
-            }
+        // Only the slots of this very ring: a later start of the same index may be attached already.
+        let slots: SCSIQueueSlots
+        if let q = queues[queue.index], q.queue === queue {
+            slots = q
+            queues[queue.index] = nil
+        } else if let i = abandonedQueues.firstIndex(where: { $0.queue === queue }) {
+            slots = abandonedQueues.remove(at: i)
+        } else {
+            if retiredCount > 0 { closeIdleRetired() }
+            return
         }
-        queues[queue.index] = nil
+        queueSlotsInUse[slots.taskSetBase / slotsPerQueue] = false
+        // A drained queue has no task left; forget any that never got its answer.
+        for head in 0..<slots.size where slots.uses[head] >= 0 {
+            uses[Int(slots.uses[head])]?.tasks -= 1
+            slots.uses[head] = -1
+        }
         if retiredCount > 0 { closeIdleRetired() }
+    }
+
+    /// The ring stopped before its back-end requests came back: its tasks end now (the task set forgets
+    /// their tags, so a new start of the ring may reuse them; a TMF waiting for them finishes), the
+    /// back-end is asked to abort them, and their slots stay reserved until the completions arrive.
+    func abandon(_ queue: RunningQueue) {
+        guard let q = queues[queue.index], q.queue === queue else { return }
+        queues[queue.index] = nil
+        abandonedQueues.append(q)
+        for h in 0..<q.size {
+            let head = UInt16(h)
+            let slot = q.taskSetBase + h
+            if q.inBackend[h] {
+                let index = Int(q.uses[h])
+                if !q.abortRequested[h], index >= 0, let use = uses[index], let c = use.channel {
+                    q.abortRequested[h] = true
+                    _ = c.abort(token: q.token(head))
+                }
+            }
+            guard taskSet.isActive(slot: slot) else { continue }
+            taskSet.complete(slot: slot)
+            q.tasks[h].status = .taskAborted
+            endTask(q, head)
+            // Not waiting for the back-end (cannot happen: such tasks are answered at once): return it.
+            if !q.inBackend[h] { q.queue.complete(head: head, ringEntries: q.entries[h], length: 0) }
+        }
+        if !abortWaiters.isEmpty && taskSet.abortedCount == 0 { finishAbortWaiters() }
+    }
+
+    /// The queue slots a back-end token belongs to: the running start of its queue, or an abandoned one.
+    @inline(__always)
+    private func slots(for token: BackendToken) -> SCSIQueueSlots? {
+        if token.queueIndex < queues.count, let q = queues[token.queueIndex], q.generation == token.generation { return q }
+        return abandonedSlots(token)
+    }
+
+    private func abandonedSlots(_ token: BackendToken) -> SCSIQueueSlots? {
+        for q in abandonedQueues where q.generation == token.generation && q.queue.index == token.queueIndex { return q }
+        return nil
     }
 
     // MARK: Back-end channels
@@ -534,12 +635,26 @@ final class SCSIGroupHandler<Channel: VhostChannel>: QueueGroupHandler, @uncheck
         while i < count {
             defer { i += 1 }
             guard let use = uses[i], let c = use.channel else { continue }
-            let n = c.reap { token, result in
+            let n = c.reap { raw, result in
                 use.submitted -= 1
-                let qi = Int(token >> 32)
-                let head = UInt16(truncatingIfNeeded: token)
-                guard qi < queues.count, let q = queues[qi], Int(head) < q.size else { return }
-                taskSet.setInBackend(slot: q.taskSetBase + Int(head), false)
+                let token = BackendToken(raw)
+                let head = token.head
+                guard let q = slots(for: token), Int(head) < q.size, q.inBackend[Int(head)] else { return }
+                q.inBackend[Int(head)] = false
+                q.abortRequested[Int(head)] = false
+                if q.queue.abandoned {
+                    // Its ring is gone (the task ended when it was abandoned): drop the completion; the
+                    // broken ring only does its bookkeeping, so the old queue can finish draining.
+                    q.queue.complete(head: head, ringEntries: q.entries[Int(head)], length: 0)
+                    return
+                }
+                let slot = q.taskSetBase + Int(head)
+                taskSet.setInBackend(slot: slot, false)
+                if taskSet.isAborted(slot: slot) {
+                    // A TMF aborted it: no further back-end step; answered VIRTIO_SCSI_S_ABORTED.
+                    respond(q, head, registered: true)
+                    return
+                }
                 let disposition = device.target.resume(&q.tasks[Int(head)], with: result)
                 drive(q, head, disposition)
             }
@@ -692,12 +807,13 @@ final class SCSIGroupHandler<Channel: VhostChannel>: QueueGroupHandler, @uncheck
                     disposition = device.target.resume(&task.pointee, with: .failure(EIO))
                     continue
                 }
-                let rc = c.submit(request, token: UInt64(q.queue.index) << 32 | UInt64(head))
+                let rc = c.submit(request, token: q.token(head))
                 if rc != 0 {
                     disposition = device.target.resume(&task.pointee, with: .failure(rc))
                     continue
                 }
                 use.submitted += 1
+                q.inBackend[Int(head)] = true
                 taskSet.setInBackend(slot: q.taskSetBase + Int(head), true)
                 if !use.dirty {
                     use.dirty = true
@@ -841,6 +957,7 @@ final class SCSIGroupHandler<Channel: VhostChannel>: QueueGroupHandler, @uncheck
     /// Applies a TMF plan to this group's task set; `report` runs once the tasks it aborted completed.
     func applyTaskManagement(_ plan: TaskManagementPlan, report: @escaping @Sendable (TaskManagementOutcome) -> Void) {
         let outcome = plan.apply(to: &taskSet)
+        abortInBackend(logicalUnitReset: plan.function == .logicalUnitReset)
         taskSet.takeAborted { slot in
             // Aborted tasks the back-end does not own: answer them now.
             for case let q? in queues where slot >= q.taskSetBase && slot < q.taskSetBase + q.size {
@@ -854,6 +971,32 @@ final class SCSIGroupHandler<Channel: VhostChannel>: QueueGroupHandler, @uncheck
         } else {
             abortWaiters.append(report)
             abortOutcomes.append(outcome)
+        }
+    }
+
+    /// Asks the back-ends to abort the aborted tasks whose I/O they own (once per submission); for
+    /// LOGICAL UNIT RESET, each back-end channel holding such a task is asked to reset its logical unit
+    /// instead, falling back to per-task aborts when it cannot. The tasks complete through `reap`
+    /// (answered VIRTIO_SCSI_S_ABORTED), and the TMF answers once they all have. Control path only.
+    private func abortInBackend(logicalUnitReset: Bool) {
+        guard taskSet.abortedCount > 0 else { return }
+        var resetUses: [(use: Int, done: Bool)] = []
+        for case let q? in queues {
+            for h in 0..<q.size where q.inBackend[h] && !q.abortRequested[h] && taskSet.isAborted(slot: q.taskSetBase + h) {
+                let index = Int(q.uses[h])
+                guard index >= 0, let use = uses[index], let c = use.channel else { continue }
+                q.abortRequested[h] = true
+                if logicalUnitReset {
+                    if let r = resetUses.first(where: { $0.use == index }) {
+                        if r.done { continue }
+                    } else {
+                        let done = c.resetLogicalUnit()
+                        resetUses.append((index, done))
+                        if done { continue }
+                    }
+                }
+                _ = c.abort(token: q.token(UInt16(h)))
+            }
         }
     }
 

@@ -113,6 +113,9 @@ public final class Virtqueue: @unchecked Sendable {
     private let slotVectors: UnsafeMutablePointer<iovec>
     /// Requests popped and not yet pushed back.
     public private(set) var inFlight = 0
+    /// Requests popped and pushed since the queue started (progress counters for watchdogs).
+    public private(set) var popCount: UInt64 = 0
+    public private(set) var pushCount: UInt64 = 0
     /// Whether the queue found its ring corrupt and stopped.
     public private(set) var isBroken = false
     /// Why the queue broke (for the log).
@@ -120,6 +123,11 @@ public final class Virtqueue: @unchecked Sendable {
 
     /// Optional in-flight tracking region for this queue (vhost-user INFLIGHT_SHMFD, split rings).
     private var inflight: InflightQueueRegion?
+    /// The same for packed rings.
+    private var packedInflight: InflightPackedRegion?
+    /// Packed buffers a previous back-end left in flight, popped again first (from their saved descriptors).
+    private var packedResubmit: [(id: UInt16, entry: UInt16, count: UInt16)] = []
+    private var packedResubmitCursor = 0
 
     /// Creates a queue over rings at `addresses` (VMM user addresses) in `memory`.
     /// `base` is the vhost-user ring base: split: next avail index; packed: bits 0-14 avail position,
@@ -224,6 +232,64 @@ public final class Virtqueue: @unchecked Sendable {
     private var resubmit: [UInt16] = []
     private var resubmitCursor = 0
 
+    /// Attaches packed-ring in-flight tracking. Call before the first pop. Buffers the region still
+    /// marks in flight are popped again first, from the descriptors the region saved; the used
+    /// position continues where the region recorded it and the avail position after the resubmitted
+    /// chains. Returns how many will be resubmitted.
+    @discardableResult
+    public func attachInflight(packed region: InflightPackedRegion) -> Int {
+        guard options.packed, region.size == size else { return 0 }
+        packedInflight = region
+        let table = desc
+        let n = size
+        let recovery = region.recover(fallbackUsedPosition: usedPosition, fallbackUsedWrap: usedWrap) { position in
+            csys_load_acquire_u16(table + 16 * (Int(position) % n) + 14)
+        }
+        packedResubmit = recovery.buffers
+        packedResubmitCursor = 0
+        if !recovery.buffers.isEmpty {
+            usedPosition = recovery.usedPosition % UInt16(size)
+            usedWrap = recovery.usedWrap
+            let advanced = Int(usedPosition) + recovery.ringEntries
+            availWrap = advanced >= size ? !usedWrap : usedWrap
+            availPosition = UInt16(advanced % size)
+            lastSignalledUsed = usedPosition
+        }
+        return recovery.buffers.count
+    }
+
+    /// Pops a packed buffer a previous back-end left in flight, from its saved descriptors.
+    private func popPackedResubmitted() -> VirtqueuePopResult {
+        let b = packedResubmit[packedResubmitCursor]
+        packedResubmitCursor += 1
+        guard Int(b.id) < size, !busy[Int(b.id)], let region = packedInflight else { return popPacked() }
+        busy[Int(b.id)] = true
+        inFlight += 1
+        popCount &+= 1
+        var chain = DescriptorChain(head: b.id, ringEntries: b.count, vectors: vectors(of: b.id), readableCount: 0,
+                                    writableCount: 0, readableBytes: 0, writableBytes: 0)
+        var count = 0
+        var sawWritable = false
+        for k in 0..<Int(b.count) {
+            guard let d = region.savedDescriptor(entry: b.entry, k) else {
+                return .invalid(head: b.id, ringEntries: b.count, .descriptorOutOfTable(UInt32(k)))
+            }
+            if d.flags & 4 != 0 {
+                guard options.indirect, b.count == 1 else {
+                    return .invalid(head: b.id, ringEntries: b.count, .misplacedIndirect)
+                }
+                if let error = appendIndirect(d.address, d.length, to: &chain, count: &count, sawWritable: &sawWritable) {
+                    return .invalid(head: b.id, ringEntries: b.count, error)
+                }
+                return .chain(chain)
+            }
+            if let error = append(d.address, d.length, writable: d.flags & 2 != 0, to: &chain, count: &count, sawWritable: &sawWritable) {
+                return .invalid(head: b.id, ringEntries: b.count, error)
+            }
+        }
+        return .chain(chain)
+    }
+
     /// Marks the queue broken with a reason; it then pops nothing.
     public func markBroken(_ reason: String) {
         if !isBroken { brokenReason = reason }
@@ -247,7 +313,7 @@ public final class Virtqueue: @unchecked Sendable {
     /// Whether the driver has made a buffer available that has not been popped.
     public var hasAvailable: Bool {
         if isBroken { return false }
-        if options.packed { return packedAvailable(at: availPosition, wrap: availWrap) }
+        if options.packed { return packedResubmitCursor < packedResubmit.count || packedAvailable(at: availPosition, wrap: availWrap) }
         if resubmitCursor < resubmit.count { return true }
         return csys_load_acquire_u16(driver + 2) != lastAvail
     }
@@ -265,6 +331,7 @@ public final class Virtqueue: @unchecked Sendable {
             guard Int(head) < size, !busy[Int(head)] else { return popSplit() }
             busy[Int(head)] = true
             inFlight += 1
+            popCount &+= 1
             inflight?.begin(head)
             switch walkSplit(head: head) {
             case let .success(chain): return .chain(chain)
@@ -290,6 +357,7 @@ public final class Virtqueue: @unchecked Sendable {
         lastAvail &+= 1
         busy[Int(head)] = true
         inFlight += 1
+        popCount &+= 1
         if let inflight { inflight.begin(head) }
         switch walkSplit(head: head) {
         case let .success(chain): return .chain(chain)
@@ -366,6 +434,7 @@ public final class Virtqueue: @unchecked Sendable {
     }
 
     private func popPacked() -> VirtqueuePopResult {
+        if packedResubmitCursor < packedResubmit.count { return popPackedResubmitted() }
         guard packedAvailable(at: availPosition, wrap: availWrap) else { return .empty }
         // Find the end of the chain: the buffer id is in its last descriptor.
         var position = availPosition
@@ -400,6 +469,18 @@ public final class Virtqueue: @unchecked Sendable {
         }
         busy[Int(id)] = true
         inFlight += 1
+        popCount &+= 1
+        if let packedInflight {
+            let table = desc
+            let n = size
+            packedInflight.begin(id: id, count: entries, usedPosition: usedPosition, usedWrap: usedWrap) { k in
+                let d = table + 16 * ((Int(start) + k) % n)
+                return SavedPackedDescriptor(address: d.loadUnaligned(as: UInt64.self).littleEndian,
+                                             length: d.loadUnaligned(fromByteOffset: 8, as: UInt32.self).littleEndian,
+                                             flags: d.loadUnaligned(fromByteOffset: 14, as: UInt16.self).littleEndian,
+                                             id: d.loadUnaligned(fromByteOffset: 12, as: UInt16.self).littleEndian)
+            }
+        }
         switch walkPacked(start: start, entries: entries, id: id) {
         case let .success(chain): return .chain(chain)
         case let .failure(error): return .invalid(head: id, ringEntries: UInt16(entries), error)
@@ -420,21 +501,8 @@ public final class Virtqueue: @unchecked Sendable {
             let flags = d.loadUnaligned(fromByteOffset: 14, as: UInt16.self).littleEndian
             if flags & 4 != 0 {
                 guard options.indirect, entries == 1, e == 0 else { return .failure(.misplacedIndirect) }
-                guard len > 0, len % 16 == 0 else { return .failure(.badIndirectTable) }
-                guard let table = memory.pointer(guestPhysical: addr, length: UInt64(len)) else {
-                    return .failure(.outOfGuestMemory)
-                }
-                let n = Int(len / 16)
-                for i in 0..<n {
-                    let t = table + 16 * i
-                    let taddr = t.loadUnaligned(as: UInt64.self).littleEndian
-                    let tlen = t.loadUnaligned(fromByteOffset: 8, as: UInt32.self).littleEndian
-                    let tflags = t.loadUnaligned(fromByteOffset: 14, as: UInt16.self).littleEndian
-                    if tflags & 4 != 0 { return .failure(.nestedIndirect) }
-                    if let error = append(taddr, tlen, writable: tflags & 2 != 0, to: &chain, count: &count,
-                                          sawWritable: &sawWritable) {
-                        return .failure(error)
-                    }
+                if let error = appendIndirect(addr, len, to: &chain, count: &count, sawWritable: &sawWritable) {
+                    return .failure(error)
                 }
                 return .success(chain)
             }
@@ -443,6 +511,25 @@ public final class Virtqueue: @unchecked Sendable {
             }
         }
         return .success(chain)
+    }
+
+    /// Appends the buffers of a packed indirect table.
+    private func appendIndirect(_ addr: UInt64, _ len: UInt32, to chain: inout DescriptorChain, count: inout Int,
+                                sawWritable: inout Bool) -> DescriptorChainError? {
+        guard len > 0, len % 16 == 0 else { return .badIndirectTable }
+        guard let table = memory.pointer(guestPhysical: addr, length: UInt64(len)) else { return .outOfGuestMemory }
+        let n = Int(len / 16)
+        for i in 0..<n {
+            let t = table + 16 * i
+            let taddr = t.loadUnaligned(as: UInt64.self).littleEndian
+            let tlen = t.loadUnaligned(fromByteOffset: 8, as: UInt32.self).littleEndian
+            let tflags = t.loadUnaligned(fromByteOffset: 14, as: UInt16.self).littleEndian
+            if tflags & 4 != 0 { return .nestedIndirect }
+            if let error = append(taddr, tlen, writable: tflags & 2 != 0, to: &chain, count: &count, sawWritable: &sawWritable) {
+                return error
+            }
+        }
+        return nil
     }
 
     @inline(__always)
@@ -478,21 +565,22 @@ public final class Virtqueue: @unchecked Sendable {
         guard Int(head) < size, busy[Int(head)] else { return }
         busy[Int(head)] = false
         inFlight -= 1
+        pushCount &+= 1
         if isBroken { return }
         pendingUsed += 1
         if options.packed {
             let d = desc + 16 * Int(usedPosition)
+            let flags: UInt16 = usedWrap ? 0x8080 : 0
+            let advanced = Int(usedPosition) + Int(max(1, ringEntries))
+            let nextPosition = UInt16(advanced >= size ? advanced - size : advanced)
+            let nextWrap = advanced >= size ? !usedWrap : usedWrap
+            if let packedInflight { packedInflight.willComplete(id: head, usedPosition: nextPosition, usedWrap: nextWrap) }
             d.storeBytes(of: head.littleEndian, toByteOffset: 12, as: UInt16.self)
             d.storeBytes(of: length.littleEndian, toByteOffset: 8, as: UInt32.self)
-            let flags: UInt16 = usedWrap ? 0x8080 : 0
             csys_store_release_u16(d + 14, (flags | (length > 0 ? 2 : 0)).littleEndian)
-            let advanced = Int(usedPosition) + Int(max(1, ringEntries))
-            if advanced >= size {
-                usedPosition = UInt16(advanced - size)
-                usedWrap.toggle()
-            } else {
-                usedPosition = UInt16(advanced)
-            }
+            usedPosition = nextPosition
+            usedWrap = nextWrap
+            if let packedInflight { packedInflight.completed(id: head) }
         } else {
             if let inflight { inflight.willComplete(head) }
             let e = device + 4 + 8 * Int(usedIndex % UInt16(size))
@@ -536,6 +624,20 @@ public final class Virtqueue: @unchecked Sendable {
         }
         return csys_load_relaxed_u16(driver) & 1 == 0
     }
+
+    /// Whether the driver may be waiting for an interrupt about entries already published: split rings
+    /// with EVENT_IDX say so precisely (the driver sets used_event to the last entry it consumed when it
+    /// re-enables interrupts, so used_event behind the used index means entries it has not seen);
+    /// otherwise true unless the driver disabled interrupts.
+    public var driverAwaitsInterrupt: Bool {
+        if isBroken { return false }
+        if options.packed { return csys_load_acquire_u16(driver + 2) & 3 != 1 }
+        if options.eventIndex { return csys_load_acquire_u16(driver + 4 + 2 * size) != usedIndex }
+        return csys_load_acquire_u16(driver) & 1 == 0
+    }
+
+    /// Whether `driverAwaitsInterrupt` is exact (split ring with EVENT_IDX).
+    public var interruptNeedIsExact: Bool { !options.packed && options.eventIndex }
 
     // MARK: Kick suppression for adaptive polling
 

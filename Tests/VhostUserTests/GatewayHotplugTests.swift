@@ -1,5 +1,6 @@
 import Backends
 import BlockIO
+import CSystem
 import Foundation
 import Gateway
 import SCSI
@@ -70,5 +71,69 @@ import Virtio
         // LUN 0 keeps working (after its REPORTED LUNS DATA HAS CHANGED attention).
         _ = guest.command([0x00, 0, 0, 0, 0, 0], lun: 0, queue: 1)
         #expect(guest.command([0x28, 0, 0, 0, 0, 8, 0, 0, 8, 0], lun: 0, queue: 1, inLength: 4096)?.data == pattern)
+    }
+}
+
+/// The gateway's vhost-user-blk front-end when its one LUN is removed while a front-end is connected.
+@Suite(.serialized) struct GatewayBlkRemovalTests {
+    @Test func removingTheBlkLUNClosesItsChannelUnlocksTheFileAndFailsRequests() throws {
+        let dir = "/tmp/sg-gwblk-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let config = try ConfigLoader.parse("""
+            [gateway]
+            state_dir = "\(dir)/state"
+            control_socket = "\(dir)/run/control.sock"
+            [[controller]]
+            name = "blk0"
+            transport = "vhost-user-blk"
+            socket = "\(dir)/run/blk0.sock"
+            [[controller.lun]]
+            lun = 0
+            backend = "file"
+            path = "disk0.img"
+            size = "4M"
+            create = true
+            """, source: "blk.toml")
+        let gateway = Gateway(config: config, logger: .init(label: "blk-removal-test"),
+                              frontEnds: FrontEndRegistry([VhostUserBlkFrontEndFactory()]))
+        try gateway.start()
+        defer { gateway.stop() }
+        let runtime = try #require(gateway.controller(named: "blk0"))
+        let ram = TestGuestRAM()
+        let ring = TestSplitRing(ram: ram, size: 16)
+        let client = try #require(TestFrontEnd(path: runtime.config.socket))
+        let fds = client.setUp(ram: ram, rings: [ring], features: VirtioFeature.version1 | vhostUserFeatureProtocolFeatures,
+                               protocolFeatures: VhostUserProtocolFeature.replyAck | VhostUserProtocolFeature.config)
+        defer { close(fds[0].kick); close(fds[0].call) }
+        func request(_ type: UInt32, out: [UInt8] = []) -> UInt8? {
+            let r = InflightTests.blkRequest(ram, type: type, sector: 8, out: out)
+            let before = ring.usedIndex
+            ring.publish(ring.addChain(r.buffers))
+            _ = csys_eventfd_signal(fds[0].kick, 1)
+            guard waitFor(seconds: 5, { ring.usedIndex != before }) else { return nil }
+            return ram.pointer(r.status).load(as: UInt8.self)
+        }
+        func capacity() -> UInt64? {
+            var p = [UInt8]()
+            p.appendLE(UInt32(0))
+            p.appendLE(UInt32(8))
+            p.appendLE(UInt32(0))
+            p += [UInt8](repeating: 0, count: 8)
+            client.send(.getConfig, p)
+            guard let r = client.receive(), r.payload.count == 20 else { return nil }
+            return r.payload.readLE(UInt64.self, at: 12)
+        }
+        #expect(request(VirtioBlk.typeOut, out: [UInt8](repeating: 0x42, count: 512)) == VirtioBlk.statusOK)
+        #expect(capacity() == 8192)
+        let path = "\(dir)/state/disk0.img"
+        #expect((try? AnyBlockBackend.open(BackendSpec(kind: .file, path: path))) == nil, "the LUN's file is locked while served")
+        _ = try gateway.removeLUN(target: 0, lun: 0, from: "blk0", drainTimeoutMilliseconds: 1000)
+        // removeLUN returned after the channel closed: the file opens (and locks) at once.
+        let reopened = try? AnyBlockBackend.open(BackendSpec(kind: .file, path: path))
+        #expect(reopened != nil, "the removed LUN's file stays locked")
+        reopened?.close()
+        #expect(capacity() == 0)
+        #expect(request(VirtioBlk.typeOut, out: [UInt8](repeating: 0x43, count: 512)) == VirtioBlk.statusIOError)
+        #expect(request(VirtioBlk.typeFlush) == VirtioBlk.statusIOError)
     }
 }

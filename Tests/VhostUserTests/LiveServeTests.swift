@@ -99,6 +99,8 @@ final class InstantChannel: VhostChannel, @unchecked Sendable {
     }
     func commit() { if !ready.isEmpty { _ = csys_eventfd_signal(completionFD, 1) } }
     func close() {}
+    func abort(token: UInt64) -> Bool { false }
+    func resetLogicalUnit() -> Bool { false }
     func reap(_ handler: (UInt64, BlockResult) -> Void) -> Int {
         var v: UInt64 = 0
         _ = csys_eventfd_drain(completionFD, &v)

@@ -224,6 +224,37 @@ final class MemoryChannel: BlockChannel, @unchecked Sendable {
 
     var inFlight: Int { queued.count + ready.count + held.count }
 
+    /// Tokens the device asked to abort, and how many LUN resets it asked for (loop thread).
+    let abortedTokens = Mutex<[UInt64]>([])
+    let resets = Atomic<Int>(0)
+    /// When set, `abort` and `resetLogicalUnit` succeed: the held request(s) complete with ECANCELED
+    /// (as the iSCSI back-end does when the target honours ABORT TASK / LUN RESET).
+    let cancels = Atomic<Bool>(false)
+
+    func abort(token: UInt64) -> Bool {
+        abortedTokens.withLock { $0.append(token) }
+        guard cancels.load(ordering: .acquiring) else { return false }
+        cancel { $0 == token }
+        return true
+    }
+
+    func resetLogicalUnit() -> Bool {
+        resets.add(1, ordering: .relaxed)
+        guard cancels.load(ordering: .acquiring) else { return false }
+        cancel { _ in true }
+        return true
+    }
+
+    /// Completes the held requests matching `which` with ECANCELED (on the loop thread).
+    private func cancel(_ which: (UInt64) -> Bool) {
+        var kept: [(UInt64, BlockResult)] = []
+        for item in held {
+            if which(item.0) { ready.append((item.0, .failure(ECANCELED))) } else { kept.append(item) }
+        }
+        held = kept
+        _ = csys_eventfd_signal(completionFD, 1)
+    }
+
     /// How many times the device closed this channel.
     let closeCount = Atomic<Int>(0)
     func close() { closeCount.add(1, ordering: .relaxed) }

@@ -21,11 +21,14 @@ final class BlkFixture: @unchecked Sendable {
     let path = testSocketPath("blk")
 
     init(features: UInt64 = VirtioFeature.version1 | VirtioFeature.ringIndirectDescriptors | vhostUserFeatureProtocolFeatures,
-         queueSize: Int = 16, readOnly: Bool = false) throws {
+         queueSize: Int = 16, readOnly: Bool = false, drainTimeoutMilliseconds: Int32 = 30_000,
+         watchdogMilliseconds: Int = 1000) throws {
         ring = TestSplitRing(ram: ram, size: queueSize)
         let geometry = BlockGeometry(logicalBlockSize: 512, physicalBlockSize: 4096, blockCount: 2048, readOnly: readOnly)
         let ch = channel
-        device = try VirtioBlkDevice(geometry: geometry, options: VirtioBlkOptions(queues: 2, serial: "SG-BLK-0001"),
+        device = try VirtioBlkDevice(geometry: geometry, options: VirtioBlkOptions(queues: 2, serial: "SG-BLK-0001",
+                                                                                   drainTimeoutMilliseconds: drainTimeoutMilliseconds,
+                                                                                   watchdogMilliseconds: watchdogMilliseconds),
                                      channelFactory: { ch }, log: log.logger)
         server = VhostUserServer(socketPath: path, device: device, log: log.logger)
         try server.start()
@@ -281,4 +284,61 @@ final class Thread: @unchecked Sendable {
         }, box)
     }
     func join() { pthread_join(handle, nil) }
+}
+
+/// virtio-blk whose LUN is removed while the guest runs.
+@Suite(.serialized) struct VirtioBlkDetachTests {
+    @Test func removingTheLUNClosesTheChannelAfterItsLastRequestAndFailsNewOnes() throws {
+        let f = try BlkFixture()
+        var pair: [Int32] = [-1, -1]
+        #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &pair) == 0)
+        defer { close(pair[0]) }
+        f.client.send(.setProtocolFeatures, TestFrontEnd.u64(VhostUserProtocolFeature.replyAck | VhostUserProtocolFeature.config
+                                                                  | VhostUserProtocolFeature.backendRequest))
+        #expect(f.client.ack(.setBackendReqFD, fds: [pair[1]]) == 0)
+        close(pair[1])
+        #expect(f.request(type: VirtioBlk.typeOut, sector: 8, out: [UInt8](repeating: 0x77, count: 512))?.0 == VirtioBlk.statusOK)
+        // A WRITE still in the back-end when the LUN goes away.
+        f.channel.hold.store(true, ordering: .releasing)
+        let hdr = f.ram.alloc(16)
+        f.ram.write([1, 0, 0, 0, 0, 0, 0, 0, 16, 0, 0, 0, 0, 0, 0, 0], at: hdr)
+        let data = f.ram.alloc(512)
+        f.ram.write([UInt8](repeating: 0x66, count: 512), at: data)
+        let st = f.ram.alloc(1)
+        let head = f.ring.addChain([.init(gpa: hdr, length: 16, writable: false), .init(gpa: data, length: 512, writable: false),
+                                    .init(gpa: st, length: 1, writable: true)])
+        f.ring.publish(head)
+        _ = csys_eventfd_signal(f.kick, 1)
+        #expect(waitFor { f.channel.inFlight == 1 })
+        let used = f.ring.usedIndex
+        f.device.detachBackend()
+        #expect(f.device.backendDetached)
+        // Capacity 0, announced with a config-change message.
+        var header = [UInt8](repeating: 0, count: 12)
+        var tv = timeval(tv_sec: 5, tv_usec: 0)
+        setsockopt(pair[0], SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        let n = header.withUnsafeMutableBytes { recv(pair[0], $0.baseAddress, 12, Int32(MSG_WAITALL)) }
+        #expect(n == 12)
+        #expect(header.readLE(UInt32.self, at: 0) == VhostUserBackendRequest.configChange.rawValue)
+        #expect(f.device.readConfig().readLE(UInt64.self, at: 0) == 0)
+        #expect(f.device.geometry.blockCount == 0)
+        // The channel stays open while its request is in the back-end.
+        usleep(100_000)
+        #expect(f.channel.closeCount.load(ordering: .relaxed) == 0)
+        f.channel.releaseHeld()
+        #expect(waitFor { f.ring.usedIndex == used &+ 1 })
+        #expect(f.ram.pointer(st).load(as: UInt8.self) == VirtioBlk.statusOK, "the in-flight WRITE completes")
+        // Both threads' channels (one shared test channel, two groups) are closed once idle.
+        #expect(waitFor { f.channel.closeCount.load(ordering: .relaxed) >= 1 })
+        let operations = f.channel.operations.withLock { $0.count }
+        // New requests fail with IOERR and never reach the back-end.
+        #expect(f.request(type: VirtioBlk.typeIn, sector: 0, inLength: 512)?.0 == VirtioBlk.statusIOError)
+        #expect(f.request(type: VirtioBlk.typeOut, sector: 0, out: [UInt8](repeating: 1, count: 512))?.0 == VirtioBlk.statusIOError)
+        #expect(f.request(type: VirtioBlk.typeFlush, sector: 0)?.0 == VirtioBlk.statusIOError)
+        #expect(f.channel.operations.withLock { $0.count } == operations)
+        // A second detach is a no-op.
+        f.device.detachBackend()
+        usleep(50_000)
+        #expect(f.channel.closeCount.load(ordering: .relaxed) == 1, "closed once")
+    }
 }

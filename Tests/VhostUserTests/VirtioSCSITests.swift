@@ -22,14 +22,16 @@ final class SCSIFixture: @unchecked Sendable {
     let path = testSocketPath("scsi")
 
     init(features: UInt64 = VirtioFeature.version1 | VirtioFeature.ringEventIndex | VirtioFeature.ringIndirectDescriptors
-             | vhostUserFeatureProtocolFeatures | VirtioSCSI.featureHotplug | VirtioSCSI.featureChange, ringSize: Int = 32) throws {
+             | vhostUserFeatureProtocolFeatures | VirtioSCSI.featureHotplug | VirtioSCSI.featureChange, ringSize: Int = 32,
+         hotplug: Bool = true, drainTimeoutMilliseconds: Int32 = 30_000) throws {
         let memory = TestGuestRAM()
         ram = memory
         rings = (0..<3).map { _ in TestSplitRing(ram: memory, size: ringSize) }
         try target.add(Self.unit(0, blocks: 8192))
         let ch = MemoryChannel(bytes: 4 << 20)
         channel = ch
-        device = try VirtioSCSIDevice(target: target, options: VirtioSCSIOptions(requestQueues: 1, maxQueueSize: 256),
+        device = try VirtioSCSIDevice(target: target, options: VirtioSCSIOptions(requestQueues: 1, maxQueueSize: 256, hotplug: hotplug,
+                                                                                 drainTimeoutMilliseconds: drainTimeoutMilliseconds),
                                       channelFactory: { _ in ch }, log: log.logger)
         server = VhostUserServer(socketPath: path, device: device, log: log.logger)
         try server.start()
