@@ -142,7 +142,8 @@ public struct ControllerConfig: Sendable, Equatable {
     public var queueSize: Int
     /// Adaptive polling budget in microseconds after the last work before an event loop sleeps (0: never poll).
     public var pollMicroseconds: Int
-    /// Announce hotplug events to guests (virtio-scsi F_HOTPLUG/F_CHANGE, PVSCSI message ring).
+    /// Announce added/removed LUNs as they happen (virtio-scsi F_HOTPLUG events, PVSCSI hotplug
+    /// messages); when false guests learn of them from unit attentions. Resizes are always announced.
     public var hotplug: Bool
     /// Largest number of data segments per request announced to the guest (virtio seg_max).
     public var segmentMax: Int

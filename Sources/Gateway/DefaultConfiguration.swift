@@ -41,7 +41,9 @@ log_level = "info"
 #   seg_max      data segments per request announced to the guest, 1..1024 (default queue_size - 2)
 #   io_threads   event-loop threads the request queues are spread over, 1..queues (default 1)
 #   vhost-user-scsi and pvscsi only:
-#   hotplug      tell guests about added/removed/resized LUNs (default true)
+#   hotplug      announce added/removed LUNs as they happen (virtio-scsi TRANSPORT_RESET events,
+#                PVSCSI DEV_ADDED/DEV_REMOVED messages; default true). When false, guests learn of
+#                them from the REPORTED LUNS DATA HAS CHANGED unit attention. Resizes are always announced.
 #   pvscsi only:
 #   max_targets  targets the adapter reports to the guest, 1..64 (default 16)
 #   vhost-user-blk only:
