@@ -130,11 +130,24 @@ final class VhostUserBlkFrontEnd: FrontEnd, @unchecked Sendable {
     func start() throws(FrontEndError) {
         try startListening(runtime, controller.start)
         let controller = self.controller
+        let runtime = self.runtime
         subscription = runtime.target.subscribe { event in
             switch event {
             case let .capacityChanged(_, blocks): controller.resize(blockCount: blocks)
             // Its one LUN is gone: capacity 0, requests fail, channels close once idle (the file unlocks).
             case .removed: controller.device.detachBackend()
+            // A LUN added again after its removal becomes the disk again (capacity back, config change).
+            case let .added(lun):
+                guard controller.device.backendDetached, let unit = runtime.target.logicalUnit(lun),
+                      let entry = runtime.backend(of: unit) else { return }
+                let backend = entry.backend
+                do {
+                    try controller.device.attachBackend(geometry: unit.geometry) { () throws(BlockBackendError) -> AnyBlockChannel in
+                        try backend.makeChannel()
+                    }
+                } catch {
+                    runtime.logger.warning("controller \(runtime.config.name): LUN \(lun.value) added but not attached to the virtio-blk disk: \(error)")
+                }
             default: break
             }
         }

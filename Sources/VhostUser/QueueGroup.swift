@@ -383,6 +383,17 @@ public final class QueueGroup<Handler: QueueGroupHandler>: @unchecked Sendable {
         }
     }
 
+    /// Runs `work` on the loop thread and waits (up to 30 s) until it ran; returns whether it did.
+    @discardableResult
+    func onLoopAndWait(_ work: @escaping @Sendable () -> Void) -> Bool {
+        runOnLoopAndWait(loop) { [self] done in
+            work()
+            handler.commit()
+            afterWork()
+            done()
+        }
+    }
+
     /// The running queue with device index `index` (loop thread only).
     func queue(_ index: Int) -> RunningQueue? { queues.last { $0.index == index && !$0.stopping } }
 

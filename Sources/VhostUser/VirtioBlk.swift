@@ -168,6 +168,43 @@ public final class VirtioBlkDevice<Channel: VhostChannel>: VhostUserDevice, @unc
         notifier.withLock { $0 }?()
     }
 
+    /// A LUN was added again after `detachBackend`: new channels from `channelFactory` serve the
+    /// requests, the capacity becomes `geometry`'s and the front-end gets a config-change notification.
+    /// Refused when no back-end was detached, when the logical block size differs (a running
+    /// virtio-blk driver never re-reads it) or while an old channel still drains.
+    public func attachBackend(geometry newGeometry: BlockGeometry,
+                              channelFactory: () throws -> Channel) throws(VhostUserDeviceError) {
+        guard backendDetached else { throw VhostUserDeviceError("the device still has its back-end") }
+        let current = geometry
+        guard newGeometry.logicalBlockSize == current.logicalBlockSize else {
+            throw VhostUserDeviceError("block size \(newGeometry.logicalBlockSize) differs from the \(current.logicalBlockSize) bytes the guest's driver uses; unplug the device instead")
+        }
+        var channels: [Channel] = []
+        for _ in groups {
+            do { channels.append(try channelFactory()) } catch {
+                for c in channels { c.close() }
+                throw VhostUserDeviceError("back-end channel: \(error)")
+            }
+        }
+        let box = AttachResults(count: groups.count)
+        for (i, g) in groups.enumerated() {
+            nonisolated(unsafe) let channel = channels[i]
+            if !g.onLoopAndWait({ box.set(i, g.handler.reattach(channel)) }) { channel.close() }
+        }
+        guard box.all else {
+            throw VhostUserDeviceError("the removed LUN's channels are still draining; try again")
+        }
+        geometryLock.withLock { g in
+            g.blockCount = newGeometry.blockCount
+            g.readOnly = newGeometry.readOnly
+        }
+        readOnly.store(newGeometry.readOnly, ordering: .releasing)
+        capacitySectors.store(newGeometry.capacityBytes / 512, ordering: .releasing)
+        detached.store(false, ordering: .releasing)
+        log(.info, "virtio-blk: back-end attached again, \(newGeometry.capacityBytes) bytes")
+        notifier.withLock { $0 }?()
+    }
+
     /// Changes the capacity and tells the front-end (config-change notification when negotiated).
     public func resize(blockCount: UInt64) {
         let bytes = geometryLock.withLock { g -> UInt64 in
@@ -286,7 +323,7 @@ final class BlkQueueSlots {
 
 /// The virtio-blk data path of one queue group.
 final class BlkGroupHandler<Channel: VhostChannel>: QueueGroupHandler {
-    let channel: Channel
+    private(set) var channel: Channel
     unowned(unsafe) var device: VirtioBlkDevice<Channel>!
     private var queues: [BlkQueueSlots?]
     /// Slots of abandoned rings (drain timed out) waiting for their late back-end completions, which
@@ -345,6 +382,26 @@ final class BlkGroupHandler<Channel: VhostChannel>: QueueGroupHandler {
     }
     func completionFDs() -> [Int32] { [channel.completionFD] }
     func bind(unregisterCompletionFD: @escaping (Int32) -> Void) { unregisterFD = unregisterCompletionFD }
+    func bind(registerCompletionFD: @escaping (Int32) -> Void) { registerFD = registerCompletionFD }
+    private var registerFD: ((Int32) -> Void)?
+
+    /// Whether a new back-end may be attached: the old channel is closed (its LUN removed and drained).
+    var canReattach: Bool { closed && backendGone }
+
+    /// A LUN was added again after its removal: serve requests on `newChannel` from now on.
+    /// Returns false (and closes `newChannel`) when the old channel is still draining.
+    func reattach(_ newChannel: Channel) -> Bool {
+        guard canReattach else {
+            newChannel.close()
+            return false
+        }
+        channel = newChannel
+        submitted = 0
+        closed = false
+        backendGone = false
+        if newChannel.completionFD >= 0 { registerFD?(newChannel.completionFD) }
+        return true
+    }
 
     /// The loop is stopping (queues drained): release the channel.
     func stopping() { closeChannel() }
@@ -504,4 +561,12 @@ final class BlkGroupHandler<Channel: VhostChannel>: QueueGroupHandler {
             pendingCommit = true
         }
     }
+}
+
+/// Per-group outcomes of `attachBackend`, written on each group's loop thread and read after the waits.
+private final class AttachResults: @unchecked Sendable {
+    private var results: [Bool]
+    init(count: Int) { results = Array(repeating: false, count: count) }
+    func set(_ i: Int, _ value: Bool) { results[i] = value }
+    var all: Bool { results.allSatisfy { $0 } }
 }

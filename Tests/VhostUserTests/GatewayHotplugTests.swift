@@ -135,5 +135,23 @@ import Virtio
         #expect(capacity() == 0)
         #expect(request(VirtioBlk.typeOut, out: [UInt8](repeating: 0x43, count: 512)) == VirtioBlk.statusIOError)
         #expect(request(VirtioBlk.typeFlush) == VirtioBlk.statusIOError)
+
+        // Added again (a bigger file this time): the disk comes back with the new capacity, the
+        // front-end is told (config change on the backend channel) and requests reach the file.
+        try gateway.addLUN(LUNConfig(lun: 0, backend: .file, path: "\(dir)/state/disk1.img", size: 8 << 20, create: true),
+                           to: "blk0")
+        #expect(waitFor(seconds: 5, { capacity() == 16384 }))
+        #expect(request(VirtioBlk.typeOut, out: [UInt8](repeating: 0x44, count: 512)) == VirtioBlk.statusOK)
+        #expect(request(VirtioBlk.typeFlush) == VirtioBlk.statusOK)
+        let disk1 = try #require(FileHandle(forReadingAtPath: "\(dir)/state/disk1.img"))
+        try disk1.seek(toOffset: 8 * 512)
+        #expect(disk1.readData(ofLength: 512) == Data(repeating: 0x44, count: 512))
+        try disk1.close()
+        // A LUN with another block size cannot become this disk: refused, logged, the disk stays detached.
+        _ = try gateway.removeLUN(target: 0, lun: 0, from: "blk0", drainTimeoutMilliseconds: 1000)
+        try gateway.addLUN(LUNConfig(lun: 0, backend: .file, path: "\(dir)/state/disk2.img", size: 8 << 20, blockSize: 4096,
+                                     create: true), to: "blk0")
+        #expect(capacity() == 0)
+        #expect(request(VirtioBlk.typeFlush) == VirtioBlk.statusIOError)
     }
 }
