@@ -54,10 +54,11 @@ public final class PVSCSIController<Target: SCSICommandTarget, Channel: PVSCSICh
         "{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"\(socketPath)\",\"type\":\"unix\"}}"
     }
 
-    /// QEMU arguments for this controller. Guest RAM must be shareable (an fd-backed memory backend),
-    /// because the device reads rings and data through mmap'ed DMA windows (DMA_READ/DMA_WRITE for
-    /// fd-less windows is not implemented). Add `"x-no-posted-writes":true` to the device JSON to let the
-    /// adapter answer the controller config page (more than 16 targets), at the cost of a round trip per kick.
+    /// QEMU arguments for this controller. Guest RAM should be shareable (an fd-backed memory backend): the
+    /// device then reads rings and data through mmap'ed DMA windows (zero copy) and, with
+    /// `PVSCSIOptions.synchronousRegisterWrites`, makes QEMU send register writes synchronously so that CONFIG
+    /// (more than 16 targets) works. Plain `-m` RAM (no fd) also works, through DMA_READ/DMA_WRITE messages and
+    /// bounce buffers, slower and limited to 16 targets.
     public var qemuArguments: [String] {
         ["-object", "memory-backend-memfd,id=mem0,size=<RAM>,share=on", "-machine", "memory-backend=mem0",
          "-device", "'" + Self.qemuDeviceArgument(socketPath: socketPath) + "'"]

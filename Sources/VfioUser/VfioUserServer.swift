@@ -20,6 +20,16 @@ public protocol VfioUserDevice: AnyObject {
     func quiesce()
     /// Guest memory windows changed (after DMA_MAP/DMA_UNMAP): drop or revalidate cached translations.
     func memoryChanged()
+    /// A page of a BAR the guest driver never touches, or nil. The server offers it to the client as a
+    /// mappable area (sparse mmap of a private memfd) when every DMA window so far has an fd. QEMU's
+    /// vfio-user client then stops posting BAR writes ("a region directly mapped into the VM": a read can
+    /// no longer be relied on to follow a posted write), so the guest waits for each register write,
+    /// as a driver that reads DMA'd memory right after a command (PVSCSI CONFIG) requires.
+    var synchronousWritesPage: (bar: Int, offset: UInt64)? { get }
+}
+
+extension VfioUserDevice {
+    public var synchronousWritesPage: (bar: Int, offset: UInt64)? { nil }
 }
 
 /// Why a server could not start.
@@ -42,6 +52,15 @@ public struct VfioUserStats: Sendable {
     public var errorReplies = 0
     public var connections = 0
     public var disconnects = 0
+    /// DMA_READ / DMA_WRITE messages sent (fd-less windows) and those that failed (error reply, timeout,
+    /// garbage, disconnect).
+    public var dmaReads = 0
+    public var dmaWrites = 0
+    public var dmaFailures = 0
+    /// Client messages that arrived while a DMA reply was awaited and were handled afterwards, in order.
+    public var deferredMessages = 0
+    /// Client requests answered while a DMA reply was awaited (reads; writes acknowledged early).
+    public var answeredDuringDMA = 0
 }
 
 /// A vfio-user server for one PCI device on one UNIX socket (protocol 0.1 as spoken by QEMU's
@@ -82,6 +101,39 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
     /// room for a reply; after that the client is dropped (the loop never waits longer on one client).
     public var bodyTimeoutMilliseconds: Int32 = 5000
 
+    // DMA by message (windows without an fd).
+    /// Milliseconds one DMA_READ/DMA_WRITE may wait for its reply. Longer than QEMU's own 5 s reply timeout,
+    /// so that a vCPU blocked on a synchronous request of its own (holding the lock QEMU's DMA handler needs)
+    /// gives up first and the DMA still completes. A timeout marks DMA broken until reset or reconnection.
+    public var dmaTimeoutMilliseconds: Int32 = 10_000
+    /// Largest data count of one DMA message: the smaller of ours and the client's max_data_xfer_size.
+    public private(set) var dmaChunk = 1 << 20
+    /// A DMA reply timed out, was malformed or the socket failed: every later fd-less access fails at once
+    /// (the device fails those requests) until DEVICE_RESET or a new client.
+    public private(set) var dmaBroken = false
+    private var nextRequestID: UInt16 = 0x8000
+    private let dmaBuffer: UnsafeMutableRawBufferPointer
+    private let dmaFDs: UnsafeMutablePointer<Int32>
+    /// Client messages received while waiting for a DMA reply: bytes, their fds, and (offset, size, first fd,
+    /// fd count, truncated) per message, handled in arrival order once the wait is over.
+    private let deferredBytes: UnsafeMutableRawBufferPointer
+    private var deferredTail = 0
+    private var deferred: [(offset: Int, size: Int, fdStart: Int, fdCount: Int, truncated: Bool)] = []
+    private var deferredHead = 0
+    private var deferredFDs: [Int32] = []
+    private var draining = false
+    private var drainScheduled = false
+    private var waitingForDMA = false
+    /// Set inside a DMA wait (which must not tear the connection down under the device's feet); acted on
+    /// once the current message or callback is finished.
+    private var pendingDisconnect: String? = nil
+    /// The memfd offered as the synchronous-writes page (see `VfioUserDevice.synchronousWritesPage`).
+    private var syncPageFD: Int32 = -1
+    /// Whether the last GET_REGION_INFO offered the mappable page (QEMU then sends BAR writes synchronously).
+    public private(set) var offeredMappedPage = false
+    /// Largest client message kept while a DMA reply is awaited (bigger ones are refused with E2BIG).
+    static var maxDeferredMessage: Int { 64 << 10 }
+
     /// Creates a server (does not listen yet).
     public init(socketPath: String, loop: EventLoop, device: Device, msixVectors: Int, log: @escaping VfioUserLog) {
         self.socketPath = socketPath
@@ -93,14 +145,27 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
         receiveBuffer = .allocate(byteCount: Self.maxMessageSize, alignment: 16)
         replyBuffer = .allocate(byteCount: Self.maxMessageSize, alignment: 16)
         fds = .allocate(capacity: Self.maxMessageFDs)
+        dmaBuffer = .allocate(byteCount: Self.maxDataTransfer + 64, alignment: 16)
+        dmaFDs = .allocate(capacity: Self.maxMessageFDs)
+        deferredBytes = .allocate(byteCount: 256 << 10, alignment: 16)
+        deferred.reserveCapacity(512)
+        deferredFDs.reserveCapacity(64)
+        dmaChunk = Self.maxDataTransfer
+        memory.remote = RemoteDMA(read: { [unowned self] address, buffer in self.remoteRead(address, into: buffer) },
+                                  write: { [unowned self] address, buffer in self.remoteWrite(address, from: buffer) })
     }
 
     deinit {
         if clientFD >= 0 { close(clientFD) }
         if listenFD >= 0 { close(listenFD) }
+        for fd in deferredFDs where fd >= 0 { close(fd) }
+        if syncPageFD >= 0 { close(syncPageFD) }
         receiveBuffer.deallocate()
         replyBuffer.deallocate()
         fds.deallocate()
+        dmaBuffer.deallocate()
+        dmaFDs.deallocate()
+        deferredBytes.deallocate()
     }
 
     /// Binds the socket and registers it with the loop. Call on the loop thread (or before it runs).
@@ -148,6 +213,10 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
         }
         clientFD = fd
         versionNegotiated = false
+        dmaBroken = false
+        dmaChunk = Self.maxDataTransfer
+        pendingDisconnect = nil
+        offeredMappedPage = false
         stats.connections += 1
         log("vfio-user: client connected on \(socketPath)")
     }
@@ -161,6 +230,8 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
         clientFD = -1
         versionNegotiated = false
         stats.disconnects += 1
+        clearDeferred()
+        pendingDisconnect = nil
         device.quiesce()
         device.reset()
         device.configSpace.reset()
@@ -203,6 +274,13 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
 
     private func clientReadable(_ events: FDEvents) {
         guard clientFD >= 0 else { return }
+        drainDeferred()
+        guard clientFD >= 0 else { return }
+        receiveOne()
+        drainDeferred()
+    }
+
+    private func receiveOne() {
         var nfds: Int32 = 0
         var truncated: Int32 = 0
         let n = csys_recv_with_fds(clientFD, receiveBuffer.baseAddress, VfioUserHeader.size, fds,
@@ -247,23 +325,318 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
             return
         }
         if header.isReply {
-            log("vfio-user: unexpected reply message \(header.messageID) (this server sends no commands)")
+            log("vfio-user: unexpected reply message \(header.messageID) command \(header.command) (no DMA request of this server awaits it)")
             return
         }
         let payload = PayloadReader(UnsafeRawBufferPointer(rebasing: receiveBuffer[VfioUserHeader.size..<(VfioUserHeader.size + payloadLength)]))
         dispatch(header, payload)
     }
 
+    // MARK: DMA by message
+
+    /// DMA_READ of `destination.count` bytes at guest `address`, in chunks of at most `dmaChunk` bytes.
+    func remoteRead(_ address: UInt64, into destination: UnsafeMutableRawBufferPointer) -> Bool {
+        guard let base = destination.baseAddress else { return true }
+        var done = 0
+        while done < destination.count {
+            let n = min(dmaChunk, destination.count - done)
+            guard transfer(write: false, address: address &+ UInt64(done), buffer: base + done, count: n) else { return false }
+            done += n
+        }
+        return true
+    }
+
+    /// DMA_WRITE of `source` at guest `address`, in chunks of at most `dmaChunk` bytes.
+    func remoteWrite(_ address: UInt64, from source: UnsafeRawBufferPointer) -> Bool {
+        guard let base = source.baseAddress else { return true }
+        var done = 0
+        while done < source.count {
+            let n = min(dmaChunk, source.count - done)
+            guard transfer(write: true, address: address &+ UInt64(done), buffer: UnsafeMutableRawPointer(mutating: base + done), count: n) else { return false }
+            done += n
+        }
+        return true
+    }
+
+    private static func monotonicMilliseconds() -> Int64 {
+        var t = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &t)
+        return Int64(t.tv_sec) * 1000 + Int64(t.tv_nsec) / 1_000_000
+    }
+
+    private func dmaFailed(_ why: String, broken: Bool) -> Bool {
+        stats.dmaFailures += 1
+        log("vfio-user: DMA by message failed: \(why)\(broken ? "; DMA marked broken until reset or reconnection" : "")")
+        if broken { dmaBroken = true }
+        return false
+    }
+
+    /// One DMA_READ or DMA_WRITE round trip. While the reply is awaited, client messages are kept (in order)
+    /// for later, except that a region read is answered at once when nothing is queued before it, and a
+    /// BAR/config write is acknowledged at once (its effect stays queued): QEMU's vCPU may hold the lock its
+    /// DMA handler needs while it waits for such a reply.
+    private func transfer(write: Bool, address: UInt64, buffer: UnsafeMutableRawPointer, count: Int) -> Bool {
+        guard clientFD >= 0, versionNegotiated else { return dmaFailed("no client", broken: false) }
+        guard !dmaBroken else { stats.dmaFailures += 1; return false }
+        guard !waitingForDMA else { return dmaFailed("nested DMA request", broken: false) }
+        guard count > 0, count <= dmaChunk else { return dmaFailed("count \(count)", broken: false) }
+        let command: VfioUserCommand = write ? .dmaWrite : .dmaRead
+        let id = nextRequestID
+        nextRequestID = nextRequestID == UInt16.max ? 0x8000 : nextRequestID + 1
+        let size = VfioUserHeader.size + 16 + (write ? count : 0)
+        let out = dmaBuffer.baseAddress!
+        VfioUserHeader(messageID: id, command: command.rawValue, size: UInt32(size), flags: VfioUserHeader.typeCommand)
+            .encode(into: dmaBuffer)
+        out.storeBytes(of: address, toByteOffset: 16, as: UInt64.self)
+        out.storeBytes(of: UInt64(count), toByteOffset: 24, as: UInt64.self)
+        if write { (out + 32).copyMemory(from: buffer, byteCount: count) }
+        if write { stats.dmaWrites += 1 } else { stats.dmaReads += 1 }
+        guard sendAll(out, size) else {
+            pendingDisconnect = pendingDisconnect ?? "send of a DMA request failed"
+            scheduleDrain()
+            return dmaFailed("send failed", broken: true)
+        }
+        waitingForDMA = true
+        defer {
+            waitingForDMA = false
+            if deferredHead < deferred.count || pendingDisconnect != nil { scheduleDrain() }
+        }
+        let deadline = Self.monotonicMilliseconds() + Int64(dmaTimeoutMilliseconds)
+        var header = (UInt64(0), UInt64(0))
+        while true {
+            let left = deadline - Self.monotonicMilliseconds()
+            if left <= 0 { return dmaFailed("no reply to \(write ? "DMA_WRITE" : "DMA_READ") of \(count) bytes at 0x\(String(address, radix: 16)) within \(dmaTimeoutMilliseconds) ms", broken: true) }
+            var pfd = pollfd(fd: clientFD, events: Int16(POLLIN), revents: 0)
+            let ready = poll(&pfd, 1, Int32(min(left, Int64(Int32.max))))
+            if ready < 0 && errno == EINTR { continue }
+            if ready == 0 { continue }
+            if ready < 0 {
+                pendingDisconnect = pendingDisconnect ?? "poll failed during DMA"
+                return dmaFailed("poll failed", broken: true)
+            }
+            // One message header (with any fds it carries).
+            var nfds: Int32 = 0
+            var truncated: Int32 = 0
+            let n = withUnsafeMutableBytes(of: &header) { raw in
+                csys_recv_with_fds(clientFD, raw.baseAddress, VfioUserHeader.size, dmaFDs, Int32(Self.maxMessageFDs), &nfds, &truncated)
+            }
+            if n == 0 || (n < 0 && -n != EAGAIN && -n != EINTR) {
+                pendingDisconnect = pendingDisconnect ?? "end of stream during DMA"
+                return dmaFailed("connection closed while a DMA reply was awaited", broken: true)
+            }
+            if n < 0 { continue }
+            let received = Int(nfds)
+            var got = n
+            while got < VfioUserHeader.size {
+                let m = withUnsafeMutableBytes(of: &header) { raw in recv(clientFD, raw.baseAddress! + got, VfioUserHeader.size - got, Int32(MSG_WAITALL)) }
+                if m < 0 && errno == EINTR { continue }
+                if m <= 0 { break }
+                got += m
+            }
+            guard got == VfioUserHeader.size, let h = withUnsafeBytes(of: &header, { VfioUserHeader($0) }),
+                  h.size >= UInt32(VfioUserHeader.size) else {
+                closeFDs(dmaFDs, received)
+                pendingDisconnect = pendingDisconnect ?? "malformed message during DMA"
+                return dmaFailed("malformed message header while a DMA reply was awaited", broken: true)
+            }
+            let payload = Int(h.size) - VfioUserHeader.size
+            if h.isReply {
+                closeFDs(dmaFDs, received)
+                guard payload <= Self.maxMessageSize, readInto(dmaBuffer.baseAddress!, payload) else {
+                    pendingDisconnect = pendingDisconnect ?? "oversized or truncated reply"
+                    return dmaFailed("oversized or truncated reply (\(h.size) bytes)", broken: true)
+                }
+                guard h.messageID == id, h.command == command.rawValue else {
+                    log("vfio-user: unexpected reply message \(h.messageID) command \(h.command) while awaiting DMA reply \(id): ignored")
+                    continue
+                }
+                if h.isError {
+                    return dmaFailed("client refused \(write ? "DMA_WRITE" : "DMA_READ") of \(count) bytes at 0x\(String(address, radix: 16)) (errno \(h.errorNumber))", broken: false)
+                }
+                let p = PayloadReader(UnsafeRawBufferPointer(start: dmaBuffer.baseAddress!, count: payload))
+                if write {
+                    // QEMU answers with the header alone; the spec's reply repeats address and count.
+                    if payload == 0 { return true }
+                    guard payload >= 16, p.u64(0) == address, p.u64(8) == UInt64(count) else {
+                        return dmaFailed("malformed DMA_WRITE reply (\(payload) bytes)", broken: true)
+                    }
+                    return true
+                }
+                guard payload == 16 + count, p.u64(0) == address, p.u64(8) == UInt64(count) else {
+                    return dmaFailed("malformed DMA_READ reply: \(payload) bytes for \(count) at 0x\(String(address, radix: 16))", broken: true)
+                }
+                buffer.copyMemory(from: dmaBuffer.baseAddress! + 16, byteCount: count)
+                return true
+            }
+            // A client request: keep it, or answer what must not wait.
+            guard payload <= Self.maxDeferredMessage else {
+                closeFDs(dmaFDs, received)
+                guard payload <= 64 << 20, discardBytes(payload) else {
+                    pendingDisconnect = pendingDisconnect ?? "oversized message during DMA"
+                    return dmaFailed("oversized client message during DMA", broken: true)
+                }
+                log("vfio-user: message \(h.messageID) command \(h.command) of \(h.size) bytes during a DMA wait refused")
+                sendError(h, E2BIG)
+                continue
+            }
+            guard deferred.count < deferred.capacity, deferredTail + Int(h.size) <= deferredBytes.count,
+                  deferredFDs.count + received <= deferredFDs.capacity else {
+                closeFDs(dmaFDs, received)
+                pendingDisconnect = pendingDisconnect ?? "too many messages during DMA"
+                return dmaFailed("more client messages than can be kept during a DMA wait", broken: true)
+            }
+            let at = deferredTail
+            (deferredBytes.baseAddress! + at).copyMemory(from: withUnsafeBytes(of: &header) { $0.baseAddress! }, byteCount: VfioUserHeader.size)
+            guard readInto(deferredBytes.baseAddress! + at + VfioUserHeader.size, payload) else {
+                closeFDs(dmaFDs, received)
+                pendingDisconnect = pendingDisconnect ?? "truncated message during DMA"
+                return dmaFailed("truncated client message during DMA", broken: true)
+            }
+            if answerDuringDMA(h, at: at, payload: payload, fdCount: received, truncated: truncated != 0) { continue }
+            deferredTail += Int(h.size)
+            let fdStart = deferredFDs.count
+            for i in 0..<received { deferredFDs.append(dmaFDs[i]) }
+            deferred.append((offset: at, size: Int(h.size), fdStart: fdStart, fdCount: received, truncated: truncated != 0))
+            stats.deferredMessages += 1
+        }
+    }
+
+    /// Handles a client request that arrived during a DMA wait when waiting for it could deadlock QEMU:
+    /// a region read with nothing queued before it (answered now), a region write (acknowledged now, its
+    /// effect queued as a posted write). Returns true when the message needs nothing more.
+    private func answerDuringDMA(_ h: VfioUserHeader, at: Int, payload: Int, fdCount received: Int, truncated: Bool) -> Bool {
+        guard received == 0, !truncated, !h.wantsNoReply, versionNegotiated else { return false }
+        let p = PayloadReader(UnsafeRawBufferPointer(start: deferredBytes.baseAddress! + at + VfioUserHeader.size, count: payload))
+        if h.command == VfioUserCommand.regionRead.rawValue && deferredHead == deferred.count {
+            stats.answeredDuringDMA += 1
+            handleRegionRead(h, p)
+            return true
+        }
+        if h.command == VfioUserCommand.regionWrite.rawValue, let offset = p.u64(0), let region = p.u32(8), let count = p.u32(12) {
+            guard checkAccess(h, region: region, offset: offset, count: count) else { return true }
+            guard p.count == 16 + Int(count) else { fail(h, EINVAL, "REGION_WRITE payload \(p.count) bytes does not match count \(count)"); return true }
+            stats.answeredDuringDMA += 1
+            reply(h) { w in
+                w.u64(offset)
+                w.u32(region)
+                w.u32(count)
+            }
+            // Keep the write itself, now marked posted (no second reply).
+            var posted = h
+            posted.flags |= VfioUserHeader.noReply
+            posted.encode(into: UnsafeMutableRawBufferPointer(start: deferredBytes.baseAddress! + at, count: VfioUserHeader.size))
+            return false
+        }
+        return false
+    }
+
+    private func closeFDs(_ list: UnsafeMutablePointer<Int32>, _ count: Int) {
+        for i in 0..<count where list[i] >= 0 {
+            close(list[i])
+            list[i] = -1
+        }
+    }
+
+    private func readInto(_ base: UnsafeMutableRawPointer, _ count: Int) -> Bool {
+        var got = 0
+        while got < count {
+            let n = recv(clientFD, base + got, count - got, Int32(MSG_WAITALL))
+            if n > 0 { got += n; continue }
+            if n < 0 && errno == EINTR { continue }
+            return false
+        }
+        return true
+    }
+
+    private func discardBytes(_ count: Int) -> Bool {
+        var left = count
+        while left > 0 {
+            let chunk = min(left, dmaBuffer.count)
+            guard readInto(dmaBuffer.baseAddress!, chunk) else { return false }
+            left -= chunk
+        }
+        return true
+    }
+
+    /// Handles the messages kept during DMA waits, in arrival order (never inside a wait or a drain).
+    private func drainDeferred() {
+        guard !draining, !waitingForDMA else { return }
+        draining = true
+        while deferredHead < deferred.count && clientFD >= 0 && pendingDisconnect == nil {
+            let e = deferred[deferredHead]
+            deferredHead += 1
+            for i in 0..<e.fdCount {
+                fds[i] = deferredFDs[e.fdStart + i]
+                deferredFDs[e.fdStart + i] = -1
+            }
+            fdCount = e.fdCount
+            let raw = UnsafeRawBufferPointer(start: deferredBytes.baseAddress! + e.offset, count: e.size)
+            if let h = VfioUserHeader(raw) {
+                if e.truncated {
+                    log("vfio-user: message \(h.messageID) command \(h.command): more than \(Self.maxMessageFDs) fds or control data truncated")
+                    sendError(h, EINVAL)
+                } else {
+                    dispatch(h, PayloadReader(UnsafeRawBufferPointer(rebasing: raw[VfioUserHeader.size...])))
+                }
+            }
+            closeReceivedFDs()
+        }
+        if deferredHead >= deferred.count || clientFD < 0 { clearDeferred() }
+        draining = false
+        if let reason = pendingDisconnect {
+            pendingDisconnect = nil
+            disconnect(reason: reason)
+        }
+    }
+
+    private func clearDeferred() {
+        for fd in deferredFDs where fd >= 0 { close(fd) }
+        deferredFDs.removeAll(keepingCapacity: true)
+        deferred.removeAll(keepingCapacity: true)
+        deferredHead = 0
+        deferredTail = 0
+    }
+
+    /// Drains the kept messages from the loop once the current callback has returned (a DMA wait outside
+    /// any client message, e.g. in a back-end completion, consumed them from the socket).
+    private func scheduleDrain() {
+        guard !drainScheduled else { return }
+        drainScheduled = true
+        let task = LoopTask { [unowned self] in
+            self.drainScheduled = false
+            self.drainDeferred()
+        }
+        loop.execute { task.body() }
+    }
+
     // MARK: Replies
 
-    private func send(_ length: Int) {
+    private func send(_ length: Int, fds sendFDs: UnsafePointer<Int32>? = nil, fdCount sendCount: Int = 0) {
         guard clientFD >= 0 else { return }
+        if waitingForDMA {
+            // Inside a DMA wait (early acknowledgement or an error for an oversized message): never
+            // disconnect here, the caller's device work is still running.
+            if !sendAll(replyBuffer.baseAddress!, length) { pendingDisconnect = pendingDisconnect ?? "send failed" }
+            return
+        }
         var sent = 0
         while sent < length {
-            let n = csys_send_with_fds(clientFD, replyBuffer.baseAddress! + sent, length - sent, nil, 0)
+            let n = csys_send_with_fds(clientFD, replyBuffer.baseAddress! + sent, length - sent,
+                                       sent == 0 ? sendFDs : nil, sent == 0 ? Int32(sendCount) : 0)
             if n <= 0 { disconnect(reason: "send failed"); return }
             sent += n
         }
+    }
+
+    /// Sends `length` bytes at `base` without fds; false on failure (the caller decides what to tear down).
+    private func sendAll(_ base: UnsafeRawPointer, _ length: Int) -> Bool {
+        var sent = 0
+        while sent < length {
+            let n = csys_send_with_fds(clientFD, base + sent, length - sent, nil, 0)
+            if n <= 0 { return false }
+            sent += n
+        }
+        return true
     }
 
     private func sendError(_ request: VfioUserHeader, _ errnoValue: Int32) {
@@ -322,6 +695,7 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
         case .deviceReset:
             device.quiesce()
             device.reset()
+            dmaBroken = false
             reply(h) { _ in }
         case .deviceGetRegionIOFDs, .dirtyPages, .deviceFeature, .migDataRead, .migDataWrite:
             fail(h, ENOTSUP, "not supported by this device")
@@ -343,9 +717,12 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
             if let fdsCap = CapabilityJSON.unsignedValue(of: "max_msg_fds", in: text) {
                 log("vfio-user: client accepts up to \(fdsCap) fds per message")
             }
-            if let xfer = CapabilityJSON.unsignedValue(of: "max_data_xfer_size", in: text), xfer < 4096 {
-                fail(h, EINVAL, "client max_data_xfer_size \(xfer) below 4096")
-                return
+            if let xfer = CapabilityJSON.unsignedValue(of: "max_data_xfer_size", in: text) {
+                guard xfer >= 4096 else {
+                    fail(h, EINVAL, "client max_data_xfer_size \(xfer) below 4096")
+                    return
+                }
+                dmaChunk = Int(min(xfer, UInt64(Self.maxDataTransfer)))
             }
         }
         versionNegotiated = true
@@ -378,7 +755,7 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
         }
         device.memoryChanged()
         if fd < 0 {
-            log("vfio-user: DMA window 0x\(String(address, radix: 16)) has no fd: the device cannot reach it (DMA_READ/WRITE not implemented)")
+            log("vfio-user: DMA window 0x\(String(address, radix: 16)) +0x\(String(size, radix: 16)) has no fd: reached with DMA_READ/DMA_WRITE messages (\(dmaChunk) bytes each at most)")
         }
         reply(h) { _ in }
     }
@@ -436,14 +813,51 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
         guard argsz >= 32 else { fail(h, EINVAL, "GET_REGION_INFO argsz \(argsz)"); return }
         guard index < UInt32(VfioPCIRegion.count) else { fail(h, EINVAL, "GET_REGION_INFO index \(index)"); return }
         let info = regionInfo(Int(index))
-        reply(h) { w in
-            w.u32(32)
-            w.u32(info.flags)  // READ | WRITE, never MMAP: every access is a message
-            w.u32(index)
-            w.u32(0)
-            w.u64(info.size)
-            w.u64(0)
+        // The synchronous-writes page: a sparse mmap area (one page of a private memfd) in that BAR, offered
+        // only while all guest memory has fds (with fd-less memory, a vCPU waiting for a write's reply would
+        // hold the lock QEMU needs to answer our DMA_READ/WRITE).
+        var area: UInt64? = nil
+        if let page = device.synchronousWritesPage, page.bar == Int(index), info.size > 0, memory.remoteRegionCount == 0,
+           page.offset % 4096 == 0, page.offset + 4096 <= info.size, preparedSyncPage(size: page.offset + 4096) {
+            area = page.offset
         }
+        let flagMMAP: UInt32 = 1 << 2, flagCaps: UInt32 = 1 << 3
+        let needed: UInt32 = area == nil ? 32 : 64
+        let withCaps = area != nil && argsz >= needed
+        offeredMappedPage = area != nil || (offeredMappedPage && Int(index) != device.synchronousWritesPage?.bar)
+        if h.wantsNoReply { return }
+        var w = PayloadWriter(UnsafeMutableRawBufferPointer(rebasing: replyBuffer[VfioUserHeader.size...]))
+        w.u32(needed)
+        w.u32(info.flags | (area != nil ? flagMMAP | flagCaps : 0))  // READ | WRITE; MMAP only for that page
+        w.u32(index)
+        w.u32(withCaps ? 32 : 0)
+        w.u64(info.size)
+        w.u64(0)
+        if withCaps, let offset = area {
+            w.u16(1)  // VFIO_REGION_INFO_CAP_SPARSE_MMAP
+            w.u16(1)
+            w.u32(0)
+            w.u32(1)  // one area
+            w.u32(0)
+            w.u64(offset)
+            w.u64(4096)
+        }
+        let header = VfioUserHeader(messageID: h.messageID, command: h.command, size: UInt32(VfioUserHeader.size + w.length),
+                                    flags: VfioUserHeader.typeReply)
+        header.encode(into: replyBuffer)
+        var fd = syncPageFD
+        send(VfioUserHeader.size + w.length, fds: withCaps ? withUnsafePointer(to: &fd) { $0 } : nil, fdCount: withCaps ? 1 : 0)
+        if withCaps { log("vfio-user: region \(index): page 0x\(String(area!, radix: 16)) offered for mmap (the client then sends BAR writes synchronously)") }
+    }
+
+    /// Creates (once) the memfd behind the synchronous-writes page.
+    private func preparedSyncPage(size: UInt64) -> Bool {
+        if syncPageFD >= 0 { return true }
+        let fd = csys_memfd_create("scsigate-vfio-user-page", 0)
+        guard fd >= 0 else { return false }
+        guard ftruncate(fd, off_t(size)) == 0 else { close(fd); return false }
+        syncPageFD = fd
+        return true
     }
 
     private func handleGetIRQInfo(_ h: VfioUserHeader, _ p: PayloadReader) {
@@ -582,6 +996,17 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
             fail(h, EINVAL, "REGION_WRITE payload \(p.count) bytes does not match count \(count)")
             return
         }
+        if Int(region) != VfioPCIRegion.config && memory.remoteRegionCount > 0 && !h.wantsNoReply {
+            // Guest memory reached by DMA messages: acknowledge first, then let the device work. QEMU answers
+            // DMA_READ/WRITE only once the vCPU waiting for this reply has let go of its lock.
+            reply(h) { w in
+                w.u64(offset)
+                w.u32(region)
+                w.u32(count)
+            }
+            performWrite(region: region, offset: offset, count: count, data: data, posted: true)
+            return
+        }
         performWrite(region: region, offset: offset, count: count, data: data, posted: h.wantsNoReply)
         reply(h) { w in
             w.u64(offset)
@@ -602,4 +1027,10 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
         }
         reply(h) { w in w.u64(n) }
     }
+}
+
+/// A closure handed to the event loop (non-generic, so the @Sendable wrapper captures no generic metatype).
+private final class LoopTask: @unchecked Sendable {
+    let body: () -> Void
+    init(_ body: @escaping () -> Void) { self.body = body }
 }

@@ -1,0 +1,250 @@
+import CSystem
+import PVSCSI
+import Testing
+import VfioUser
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Guest memory exported without an fd (QEMU with plain `-m` RAM): rings, SG lists, sense and data reached
+/// with VFIO_USER_DMA_READ / VFIO_USER_DMA_WRITE messages served by the test client, bounce buffers for
+/// the back-end, and a client that answers late, never, wrongly or with an error.
+@Suite(.serialized) struct DMAByMessageTests {
+    /// Fills `count` bytes at guest address `address` with a pattern and returns it.
+    func fill(_ g: TestGuest, _ address: UInt64, _ count: Int, seed: Int) -> [UInt8] {
+        let p = g.pointer(address)
+        var out: [UInt8] = []
+        for k in 0..<count {
+            let b = UInt8(truncatingIfNeeded: k &* 13 &+ seed &* 7 &+ 1)
+            p.storeBytes(of: b, toByteOffset: k, as: UInt8.self)
+            out.append(b)
+        }
+        return out
+    }
+
+    @Test func ringsSGListsAndDataAllTravelByMessage() throws {
+        let f = try Fixture(withoutFD: true)
+        let g = f.guest!
+        #expect(f.ringsReady)
+        #expect(f.logLines.contains("has no fd"))
+        // CONFIG is not answered: the device acknowledges writes before its DMA, so the guest did not wait.
+        #expect(f.logLines.contains("CONFIG arrived as a posted write"))
+        // INQUIRY (data-in through a bounce buffer).
+        let data = g.address(page: TestGuest.dataPage)
+        let inq = try g.run([GuestRequest(context: 7, cdb: inquiryCDB, flags: PVSCSI.flagDirectionToHost,
+                                          dataAddress: data, dataLength: 36)])
+        #expect(inq == [GuestCompletion(context: 7, dataLength: 36, senseLength: 0, hostStatus: 0, scsiStatus: 0)])
+        #expect(String(decoding: UnsafeRawBufferPointer(start: g.pointer(data), count: 36)[8..<16], as: UTF8.self) == "SCSIGATE")
+        // 96 KiB written from three SG pieces (one spanning two 64 KiB bounce chunks), read back contiguously.
+        let pieces: [(page: Int, offset: Int, length: Int)] = [(TestGuest.dataPage + 40, 512, 20480),
+                                                               (TestGuest.dataPage + 4, 0, 65536),
+                                                               (TestGuest.dataPage + 60, 1024, 12288)]
+        var pattern: [UInt8] = []
+        for (i, piece) in pieces.enumerated() { pattern += fill(g, g.address(page: piece.page, offset: piece.offset), piece.length, seed: i) }
+        g.writeSG(page: TestGuest.sgPage, pieces.map { (g.address(page: $0.page, offset: $0.offset), UInt32($0.length), 0) })
+        let w = try g.run([GuestRequest(context: 1, cdb: write10(lba: 64, blocks: 192),
+                                        flags: PVSCSI.flagDirectionToDevice | PVSCSI.flagSGList,
+                                        dataAddress: g.address(page: TestGuest.sgPage), dataLength: 98304)])
+        #expect(w == [GuestCompletion(context: 1, dataLength: 98304, senseLength: 0, hostStatus: 0, scsiStatus: 0)])
+        #expect(Array(f.disks[0]!.bytes[32768..<(32768 + 98304)]) == pattern)
+        let into = g.address(page: TestGuest.dataPage + 100)
+        memset(g.pointer(into), 0, 98304)
+        let r = try g.run([GuestRequest(context: 2, cdb: read10(lba: 64, blocks: 192), flags: PVSCSI.flagDirectionToHost,
+                                        dataAddress: into, dataLength: 98304)])
+        #expect(r == [GuestCompletion(context: 2, dataLength: 98304, senseLength: 0, hostStatus: 0, scsiStatus: 0)])
+        #expect(Array(UnsafeRawBufferPointer(start: g.pointer(into), count: 98304)) == pattern)
+        // Sense written by message too.
+        let sense = g.address(page: TestGuest.sensePage)
+        memset(g.pointer(sense), 0, 96)
+        let bad = try g.run([GuestRequest(context: 3, cdb: [0xFF, 0, 0, 0, 0, 0], senseAddress: sense, senseLength: 96)])
+        #expect(bad.first?.scsiStatus == 2 && (bad.first?.senseLength ?? 0) >= 14)
+        #expect(g.pointer(sense).load(as: UInt8.self) & 0x7F == 0x70)
+        #expect(g.client.dmaReadsServed > 0 && g.client.dmaWritesServed > 0)
+        #expect(f.serverStats.dmaFailures == 0)
+        #expect(f.serverStats.dmaReads == g.client.dmaReadsServed)
+    }
+
+    @Test func transfersRespectTheClientsMaximumDataSize() throws {
+        let f = try Fixture(startup: false)
+        let g = f.guest!
+        try g.connect(withoutFD: true, maxDataTransfer: 4096)
+        try g.linuxStartup(expectConfig: false)
+        var pattern: [UInt8] = fill(g, g.address(page: TestGuest.dataPage), 32768, seed: 5)
+        let w = try g.run([GuestRequest(context: 1, cdb: write10(lba: 8, blocks: 64), flags: PVSCSI.flagDirectionToDevice,
+                                        dataAddress: g.address(page: TestGuest.dataPage), dataLength: 32768)])
+        #expect(w.first?.hostStatus == 0 && w.first?.scsiStatus == 0)
+        #expect(Array(f.disks[0]!.bytes[4096..<(4096 + 32768)]) == pattern)
+        memset(g.pointer(g.address(page: TestGuest.dataPage)), 0, 32768)
+        let r = try g.run([GuestRequest(context: 2, cdb: read10(lba: 8, blocks: 64), flags: PVSCSI.flagDirectionToHost,
+                                        dataAddress: g.address(page: TestGuest.dataPage), dataLength: 32768)])
+        #expect(r.first?.dataLength == 32768)
+        pattern = Array(UnsafeRawBufferPointer(start: g.pointer(g.address(page: TestGuest.dataPage)), count: 32768)) == pattern ? pattern : []
+        #expect(!pattern.isEmpty)
+        #expect(g.client.largestDMA == 4096)
+    }
+
+    @Test func manyBouncedRequestsBeyondThePoolWaitAndAllComplete() throws {
+        var options = PVSCSIOptions()
+        options.bounceBufferBytes = 256 << 10  // 4 chunks: 20 requests of 64 KiB must take turns
+        let f = try Fixture(blocks: 8192, options: options, withoutFD: true)
+        let g = f.guest!
+        var reqs: [GuestRequest] = []
+        for i in 0..<20 {
+            reqs.append(GuestRequest(context: UInt64(100 + i), cdb: read10(lba: UInt32(i * 128), blocks: 128),
+                                     flags: PVSCSI.flagDirectionToHost,
+                                     dataAddress: g.address(page: TestGuest.dataPage + 16 * (i % 4)), dataLength: 65536))
+        }
+        let done = try g.run(reqs, milliseconds: 5000)
+        #expect(done.count == 20)
+        #expect(done.allSatisfy { $0.hostStatus == 0 && $0.scsiStatus == 0 && $0.dataLength == 65536 })
+        // Larger than the whole pool: refused, not stuck.
+        let big = try g.run([GuestRequest(context: 9, cdb: read10(lba: 0, blocks: 1024), flags: PVSCSI.flagDirectionToHost,
+                                          dataAddress: g.address(page: TestGuest.dataPage), dataLength: 524288)])
+        #expect(big.first?.hostStatus == HostAdapterStatus.invalidParameter.rawValue)
+    }
+
+    @Test func dataInMemoryWithoutFDBesideMappedRingsAndRefusedDMAFailsOnlyThatRequest() throws {
+        let f = try Fixture()
+        let g = f.guest!
+        // A second window without fd, served from a separate buffer.
+        let base: UInt64 = 0x4000_0000
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: 1 << 20, alignment: 4096)
+        defer { buffer.deallocate() }
+        memset(buffer, 0x5A, 65536)
+        g.client.dmaMemory = buffer
+        g.client.dmaBase = base
+        g.client.dmaSize = 1 << 20
+        #expect(try !g.client.dmaMap(address: base, size: 1 << 20, fd: nil).isError)
+        let w = try g.run([GuestRequest(context: 1, cdb: write10(lba: 0, blocks: 16), flags: PVSCSI.flagDirectionToDevice,
+                                        dataAddress: base, dataLength: 8192)])
+        #expect(w.first?.hostStatus == 0 && w.first?.scsiStatus == 0)
+        #expect(f.disks[0]!.bytes[0..<8192].allSatisfy { $0 == 0x5A })
+        g.client.dmaServing = .refuse
+        let r = try g.run([GuestRequest(context: 2, cdb: read10(lba: 0, blocks: 16), flags: PVSCSI.flagDirectionToHost,
+                                        dataAddress: base + 65536, dataLength: 8192)])
+        #expect(r.first?.context == 2)
+        #expect(r.first?.hostStatus == HostAdapterStatus.hardwareFailure.rawValue)
+        #expect(f.serverStats.dmaFailures > 0)
+        // Refusal is not fatal: the next request is served.
+        g.client.dmaServing = .serve
+        let again = try g.run([GuestRequest(context: 3, cdb: read10(lba: 0, blocks: 16), flags: PVSCSI.flagDirectionToHost,
+                                            dataAddress: base + 65536, dataLength: 8192)])
+        #expect(again.first?.hostStatus == 0)
+        #expect(UnsafeRawBufferPointer(start: buffer + 65536, count: 8192).allSatisfy { $0 == 0x5A })
+    }
+
+    @Test func aClientThatNeverAnswersFailsFastAfterTheTimeoutAndResetRecovers() throws {
+        let f = try Fixture(withoutFD: true)
+        let g = f.guest!
+        let server = f.controller.server
+        f.onLoop { server.dmaTimeoutMilliseconds = 300 }
+        g.client.dmaServing = .ignore
+        g.place(GuestRequest(context: 1, cdb: [0, 0, 0, 0, 0, 0]))
+        let start = clock()
+        try g.kick()
+        #expect(!g.waitInterrupt(milliseconds: 1500))
+        #expect(f.controller.sync { server.dmaBroken })
+        #expect(f.logLines.contains("no reply"))
+        _ = start
+        // The server still answers, fails further DMA at once, and DEVICE_RESET clears the condition.
+        #expect(try g.client.read32(7, 0) == 0x07C0_15AD)
+        try g.kick()
+        #expect(f.deviceStats.requests == 0)
+        g.client.dmaServing = .serve
+        #expect(try !g.client.request(.deviceReset).isError)
+        #expect(!f.controller.sync { server.dmaBroken })
+        try g.linuxStartup(expectConfig: false)
+        let done = try g.run([GuestRequest(context: 2, cdb: [0, 0, 0, 0, 0, 0])])
+        #expect(done.first?.context == 2)
+    }
+
+    @Test func aGarbageReplyMarksDMABrokenWithoutCrashing() throws {
+        let f = try Fixture(withoutFD: true)
+        let g = f.guest!
+        let server = f.controller.server
+        g.client.dmaServing = .garbage
+        g.place(GuestRequest(context: 1, cdb: [0, 0, 0, 0, 0, 0]))
+        try g.kick()
+        try g.client.pump(milliseconds: 200)
+        #expect(f.controller.sync { server.dmaBroken })
+        #expect(f.logLines.contains("malformed DMA_READ reply"))
+        #expect(try g.client.read32(7, 0) == 0x07C0_15AD)
+    }
+
+    @Test func clientRequestsDuringADMAWaitAreAnsweredOrKeptInOrder() throws {
+        let f = try Fixture(withoutFD: true)
+        let g = f.guest!
+        var readDuringWait: UInt32? = nil
+        // When the device asks for DMA, the client first reads a register (a vCPU waiting on a read, holding
+        // the lock QEMU's DMA handler needs) and posts an interrupt-mask write, then answers.
+        g.client.onDMARequest = { c in
+            readDuringWait = try c.read32(0, PVSCSI.Register.interruptMask)
+            c.postWrite32(0, PVSCSI.Register.interruptMask, PVSCSI.interruptCompletion0)
+        }
+        let done = try g.run([GuestRequest(context: 5, cdb: [0, 0, 0, 0, 0, 0])])
+        #expect(done.first?.context == 5)
+        #expect(readDuringWait == PVSCSI.interruptAll)
+        // The posted write was kept and applied after the DMA, before the read below.
+        #expect(try g.readRegister(PVSCSI.Register.interruptMask) == PVSCSI.interruptCompletion0)
+        #expect(f.serverStats.answeredDuringDMA >= 1)
+        #expect(f.serverStats.deferredMessages >= 1)
+    }
+
+    @Test func mappablePageIsOfferedOnlyWithFDBackedMemory() throws {
+        let f = try Fixture(startup: false)
+        let c = f.client!
+        #expect(try !c.negotiateVersion().isError)
+        /// GET_REGION_INFO for BAR0 with room for the capability; returns (reply payload, fd received).
+        func bar0Info() throws -> ([UInt8], Int32) {
+            var q = Payload()
+            q.u32(64); q.u32(0); q.u32(0); q.u32(0); q.u64(0); q.u64(0)
+            q.bytes += [UInt8](repeating: 0, count: 32)
+            let (_, bytes) = c.message(.deviceGetRegionInfo, q.bytes)
+            c.sendRaw(bytes)
+            var buffer = [UInt8](repeating: 0, count: 16 + 64)
+            var fds = [Int32](repeating: -1, count: 4)
+            var nfds: Int32 = 0
+            var truncated: Int32 = 0
+            let n = buffer.withUnsafeMutableBytes { b in
+                fds.withUnsafeMutableBufferPointer { csys_recv_with_fds(c.fd, b.baseAddress, 16, $0.baseAddress, 4, &nfds, &truncated) }
+            }
+            #expect(n == 16)
+            let h = buffer.withUnsafeBytes { VfioUserHeader($0)! }
+            let payload = Int(h.size) - 16
+            var body = [UInt8](repeating: 0, count: payload)
+            _ = body.withUnsafeMutableBytes { recv(c.fd, $0.baseAddress, payload, Int32(MSG_WAITALL)) }
+            return (body, nfds > 0 ? fds[0] : -1)
+        }
+        let (info, fd) = try bar0Info()
+        let r = TestReply(header: VfioUserHeader(messageID: 0, command: 5, size: 0, flags: 1), payload: info)
+        #expect(info.count == 64)
+        #expect(r.u32(4) == 0xF)  // READ | WRITE | MMAP | CAPS
+        #expect(r.u32(12) == 32)  // cap_offset
+        #expect(r.u32(32) & 0xFFFF == 1)  // VFIO_REGION_INFO_CAP_SPARSE_MMAP
+        #expect(r.u32(40) == 1)  // one area
+        #expect(r.u64(48) == 5 * 4096 && r.u64(56) == 4096)
+        #expect(fd >= 0)
+        if fd >= 0 {
+            // The area is mappable and private to the device (the device never looks at it).
+            let p = csys_mmap_shared(fd, 4096, 5 * 4096, 1)
+            #expect(p != nil)
+            if let p { _ = csys_munmap(p, 4096) }
+            close(fd)
+        }
+        // With fd-less guest memory the page is not offered (QEMU keeps posting writes: no DMA deadlock).
+        #expect(try !c.dmaMap(address: 0x10_0000, size: 0x10_0000, fd: nil).isError)
+        let (info2, fd2) = try bar0Info()
+        #expect(info2.count == 32)
+        #expect(info2.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: 4, as: UInt32.self) } == 0x3)
+        #expect(fd2 == -1)
+        // And the option turns it off altogether.
+        var options = PVSCSIOptions()
+        options.synchronousRegisterWrites = false
+        let f2 = try Fixture(startup: false, options: options)
+        #expect(try !f2.client.negotiateVersion().isError)
+        var q = Payload()
+        q.u32(64); q.u32(0); q.u32(0); q.u32(0); q.u64(0); q.u64(0)
+        q.bytes += [UInt8](repeating: 0, count: 32)
+        #expect(try f2.client.request(.deviceGetRegionInfo, q.bytes).u32(4) == 0x3)
+    }
+}
