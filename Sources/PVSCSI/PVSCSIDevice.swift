@@ -350,6 +350,13 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
                 }
                 return PVSCSI.commandFailed
             }
+            // The page must be host-mapped: a DMA_WRITE would let the server acknowledge the write first
+            // (see VfioUserServer), and the guest would read (and free) the page before the answer landed.
+            let completion = word64(0)
+            guard memory.translate(completion, length: UInt64(PVSCSI.configPageControllerSize), write: true) != nil else {
+                log("pvscsi: CONFIG page 0x\(String(completion, radix: 16)) is not in fd-backed guest memory: not answered; the driver assumes 16 targets")
+                return PVSCSI.commandFailed
+            }
             return configCommand() ? PVSCSI.commandSucceeded : PVSCSI.commandFailed
         case .issueSCSI, .deviceUnplug, .setupRequestCallThreshold: return PVSCSI.commandFailed
         }
@@ -516,7 +523,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
         let pageAddress = word64(2)
         let pageNumber = commandWords[4]
         // PVSCSIConfigPageController: 16-byte header, nodeWWN, 5 UTF-16 strings (64+64+32+32+32 units), numPhys, flags.
-        let size = 16 + 8 + 2 * (64 + 64 + 32 + 32 + 32) + 4 + 4
+        let size = PVSCSI.configPageControllerSize
         var pageBytes = [UInt8](repeating: 0, count: size)
         func put16(_ o: Int, _ v: UInt16) { pageBytes[o] = UInt8(v & 0xFF); pageBytes[o + 1] = UInt8(v >> 8) }
         func put32(_ o: Int, _ v: UInt32) { put16(o, UInt16(v & 0xFFFF)); put16(o + 2, UInt16(v >> 16)) }
@@ -844,7 +851,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
         bouncePool = .allocate(byteCount: totalChunks * Self.bounceChunkSize, alignment: 4096)
         freeChunks = Array((0..<totalChunks).reversed())
         segments = .allocate(capacity: Self.slotCount * Self.iovecsPerSlot)
-        log("pvscsi: guest memory without fd: \(totalChunks * Self.bounceChunkSize >> 20) MiB of bounce buffers for DMA by message")
+        log("pvscsi: guest memory without fd: \((totalChunks * Self.bounceChunkSize) >> 20) MiB of bounce buffers for DMA by message")
     }
 
     /// Points the slot's iovecs at bounce chunks for `length` bytes (its `ranges` guest ranges stay in the

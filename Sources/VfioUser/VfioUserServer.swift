@@ -21,7 +21,7 @@ public protocol VfioUserDevice: AnyObject {
     /// Guest memory windows changed (after DMA_MAP/DMA_UNMAP): drop or revalidate cached translations.
     func memoryChanged()
     /// A page of a BAR the guest driver never touches, or nil. The server offers it to the client as a
-    /// mappable area (sparse mmap of a private memfd) when every DMA window so far has an fd. QEMU's
+    /// mappable area (sparse mmap of a private memfd) when some DMA window has an fd (shared guest RAM). QEMU's
     /// vfio-user client then stops posting BAR writes ("a region directly mapped into the VM": a read can
     /// no longer be relied on to follow a posted write), so the guest waits for each register write,
     /// as a driver that reads DMA'd memory right after a command (PVSCSI CONFIG) requires.
@@ -131,6 +131,10 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
     private var syncPageFD: Int32 = -1
     /// Whether the last GET_REGION_INFO offered the mappable page (QEMU then sends BAR writes synchronously).
     public private(set) var offeredMappedPage = false
+    /// The synchronous BAR write being handled, until its reply is sent.
+    private var pendingWriteAck: (header: VfioUserHeader, offset: UInt64, region: UInt32, count: UInt32)? = nil
+    /// Synchronous BAR writes acknowledged before the device finished them (it needed DMA by message).
+    public private(set) var writesAcknowledgedEarly = 0
     /// Largest client message kept while a DMA reply is awaited (bigger ones are refused with E2BIG).
     static var maxDeferredMessage: Int { 64 << 10 }
 
@@ -391,6 +395,7 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
         out.storeBytes(of: UInt64(count), toByteOffset: 24, as: UInt64.self)
         if write { (out + 32).copyMemory(from: buffer, byteCount: count) }
         if write { stats.dmaWrites += 1 } else { stats.dmaReads += 1 }
+        acknowledgeWriteEarly()
         guard sendAll(out, size) else {
             pendingDisconnect = pendingDisconnect ?? "send of a DMA request failed"
             scheduleDrain()
@@ -814,10 +819,11 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
         guard index < UInt32(VfioPCIRegion.count) else { fail(h, EINVAL, "GET_REGION_INFO index \(index)"); return }
         let info = regionInfo(Int(index))
         // The synchronous-writes page: a sparse mmap area (one page of a private memfd) in that BAR, offered
-        // only while all guest memory has fds (with fd-less memory, a vCPU waiting for a write's reply would
-        // hold the lock QEMU needs to answer our DMA_READ/WRITE).
+        // when guest RAM is shared (some DMA window has an fd; QEMU also exports fd-less ROM and VRAM windows).
+        // With no fd at all every access is a DMA message: writes had better stay posted.
         var area: UInt64? = nil
-        if let page = device.synchronousWritesPage, page.bar == Int(index), info.size > 0, memory.remoteRegionCount == 0,
+        if let page = device.synchronousWritesPage, page.bar == Int(index), info.size > 0,
+           memory.regions.count > memory.remoteRegionCount,
            page.offset % 4096 == 0, page.offset + 4096 <= info.size, preparedSyncPage(size: page.offset + 4096) {
             area = page.offset
         }
@@ -996,22 +1002,29 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
             fail(h, EINVAL, "REGION_WRITE payload \(p.count) bytes does not match count \(count)")
             return
         }
-        if Int(region) != VfioPCIRegion.config && memory.remoteRegionCount > 0 && !h.wantsNoReply {
-            // Guest memory reached by DMA messages: acknowledge first, then let the device work. QEMU answers
-            // DMA_READ/WRITE only once the vCPU waiting for this reply has let go of its lock.
+        // A synchronous BAR write is acknowledged early if the device needs DMA by message meanwhile (`transfer`):
+        // QEMU answers DMA_READ/WRITE only once the vCPU waiting for this reply has let go of its lock.
+        if !h.wantsNoReply && Int(region) != VfioPCIRegion.config { pendingWriteAck = (h, offset, region, count) }
+        performWrite(region: region, offset: offset, count: count, data: data, posted: h.wantsNoReply)
+        if h.wantsNoReply || Int(region) == VfioPCIRegion.config || pendingWriteAck != nil {
+            pendingWriteAck = nil
             reply(h) { w in
                 w.u64(offset)
                 w.u32(region)
                 w.u32(count)
             }
-            performWrite(region: region, offset: offset, count: count, data: data, posted: true)
-            return
         }
-        performWrite(region: region, offset: offset, count: count, data: data, posted: h.wantsNoReply)
-        reply(h) { w in
-            w.u64(offset)
-            w.u32(region)
-            w.u32(count)
+    }
+
+    /// Sends the reply of the synchronous BAR write being handled, if not sent yet (before a DMA wait).
+    private func acknowledgeWriteEarly() {
+        guard let ack = pendingWriteAck else { return }
+        pendingWriteAck = nil
+        writesAcknowledgedEarly += 1
+        reply(ack.header) { w in
+            w.u64(ack.offset)
+            w.u32(ack.region)
+            w.u32(ack.count)
         }
     }
 
