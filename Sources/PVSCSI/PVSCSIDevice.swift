@@ -662,7 +662,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
         }
         target.refresh(&view)
         let bounced = memory.remoteRegionCount > 0
-        if bounced { ensureBouncePool() }
+        if bounced && segments == nil { segments = .allocate(capacity: Self.slotCount * Self.iovecsPerSlot) }
         while available > 0, !freeSlots.isEmpty {
             guard let descriptor = readRequest(requestConsumer & (requestEntries - 1)) else {
                 log("pvscsi: request descriptor not readable (DMA by message failed)")
@@ -844,13 +844,12 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
 
     // MARK: Bounce buffers (guest memory without an fd)
 
-    /// Allocates the bounce pool and segment table the first time fd-less guest memory is seen.
+    /// Allocates the bounce pool the first time a request's data lies in fd-less guest memory.
     private func ensureBouncePool() {
         guard bouncePool == nil else { return }
         totalChunks = max(1, options.bounceBufferBytes / Self.bounceChunkSize)
         bouncePool = .allocate(byteCount: totalChunks * Self.bounceChunkSize, alignment: 4096)
         freeChunks = Array((0..<totalChunks).reversed())
-        segments = .allocate(capacity: Self.slotCount * Self.iovecsPerSlot)
         log("pvscsi: guest memory without fd: \((totalChunks * Self.bounceChunkSize) >> 20) MiB of bounce buffers for DMA by message")
     }
 
@@ -858,6 +857,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
     /// segment table); for data-out, fetches the data with DMA_READ. Returns the iovec count, or nil after
     /// failing the request.
     private func bounce(_ slot: Int, ranges: Int, length: UInt64, toHost: Bool) -> Int? {
+        ensureBouncePool()
         guard let pool = bouncePool else { finish(slot, host: .hardwareFailure); return nil }
         let needed = Int((length + UInt64(Self.bounceChunkSize) - 1) / UInt64(Self.bounceChunkSize))
         guard needed <= Self.iovecsPerSlot, needed <= freeChunks.count else {

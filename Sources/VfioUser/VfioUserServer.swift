@@ -836,7 +836,7 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
         w.u32(needed)
         w.u32(info.flags | (area != nil ? flagMMAP | flagCaps : 0))  // READ | WRITE; MMAP only for that page
         w.u32(index)
-        w.u32(withCaps ? 32 : 0)
+        w.u32(area != nil ? 32 : 0)  // where the capability is (QEMU checks it even when argsz was too small)
         w.u64(info.size)
         w.u64(0)
         if withCaps, let offset = area {
