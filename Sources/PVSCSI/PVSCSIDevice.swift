@@ -113,6 +113,8 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
     private var commandWords: [UInt32] = Array(repeating: 0, count: 136)
     private var commandWordCount = 0
     private var commandWordsNeeded = 0
+    /// Counts COMMAND writes (see `writeCommandData`).
+    private var commandSequence = 0
     public private(set) var commandStatus: UInt32 = 0
     public private(set) var interruptStatus: UInt32 = 0
     public private(set) var interruptMask: UInt32 = 0
@@ -165,6 +167,13 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
     private var segments: UnsafeMutablePointer<(UInt64, Int)>? = nil
     /// A request waits on the ring for bounce chunks.
     private var bounceStalled = false
+    /// Device work that may wait for DMA by message is in progress (the server then handles client messages
+    /// meanwhile): a kick arriving then is only noted, and the ring is processed once that work is over.
+    private var work = 0
+    private var kickPending = false
+    /// Changes whenever the rings are dropped, set up, attached or detached: work interrupted by a DMA wait
+    /// checks it and stops when a client message handled meanwhile (ADAPTER_RESET, SETUP_RINGS) replaced them.
+    private var ringsGeneration = 0
     private var view = LUNMapView()
     private var channels: [Int: BackendChannel<Channel>] = [:]
     /// Entries of `channels` marked `retiring` and not yet closed.
@@ -277,6 +286,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
     // MARK: Commands
 
     private func writeCommand(_ value: UInt32) {
+        commandSequence &+= 1
         commandWordCount = 0
         currentCommand = nil
         guard let command = PVSCSI.Command(rawValue: value) else {
@@ -316,7 +326,10 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
         commandWordCount += 1
         if commandWordCount == commandWordsNeeded {
             currentCommand = nil
-            commandStatus = execute(command, posted: posted)
+            let sequence = commandSequence
+            let status = execute(command, posted: posted)
+            // A command written while this one waited for DMA by message owns the status register now.
+            if sequence == commandSequence { commandStatus = status }
         }
     }
 
@@ -387,6 +400,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
     }
 
     private func dropRings() {
+        ringsGeneration &+= 1
         ringsConfigured = false
         ringsState = nil
         requestPageCount = 0
@@ -587,12 +601,13 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
 
     /// A rings-state field (through DMA_READ when the page is fd-less; nil when that fails).
     @inline(__always) private func load32(_ offset: Int) -> UInt32? {
-        guard pull(ringsState!, ppn: ringsStatePPN, offset: offset, count: 4) else { return nil }
-        return csys_load32_acquire(ringsState! + offset)
+        guard let state = ringsState, pull(state, ppn: ringsStatePPN, offset: offset, count: 4) else { return nil }
+        return csys_load32_acquire(state + offset)
     }
     @inline(__always) private func store32(_ offset: Int, _ value: UInt32) {
-        csys_store32_release(ringsState! + offset, value)
-        _ = push(ringsState!, ppn: ringsStatePPN, offset: offset, count: 4)
+        guard let state = ringsState else { return }
+        csys_store32_release(state + offset, value)
+        _ = push(state, ppn: ringsStatePPN, offset: offset, count: 4)
     }
 
     /// A request descriptor, each field read once from guest memory.
@@ -634,8 +649,25 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
             target: p.load(fromByteOffset: 67, as: UInt8.self))
     }
 
+    @inline(__always) private func beginWork() { work += 1 }
+
+    /// Ends a stretch of device work; the outermost one processes a kick that arrived meanwhile.
+    private func endWork() {
+        work -= 1
+        if work == 0 && kickPending {
+            kickPending = false
+            processRequestRing()
+        }
+    }
+
     /// Consumes new request descriptors (KICK_RW_IO / KICK_NON_RW_IO, or a slot freed up).
     func processRequestRing() {
+        if work > 0 {
+            kickPending = true
+            return
+        }
+        beginWork()
+        defer { endWork() }
         guard ringsConfigured else {
             if !loggedRingError { log("pvscsi: kick before SETUP_RINGS ignored") }
             loggedRingError = true
@@ -646,8 +678,12 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
             log("pvscsi: kick while the ring pages are not mapped: waiting for the client to map them again")
             return
         }
+        let generation = ringsGeneration
         flushAwaitingRing()
-        guard let producer = load32(PVSCSI.RingsState.requestProducer) else {
+        guard generation == ringsGeneration, ringsState != nil else { return }
+        let producerIndex = load32(PVSCSI.RingsState.requestProducer)
+        guard generation == ringsGeneration else { return }
+        guard let producer = producerIndex else {
             log("pvscsi: request producer index not readable (DMA by message failed)")
             return
         }
@@ -664,13 +700,17 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
         let bounced = memory.remoteRegionCount > 0
         if bounced && segments == nil { segments = .allocate(capacity: Self.slotCount * Self.iovecsPerSlot) }
         while available > 0, !freeSlots.isEmpty {
-            guard let descriptor = readRequest(requestConsumer & (requestEntries - 1)) else {
+            let descriptor = readRequest(requestConsumer & (requestEntries - 1))
+            guard generation == ringsGeneration else { return }
+            guard let descriptor else {
                 log("pvscsi: request descriptor not readable (DMA by message failed)")
                 break
             }
             if bounced && descriptor.dataLength > 0 {
                 let needed = Int((descriptor.dataLength + UInt64(Self.bounceChunkSize) - 1) / UInt64(Self.bounceChunkSize))
-                if needed <= min(totalChunks, Self.iovecsPerSlot) && needed > freeChunks.count {
+                let total = bouncePool == nil ? max(1, options.bounceBufferBytes / Self.bounceChunkSize) : totalChunks
+                let free = bouncePool == nil ? total : freeChunks.count
+                if needed <= min(total, Self.iovecsPerSlot) && needed > free {
                     bounceStalled = true  // retried when bounced requests complete
                     break
                 }
@@ -679,8 +719,13 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
             requestConsumer &+= 1
             available -= 1
             store32(PVSCSI.RingsState.requestConsumer, requestConsumer)
+            guard generation == ringsGeneration else {
+                freeSlots.append(slot)
+                return
+            }
             stats.requests += 1
             start(slot, descriptor)
+            guard generation == ringsGeneration else { return }
         }
         commitChannels()
         raiseCompletionInterruptIfNeeded()
@@ -1041,6 +1086,8 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
 
     private func reap(_ backendID: Int) {
         guard let ch = channels[backendID]?.channel else { return }
+        beginWork()
+        defer { endWork() }
         reapNow(ch)
         commitChannels()
         sweepRetired()
@@ -1120,7 +1167,10 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
 
     /// Writes one completion descriptor if the ring has room; releases the slot.
     private func writeCompletion(_ slot: Int) -> Bool {
-        guard let consumer = load32(PVSCSI.RingsState.completionConsumer) else { return false }
+        let generation = ringsGeneration
+        let consumer = load32(PVSCSI.RingsState.completionConsumer)
+        guard generation == ringsGeneration else { return dropAfterRingChange(slot) }
+        guard let consumer else { return false }
         guard completionProducer &- consumer < completionEntries else { return false }
         let perPage = UInt32(4096 / PVSCSI.completionDescriptorSize)
         let index = completionProducer & (completionEntries - 1)
@@ -1135,6 +1185,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
         p.storeBytes(of: s.completionSCSIStatus, toByteOffset: 22, as: UInt16.self)
         p.storeBytes(of: UInt64(0), toByteOffset: 24, as: UInt64.self)
         _ = push(page, ppn: completionPPNs[Int(index / perPage)], offset: offset, count: PVSCSI.completionDescriptorSize)
+        guard generation == ringsGeneration else { return dropAfterRingChange(slot) }
         completionProducer &+= 1
         store32(PVSCSI.RingsState.completionProducer, completionProducer)
         completionsPosted = true
@@ -1143,11 +1194,22 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
         return true
     }
 
+    /// The rings changed during a DMA wait of `writeCompletion`: the completion is dropped (as for any request
+    /// of the old rings); the slot is released unless the reset already did.
+    private func dropAfterRingChange(_ slot: Int) -> Bool {
+        if slots[slot].state != .free && slots[slot].state != .awaitingRing { release(slot) }
+        return true
+    }
+
     private func flushAwaitingRing() {
         guard ringsState != nil else { return }
+        beginWork()
+        defer { endWork() }
+        let generation = ringsGeneration
         while awaitingRingHead < awaitingRing.count {
             let slot = awaitingRing[awaitingRingHead]
             guard writeCompletion(slot) else { break }
+            guard generation == ringsGeneration else { return }
             awaitingRingHead += 1
         }
         if awaitingRingHead == awaitingRing.count {
@@ -1213,6 +1275,8 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
     }
 
     private func postMessage(type: UInt32, target: UInt32) {
+        beginWork()
+        defer { endWork() }
         if ringsConfigured && ringsState == nil { attachRings() }
         guard messageRingReady else {
             stats.messagesDropped += 1
@@ -1305,6 +1369,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
     /// Translates every configured ring page; on success the rings are attached, otherwise detached.
     @discardableResult
     private func attachRings() -> Bool {
+        ringsGeneration &+= 1
         ringsState = nil
         guard ringsConfigured, let state = page(ringsStatePPN, write: true, shadow: 0) else { return false }
         for i in 0..<requestPageCount {

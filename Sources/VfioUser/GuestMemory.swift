@@ -49,10 +49,17 @@ public final class GuestMemory: @unchecked Sendable {
     /// Carries accesses to fd-less windows as DMA_READ/DMA_WRITE messages (set by the server). Nil: such
     /// accesses fail. Called on the loop thread only, never for fd-mapped memory.
     public var remote: RemoteDMA? = nil
+    /// While set, unmapped windows stay mapped in this process (a device access in progress may still use
+    /// them) until `releaseHeldUnmaps`; they are gone from `regions` at once.
+    public var holdUnmaps = false
+    private var held: [(UnsafeMutableRawPointer, UInt64)] = []
 
     public init() { regions.reserveCapacity(16) }
 
-    deinit { unmapAll() }
+    deinit {
+        holdUnmaps = false
+        unmapAll()
+    }
 
     /// Adds a window. With `fd` >= 0 the window is mmap'ed (the fd is closed by this call either way).
     public func map(address: UInt64, size: UInt64, fileOffset: UInt64, readable: Bool, writable: Bool,
@@ -98,12 +105,23 @@ public final class GuestMemory: @unchecked Sendable {
             throw DMAMapError(EINVAL, "DMA_UNMAP [0x\(String(address, radix: 16)), +0x\(String(size, radix: 16))) matches no window")
         }
         let r = regions.remove(at: i)
-        if let h = r.host { _ = csys_munmap(h, r.size) } else { remoteRegionCount -= 1 }
+        if let h = r.host { release(h, r.size) } else { remoteRegionCount -= 1 }
+    }
+
+    private func release(_ host: UnsafeMutableRawPointer, _ size: UInt64) {
+        if holdUnmaps { held.append((host, size)) } else { _ = csys_munmap(host, size) }
+    }
+
+    /// Unmaps the windows kept by `holdUnmaps`.
+    public func releaseHeldUnmaps() {
+        for (h, size) in held { _ = csys_munmap(h, size) }
+        held.removeAll()
     }
 
     /// Removes every window.
     public func unmapAll() {
-        for r in regions { if let h = r.host { _ = csys_munmap(h, r.size) } }
+        for r in regions { if let h = r.host { release(h, r.size) } }
+        if !holdUnmaps { releaseHeldUnmaps() }
         regions.removeAll(keepingCapacity: true)
         remoteRegionCount = 0
     }

@@ -57,10 +57,8 @@ public struct VfioUserStats: Sendable {
     public var dmaReads = 0
     public var dmaWrites = 0
     public var dmaFailures = 0
-    /// Client messages that arrived while a DMA reply was awaited and were handled afterwards, in order.
-    public var deferredMessages = 0
-    /// Client requests answered while a DMA reply was awaited (reads; writes acknowledged early).
-    public var answeredDuringDMA = 0
+    /// Client messages handled while a DMA reply was awaited.
+    public var handledDuringDMA = 0
 }
 
 /// A vfio-user server for one PCI device on one UNIX socket (protocol 0.1 as spoken by QEMU's
@@ -114,19 +112,21 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
     private var nextRequestID: UInt16 = 0x8000
     private let dmaBuffer: UnsafeMutableRawBufferPointer
     private let dmaFDs: UnsafeMutablePointer<Int32>
-    /// Client messages received while waiting for a DMA reply: bytes, their fds, and (offset, size, first fd,
-    /// fd count, truncated) per message, handled in arrival order once the wait is over.
-    private let deferredBytes: UnsafeMutableRawBufferPointer
-    private var deferredTail = 0
-    private var deferred: [(offset: Int, size: Int, fdStart: Int, fdCount: Int, truncated: Bool)] = []
-    private var deferredHead = 0
-    private var deferredFDs: [Int32] = []
-    private var draining = false
-    private var drainScheduled = false
-    private var waitingForDMA = false
+    /// Client messages that arrive while a DMA reply is awaited are handled at once, in order (a QEMU vCPU may
+    /// be blocked on one, holding the lock QEMU's DMA handler needs); one buffer per nesting level.
+    private let inlineBuffers: UnsafeMutableRawBufferPointer
+    /// DMA requests awaiting their reply, outermost first (a message handled during a wait may need DMA too).
+    private var waiters: [(id: UInt16, command: UInt16, address: UInt64, count: Int, buffer: UnsafeMutableRawPointer, state: UInt8)] = []
+    /// Nested DMA waits allowed.
+    static var maxDMADepth: Int { 4 }
+    /// Work put off until no DMA wait is in progress: the device's memory notifications and held unmaps.
+    private var postponedMemoryChange = false
+    private var postponedQuiesce = false
+    private var postponedScheduled = false
     /// Set inside a DMA wait (which must not tear the connection down under the device's feet); acted on
     /// once the current message or callback is finished.
     private var pendingDisconnect: String? = nil
+    private var inDMAWait: Bool { !waiters.isEmpty }
     /// The memfd offered as the synchronous-writes page (see `VfioUserDevice.synchronousWritesPage`).
     private var syncPageFD: Int32 = -1
     /// Whether the last GET_REGION_INFO offered the mappable page (QEMU then sends BAR writes synchronously).
@@ -135,8 +135,8 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
     private var pendingWriteAck: (header: VfioUserHeader, offset: UInt64, region: UInt32, count: UInt32)? = nil
     /// Synchronous BAR writes acknowledged before the device finished them (it needed DMA by message).
     public private(set) var writesAcknowledgedEarly = 0
-    /// Largest client message kept while a DMA reply is awaited (bigger ones are refused with E2BIG).
-    static var maxDeferredMessage: Int { 64 << 10 }
+    /// Largest client message handled while a DMA reply is awaited (bigger ones are refused with E2BIG).
+    static var maxInlineMessage: Int { 64 << 10 }
 
     /// Creates a server (does not listen yet).
     public init(socketPath: String, loop: EventLoop, device: Device, msixVectors: Int, log: @escaping VfioUserLog) {
@@ -151,9 +151,8 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
         fds = .allocate(capacity: Self.maxMessageFDs)
         dmaBuffer = .allocate(byteCount: Self.maxDataTransfer + 64, alignment: 16)
         dmaFDs = .allocate(capacity: Self.maxMessageFDs)
-        deferredBytes = .allocate(byteCount: 256 << 10, alignment: 16)
-        deferred.reserveCapacity(512)
-        deferredFDs.reserveCapacity(64)
+        inlineBuffers = .allocate(byteCount: Self.maxDMADepth * (Self.maxInlineMessage + 16), alignment: 16)
+        waiters.reserveCapacity(Self.maxDMADepth)
         dmaChunk = Self.maxDataTransfer
         memory.remote = RemoteDMA(read: { [unowned self] address, buffer in self.remoteRead(address, into: buffer) },
                                   write: { [unowned self] address, buffer in self.remoteWrite(address, from: buffer) })
@@ -162,14 +161,13 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
     deinit {
         if clientFD >= 0 { close(clientFD) }
         if listenFD >= 0 { close(listenFD) }
-        for fd in deferredFDs where fd >= 0 { close(fd) }
         if syncPageFD >= 0 { close(syncPageFD) }
         receiveBuffer.deallocate()
         replyBuffer.deallocate()
         fds.deallocate()
         dmaBuffer.deallocate()
         dmaFDs.deallocate()
-        deferredBytes.deallocate()
+        inlineBuffers.deallocate()
     }
 
     /// Binds the socket and registers it with the loop. Call on the loop thread (or before it runs).
@@ -234,8 +232,10 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
         clientFD = -1
         versionNegotiated = false
         stats.disconnects += 1
-        clearDeferred()
         pendingDisconnect = nil
+        postponedMemoryChange = false
+        postponedQuiesce = false
+        memory.holdUnmaps = false
         device.quiesce()
         device.reset()
         device.configSpace.reset()
@@ -278,10 +278,9 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
 
     private func clientReadable(_ events: FDEvents) {
         guard clientFD >= 0 else { return }
-        drainDeferred()
-        guard clientFD >= 0 else { return }
+        runPostponedWork()
         receiveOne()
-        drainDeferred()
+        runPostponedWork()
     }
 
     private func receiveOne() {
@@ -375,14 +374,13 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
         return false
     }
 
-    /// One DMA_READ or DMA_WRITE round trip. While the reply is awaited, client messages are kept (in order)
-    /// for later, except that a region read is answered at once when nothing is queued before it, and a
-    /// BAR/config write is acknowledged at once (its effect stays queued): QEMU's vCPU may hold the lock its
-    /// DMA handler needs while it waits for such a reply.
+    /// One DMA_READ or DMA_WRITE round trip. While the reply is awaited, client messages are handled at once, in
+    /// arrival order (their memory-map side effects on the device are put off until no wait is in progress); one
+    /// of them may need DMA itself (nested waits, up to `maxDMADepth`). Bounded by `dmaTimeoutMilliseconds`.
     private func transfer(write: Bool, address: UInt64, buffer: UnsafeMutableRawPointer, count: Int) -> Bool {
-        guard clientFD >= 0, versionNegotiated else { return dmaFailed("no client", broken: false) }
+        guard clientFD >= 0, versionNegotiated, pendingDisconnect == nil else { return dmaFailed("no client", broken: false) }
         guard !dmaBroken else { stats.dmaFailures += 1; return false }
-        guard !waitingForDMA else { return dmaFailed("nested DMA request", broken: false) }
+        guard waiters.count < Self.maxDMADepth else { return dmaFailed("DMA requests nested deeper than \(Self.maxDMADepth)", broken: false) }
         guard count > 0, count <= dmaChunk else { return dmaFailed("count \(count)", broken: false) }
         let command: VfioUserCommand = write ? .dmaWrite : .dmaRead
         let id = nextRequestID
@@ -398,37 +396,38 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
         acknowledgeWriteEarly()
         guard sendAll(out, size) else {
             pendingDisconnect = pendingDisconnect ?? "send of a DMA request failed"
-            scheduleDrain()
+            schedulePostponedWork()
             return dmaFailed("send failed", broken: true)
         }
-        waitingForDMA = true
+        let me = waiters.count
+        waiters.append((id: id, command: command.rawValue, address: address, count: count, buffer: buffer, state: 0))
         defer {
-            waitingForDMA = false
-            if deferredHead < deferred.count || pendingDisconnect != nil { scheduleDrain() }
+            waiters.removeLast()
+            if waiters.isEmpty && (postponedMemoryChange || postponedQuiesce || pendingDisconnect != nil || memory.holdUnmaps) {
+                schedulePostponedWork()
+            }
         }
         let deadline = Self.monotonicMilliseconds() + Int64(dmaTimeoutMilliseconds)
         var header = (UInt64(0), UInt64(0))
-        while true {
+        while waiters[me].state == 0 {
+            if dmaBroken || pendingDisconnect != nil { return false }
             let left = deadline - Self.monotonicMilliseconds()
-            if left <= 0 { return dmaFailed("no reply to \(write ? "DMA_WRITE" : "DMA_READ") of \(count) bytes at 0x\(String(address, radix: 16)) within \(dmaTimeoutMilliseconds) ms", broken: true) }
+            if left <= 0 {
+                failAllWaiters()
+                return dmaFailed("no reply to \(write ? "DMA_WRITE" : "DMA_READ") of \(count) bytes at 0x\(String(address, radix: 16)) within \(dmaTimeoutMilliseconds) ms", broken: true)
+            }
             var pfd = pollfd(fd: clientFD, events: Int16(POLLIN), revents: 0)
             let ready = poll(&pfd, 1, Int32(min(left, Int64(Int32.max))))
             if ready < 0 && errno == EINTR { continue }
             if ready == 0 { continue }
-            if ready < 0 {
-                pendingDisconnect = pendingDisconnect ?? "poll failed during DMA"
-                return dmaFailed("poll failed", broken: true)
-            }
+            if ready < 0 { return brokenStream("poll failed during DMA") }
             // One message header (with any fds it carries).
             var nfds: Int32 = 0
             var truncated: Int32 = 0
             let n = withUnsafeMutableBytes(of: &header) { raw in
                 csys_recv_with_fds(clientFD, raw.baseAddress, VfioUserHeader.size, dmaFDs, Int32(Self.maxMessageFDs), &nfds, &truncated)
             }
-            if n == 0 || (n < 0 && -n != EAGAIN && -n != EINTR) {
-                pendingDisconnect = pendingDisconnect ?? "end of stream during DMA"
-                return dmaFailed("connection closed while a DMA reply was awaited", broken: true)
-            }
+            if n == 0 || (n < 0 && -n != EAGAIN && -n != EINTR) { return brokenStream("connection closed while a DMA reply was awaited") }
             if n < 0 { continue }
             let received = Int(nfds)
             var got = n
@@ -441,98 +440,110 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
             guard got == VfioUserHeader.size, let h = withUnsafeBytes(of: &header, { VfioUserHeader($0) }),
                   h.size >= UInt32(VfioUserHeader.size) else {
                 closeFDs(dmaFDs, received)
-                pendingDisconnect = pendingDisconnect ?? "malformed message during DMA"
-                return dmaFailed("malformed message header while a DMA reply was awaited", broken: true)
+                return brokenStream("malformed message header while a DMA reply was awaited")
             }
             let payload = Int(h.size) - VfioUserHeader.size
             if h.isReply {
                 closeFDs(dmaFDs, received)
                 guard payload <= Self.maxMessageSize, readInto(dmaBuffer.baseAddress!, payload) else {
-                    pendingDisconnect = pendingDisconnect ?? "oversized or truncated reply"
-                    return dmaFailed("oversized or truncated reply (\(h.size) bytes)", broken: true)
+                    return brokenStream("oversized or truncated reply (\(h.size) bytes)")
                 }
-                guard h.messageID == id, h.command == command.rawValue else {
-                    log("vfio-user: unexpected reply message \(h.messageID) command \(h.command) while awaiting DMA reply \(id): ignored")
-                    continue
-                }
-                if h.isError {
-                    return dmaFailed("client refused \(write ? "DMA_WRITE" : "DMA_READ") of \(count) bytes at 0x\(String(address, radix: 16)) (errno \(h.errorNumber))", broken: false)
-                }
-                let p = PayloadReader(UnsafeRawBufferPointer(start: dmaBuffer.baseAddress!, count: payload))
-                if write {
-                    // QEMU answers with the header alone; the spec's reply repeats address and count.
-                    if payload == 0 { return true }
-                    guard payload >= 16, p.u64(0) == address, p.u64(8) == UInt64(count) else {
-                        return dmaFailed("malformed DMA_WRITE reply (\(payload) bytes)", broken: true)
-                    }
-                    return true
-                }
-                guard payload == 16 + count, p.u64(0) == address, p.u64(8) == UInt64(count) else {
-                    return dmaFailed("malformed DMA_READ reply: \(payload) bytes for \(count) at 0x\(String(address, radix: 16))", broken: true)
-                }
-                buffer.copyMemory(from: dmaBuffer.baseAddress! + 16, byteCount: count)
-                return true
+                completeWaiter(h, payload: payload)
+                continue
             }
-            // A client request: keep it, or answer what must not wait.
-            guard payload <= Self.maxDeferredMessage else {
+            // A client request: handle it now.
+            guard payload <= Self.maxInlineMessage else {
                 closeFDs(dmaFDs, received)
-                guard payload <= 64 << 20, discardBytes(payload) else {
-                    pendingDisconnect = pendingDisconnect ?? "oversized message during DMA"
-                    return dmaFailed("oversized client message during DMA", broken: true)
-                }
+                guard payload <= 64 << 20, discardBytes(payload) else { return brokenStream("oversized client message during DMA") }
                 log("vfio-user: message \(h.messageID) command \(h.command) of \(h.size) bytes during a DMA wait refused")
                 sendError(h, E2BIG)
                 continue
             }
-            guard deferred.count < deferred.capacity, deferredTail + Int(h.size) <= deferredBytes.count,
-                  deferredFDs.count + received <= deferredFDs.capacity else {
+            let slot = inlineBuffers.baseAddress! + (waiters.count - 1) * (Self.maxInlineMessage + 16)
+            guard readInto(slot, payload) else {
                 closeFDs(dmaFDs, received)
-                pendingDisconnect = pendingDisconnect ?? "too many messages during DMA"
-                return dmaFailed("more client messages than can be kept during a DMA wait", broken: true)
+                return brokenStream("truncated client message during DMA")
             }
-            let at = deferredTail
-            (deferredBytes.baseAddress! + at).copyMemory(from: withUnsafeBytes(of: &header) { $0.baseAddress! }, byteCount: VfioUserHeader.size)
-            guard readInto(deferredBytes.baseAddress! + at + VfioUserHeader.size, payload) else {
-                closeFDs(dmaFDs, received)
-                pendingDisconnect = pendingDisconnect ?? "truncated message during DMA"
-                return dmaFailed("truncated client message during DMA", broken: true)
-            }
-            if answerDuringDMA(h, at: at, payload: payload, fdCount: received, truncated: truncated != 0) { continue }
-            deferredTail += Int(h.size)
-            let fdStart = deferredFDs.count
-            for i in 0..<received { deferredFDs.append(dmaFDs[i]) }
-            deferred.append((offset: at, size: Int(h.size), fdStart: fdStart, fdCount: received, truncated: truncated != 0))
-            stats.deferredMessages += 1
+            stats.handledDuringDMA += 1
+            handleInline(h, UnsafeRawBufferPointer(start: slot, count: payload), fdCount: received, truncated: truncated != 0)
         }
+        return waiters[me].state == 1
     }
 
-    /// Handles a client request that arrived during a DMA wait when waiting for it could deadlock QEMU:
-    /// a region read with nothing queued before it (answered now), a region write (acknowledged now, its
-    /// effect queued as a posted write). Returns true when the message needs nothing more.
-    private func answerDuringDMA(_ h: VfioUserHeader, at: Int, payload: Int, fdCount received: Int, truncated: Bool) -> Bool {
-        guard received == 0, !truncated, !h.wantsNoReply, versionNegotiated else { return false }
-        let p = PayloadReader(UnsafeRawBufferPointer(start: deferredBytes.baseAddress! + at + VfioUserHeader.size, count: payload))
-        if h.command == VfioUserCommand.regionRead.rawValue && deferredHead == deferred.count {
-            stats.answeredDuringDMA += 1
-            handleRegionRead(h, p)
-            return true
+    /// The socket cannot be trusted any more: fail every wait, drop the client once the device work is over.
+    private func brokenStream(_ why: String) -> Bool {
+        pendingDisconnect = pendingDisconnect ?? why
+        failAllWaiters()
+        return dmaFailed(why, broken: true)
+    }
+
+    private func failAllWaiters() {
+        for k in 0..<waiters.count where waiters[k].state == 0 { waiters[k].state = 2 }
+    }
+
+    /// Matches a reply (payload in `dmaBuffer`) to an awaiting DMA request and completes it.
+    private func completeWaiter(_ h: VfioUserHeader, payload: Int) {
+        guard let k = waiters.firstIndex(where: { $0.id == h.messageID && $0.command == h.command && $0.state == 0 }) else {
+            log("vfio-user: unexpected reply message \(h.messageID) command \(h.command) while awaiting a DMA reply: ignored")
+            return
         }
-        if h.command == VfioUserCommand.regionWrite.rawValue, let offset = p.u64(0), let region = p.u32(8), let count = p.u32(12) {
-            guard checkAccess(h, region: region, offset: offset, count: count) else { return true }
-            guard p.count == 16 + Int(count) else { fail(h, EINVAL, "REGION_WRITE payload \(p.count) bytes does not match count \(count)"); return true }
-            stats.answeredDuringDMA += 1
-            reply(h) { w in
-                w.u64(offset)
-                w.u32(region)
-                w.u32(count)
+        let w = waiters[k]
+        let write = h.command == VfioUserCommand.dmaWrite.rawValue
+        if h.isError {
+            waiters[k].state = 2
+            _ = dmaFailed("client refused \(write ? "DMA_WRITE" : "DMA_READ") of \(w.count) bytes at 0x\(String(w.address, radix: 16)) (errno \(h.errorNumber))", broken: false)
+            return
+        }
+        let p = PayloadReader(UnsafeRawBufferPointer(start: dmaBuffer.baseAddress!, count: payload))
+        if write {
+            // QEMU answers with the header alone; the spec's reply repeats address and count.
+            if payload == 0 || (payload >= 16 && p.u64(0) == w.address && p.u64(8) == UInt64(w.count)) {
+                waiters[k].state = 1
+            } else {
+                failAllWaiters()
+                _ = dmaFailed("malformed DMA_WRITE reply (\(payload) bytes)", broken: true)
             }
-            // Keep the write itself, now marked posted (no second reply).
-            var posted = h
-            posted.flags |= VfioUserHeader.noReply
-            posted.encode(into: UnsafeMutableRawBufferPointer(start: deferredBytes.baseAddress! + at, count: VfioUserHeader.size))
-            return false
+            return
         }
-        return false
+        guard payload == 16 + w.count, p.u64(0) == w.address, p.u64(8) == UInt64(w.count) else {
+            failAllWaiters()
+            _ = dmaFailed("malformed DMA_READ reply: \(payload) bytes for \(w.count) at 0x\(String(w.address, radix: 16))", broken: true)
+            return
+        }
+        w.buffer.copyMemory(from: dmaBuffer.baseAddress! + 16, byteCount: w.count)
+        waiters[k].state = 1
+    }
+
+    /// Handles a client message that arrived during a DMA wait, with its own fds (the outer message's are kept).
+    private func handleInline(_ h: VfioUserHeader, _ payload: UnsafeRawBufferPointer, fdCount received: Int, truncated: Bool) {
+        var saved = (Int32(-1), Int32(-1), Int32(-1), Int32(-1), Int32(-1), Int32(-1), Int32(-1), Int32(-1),
+                     Int32(-1), Int32(-1), Int32(-1), Int32(-1), Int32(-1), Int32(-1), Int32(-1), Int32(-1))
+        let savedCount = fdCount
+        withUnsafeMutableBytes(of: &saved) { raw in
+            let keep = raw.baseAddress!.assumingMemoryBound(to: Int32.self)
+            for i in 0..<savedCount { keep[i] = fds[i] }
+        }
+        for i in 0..<received {
+            fds[i] = dmaFDs[i]
+            dmaFDs[i] = -1
+        }
+        fdCount = received
+        stats.messages += 1
+        if truncated {
+            log("vfio-user: message \(h.messageID) command \(h.command): more than \(Self.maxMessageFDs) fds or control data truncated")
+            sendError(h, EINVAL)
+        } else {
+            let outerAck = pendingWriteAck
+            pendingWriteAck = nil
+            dispatch(h, PayloadReader(payload))
+            pendingWriteAck = outerAck
+        }
+        closeReceivedFDs()
+        withUnsafeBytes(of: &saved) { raw in
+            let keep = raw.baseAddress!.assumingMemoryBound(to: Int32.self)
+            for i in 0..<savedCount { fds[i] = keep[i] }
+        }
+        fdCount = savedCount
     }
 
     private func closeFDs(_ list: UnsafeMutablePointer<Int32>, _ count: Int) {
@@ -563,62 +574,52 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
         return true
     }
 
-    /// Handles the messages kept during DMA waits, in arrival order (never inside a wait or a drain).
-    private func drainDeferred() {
-        guard !draining, !waitingForDMA else { return }
-        draining = true
-        while deferredHead < deferred.count && clientFD >= 0 && pendingDisconnect == nil {
-            let e = deferred[deferredHead]
-            deferredHead += 1
-            for i in 0..<e.fdCount {
-                fds[i] = deferredFDs[e.fdStart + i]
-                deferredFDs[e.fdStart + i] = -1
-            }
-            fdCount = e.fdCount
-            let raw = UnsafeRawBufferPointer(start: deferredBytes.baseAddress! + e.offset, count: e.size)
-            if let h = VfioUserHeader(raw) {
-                if e.truncated {
-                    log("vfio-user: message \(h.messageID) command \(h.command): more than \(Self.maxMessageFDs) fds or control data truncated")
-                    sendError(h, EINVAL)
-                } else {
-                    dispatch(h, PayloadReader(UnsafeRawBufferPointer(rebasing: raw[VfioUserHeader.size...])))
-                }
-            }
-            closeReceivedFDs()
+    /// Device notifications (quiesce, memory changed), held unmaps and a disconnect put off by DMA waits.
+    private func runPostponedWork() {
+        guard !inDMAWait else { return }
+        if postponedQuiesce {
+            postponedQuiesce = false
+            device.quiesce()
         }
-        if deferredHead >= deferred.count || clientFD < 0 { clearDeferred() }
-        draining = false
+        if memory.holdUnmaps {
+            memory.holdUnmaps = false
+            memory.releaseHeldUnmaps()
+        }
+        if postponedMemoryChange {
+            postponedMemoryChange = false
+            device.memoryChanged()
+        }
         if let reason = pendingDisconnect {
             pendingDisconnect = nil
             disconnect(reason: reason)
         }
     }
 
-    private func clearDeferred() {
-        for fd in deferredFDs where fd >= 0 { close(fd) }
-        deferredFDs.removeAll(keepingCapacity: true)
-        deferred.removeAll(keepingCapacity: true)
-        deferredHead = 0
-        deferredTail = 0
-    }
-
-    /// Drains the kept messages from the loop once the current callback has returned (a DMA wait outside
-    /// any client message, e.g. in a back-end completion, consumed them from the socket).
-    private func scheduleDrain() {
-        guard !drainScheduled else { return }
-        drainScheduled = true
+    /// Runs the postponed work from the loop once the current callback (device work) has returned.
+    private func schedulePostponedWork() {
+        guard !postponedScheduled else { return }
+        postponedScheduled = true
         let task = LoopTask { [unowned self] in
-            self.drainScheduled = false
-            self.drainDeferred()
+            self.postponedScheduled = false
+            self.runPostponedWork()
         }
         loop.execute { task.body() }
+    }
+
+    /// Quiesce and memory notifications from DMA_MAP/UNMAP/DEVICE_RESET: now, or after the DMA waits in progress.
+    private func deviceQuiesce() {
+        if inDMAWait { postponedQuiesce = true } else { device.quiesce() }
+    }
+
+    private func deviceMemoryChanged() {
+        if inDMAWait { postponedMemoryChange = true } else { device.memoryChanged() }
     }
 
     // MARK: Replies
 
     private func send(_ length: Int, fds sendFDs: UnsafePointer<Int32>? = nil, fdCount sendCount: Int = 0) {
         guard clientFD >= 0 else { return }
-        if waitingForDMA {
+        if inDMAWait {
             // Inside a DMA wait (early acknowledgement or an error for an oversized message): never
             // disconnect here, the caller's device work is still running.
             if !sendAll(replyBuffer.baseAddress!, length) { pendingDisconnect = pendingDisconnect ?? "send failed" }
@@ -698,7 +699,7 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
         case .regionWrite: handleRegionWrite(h, p)
         case .regionWriteMulti: handleRegionWriteMulti(h, p)
         case .deviceReset:
-            device.quiesce()
+            deviceQuiesce()
             device.reset()
             dmaBroken = false
             reply(h) { _ in }
@@ -758,7 +759,7 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
             fail(h, error.errno, error.reason)
             return
         }
-        device.memoryChanged()
+        deviceMemoryChanged()
         if fd < 0 {
             log("vfio-user: DMA window 0x\(String(address, radix: 16)) +0x\(String(size, radix: 16)) has no fd: reached with DMA_READ/DMA_WRITE messages (\(dmaChunk) bytes each at most)")
         }
@@ -773,7 +774,9 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
         guard argsz >= 24 else { fail(h, EINVAL, "DMA_UNMAP argsz \(argsz)"); return }
         let unmapAllFlag: UInt32 = 1 << 1
         guard flags & ~unmapAllFlag == 0 else { fail(h, ENOTSUP, "DMA_UNMAP flags 0x\(String(flags, radix: 16)) (dirty bitmaps unsupported)"); return }
-        device.quiesce()
+        deviceQuiesce()
+        // During a DMA wait the device may still hold pointers into the window: unmap it later.
+        if inDMAWait { memory.holdUnmaps = true }
         if flags & unmapAllFlag != 0 {
             guard address == 0 && size == 0 else { fail(h, EINVAL, "DMA_UNMAP all with address/size"); return }
             memory.unmapAll()
@@ -783,7 +786,7 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
                 return
             }
         }
-        device.memoryChanged()
+        deviceMemoryChanged()
         reply(h) { w in
             w.u32(24)
             w.u32(flags)

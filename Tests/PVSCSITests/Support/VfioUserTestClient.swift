@@ -52,6 +52,7 @@ final class VfioUserTestClient {
     var largestDMA = 0
     /// Runs (once) when the next DMA request arrives, before it is answered.
     var onDMARequest: ((VfioUserTestClient) throws -> Void)? = nil
+    private var stashed: [UInt16: TestReply] = [:]
 
     init(path: String) throws {
         var attempt = 0
@@ -122,9 +123,15 @@ final class VfioUserTestClient {
     /// Receives until the reply to `id`, serving server requests in between.
     func awaitReply(_ id: UInt16) throws -> TestReply {
         while true {
+            if let r = stashed.removeValue(forKey: id) { return r }
             let r = try receive()
             if !r.header.isReply { try serve(r); continue }
-            guard r.header.messageID == id else { throw TestClientError.io("reply id \(r.header.messageID) for \(id)") }
+            guard r.header.messageID == id else {
+                // The reply of an outer request (a DMA request's hook sent this one while that reply was due).
+                guard stashed.count < 8 else { throw TestClientError.io("reply id \(r.header.messageID) for \(id)") }
+                stashed[r.header.messageID] = r
+                continue
+            }
             return r
         }
     }
