@@ -121,6 +121,7 @@ suite_pvscsi() {
 name = "pv0"
 transport = "pvscsi"
 socket = "$DIR/pv0.sock"
+max_targets = 24
 
 [[controller.lun]]
 target = 0
@@ -130,6 +131,15 @@ path = "$DIR/pv0.img"
 size = "256M"
 create = true
 serial = "SGCI-PV0"
+
+[[controller.lun]]
+target = 20
+lun = 0
+backend = "file"
+path = "$DIR/pv20.img"
+size = "64M"
+create = true
+serial = "SGCI-PV20"
 TOML
     } > "$DIR/gw.toml"
     start_gateway "$DIR/gw.toml" "$DIR/gw.log"; check "pvscsi gateway start" $? || return
@@ -137,9 +147,17 @@ TOML
         --append "scsigate.tests=$SCSI_TESTS scsigate.vendor=SCSIGATE scsigate.expect_serial=SGCI-PV0 scsigate.expect_size=268435456" \
         -- -device "{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"$DIR/pv0.sock\",\"type\":\"unix\"}}"
     check "pvscsi guest smoke+conformance+fio-verify+pattern" $?
+    # Target 20 exists only if CONFIG answered (max_targets 24) with QEMU's default (posted-write) command line.
+    grep -aq 'serial=SGCI-PV20' "$DIR/guest.log"; check "pvscsi CONFIG answered with the default QEMU command line (target 20 visible)" $?
     conformance_check pvscsi "$DIR/guest.log"
     report_iops pvscsi "$DIR/guest.log"
     bash "$HERE/check-pattern.sh" "$DIR/guest.log" "$DIR/pv0.img"; check "pvscsi bytes identical in the backing file" $?
+    # Guest RAM without an fd (plain -m): rings, SG lists and data travel as DMA_READ/DMA_WRITE messages.
+    guest_run --sid --plain-memory --quiet --test multi --log "$DIR/plain.log" --timeout 900 --bind "$DIR" \
+        --append "scsigate.tests=smoke,fio-verify scsigate.vendor=SCSIGATE scsigate.expect_serial=SGCI-PV0 scsigate.size=8M" \
+        -- -device "{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"$DIR/pv0.sock\",\"type\":\"unix\"}}"
+    check "pvscsi guest RAM without fd (DMA by message): smoke+fio-verify" $?
+    grep -a '^\[fio-verify\]' "$DIR/plain.log" | tr -d '\r' | sed 's/^/[pvscsi-plain-memory] /'
     GUEST_OPTS=(--sid --bind "$DIR")
     HOTPLUG_RESIZE=0 hotplug_run pvscsi pv0 "--target 1" \
         -device "{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"$DIR/pv0.sock\",\"type\":\"unix\"}}"

@@ -40,6 +40,9 @@ public struct PVSCSIStats: Sendable {
     public var messagesPosted = 0
     public var messagesDropped = 0
     public var interrupts = 0
+    /// ABORT_CMD / ADAPTER_RESET aborts and RESET_DEVICE / RESET_BUS resets the back-ends accepted.
+    public var backendAborts = 0
+    public var backendResets = 0
 }
 
 /// State of one request slot.
@@ -390,7 +393,11 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
     private func orphanInFlight() {
         for i in 0..<slots.count {
             switch slots[i].state {
-            case .submitted, .executing: slots[i].orphaned = true
+            case .submitted:
+                slots[i].orphaned = true
+                // Nobody waits for it any more: let a remote back-end drop it.
+                if channels[tasks[i].backendID]?.channel?.abort(token: UInt64(i)) == true { stats.backendAborts += 1 }
+            case .executing: slots[i].orphaned = true
             case .awaitingRing: release(i)
             case .free: break
             }
@@ -561,10 +568,14 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
         return written && supported
     }
 
+    /// ABORT_CMD: the request completes with BTSTAT_ABORTQUEUE; its back-end is asked to abort it (a remote
+    /// iSCSI back-end sends ABORT TASK and completes it with ECANCELED; local I/O just finishes).
     private func abortCommand(context: UInt64, target: UInt32) {
         for i in 0..<slots.count where slots[i].state == .submitted && slots[i].context == context && slots[i].target == target {
             slots[i].aborted = true
-            log("pvscsi: abort of context \(context) target \(target): completes with BTSTAT_ABORTQUEUE when its I/O returns")
+            let sent = channels[tasks[i].backendID]?.channel?.abort(token: UInt64(i)) ?? false
+            stats.backendAborts += sent ? 1 : 0
+            log("pvscsi: abort of context \(context) target \(target): \(sent ? "back-end aborting it" : "back-end cannot abort; completes") with BTSTAT_ABORTQUEUE when its I/O returns")
             return
         }
     }
@@ -588,11 +599,19 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
             luns = view.numbers.filter { UInt32($0.value) < options.maxTargets }
         }
         let nexus = ITNexus(initiator: options.initiatorID)
+        target.refresh(&view)
+        var resetBackends: [Int] = []
         for lun in luns {
             let plan = target.planTaskManagement(.logicalUnitReset, nexus: nexus, lun: lun)
             var outcome = TaskManagementOutcome()
             outcome.abortedCount = hit[UInt32(lun.value)] ?? 0
             target.finishTaskManagement(plan, outcome)
+            // The back-end's own LUN reset (remote iSCSI: LUN RESET; its in-flight I/O completes ECANCELED).
+            if let unit = view.unit(lun), !resetBackends.contains(unit.backendID),
+               let ch = channels[unit.backendID]?.channel {
+                resetBackends.append(unit.backendID)
+                if ch.resetLogicalUnit() { stats.backendResets += 1 }
+            }
         }
         log("pvscsi: \(resetTarget.map { "RESET_DEVICE target \($0)" } ?? "RESET_BUS"): \(hit.values.reduce(0, +)) request(s) in flight")
     }
