@@ -158,6 +158,17 @@ TOML
         -- -device "{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"$DIR/pv0.sock\",\"type\":\"unix\"}}"
     check "pvscsi guest RAM without fd (DMA by message): smoke+fio-verify" $?
     grep -a '^\[fio-verify\]' "$DIR/plain.log" | tr -d '\r' | sed 's/^/[pvscsi-plain-memory] /'
+    # Legacy INTx (vmw_pvscsi without MSI-X and MSI): smoke and a short fio verify; the gateway log of that
+    # run shows the INTx eventfd and no MSI-X eventfd (QEMU installs MSI-X ones only when the guest enables it).
+    local from
+    from=$(wc -l < "$DIR/gw.log")
+    guest_run --sid --quiet --test multi --log "$DIR/intx.log" --timeout 600 --bind "$DIR" \
+        --append "scsigate.tests=smoke,fio-verify scsigate.vendor=SCSIGATE scsigate.expect_serial=SGCI-PV0 scsigate.size=8M vmw_pvscsi.disable_msix=1 vmw_pvscsi.disable_msi=1" \
+        -- -device "{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"$DIR/pv0.sock\",\"type\":\"unix\"}}"
+    check "pvscsi guest with INTx (disable_msix=1 disable_msi=1): smoke+fio-verify" $?
+    tail -n +"$((from + 1))" "$DIR/gw.log" | grep -q 'interrupt eventfd for INTx' \
+        && ! tail -n +"$((from + 1))" "$DIR/gw.log" | grep -q 'interrupt eventfd for MSI-X'
+    check "pvscsi INTx run used INTx only (no MSI-X eventfd)" $?
     GUEST_OPTS=(--sid --bind "$DIR")
     HOTPLUG_RESIZE=0 hotplug_run pvscsi pv0 "--target 1" \
         -device "{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"$DIR/pv0.sock\",\"type\":\"unix\"}}"

@@ -926,6 +926,10 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
                 if fdCount > 0 { fd = fds[i]; fds[i] = -1 }
                 interrupts.assign(index: idx, vector: Int(start) + i, fd: fd)
             }
+            if fdCount > 0 {
+                let name = idx == VfioPCIIRQ.intx ? "INTx" : idx == VfioPCIIRQ.msi ? "MSI" : idx == VfioPCIIRQ.msix ? "MSI-X" : "index \(idx)"
+                log("vfio-user: interrupt eventfd for \(name) vector \(start)\(count > 1 ? "...\(start + count - 1)" : "")")
+            }
         case dataBool, dataNone:
             guard fdCount == 0 else { fail(h, EINVAL, "SET_IRQS fds without DATA_EVENTFD"); return }
             if data == dataBool && p.count < 20 + Int(count) { fail(h, EINVAL, "SET_IRQS bool array shorter than count"); return }
