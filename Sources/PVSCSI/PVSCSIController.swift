@@ -45,7 +45,7 @@ public final class PVSCSIController<Target: SCSICommandTarget, Channel: PVSCSICh
         }
         device = PVSCSIDevice(target: target, options: options, loop: loop, channelFactory: channelFactory,
                               statistics: statistics, log: log)
-        server = VfioUserServer(socketPath: socketPath, loop: loop, device: device, msixVectors: 1, log: log)
+        server = VfioUserServer(socketPath: socketPath, loop: loop, device: device, msixVectors: 1, msiVectors: 1, log: log)
         device.attach(memory: server.memory, interrupts: server.interrupts)
     }
 

@@ -209,7 +209,8 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
                                    classCode: PVSCSI.classCode, revision: PVSCSI.revision)
         configSpace = PCIConfigSpace(identity: identity, bars: [PCIBAR(size: PVSCSI.memorySpaceSize)],
                                      msix: MSIXLayout(vectors: 1, tableBAR: 0, tableOffset: PVSCSI.msixTableOffset,
-                                                      pbaBAR: 0, pbaOffset: PVSCSI.msixPBAOffset))
+                                                      pbaBAR: 0, pbaOffset: PVSCSI.msixPBAOffset),
+                                     msi: true)
         let n = Self.slotCount
         slots = Array(repeating: RequestSlot(), count: n)
         let placeholder = SCSITask(nexus: ITNexus(initiator: options.initiatorID), lun: nil, tag: 0, cdb: CDB())
@@ -276,7 +277,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
         case PVSCSI.Register.interruptMask:
             interruptMask = v & PVSCSI.interruptAll
             updateInterruptLine()
-            if interruptStatus & interruptMask != 0 && interrupts.msixActive { signalMSIX() }
+            if interruptStatus & interruptMask != 0 && messageSignalled { signalMessage() }
         case PVSCSI.Register.kickNonRWIO, PVSCSI.Register.kickRWIO:
             processRequestRing()
         case PVSCSI.Register.debug:
@@ -1256,21 +1257,25 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
         interruptStatus |= bits
         guard interruptMask & bits != 0 else { return }
         stats.interrupts += 1
-        if interrupts.msixActive {
-            signalMSIX()
+        if messageSignalled {
+            signalMessage()
         } else {
             updateInterruptLine()
         }
     }
 
-    private func signalMSIX() {
-        interrupts.signalMSIX(0)
+    /// MSI-X or MSI is in use (the client installed its eventfd): interrupts are messages, not the INTx line.
+    private var messageSignalled: Bool { interrupts.msixActive || interrupts.msiActive }
+
+    /// One message interrupt: MSI-X vector 0, else MSI vector 0 (vmw_pvscsi tries MSI-X, then MSI, then INTx).
+    private func signalMessage() {
+        if interrupts.msixActive { interrupts.signalMSIX(0) } else { interrupts.signalMSI(0) }
     }
 
     private func updateInterruptLine() {
         guard let interrupts else { return }
         let intxEnabled = configSpace.command & PCIConfigSpace.commandINTxDisable == 0
-        interrupts.setINTx(!interrupts.msixActive && intxEnabled && interruptStatus & interruptMask != 0)
+        interrupts.setINTx(!messageSignalled && intxEnabled && interruptStatus & interruptMask != 0)
     }
 
     // MARK: Messages (hotplug)

@@ -139,12 +139,13 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
     static var maxInlineMessage: Int { 64 << 10 }
 
     /// Creates a server (does not listen yet).
-    public init(socketPath: String, loop: EventLoop, device: Device, msixVectors: Int, log: @escaping VfioUserLog) {
+    public init(socketPath: String, loop: EventLoop, device: Device, msixVectors: Int, msiVectors: Int = 0,
+                log: @escaping VfioUserLog) {
         self.socketPath = socketPath
         self.loop = loop
         self.device = device
         self.memory = GuestMemory()
-        self.interrupts = InterruptController(msixVectors: msixVectors)
+        self.interrupts = InterruptController(msixVectors: msixVectors, msiVectors: msiVectors)
         self.log = log
         receiveBuffer = .allocate(byteCount: Self.maxMessageSize, alignment: 16)
         replyBuffer = .allocate(byteCount: Self.maxMessageSize, alignment: 16)

@@ -1,6 +1,7 @@
 import CSystem
 import PVSCSI
 import Testing
+import VfioUser
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -136,5 +137,29 @@ import Glibc
         #expect(try g.readRegister(PVSCSI.Register.commandStatus) == PVSCSI.commandFailed)
         #expect(f.ringsReady)
         #expect(try g.run([GuestRequest(context: 3, cdb: [0, 0, 0, 0, 0, 0])]).first?.context == 3)
+    }
+
+    /// vmw_pvscsi falls back to MSI when MSI-X is off: completions then signal the MSI eventfd (never INTx).
+    @Test func msiEventfdCarriesCompletionInterrupts() throws {
+        let f = try Fixture(useMSIX: false)
+        let g = f.guest!
+        var info = Payload()
+        info.u32(16); info.u32(0); info.u32(UInt32(VfioPCIIRQ.msi)); info.u32(0)
+        let r = try g.client.request(.deviceGetIRQInfo, info.bytes)
+        #expect(r.u32(12) == 1)  // one MSI vector
+        #expect(r.u32(4) & 0x1 != 0)  // eventfd capable
+        let msi = csys_eventfd(0, 1)
+        defer { close(msi) }
+        let dupFD = dup(msi)
+        #expect(try !g.client.setIRQs(index: UInt32(VfioPCIIRQ.msi), flags: 4 | 32, start: 0, count: 1, fds: [dupFD]).isError)
+        close(dupFD)
+        g.drainInterrupts()
+        g.place(GuestRequest(context: 8, cdb: [0, 0, 0, 0, 0, 0]))
+        try g.kick()
+        var pfd = pollfd(fd: msi, events: Int16(POLLIN), revents: 0)
+        #expect(poll(&pfd, 1, 5000) == 1)
+        #expect(g.takeCompletions().map(\.context) == [8])
+        #expect(!g.waitInterrupt(milliseconds: 50))  // INTx stayed quiet
+        #expect(f.logLines.contains("interrupt eventfd for MSI vector 0"))
     }
 }

@@ -186,4 +186,60 @@ import Glibc
         c.reset()
         #expect(!c.msixActive)
     }
+
+    @Test func msiVectorSignalsMasksAndResets() {
+        let c = InterruptController(msixVectors: 1, msiVectors: 1)
+        #expect(c.count(for: VfioPCIIRQ.msi) == 1)
+        #expect(InterruptController(msixVectors: 1).count(for: VfioPCIIRQ.msi) == 0)
+        let fd = csys_eventfd(0, 1)
+        let mine = dup(fd)
+        defer { close(mine) }
+        c.assign(index: VfioPCIIRQ.msi, vector: 0, fd: fd)
+        #expect(c.msiActive && !c.msixActive)
+        c.signalMSI(0)
+        #expect(fired(mine))
+        c.mask(index: VfioPCIIRQ.msi, vector: 0)
+        c.signalMSI(0)
+        #expect(!fired(mine))
+        c.unmask(index: VfioPCIIRQ.msi, vector: 0)
+        #expect(fired(mine))
+        c.signalMSI(1)  // out of range: ignored
+        c.disableAll(index: VfioPCIIRQ.msi)
+        #expect(!c.msiActive)
+    }
+}
+
+@Suite struct MSICapabilityTests {
+    @Test func msiCapabilityIsChainedAfterMSIXAndOnlyItsFieldsAreWritable() {
+        var s = PCIConfigSpace(identity: PCIIdentity(vendorID: 0x15AD, deviceID: 0x07C0, subsystemVendorID: 0x15AD,
+                                                     subsystemID: 0x07C0, classCode: 0x010000, revision: 2),
+                               bars: [PCIBAR(size: 0x8000)],
+                               msix: MSIXLayout(vectors: 1, tableBAR: 0, tableOffset: 0x6000, pbaBAR: 0, pbaOffset: 0x7000),
+                               msi: true)
+        #expect(s.u16(0x06) & 0x10 != 0)
+        #expect(s.u32(0x34) & 0xFF == 0x40)
+        #expect(s.u16(0x40) == 0x5011)  // MSI-X, next 0x50
+        #expect(s.u16(0x50) == 0x0005)  // MSI, end of list
+        #expect(s.u16(0x52) == 0x0080)  // 64-bit, one vector
+        #expect(!s.msiEnabled)
+        // Enable, and try to ask for 32 vectors (multiple message enable): only the enable bit sticks.
+        _ = withUnsafeBytes(of: UInt16(0x0071).littleEndian) { s.write(offset: 0x52, from: $0) }
+        #expect(s.msiEnabled)
+        #expect(s.u16(0x52) == 0x0081)
+        _ = withUnsafeBytes(of: UInt32(0xFEE0_0003).littleEndian) { s.write(offset: 0x54, from: $0) }
+        _ = withUnsafeBytes(of: UInt32(0x1).littleEndian) { s.write(offset: 0x58, from: $0) }
+        _ = withUnsafeBytes(of: UInt16(0x4041).littleEndian) { s.write(offset: 0x5C, from: $0) }
+        #expect(s.u32(0x54) == 0xFEE0_0000)  // dword aligned
+        #expect(s.u32(0x58) == 1)
+        #expect(s.u16(0x5C) == 0x4041)
+        _ = withUnsafeBytes(of: UInt16(0xFFFF).littleEndian) { s.write(offset: 0x50, from: $0) }
+        #expect(s.u16(0x50) == 0x0005)  // ID and next pointer are read-only
+        s.reset()
+        #expect(!s.msiEnabled)
+        // Without MSI-X the MSI capability heads the list.
+        let alone = PCIConfigSpace(identity: PCIIdentity(vendorID: 1, deviceID: 2, subsystemVendorID: 1, subsystemID: 2,
+                                                         classCode: 0, revision: 0),
+                                   bars: [PCIBAR(size: 0x1000)], msix: nil, msi: true)
+        #expect(alone.u32(0x34) & 0xFF == 0x50)
+    }
 }
