@@ -59,6 +59,8 @@ public struct VfioUserStats: Sendable {
     public var dmaFailures = 0
     /// Client messages handled while a DMA reply was awaited.
     public var handledDuringDMA = 0
+    /// Microseconds spent waiting for DMA replies (outermost waits).
+    public var dmaWaitMicroseconds: UInt64 = 0
 }
 
 /// A vfio-user server for one PCI device on one UNIX socket (protocol 0.1 as spoken by QEMU's
@@ -228,6 +230,10 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
     public func disconnect(reason: String) {
         guard clientFD >= 0 else { return }
         log("vfio-user: client disconnected (\(reason))")
+        if stats.dmaReads + stats.dmaWrites > 0 {
+            let n = UInt64(stats.dmaReads + stats.dmaWrites)
+            log("vfio-user: DMA by message so far: \(stats.dmaReads) reads, \(stats.dmaWrites) writes, \(stats.dmaFailures) failed, \(stats.dmaWaitMicroseconds / max(1, n)) us average wait")
+        }
         loop.unregister(fd: clientFD)
         close(clientFD)
         clientFD = -1
@@ -362,6 +368,12 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
         return true
     }
 
+    private static func monotonicMicroseconds() -> UInt64 {
+        var t = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &t)
+        return UInt64(t.tv_sec) * 1_000_000 + UInt64(t.tv_nsec) / 1000
+    }
+
     private static func monotonicMilliseconds() -> Int64 {
         var t = timespec()
         clock_gettime(CLOCK_MONOTONIC, &t)
@@ -402,7 +414,9 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
         }
         let me = waiters.count
         waiters.append((id: id, command: command.rawValue, address: address, count: count, buffer: buffer, state: 0))
+        let started = me == 0 ? Self.monotonicMicroseconds() : 0
         defer {
+            if me == 0 { stats.dmaWaitMicroseconds &+= Self.monotonicMicroseconds() &- started }
             waiters.removeLast()
             if waiters.isEmpty && (postponedMemoryChange || postponedQuiesce || pendingDisconnect != nil || memory.holdUnmaps) {
                 schedulePostponedWork()
