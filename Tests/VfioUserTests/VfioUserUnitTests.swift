@@ -58,6 +58,70 @@ import Glibc
     }
 }
 
+@Suite struct GuestMemoryRemoteTests {
+    func memfd(_ size: Int) -> Int32 {
+        let fd = csys_memfd_create("gm", 0)
+        _ = ftruncate(fd, off_t(size))
+        return fd
+    }
+
+    @Test func fdLessWindowsGoThroughTheRemoteAccessorPieceByPiece() throws {
+        let m = GuestMemory()
+        // [0x10000, 0x11000) mapped, [0x11000, 0x13000) without fd (served from `backing`), adjacent.
+        try m.map(address: 0x10000, size: 0x1000, fileOffset: 0, readable: true, writable: true, fd: memfd(0x1000))
+        try m.map(address: 0x11000, size: 0x2000, fileOffset: 0, readable: true, writable: true, fd: -1)
+        #expect(m.remoteRegionCount == 1)
+        var backing = [UInt8](repeating: 0, count: 0x2000)
+        var calls: [(UInt64, Int)] = []
+        let remote = RemoteDMA(read: { address, buffer in
+            calls.append((address, buffer.count))
+            let o = Int(address - 0x11000)
+            for i in 0..<buffer.count { buffer[i] = backing[o + i] }
+            return true
+        }, write: { address, buffer in
+            calls.append((address, buffer.count))
+            let o = Int(address - 0x11000)
+            for i in 0..<buffer.count { backing[o + i] = buffer[i] }
+            return true
+        })
+        // Without an accessor, fd-less memory is unreachable.
+        let src = [UInt8](0..<32)
+        #expect(!src.withUnsafeBytes { m.write(0x10FF0, from: $0) })
+        m.remote = remote
+        #expect(src.withUnsafeBytes { m.write(0x10FF0, from: $0) })
+        #expect(calls.count == 1 && calls[0].0 == 0x11000 && calls[0].1 == 16)
+        #expect(Array(backing[0..<16]) == Array(src[16..<32]))
+        var back = [UInt8](repeating: 0, count: 32)
+        #expect(back.withUnsafeMutableBytes { m.read(0x10FF0, into: $0) })
+        #expect(back == src)
+        // Pointer translation never hands out fd-less memory; isRemote and forEachRange tell them apart.
+        #expect(m.translate(0x11000, length: 16, write: false) == nil)
+        #expect(m.isRemote(0x11000, length: 0x2000, write: true))
+        #expect(!m.isRemote(0x10000, length: 16, write: false))
+        #expect(!m.isRemote(0x12FFF, length: 2, write: false))  // runs past the window
+        var kinds: [Bool] = []
+        #expect(m.forEachRange(0x10800, length: 0x1000, write: false) { host, _, _ in kinds.append(host != nil); return true })
+        #expect(kinds == [true, false])
+        // A failing accessor fails the access.
+        m.remote = RemoteDMA(read: { _, _ in false }, write: { _, _ in false })
+        #expect(!back.withUnsafeMutableBytes { m.read(0x11000, into: $0) })
+        try m.unmap(address: 0x11000, size: 0x2000)
+        #expect(m.remoteRegionCount == 0)
+    }
+
+    @Test func heldUnmapsStayMappedUntilReleased() throws {
+        let m = GuestMemory()
+        try m.map(address: 0x10000, size: 0x1000, fileOffset: 0, readable: true, writable: true, fd: memfd(0x1000))
+        let p = try #require(m.translate(0x10000, length: 4, write: true))
+        m.holdUnmaps = true
+        try m.unmap(address: 0x10000, size: 0x1000)
+        #expect(m.translate(0x10000, length: 4, write: true) == nil)
+        p.storeBytes(of: UInt32(7), as: UInt32.self)  // still mapped in this process: no fault
+        m.holdUnmaps = false
+        m.releaseHeldUnmaps()
+    }
+}
+
 @Suite struct PCIConfigSpaceTests {
     func space() -> PCIConfigSpace {
         PCIConfigSpace(identity: PCIIdentity(vendorID: 0x15AD, deviceID: 0x07C0, subsystemVendorID: 0x15AD, subsystemID: 0x07C0,
