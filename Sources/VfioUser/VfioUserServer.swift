@@ -460,7 +460,9 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
             let payload = Int(h.size) - VfioUserHeader.size
             if h.isReply {
                 closeFDs(dmaFDs, received)
-                guard payload <= Self.maxMessageSize, readInto(dmaBuffer.baseAddress!, payload) else {
+                // A DMA_READ reply holds at most 16 + dmaChunk bytes: anything longer is garbage (never copied
+                // past the buffer).
+                guard payload <= dmaBuffer.count, readInto(dmaBuffer.baseAddress!, payload) else {
                     return brokenStream("oversized or truncated reply (\(h.size) bytes)")
                 }
                 completeWaiter(h, payload: payload)

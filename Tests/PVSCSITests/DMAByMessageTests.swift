@@ -174,6 +174,22 @@ import Glibc
         #expect(try g.client.read32(7, 0) == 0x07C0_15AD)
     }
 
+    @Test func anOversizedReplyIsNeverCopiedAndDropsTheClient() throws {
+        let f = try Fixture(withoutFD: true)
+        let g = f.guest!
+        g.client.dmaServing = .oversized
+        g.place(GuestRequest(context: 1, cdb: [0, 0, 0, 0, 0, 0]))
+        try g.kick()
+        try? g.client.pump(milliseconds: 300)
+        #expect(f.logLines.contains("oversized or truncated reply"))
+        var waited = 0
+        while f.clientConnected && waited < 200 { usleep(10_000); waited += 1 }
+        #expect(!f.clientConnected)  // the stream cannot be trusted any more
+        let c = try VfioUserTestClient(path: f.path)
+        #expect(try !c.negotiateVersion().isError)
+        #expect(try c.read32(7, 0) == 0x07C0_15AD)
+    }
+
     @Test func clientRequestsDuringADMAWaitAreHandledAtOnceInOrder() throws {
         let f = try Fixture(withoutFD: true)
         let g = f.guest!

@@ -34,6 +34,8 @@ enum DMAServing {
     case garbage
     /// Answer with an error reply (EFAULT).
     case refuse
+    /// Answer with a reply far longer than any DMA reply may be (1 MiB + 4 KiB of payload).
+    case oversized
 }
 
 /// A minimal blocking vfio-user client (the role QEMU's vfio-user-pci plays). It serves the server's
@@ -169,6 +171,10 @@ final class VfioUserTestClient {
         switch dmaServing {
         case .ignore: return
         case .refuse: sendRaw(replyHeader(16, error: UInt32(EFAULT))); return
+        case .oversized:
+            let payload = [UInt8](repeating: 0xAB, count: (1 << 20) + 4096)
+            sendRaw(replyHeader(16 + payload.count) + payload)
+            return
         case .garbage:
             var p = Payload()
             p.u64(address); p.u64(UInt64(count))
