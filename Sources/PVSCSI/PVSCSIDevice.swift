@@ -722,7 +722,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
         if bounced && segments == nil { segments = .allocate(capacity: Self.slotCount * Self.iovecsPerSlot) }
         while available > 0, !freeSlots.isEmpty {
             let descriptor = readRequest(requestConsumer & (requestEntries - 1))
-            guard generation == ringsGeneration else { return }
+            guard generation == ringsGeneration else { break }  // rings replaced during a DMA wait
             guard let descriptor else {
                 log("pvscsi: request descriptor not readable (DMA by message failed)")
                 break
@@ -742,11 +742,11 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
             store32(PVSCSI.RingsState.requestConsumer, requestConsumer)
             guard generation == ringsGeneration else {
                 freeSlots.append(slot)
-                return
+                break
             }
             stats.requests += 1
             start(slot, descriptor)
-            guard generation == ringsGeneration else { return }
+            guard generation == ringsGeneration else { break }
         }
         commitChannels()
         raiseCompletionInterruptIfNeeded()
