@@ -71,6 +71,14 @@ public struct VfioUserStats: Sendable {
 /// Every field of every message is checked: a malformed message gets an error reply carrying an errno
 /// and a log line; a message whose framing cannot be trusted (size below the header, oversized) also
 /// closes the connection. No guest memory outside a DMA window is ever touched.
+///
+/// DMA windows sent without an fd (QEMU with plain `-m` RAM, and its ROM/VRAM windows) are reached with
+/// VFIO_USER_DMA_READ / VFIO_USER_DMA_WRITE requests (`GuestMemory.remote`), in chunks of the smaller
+/// max_data_xfer_size. Each waits at most `dmaTimeoutMilliseconds`; client messages arriving meanwhile are
+/// handled at once and in order (nested waits allowed; memory-map side effects on the device put off until
+/// no wait is in progress), and a synchronous BAR write is acknowledged before the device waits for DMA
+/// (QEMU answers DMA only once that vCPU let go of its lock). A timeout, a malformed reply or a broken
+/// stream marks DMA broken (those accesses fail at once) until DEVICE_RESET or a new client.
 public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
     /// Protocol version this server speaks.
     public static var majorVersion: UInt16 { 0 }
