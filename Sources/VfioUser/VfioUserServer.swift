@@ -137,6 +137,9 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
     /// once the current message or callback is finished.
     private var pendingDisconnect: String? = nil
     private var inDMAWait: Bool { !waiters.isEmpty }
+    /// A DMA wait read from the socket: a readiness the loop reported before may be stale (the message was
+    /// handled inline), so the next `clientReadable` checks before its blocking receive.
+    private var socketReadDuringWait = false
     /// The memfd offered as the synchronous-writes page (see `VfioUserDevice.synchronousWritesPage`).
     private var syncPageFD: Int32 = -1
     /// Whether the last GET_REGION_INFO offered the mappable page (QEMU then sends BAR writes synchronously).
@@ -294,6 +297,11 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
     private func clientReadable(_ events: FDEvents) {
         guard clientFD >= 0 else { return }
         runPostponedWork()
+        if socketReadDuringWait {
+            socketReadDuringWait = false
+            var pfd = pollfd(fd: clientFD, events: Int16(POLLIN), revents: 0)
+            guard clientFD >= 0, poll(&pfd, 1, 0) > 0 else { return }
+        }
         receiveOne()
         runPostponedWork()
     }
@@ -445,6 +453,7 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
             if ready == 0 { continue }
             if ready < 0 { return brokenStream("poll failed during DMA") }
             // One message header (with any fds it carries).
+            socketReadDuringWait = true
             var nfds: Int32 = 0
             var truncated: Int32 = 0
             let n = withUnsafeMutableBytes(of: &header) { raw in
