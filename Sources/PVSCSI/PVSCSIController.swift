@@ -58,7 +58,8 @@ public final class PVSCSIController<Target: SCSICommandTarget, Channel: PVSCSICh
     /// device then reads rings and data through mmap'ed DMA windows (zero copy) and, with
     /// `PVSCSIOptions.synchronousRegisterWrites`, makes QEMU send register writes synchronously so that CONFIG
     /// (more than 16 targets) works. Plain `-m` RAM (no fd) also works, through DMA_READ/DMA_WRITE messages and
-    /// bounce buffers, slower and limited to 16 targets.
+    /// bounce buffers (copies and about 7 round trips per request; a 4 KiB fio verify under TCG took 4.4 s
+    /// against 3.2 s with shared RAM), limited to 16 targets (the CONFIG page is not host-mapped).
     public var qemuArguments: [String] {
         ["-object", "memory-backend-memfd,id=mem0,size=<RAM>,share=on", "-machine", "memory-backend=mem0",
          "-device", "'" + Self.qemuDeviceArgument(socketPath: socketPath) + "'"]

@@ -857,8 +857,7 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
         let info = regionInfo(Int(index))
         // The synchronous-writes page: a sparse mmap area (one page of a private memfd) in that BAR. Also with
         // guest memory reached by DMA messages: a synchronous write is acknowledged early when the device needs
-        // DMA meanwhile (no deadlock); posted writes were not faster there (4-16 ms per 4 KiB fio request either
-        // way under TCG on shared cores, too noisy to rank).
+        // DMA meanwhile (no deadlock).
         var area: UInt64? = nil
         if let page = device.synchronousWritesPage, page.bar == Int(index), info.size > 0,
            page.offset % 4096 == 0, page.offset + 4096 <= info.size, preparedSyncPage(size: page.offset + 4096) {
