@@ -58,7 +58,7 @@ let package = Package(
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "BlockIO", "CSystem"]),
         .testTarget(name: "VhostUserTests", dependencies: ["VhostUser", "Virtio", "SCSI", "BlockIO", "CSystem", "Backends", "Gateway", "ISCSIBackend"]),
         .testTarget(name: "VfioUserTests", dependencies: ["VfioUser", "CSystem"]),
-        .testTarget(name: "PVSCSITests", dependencies: ["PVSCSI", "VfioUser", "SCSI", "BlockIO", "Backends", "Gateway", "CSystem"]),
+        .testTarget(name: "PVSCSITests", dependencies: ["PVSCSI", "VfioUser", "SCSI", "BlockIO", "Backends", "Gateway", "CSystem", "ISCSIBackend"]),
         .testTarget(name: "GatewayTests", dependencies: ["Gateway", "SCSI", "Backends"]),
     ],
     swiftLanguageModes: [.v6]

@@ -124,6 +124,7 @@ suite_pvscsi() {
 name = "pv0"
 transport = "pvscsi"
 socket = "$DIR/pv0.sock"
+max_targets = 24
 
 [[controller.lun]]
 target = 0
@@ -143,12 +144,55 @@ TOML
     conformance_check pvscsi "$DIR/guest.log"
     report_iops pvscsi "$DIR/guest.log"
     bash "$HERE/check-pattern.sh" "$DIR/guest.log" "$DIR/pv0.img"; check "pvscsi bytes identical in the backing file" $?
+    pvscsi_variants
     GUEST_OPTS=(--sid --bind "$DIR")
     HOTPLUG_RESIZE=0 hotplug_run pvscsi pv0 "--target 1" \
         -device "{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"$DIR/pv0.sock\",\"type\":\"unix\"}}"
     cycles_with_guest pvscsi pv0 "--target 2" \
         -device "{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"$DIR/pv0.sock\",\"type\":\"unix\"}}"
     stop_gateway; check "pvscsi gateway drains and exits 0 on SIGTERM" $?
+}
+
+# pvscsi_variants: the same gateway with other guest set-ups. Each prints its figures and counts as checks.
+pvscsi_variants() {
+    local dev="{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"$DIR/pv0.sock\",\"type\":\"unix\"}}"
+    local from
+    # A LUN at target 20 is visible only if the CONFIG command answered (max_targets 24): the adapter makes
+    # QEMU send register writes synchronously, so the default command line (no x-no-posted-writes) works.
+    cli lun add pv0 --target 20 --backend file --path "$DIR/pv20.img" --size 64M --create --serial SGCI-PV20 >/dev/null
+    check "pvscsi CLI lun add at target 20" $?
+    guest_run --sid --quiet --test smoke --log "$DIR/target20.log" --timeout 300 --bind "$DIR" \
+        --append "scsigate.vendor=SCSIGATE" -- -device "$dev"
+    grep -aq 'serial=SGCI-PV20' "$DIR/target20.log"
+    check "pvscsi CONFIG answered on the default QEMU command line (target 20 visible)" $?
+    cli lun remove pv0 --target 20 >/dev/null; check "pvscsi CLI lun remove at target 20" $?
+    # Guest RAM without an fd (plain -m): rings, SG lists and data travel as DMA_READ/DMA_WRITE messages.
+    from=$(wc -l < "$DIR/gw.log")
+    guest_run --sid --plain-memory --quiet --test multi --log "$DIR/plain.log" --timeout 900 --bind "$DIR" \
+        --append "scsigate.tests=smoke,fio-verify scsigate.vendor=SCSIGATE scsigate.expect_serial=SGCI-PV0 scsigate.size=8M" \
+        -- -device "$dev"
+    check "pvscsi guest RAM without fd (DMA by message): smoke+fio-verify" $?
+    grep -a '^\[fio-verify\] fio' "$DIR/plain.log" | tr -d '\r' | sed 's/^/[pvscsi-plain-memory] /'
+    tail -n +"$((from + 1))" "$DIR/gw.log" | grep -a 'DMA by message so far' | tail -1 | sed 's/^.*vfio-user: /[pvscsi-plain-memory] /'
+    # Legacy INTx (vmw_pvscsi without MSI-X and MSI), then MSI (without MSI-X): smoke and a short fio verify each;
+    # the gateway log of the run shows which eventfd the client installed (QEMU adds MSI/MSI-X ones only when
+    # the guest enables them; the INTx one always).
+    from=$(wc -l < "$DIR/gw.log")
+    guest_run --sid --quiet --test multi --log "$DIR/intx.log" --timeout 600 --bind "$DIR" \
+        --append "scsigate.tests=smoke,fio-verify scsigate.vendor=SCSIGATE scsigate.expect_serial=SGCI-PV0 scsigate.size=8M vmw_pvscsi.disable_msix=1 vmw_pvscsi.disable_msi=1" \
+        -- -device "$dev"
+    check "pvscsi guest with INTx (disable_msix=1 disable_msi=1): smoke+fio-verify" $?
+    tail -n +"$((from + 1))" "$DIR/gw.log" | grep -q 'interrupt eventfd for INTx' \
+        && ! tail -n +"$((from + 1))" "$DIR/gw.log" | grep -q 'interrupt eventfd for MSI'
+    check "pvscsi INTx run used INTx only (no MSI or MSI-X eventfd)" $?
+    from=$(wc -l < "$DIR/gw.log")
+    guest_run --sid --quiet --test multi --log "$DIR/msi.log" --timeout 600 --bind "$DIR" \
+        --append "scsigate.tests=smoke,fio-verify scsigate.vendor=SCSIGATE scsigate.expect_serial=SGCI-PV0 scsigate.size=8M vmw_pvscsi.disable_msix=1" \
+        -- -device "$dev"
+    check "pvscsi guest with MSI (disable_msix=1): smoke+fio-verify" $?
+    tail -n +"$((from + 1))" "$DIR/gw.log" | grep -q 'interrupt eventfd for MSI vector' \
+        && ! tail -n +"$((from + 1))" "$DIR/gw.log" | grep -q 'interrupt eventfd for MSI-X'
+    check "pvscsi MSI run used MSI (no MSI-X eventfd)" $?
 }
 
 # hotplug_run NAME CONTROLLER ADDRESS-ARGS QEMU-ARGS...: while a guest runs, add a LUN with the CLI, see it

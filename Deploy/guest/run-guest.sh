@@ -8,6 +8,8 @@
 #   --log FILE        console log (default /tmp/scsigate-guest-NAME-<time>.log)
 #   --timeout SECS    kill QEMU after SECS (default 600)
 #   --memory MiB      guest RAM in MiB, memfd share=on (default 1024)
+#   --plain-memory    guest RAM without an fd (plain -m, no memory backend): a vfio-user device then
+#                     reaches it through DMA_READ/DMA_WRITE messages (vhost-user cannot work this way)
 #   --smp N           vCPUs (default 1)
 #   --machine TYPE    QEMU machine (default pc)
 #   --sid             run QEMU from the sid chroot (QEMU >= 10.1, vfio-user-pci); the kernel,
@@ -26,7 +28,7 @@ set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 . "$HERE/lib.sh"
 
-test= log= timeout=600 mem=1024 smp=1 machine=pc sid=0 qemu=qemu-system-x86_64 quiet=0
+test= log= timeout=600 mem=1024 smp=1 machine=pc sid=0 qemu=qemu-system-x86_64 quiet=0 plainmem=0
 append=() binds=() qargs=()
 while [ $# -gt 0 ]; do
     case $1 in
@@ -35,6 +37,7 @@ while [ $# -gt 0 ]; do
         --log) log=$2; shift ;;
         --timeout) timeout=$2; shift ;;
         --memory) mem=$2; shift ;;
+        --plain-memory) plainmem=1 ;;
         --smp) smp=$2; shift ;;
         --machine) machine=$2; shift ;;
         --sid) sid=1 ;;
@@ -42,7 +45,7 @@ while [ $# -gt 0 ]; do
         --qemu) qemu=$2; shift ;;
         --quiet) quiet=1 ;;
         --) shift; qargs=("$@"); break ;;
-        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
         *) sg_die "unknown argument: $1 (QEMU arguments go after --)" ;;
     esac
     shift
@@ -61,8 +64,10 @@ mkdir -p "$(dirname "$log")"
 : > "$log"
 
 cmdline="console=ttyS0 panic=-1 quiet scsi_mod.scan=sync scsigate.test=$test ${append[*]:-}"
+memargs=(-object "memory-backend-memfd,id=mem,size=${mem}M,share=on" -numa node,memdev=mem)
+[ $plainmem = 1 ] && memargs=()
 cmd=("$qemu" -accel tcg -cpu max -machine "$machine" -m "${mem}M" -smp "$smp"
-     -object "memory-backend-memfd,id=mem,size=${mem}M,share=on" -numa node,memdev=mem
+     "${memargs[@]}"
      -nographic -no-reboot -nic none
      -kernel "$VMLINUZ" -initrd "$INITRD" -append "$cmdline"
      "${qargs[@]}")

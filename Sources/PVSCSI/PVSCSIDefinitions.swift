@@ -82,6 +82,8 @@ public enum PVSCSI {
     /// Config pages.
     public static let configPageController: UInt32 = 0x1958
     public static let configControllerAddress: UInt32 = 0x2120
+    /// PVSCSIConfigPageController: 16-byte header, nodeWWN, 5 UTF-16 strings (64+64+32+32+32 units), numPhys, flags.
+    public static let configPageControllerSize = 16 + 8 + 2 * (64 + 64 + 32 + 32 + 32) + 4 + 4
 
     /// Offsets inside the rings state page.
     public enum RingsState {

@@ -11,8 +11,8 @@ import Glibc
 public struct PVSCSIOptions: Sendable {
     /// Targets the adapter reports in its controller config page (`numPhys`); Linux scans targets
     /// 0..<maxTargets, LUN 0 each. LUN n of the SCSI target is exposed as PVSCSI target n, LUN 0.
-    /// The page is only answered when QEMU does not post BAR writes (`x-no-posted-writes=on`, see
-    /// `PVSCSIDevice` CONFIG); otherwise Linux assumes 16 targets, so LUNs 16 and above stay invisible.
+    /// The page is only answered for a synchronous COMMAND_DATA write (`synchronousRegisterWrites` with
+    /// fd-backed guest memory, or QEMU's `x-no-posted-writes`); otherwise Linux assumes 16 targets.
     public var maxTargets: UInt32 = 16
     /// Largest data length of one request (bytes).
     public var maxTransferBytes: UInt64 = 64 << 20
@@ -20,6 +20,15 @@ public struct PVSCSIOptions: Sendable {
     public var maxSGElements = 2048
     /// Initiator identifier used for the I_T nexus of this adapter.
     public var initiatorID: UInt64 = 1
+    /// Offer BAR0's unused page 5 to the client as a mappable area, which makes QEMU's vfio-user client send
+    /// register writes synchronously (see `VfioUserDevice.synchronousWritesPage`): Linux reads the CONFIG page
+    /// right after its last COMMAND_DATA write, so only then can CONFIG answer (`maxTargets` above 16; the page
+    /// must also be in fd-backed guest memory). Costs a round trip per kick (4 KiB randread under TCG: 2.2-2.6k
+    /// IOPS). Off: writes stay posted, Linux assumes 16 targets.
+    public var synchronousRegisterWrites = true
+    /// Bytes of bounce buffer for guest memory the client exported without an fd (reached with DMA_READ/WRITE
+    /// messages), allocated on first use; a request waits on the ring while too little is free.
+    public var bounceBufferBytes = 16 << 20
     public init() {}
 }
 
@@ -32,6 +41,9 @@ public struct PVSCSIStats: Sendable {
     public var messagesPosted = 0
     public var messagesDropped = 0
     public var interrupts = 0
+    /// ABORT_CMD / ADAPTER_RESET aborts and RESET_DEVICE / RESET_BUS resets the back-ends accepted.
+    public var backendAborts = 0
+    public var backendResets = 0
 }
 
 /// State of one request slot.
@@ -58,6 +70,10 @@ struct RequestSlot {
     var resetHit = false
     /// The rings it came from are gone (adapter reset): drop its completion.
     var orphaned = false
+    /// Bounce chunks holding its data (guest memory without an fd); its iovecs point at them and its guest
+    /// ranges are in the segment table.
+    var bounceChunks = 0
+    var segmentCount = 0
     /// Nested resume depth guard.
     var resubmits = 0
     // Completion awaiting room on the completion ring.
@@ -101,6 +117,8 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
     private var commandWords: [UInt32] = Array(repeating: 0, count: 136)
     private var commandWordCount = 0
     private var commandWordsNeeded = 0
+    /// Counts COMMAND writes (see `writeCommandData`).
+    private var commandSequence = 0
     public private(set) var commandStatus: UInt32 = 0
     public private(set) var interruptStatus: UInt32 = 0
     public private(set) var interruptMask: UInt32 = 0
@@ -114,6 +132,10 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
     private var requestPages: [UnsafeMutableRawPointer?] = Array(repeating: nil, count: PVSCSI.maxRingPages)
     private var completionPages: [UnsafeMutableRawPointer?] = Array(repeating: nil, count: PVSCSI.maxRingPages)
     private var messagePages: [UnsafeMutableRawPointer?] = Array(repeating: nil, count: PVSCSI.maxMessageRingPages)
+    /// Local copies of ring pages that live in fd-less guest memory (slot 0: rings state, 1...32 request,
+    /// 33...64 completion, 65...80 message); each access is mirrored with DMA_READ/DMA_WRITE.
+    private let shadowPages: UnsafeMutableRawPointer
+    private static var shadowPageCount: Int { 1 + 2 * PVSCSI.maxRingPages + PVSCSI.maxMessageRingPages }
     private var requestPageCount = 0
     private var completionPageCount = 0
     private var messagePageCount = 0
@@ -141,6 +163,21 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
     private var awaitingRing: [Int]
     private var awaitingRingHead = 0
     private let iovecs: IOVectorStorage
+    // DMA by message: bounce chunks and each bounced request's guest ranges (allocated on first use).
+    static var bounceChunkSize: Int { 64 << 10 }
+    private var bouncePool: UnsafeMutableRawPointer? = nil
+    private var freeChunks: [Int] = []
+    private var totalChunks = 0
+    private var segments: UnsafeMutablePointer<(UInt64, Int)>? = nil
+    /// A request waits on the ring for bounce chunks.
+    private var bounceStalled = false
+    /// Device work that may wait for DMA by message is in progress (the server then handles client messages
+    /// meanwhile): a kick arriving then is only noted, and the ring is processed once that work is over.
+    private var work = 0
+    private var kickPending = false
+    /// Changes whenever the rings are dropped, set up, attached or detached: work interrupted by a DMA wait
+    /// checks it and stops when a client message handled meanwhile (ADAPTER_RESET, SETUP_RINGS) replaced them.
+    private var ringsGeneration = 0
     private var view = LUNMapView()
     private var channels: [Int: BackendChannel<Channel>] = [:]
     /// Entries of `channels` marked `retiring` and not yet closed.
@@ -173,7 +210,8 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
                                    classCode: PVSCSI.classCode, revision: PVSCSI.revision)
         configSpace = PCIConfigSpace(identity: identity, bars: [PCIBAR(size: PVSCSI.memorySpaceSize)],
                                      msix: MSIXLayout(vectors: 1, tableBAR: 0, tableOffset: PVSCSI.msixTableOffset,
-                                                      pbaBAR: 0, pbaOffset: PVSCSI.msixPBAOffset))
+                                                      pbaBAR: 0, pbaOffset: PVSCSI.msixPBAOffset),
+                                     msi: true)
         let n = Self.slotCount
         slots = Array(repeating: RequestSlot(), count: n)
         let placeholder = SCSITask(nexus: ITNexus(initiator: options.initiatorID), lun: nil, tag: 0, cdb: CDB())
@@ -184,6 +222,19 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
         channelsToCommit.reserveCapacity(8)
         reaped.reserveCapacity(n)
         iovecs = IOVectorStorage(capacity: n * Self.iovecsPerSlot)
+        shadowPages = .allocate(byteCount: Self.shadowPageCount * 4096, alignment: 4096)
+        shadowPages.initializeMemory(as: UInt8.self, repeating: 0, count: Self.shadowPageCount * 4096)
+    }
+
+    deinit {
+        shadowPages.deallocate()
+        bouncePool?.deallocate()
+        segments?.deallocate()
+    }
+
+    /// BAR0 page 5 (the second kick page, which no driver touches): see `PVSCSIOptions.synchronousRegisterWrites`.
+    public var synchronousWritesPage: (bar: Int, offset: UInt64)? {
+        options.synchronousRegisterWrites ? (bar: 0, offset: 5 * 4096) : nil
     }
 
     /// Connects the device to the server's guest memory and interrupt lines.
@@ -227,7 +278,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
         case PVSCSI.Register.interruptMask:
             interruptMask = v & PVSCSI.interruptAll
             updateInterruptLine()
-            if interruptStatus & interruptMask != 0 && interrupts.msixActive { signalMSIX() }
+            if interruptStatus & interruptMask != 0 && messageSignalled { signalMessage() }
         case PVSCSI.Register.kickNonRWIO, PVSCSI.Register.kickRWIO:
             processRequestRing()
         case PVSCSI.Register.debug:
@@ -240,6 +291,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
     // MARK: Commands
 
     private func writeCommand(_ value: UInt32) {
+        commandSequence &+= 1
         commandWordCount = 0
         currentCommand = nil
         guard let command = PVSCSI.Command(rawValue: value) else {
@@ -279,7 +331,10 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
         commandWordCount += 1
         if commandWordCount == commandWordsNeeded {
             currentCommand = nil
-            commandStatus = execute(command, posted: posted)
+            let sequence = commandSequence
+            let status = execute(command, posted: posted)
+            // A command written while this one waited for DMA by message owns the status register now.
+            if sequence == commandSequence { commandStatus = status }
         }
     }
 
@@ -308,9 +363,16 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
             // the driver then falls back to 16 targets.
             if posted {
                 if !loggedPostedConfig {
-                    log("pvscsi: CONFIG arrived as a posted write: not answered (the guest no longer waits for it); the driver assumes 16 targets. Use x-no-posted-writes=on for the controller config page")
+                    log("pvscsi: CONFIG arrived as a posted write: not answered (the guest no longer waits for it); the driver assumes 16 targets. Synchronous writes need fd-backed guest memory (memory-backend-memfd share=on) or x-no-posted-writes")
                     loggedPostedConfig = true
                 }
+                return PVSCSI.commandFailed
+            }
+            // The page must be host-mapped: a DMA_WRITE would let the server acknowledge the write first
+            // (see VfioUserServer), and the guest would read (and free) the page before the answer landed.
+            let completion = word64(0)
+            guard memory.translate(completion, length: UInt64(PVSCSI.configPageControllerSize), write: true) != nil else {
+                log("pvscsi: CONFIG page 0x\(String(completion, radix: 16)) is not in fd-backed guest memory: not answered; the driver assumes 16 targets")
                 return PVSCSI.commandFailed
             }
             return configCommand() ? PVSCSI.commandSucceeded : PVSCSI.commandFailed
@@ -333,7 +395,11 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
     private func orphanInFlight() {
         for i in 0..<slots.count {
             switch slots[i].state {
-            case .submitted, .executing: slots[i].orphaned = true
+            case .submitted:
+                slots[i].orphaned = true
+                // Nobody waits for it any more: let a remote back-end drop it.
+                if channels[tasks[i].backendID]?.channel?.abort(token: UInt64(i)) == true { stats.backendAborts += 1 }
+            case .executing: slots[i].orphaned = true
             case .awaitingRing: release(i)
             case .free: break
             }
@@ -343,6 +409,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
     }
 
     private func dropRings() {
+        ringsGeneration &+= 1
         ringsConfigured = false
         ringsState = nil
         requestPageCount = 0
@@ -357,10 +424,32 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
         loggedRingError = false
     }
 
-    /// A page-aligned guest page, or nil when the PPN is out of range or not mapped with the access.
-    private func page(_ ppn: UInt64, write: Bool) -> UnsafeMutableRawPointer? {
+    /// A page-aligned guest page: its host mapping, or shadow page `shadow` when it lies in fd-less guest memory
+    /// (reachable by DMA messages, read and write); nil when the PPN is out of range or not mapped with the access.
+    private func page(_ ppn: UInt64, write: Bool, shadow: Int) -> UnsafeMutableRawPointer? {
         guard ppn < (UInt64(1) << 52) else { return nil }
-        return memory.translate(ppn << 12, length: PVSCSI.pageSize, write: write)
+        if let p = memory.translate(ppn << 12, length: PVSCSI.pageSize, write: write) { return p }
+        guard memory.isRemote(ppn << 12, length: PVSCSI.pageSize, write: write),
+              memory.isRemote(ppn << 12, length: PVSCSI.pageSize, write: false) else { return nil }
+        return shadowPages + shadow * 4096
+    }
+
+    @inline(__always) private func isShadow(_ p: UnsafeMutableRawPointer) -> Bool {
+        p >= shadowPages && p < shadowPages + Self.shadowPageCount * 4096
+    }
+
+    /// Refreshes `count` bytes of a shadow ring page from guest memory (no-op for mapped pages).
+    @inline(__always) private func pull(_ p: UnsafeMutableRawPointer, ppn: UInt64, offset: Int, count: Int) -> Bool {
+        guard isShadow(p) else { return true }
+        return memory.read((ppn << 12) + UInt64(offset), into: UnsafeMutableRawBufferPointer(start: p + offset, count: count))
+    }
+
+    /// Copies `count` bytes of a shadow ring page out to guest memory (no-op for mapped pages).
+    @inline(__always) private func push(_ p: UnsafeMutableRawPointer, ppn: UInt64, offset: Int, count: Int) -> Bool {
+        guard isShadow(p) else { return true }
+        let ok = memory.write((ppn << 12) + UInt64(offset), from: UnsafeRawBufferPointer(start: p + offset, count: count))
+        if !ok { stats.ringErrors += 1 }
+        return ok
     }
 
     private static func validPageCount(_ n: UInt32, max: Int) -> Bool {
@@ -377,13 +466,13 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
         let statePPN = word64(2)
         var newReq: [UnsafeMutableRawPointer?] = Array(repeating: nil, count: PVSCSI.maxRingPages)
         var newCmp: [UnsafeMutableRawPointer?] = Array(repeating: nil, count: PVSCSI.maxRingPages)
-        guard let state = page(statePPN, write: true) else {
+        guard let state = page(statePPN, write: true, shadow: 0) else {
             log("pvscsi: SETUP_RINGS rejected: rings state PPN 0x\(String(statePPN, radix: 16)) not in mapped guest memory")
             return false
         }
         for i in 0..<Int(reqPages) {
             let ppn = word64(4 + 2 * i)
-            guard let p = page(ppn, write: false) else {
+            guard let p = page(ppn, write: false, shadow: 1 + i) else {
                 log("pvscsi: SETUP_RINGS rejected: request ring PPN[\(i)] 0x\(String(ppn, radix: 16)) not in mapped guest memory")
                 return false
             }
@@ -392,7 +481,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
         }
         for i in 0..<Int(cmpPages) {
             let ppn = word64(4 + 2 * PVSCSI.maxRingPages + 2 * i)
-            guard let p = page(ppn, write: true) else {
+            guard let p = page(ppn, write: true, shadow: 1 + PVSCSI.maxRingPages + i) else {
                 log("pvscsi: SETUP_RINGS rejected: completion ring PPN[\(i)] 0x\(String(ppn, radix: 16)) not in mapped guest memory")
                 return false
             }
@@ -410,6 +499,9 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
         completionPageCount = Int(cmpPages)
         requestEntries = reqPages * UInt32(4096 / PVSCSI.requestDescriptorSize)
         completionEntries = cmpPages * UInt32(4096 / PVSCSI.completionDescriptorSize)
+        // The outcome is known: publish it before the ring-state writes, which may be DMA messages during which
+        // the client's register reads are answered.
+        commandStatus = PVSCSI.commandSucceeded
         store32(PVSCSI.RingsState.requestEntriesLog2, UInt32(requestEntries.trailingZeroBitCount))
         store32(PVSCSI.RingsState.completionEntriesLog2, UInt32(completionEntries.trailingZeroBitCount))
         store32(PVSCSI.RingsState.requestConsumer, 0)
@@ -431,7 +523,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
         var newPages: [UnsafeMutableRawPointer?] = Array(repeating: nil, count: PVSCSI.maxMessageRingPages)
         for i in 0..<Int(pages) {
             let ppn = word64(2 + 2 * i)
-            guard let p = page(ppn, write: true) else {
+            guard let p = page(ppn, write: true, shadow: 1 + 2 * PVSCSI.maxRingPages + i) else {
                 log("pvscsi: SETUP_MSG_RING rejected: PPN[\(i)] 0x\(String(ppn, radix: 16)) not in mapped guest memory")
                 return false
             }
@@ -442,6 +534,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
         messagePageCount = Int(pages)
         messageEntries = pages * UInt32(4096 / PVSCSI.messageDescriptorSize)
         messageProducer = 0
+        commandStatus = PVSCSI.commandSucceeded  // before DMA messages, as in setupRings
         store32(PVSCSI.RingsState.messageEntriesLog2, UInt32(messageEntries.trailingZeroBitCount))
         store32(PVSCSI.RingsState.messageProducer, 0)
         log("pvscsi: message ring set up: \(messageEntries) entries")
@@ -453,7 +546,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
         let pageAddress = word64(2)
         let pageNumber = commandWords[4]
         // PVSCSIConfigPageController: 16-byte header, nodeWWN, 5 UTF-16 strings (64+64+32+32+32 units), numPhys, flags.
-        let size = 16 + 8 + 2 * (64 + 64 + 32 + 32 + 32) + 4 + 4
+        let size = PVSCSI.configPageControllerSize
         var pageBytes = [UInt8](repeating: 0, count: size)
         func put16(_ o: Int, _ v: UInt16) { pageBytes[o] = UInt8(v & 0xFF); pageBytes[o + 1] = UInt8(v >> 8) }
         func put32(_ o: Int, _ v: UInt32) { put16(o, UInt16(v & 0xFFFF)); put16(o + 2, UInt16(v >> 16)) }
@@ -477,10 +570,14 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
         return written && supported
     }
 
+    /// ABORT_CMD: the request completes with BTSTAT_ABORTQUEUE; its back-end is asked to abort it (a remote
+    /// iSCSI back-end sends ABORT TASK and completes it with ECANCELED; local I/O just finishes).
     private func abortCommand(context: UInt64, target: UInt32) {
         for i in 0..<slots.count where slots[i].state == .submitted && slots[i].context == context && slots[i].target == target {
             slots[i].aborted = true
-            log("pvscsi: abort of context \(context) target \(target): completes with BTSTAT_ABORTQUEUE when its I/O returns")
+            let sent = channels[tasks[i].backendID]?.channel?.abort(token: UInt64(i)) ?? false
+            stats.backendAborts += sent ? 1 : 0
+            log("pvscsi: abort of context \(context) target \(target): \(sent ? "back-end aborting it" : "back-end cannot abort; completes") with BTSTAT_ABORTQUEUE when its I/O returns")
             return
         }
     }
@@ -504,19 +601,35 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
             luns = view.numbers.filter { UInt32($0.value) < options.maxTargets }
         }
         let nexus = ITNexus(initiator: options.initiatorID)
+        target.refresh(&view)
+        var resetBackends: [Int] = []
         for lun in luns {
             let plan = target.planTaskManagement(.logicalUnitReset, nexus: nexus, lun: lun)
             var outcome = TaskManagementOutcome()
             outcome.abortedCount = hit[UInt32(lun.value)] ?? 0
             target.finishTaskManagement(plan, outcome)
+            // The back-end's own LUN reset (remote iSCSI: LUN RESET; its in-flight I/O completes ECANCELED).
+            if let unit = view.unit(lun), !resetBackends.contains(unit.backendID),
+               let ch = channels[unit.backendID]?.channel {
+                resetBackends.append(unit.backendID)
+                if ch.resetLogicalUnit() { stats.backendResets += 1 }
+            }
         }
         log("pvscsi: \(resetTarget.map { "RESET_DEVICE target \($0)" } ?? "RESET_BUS"): \(hit.values.reduce(0, +)) request(s) in flight")
     }
 
     // MARK: Guest ring access
 
-    @inline(__always) private func load32(_ offset: Int) -> UInt32 { csys_load32_acquire(ringsState! + offset) }
-    @inline(__always) private func store32(_ offset: Int, _ value: UInt32) { csys_store32_release(ringsState! + offset, value) }
+    /// A rings-state field (through DMA_READ when the page is fd-less; nil when that fails).
+    @inline(__always) private func load32(_ offset: Int) -> UInt32? {
+        guard let state = ringsState, pull(state, ppn: ringsStatePPN, offset: offset, count: 4) else { return nil }
+        return csys_load32_acquire(state + offset)
+    }
+    @inline(__always) private func store32(_ offset: Int, _ value: UInt32) {
+        guard let state = ringsState else { return }
+        csys_store32_release(state + offset, value)
+        _ = push(state, ppn: ringsStatePPN, offset: offset, count: 4)
+    }
 
     /// A request descriptor, each field read once from guest memory.
     struct RequestDescriptor {
@@ -534,9 +647,12 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
         var target: UInt8
     }
 
-    private func readRequest(_ index: UInt32) -> RequestDescriptor {
+    private func readRequest(_ index: UInt32) -> RequestDescriptor? {
         let perPage = UInt32(4096 / PVSCSI.requestDescriptorSize)
-        let p = requestPages[Int(index / perPage)]! + Int(index % perPage) * PVSCSI.requestDescriptorSize
+        let page = requestPages[Int(index / perPage)]!
+        let offset = Int(index % perPage) * PVSCSI.requestDescriptorSize
+        guard pull(page, ppn: requestPPNs[Int(index / perPage)], offset: offset, count: PVSCSI.requestDescriptorSize) else { return nil }
+        let p = page + offset
         let cdbLength = p.load(fromByteOffset: 56, as: UInt8.self)
         let cdb = CDB(copying: UnsafeRawBufferPointer(start: p + 40, count: Int(min(cdbLength, 16))))
         var lun: UInt64 = 0
@@ -554,8 +670,25 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
             target: p.load(fromByteOffset: 67, as: UInt8.self))
     }
 
+    @inline(__always) private func beginWork() { work += 1 }
+
+    /// Ends a stretch of device work; the outermost one processes a kick that arrived meanwhile.
+    private func endWork() {
+        work -= 1
+        if work == 0 && kickPending {
+            kickPending = false
+            processRequestRing()
+        }
+    }
+
     /// Consumes new request descriptors (KICK_RW_IO / KICK_NON_RW_IO, or a slot freed up).
     func processRequestRing() {
+        if work > 0 {
+            kickPending = true
+            return
+        }
+        beginWork()
+        defer { endWork() }
         guard ringsConfigured else {
             if !loggedRingError { log("pvscsi: kick before SETUP_RINGS ignored") }
             loggedRingError = true
@@ -566,8 +699,15 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
             log("pvscsi: kick while the ring pages are not mapped: waiting for the client to map them again")
             return
         }
+        let generation = ringsGeneration
         flushAwaitingRing()
-        let producer = load32(PVSCSI.RingsState.requestProducer)
+        guard generation == ringsGeneration, ringsState != nil else { return }
+        let producerIndex = load32(PVSCSI.RingsState.requestProducer)
+        guard generation == ringsGeneration else { return }
+        guard let producer = producerIndex else {
+            log("pvscsi: request producer index not readable (DMA by message failed)")
+            return
+        }
         var available = producer &- requestConsumer
         if available > requestEntries {
             stats.ringErrors += 1
@@ -578,13 +718,35 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
             return
         }
         target.refresh(&view)
-        while available > 0, let slot = freeSlots.popLast() {
+        let bounced = memory.remoteRegionCount > 0
+        if bounced && segments == nil { segments = .allocate(capacity: Self.slotCount * Self.iovecsPerSlot) }
+        while available > 0, !freeSlots.isEmpty {
             let descriptor = readRequest(requestConsumer & (requestEntries - 1))
+            guard generation == ringsGeneration else { break }  // rings replaced during a DMA wait
+            guard let descriptor else {
+                log("pvscsi: request descriptor not readable (DMA by message failed)")
+                break
+            }
+            if bounced && descriptor.dataLength > 0 {
+                let needed = Int((descriptor.dataLength + UInt64(Self.bounceChunkSize) - 1) / UInt64(Self.bounceChunkSize))
+                let total = bouncePool == nil ? max(1, options.bounceBufferBytes / Self.bounceChunkSize) : totalChunks
+                let free = bouncePool == nil ? total : freeChunks.count
+                if needed <= min(total, Self.iovecsPerSlot) && needed > free {
+                    bounceStalled = true  // retried when bounced requests complete
+                    break
+                }
+            }
+            let slot = freeSlots.removeLast()
             requestConsumer &+= 1
             available -= 1
             store32(PVSCSI.RingsState.requestConsumer, requestConsumer)
+            guard generation == ringsGeneration else {
+                freeSlots.append(slot)
+                break
+            }
             stats.requests += 1
             start(slot, descriptor)
+            guard generation == ringsGeneration else { break }
         }
         commitChannels()
         raiseCompletionInterruptIfNeeded()
@@ -679,10 +841,24 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
         let base = iovecs.elements + slot * Self.iovecsPerSlot
         var count = 0
         var overflow = false
+        // Guest memory without an fd: the guest ranges go to the segment table, the data through bounce chunks.
+        let recordRanges = memory.remoteRegionCount > 0 && segments != nil
+        let ranges = recordRanges ? segments! + slot * Self.iovecsPerSlot : nil
+        var remote = false
         func add(_ address: UInt64, _ length: UInt64) -> Bool {
-            memory.forEachPiece(address, length: length, write: toHost) { p, n in
+            if !recordRanges {
+                return memory.forEachPiece(address, length: length, write: toHost) { p, n in
+                    guard count < Self.iovecsPerSlot else { overflow = true; return false }
+                    base[count] = iovec(iov_base: p, iov_len: n)
+                    count += 1
+                    return true
+                }
+            }
+            return memory.forEachRange(address, length: length, write: toHost) { p, guest, n in
                 guard count < Self.iovecsPerSlot else { overflow = true; return false }
+                if p == nil { remote = true }
                 base[count] = iovec(iov_base: p, iov_len: n)
+                ranges![count] = (guest, n)
                 count += 1
                 return true
             }
@@ -692,7 +868,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
                 invalid(slot, overflow ? "buffer spans too many DMA windows" : "data buffer 0x\(String(d.dataAddress, radix: 16)) +\(d.dataLength) not in mapped guest memory")
                 return nil
             }
-            return count
+            return remote ? bounce(slot, ranges: count, length: d.dataLength, toHost: toHost) : count
         }
         var remaining = d.dataLength
         var segment = d.dataAddress
@@ -729,7 +905,83 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
             }
             remaining -= n
         }
-        return count
+        return remote ? bounce(slot, ranges: count, length: d.dataLength, toHost: toHost) : count
+    }
+
+    // MARK: Bounce buffers (guest memory without an fd)
+
+    /// Allocates the bounce pool the first time a request's data lies in fd-less guest memory.
+    private func ensureBouncePool() {
+        guard bouncePool == nil else { return }
+        totalChunks = max(1, options.bounceBufferBytes / Self.bounceChunkSize)
+        bouncePool = .allocate(byteCount: totalChunks * Self.bounceChunkSize, alignment: 4096)
+        freeChunks = Array((0..<totalChunks).reversed())
+        log("pvscsi: guest memory without fd: \((totalChunks * Self.bounceChunkSize) >> 20) MiB of bounce buffers for DMA by message")
+    }
+
+    /// Points the slot's iovecs at bounce chunks for `length` bytes (its `ranges` guest ranges stay in the
+    /// segment table); for data-out, fetches the data with DMA_READ. Returns the iovec count, or nil after
+    /// failing the request.
+    private func bounce(_ slot: Int, ranges: Int, length: UInt64, toHost: Bool) -> Int? {
+        ensureBouncePool()
+        guard let pool = bouncePool else { finish(slot, host: .hardwareFailure); return nil }
+        let needed = Int((length + UInt64(Self.bounceChunkSize) - 1) / UInt64(Self.bounceChunkSize))
+        guard needed <= Self.iovecsPerSlot, needed <= freeChunks.count else {
+            invalid(slot, "data length \(length) exceeds the bounce buffers for guest memory without fd (\(freeChunks.count) of \(totalChunks) chunks free)")
+            return nil
+        }
+        let base = iovecs.elements + slot * Self.iovecsPerSlot
+        var left = Int(length)
+        for k in 0..<needed {
+            let chunk = freeChunks.removeLast()
+            let n = min(left, Self.bounceChunkSize)
+            base[k] = iovec(iov_base: pool + chunk * Self.bounceChunkSize, iov_len: n)
+            left -= n
+        }
+        slots[slot].bounceChunks = needed
+        slots[slot].segmentCount = ranges
+        if !toHost && !copyBounce(slot, toGuest: false, length: Int(length)) {
+            log("pvscsi: request context \(slots[slot].context): data-out not readable from guest memory (DMA by message failed)")
+            finish(slot, host: .hardwareFailure)
+            return nil
+        }
+        return needed
+    }
+
+    /// Copies `length` bytes between the slot's bounce chunks and its guest ranges.
+    private func copyBounce(_ slot: Int, toGuest: Bool, length: Int) -> Bool {
+        guard let table = segments else { return false }
+        let chunks = iovecs.elements + slot * Self.iovecsPerSlot
+        let ranges = table + slot * Self.iovecsPerSlot
+        var done = 0
+        var r = 0
+        var rOffset = 0
+        while done < length && r < slots[slot].segmentCount {
+            let (guest, rLength) = ranges[r]
+            let chunk = done / Self.bounceChunkSize
+            let cOffset = done % Self.bounceChunkSize
+            let n = min(rLength - rOffset, Self.bounceChunkSize - cOffset, length - done)
+            let host = chunks[chunk].iov_base! + cOffset
+            let address = guest + UInt64(rOffset)
+            let ok = toGuest ? memory.write(address, from: UnsafeRawBufferPointer(start: host, count: n))
+                             : memory.read(address, into: UnsafeMutableRawBufferPointer(start: host, count: n))
+            guard ok else { return false }
+            done += n
+            rOffset += n
+            if rOffset == rLength { r += 1; rOffset = 0 }
+        }
+        return done == length
+    }
+
+    private func releaseBounce(_ slot: Int) {
+        let chunks = iovecs.elements + slot * Self.iovecsPerSlot
+        if let pool = bouncePool {
+            for k in 0..<slots[slot].bounceChunks {
+                freeChunks.append((chunks[k].iov_base! - pool) / Self.bounceChunkSize)
+            }
+        }
+        slots[slot].bounceChunks = 0
+        slots[slot].segmentCount = 0
     }
 
     // MARK: Back-end I/O
@@ -855,11 +1107,16 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
 
     private func reap(_ backendID: Int) {
         guard let ch = channels[backendID]?.channel else { return }
+        beginWork()
+        defer { endWork() }
         reapNow(ch)
         commitChannels()
         sweepRetired()
         raiseCompletionInterruptIfNeeded()
-        if ringsReady && requestsInFlight < Self.slotCount { processRequestRing() }
+        if ringsReady && (requestsInFlight < Self.slotCount || bounceStalled) {
+            bounceStalled = false
+            processRequestRing()
+        }
     }
 
     // MARK: Completion
@@ -872,6 +1129,13 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
         var dataLength: UInt64 = 0
         if s.toHost { dataLength = UInt64(max(0, task.dataInLength)) }
         else if s.toDevice { dataLength = task.status == .good ? s.dataLength : UInt64(max(0, task.dataOutLength)) }
+        if s.bounceChunks > 0 && s.toHost && dataLength > 0 && !s.orphaned && host == .success {
+            if !copyBounce(slot, toGuest: true, length: Int(min(dataLength, s.dataLength))) {
+                log("pvscsi: request context \(s.context): data-in not writable to guest memory (DMA by message failed)")
+                post(slot, dataLength: 0, senseLength: 0, host: .hardwareFailure, scsiStatus: 0)
+                return
+            }
+        }
         var senseLength: UInt32 = 0
         if task.sense.length > 0 && s.senseLength > 0 && s.senseAddress != 0 && !s.orphaned && host == .success {
             let n = min(Int(s.senseLength), task.sense.length, SenseBytes.capacity)
@@ -924,11 +1188,16 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
 
     /// Writes one completion descriptor if the ring has room; releases the slot.
     private func writeCompletion(_ slot: Int) -> Bool {
+        let generation = ringsGeneration
         let consumer = load32(PVSCSI.RingsState.completionConsumer)
+        guard generation == ringsGeneration else { return dropAfterRingChange(slot) }
+        guard let consumer else { return false }
         guard completionProducer &- consumer < completionEntries else { return false }
         let perPage = UInt32(4096 / PVSCSI.completionDescriptorSize)
         let index = completionProducer & (completionEntries - 1)
-        let p = completionPages[Int(index / perPage)]! + Int(index % perPage) * PVSCSI.completionDescriptorSize
+        let page = completionPages[Int(index / perPage)]!
+        let offset = Int(index % perPage) * PVSCSI.completionDescriptorSize
+        let p = page + offset
         let s = slots[slot]
         p.storeBytes(of: s.context, toByteOffset: 0, as: UInt64.self)
         p.storeBytes(of: s.completionDataLength, toByteOffset: 8, as: UInt64.self)
@@ -936,6 +1205,8 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
         p.storeBytes(of: s.completionHostStatus, toByteOffset: 20, as: UInt16.self)
         p.storeBytes(of: s.completionSCSIStatus, toByteOffset: 22, as: UInt16.self)
         p.storeBytes(of: UInt64(0), toByteOffset: 24, as: UInt64.self)
+        _ = push(page, ppn: completionPPNs[Int(index / perPage)], offset: offset, count: PVSCSI.completionDescriptorSize)
+        guard generation == ringsGeneration else { return dropAfterRingChange(slot) }
         completionProducer &+= 1
         store32(PVSCSI.RingsState.completionProducer, completionProducer)
         completionsPosted = true
@@ -944,11 +1215,22 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
         return true
     }
 
+    /// The rings changed during a DMA wait of `writeCompletion`: the completion is dropped (as for any request
+    /// of the old rings); the slot is released unless the reset already did.
+    private func dropAfterRingChange(_ slot: Int) -> Bool {
+        if slots[slot].state != .free && slots[slot].state != .awaitingRing { release(slot) }
+        return true
+    }
+
     private func flushAwaitingRing() {
         guard ringsState != nil else { return }
+        beginWork()
+        defer { endWork() }
+        let generation = ringsGeneration
         while awaitingRingHead < awaitingRing.count {
             let slot = awaitingRing[awaitingRingHead]
             guard writeCompletion(slot) else { break }
+            guard generation == ringsGeneration else { return }
             awaitingRingHead += 1
         }
         if awaitingRingHead == awaitingRing.count {
@@ -960,6 +1242,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
     private func release(_ slot: Int) {
         slots[slot].state = .free
         slots[slot].orphaned = false
+        if slots[slot].bounceChunks > 0 { releaseBounce(slot) }
         freeSlots.append(slot)
     }
 
@@ -975,21 +1258,25 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
         interruptStatus |= bits
         guard interruptMask & bits != 0 else { return }
         stats.interrupts += 1
-        if interrupts.msixActive {
-            signalMSIX()
+        if messageSignalled {
+            signalMessage()
         } else {
             updateInterruptLine()
         }
     }
 
-    private func signalMSIX() {
-        interrupts.signalMSIX(0)
+    /// MSI-X or MSI is in use (the client installed its eventfd): interrupts are messages, not the INTx line.
+    private var messageSignalled: Bool { interrupts.msixActive || interrupts.msiActive }
+
+    /// One message interrupt: MSI-X vector 0, else MSI vector 0 (vmw_pvscsi tries MSI-X, then MSI, then INTx).
+    private func signalMessage() {
+        if interrupts.msixActive { interrupts.signalMSIX(0) } else { interrupts.signalMSI(0) }
     }
 
     private func updateInterruptLine() {
         guard let interrupts else { return }
         let intxEnabled = configSpace.command & PCIConfigSpace.commandINTxDisable == 0
-        interrupts.setINTx(!interrupts.msixActive && intxEnabled && interruptStatus & interruptMask != 0)
+        interrupts.setINTx(!messageSignalled && intxEnabled && interruptStatus & interruptMask != 0)
     }
 
     // MARK: Messages (hotplug)
@@ -1013,13 +1300,19 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
     }
 
     private func postMessage(type: UInt32, target: UInt32) {
+        beginWork()
+        defer { endWork() }
         if ringsConfigured && ringsState == nil { attachRings() }
         guard messageRingReady else {
             stats.messagesDropped += 1
             log("pvscsi: no message ring: hotplug message for target \(target) dropped")
             return
         }
-        let consumer = load32(PVSCSI.RingsState.messageConsumer)
+        guard let consumer = load32(PVSCSI.RingsState.messageConsumer) else {
+            stats.messagesDropped += 1
+            log("pvscsi: message consumer index not readable: hotplug message for target \(target) dropped")
+            return
+        }
         guard messageProducer &- consumer < messageEntries else {
             stats.messagesDropped += 1
             log("pvscsi: message ring full: hotplug message for target \(target) dropped")
@@ -1027,12 +1320,15 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
         }
         let perPage = UInt32(4096 / PVSCSI.messageDescriptorSize)
         let index = messageProducer & (messageEntries - 1)
-        let p = messagePages[Int(index / perPage)]! + Int(index % perPage) * PVSCSI.messageDescriptorSize
+        let page = messagePages[Int(index / perPage)]!
+        let offset = Int(index % perPage) * PVSCSI.messageDescriptorSize
+        let p = page + offset
         p.initializeMemory(as: UInt8.self, repeating: 0, count: PVSCSI.messageDescriptorSize)
         p.storeBytes(of: type, toByteOffset: 0, as: UInt32.self)
         p.storeBytes(of: UInt32(0), toByteOffset: 4, as: UInt32.self)  // bus
         p.storeBytes(of: target, toByteOffset: 8, as: UInt32.self)
         // lun[8] at 12: LUN 0 of the target.
+        _ = push(page, ppn: messagePPNs[Int(index / perPage)], offset: offset, count: PVSCSI.messageDescriptorSize)
         messageProducer &+= 1
         store32(PVSCSI.RingsState.messageProducer, messageProducer)
         stats.messagesPosted += 1
@@ -1098,18 +1394,19 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
     /// Translates every configured ring page; on success the rings are attached, otherwise detached.
     @discardableResult
     private func attachRings() -> Bool {
+        ringsGeneration &+= 1
         ringsState = nil
-        guard ringsConfigured, let state = page(ringsStatePPN, write: true) else { return false }
+        guard ringsConfigured, let state = page(ringsStatePPN, write: true, shadow: 0) else { return false }
         for i in 0..<requestPageCount {
-            guard let p = page(requestPPNs[i], write: false) else { return false }
+            guard let p = page(requestPPNs[i], write: false, shadow: 1 + i) else { return false }
             requestPages[i] = p
         }
         for i in 0..<completionPageCount {
-            guard let p = page(completionPPNs[i], write: true) else { return false }
+            guard let p = page(completionPPNs[i], write: true, shadow: 1 + PVSCSI.maxRingPages + i) else { return false }
             completionPages[i] = p
         }
         for i in 0..<messagePageCount {
-            guard let p = page(messagePPNs[i], write: true) else { return false }
+            guard let p = page(messagePPNs[i], write: true, shadow: 1 + 2 * PVSCSI.maxRingPages + i) else { return false }
             messagePages[i] = p
         }
         ringsState = state

@@ -43,6 +43,12 @@ public protocol PVSCSIChannel {
     func reap(_ handler: (UInt64, BlockResult) -> Void) -> Int
     /// Requests queued or in flight.
     var inFlight: Int { get }
+    /// Asks the back-end to abort the request submitted with `token`; it still completes through `reap`
+    /// (ECANCELED if the abort won). False when the back-end cannot abort (local I/O just completes).
+    func abort(token: UInt64) -> Bool
+    /// Asks the back-end to reset its logical unit (a remote iSCSI LUN RESET); requests in flight complete
+    /// through `reap`. False when there is nothing to reset remotely.
+    func resetLogicalUnit() -> Bool
     /// Releases the channel (worker threads, fds): when the controller stops, and when its LUN was
     /// removed and nothing of it is in flight any more.
     func close()

@@ -24,8 +24,8 @@ public struct DMARegion: @unchecked Sendable {
     public var readable: Bool
     /// Client allows device writes.
     public var writable: Bool
-    /// Host address of the mapping, or nil when the client sent no fd (such memory is only reachable through
-    /// VFIO_USER_DMA_READ/WRITE, which this server does not use: accesses to it fail).
+    /// Host address of the mapping, or nil when the client sent no fd: such memory is only reachable through
+    /// VFIO_USER_DMA_READ/WRITE messages (`GuestMemory.remote`), never through a pointer.
     public var host: UnsafeMutableRawPointer?
 
     /// Exclusive end (no overflow: checked at map time).
@@ -44,10 +44,22 @@ public final class GuestMemory: @unchecked Sendable {
     public static let pageSize: UInt64 = 4096
 
     public private(set) var regions: [DMARegion] = []
+    /// Windows without an fd (reachable only through `remote`).
+    public private(set) var remoteRegionCount = 0
+    /// Carries accesses to fd-less windows as DMA_READ/DMA_WRITE messages (set by the server). Nil: such
+    /// accesses fail. Called on the loop thread only, never for fd-mapped memory.
+    public var remote: RemoteDMA? = nil
+    /// While set, unmapped windows stay mapped in this process (a device access in progress may still use
+    /// them) until `releaseHeldUnmaps`; they are gone from `regions` at once.
+    public var holdUnmaps = false
+    private var held: [(UnsafeMutableRawPointer, UInt64)] = []
 
     public init() { regions.reserveCapacity(16) }
 
-    deinit { unmapAll() }
+    deinit {
+        holdUnmaps = false
+        unmapAll()
+    }
 
     /// Adds a window. With `fd` >= 0 the window is mmap'ed (the fd is closed by this call either way).
     public func map(address: UInt64, size: UInt64, fileOffset: UInt64, readable: Bool, writable: Bool,
@@ -84,6 +96,7 @@ public final class GuestMemory: @unchecked Sendable {
         let region = DMARegion(address: address, size: size, readable: readable, writable: writable, host: host)
         let index = regions.firstIndex { $0.address > address } ?? regions.count
         regions.insert(region, at: index)
+        if host == nil { remoteRegionCount += 1 }
     }
 
     /// Removes the window that exactly matches `address` and `size`.
@@ -92,13 +105,25 @@ public final class GuestMemory: @unchecked Sendable {
             throw DMAMapError(EINVAL, "DMA_UNMAP [0x\(String(address, radix: 16)), +0x\(String(size, radix: 16))) matches no window")
         }
         let r = regions.remove(at: i)
-        if let h = r.host { _ = csys_munmap(h, r.size) }
+        if let h = r.host { release(h, r.size) } else { remoteRegionCount -= 1 }
+    }
+
+    private func release(_ host: UnsafeMutableRawPointer, _ size: UInt64) {
+        if holdUnmaps { held.append((host, size)) } else { _ = csys_munmap(host, size) }
+    }
+
+    /// Unmaps the windows kept by `holdUnmaps`.
+    public func releaseHeldUnmaps() {
+        for (h, size) in held { _ = csys_munmap(h, size) }
+        held.removeAll()
     }
 
     /// Removes every window.
     public func unmapAll() {
-        for r in regions { if let h = r.host { _ = csys_munmap(h, r.size) } }
+        for r in regions { if let h = r.host { release(h, r.size) } }
+        if !holdUnmaps { releaseHeldUnmaps() }
         regions.removeAll(keepingCapacity: true)
+        remoteRegionCount = 0
     }
 
     /// The host address of `length` bytes at guest `address` when they lie inside ONE mapped window with
@@ -154,25 +179,103 @@ public final class GuestMemory: @unchecked Sendable {
         return true
     }
 
-    /// Copies `count` bytes from guest memory into `destination`; false if not entirely mapped/readable.
+    /// Whether `length` bytes at `address` lie inside ONE fd-less window with the needed access (reachable
+    /// only through `remote`).
+    public func isRemote(_ address: UInt64, length: UInt64, write: Bool) -> Bool {
+        guard remoteRegionCount > 0, let r = window(containing: address) else { return false }
+        let (last, overflow) = address.addingReportingOverflow(length == 0 ? 0 : length - 1)
+        guard !overflow, last < r.end, r.host == nil else { return false }
+        return write ? r.writable : r.readable
+    }
+
+    private func window(containing address: UInt64) -> DMARegion? {
+        var lo = 0
+        var hi = regions.count
+        while lo < hi {
+            let mid = (lo + hi) / 2
+            if regions[mid].address <= address { lo = mid + 1 } else { hi = mid }
+        }
+        guard lo > 0, address < regions[lo - 1].end else { return nil }
+        return regions[lo - 1]
+    }
+
+    /// Walks `length` bytes at `address` window by window: `body(host, guestAddress, offset, count)` gets the host
+    /// pointer of fd-mapped pieces and nil for fd-less ones. False when a byte is unmapped or lacks the access.
+    private func forEachSegment(_ address: UInt64, length: UInt64, write: Bool,
+                                _ body: (UnsafeMutableRawPointer?, UInt64, Int, Int) -> Bool) -> Bool {
+        var addr = address
+        var remaining = length
+        var done = 0
+        var guardCount = 0
+        while remaining > 0 {
+            guardCount += 1
+            if guardCount > Self.maxRegions { return false }
+            guard let r = window(containing: addr) else { return false }
+            if write ? !r.writable : !r.readable { return false }
+            let n = min(r.end - addr, remaining)
+            guard n <= UInt64(Int.max) else { return false }
+            if !body(r.host.map { $0 + Int(addr - r.address) }, addr, done, Int(n)) { return false }
+            remaining -= n
+            done += Int(n)
+            let (next, o) = addr.addingReportingOverflow(n)
+            if o && remaining > 0 { return false }
+            addr = next
+        }
+        return true
+    }
+
+    /// Walks `length` bytes at `address` window by window: `body(host, guestAddress, count)` gets the host pointer
+    /// of fd-mapped pieces and nil for fd-less ones (reach those with `read`/`write`). False when a byte is not
+    /// in a window with the access, or `body` returned false.
+    @inline(__always)
+    public func forEachRange(_ address: UInt64, length: UInt64, write: Bool,
+                             _ body: (UnsafeMutableRawPointer?, UInt64, Int) -> Bool) -> Bool {
+        forEachSegment(address, length: length, write: write) { host, guest, _, n in body(host, guest, n) }
+    }
+
+    /// Copies guest memory into `destination` (fd-less windows through DMA_READ); false if not entirely
+    /// mapped/readable or a DMA_READ failed.
     public func read(_ address: UInt64, into destination: UnsafeMutableRawBufferPointer) -> Bool {
         guard let dst = destination.baseAddress else { return destination.count == 0 }
-        var done = 0
-        return forEachPiece(address, length: UInt64(destination.count), write: false) { p, n in
-            (dst + done).copyMemory(from: p, byteCount: n)
-            done += n
-            return true
+        return forEachSegment(address, length: UInt64(destination.count), write: false) { host, guest, offset, n in
+            if let p = host {
+                (dst + offset).copyMemory(from: p, byteCount: n)
+                return true
+            }
+            guard let remote else { return false }
+            return remote.read(guest, into: UnsafeMutableRawBufferPointer(start: dst + offset, count: n))
         }
     }
 
-    /// Copies `source` into guest memory; false if not entirely mapped/writable (a prefix may be written).
+    /// Copies `source` into guest memory (fd-less windows through DMA_WRITE); false if not entirely
+    /// mapped/writable or a DMA_WRITE failed (a prefix may be written).
     public func write(_ address: UInt64, from source: UnsafeRawBufferPointer) -> Bool {
         guard let src = source.baseAddress else { return source.count == 0 }
-        var done = 0
-        return forEachPiece(address, length: UInt64(source.count), write: true) { p, n in
-            p.copyMemory(from: src + done, byteCount: n)
-            done += n
-            return true
+        return forEachSegment(address, length: UInt64(source.count), write: true) { host, guest, offset, n in
+            if let p = host {
+                p.copyMemory(from: src + offset, byteCount: n)
+                return true
+            }
+            guard let remote else { return false }
+            return remote.write(guest, from: UnsafeRawBufferPointer(start: src + offset, count: n))
         }
     }
+}
+
+/// Guest memory access by message, for DMA windows the client exported without an fd
+/// (VFIO_USER_DMA_READ / VFIO_USER_DMA_WRITE). Each call is synchronous and bounded in time.
+public final class RemoteDMA: @unchecked Sendable {
+    let readBody: (UInt64, UnsafeMutableRawBufferPointer) -> Bool
+    let writeBody: (UInt64, UnsafeRawBufferPointer) -> Bool
+
+    public init(read: @escaping (UInt64, UnsafeMutableRawBufferPointer) -> Bool,
+                write: @escaping (UInt64, UnsafeRawBufferPointer) -> Bool) {
+        readBody = read
+        writeBody = write
+    }
+
+    /// Reads `destination.count` bytes at guest `address`; false on any failure.
+    public func read(_ address: UInt64, into destination: UnsafeMutableRawBufferPointer) -> Bool { readBody(address, destination) }
+    /// Writes `source` at guest `address`; false on any failure.
+    public func write(_ address: UInt64, from source: UnsafeRawBufferPointer) -> Bool { writeBody(address, source) }
 }

@@ -7,11 +7,13 @@ import Glibc
 ///
 /// INTx is level-triggered and auto-masked (as with kernel VFIO): a trigger masks the line until the
 /// client sends UNMASK; if the device still asserts the line at UNMASK, it fires again.
-/// MSI-X vectors are edge-triggered; a masked vector remembers a pending trigger and fires on UNMASK.
+/// MSI-X and MSI vectors are edge-triggered; a masked vector remembers a pending trigger and fires on UNMASK.
 /// Owned by the server's event-loop thread.
 public final class InterruptController: @unchecked Sendable {
     /// Number of MSI-X vectors the device offers.
     public let msixVectors: Int
+    /// Number of MSI vectors the device offers (0: no MSI capability).
+    public let msiVectors: Int
 
     private(set) var intxFD: Int32 = -1
     private(set) var intxMasked = false
@@ -19,14 +21,21 @@ public final class InterruptController: @unchecked Sendable {
     private(set) var msixFDs: [Int32]
     private var msixMasked: [Bool]
     private var msixPending: [Bool]
+    private var msiFDs: [Int32]
+    private var msiMasked: [Bool]
+    private var msiPending: [Bool]
     /// Count of signals sent (for tests and stats).
     public private(set) var signalsSent = 0
 
-    public init(msixVectors: Int) {
+    public init(msixVectors: Int, msiVectors: Int = 0) {
         self.msixVectors = msixVectors
+        self.msiVectors = msiVectors
         msixFDs = Array(repeating: -1, count: msixVectors)
         msixMasked = Array(repeating: false, count: msixVectors)
         msixPending = Array(repeating: false, count: msixVectors)
+        msiFDs = Array(repeating: -1, count: msiVectors)
+        msiMasked = Array(repeating: false, count: msiVectors)
+        msiPending = Array(repeating: false, count: msiVectors)
     }
 
     deinit { reset() }
@@ -43,6 +52,28 @@ public final class InterruptController: @unchecked Sendable {
             msixMasked[i] = false
             msixPending[i] = false
         }
+        for i in 0..<msiVectors {
+            if msiFDs[i] >= 0 { close(msiFDs[i]) }
+            msiFDs[i] = -1
+            msiMasked[i] = false
+            msiPending[i] = false
+        }
+    }
+
+    /// Whether the client installed an MSI eventfd (the guest enabled MSI).
+    public var msiActive: Bool {
+        for fd in msiFDs where fd >= 0 { return true }
+        return false
+    }
+
+    /// Fires MSI vector `vector` (or records it pending when masked).
+    public func signalMSI(_ vector: Int) {
+        guard vector >= 0 && vector < msiVectors else { return }
+        if msiMasked[vector] { msiPending[vector] = true; return }
+        let fd = msiFDs[vector]
+        guard fd >= 0 else { return }
+        _ = csys_eventfd_signal(fd, 1)
+        signalsSent += 1
     }
 
     /// Whether the client installed at least one MSI-X eventfd (the guest enabled MSI-X).
@@ -78,6 +109,7 @@ public final class InterruptController: @unchecked Sendable {
         switch index {
         case VfioPCIIRQ.intx: return 1
         case VfioPCIIRQ.msix: return msixVectors
+        case VfioPCIIRQ.msi: return msiVectors
         default: return 0
         }
     }
@@ -91,6 +123,9 @@ public final class InterruptController: @unchecked Sendable {
         } else if index == VfioPCIIRQ.msix {
             if msixFDs[vector] >= 0 { close(msixFDs[vector]) }
             msixFDs[vector] = fd
+        } else if index == VfioPCIIRQ.msi {
+            if msiFDs[vector] >= 0 { close(msiFDs[vector]) }
+            msiFDs[vector] = fd
         } else if fd >= 0 {
             close(fd)
         }
@@ -101,11 +136,14 @@ public final class InterruptController: @unchecked Sendable {
             if intxFD >= 0 { _ = csys_eventfd_signal(intxFD, 1); signalsSent += 1 }
         } else if index == VfioPCIIRQ.msix {
             signalMSIX(vector)
+        } else if index == VfioPCIIRQ.msi {
+            signalMSI(vector)
         }
     }
 
     func mask(index: Int, vector: Int) {
         if index == VfioPCIIRQ.intx { intxMasked = true } else if index == VfioPCIIRQ.msix { msixMasked[vector] = true }
+        else if index == VfioPCIIRQ.msi { msiMasked[vector] = true }
     }
 
     func unmask(index: Int, vector: Int) {
@@ -117,6 +155,12 @@ public final class InterruptController: @unchecked Sendable {
             if msixPending[vector] {
                 msixPending[vector] = false
                 signalMSIX(vector)
+            }
+        } else if index == VfioPCIIRQ.msi {
+            msiMasked[vector] = false
+            if msiPending[vector] {
+                msiPending[vector] = false
+                signalMSI(vector)
             }
         }
     }
@@ -132,6 +176,11 @@ public final class InterruptController: @unchecked Sendable {
                 msixFDs[v] = -1
                 msixMasked[v] = false
                 msixPending[v] = false
+            } else if index == VfioPCIIRQ.msi {
+                if msiFDs[v] >= 0 { close(msiFDs[v]) }
+                msiFDs[v] = -1
+                msiMasked[v] = false
+                msiPending[v] = false
             }
         }
     }

@@ -66,6 +66,8 @@ public struct PCIConfigSpace: Sendable {
     public static let commandINTxDisable: UInt16 = 1 << 10
     /// Offset of the MSI-X capability when present.
     public static let msixCapabilityOffset = 0x40
+    /// Offset of the MSI capability when present (64-bit address, one vector, no per-vector masking).
+    public static let msiCapabilityOffset = 0x50
 
     private var bytes: [UInt8]
     private var writeMask: [UInt8]
@@ -73,8 +75,10 @@ public struct PCIConfigSpace: Sendable {
     private var resetImage: [UInt8]
     public let bars: [PCIBAR]
     public let msix: MSIXLayout?
+    /// Whether the function has an MSI capability.
+    public let hasMSI: Bool
 
-    public init(identity: PCIIdentity, bars: [PCIBAR], msix: MSIXLayout?, interruptPin: UInt8 = 1) {
+    public init(identity: PCIIdentity, bars: [PCIBAR], msix: MSIXLayout?, msi: Bool = false, interruptPin: UInt8 = 1) {
         precondition(bars.count <= 6)
         var b = [UInt8](repeating: 0, count: Self.size)
         var w = [UInt8](repeating: 0, count: Self.size)
@@ -88,7 +92,7 @@ public struct PCIConfigSpace: Sendable {
         w[0x04] = UInt8(commandWritable & 0xFF)
         w[0x05] = UInt8(commandWritable >> 8)
         // Status: capabilities list when MSI-X exists; error bits are write-1-to-clear.
-        put16(0x06, msix != nil ? 0x0010 : 0)
+        put16(0x06, msix != nil || msi ? 0x0010 : 0)
         c[0x07] = 0xF9
         b[0x08] = identity.revision
         b[0x09] = UInt8(identity.classCode & 0xFF)
@@ -118,12 +122,25 @@ public struct PCIConfigSpace: Sendable {
             put32(o + 4, m.tableOffset | UInt32(m.tableBAR))
             put32(o + 8, m.pbaOffset | UInt32(m.pbaBAR))
         }
+        if msi {
+            let o = Self.msiCapabilityOffset
+            if msix != nil { b[Self.msixCapabilityOffset + 1] = UInt8(o) } else { b[0x34] = UInt8(o) }
+            b[o] = 0x05  // MSI capability ID
+            b[o + 1] = 0  // end of list
+            put16(o + 2, 0x0080)  // 64-bit address capable, one vector (multiple message capable 0)
+            w[o + 2] = 0x01  // MSI enable (multiple message enable stays 0: one vector)
+            for k in 4..<12 { w[o + k] = 0xFF }  // message address (low, high)
+            w[o + 4] = 0xFC  // dword aligned
+            w[o + 12] = 0xFF  // message data
+            w[o + 13] = 0xFF
+        }
         bytes = b
         writeMask = w
         clearMask = c
         resetImage = b
         self.bars = bars
         self.msix = msix
+        self.hasMSI = msi
     }
 
     /// Restores the power-on contents.
@@ -159,4 +176,6 @@ public struct PCIConfigSpace: Sendable {
     public var command: UInt16 { u16(0x04) }
     /// Whether MSI-X is enabled in the capability.
     public var msixEnabled: Bool { msix != nil && u16(Self.msixCapabilityOffset + 2) & 0x8000 != 0 }
+    /// Whether MSI is enabled in the capability.
+    public var msiEnabled: Bool { hasMSI && u16(Self.msiCapabilityOffset + 2) & 0x0001 != 0 }
 }

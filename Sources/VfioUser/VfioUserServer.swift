@@ -20,6 +20,16 @@ public protocol VfioUserDevice: AnyObject {
     func quiesce()
     /// Guest memory windows changed (after DMA_MAP/DMA_UNMAP): drop or revalidate cached translations.
     func memoryChanged()
+    /// A page of a BAR the guest driver never touches, or nil. The server offers it to the client as a
+    /// mappable area (sparse mmap of a private memfd). QEMU's
+    /// vfio-user client then stops posting BAR writes ("a region directly mapped into the VM": a read can
+    /// no longer be relied on to follow a posted write), so the guest waits for each register write,
+    /// as a driver that reads DMA'd memory right after a command (PVSCSI CONFIG) requires.
+    var synchronousWritesPage: (bar: Int, offset: UInt64)? { get }
+}
+
+extension VfioUserDevice {
+    public var synchronousWritesPage: (bar: Int, offset: UInt64)? { nil }
 }
 
 /// Why a server could not start.
@@ -42,6 +52,15 @@ public struct VfioUserStats: Sendable {
     public var errorReplies = 0
     public var connections = 0
     public var disconnects = 0
+    /// DMA_READ / DMA_WRITE messages sent (fd-less windows) and those that failed (error reply, timeout,
+    /// garbage, disconnect).
+    public var dmaReads = 0
+    public var dmaWrites = 0
+    public var dmaFailures = 0
+    /// Client messages handled while a DMA reply was awaited.
+    public var handledDuringDMA = 0
+    /// Microseconds spent waiting for DMA replies (outermost waits).
+    public var dmaWaitMicroseconds: UInt64 = 0
 }
 
 /// A vfio-user server for one PCI device on one UNIX socket (protocol 0.1 as spoken by QEMU's
@@ -52,6 +71,14 @@ public struct VfioUserStats: Sendable {
 /// Every field of every message is checked: a malformed message gets an error reply carrying an errno
 /// and a log line; a message whose framing cannot be trusted (size below the header, oversized) also
 /// closes the connection. No guest memory outside a DMA window is ever touched.
+///
+/// DMA windows sent without an fd (QEMU with plain `-m` RAM, and its ROM/VRAM windows) are reached with
+/// VFIO_USER_DMA_READ / VFIO_USER_DMA_WRITE requests (`GuestMemory.remote`), in chunks of the smaller
+/// max_data_xfer_size. Each waits at most `dmaTimeoutMilliseconds`; client messages arriving meanwhile are
+/// handled at once and in order (nested waits allowed; memory-map side effects on the device put off until
+/// no wait is in progress), and a synchronous BAR write is acknowledged before the device waits for DMA
+/// (QEMU answers DMA only once that vCPU let go of its lock). A timeout, a malformed reply or a broken
+/// stream marks DMA broken (those accesses fail at once) until DEVICE_RESET or a new client.
 public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
     /// Protocol version this server speaks.
     public static var majorVersion: UInt16 { 0 }
@@ -82,25 +109,79 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
     /// room for a reply; after that the client is dropped (the loop never waits longer on one client).
     public var bodyTimeoutMilliseconds: Int32 = 5000
 
+    // DMA by message (windows without an fd).
+    /// Milliseconds one DMA_READ/DMA_WRITE may wait for its reply. Longer than QEMU's own 5 s reply timeout,
+    /// so that a vCPU blocked on a synchronous request of its own (holding the lock QEMU's DMA handler needs)
+    /// gives up first and the DMA still completes. A timeout marks DMA broken until reset or reconnection.
+    public var dmaTimeoutMilliseconds: Int32 = 10_000
+    /// Largest data count of one DMA message: the smaller of ours and the client's max_data_xfer_size.
+    public private(set) var dmaChunk = 1 << 20
+    /// A DMA reply timed out, was malformed or the socket failed: every later fd-less access fails at once
+    /// (the device fails those requests) until DEVICE_RESET or a new client.
+    public private(set) var dmaBroken = false
+    private var nextRequestID: UInt16 = 0x8000
+    private let dmaBuffer: UnsafeMutableRawBufferPointer
+    private let dmaFDs: UnsafeMutablePointer<Int32>
+    /// Client messages that arrive while a DMA reply is awaited are handled at once, in order (a QEMU vCPU may
+    /// be blocked on one, holding the lock QEMU's DMA handler needs); one buffer per nesting level.
+    private let inlineBuffers: UnsafeMutableRawBufferPointer
+    /// DMA requests awaiting their reply, outermost first (a message handled during a wait may need DMA too).
+    private var waiters: [(id: UInt16, command: UInt16, address: UInt64, count: Int, buffer: UnsafeMutableRawPointer, state: UInt8)] = []
+    /// Nested DMA waits allowed.
+    static var maxDMADepth: Int { 4 }
+    /// Work put off until no DMA wait is in progress: the device's memory notifications and held unmaps.
+    private var postponedMemoryChange = false
+    private var postponedQuiesce = false
+    private var postponedScheduled = false
+    /// Set inside a DMA wait (which must not tear the connection down under the device's feet); acted on
+    /// once the current message or callback is finished.
+    private var pendingDisconnect: String? = nil
+    private var inDMAWait: Bool { !waiters.isEmpty }
+    /// A DMA wait read from the socket: a readiness the loop reported before may be stale (the message was
+    /// handled inline), so the next `clientReadable` checks before its blocking receive.
+    private var socketReadDuringWait = false
+    /// The memfd offered as the synchronous-writes page (see `VfioUserDevice.synchronousWritesPage`).
+    private var syncPageFD: Int32 = -1
+    /// Whether the last GET_REGION_INFO offered the mappable page (QEMU then sends BAR writes synchronously).
+    public private(set) var offeredMappedPage = false
+    /// The synchronous BAR write being handled, until its reply is sent.
+    private var pendingWriteAck: (header: VfioUserHeader, offset: UInt64, region: UInt32, count: UInt32)? = nil
+    /// Synchronous BAR writes acknowledged before the device finished them (it needed DMA by message).
+    public private(set) var writesAcknowledgedEarly = 0
+    /// Largest client message handled while a DMA reply is awaited (bigger ones are refused with E2BIG).
+    static var maxInlineMessage: Int { 64 << 10 }
+
     /// Creates a server (does not listen yet).
-    public init(socketPath: String, loop: EventLoop, device: Device, msixVectors: Int, log: @escaping VfioUserLog) {
+    public init(socketPath: String, loop: EventLoop, device: Device, msixVectors: Int, msiVectors: Int = 0,
+                log: @escaping VfioUserLog) {
         self.socketPath = socketPath
         self.loop = loop
         self.device = device
         self.memory = GuestMemory()
-        self.interrupts = InterruptController(msixVectors: msixVectors)
+        self.interrupts = InterruptController(msixVectors: msixVectors, msiVectors: msiVectors)
         self.log = log
         receiveBuffer = .allocate(byteCount: Self.maxMessageSize, alignment: 16)
         replyBuffer = .allocate(byteCount: Self.maxMessageSize, alignment: 16)
         fds = .allocate(capacity: Self.maxMessageFDs)
+        dmaBuffer = .allocate(byteCount: Self.maxDataTransfer + 64, alignment: 16)
+        dmaFDs = .allocate(capacity: Self.maxMessageFDs)
+        inlineBuffers = .allocate(byteCount: Self.maxDMADepth * (Self.maxInlineMessage + 16), alignment: 16)
+        waiters.reserveCapacity(Self.maxDMADepth)
+        dmaChunk = Self.maxDataTransfer
+        memory.remote = RemoteDMA(read: { [unowned self] address, buffer in self.remoteRead(address, into: buffer) },
+                                  write: { [unowned self] address, buffer in self.remoteWrite(address, from: buffer) })
     }
 
     deinit {
         if clientFD >= 0 { close(clientFD) }
         if listenFD >= 0 { close(listenFD) }
+        if syncPageFD >= 0 { close(syncPageFD) }
         receiveBuffer.deallocate()
         replyBuffer.deallocate()
         fds.deallocate()
+        dmaBuffer.deallocate()
+        dmaFDs.deallocate()
+        inlineBuffers.deallocate()
     }
 
     /// Binds the socket and registers it with the loop. Call on the loop thread (or before it runs).
@@ -148,6 +229,10 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
         }
         clientFD = fd
         versionNegotiated = false
+        dmaBroken = false
+        dmaChunk = Self.maxDataTransfer
+        pendingDisconnect = nil
+        offeredMappedPage = false
         stats.connections += 1
         log("vfio-user: client connected on \(socketPath)")
     }
@@ -156,11 +241,19 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
     public func disconnect(reason: String) {
         guard clientFD >= 0 else { return }
         log("vfio-user: client disconnected (\(reason))")
+        if stats.dmaReads + stats.dmaWrites > 0 {
+            let n = UInt64(stats.dmaReads + stats.dmaWrites)
+            log("vfio-user: DMA by message so far: \(stats.dmaReads) reads, \(stats.dmaWrites) writes, \(stats.dmaFailures) failed, \(stats.dmaWaitMicroseconds / max(1, n)) us average wait")
+        }
         loop.unregister(fd: clientFD)
         close(clientFD)
         clientFD = -1
         versionNegotiated = false
         stats.disconnects += 1
+        pendingDisconnect = nil
+        postponedMemoryChange = false
+        postponedQuiesce = false
+        memory.holdUnmaps = false
         device.quiesce()
         device.reset()
         device.configSpace.reset()
@@ -203,6 +296,17 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
 
     private func clientReadable(_ events: FDEvents) {
         guard clientFD >= 0 else { return }
+        runPostponedWork()
+        if socketReadDuringWait {
+            socketReadDuringWait = false
+            var pfd = pollfd(fd: clientFD, events: Int16(POLLIN), revents: 0)
+            guard clientFD >= 0, poll(&pfd, 1, 0) > 0 else { return }
+        }
+        receiveOne()
+        runPostponedWork()
+    }
+
+    private func receiveOne() {
         var nfds: Int32 = 0
         var truncated: Int32 = 0
         let n = csys_recv_with_fds(clientFD, receiveBuffer.baseAddress, VfioUserHeader.size, fds,
@@ -247,23 +351,332 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
             return
         }
         if header.isReply {
-            log("vfio-user: unexpected reply message \(header.messageID) (this server sends no commands)")
+            log("vfio-user: unexpected reply message \(header.messageID) command \(header.command) (no DMA request of this server awaits it)")
             return
         }
         let payload = PayloadReader(UnsafeRawBufferPointer(rebasing: receiveBuffer[VfioUserHeader.size..<(VfioUserHeader.size + payloadLength)]))
         dispatch(header, payload)
     }
 
+    // MARK: DMA by message
+
+    /// DMA_READ of `destination.count` bytes at guest `address`, in chunks of at most `dmaChunk` bytes.
+    func remoteRead(_ address: UInt64, into destination: UnsafeMutableRawBufferPointer) -> Bool {
+        guard let base = destination.baseAddress else { return true }
+        var done = 0
+        while done < destination.count {
+            let n = min(dmaChunk, destination.count - done)
+            guard transfer(write: false, address: address &+ UInt64(done), buffer: base + done, count: n) else { return false }
+            done += n
+        }
+        return true
+    }
+
+    /// DMA_WRITE of `source` at guest `address`, in chunks of at most `dmaChunk` bytes.
+    func remoteWrite(_ address: UInt64, from source: UnsafeRawBufferPointer) -> Bool {
+        guard let base = source.baseAddress else { return true }
+        var done = 0
+        while done < source.count {
+            let n = min(dmaChunk, source.count - done)
+            guard transfer(write: true, address: address &+ UInt64(done), buffer: UnsafeMutableRawPointer(mutating: base + done), count: n) else { return false }
+            done += n
+        }
+        return true
+    }
+
+    private static func monotonicMicroseconds() -> UInt64 {
+        var t = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &t)
+        return UInt64(t.tv_sec) * 1_000_000 + UInt64(t.tv_nsec) / 1000
+    }
+
+    private static func monotonicMilliseconds() -> Int64 {
+        var t = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &t)
+        return Int64(t.tv_sec) * 1000 + Int64(t.tv_nsec) / 1_000_000
+    }
+
+    private func dmaFailed(_ why: String, broken: Bool) -> Bool {
+        stats.dmaFailures += 1
+        log("vfio-user: DMA by message failed: \(why)\(broken ? "; DMA marked broken until reset or reconnection" : "")")
+        if broken { dmaBroken = true }
+        return false
+    }
+
+    /// One DMA_READ or DMA_WRITE round trip. While the reply is awaited, client messages are handled at once, in
+    /// arrival order (their memory-map side effects on the device are put off until no wait is in progress); one
+    /// of them may need DMA itself (nested waits, up to `maxDMADepth`). Bounded by `dmaTimeoutMilliseconds`.
+    private func transfer(write: Bool, address: UInt64, buffer: UnsafeMutableRawPointer, count: Int) -> Bool {
+        guard clientFD >= 0, versionNegotiated, pendingDisconnect == nil else { return dmaFailed("no client", broken: false) }
+        guard !dmaBroken else { stats.dmaFailures += 1; return false }
+        guard waiters.count < Self.maxDMADepth else { return dmaFailed("DMA requests nested deeper than \(Self.maxDMADepth)", broken: false) }
+        guard count > 0, count <= dmaChunk else { return dmaFailed("count \(count)", broken: false) }
+        let command: VfioUserCommand = write ? .dmaWrite : .dmaRead
+        let id = nextRequestID
+        nextRequestID = nextRequestID == UInt16.max ? 0x8000 : nextRequestID + 1
+        let size = VfioUserHeader.size + 16 + (write ? count : 0)
+        let out = dmaBuffer.baseAddress!
+        VfioUserHeader(messageID: id, command: command.rawValue, size: UInt32(size), flags: VfioUserHeader.typeCommand)
+            .encode(into: dmaBuffer)
+        out.storeBytes(of: address, toByteOffset: 16, as: UInt64.self)
+        out.storeBytes(of: UInt64(count), toByteOffset: 24, as: UInt64.self)
+        if write { (out + 32).copyMemory(from: buffer, byteCount: count) }
+        if write { stats.dmaWrites += 1 } else { stats.dmaReads += 1 }
+        acknowledgeWriteEarly()
+        guard sendAll(out, size) else {
+            pendingDisconnect = pendingDisconnect ?? "send of a DMA request failed"
+            schedulePostponedWork()
+            return dmaFailed("send failed", broken: true)
+        }
+        let me = waiters.count
+        waiters.append((id: id, command: command.rawValue, address: address, count: count, buffer: buffer, state: 0))
+        let started = me == 0 ? Self.monotonicMicroseconds() : 0
+        defer {
+            if me == 0 { stats.dmaWaitMicroseconds &+= Self.monotonicMicroseconds() &- started }
+            waiters.removeLast()
+            if waiters.isEmpty && (postponedMemoryChange || postponedQuiesce || pendingDisconnect != nil || memory.holdUnmaps) {
+                schedulePostponedWork()
+            }
+        }
+        let deadline = Self.monotonicMilliseconds() + Int64(dmaTimeoutMilliseconds)
+        var header = (UInt64(0), UInt64(0))
+        while waiters[me].state == 0 {
+            if dmaBroken || pendingDisconnect != nil { return false }
+            let left = deadline - Self.monotonicMilliseconds()
+            if left <= 0 {
+                failAllWaiters()
+                return dmaFailed("no reply to \(write ? "DMA_WRITE" : "DMA_READ") of \(count) bytes at 0x\(String(address, radix: 16)) within \(dmaTimeoutMilliseconds) ms", broken: true)
+            }
+            var pfd = pollfd(fd: clientFD, events: Int16(POLLIN), revents: 0)
+            let ready = poll(&pfd, 1, Int32(min(left, Int64(Int32.max))))
+            if ready < 0 && errno == EINTR { continue }
+            if ready == 0 { continue }
+            if ready < 0 { return brokenStream("poll failed during DMA") }
+            // One message header (with any fds it carries).
+            socketReadDuringWait = true
+            var nfds: Int32 = 0
+            var truncated: Int32 = 0
+            let n = withUnsafeMutableBytes(of: &header) { raw in
+                csys_recv_with_fds(clientFD, raw.baseAddress, VfioUserHeader.size, dmaFDs, Int32(Self.maxMessageFDs), &nfds, &truncated)
+            }
+            if n == 0 || (n < 0 && -n != EAGAIN && -n != EINTR) { return brokenStream("connection closed while a DMA reply was awaited") }
+            if n < 0 { continue }
+            let received = Int(nfds)
+            var got = n
+            while got < VfioUserHeader.size {
+                let m = withUnsafeMutableBytes(of: &header) { raw in recv(clientFD, raw.baseAddress! + got, VfioUserHeader.size - got, Int32(MSG_WAITALL)) }
+                if m < 0 && errno == EINTR { continue }
+                if m <= 0 { break }
+                got += m
+            }
+            guard got == VfioUserHeader.size, let h = withUnsafeBytes(of: &header, { VfioUserHeader($0) }),
+                  h.size >= UInt32(VfioUserHeader.size) else {
+                closeFDs(dmaFDs, received)
+                return brokenStream("malformed message header while a DMA reply was awaited")
+            }
+            let payload = Int(h.size) - VfioUserHeader.size
+            if h.isReply {
+                closeFDs(dmaFDs, received)
+                // A DMA_READ reply holds at most 16 + dmaChunk bytes: anything longer is garbage (never copied
+                // past the buffer).
+                guard payload <= dmaBuffer.count, readInto(dmaBuffer.baseAddress!, payload) else {
+                    return brokenStream("oversized or truncated reply (\(h.size) bytes)")
+                }
+                completeWaiter(h, payload: payload)
+                continue
+            }
+            // A client request: handle it now.
+            guard payload <= Self.maxInlineMessage else {
+                closeFDs(dmaFDs, received)
+                guard payload <= 64 << 20, discardBytes(payload) else { return brokenStream("oversized client message during DMA") }
+                log("vfio-user: message \(h.messageID) command \(h.command) of \(h.size) bytes during a DMA wait refused")
+                sendError(h, E2BIG)
+                continue
+            }
+            let slot = inlineBuffers.baseAddress! + (waiters.count - 1) * (Self.maxInlineMessage + 16)
+            guard readInto(slot, payload) else {
+                closeFDs(dmaFDs, received)
+                return brokenStream("truncated client message during DMA")
+            }
+            stats.handledDuringDMA += 1
+            handleInline(h, UnsafeRawBufferPointer(start: slot, count: payload), fdCount: received, truncated: truncated != 0)
+        }
+        return waiters[me].state == 1
+    }
+
+    /// The socket cannot be trusted any more: fail every wait, drop the client once the device work is over.
+    private func brokenStream(_ why: String) -> Bool {
+        pendingDisconnect = pendingDisconnect ?? why
+        failAllWaiters()
+        return dmaFailed(why, broken: true)
+    }
+
+    private func failAllWaiters() {
+        for k in 0..<waiters.count where waiters[k].state == 0 { waiters[k].state = 2 }
+    }
+
+    /// Matches a reply (payload in `dmaBuffer`) to an awaiting DMA request and completes it.
+    private func completeWaiter(_ h: VfioUserHeader, payload: Int) {
+        guard let k = waiters.firstIndex(where: { $0.id == h.messageID && $0.command == h.command && $0.state == 0 }) else {
+            log("vfio-user: unexpected reply message \(h.messageID) command \(h.command) while awaiting a DMA reply: ignored")
+            return
+        }
+        let w = waiters[k]
+        let write = h.command == VfioUserCommand.dmaWrite.rawValue
+        if h.isError {
+            waiters[k].state = 2
+            _ = dmaFailed("client refused \(write ? "DMA_WRITE" : "DMA_READ") of \(w.count) bytes at 0x\(String(w.address, radix: 16)) (errno \(h.errorNumber))", broken: false)
+            return
+        }
+        let p = PayloadReader(UnsafeRawBufferPointer(start: dmaBuffer.baseAddress!, count: payload))
+        if write {
+            // QEMU answers with the header alone; the spec's reply repeats address and count.
+            if payload == 0 || (payload >= 16 && p.u64(0) == w.address && p.u64(8) == UInt64(w.count)) {
+                waiters[k].state = 1
+            } else {
+                failAllWaiters()
+                _ = dmaFailed("malformed DMA_WRITE reply (\(payload) bytes)", broken: true)
+            }
+            return
+        }
+        guard payload == 16 + w.count, p.u64(0) == w.address, p.u64(8) == UInt64(w.count) else {
+            failAllWaiters()
+            _ = dmaFailed("malformed DMA_READ reply: \(payload) bytes for \(w.count) at 0x\(String(w.address, radix: 16))", broken: true)
+            return
+        }
+        w.buffer.copyMemory(from: dmaBuffer.baseAddress! + 16, byteCount: w.count)
+        waiters[k].state = 1
+    }
+
+    /// Handles a client message that arrived during a DMA wait, with its own fds (the outer message's are kept).
+    private func handleInline(_ h: VfioUserHeader, _ payload: UnsafeRawBufferPointer, fdCount received: Int, truncated: Bool) {
+        var saved = (Int32(-1), Int32(-1), Int32(-1), Int32(-1), Int32(-1), Int32(-1), Int32(-1), Int32(-1),
+                     Int32(-1), Int32(-1), Int32(-1), Int32(-1), Int32(-1), Int32(-1), Int32(-1), Int32(-1))
+        let savedCount = fdCount
+        withUnsafeMutableBytes(of: &saved) { raw in
+            let keep = raw.baseAddress!.assumingMemoryBound(to: Int32.self)
+            for i in 0..<savedCount { keep[i] = fds[i] }
+        }
+        for i in 0..<received {
+            fds[i] = dmaFDs[i]
+            dmaFDs[i] = -1
+        }
+        fdCount = received
+        stats.messages += 1
+        if truncated {
+            log("vfio-user: message \(h.messageID) command \(h.command): more than \(Self.maxMessageFDs) fds or control data truncated")
+            sendError(h, EINVAL)
+        } else {
+            let outerAck = pendingWriteAck
+            pendingWriteAck = nil
+            dispatch(h, PayloadReader(payload))
+            pendingWriteAck = outerAck
+        }
+        closeReceivedFDs()
+        withUnsafeBytes(of: &saved) { raw in
+            let keep = raw.baseAddress!.assumingMemoryBound(to: Int32.self)
+            for i in 0..<savedCount { fds[i] = keep[i] }
+        }
+        fdCount = savedCount
+    }
+
+    private func closeFDs(_ list: UnsafeMutablePointer<Int32>, _ count: Int) {
+        for i in 0..<count where list[i] >= 0 {
+            close(list[i])
+            list[i] = -1
+        }
+    }
+
+    private func readInto(_ base: UnsafeMutableRawPointer, _ count: Int) -> Bool {
+        var got = 0
+        while got < count {
+            let n = recv(clientFD, base + got, count - got, Int32(MSG_WAITALL))
+            if n > 0 { got += n; continue }
+            if n < 0 && errno == EINTR { continue }
+            return false
+        }
+        return true
+    }
+
+    private func discardBytes(_ count: Int) -> Bool {
+        var left = count
+        while left > 0 {
+            let chunk = min(left, dmaBuffer.count)
+            guard readInto(dmaBuffer.baseAddress!, chunk) else { return false }
+            left -= chunk
+        }
+        return true
+    }
+
+    /// Device notifications (quiesce, memory changed), held unmaps and a disconnect put off by DMA waits.
+    private func runPostponedWork() {
+        guard !inDMAWait else { return }
+        if postponedQuiesce {
+            postponedQuiesce = false
+            device.quiesce()
+        }
+        if memory.holdUnmaps {
+            memory.holdUnmaps = false
+            memory.releaseHeldUnmaps()
+        }
+        if postponedMemoryChange {
+            postponedMemoryChange = false
+            device.memoryChanged()
+        }
+        if let reason = pendingDisconnect {
+            pendingDisconnect = nil
+            disconnect(reason: reason)
+        }
+    }
+
+    /// Runs the postponed work from the loop once the current callback (device work) has returned.
+    private func schedulePostponedWork() {
+        guard !postponedScheduled else { return }
+        postponedScheduled = true
+        let task = LoopTask { [unowned self] in
+            self.postponedScheduled = false
+            self.runPostponedWork()
+        }
+        loop.execute { task.body() }
+    }
+
+    /// Quiesce and memory notifications from DMA_MAP/UNMAP/DEVICE_RESET: now, or after the DMA waits in progress.
+    private func deviceQuiesce() {
+        if inDMAWait { postponedQuiesce = true } else { device.quiesce() }
+    }
+
+    private func deviceMemoryChanged() {
+        if inDMAWait { postponedMemoryChange = true } else { device.memoryChanged() }
+    }
+
     // MARK: Replies
 
-    private func send(_ length: Int) {
+    private func send(_ length: Int, fds sendFDs: UnsafePointer<Int32>? = nil, fdCount sendCount: Int = 0) {
         guard clientFD >= 0 else { return }
+        if inDMAWait {
+            // Inside a DMA wait (early acknowledgement or an error for an oversized message): never
+            // disconnect here, the caller's device work is still running.
+            if !sendAll(replyBuffer.baseAddress!, length) { pendingDisconnect = pendingDisconnect ?? "send failed" }
+            return
+        }
         var sent = 0
         while sent < length {
-            let n = csys_send_with_fds(clientFD, replyBuffer.baseAddress! + sent, length - sent, nil, 0)
+            let n = csys_send_with_fds(clientFD, replyBuffer.baseAddress! + sent, length - sent,
+                                       sent == 0 ? sendFDs : nil, sent == 0 ? Int32(sendCount) : 0)
             if n <= 0 { disconnect(reason: "send failed"); return }
             sent += n
         }
+    }
+
+    /// Sends `length` bytes at `base` without fds; false on failure (the caller decides what to tear down).
+    private func sendAll(_ base: UnsafeRawPointer, _ length: Int) -> Bool {
+        var sent = 0
+        while sent < length {
+            let n = csys_send_with_fds(clientFD, base + sent, length - sent, nil, 0)
+            if n <= 0 { return false }
+            sent += n
+        }
+        return true
     }
 
     private func sendError(_ request: VfioUserHeader, _ errnoValue: Int32) {
@@ -320,8 +733,9 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
         case .regionWrite: handleRegionWrite(h, p)
         case .regionWriteMulti: handleRegionWriteMulti(h, p)
         case .deviceReset:
-            device.quiesce()
+            deviceQuiesce()
             device.reset()
+            dmaBroken = false
             reply(h) { _ in }
         case .deviceGetRegionIOFDs, .dirtyPages, .deviceFeature, .migDataRead, .migDataWrite:
             fail(h, ENOTSUP, "not supported by this device")
@@ -343,9 +757,12 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
             if let fdsCap = CapabilityJSON.unsignedValue(of: "max_msg_fds", in: text) {
                 log("vfio-user: client accepts up to \(fdsCap) fds per message")
             }
-            if let xfer = CapabilityJSON.unsignedValue(of: "max_data_xfer_size", in: text), xfer < 4096 {
-                fail(h, EINVAL, "client max_data_xfer_size \(xfer) below 4096")
-                return
+            if let xfer = CapabilityJSON.unsignedValue(of: "max_data_xfer_size", in: text) {
+                guard xfer >= 4096 else {
+                    fail(h, EINVAL, "client max_data_xfer_size \(xfer) below 4096")
+                    return
+                }
+                dmaChunk = Int(min(xfer, UInt64(Self.maxDataTransfer)))
             }
         }
         versionNegotiated = true
@@ -376,9 +793,9 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
             fail(h, error.errno, error.reason)
             return
         }
-        device.memoryChanged()
+        deviceMemoryChanged()
         if fd < 0 {
-            log("vfio-user: DMA window 0x\(String(address, radix: 16)) has no fd: the device cannot reach it (DMA_READ/WRITE not implemented)")
+            log("vfio-user: DMA window 0x\(String(address, radix: 16)) +0x\(String(size, radix: 16)) has no fd: reached with DMA_READ/DMA_WRITE messages (\(dmaChunk) bytes each at most)")
         }
         reply(h) { _ in }
     }
@@ -391,7 +808,9 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
         guard argsz >= 24 else { fail(h, EINVAL, "DMA_UNMAP argsz \(argsz)"); return }
         let unmapAllFlag: UInt32 = 1 << 1
         guard flags & ~unmapAllFlag == 0 else { fail(h, ENOTSUP, "DMA_UNMAP flags 0x\(String(flags, radix: 16)) (dirty bitmaps unsupported)"); return }
-        device.quiesce()
+        deviceQuiesce()
+        // During a DMA wait the device may still hold pointers into the window: unmap it later.
+        if inDMAWait { memory.holdUnmaps = true }
         if flags & unmapAllFlag != 0 {
             guard address == 0 && size == 0 else { fail(h, EINVAL, "DMA_UNMAP all with address/size"); return }
             memory.unmapAll()
@@ -401,7 +820,7 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
                 return
             }
         }
-        device.memoryChanged()
+        deviceMemoryChanged()
         reply(h) { w in
             w.u32(24)
             w.u32(flags)
@@ -436,14 +855,51 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
         guard argsz >= 32 else { fail(h, EINVAL, "GET_REGION_INFO argsz \(argsz)"); return }
         guard index < UInt32(VfioPCIRegion.count) else { fail(h, EINVAL, "GET_REGION_INFO index \(index)"); return }
         let info = regionInfo(Int(index))
-        reply(h) { w in
-            w.u32(32)
-            w.u32(info.flags)  // READ | WRITE, never MMAP: every access is a message
-            w.u32(index)
-            w.u32(0)
-            w.u64(info.size)
-            w.u64(0)
+        // The synchronous-writes page: a sparse mmap area (one page of a private memfd) in that BAR. Also with
+        // guest memory reached by DMA messages: a synchronous write is acknowledged early when the device needs
+        // DMA meanwhile (no deadlock).
+        var area: UInt64? = nil
+        if let page = device.synchronousWritesPage, page.bar == Int(index), info.size > 0,
+           page.offset % 4096 == 0, page.offset + 4096 <= info.size, preparedSyncPage(size: page.offset + 4096) {
+            area = page.offset
         }
+        let flagMMAP: UInt32 = 1 << 2, flagCaps: UInt32 = 1 << 3
+        let needed: UInt32 = area == nil ? 32 : 64
+        let withCaps = area != nil && argsz >= needed
+        offeredMappedPage = area != nil || (offeredMappedPage && Int(index) != device.synchronousWritesPage?.bar)
+        if h.wantsNoReply { return }
+        var w = PayloadWriter(UnsafeMutableRawBufferPointer(rebasing: replyBuffer[VfioUserHeader.size...]))
+        w.u32(needed)
+        w.u32(info.flags | (area != nil ? flagMMAP | flagCaps : 0))  // READ | WRITE; MMAP only for that page
+        w.u32(index)
+        w.u32(area != nil ? 32 : 0)  // where the capability is (QEMU checks it even when argsz was too small)
+        w.u64(info.size)
+        w.u64(0)
+        if withCaps, let offset = area {
+            w.u16(1)  // VFIO_REGION_INFO_CAP_SPARSE_MMAP
+            w.u16(1)
+            w.u32(0)
+            w.u32(1)  // one area
+            w.u32(0)
+            w.u64(offset)
+            w.u64(4096)
+        }
+        let header = VfioUserHeader(messageID: h.messageID, command: h.command, size: UInt32(VfioUserHeader.size + w.length),
+                                    flags: VfioUserHeader.typeReply)
+        header.encode(into: replyBuffer)
+        var fd = syncPageFD
+        send(VfioUserHeader.size + w.length, fds: withCaps ? withUnsafePointer(to: &fd) { $0 } : nil, fdCount: withCaps ? 1 : 0)
+        if withCaps { log("vfio-user: region \(index): page 0x\(String(area!, radix: 16)) offered for mmap (the client then sends BAR writes synchronously)") }
+    }
+
+    /// Creates (once) the memfd behind the synchronous-writes page.
+    private func preparedSyncPage(size: UInt64) -> Bool {
+        if syncPageFD >= 0 { return true }
+        let fd = csys_memfd_create("scsigate-vfio-user-page", 0)
+        guard fd >= 0 else { return false }
+        guard ftruncate(fd, off_t(size)) == 0 else { close(fd); return false }
+        syncPageFD = fd
+        return true
     }
 
     private func handleGetIRQInfo(_ h: VfioUserHeader, _ p: PayloadReader) {
@@ -502,6 +958,10 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
                 var fd: Int32 = -1
                 if fdCount > 0 { fd = fds[i]; fds[i] = -1 }
                 interrupts.assign(index: idx, vector: Int(start) + i, fd: fd)
+            }
+            if fdCount > 0 {
+                let name = idx == VfioPCIIRQ.intx ? "INTx" : idx == VfioPCIIRQ.msi ? "MSI" : idx == VfioPCIIRQ.msix ? "MSI-X" : "index \(idx)"
+                log("vfio-user: interrupt eventfd for \(name) vector \(start)\(count > 1 ? "...\(start + count - 1)" : "")")
             }
         case dataBool, dataNone:
             guard fdCount == 0 else { fail(h, EINVAL, "SET_IRQS fds without DATA_EVENTFD"); return }
@@ -582,11 +1042,29 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
             fail(h, EINVAL, "REGION_WRITE payload \(p.count) bytes does not match count \(count)")
             return
         }
+        // A synchronous BAR write is acknowledged early if the device needs DMA by message meanwhile (`transfer`):
+        // QEMU answers DMA_READ/WRITE only once the vCPU waiting for this reply has let go of its lock.
+        if !h.wantsNoReply && Int(region) != VfioPCIRegion.config { pendingWriteAck = (h, offset, region, count) }
         performWrite(region: region, offset: offset, count: count, data: data, posted: h.wantsNoReply)
-        reply(h) { w in
-            w.u64(offset)
-            w.u32(region)
-            w.u32(count)
+        if h.wantsNoReply || Int(region) == VfioPCIRegion.config || pendingWriteAck != nil {
+            pendingWriteAck = nil
+            reply(h) { w in
+                w.u64(offset)
+                w.u32(region)
+                w.u32(count)
+            }
+        }
+    }
+
+    /// Sends the reply of the synchronous BAR write being handled, if not sent yet (before a DMA wait).
+    private func acknowledgeWriteEarly() {
+        guard let ack = pendingWriteAck else { return }
+        pendingWriteAck = nil
+        writesAcknowledgedEarly += 1
+        reply(ack.header) { w in
+            w.u64(ack.offset)
+            w.u32(ack.region)
+            w.u32(ack.count)
         }
     }
 
@@ -602,4 +1080,10 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
         }
         reply(h) { w in w.u64(n) }
     }
+}
+
+/// A closure handed to the event loop (non-generic, so the @Sendable wrapper captures no generic metatype).
+private final class LoopTask: @unchecked Sendable {
+    let body: () -> Void
+    init(_ body: @escaping () -> Void) { self.body = body }
 }

@@ -165,7 +165,8 @@ import Glibc
         #expect(try c.setIRQs(index: 2, flags: 1 | 8 | 16, start: 0, count: 1).errorNumber == EINVAL)
         #expect(try c.setIRQs(index: 2, flags: 0x40 | 1 | 32, start: 0, count: 1).errorNumber == EINVAL)
         #expect(try c.setIRQs(index: 2, flags: 2 | 32, start: 0, count: 1, data: []).errorNumber == EINVAL)  // bool array missing
-        #expect(try c.setIRQs(index: 1, flags: 4 | 32, start: 0, count: 1, fds: [e]).errorNumber == EINVAL)  // no MSI vectors
+        #expect(try c.setIRQs(index: 1, flags: 4 | 32, start: 1, count: 1, fds: [e]).errorNumber == EINVAL)  // one MSI vector
+        #expect(try c.setIRQs(index: 3, flags: 4 | 32, start: 0, count: 1, fds: [e]).errorNumber == EINVAL)  // no ERR vectors
         // Valid: install, trigger by DATA_NONE, then disable all.
         #expect(try !c.setIRQs(index: 2, flags: 4 | 32, start: 0, count: 1, fds: [e]).isError)
         #expect(try !c.setIRQs(index: 2, flags: 1 | 32, start: 0, count: 1).isError)

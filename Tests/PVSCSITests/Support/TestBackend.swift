@@ -84,6 +84,32 @@ final class MemoryChannel: BlockChannel, PVSCSIChannel, @unchecked Sendable {
 
     var inFlight: Int { queued.count + ready.count }
 
+    /// With `cancellable`, behaves like a remote back-end: `abort(token:)` / `resetLogicalUnit()` complete the
+    /// held requests with ECANCELED (as the iSCSI channel after ABORT TASK / LUN RESET).
+    var cancellable = false
+    let aborted = Atomic<Int>(0)
+    let resets = Atomic<Int>(0)
+
+    func abort(token: UInt64) -> Bool {
+        guard cancellable else { return false }
+        aborted.add(1, ordering: .relaxed)
+        if let i = queued.firstIndex(where: { $0.0 == token }) {
+            queued.remove(at: i)
+            ready.append((token, .failure(ECANCELED)))
+            _ = csys_eventfd_signal(completionFD, 1)
+        }
+        return true
+    }
+
+    func resetLogicalUnit() -> Bool {
+        guard cancellable else { return false }
+        resets.add(1, ordering: .relaxed)
+        ready += queued.map { ($0.0, BlockResult.failure(ECANCELED)) }
+        queued.removeAll()
+        _ = csys_eventfd_signal(completionFD, 1)
+        return true
+    }
+
     let closed = Atomic<Bool>(false)
     func close() { closed.store(true, ordering: .releasing) }
 }

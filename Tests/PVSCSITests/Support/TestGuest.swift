@@ -81,14 +81,23 @@ final class TestGuest {
 
     // MARK: vfio-user bring-up
 
-    /// VERSION, DMA_MAP of the memfd, device info, and MSI-X (or INTx) eventfds.
-    func connect(useMSIX: Bool = true) throws {
-        let v = try client.negotiateVersion()
+    /// VERSION, DMA_MAP of the memfd (or, with `withoutFD`, of memory only reachable by DMA messages),
+    /// device info, and MSI-X (or INTx) eventfds.
+    func connect(useMSIX: Bool = true, withoutFD: Bool = false, maxDataTransfer: Int = 1048576) throws {
+        let v = try client.negotiateVersion(maxDataTransfer: maxDataTransfer)
         precondition(!v.isError)
-        let dup1 = dup(memfd)
-        let m = try client.dmaMap(address: Self.iova, size: UInt64(Self.size), fd: dup1)
-        close(dup1)
-        precondition(!m.isError, "DMA_MAP failed \(m.errorNumber)")
+        if withoutFD {
+            client.dmaMemory = memory
+            client.dmaBase = Self.iova
+            client.dmaSize = Self.size
+            let m = try client.dmaMap(address: Self.iova, size: UInt64(Self.size), fd: nil)
+            precondition(!m.isError, "DMA_MAP failed \(m.errorNumber)")
+        } else {
+            let dup1 = dup(memfd)
+            let m = try client.dmaMap(address: Self.iova, size: UInt64(Self.size), fd: dup1)
+            close(dup1)
+            precondition(!m.isError, "DMA_MAP failed \(m.errorNumber)")
+        }
         if useMSIX {
             msixFD = csys_eventfd(0, 1)
             let r = try client.setIRQs(index: UInt32(VfioPCIIRQ.msix), flags: 4 | 32, start: 0, count: 1, fds: [msixFD])
@@ -151,7 +160,7 @@ final class TestGuest {
     /// The Linux vmw_pvscsi probe order: CONFIG, ADAPTER_RESET, SETUP_MSG_RING probe, SETUP_RINGS,
     /// SETUP_MSG_RING, request-threshold probe, unmask. Returns the CONFIG page's numPhys.
     @discardableResult
-    func linuxStartup() throws -> UInt32 {
+    func linuxStartup(expectConfig: Bool = true) throws -> UInt32 {
         let configAddress = address(page: Self.configPage)
         let header = pointer(configAddress)
         memset(header, 0, 4096)
@@ -161,7 +170,7 @@ final class TestGuest {
         config += [PVSCSI.configPageController, 0]
         try command(.config, config)
         let numPhys = header.load(fromByteOffset: 480 - 8, as: UInt32.self)
-        precondition(header.load(fromByteOffset: 6, as: UInt16.self) == 0, "CONFIG page status")
+        precondition(!expectConfig || header.load(fromByteOffset: 6, as: UInt16.self) == 0, "CONFIG page status")
         try command(.adapterReset)
         try writeRegister(PVSCSI.Register.command, PVSCSI.Command.setupMessageRing.rawValue)
         let probe = try readRegister(PVSCSI.Register.commandStatus)
@@ -207,11 +216,24 @@ final class TestGuest {
     /// Waits for an interrupt eventfd to fire.
     func waitInterrupt(milliseconds: Int32 = 5000) -> Bool {
         let fd = msixFD >= 0 ? msixFD : intxFD
-        var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-        guard poll(&pfd, 1, milliseconds) == 1 else { return false }
-        var v: UInt64 = 0
-        _ = csys_eventfd_drain(fd, &v)
-        return true
+        var deadline = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &deadline)
+        let end = Int64(deadline.tv_sec) * 1000 + Int64(deadline.tv_nsec) / 1_000_000 + Int64(milliseconds)
+        while true {
+            var now = timespec()
+            clock_gettime(CLOCK_MONOTONIC, &now)
+            let left = end - (Int64(now.tv_sec) * 1000 + Int64(now.tv_nsec) / 1_000_000)
+            if left <= 0 { return false }
+            // The client socket too: the server may ask for DMA (memory without fd) before it interrupts.
+            var pfds = [pollfd(fd: fd, events: Int16(POLLIN), revents: 0), pollfd(fd: client.fd, events: Int16(POLLIN), revents: 0)]
+            guard poll(&pfds, 2, Int32(left)) > 0 else { return false }
+            if pfds[1].revents != 0 { if (try? client.pump()) == nil { return false } }
+            if pfds[0].revents != 0 {
+                var v: UInt64 = 0
+                _ = csys_eventfd_drain(fd, &v)
+                return true
+            }
+        }
     }
 
     /// Clears interrupt signals already delivered (run() may return before it consumed the last one).
@@ -294,7 +316,7 @@ final class Fixture {
 
     init(luns: [Int] = [0], blocks: UInt64 = 2048, connect: Bool = true, startup: Bool = true, useMSIX: Bool = true,
          useCore: Bool = false, options: PVSCSIOptions = PVSCSIOptions(),
-         statistics: [Int: LUNIOStatistics] = [:]) throws {
+         statistics: [Int: LUNIOStatistics] = [:], withoutFD: Bool = false) throws {
         let n = Self.counter.add(1, ordering: .relaxed).newValue
         path = "/tmp/scsigate-pvscsi-test-\(getpid())-\(n).sock"
         table = SCSITarget(name: "t\(n)")
@@ -318,8 +340,8 @@ final class Fixture {
             client = try VfioUserTestClient(path: path)
             guest = TestGuest(client: client)
             if startup {
-                try guest.connect(useMSIX: useMSIX)
-                try guest.linuxStartup()
+                try guest.connect(useMSIX: useMSIX, withoutFD: withoutFD)
+                try guest.linuxStartup(expectConfig: !withoutFD)
             }
         }
     }

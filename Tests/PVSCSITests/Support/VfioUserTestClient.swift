@@ -24,10 +24,37 @@ struct Payload {
 
 enum TestClientError: Error { case connect(Int32), io(String) }
 
-/// A minimal blocking vfio-user client (the role QEMU's vfio-user-pci plays).
+/// How the test client answers the server's DMA_READ / DMA_WRITE requests.
+enum DMAServing {
+    /// Serve them from `dmaMemory` (as QEMU does with pci_dma_read/write).
+    case serve
+    /// Never answer.
+    case ignore
+    /// Answer with a reply of the wrong size.
+    case garbage
+    /// Answer with an error reply (EFAULT).
+    case refuse
+    /// Answer with a reply far longer than any DMA reply may be (1 MiB + 4 KiB of payload).
+    case oversized
+}
+
+/// A minimal blocking vfio-user client (the role QEMU's vfio-user-pci plays). It serves the server's
+/// DMA_READ/DMA_WRITE requests from `dmaMemory` whenever it reads the socket.
 final class VfioUserTestClient {
     let fd: Int32
     private var nextID: UInt16 = 1
+    /// Guest memory reachable by DMA messages: [dmaBase, dmaBase + dmaSize).
+    var dmaMemory: UnsafeMutableRawPointer? = nil
+    var dmaBase: UInt64 = 0
+    var dmaSize = 0
+    var dmaServing = DMAServing.serve
+    /// Requests served (reads, writes) and the largest count seen.
+    var dmaReadsServed = 0
+    var dmaWritesServed = 0
+    var largestDMA = 0
+    /// Runs (once) when the next DMA request arrives, before it is answered.
+    var onDMARequest: ((VfioUserTestClient) throws -> Void)? = nil
+    private var stashed: [UInt16: TestReply] = [:]
 
     init(path: String) throws {
         var attempt = 0
@@ -87,14 +114,88 @@ final class VfioUserTestClient {
         }
     }
 
-    /// Sends a command and waits for its reply.
+    /// Sends a command and waits for its reply (serving DMA requests meanwhile).
     @discardableResult
     func request(_ command: VfioUserCommand, _ payload: [UInt8] = [], fds: [Int32] = []) throws -> TestReply {
         let (id, bytes) = message(command, payload)
         sendRaw(bytes, fds: fds)
-        let r = try receive()
-        guard r.header.messageID == id, r.header.isReply else { throw TestClientError.io("reply id \(r.header.messageID) for \(id)") }
-        return r
+        return try awaitReply(id)
+    }
+
+    /// Receives until the reply to `id`, serving server requests in between.
+    func awaitReply(_ id: UInt16) throws -> TestReply {
+        while true {
+            if let r = stashed.removeValue(forKey: id) { return r }
+            let r = try receive()
+            if !r.header.isReply { try serve(r); continue }
+            guard r.header.messageID == id else {
+                // The reply of an outer request (a DMA request's hook sent this one while that reply was due).
+                guard stashed.count < 8 else { throw TestClientError.io("reply id \(r.header.messageID) for \(id)") }
+                stashed[r.header.messageID] = r
+                continue
+            }
+            return r
+        }
+    }
+
+    /// Serves every server request already waiting on the socket (or arriving within `milliseconds`).
+    func pump(milliseconds: Int32 = 0) throws {
+        var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        while poll(&pfd, 1, milliseconds) == 1 {
+            let r = try receive()
+            guard !r.header.isReply else { throw TestClientError.io("unexpected reply \(r.header.messageID)") }
+            try serve(r)
+        }
+    }
+
+    /// Answers one DMA_READ / DMA_WRITE request according to `dmaServing`.
+    func serve(_ r: TestReply) throws {
+        let h = r.header
+        guard h.command == VfioUserCommand.dmaRead.rawValue || h.command == VfioUserCommand.dmaWrite.rawValue,
+              r.payload.count >= 16 else { throw TestClientError.io("unexpected server request \(h.command)") }
+        let address = r.u64(0)
+        let count = Int(r.u64(8))
+        largestDMA = max(largestDMA, count)
+        let inside = address >= dmaBase && count >= 0 && Int(address - dmaBase) + count <= dmaSize && dmaMemory != nil
+        func replyHeader(_ size: Int, error: UInt32 = 0) -> [UInt8] {
+            var b = [UInt8](repeating: 0, count: 16)
+            let reply = VfioUserHeader(messageID: h.messageID, command: h.command, size: UInt32(size),
+                                       flags: VfioUserHeader.typeReply | (error != 0 ? VfioUserHeader.error : 0), errorNumber: error)
+            b.withUnsafeMutableBytes { reply.encode(into: $0) }
+            return b
+        }
+        if let hook = onDMARequest {
+            onDMARequest = nil
+            try hook(self)
+        }
+        switch dmaServing {
+        case .ignore: return
+        case .refuse: sendRaw(replyHeader(16, error: UInt32(EFAULT))); return
+        case .oversized:
+            let payload = [UInt8](repeating: 0xAB, count: (1 << 20) + 4096)
+            sendRaw(replyHeader(16 + payload.count) + payload)
+            return
+        case .garbage:
+            var p = Payload()
+            p.u64(address); p.u64(UInt64(count))
+            sendRaw(replyHeader(16 + 16 + 3) + p.bytes + [1, 2, 3])
+            return
+        case .serve: break
+        }
+        guard inside else { sendRaw(replyHeader(16, error: UInt32(EFAULT))); return }
+        let host = dmaMemory! + Int(address - dmaBase)
+        if h.command == VfioUserCommand.dmaRead.rawValue {
+            dmaReadsServed += 1
+            var p = Payload()
+            p.u64(address); p.u64(UInt64(count))
+            p.bytes += Array(UnsafeRawBufferPointer(start: host, count: count))
+            sendRaw(replyHeader(16 + p.bytes.count) + p.bytes)
+        } else {
+            guard r.payload.count == 16 + count else { sendRaw(replyHeader(16, error: UInt32(EINVAL))); return }
+            dmaWritesServed += 1
+            r.payload.withUnsafeBytes { host.copyMemory(from: $0.baseAddress! + 16, byteCount: count) }
+            sendRaw(replyHeader(16))  // as QEMU: the header alone
+        }
     }
 
     /// Whether the server closed the connection (recv returns 0 within the timeout).
@@ -106,11 +207,11 @@ final class VfioUserTestClient {
 
     // MARK: Convenience
 
-    func negotiateVersion() throws -> TestReply {
+    func negotiateVersion(maxDataTransfer: Int = 1048576) throws -> TestReply {
         var p = Payload()
         p.u16(0)
         p.u16(1)
-        let json = "{\"capabilities\":{\"max_msg_fds\":16,\"max_data_xfer_size\":1048576,\"pgsizes\":4096,\"migration\":{\"pgsize\":4096,\"max_bitmap_size\":1048576},\"write_multiple\":true}}"
+        let json = "{\"capabilities\":{\"max_msg_fds\":16,\"max_data_xfer_size\":\(maxDataTransfer),\"pgsizes\":4096,\"migration\":{\"pgsize\":4096,\"max_bitmap_size\":1048576},\"write_multiple\":true}}"
         p.bytes += Array(json.utf8) + [0]
         return try request(.version, p.bytes)
     }

@@ -1,0 +1,152 @@
+import Backends
+import BlockIO
+import CSystem
+import Foundation
+import Gateway
+import ISCSIBackend
+import PVSCSI
+import SCSI
+import Testing
+
+/// A private tgtd (Deploy/tgt/backend-test-target.sh) for the PVSCSI task management tests.
+final class PrivateTgtd: @unchecked Sendable {
+    static let script: String = {
+        var dir = URL(fileURLWithPath: #filePath)
+        for _ in 0..<3 { dir.deleteLastPathComponent() }
+        return dir.appendingPathComponent("Deploy/tgt/backend-test-target.sh").path
+    }()
+
+    let dir: String
+    let port: Int
+    let iqn: String
+
+    struct Failure: Error, CustomStringConvertible { var description: String }
+
+    init(sizeMiB: Int) throws {
+        port = 23000 + Int(getpid() % 1000)
+        let control = 1900 + Int(getpid() % 500)
+        dir = NSTemporaryDirectory() + "scsigate-pvscsi-tgt-\(getpid())"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        iqn = "iqn.2026-11.test.scsigate:pvscsi-\(port)"
+        let backing = dir + "/disk.img"
+        _ = FileManager.default.createFile(atPath: backing, contents: nil)
+        let fh = try FileHandle(forWritingTo: URL(fileURLWithPath: backing))
+        try fh.truncate(atOffset: UInt64(sizeMiB) << 20)
+        try fh.close()
+        try Self.run(["start", dir, "\(port)", "\(control)"])
+        try Self.run(["target", "\(control)", "1", iqn, backing])
+    }
+
+    var url: String { "iscsi://127.0.0.1:\(port)/\(iqn)/1" }
+
+    /// Runs the script (posix_spawn + waitpid); throws with its output when it fails.
+    static func run(_ args: [String]) throws {
+        let logPath = NSTemporaryDirectory() + "scsigate-pvscsi-tgt-script-\(getpid()).log"
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 1, logPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+        posix_spawn_file_actions_adddup2(&actions, 1, 2)
+        let argv = ["/bin/sh", script] + args
+        var cargs: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) } + [nil]
+        defer { for p in cargs { free(p) } }
+        var pid: pid_t = 0
+        guard posix_spawn(&pid, "/bin/sh", &actions, nil, &cargs, environ) == 0 else { throw Failure(description: "posix_spawn failed") }
+        var status: Int32 = 0
+        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        guard status & 0x7F == 0, (status >> 8) & 0xFF == 0 else {
+            throw Failure(description: "\(args.first ?? "") failed: \((try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "")")
+        }
+    }
+
+    /// Sends `sig` (SIGSTOP / SIGCONT) to tgtd.
+    func signal(_ sig: Int32) -> Bool {
+        guard let text = try? String(contentsOfFile: dir + "/tgtd.pid", encoding: .utf8),
+              let pid = pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)) else { return false }
+        return kill(pid, sig) == 0
+    }
+
+    deinit {
+        _ = signal(SIGCONT)
+        try? Self.run(["stop", dir])
+        try? FileManager.default.removeItem(atPath: dir)
+    }
+}
+
+/// PVSCSI task management against a real iSCSI back-end (tgtd, libiscsi): with tgtd stopped (SIGSTOP) the
+/// READ stays in flight; ABORT_CMD makes the channel send ABORT TASK, RESET_DEVICE a LUN RESET; once tgtd
+/// runs again the guest gets BTSTAT_ABORTQUEUE / BTSTAT_BUSRESET.
+@Suite(.serialized) struct PVSCSIOverISCSITaskManagementTests {
+    @Test func abortAndResetReachTheRemoteTarget() throws {
+        let tgt = try PrivateTgtd(sizeMiB: 16)
+        let config = try ISCSIBackendConfig(url: tgt.url, initiatorName: "iqn.2026-11.test.scsigate:pvscsi-initiator",
+                                            timeoutSeconds: 30)
+        let backend = AnyBlockBackend.iscsi(try ISCSIBackend.open(config: config))
+        defer { backend.close() }
+        let table = SCSITarget(name: "iscsi")
+        try table.add(LogicalUnit(number: LogicalUnitNumber(0)!,
+                                  identity: LogicalUnitIdentity(serial: "ISCSI0", naa: 0x5000_0000_0000_00F1),
+                                  geometry: backend.geometry, backendID: 0))
+        let sock = "/tmp/scsigate-pvscsi-iscsi-\(getpid()).sock"
+        let controller = try PVSCSIController(socketPath: sock, target: table,
+                                              channelFactory: { _ in try? backend.makeChannel() }, log: { _ in })
+        try controller.start()
+        defer { controller.stop() }
+        let client = try VfioUserTestClient(path: sock)
+        let g = TestGuest(client: client)
+        try g.connect()
+        try g.linuxStartup()
+        let device = controller.device
+        let sense = g.address(page: TestGuest.sensePage)
+        var n = 0
+        while n < 4 {
+            let t = try g.run([GuestRequest(context: 90 + UInt64(n), cdb: [0, 0, 0, 0, 0, 0], senseAddress: sense, senseLength: 96)])
+            if t.first?.scsiStatus == 0 { break }
+            n += 1
+        }
+        let ok = try g.run([GuestRequest(context: 1, cdb: read10(lba: 0, blocks: 8), flags: PVSCSI.flagDirectionToHost,
+                                         dataAddress: g.address(page: TestGuest.dataPage), dataLength: 4096)])
+        #expect(ok.first?.hostStatus == 0 && ok.first?.scsiStatus == 0)
+        g.drainInterrupts()
+
+        // ABORT_CMD while the target is stopped.
+        #expect(tgt.signal(SIGSTOP))
+        g.place(GuestRequest(context: 42, cdb: read10(lba: 64, blocks: 8), flags: PVSCSI.flagDirectionToHost,
+                             dataAddress: g.address(page: TestGuest.dataPage), dataLength: 4096))
+        try g.kick()
+        #expect(!g.waitInterrupt(milliseconds: 300))
+        #expect(controller.sync { device.requestsInFlight } == 1)
+        #expect(try g.command(.abortCommand, TestGuest.words([42], pairs: true) + [0, 0]) == 0)
+        #expect(controller.sync { device.stats.backendAborts } == 1)
+        #expect(tgt.signal(SIGCONT))
+        var done: [GuestCompletion] = []
+        while done.isEmpty, g.waitInterrupt(milliseconds: 10_000) { done += g.takeCompletions() }
+        #expect(done.map(\.context) == [42])
+        #expect(done.first?.hostStatus == HostAdapterStatus.abortQueue.rawValue)
+
+        // RESET_DEVICE while the target is stopped.
+        #expect(tgt.signal(SIGSTOP))
+        g.place(GuestRequest(context: 43, cdb: read10(lba: 128, blocks: 8), flags: PVSCSI.flagDirectionToHost,
+                             dataAddress: g.address(page: TestGuest.dataPage), dataLength: 4096))
+        try g.kick()
+        #expect(!g.waitInterrupt(milliseconds: 300))
+        #expect(try g.command(.resetDevice, [0, 0, 0]) == 0)
+        #expect(controller.sync { device.stats.backendResets } == 1)
+        #expect(tgt.signal(SIGCONT))
+        done = []
+        while done.isEmpty, g.waitInterrupt(milliseconds: 10_000) { done += g.takeCompletions() }
+        #expect(done.map(\.context) == [43])
+        #expect(done.first?.hostStatus == HostAdapterStatus.busReset.rawValue)
+
+        // The LUN keeps working afterwards.
+        var again: [GuestCompletion] = []
+        for k in 0..<4 {
+            again = try g.run([GuestRequest(context: 50 + UInt64(k), cdb: read10(lba: 0, blocks: 8), flags: PVSCSI.flagDirectionToHost,
+                                            dataAddress: g.address(page: TestGuest.dataPage), dataLength: 4096,
+                                            senseAddress: sense, senseLength: 96)], milliseconds: 10_000)
+            if again.first?.scsiStatus == 0 { break }  // a unit attention after the LUN reset first
+        }
+        #expect(again.first?.hostStatus == 0 && again.first?.scsiStatus == 0)
+    }
+}
