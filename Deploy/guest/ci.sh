@@ -124,7 +124,6 @@ suite_pvscsi() {
 name = "pv0"
 transport = "pvscsi"
 socket = "$DIR/pv0.sock"
-max_targets = 24
 
 [[controller.lun]]
 target = 0
@@ -134,6 +133,17 @@ path = "$DIR/pv0.img"
 size = "256M"
 create = true
 serial = "SGCI-PV0"
+
+[[controller]]
+name = "pv24"
+transport = "pvscsi"
+socket = "$DIR/pv24.sock"
+max_targets = 24
+
+[[controller.lun]]
+target = 0
+backend = "null"
+size = "64M"
 TOML
     } > "$DIR/gw.toml"
     start_gateway "$DIR/gw.toml" "$DIR/gw.log"; check "pvscsi gateway start" $? || return
@@ -157,15 +167,18 @@ TOML
 pvscsi_variants() {
     local dev="{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"$DIR/pv0.sock\",\"type\":\"unix\"}}"
     local from
-    # A LUN at target 20 is visible only if the CONFIG command answered (max_targets 24): the adapter makes
-    # QEMU send register writes synchronously, so the default command line (no x-no-posted-writes) works.
-    cli lun add pv0 --target 20 --backend file --path "$DIR/pv20.img" --size 64M --create --serial SGCI-PV20 >/dev/null
+    # A LUN at target 20 is visible only if the CONFIG command answered (controller pv24, max_targets 24): the
+    # adapter makes QEMU send register writes synchronously, so the default command line (no
+    # x-no-posted-writes) works. Its fio figure shows what the round trip per kick costs.
+    cli lun add pv24 --target 20 --backend file --path "$DIR/pv20.img" --size 64M --create --serial SGCI-PV20 >/dev/null
     check "pvscsi CLI lun add at target 20" $?
-    guest_run --sid --quiet --test smoke --log "$DIR/target20.log" --timeout 300 --bind "$DIR" \
-        --append "scsigate.vendor=SCSIGATE" -- -device "$dev"
+    guest_run --sid --quiet --test multi --log "$DIR/target20.log" --timeout 300 --bind "$DIR" \
+        --append "scsigate.tests=smoke,fio-randread scsigate.vendor=SCSIGATE scsigate.expect_serial=SGCI-PV20 scsigate.runtime=10" \
+        -- -device "{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"$DIR/pv24.sock\",\"type\":\"unix\"}}"
     grep -aq 'serial=SGCI-PV20' "$DIR/target20.log"
     check "pvscsi CONFIG answered on the default QEMU command line (target 20 visible)" $?
-    cli lun remove pv0 --target 20 >/dev/null; check "pvscsi CLI lun remove at target 20" $?
+    grep -a '^SCSIGATE-IOPS' "$DIR/target20.log" | tail -1 | tr -d '\r' | sed 's/^SCSIGATE-IOPS /[pvscsi-max-targets-24 synchronous register writes] /'
+    cli lun remove pv24 --target 20 >/dev/null; check "pvscsi CLI lun remove at target 20" $?
     # Guest RAM without an fd (plain -m): rings, SG lists and data travel as DMA_READ/DMA_WRITE messages.
     from=$(wc -l < "$DIR/gw.log")
     guest_run --sid --plain-memory --quiet --test multi --log "$DIR/plain.log" --timeout 900 --bind "$DIR" \

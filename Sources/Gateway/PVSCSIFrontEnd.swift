@@ -25,6 +25,10 @@ final class PVSCSIFrontEnd: FrontEnd, @unchecked Sendable {
         self.runtime = runtime
         var options = PVSCSIOptions()
         options.maxTargets = UInt32(runtime.config.maxTargets)
+        // Linux learns of more than 16 targets only from the CONFIG command, which needs synchronous
+        // register writes (a round trip per kick): paid only by controllers that ask for more targets.
+        options.synchronousRegisterWrites = runtime.config.maxTargets > 16
+        options.hotplugMessages = runtime.config.hotplug
         let logger = runtime.logger
         do {
             controller = try PVSCSIController(

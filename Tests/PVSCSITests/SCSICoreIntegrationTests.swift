@@ -96,6 +96,29 @@ import Glibc
         #expect(s[12] == 0x29)  // POWER ON, RESET, OR BUS DEVICE RESET OCCURRED
     }
 
+    @Test("hotplug = false: no DEV_ADDED message; the guest learns of the LUN from REPORTED LUNS DATA HAS CHANGED")
+    func hotplugMessagesOff() throws {
+        var options = PVSCSIOptions()
+        options.hotplugMessages = false
+        let f = try Fixture(luns: [0], useCore: true, options: options)
+        let g = f.guest!
+        try f.addLUN(5)
+        #expect(!g.waitInterrupt(milliseconds: 500))
+        #expect(g.takeMessages().isEmpty)
+        // LUN 0's pending unit attentions, in order (the first is the power-on one of a new nexus).
+        let sense = g.address(page: TestGuest.sensePage)
+        var seen: [UInt16] = []
+        for context in 1...4 {
+            let t = try g.run([GuestRequest(context: UInt64(context), target: 0, cdb: [0, 0, 0, 0, 0, 0],
+                                            senseAddress: sense, senseLength: 96)])
+            guard t.first?.scsiStatus == 0x02 else { break }
+            let s = UnsafeRawBufferPointer(start: g.pointer(sense), count: 18)
+            #expect(s[2] & 0xF == 0x06)  // UNIT ATTENTION
+            seen.append(UInt16(s[12]) << 8 | UInt16(s[13]))
+        }
+        #expect(seen.contains(0x3F0E))  // REPORTED LUNS DATA HAS CHANGED
+    }
+
     @Test func resetDeviceEstablishesBusDeviceResetUnitAttention() throws {
         let f = try Fixture(luns: [0, 1], useCore: true)
         let g = f.guest!
