@@ -101,6 +101,22 @@ TOML
 
 cli() { "$BIN" "$@" --socket "$DIR/control.sock"; }
 
+# one_controller NAME TRANSPORT CONTROLLER-KEYS LUN-KEYS: writes DIR/gw.toml serving one controller NAME
+# on DIR/NAME.sock with one LUN (each KEYS argument: TOML key lines, may be empty).
+one_controller() {
+    { gateway_header "$DIR"
+      printf '\n[[controller]]\nname = "%s"\ntransport = "%s"\nsocket = "%s"\n' "$1" "$2" "$DIR/$1.sock"
+      [ -z "$3" ] || printf '%s\n' "$3"
+      printf '\n[[controller.lun]]\n%s\n' "$4"
+    } > "$DIR/gw.toml"
+}
+
+# file_lun FILE SIZE [KEY-LINES]: the key lines of a file LUN created sparse at DIR/FILE.
+file_lun() { printf 'backend = "file"\npath = "%s"\nsize = "%s"\ncreate = true' "$DIR/$1" "$2"; [ -z "${3:-}" ] || printf '\n%s' "$3"; }
+
+# serve NAME: starts the gateway on DIR/gw.toml (log DIR/gw.log) and checks "NAME gateway start".
+serve() { start_gateway "$DIR/gw.toml" "$DIR/gw.log"; check "$1 gateway start" $?; }
+
 # report_iops NAME LOG: the guest's fio 4 KiB random read figure.
 report_iops() {
     local line
@@ -273,25 +289,9 @@ cycles_with_guest() {
 
 suite_vhost_user_scsi() {
     DIR="$WORK/vscsi"; mkdir -p "$DIR"
-    { gateway_header "$DIR"; cat <<TOML
-
-[[controller]]
-name = "vscsi0"
-transport = "vhost-user-scsi"
-socket = "$DIR/vscsi0.sock"
-queues = 2
-io_threads = 2
-
-[[controller.lun]]
-lun = 0
-backend = "file"
-path = "$DIR/lun0.img"
-size = "256M"
-create = true
-serial = "SGCI-VS0"
-TOML
-    } > "$DIR/gw.toml"
-    start_gateway "$DIR/gw.toml" "$DIR/gw.log"; check "vhost-user-scsi gateway start" $? || return
+    one_controller vscsi0 vhost-user-scsi $'queues = 2\nio_threads = 2' "lun = 0
+$(file_lun lun0.img 256M 'serial = "SGCI-VS0"')"
+    serve vhost-user-scsi || return
     guest_run --quiet --test multi --log "$DIR/guest.log" --timeout 900 \
         --append "scsigate.tests=$SCSI_TESTS scsigate.vendor=SCSIGATE scsigate.expect_serial=SGCI-VS0 scsigate.expect_size=268435456" \
         -- -chardev "socket,id=c0,path=$DIR/vscsi0.sock" -device vhost-user-scsi-pci,chardev=c0,num_queues=2
@@ -337,23 +337,8 @@ PY
 
 suite_vhost_user_blk() {
     DIR="$WORK/vblk"; mkdir -p "$DIR"
-    { gateway_header "$DIR"; cat <<TOML
-
-[[controller]]
-name = "vblk0"
-transport = "vhost-user-blk"
-socket = "$DIR/vblk0.sock"
-
-[[controller.lun]]
-lun = 0
-backend = "file"
-path = "$DIR/blk0.img"
-size = "256M"
-create = true
-serial = "SGCI-VB0"
-TOML
-    } > "$DIR/gw.toml"
-    start_gateway "$DIR/gw.toml" "$DIR/gw.log"; check "vhost-user-blk gateway start" $? || return
+    one_controller vblk0 vhost-user-blk '' "$(file_lun blk0.img 256M 'serial = "SGCI-VB0"')"
+    serve vhost-user-blk || return
     guest_run --quiet --test multi --log "$DIR/guest.log" --timeout 900 \
         --append "scsigate.tests=smoke,fio-verify,discard,pattern scsigate.expect_serial=SGCI-VB0" \
         -- -chardev "socket,id=c0,path=$DIR/vblk0.sock" -device vhost-user-blk-pci,chardev=c0
@@ -434,21 +419,8 @@ TOML
 # the guest's virtio_blk must see the new size from the config-change interrupt alone (no I/O, no rescan).
 suite_vhost_user_blk_resize() {
     DIR="$WORK/vblkr"; mkdir -p "$DIR"
-    { gateway_header "$DIR"; cat <<TOML
-
-[[controller]]
-name = "vblkr0"
-transport = "vhost-user-blk"
-socket = "$DIR/vblkr0.sock"
-
-[[controller.lun]]
-backend = "file"
-path = "$DIR/blkr0.img"
-size = "64M"
-create = true
-TOML
-    } > "$DIR/gw.toml"
-    start_gateway "$DIR/gw.toml" "$DIR/gw.log"; check "vhost-user-blk-resize gateway start" $? || return
+    one_controller vblkr0 vhost-user-blk '' "$(file_lun blkr0.img 64M)"
+    serve vhost-user-blk-resize || return
     local glog="$DIR/guest.log" gpid rc
     bash "$HERE/run-guest.sh" --sid --quiet --test resize --log "$glog" --timeout 600 \
         --append "scsigate.resize_wait=120 scsigate.expect_size=100663296" \
@@ -468,22 +440,9 @@ TOML
 # its buffers in the new memory (the guest onlines it as ZONE_MOVABLE, which user pages come from first).
 suite_vhost_user_memhotplug() {
     DIR="$WORK/vmemhp"; mkdir -p "$DIR"
-    { gateway_header "$DIR"; cat <<TOML
-
-[[controller]]
-name = "vmemhp0"
-transport = "vhost-user-scsi"
-socket = "$DIR/vmemhp0.sock"
-
-[[controller.lun]]
-lun = 0
-backend = "file"
-path = "$DIR/lun0.img"
-size = "128M"
-create = true
-TOML
-    } > "$DIR/gw.toml"
-    start_gateway "$DIR/gw.toml" "$DIR/gw.log"; check "vhost-user-memhotplug gateway start" $? || return
+    one_controller vmemhp0 vhost-user-scsi '' "lun = 0
+$(file_lun lun0.img 128M)"
+    serve vhost-user-memhotplug || return
     local glog="$DIR/guest.log" gpid rc port=$((20000 + RANDOM % 20000))
     bash "$HERE/run-guest.sh" --quiet --test memhotplug --log "$glog" --timeout 900 \
         --append "memhp_default_state=online_movable scsigate.memhp_wait=120 scsigate.size=32M" \
@@ -511,21 +470,8 @@ TOML
 # (VHOST_USER_SET_INFLIGHT_FD); what the guest still waited for is resubmitted, fio ends with 0 errors.
 suite_vhost_user_blk_reconnect() {
     DIR="$WORK/vblkrc"; mkdir -p "$DIR"
-    { gateway_header "$DIR"; cat <<TOML
-
-[[controller]]
-name = "vblkrc0"
-transport = "vhost-user-blk"
-socket = "$DIR/vblkrc0.sock"
-
-[[controller.lun]]
-backend = "file"
-path = "$DIR/blk0.img"
-size = "512M"
-create = true
-TOML
-    } > "$DIR/gw.toml"
-    start_gateway "$DIR/gw.toml" "$DIR/gw.log"; check "vhost-user-blk-reconnect gateway start" $? || return
+    one_controller vblkrc0 vhost-user-blk '' "$(file_lun blk0.img 512M)"
+    serve vhost-user-blk-reconnect || return
     local glog="$DIR/guest.log" gpid rc pid
     bash "$HERE/run-guest.sh" --quiet --test fio-verify --log "$glog" --timeout 900 \
         --append "scsigate.size=256M scsigate.bs=4k" \
