@@ -206,22 +206,23 @@ pvscsi_variants() {
     # Legacy INTx (vmw_pvscsi without MSI-X and MSI), then MSI (without MSI-X): smoke and a short fio verify each;
     # the gateway log of the run shows which eventfd the client installed (QEMU adds MSI/MSI-X ones only when
     # the guest enables them; the INTx one always).
+    pvscsi_irq_run INTx "vmw_pvscsi.disable_msix=1 vmw_pvscsi.disable_msi=1" 'interrupt eventfd for INTx' \
+        'interrupt eventfd for MSI' "INTx only (no MSI or MSI-X eventfd)"
+    pvscsi_irq_run MSI "vmw_pvscsi.disable_msix=1" 'interrupt eventfd for MSI vector' \
+        'interrupt eventfd for MSI-X' "MSI (no MSI-X eventfd)"
+}
+
+# pvscsi_irq_run MODE KERNEL-ARGS SEEN NOT-SEEN WHAT: a smoke + short fio verify guest with those vmw_pvscsi
+# options; the gateway log of its run must show SEEN and not NOT-SEEN.
+pvscsi_irq_run() {
+    local from log="$DIR/$(echo "$1" | tr 'A-Z' 'a-z').log"
     from=$(wc -l < "$DIR/gw.log")
-    guest_run --sid --quiet --test multi --log "$DIR/intx.log" --timeout 600 --bind "$DIR" \
-        --append "scsigate.tests=smoke,fio-verify scsigate.vendor=SCSIGATE scsigate.expect_serial=SGCI-PV0 scsigate.size=8M vmw_pvscsi.disable_msix=1 vmw_pvscsi.disable_msi=1" \
+    guest_run --sid --quiet --test multi --log "$log" --timeout 600 --bind "$DIR" \
+        --append "scsigate.tests=smoke,fio-verify scsigate.vendor=SCSIGATE scsigate.expect_serial=SGCI-PV0 scsigate.size=8M $2" \
         -- -device "$dev"
-    check "pvscsi guest with INTx (disable_msix=1 disable_msi=1): smoke+fio-verify" $?
-    tail -n +"$((from + 1))" "$DIR/gw.log" | grep -q 'interrupt eventfd for INTx' \
-        && ! tail -n +"$((from + 1))" "$DIR/gw.log" | grep -q 'interrupt eventfd for MSI'
-    check "pvscsi INTx run used INTx only (no MSI or MSI-X eventfd)" $?
-    from=$(wc -l < "$DIR/gw.log")
-    guest_run --sid --quiet --test multi --log "$DIR/msi.log" --timeout 600 --bind "$DIR" \
-        --append "scsigate.tests=smoke,fio-verify scsigate.vendor=SCSIGATE scsigate.expect_serial=SGCI-PV0 scsigate.size=8M vmw_pvscsi.disable_msix=1" \
-        -- -device "$dev"
-    check "pvscsi guest with MSI (disable_msix=1): smoke+fio-verify" $?
-    tail -n +"$((from + 1))" "$DIR/gw.log" | grep -q 'interrupt eventfd for MSI vector' \
-        && ! tail -n +"$((from + 1))" "$DIR/gw.log" | grep -q 'interrupt eventfd for MSI-X'
-    check "pvscsi MSI run used MSI (no MSI-X eventfd)" $?
+    check "pvscsi guest with $1 ($2): smoke+fio-verify" $?
+    tail -n +"$((from + 1))" "$DIR/gw.log" | grep -q "$3" && ! tail -n +"$((from + 1))" "$DIR/gw.log" | grep -q "$4"
+    check "pvscsi $1 run used $5" $?
 }
 
 # hotplug_run NAME CONTROLLER ADDRESS-ARGS QEMU-ARGS...: while a guest runs, add a LUN with the CLI, see it
