@@ -172,6 +172,19 @@ extension SCSITarget {
         return backendError(result.errno, op: op, lba: lba)
     }
 
+    /// Checks the result of one back-end request of a multi-request command (`lba`: its first block,
+    /// `bytes`: its length): a failed request becomes ``backendError(_:op:lba:)``; a short read means the
+    /// medium ends early (LBA OUT OF RANGE), a short write is a WRITE ERROR, both with the first block not
+    /// transferred in INFORMATION.
+    func checkStepResult(_ result: BlockResult, op: BlockOperation, lba: UInt64, bytes: UInt64,
+                         blockSize: UInt64) throws(SCSIError) {
+        if result.errno != 0 { throw backendError(result, op: op, lba: lba) }
+        guard result.bytesTransferred < bytes else { return }
+        let firstMissing = lba &+ result.bytesTransferred / blockSize
+        if op == .read { throw .check(.illegalRequest, .lbaOutOfRange, information: firstMissing) }
+        throw .check(.mediumError, .writeError, information: firstMissing)
+    }
+
     /// The error for a failed back-end request, with the LBA in INFORMATION for medium errors.
     func backendError(_ code: Int32, op: BlockOperation, lba: UInt64?) -> SCSIError {
         var error = BackendErrorMapping.error(errno: code, operation: op)

@@ -35,14 +35,8 @@ extension SCSITarget {
 
     func resumeOrWrite(_ task: inout SCSITask, unit: LogicalUnit, stage: UInt8, lba: UInt64, blocks: UInt64,
                        cursor: UInt64, result: BlockResult) throws(SCSIError) -> TaskDisposition {
-        do throws(SCSIError) {
-            let disposition = try orWriteStep(&task, unit: unit, stage: stage, lba: lba, blocks: blocks, cursor: cursor,
-                                              result: result)
-            if case .complete = disposition { releaseCompareAndWrite(unit) }
-            return disposition
-        } catch {
-            releaseCompareAndWrite(unit)
-            throw error
+        try holdingCompareAndWrite(unit) { () throws(SCSIError) -> TaskDisposition in
+            try orWriteStep(&task, unit: unit, stage: stage, lba: lba, blocks: blocks, cursor: cursor, result: result)
         }
     }
 
@@ -55,10 +49,7 @@ extension SCSITarget {
         let bytes = Int(n &* blockSize)
         guard let scratch = task.scratch else { throw .check(.hardwareError, .internalTargetFailure) }
         if stage & 0x80 == 0 {
-            if result.errno != 0 { throw backendError(result, op: .read, lba: lba &+ cursor) }
-            if result.bytesTransferred < UInt64(bytes) {
-                throw .check(.illegalRequest, .lbaOutOfRange, information: lba &+ cursor &+ result.bytesTransferred / blockSize)
-            }
+            try checkStepResult(result, op: .read, lba: lba &+ cursor, bytes: UInt64(bytes), blockSize: blockSize)
             let chunk = scratch.memory.count / 2
             let incoming = UnsafeMutableRawBufferPointer(rebasing: scratch.memory[chunk ..< chunk + bytes])
             guard task.dataOut.gather(from: Int(cursor &* blockSize), into: incoming) == bytes else {
@@ -83,10 +74,7 @@ extension SCSITarget {
                                         buffers: scratch.list(offset: 0, length: bytes),
                                         forceUnitAccess: stage & 0x01 != 0 || unit.writeThrough))
         }
-        if result.errno != 0 { throw backendError(result, op: .write, lba: lba &+ cursor) }
-        if result.bytesTransferred < UInt64(bytes) {
-            throw .check(.mediumError, .writeError, information: lba &+ cursor &+ result.bytesTransferred / blockSize)
-        }
+        try checkStepResult(result, op: .write, lba: lba &+ cursor, bytes: UInt64(bytes), blockSize: blockSize)
         let next = cursor &+ n
         if next < blocks {
             return orWriteRead(&task, fua: stage & 0x01, lba: lba, blocks: blocks, cursor: next, blockSize: blockSize)

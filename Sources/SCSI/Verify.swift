@@ -52,10 +52,7 @@ extension SCSITarget {
         let blockSize = UInt64(unit.blockSize)
         let n = min(blocks - cursor, chunkBlocks(blockSize))
         let bytes = Int(n &* blockSize)
-        if result.errno != 0 { throw backendError(result, op: .read, lba: lba &+ cursor) }
-        if result.bytesTransferred < UInt64(bytes) {
-            throw .check(.illegalRequest, .lbaOutOfRange, information: lba &+ cursor &+ result.bytesTransferred / blockSize)
-        }
+        try checkStepResult(result, op: .read, lba: lba &+ cursor, bytes: UInt64(bytes), blockSize: blockSize)
         guard let scratch = task.scratch else { throw .check(.hardwareError, .internalTargetFailure) }
         let chunk = Int(min(blocks, chunkBlocks(blockSize)) &* blockSize)
         let medium = scratch.bytes(offset: 0, length: bytes)
@@ -116,10 +113,7 @@ extension SCSITarget {
                               cursor: UInt64, result: BlockResult) throws(SCSIError) -> TaskDisposition {
         let blockSize = UInt64(unit.blockSize)
         let bytes = blocks &* blockSize
-        if result.errno != 0 { throw backendError(result, op: .write, lba: lba) }
-        if result.bytesTransferred < bytes {
-            throw .check(.mediumError, .writeError, information: lba &+ result.bytesTransferred / blockSize)
-        }
+        try checkStepResult(result, op: .write, lba: lba, bytes: bytes, blockSize: blockSize)
         task.dataOutLength = Int(bytes)
         return startVerifyReads(&task, stage: 1, lba: lba, blocks: blocks, blockSize: blockSize)
     }
@@ -154,13 +148,8 @@ extension SCSITarget {
 
     func resumeCompareAndWrite(_ task: inout SCSITask, unit: LogicalUnit, stage: UInt8, lba: UInt64, blocks: UInt64,
                                result: BlockResult) throws(SCSIError) -> TaskDisposition {
-        do throws(SCSIError) {
-            let disposition = try compareAndWriteStep(&task, unit: unit, stage: stage, lba: lba, blocks: blocks, result: result)
-            if case .complete = disposition { releaseCompareAndWrite(unit) }
-            return disposition
-        } catch {
-            releaseCompareAndWrite(unit)
-            throw error
+        try holdingCompareAndWrite(unit) { () throws(SCSIError) -> TaskDisposition in
+            try compareAndWriteStep(&task, unit: unit, stage: stage, lba: lba, blocks: blocks, result: result)
         }
     }
 
@@ -171,10 +160,7 @@ extension SCSITarget {
         guard let scratch = task.scratch else { throw .check(.hardwareError, .internalTargetFailure) }
         if stage & 0x80 == 0 {
             // The read completed: compare.
-            if result.errno != 0 { throw backendError(result, op: .read, lba: lba) }
-            if result.bytesTransferred < UInt64(half) {
-                throw .check(.illegalRequest, .lbaOutOfRange, information: lba &+ result.bytesTransferred / blockSize)
-            }
+            try checkStepResult(result, op: .read, lba: lba, bytes: UInt64(half), blockSize: blockSize)
             if let at = firstMismatch(scratch.bytes(offset: 0, length: half), scratch.bytes(offset: half, length: half)) {
                 throw .check(.miscompare, .miscompareDuringVerify, information: UInt64(at))
             }
@@ -183,10 +169,7 @@ extension SCSITarget {
                                         buffers: scratch.list(offset: 2 * half, length: half),
                                         forceUnitAccess: stage & 0x01 != 0 || unit.writeThrough))
         }
-        if result.errno != 0 { throw backendError(result, op: .write, lba: lba) }
-        if result.bytesTransferred < UInt64(half) {
-            throw .check(.mediumError, .writeError, information: lba &+ result.bytesTransferred / blockSize)
-        }
+        try checkStepResult(result, op: .write, lba: lba, bytes: UInt64(half), blockSize: blockSize)
         task.step = .none
         task.scratch = nil
         return .complete
@@ -216,5 +199,19 @@ extension SCSITarget {
     /// Releases the exclusion.
     func releaseCompareAndWrite(_ unit: LogicalUnit) {
         unit.mediumState.withLock { $0.compareAndWriteSince = nil }
+    }
+
+    /// Runs one step of a command that holds the exclusion (COMPARE AND WRITE, ORWRITE) and releases it
+    /// when the command completes or fails; a step that submits more I/O keeps it.
+    func holdingCompareAndWrite(_ unit: LogicalUnit,
+                                _ step: () throws(SCSIError) -> TaskDisposition) throws(SCSIError) -> TaskDisposition {
+        do throws(SCSIError) {
+            let disposition = try step()
+            if case .complete = disposition { releaseCompareAndWrite(unit) }
+            return disposition
+        } catch {
+            releaseCompareAndWrite(unit)
+            throw error
+        }
     }
 }

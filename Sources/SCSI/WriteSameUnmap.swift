@@ -74,10 +74,7 @@ extension SCSITarget {
                          result: BlockResult) throws(SCSIError) -> TaskDisposition {
         let blockSize = UInt64(unit.blockSize)
         let n = min(blocks - cursor, chunkBlocks(blockSize))
-        if result.errno != 0 { throw backendError(result, op: .write, lba: lba &+ cursor) }
-        if result.bytesTransferred < n &* blockSize {
-            throw .check(.mediumError, .writeError, information: lba &+ cursor &+ result.bytesTransferred / blockSize)
-        }
+        try checkStepResult(result, op: .write, lba: lba &+ cursor, bytes: n &* blockSize, blockSize: blockSize)
         let next = cursor &+ n
         if next < blocks { return writeSameChunk(&task, unit: unit, lba: lba, blocks: blocks, cursor: next) }
         task.step = .none
