@@ -1,4 +1,5 @@
 /// The semantic validation pass: turns the TOML tree into a `GatewayConfig`, reporting every problem.
+import Backends
 import TOMLKit
 
 struct ConfigValidator {
@@ -231,7 +232,8 @@ struct ConfigValidator {
         }
         let physicalBlockSize = reader.int("physical_block_size").flatMap { physical -> Int? in
             let logical = blockSize ?? 512
-            guard physical >= logical, physical <= 65536, physical.nonzeroBitCount == 1 else {
+            guard (1...65536).contains(physical),
+                  BackendSpec.isValidPhysicalBlockSize(UInt32(physical), logical: UInt32(logical)) else {
                 validation.fail(reader.keyPath("physical_block_size"),
                                 "must be a power of two from block_size (\(logical)) up to 65536, found \(physical)")
                 return nil
