@@ -8,12 +8,22 @@ import Glibc
 #endif
 
 /// Open file descriptors of this process.
-private func processFDCount() -> Int {
+/// The process's open in-flight region memfds (the server names them "scsigate-inflight"). Counted by
+/// name, not as all fds, because other suites open and close fds in parallel in the same process.
+private func inflightFDCount() -> Int {
     guard let dir = opendir("/proc/self/fd") else { return -1 }
     defer { closedir(dir) }
     var n = 0
-    while readdir(dir) != nil { n += 1 }
-    return n - 3  // ".", "..", and the directory's own fd
+    var target = [CChar](repeating: 0, count: 256)
+    while let entry = readdir(dir) {
+        let name = withUnsafeBytes(of: entry.pointee.d_name) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
+        guard name.first?.isNumber == true else { continue }
+        let length = readlink("/proc/self/fd/\(name)", &target, target.count - 1)
+        guard length > 0 else { continue }
+        let link = String(decoding: target[..<length].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        if link.hasPrefix("/memfd:scsigate-inflight") { n += 1 }
+    }
+    return n
 }
 
 /// In-flight tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD): the regions' lifetime and layouts.
@@ -65,10 +75,10 @@ private func processFDCount() -> Int {
         f.client = nil
         try Self.connectWriteAndDrop(f, cycle: 0)
         usleep(100_000)
-        let base = processFDCount()
+        let base = inflightFDCount()
         for cycle in 1...40 { try Self.connectWriteAndDrop(f, cycle: cycle) }
         // The last session's teardown runs on the server's thread: give it a moment.
-        #expect(waitFor { processFDCount() <= base + 2 }, "fds grew from \(base) to \(processFDCount()) over 40 connections")
+        #expect(waitFor { inflightFDCount() <= base + 2 }, "in-flight memfds grew from \(base) to \(inflightFDCount()) over 40 connections")
     }
 }
 
