@@ -104,25 +104,10 @@ import Glibc
                                protocolFeatures: VhostUserProtocolFeature.replyAck)
         defer { for f in fds { close(f.kick); close(f.call) } }
         func command(_ cdb: [UInt8], out: [UInt8] = [], inLength: Int = 0) -> (status: UInt8, response: UInt8, data: [UInt8])? {
-            var req: [UInt8] = [1, 0, 0x40, 0, 0, 0, 0, 0]
-            req.appendLE(UInt64(1)); req += [0, 0, 0]; req += cdb + [UInt8](repeating: 0, count: 32 - cdb.count)
-            let r = ram.alloc(req.count)
-            ram.write(req, at: r)
-            var buffers = [TestSplitRing.Buffer(gpa: r, length: UInt32(req.count), writable: false)]
-            if !out.isEmpty {
-                let d = ram.alloc(out.count, align: 4096)
-                ram.write(out, at: d)
-                buffers.append(.init(gpa: d, length: UInt32(out.count), writable: false))
-            }
-            let resp = ram.alloc(108)
-            buffers.append(.init(gpa: resp, length: 108, writable: true))
-            var data: UInt64 = 0
-            if inLength > 0 {
-                data = ram.alloc(inLength, align: 4096)
-                buffers.append(.init(gpa: data, length: UInt32(inLength), writable: true))
-            }
+            let request = ram.scsiRequest(tag: 1, cdb: cdb, out: out, inLength: inLength, dataAlign: 4096)
+            let (resp, data) = (request.response, request.dataIn)
             let before = rings[2].usedIndex
-            rings[2].publish(rings[2].addChain(buffers))
+            rings[2].publish(rings[2].addChain(request.buffers))
             _ = csys_eventfd_signal(fds[2].kick, 1)
             guard waitFor({ rings[2].usedIndex != before }) else { return nil }
             let h = ram.read(resp, 12)

@@ -123,30 +123,12 @@ final class ISCSIFixture: @unchecked Sendable {
 
     /// Posts a command on the request queue; returns its head and response / data addresses.
     func post(tag: UInt64, cdb: [UInt8], out: [UInt8] = [], inLength: Int = 0) -> (head: UInt16, resp: UInt64, data: UInt64) {
-        var req: [UInt8] = [1, 0, 0x40, 0, 0, 0, 0, 0]
-        req.appendLE(tag)
-        req += [0, 0, 0]
-        req += cdb + [UInt8](repeating: 0, count: 32 - cdb.count)
-        let r = ram.alloc(req.count)
-        ram.write(req, at: r)
-        var buffers = [TestSplitRing.Buffer(gpa: r, length: UInt32(req.count), writable: false)]
-        if !out.isEmpty {
-            let d = ram.alloc(out.count)
-            ram.write(out, at: d)
-            buffers.append(.init(gpa: d, length: UInt32(out.count), writable: false))
-        }
-        let resp = ram.alloc(108)
-        ram.pointer(resp + 11).storeBytes(of: 0xEE, as: UInt8.self)
-        buffers.append(.init(gpa: resp, length: 108, writable: true))
-        var data: UInt64 = 0
-        if inLength > 0 {
-            data = ram.alloc(inLength)
-            buffers.append(.init(gpa: data, length: UInt32(inLength), writable: true))
-        }
-        let head = rings[2].addChain(buffers)
+        let request = ram.scsiRequest(tag: tag, cdb: cdb, out: out, inLength: inLength)
+        ram.pointer(request.response + 11).storeBytes(of: 0xEE, as: UInt8.self)  // response byte: not answered yet
+        let head = rings[2].addChain(request.buffers)
         rings[2].publish(head)
         _ = csys_eventfd_signal(fds[2].kick, 1)
-        return (head, resp, data)
+        return (head, request.response, request.dataIn)
     }
 
     /// Status and virtio response byte of a completed command.

@@ -110,28 +110,13 @@ final class TestSCSIGuest {
     func send(_ cdb: [UInt8], lun: Int, queue: Int, out: [UInt8] = [], inLength: Int = 0) -> Pending {
         let ringIndex = 2 + queue
         let ring = rings[ringIndex]
-        var req: [UInt8] = [1, 0, 0x40, UInt8(lun), 0, 0, 0, 0]
         nextTag += 1
-        req.appendLE(nextTag); req += [0, 0, 0]; req += cdb + [UInt8](repeating: 0, count: 32 - cdb.count)
-        let r = ram.alloc(req.count)
-        ram.write(req, at: r)
-        var buffers = [TestSplitRing.Buffer(gpa: r, length: UInt32(req.count), writable: false)]
-        if !out.isEmpty {
-            let d = ram.alloc(out.count, align: 4096)
-            ram.write(out, at: d)
-            buffers.append(.init(gpa: d, length: UInt32(out.count), writable: false))
-        }
-        let resp = ram.alloc(108)
-        buffers.append(.init(gpa: resp, length: 108, writable: true))
-        var data: UInt64 = 0
-        if inLength > 0 {
-            data = ram.alloc(inLength, align: 4096)
-            buffers.append(.init(gpa: data, length: UInt32(inLength), writable: true))
-        }
+        let request = ram.scsiRequest(lun: [1, 0, 0x40, UInt8(lun), 0, 0, 0, 0], tag: nextTag, cdb: cdb, out: out,
+                                      inLength: inLength, dataAlign: 4096)
         let before = ring.usedIndex
-        ring.publish(ring.addChain(buffers))
+        ring.publish(ring.addChain(request.buffers))
         _ = csys_eventfd_signal(fds[ringIndex].kick, 1)
-        return Pending(ring: ringIndex, usedBefore: before, response: resp, data: data, inLength: inLength)
+        return Pending(ring: ringIndex, usedBefore: before, response: request.response, data: request.dataIn, inLength: inLength)
     }
 
     /// Waits for the answer of `p`: (SCSI status, virtio response, sense key, data-in).

@@ -37,20 +37,11 @@ import Glibc
 
     /// Posts INQUIRY on `ring`; returns its head and the data-in address.
     static func postInquiry(_ f: SCSIFixture, _ ring: TestSplitRing, kick: Int32, tag: UInt64) -> (head: UInt16, data: UInt64) {
-        var req: [UInt8] = [1, 0, 0x40, 0, 0, 0, 0, 0]
-        req.appendLE(tag)
-        req += [0, 0, 0]
-        req += [0x12, 0, 0, 0, 96, 0] + [UInt8](repeating: 0, count: 26)
-        let r = f.ram.alloc(req.count)
-        f.ram.write(req, at: r)
-        let resp = f.ram.alloc(108)
-        let data = f.ram.alloc(96)
-        let head = ring.addChain([.init(gpa: r, length: UInt32(req.count), writable: false),
-                                  .init(gpa: resp, length: 108, writable: true),
-                                  .init(gpa: data, length: 96, writable: true)])
+        let request = f.ram.scsiRequest(tag: tag, cdb: [0x12, 0, 0, 0, 96, 0], inLength: 96)
+        let head = ring.addChain(request.buffers)
         ring.publish(head)
         _ = csys_eventfd_signal(kick, 1)
-        return (head, data)
+        return (head, request.dataIn)
     }
 
     @Test func replacingTheCallFDOfARunningRingSignalsTheNewOne() throws {
@@ -71,17 +62,9 @@ import Glibc
         -> (old: (head: UInt16, resp: UInt64, data: UInt64), fds: (kick: Int32, call: Int32), base: UInt32?) {
         f.channel.hold.store(true, ordering: .releasing)
         let oldUsed = oldRing.usedIndex
-        var req: [UInt8] = [1, 0, 0x40, 0, 0, 0, 0, 0]
-        req.appendLE(UInt64(41))
-        req += [0, 0, 0]
-        req += [0x28, 0, 0, 0, 0, 0, 0, 0, 8, 0] + [UInt8](repeating: 0, count: 22)
-        let r = f.ram.alloc(req.count)
-        f.ram.write(req, at: r)
-        let resp = f.ram.alloc(108)
-        let data = f.ram.alloc(4096)
-        let head = oldRing.addChain([.init(gpa: r, length: UInt32(req.count), writable: false),
-                                     .init(gpa: resp, length: 108, writable: true),
-                                     .init(gpa: data, length: 4096, writable: true)])
+        let request = f.ram.scsiRequest(tag: 41, cdb: [0x28, 0, 0, 0, 0, 0, 0, 0, 8, 0], inLength: 4096)
+        let (resp, data) = (request.response, request.dataIn)
+        let head = oldRing.addChain(request.buffers)
         oldRing.publish(head)
         _ = csys_eventfd_signal(kick, 1)
         #expect(waitFor { f.channel.inFlight == 1 })
@@ -126,17 +109,9 @@ import Glibc
             #expect(current.usedIndex == before, "the late completion was written into the abandoned ring")
             #expect(f.ram.read(old.resp, 12) == [UInt8](repeating: 0, count: 12), "the abandoned response was written")
             // A READ on the new ring completes normally.
-            var req: [UInt8] = [1, 0, 0x40, 0, 0, 0, 0, 0]
-            req.appendLE(UInt64(41))
-            req += [0, 0, 0]
-            req += [0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0] + [UInt8](repeating: 0, count: 22)
-            let r = f.ram.alloc(req.count)
-            f.ram.write(req, at: r)
-            let resp = f.ram.alloc(108)
-            let data = f.ram.alloc(512)
-            let head = next.addChain([.init(gpa: r, length: UInt32(req.count), writable: false),
-                                      .init(gpa: resp, length: 108, writable: true),
-                                      .init(gpa: data, length: 512, writable: true)])
+            let request = f.ram.scsiRequest(tag: 41, cdb: [0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0], inLength: 512)
+            let (resp, data) = (request.response, request.dataIn)
+            let head = next.addChain(request.buffers)
             next.publish(head)
             _ = csys_eventfd_signal(fds.kick, 1)
             #expect(waitFor { next.usedIndex == 2 })

@@ -419,3 +419,41 @@ final class TestLog: @unchecked Sendable {
 }
 
 extension MemoryChannel: VhostChannel {}
+
+/// A virtio-scsi command laid out in guest RAM, ready for `TestSplitRing.addChain`: the request header
+/// (LUN, tag, CDB padded to 32 bytes), the data-out buffer, the response and the data-in buffer.
+struct TestSCSIRequest {
+    var buffers: [TestSplitRing.Buffer]
+    /// Guest address of the response (virtio_scsi_cmd_resp).
+    var response: UInt64
+    /// Guest address of the data-in buffer (0 when there is none).
+    var dataIn: UInt64
+}
+
+extension TestGuestRAM {
+    /// Writes one virtio-scsi command into guest RAM (`dataAlign`: alignment of the data buffers, 4096 for
+    /// O_DIRECT back-ends that take them zero-copy).
+    func scsiRequest(lun: [UInt8] = [1, 0, 0x40, 0, 0, 0, 0, 0], tag: UInt64, cdb: [UInt8], out: [UInt8] = [],
+                     inLength: Int = 0, responseLength: Int = 108, dataAlign: Int = 64) -> TestSCSIRequest {
+        var req = lun
+        req.appendLE(tag)
+        req += [0, 0, 0]
+        req += cdb + [UInt8](repeating: 0, count: 32 - cdb.count)
+        let r = alloc(req.count)
+        write(req, at: r)
+        var buffers = [TestSplitRing.Buffer(gpa: r, length: UInt32(req.count), writable: false)]
+        if !out.isEmpty {
+            let d = alloc(out.count, align: dataAlign)
+            write(out, at: d)
+            buffers.append(.init(gpa: d, length: UInt32(out.count), writable: false))
+        }
+        let response = alloc(responseLength)
+        buffers.append(.init(gpa: response, length: UInt32(responseLength), writable: true))
+        var dataIn: UInt64 = 0
+        if inLength > 0 {
+            dataIn = alloc(inLength, align: dataAlign)
+            buffers.append(.init(gpa: dataIn, length: UInt32(inLength), writable: true))
+        }
+        return TestSCSIRequest(buffers: buffers, response: response, dataIn: dataIn)
+    }
+}

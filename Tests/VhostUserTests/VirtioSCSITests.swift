@@ -68,29 +68,11 @@ final class SCSIFixture: @unchecked Sendable {
     /// Publishes a command on the request queue; returns its head and the addresses to read back.
     func post(lun: [UInt8] = [1, 0, 0x40, 0, 0, 0, 0, 0], tag: UInt64, cdb: [UInt8], out: [UInt8] = [], inLength: Int = 0,
               responseLength: Int = 108) -> (head: UInt16, resp: UInt64, data: UInt64) {
-        var req = lun
-        req.appendLE(tag)
-        req += [0, 0, 0]
-        req += cdb + [UInt8](repeating: 0, count: 32 - cdb.count)
-        let r = ram.alloc(req.count)
-        ram.write(req, at: r)
-        var buffers = [TestSplitRing.Buffer(gpa: r, length: UInt32(req.count), writable: false)]
-        if !out.isEmpty {
-            let d = ram.alloc(out.count)
-            ram.write(out, at: d)
-            buffers.append(.init(gpa: d, length: UInt32(out.count), writable: false))
-        }
-        let resp = ram.alloc(responseLength)
-        buffers.append(.init(gpa: resp, length: UInt32(responseLength), writable: true))
-        var data: UInt64 = 0
-        if inLength > 0 {
-            data = ram.alloc(inLength)
-            buffers.append(.init(gpa: data, length: UInt32(inLength), writable: true))
-        }
-        let head = rings[2].addChain(buffers)
+        let request = ram.scsiRequest(lun: lun, tag: tag, cdb: cdb, out: out, inLength: inLength, responseLength: responseLength)
+        let head = rings[2].addChain(request.buffers)
         rings[2].publish(head)
         _ = csys_eventfd_signal(fds[2].kick, 1)
-        return (head, resp, data)
+        return (head, request.response, request.dataIn)
     }
 
     func readResponse(_ resp: UInt64, data: UInt64, inLength: Int, usedLength: UInt32) -> Response {
