@@ -500,8 +500,15 @@ suite_vhost_user_blk_reconnect() {
     stop_gateway; check "vhost-user-blk-reconnect gateway drains and exits 0 on SIGTERM" $?
 }
 
+# More suites live one per file in suites/: each defines suite_NAME and adds NAME to REGISTERED_SUITES
+# (run after the built-in ones, in file-name order).
+REGISTERED_SUITES=()
+for f in "$HERE"/suites/*.sh; do
+    [ -e "$f" ] || continue
+    . "$f"
+done
 SUITES=("$@")
-[ ${#SUITES[@]} -gt 0 ] || SUITES=(vhost-user-scsi vhost-user-blk vhost-user-blk-resize vhost-user-blk-reconnect vhost-user-memhotplug pvscsi iscsi)
+[ ${#SUITES[@]} -gt 0 ] || SUITES=(vhost-user-scsi vhost-user-blk vhost-user-blk-resize vhost-user-blk-reconnect vhost-user-memhotplug pvscsi iscsi "${REGISTERED_SUITES[@]}")
 for s in "${SUITES[@]}"; do
     sg_log "suite $s"
     "suite_${s//-/_}"

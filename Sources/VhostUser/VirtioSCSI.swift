@@ -88,9 +88,14 @@ public enum VirtioSCSI {
         return .lun(lun)
     }
 
-    /// The 8-byte address of `lun` on target 0 (flat addressing, as Linux builds it).
+    /// The 8-byte address of `lun` on target 0, with bytes 2-3 in the same SAM encoding as REPORT LUNS
+    /// (`LogicalUnitNumber.samEncoding`): single-level peripheral addressing below 256, flat (01b) above, as
+    /// QEMU does. Linux turns bytes 2-3 into its LUN number with `scsilun_to_int` (`(lun[2] << 8) | lun[3]`),
+    /// so an event must use the encoding the guest's scan saw, or LUN 2 announced as flat `0x4002` would become
+    /// a second device, 16386, for the same LUN.
     public static func encodeAddress(_ lun: LogicalUnitNumber) -> [UInt8] {
-        [1, 0, 0x40 | UInt8(lun.value >> 8), UInt8(truncatingIfNeeded: lun.value), 0, 0, 0, 0]
+        let first = UInt16(truncatingIfNeeded: lun.samEncoding >> 48)
+        return [1, 0, UInt8(first >> 8), UInt8(truncatingIfNeeded: first), 0, 0, 0, 0]
     }
 }
 

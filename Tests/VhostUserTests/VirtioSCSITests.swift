@@ -216,6 +216,24 @@ final class SCSIFixture: @unchecked Sendable {
         #expect(VirtioSCSI.decodeAddress((1, 0, 0x7F, 0xFF, 0, 0, 0, 0)) == .lun(LogicalUnitNumber(16383)!))
     }
 
+    /// Events name a LUN with the encoding REPORT LUNS uses (peripheral below 256, flat above), so Linux's
+    /// `scsilun_to_int` gives the hot-added LUN the number its scan gives it (LUN 2 is 0:0:0:2, not 16386).
+    @Test func eventAddressesUseTheReportLUNsEncoding() {
+        for value in [0, 2, 255, 256, 300, 16383] {
+            let lun = LogicalUnitNumber(value)!
+            let bytes = VirtioSCSI.encodeAddress(lun)
+            let sam = lun.samEncoding
+            #expect(bytes[0] == 1 && bytes[1] == 0 && bytes[4...] == [0, 0, 0, 0])
+            #expect(UInt64(bytes[2]) << 56 | UInt64(bytes[3]) << 48 == sam)
+            // Linux: scsilun_to_int reads (lun[2] << 8) | lun[3] for a single-level address.
+            let linux = Int(bytes[2]) << 8 | Int(bytes[3])
+            #expect(linux == (value < 256 ? value : 0x4000 | value))
+            #expect(VirtioSCSI.decodeAddress((bytes[0], bytes[1], bytes[2], bytes[3], 0, 0, 0, 0)) == .lun(lun))
+        }
+        #expect(VirtioSCSI.encodeAddress(LogicalUnitNumber(2)!) == [1, 0, 0, 2, 0, 0, 0, 0])
+        #expect(VirtioSCSI.encodeAddress(LogicalUnitNumber(300)!) == [1, 0, 0x41, 0x2C, 0, 0, 0, 0])
+    }
+
     @Test func malformedRequestsFailWithoutStoppingTheQueue() throws {
         let f = try SCSIFixture()
         // Response buffer smaller than the response header + sense: returned unused.
@@ -293,7 +311,7 @@ final class SCSIFixture: @unchecked Sendable {
         #expect(waitFor { f.rings[1].usedIndex == 1 })
         var e = f.ram.read(buffers[0], 16)
         #expect(e.readLE(UInt32.self, at: 0) == VirtioSCSI.eventTransportReset)
-        #expect(Array(e[4..<12]) == [1, 0, 0x40, 5, 0, 0, 0, 0])
+        #expect(Array(e[4..<12]) == [1, 0, 0, 5, 0, 0, 0, 0])  // peripheral addressing, as REPORT LUNS
         #expect(e.readLE(UInt32.self, at: 12) == VirtioSCSI.resetRescan)
         try f.target.resize(LogicalUnitNumber(5)!, blockCount: 200, allowShrink: false)
         #expect(waitFor { f.rings[1].usedIndex == 2 })
