@@ -7,6 +7,12 @@ export SCSIGATE_CACHE
 sg_log() { printf '[%s] %s\n' "${0##*/}" "$*" >&2; }
 sg_die() { printf '[%s] ERROR: %s\n' "${0##*/}" "$*" >&2; exit 1; }
 
+# sg_guest_cmdline TEST [ARGS...]: the test guest's kernel command line (console on ttyS0, test TEST)
+sg_guest_cmdline() {
+    local test=$1; shift
+    echo "console=ttyS0 panic=-1 quiet scsi_mod.scan=sync scsigate.test=$test $*"
+}
+
 sg_require_root() {
     [ "$(id -u)" = 0 ] || sg_die "must run as root (apt-get, chroot, mounts)"
 }

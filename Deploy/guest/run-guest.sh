@@ -63,7 +63,7 @@ eval "$info"   # KVER VMLINUZ MODULES INITRD
 mkdir -p "$(dirname "$log")"
 : > "$log"
 
-cmdline="console=ttyS0 panic=-1 quiet scsi_mod.scan=sync scsigate.test=$test ${append[*]:-}"
+cmdline=$(sg_guest_cmdline "$test" "${append[@]}")
 memargs=(-object "memory-backend-memfd,id=mem,size=${mem}M,share=on" -numa node,memdev=mem)
 [ $plainmem = 1 ] && memargs=()
 cmd=("$qemu" -accel tcg -cpu max -machine "$machine" -m "${mem}M" -smp "$smp"
