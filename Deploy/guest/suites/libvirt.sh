@@ -40,6 +40,9 @@ lv_wait() {
 # lv_show NAME PATTERN: the console lines matching PATTERN, prefixed with the suite's name.
 lv_show() { tr -d '\r' < "$DIR/$1.console" | grep -a -- "$2" | sed "s/^/[libvirt $1] /"; }
 
+# lv_controller NAME TRANSPORT LUN-KEYS: a [[controller]] on DIR/NAME.sock with one [[controller.lun]].
+lv_controller() { printf '\n[[controller]]\nname = "%s"\ntransport = "%s"\nsocket = "%s"\n\n[[controller.lun]]\n%s\n' "$1" "$2" "$DIR/$1.sock" "$3"; }
+
 # lv_hotplug NAME: once the guest's hotplug test waits, add LUN 1 of scsi0 with the CLI; the guest must see it
 # (serial SGCI-LVHOT, 32 MiB) without a rescan. Returns when the guest waits for the LUN to go away.
 lv_hotplug() {
@@ -77,34 +80,13 @@ libvirt_domains() {
     info=$(bash "$HERE/build-initramfs.sh") || { check "libvirt test kernel and initramfs" 1; return; }
     eval "$info"   # KVER VMLINUZ MODULES INITRD
     blk="${LV_PREFIX}blk" scsi="${LV_PREFIX}scsi" pv="${LV_PREFIX}pvscsi"
-    { gateway_header "$DIR"; cat <<TOML
-
-[[controller]]
-name = "blk0"
-transport = "vhost-user-blk"
-socket = "$DIR/blk0.sock"
-
-[[controller.lun]]
-$(file_lun blk0.img 64M 'serial = "SGCI-LVBLK"')
-
-[[controller]]
-name = "scsi0"
-transport = "vhost-user-scsi"
-socket = "$DIR/scsi0.sock"
-
-[[controller.lun]]
-lun = 0
-$(file_lun scsi0.img 64M 'serial = "SGCI-LVSCSI"')
-
-[[controller]]
-name = "pv0"
-transport = "pvscsi"
-socket = "$DIR/pv0.sock"
-
-[[controller.lun]]
-target = 0
-$(file_lun pv0.img 64M 'serial = "SGCI-LVPV"')
-TOML
+    # one controller per transport, each with one 64 MiB file LUN; its socket is DIR/NAME.sock
+    { gateway_header "$DIR"
+      lv_controller blk0 vhost-user-blk "$(file_lun blk0.img 64M 'serial = "SGCI-LVBLK"')"
+      lv_controller scsi0 vhost-user-scsi "lun = 0
+$(file_lun scsi0.img 64M 'serial = "SGCI-LVSCSI"')"
+      lv_controller pv0 pvscsi "target = 0
+$(file_lun pv0.img 64M 'serial = "SGCI-LVPV"')"
     } > "$DIR/gw.toml"
     serve libvirt || return
 
