@@ -22,7 +22,7 @@ lv_define() {
 }
 
 # lv_start NAME: start the defined domain with an empty console log.
-lv_start() { : > "$DIR/$1.console"; lv start "$1" >/dev/null; }
+lv_start() { : > "$DIR/$1.console"; date +%s > "$DIR/$1.t0"; lv start "$1" >/dev/null; }
 
 # lv_wait NAME TIMEOUT: wait for the guest test's end marker and for the domain to shut off; the status is
 # the guest test's exit code (124: no marker in time, the domain is destroyed).
@@ -32,6 +32,7 @@ lv_wait() {
         lv destroy "$1" >/dev/null 2>&1; return 124
     fi
     rc=$(tr -d '\r' < "$DIR/$1.console" | sed -n 's/^SCSIGATE-GUEST-EXIT rc=\([0-9]*\).*/\1/p' | tail -1)
+    echo "[libvirt $1] guest test rc=$rc after $(( $(date +%s) - $(cat "$DIR/$1.t0") )) s from virsh start (test began at guest uptime $(tr -d '\r' < "$DIR/$1.console" | sed -n 's/^scsigate-guest: running .*modules loaded at \([0-9.]*\)s.*/\1/p' | tail -1) s)"
     for _ in $(seq 1 100); do [ "$(lv domstate "$1" 2>/dev/null)" = "shut off" ] && break; sleep 0.2; done
     [ "$(lv domstate "$1" 2>/dev/null)" = "shut off" ] || { lv destroy "$1" >/dev/null 2>&1; return 125; }
     return "${rc:-125}"
@@ -76,7 +77,7 @@ suite_libvirt() {
 }
 
 libvirt_domains() {
-    local info blk scsi pv emu rc
+    local info blk scsi pv emu rc pv_ok
     info=$(bash "$HERE/build-initramfs.sh") || { check "libvirt test kernel and initramfs" 1; return; }
     eval "$info"   # KVER VMLINUZ MODULES INITRD
     blk="${LV_PREFIX}blk" scsi="${LV_PREFIX}scsi" pv="${LV_PREFIX}pvscsi"
@@ -90,16 +91,36 @@ $(file_lun pv0.img 64M 'serial = "SGCI-LVPV"')"
     } > "$DIR/gw.toml"
     serve libvirt || return
 
-    # virtio-blk: <disk type='vhostuser'> with <reconnect>.
+    # virtio-blk (<disk type='vhostuser'> with <reconnect>, QEMU 7.2) and PVSCSI (vfio-user-pci needs QEMU >= 10.1:
+    # sid's QEMU 11 through Deploy/libvirt/qemu-sid.sh, which sees the kernel and initramfs through these binds;
+    # DIR is under /var/tmp, visible anyway) run at the same time.
     lv_define vhost-user-blk "$blk" "$DIR/blk0.sock" multi \
         "scsigate.tests=smoke,pattern scsigate.expect_serial=SGCI-LVBLK scsigate.expect_size=67108864"
     check "libvirt vhost-user-blk domain defined" $?
+    pv_ok=1
+    if bash "$ROOT/Deploy/chroot/make-sid-chroot.sh" >/dev/null; then
+        emu="$DIR/qemu-sid"
+        printf '#!/bin/sh\nexec %q --ro-bind %q --ro-bind %q "$@"\n' "$ROOT/Deploy/libvirt/qemu-sid.sh" \
+            "$(dirname "$VMLINUZ")" "$(dirname "$INITRD")" > "$emu"
+        chmod +x "$emu"
+        lv_define pvscsi "$pv" "$DIR/pv0.sock" multi \
+            "scsigate.tests=smoke,pattern scsigate.expect_serial=SGCI-LVPV scsigate.expect_size=67108864" "$emu"
+        check "libvirt pvscsi domain defined (emulator: sid QEMU $("$emu" --version 2>/dev/null | sed -n 's/^QEMU emulator version \([0-9.]*\).*/\1/p'))" $?
+        lv_start "$pv"; check "libvirt pvscsi domain started" $?
+    else
+        pv_ok=0; check "libvirt pvscsi: sid chroot with QEMU >= 10.1 (make-sid-chroot.sh)" 1
+    fi
     lv_start "$blk"; check "libvirt vhost-user-blk domain started" $?
     lv_wait "$blk" 300; check "libvirt vhost-user-blk guest: virtio_blk disk with the LUN's serial and size, pattern written" $?
     lv_show "$blk" '^vda '
     grep -q 'vhost-user-blk-pci' "/var/log/libvirt/qemu/$blk.log" && grep -q 'reconnect=1' "/var/log/libvirt/qemu/$blk.log"
     check "libvirt vhost-user-blk QEMU command line has vhost-user-blk-pci on a chardev with reconnect=1" $?
     bash "$HERE/check-pattern.sh" "$DIR/$blk.console" "$DIR/blk0.img"; check "libvirt vhost-user-blk bytes identical in the backing file" $?
+    if [ "$pv_ok" = 1 ]; then
+        lv_wait "$pv" 400; check "libvirt pvscsi guest: vmw_pvscsi disk with the LUN's serial and size, pattern written" $?
+        lv_show "$pv" '^sd[a-z] '
+        bash "$HERE/check-pattern.sh" "$DIR/$pv.console" "$DIR/pv0.img"; check "libvirt pvscsi bytes identical in the backing file" $?
+    fi
 
     # virtio-scsi: <qemu:commandline>; a LUN added with the CLI; virsh destroy; the same domain started again.
     lv_define vhost-user-scsi "$scsi" "$DIR/scsi0.sock" multi "scsigate.tests=smoke,hotplug scsigate.hotplug_wait=120"
@@ -119,22 +140,5 @@ $(file_lun pv0.img 64M 'serial = "SGCI-LVPV"')"
     lv_wait "$scsi" 200; check "libvirt vhost-user-scsi second start: LUN 0 seen, LUN 1 hot-added and removed, guest exits 0" $?
     lv_show "$scsi" '^SCSIGATE-HOTPLUG-REMOVED'
 
-    # PVSCSI: vfio-user-pci needs QEMU >= 10.1: sid's QEMU 11 through Deploy/libvirt/qemu-sid.sh, which sees
-    # the kernel and initramfs through these binds (DIR is under /var/tmp, visible anyway).
-    if bash "$ROOT/Deploy/chroot/make-sid-chroot.sh" >/dev/null; then
-        emu="$DIR/qemu-sid"
-        printf '#!/bin/sh\nexec %q --ro-bind %q --ro-bind %q "$@"\n' "$ROOT/Deploy/libvirt/qemu-sid.sh" \
-            "$(dirname "$VMLINUZ")" "$(dirname "$INITRD")" > "$emu"
-        chmod +x "$emu"
-        lv_define pvscsi "$pv" "$DIR/pv0.sock" multi \
-            "scsigate.tests=smoke,pattern scsigate.expect_serial=SGCI-LVPV scsigate.expect_size=67108864" "$emu"
-        check "libvirt pvscsi domain defined (emulator: sid QEMU $("$emu" --version 2>/dev/null | sed -n 's/^QEMU emulator version \([0-9.]*\).*/\1/p'))" $?
-        lv_start "$pv"; check "libvirt pvscsi domain started" $?
-        lv_wait "$pv" 400; check "libvirt pvscsi guest: vmw_pvscsi disk with the LUN's serial and size, pattern written" $?
-        lv_show "$pv" '^sd[a-z] '
-        bash "$HERE/check-pattern.sh" "$DIR/$pv.console" "$DIR/pv0.img"; check "libvirt pvscsi bytes identical in the backing file" $?
-    else
-        check "libvirt pvscsi: sid chroot with QEMU >= 10.1 (make-sid-chroot.sh)" 1
-    fi
     stop_gateway; check "libvirt gateway drains and exits 0 on SIGTERM" $?
 }
