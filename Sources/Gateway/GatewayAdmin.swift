@@ -257,6 +257,19 @@ extension Gateway {
         logAdmin("lun read-only changed", runtime: runtime, entry.config, ["read_only": "\(readOnly)"].merging(logMetadata) { $1 })
     }
 
+    /// Replaces the QoS limits of the LUN at an address; every queue applies them from its next request
+    /// (requests already held keep their start time). `lun set-limits` and config reload call it.
+    public func setLUNLimits(controller name: String, target: Int, lun: Int, limits: QoSLimits,
+                             logMetadata: Logger.Metadata = [:]) throws(AdminError) {
+        let runtime = try runtime(named: name)
+        let (unit, entry) = try lookup(runtime, target: target, lun: lun)
+        entry.policy.setLimits(limits)
+        backends.update(unit.backendID) { $0.config.policy.limits = limits }
+        let text = LUNPolicyConfig(limits: limits).lines.joined(separator: ", ")
+        logAdmin("lun limits changed", runtime: runtime, entry.config,
+                 ["limits": "\(text.isEmpty ? "none" : text)"].merging(logMetadata) { $1 })
+    }
+
     /// The configuration of the running gateway: the settings and controllers it was started with and
     /// the LUN map as it is now (added, removed, resized LUNs; offline LUNs kept), sorted by address.
     public func runningConfig() -> GatewayConfig {
