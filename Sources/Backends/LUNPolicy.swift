@@ -121,7 +121,7 @@ public final class LUNPolicy: Sendable {
     public let spaceRetryNanoseconds: UInt64
 
     /// Creates the policy of a LUN.
-    public init(limits: QoSLimits = .unlimited, outOfSpace: SpaceExhaustionPolicy = .report, holdSeconds: Int = 60,
+    public init(limits: QoSLimits = .unlimited, outOfSpace: SpaceExhaustionPolicy = .report, holdSeconds: Int = 20,
                 spaceRetryMilliseconds: UInt64 = 250, log: @escaping @Sendable (String) -> Void = { _ in }) {
         flagsAtomic = Atomic(0)
         tat = InlineArray { _ in Atomic<UInt64>(0) }

@@ -11,8 +11,8 @@ public struct LUNPolicyConfig: Sendable, Equatable {
     /// `out_of_space_hold`: how long a write is held, in seconds (with `hold`).
     public var holdSeconds: Int
 
-    /// Default bound of the `hold` policy (dm-thin's no_space_timeout default).
-    public static let defaultHoldSeconds = 60
+    /// Default bound of the `hold` policy: below the 30 s command timeout of Linux guests, so a held write fails with its sense before the guest aborts it.
+    public static let defaultHoldSeconds = 20
     /// Largest `out_of_space_hold`.
     public static let maximumHoldSeconds = 3600
     /// Largest `burst_seconds`.

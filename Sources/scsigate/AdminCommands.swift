@@ -119,7 +119,7 @@ struct LUNAdd: ParsableCommand {
     @OptionGroup var limits: LUNLimitOptions
     @Option(help: ArgumentHelp("When the back-end is out of space: report (fail writes at once) or hold (retry them for --out-of-space-hold seconds).",
                                valueName: "report|hold")) var outOfSpace: String?
-    @Option(help: ArgumentHelp("Seconds a write is held while space is short (with --out-of-space hold; default 60).", valueName: "s"))
+    @Option(help: ArgumentHelp("Seconds a write is held while space is short (with --out-of-space hold; default 20).", valueName: "s"))
     var outOfSpaceHold: Int?
     @OptionGroup var options: ControlOptions
 
