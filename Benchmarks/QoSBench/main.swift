@@ -4,6 +4,7 @@
 // `depth` 4 KiB reads in flight, waiting on the channel's completion fd like an event loop.
 //
 // Phases (each `seconds` long, counted after a warm-up of 1.5 s so the 1 s burst is spent):
+//   0. free LUN on the bare null channel (what PolicyChannel without a policy costs, against phase 1)
 //   1. free alone             -> the unlimited LUN's speed
 //   2. limited without limit  -> the load the limited LUN's threads would do
 //   3. both, limit set        -> limited LUN within 10 % of its limit? free LUN within 10 % of phase 1?
@@ -33,7 +34,7 @@ final class Counter: Sendable {
 }
 
 /// Drives one channel until `stop`; counts completions after `warmUpEnd`.
-func drive(_ channel: PolicyChannel, depth: Int, counter: Counter, countFrom: UInt64, until: UInt64) {
+func drive<C: BlockChannel>(_ channel: C, depth: Int, counter: Counter, countFrom: UInt64, until: UInt64) {
     let buffer = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
     let storage = IOVectorStorage(capacity: 1)
     storage.elements[0] = iovec(iov_base: buffer, iov_len: 4096)
@@ -71,7 +72,7 @@ func drive(_ channel: PolicyChannel, depth: Int, counter: Counter, countFrom: UI
 }
 
 /// Runs the LUNs (policy, thread count) together; returns IOPS per LUN.
-func phase(_ luns: [(LUNPolicy, Int)], depth: Int, seconds: Double) -> [Double] {
+func phase(_ luns: [(LUNPolicy, Int)], depth: Int, seconds: Double, bare: Bool = false) -> [Double] {
     let warmUp: UInt64 = 1_500_000_000
     let start = IOCounters.now()
     let countFrom = start + warmUp
@@ -83,9 +84,15 @@ func phase(_ luns: [(LUNPolicy, Int)], depth: Int, seconds: Double) -> [Double] 
         let counter = Counter()
         counters.append(counter)
         for _ in 0..<count {
-            let channel = try! PolicyChannel(.null(try! backend.makeChannel()), policy: policy)
-            let box = UncheckedBox(channel)
-            let thread = Thread { drive(box.value, depth: depth, counter: counter, countFrom: countFrom, until: until) }
+            let inner = try! backend.makeChannel()
+            let thread: Thread
+            if bare {
+                let box = UncheckedBox(inner)
+                thread = Thread { drive(box.value, depth: depth, counter: counter, countFrom: countFrom, until: until) }
+            } else {
+                let box = UncheckedBox(try! PolicyChannel(.null(inner), policy: policy))
+                thread = Thread { drive(box.value, depth: depth, counter: counter, countFrom: countFrom, until: until) }
+            }
             workers.append(thread)
         }
     }
@@ -102,8 +109,10 @@ final class UncheckedBox<T>: @unchecked Sendable {
 func fmt(_ v: Double) -> String { String(format: "%.0f", v) }
 
 print("qos-bench: null back-end, 4 KiB reads, depth \(depth) per thread, \(seconds) s per phase after 1.5 s warm-up")
+let bareIOPS = phase([(LUNPolicy(), 1)], depth: depth, seconds: seconds, bare: true)[0]
+print("phase 0  free LUN, bare null channel (no PolicyChannel): \(fmt(bareIOPS)) IOPS")
 let alone = phase([(LUNPolicy(), 1)], depth: depth, seconds: seconds)[0]
-print("phase 1  free LUN alone (1 thread):                   \(fmt(alone)) IOPS")
+print("phase 1  free LUN alone (1 thread, no limit):        \(fmt(alone)) IOPS  (\(String(format: "%.1f", alone / bareIOPS * 100)) % of phase 0)")
 let offered = phase([(LUNPolicy(), threads)], depth: depth, seconds: seconds)[0]
 print("phase 2  limited LUN without its limit (\(threads) threads):  \(fmt(offered)) IOPS  (\(String(format: "%.1f", offered / Double(limit)))x the limit)")
 let limitedPolicy = LUNPolicy(limits: QoSLimits(iops: limit))

@@ -83,6 +83,13 @@ struct LUNPolicyConfigTests {
         _ = try f.call("lun.set_limits", ["controller": "scsi0", "lun": 0, "iops_limit": 0, "read_iops_limit": 0,
                                           "write_bandwidth_limit": 0])
         #expect(entry.policy.flags == 0)
+
+        // What config reload calls: the whole policy at once.
+        try f.gateway.setLUNPolicy(controller: "scsi0", target: 0, lun: 0,
+                                   policy: LUNPolicyConfig(limits: QoSLimits(iops: 50), outOfSpace: .hold, holdSeconds: 5))
+        #expect(entry.policy.flags == LUNPolicy.throttling | LUNPolicy.holdingOnENOSPC)
+        #expect(entry.policy.outOfSpace.holdSeconds == 5)
+        #expect(f.gateway.lunStatuses(controller: "scsi0").first?.config.policy.outOfSpace == .hold)
         #expect(try f.call("stats.get")["luns"]?.arrayValue?.first?["throttled_ns"] != nil)
     }
 }
