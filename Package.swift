@@ -51,6 +51,8 @@ let package = Package(
         ]),
         // Core micro-benchmark: READ(10)/WRITE(10) through execute/resume against a null back-end.
         .executableTarget(name: "core-bench", dependencies: ["SCSI", "BlockIO"], path: "Benchmarks/CoreBench"),
+        // QoS benchmark: per-LUN IOPS limit held across threads while an unlimited LUN keeps its speed.
+        .executableTarget(name: "qos-bench", dependencies: ["Backends", "BlockIO"], path: "Benchmarks/QoSBench"),
         .testTarget(name: "EventLoopTests", dependencies: ["EventLoop", "CSystem"]),
         .testTarget(name: "SCSITests", dependencies: ["SCSI", "BlockIO"]),
         .testTarget(name: "BackendsTests", dependencies: ["Backends", "BlockIO", "CSystem"]),

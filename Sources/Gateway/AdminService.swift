@@ -16,6 +16,7 @@ import Logging
 /// | `lun.remove` | `controller`, `target`?, `lun`?, `wait_ms`? | the removed LUN, drained, in_flight |
 /// | `lun.resize` | `controller`, `target`?, `lun`?, `size`, `force`? | old_size, size |
 /// | `lun.set_readonly` | `controller`, `target`?, `lun`?, `read_only` | the LUN |
+/// | `lun.set_limits` | `controller`, `target`?, `lun`?, QoS keys of the config file (left out: unchanged) | the LUN |
 /// | `stats.get` | `controller`? | per-LUN and per-queue counters |
 /// | `config.save` | `path`? | path, luns |
 public final class AdminService: Sendable {
@@ -43,6 +44,9 @@ public final class AdminService: Sendable {
             "lun.resize": { [self] p, peer throws(RPCError) in try audited("lun.resize", p, peer) { () throws(RPCError) in try resizeLUN(p, peer: peer) } },
             "lun.set_readonly": { [self] p, peer throws(RPCError) in
                 try audited("lun.set_readonly", p, peer) { () throws(RPCError) in try setReadOnly(p, peer: peer) }
+            },
+            "lun.set_limits": { [self] p, peer throws(RPCError) in
+                try audited("lun.set_limits", p, peer) { () throws(RPCError) in try setLimits(p, peer: peer) }
             },
             "stats.get": { [self] p, _ throws(RPCError) in try stats(p) },
             "config.save": { [self] p, peer throws(RPCError) in try audited("config.save", p, peer) { () throws(RPCError) in try saveConfig(p, peer: peer) } },
@@ -165,6 +169,24 @@ public final class AdminService: Sendable {
         return status.map(Self.json) ?? .null
     }
 
+    /// `lun.set_limits`: the QoS keys given replace the LUN's (0: no limit), checked by the config file's
+    /// rules with the same messages; the keys left out keep their value.
+    func setLimits(_ params: RPCParams, peer: ControlPeer) throws(RPCError) -> JSONValue {
+        try params.allowOnly(["controller", "target", "lun"] + LUNPolicyConfig.limitKeys)
+        let name = try params.string("controller", required: true)!
+        let runtime = try admin { () throws(AdminError) in try gateway.runtime(named: name) }
+        let (target, lun) = try address(params, runtime.config)
+        let current = try admin { () throws(AdminError) in try gateway.lookup(runtime, target: target, lun: lun).1.policy.limits }
+        let limits = try Self.validated(params, keys: LUNPolicyConfig.limitKeys) { reader throws(RPCError) in
+            ConfigValidator.validateLimits(reader, base: current)
+        }
+        try admin { () throws(AdminError) in
+            try gateway.setLUNLimits(controller: name, target: target, lun: lun, limits: limits, logMetadata: peerMetadata(peer))
+        }
+        let status = gateway.lunStatuses(controller: name).first { $0.config.target == target && $0.config.lun == lun }
+        return status.map(Self.json) ?? .null
+    }
+
     func stats(_ params: RPCParams) throws(RPCError) -> JSONValue {
         try params.allowOnly(["controller"])
         let name = try params.string("controller")
@@ -239,12 +261,21 @@ public final class AdminService: Sendable {
     /// Validates `lun.add` parameters with the config file's own LUN rules (same messages, the key
     /// named): the validator reads the JSON object as it reads a `[[controller.lun]]` table.
     func validateLUN(_ params: RPCParams, on controller: ControllerConfig) throws(RPCError) -> LUNConfig {
-        let members = params.members.filter { $0.key != "controller" }
+        let settings = gateway.config.settings
+        return try Self.validated(params, keys: nil) { reader throws(RPCError) in
+            ConfigValidator(validation: reader.validation).validateLUN(reader, transport: controller.transport,
+                                                                       maxTargets: controller.maxTargets, settings: settings)
+        }
+    }
+
+    /// Runs a config-file validation over the parameters (`keys`: only those; nil: all but `controller`)
+    /// and turns its problems into one invalid-params error naming the fields.
+    static func validated<T>(_ params: RPCParams, keys: [String]?,
+                             _ body: (TableReader) throws(RPCError) -> T?) throws(RPCError) -> T {
+        let members = params.members.filter { keys?.contains($0.key) ?? ($0.key != "controller") }
         let validation = Validation(source: "params", index: ConfigLineIndex(text: ""))
-        let validator = ConfigValidator(validation: validation)
         let reader = TableReader(table: .json(members), path: .root, validation: validation)
-        let lun = validator.validateLUN(reader, transport: controller.transport, maxTargets: controller.maxTargets,
-                                        settings: gateway.config.settings)
+        let value = try body(reader)
         if let first = validation.errors.first {
             let field = first.keyPath ?? "params"
             var message = "invalid params: '\(field)': \(first.message)"
@@ -257,8 +288,8 @@ public final class AdminService: Sendable {
                 "fields": .array(validation.errors.map { .string($0.keyPath ?? "") }),
             ]))
         }
-        guard let lun else { throw RPCError(code: ControlErrorCode.invalidParams, message: "invalid params") }
-        return lun
+        guard let value else { throw RPCError(code: ControlErrorCode.invalidParams, message: "invalid params") }
+        return value
     }
 
     /// One LUN as `lun.list` shows it.
@@ -272,6 +303,7 @@ public final class AdminService: Sendable {
         if let path = s.config.path { members["path"] = .string(path) }
         if let url = s.config.iscsi?.url.description { members["url"] = .string(url) }
         if s.config.backend == .file || s.config.backend == .block { members["cache"] = .string(s.config.cache.rawValue) }
+        members["policy"] = LUNPolicyConfig.json(s.config.policy)
         return .object(members)
     }
 

@@ -63,6 +63,8 @@ public enum ConfigSummary {
         if lun.backend != .iscsi { parts.append("\(lun.blockSize)-byte blocks") }
         if lun.backend == .file || lun.backend == .block { parts.append("cache \(lun.cache.rawValue)") }
         if lun.readOnly { parts.append("read-only") }
+        let policy = lun.policy.lines
+        if !policy.isEmpty { parts.append(policy.joined(separator: ", ")) }
         let identity = DerivedIdentity.identity(for: lun, controller: controller)
         parts.append("serial \(identity.serial)")
         parts.append("naa \(String(identity.naa, radix: 16))")

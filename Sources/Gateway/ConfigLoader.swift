@@ -94,7 +94,7 @@ struct TableReader {
         if has(key) { validation.fail(keyPath(key), reason) }
     }
 
-    private func value(_ key: String, required: Bool) -> ConfigSourceValue? {
+    func value(_ key: String, required: Bool) -> ConfigSourceValue? {
         guard let value = table[key] else {
             if required { validation.fail(keyPath(key), "required key is missing") }
             return nil

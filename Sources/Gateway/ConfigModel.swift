@@ -234,6 +234,8 @@ public struct LUNConfig: Sendable, Equatable {
     public var revision: String?
     /// Remote target settings (iscsi back-end only).
     public var iscsi: ISCSIConfig?
+    /// QoS limits and the out-of-space policy (see `LUNPolicyConfig`).
+    public var policy = LUNPolicyConfig()
 
     /// Creates a LUN entry with defaults for the optional settings.
     public init(target: Int = 0, lun: Int, backend: BackendKind, path: String? = nil, size: UInt64? = nil,

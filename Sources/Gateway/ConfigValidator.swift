@@ -19,7 +19,7 @@ struct ConfigValidator {
     static let lunKeys = ["target", "lun", "backend", "path", "url", "size", "block_size", "physical_block_size", "read_only", "cache",
                           "create", "serial", "wwn", "vendor", "product", "revision", "initiator_name", "chap_user",
                           "chap_secret_file", "chap_secret_env", "header_digest", "data_digest", "timeout",
-                          "reconnect_min_ms", "reconnect_max_ms"]
+                          "reconnect_min_ms", "reconnect_max_ms"] + LUNPolicyConfig.keys
     static let iscsiOnlyKeys = ["url", "initiator_name", "chap_user", "chap_secret_file", "chap_secret_env",
                                 "header_digest", "data_digest", "timeout", "reconnect_min_ms", "reconnect_max_ms"]
 
@@ -301,12 +301,15 @@ struct ConfigValidator {
         let vendor = inquiryText(reader, "vendor", limit: 8)
         let product = inquiryText(reader, "product", limit: 16)
         let revision = inquiryText(reader, "revision", limit: 4)
+        let policy = validatePolicy(reader, backend: backend)
 
         guard let target, let lun, let backend else { return nil }
-        return LUNConfig(target: target, lun: lun, backend: backend, path: path, size: size,
-                         blockSize: blockSize ?? 512, readOnly: readOnly, cache: cache ?? .none,
-                         create: create ?? false, serial: serial, wwn: wwn, vendor: vendor, product: product,
-                         revision: revision, iscsi: iscsi, physicalBlockSize: physicalBlockSize)
+        var config = LUNConfig(target: target, lun: lun, backend: backend, path: path, size: size,
+                               blockSize: blockSize ?? 512, readOnly: readOnly, cache: cache ?? .none,
+                               create: create ?? false, serial: serial, wwn: wwn, vendor: vendor, product: product,
+                               revision: revision, iscsi: iscsi, physicalBlockSize: physicalBlockSize)
+        config.policy = policy
+        return config
     }
 
     private func inquiryText(_ reader: TableReader, _ key: String, limit: Int) -> String? {

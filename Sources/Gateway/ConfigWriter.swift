@@ -75,6 +75,7 @@ public enum ConfigWriter {
             out.append("reconnect_min_ms = \(iscsi.reconnectMinMilliseconds)")
             out.append("reconnect_max_ms = \(iscsi.reconnectMaxMilliseconds)")
         }
+        out += lun.policy.lines
         return out
     }
 

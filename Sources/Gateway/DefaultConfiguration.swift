@@ -92,6 +92,20 @@ queue_size = 128
 #   reconnect_min_ms first reconnect delay after a connection loss, doubling up to reconnect_max_ms
 #                    (10..600000, default 100)
 #   reconnect_max_ms longest reconnect delay (reconnect_min_ms..600000, default 2000)
+#   QoS (any back-end; 0 or left out: no limit; `scsigate lun set-limits` changes them at run time):
+#   iops_limit, read_iops_limit, write_iops_limit   operations per second (0..100000000)
+#   bandwidth_limit, read_bandwidth_limit, write_bandwidth_limit   bytes per second: 0, or a size of at
+#                    least 4096 such as "200MiB" (per second)
+#   burst_seconds    unused capacity a LUN may spend at once, in seconds of its limit (0..3600, default 1)
+#                    Requests over a limit wait (never fail); `scsigate stats` shows the time they waited.
+#   Out of space (file and block): what a write that fails with ENOSPC/EDQUOT (a thin file whose
+#   filesystem is full) does:
+#   out_of_space     "report" (default): fail it at once with DATA PROTECT / SPACE ALLOCATION FAILED WRITE
+#                    PROTECT (27h/07h; Linux reports -ENOSPC); "hold": hold it, retry every 250 ms, and
+#                    fail it so only after out_of_space_hold seconds (dm-thin queue_if_no_space, QEMU
+#                    werror=enospc with a bound)
+#   out_of_space_hold  seconds a write is held (1..3600, default 20; only with "hold"). Keep it below the
+#                    guest's command timeout (Linux: 30 s) unless the guest's is raised
 [[controller.lun]]
 target = 0
 lun = 0

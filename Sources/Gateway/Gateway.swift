@@ -24,6 +24,19 @@ public struct LUNBackend: Sendable {
     public var backend: AnyBlockBackend
     /// I/O counters of this LUN, one slot per queue; front-ends record into them (see `IOCounters`).
     public var statistics: LUNIOStatistics
+    /// QoS limits and out-of-space policy, shared by every channel of the LUN (see `PolicyChannel`).
+    public var policy: LUNPolicy
+
+    /// Opens a channel to the back-end for one event-loop thread, with the LUN's policies.
+    public func makeChannel() throws(BlockBackendError) -> PolicyChannel {
+        let inner = try backend.makeChannel()
+        do throws(BlockBackendError) {
+            return try PolicyChannel(inner, policy: policy)
+        } catch {
+            inner.close()
+            throw error
+        }
+    }
 }
 
 /// Every open back-end of a gateway, by back-end id. Front-ends resolve `LogicalUnit.backendID` here
@@ -106,11 +119,11 @@ public final class ControllerRuntime: Sendable {
     public var statisticsQueueCount: Int { config.transport == .pvscsi ? 1 : max(1, config.queues) }
 
     /// Opens a channel to the back-end with `backendID` (what front-ends pass as their channel factory).
-    public func makeChannel(backendID: Int) throws(BlockBackendError) -> AnyBlockChannel {
+    public func makeChannel(backendID: Int) throws(BlockBackendError) -> PolicyChannel {
         guard let entry = backends.backend(backendID) else {
             throw BlockBackendError("back-end \(backendID) of controller \(config.name) is gone")
         }
-        return try entry.backend.makeChannel()
+        return try entry.makeChannel()
     }
 }
 
@@ -268,8 +281,13 @@ public final class Gateway: @unchecked Sendable {
     /// Opens a configured LUN and adds it to its target.
     private func addConfiguredLUN(_ lun: LUNConfig, to runtime: ControllerRuntime) throws(BackendOpeningError) {
         let opened = try opener.open(lun, on: runtime.config)
+        let logger = runtime.logger
+        let policy = lun.policy.makePolicy { [target = lun.target, lun = lun.lun] text in
+            logger.warning("target \(target) lun \(lun): \(text)", metadata: ["event": "lun policy"])
+        }
         let id = backends.register(LUNBackend(config: lun, controller: runtime.config.name, backend: opened.backend,
-                                              statistics: LUNIOStatistics(queues: runtime.statisticsQueueCount)))
+                                              statistics: LUNIOStatistics(queues: runtime.statisticsQueueCount),
+                                              policy: policy))
         var geometry = opened.geometry
         geometry.readOnly = geometry.readOnly || lun.readOnly
         let name = "controller \(runtime.config.name) target \(lun.target) lun \(lun.lun)"

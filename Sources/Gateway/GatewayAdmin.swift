@@ -257,6 +257,31 @@ extension Gateway {
         logAdmin("lun read-only changed", runtime: runtime, entry.config, ["read_only": "\(readOnly)"].merging(logMetadata) { $1 })
     }
 
+    /// Replaces the QoS limits of the LUN at an address; every queue applies them from its next request
+    /// (requests already held keep their start time). `lun set-limits` calls it.
+    public func setLUNLimits(controller name: String, target: Int, lun: Int, limits: QoSLimits,
+                             logMetadata: Logger.Metadata = [:]) throws(AdminError) {
+        let runtime = try runtime(named: name)
+        let (_, entry) = try lookup(runtime, target: target, lun: lun)
+        var policy = entry.config.policy
+        policy.limits = limits
+        try setLUNPolicy(controller: name, target: target, lun: lun, policy: policy, logMetadata: logMetadata)
+    }
+
+    /// Replaces a LUN's policies (QoS limits and out-of-space policy, validated by the caller as the
+    /// config file's `[[controller.lun]]` keys) while it serves I/O: for config reload and `lun set-limits`.
+    public func setLUNPolicy(controller name: String, target: Int, lun: Int, policy: LUNPolicyConfig,
+                             logMetadata: Logger.Metadata = [:]) throws(AdminError) {
+        let runtime = try runtime(named: name)
+        let (unit, entry) = try lookup(runtime, target: target, lun: lun)
+        entry.policy.setLimits(policy.limits)
+        entry.policy.setOutOfSpace(policy.outOfSpace, holdSeconds: policy.holdSeconds)
+        backends.update(unit.backendID) { $0.config.policy = policy }
+        let text = policy.lines.joined(separator: ", ")
+        logAdmin("lun policy changed", runtime: runtime, entry.config,
+                 ["policy": "\(text.isEmpty ? "none" : text)"].merging(logMetadata) { $1 })
+    }
+
     /// The configuration of the running gateway: the settings and controllers it was started with and
     /// the LUN map as it is now (added, removed, resized LUNs; offline LUNs kept), sorted by address.
     public func runningConfig() -> GatewayConfig {

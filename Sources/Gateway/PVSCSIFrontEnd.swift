@@ -5,6 +5,7 @@ import PVSCSI
 import SCSI
 
 extension AnyBlockChannel: PVSCSIChannel {}
+extension PolicyChannel: PVSCSIChannel {}
 
 /// Serves a `pvscsi` controller: a PVSCSI adapter emulated over vfio-user (PVSCSI module).
 public struct PVSCSIFrontEndFactory: FrontEndFactory {
@@ -19,7 +20,7 @@ public struct PVSCSIFrontEndFactory: FrontEndFactory {
 /// A running PVSCSI controller bound to its vfio-user socket.
 final class PVSCSIFrontEnd: FrontEnd, @unchecked Sendable {
     private let runtime: ControllerRuntime
-    private let controller: PVSCSIController<SCSITarget, AnyBlockChannel>
+    private let controller: PVSCSIController<SCSITarget, PolicyChannel>
 
     init(_ runtime: ControllerRuntime) throws(FrontEndError) {
         self.runtime = runtime

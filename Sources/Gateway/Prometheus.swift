@@ -73,6 +73,21 @@ public enum PrometheusText {
             sample("scsigate_lun_latency_seconds_count", lunLabels(row), cumulative)
         }
 
+        family("scsigate_lun_throttled_total", "counter", "Requests that waited for the LUN's QoS limit.")
+        for row in statistics.luns { sample("scsigate_lun_throttled_total", lunLabels(row), row.policy.throttledRequests) }
+        family("scsigate_lun_throttled_seconds_total", "counter", "Time requests waited for the LUN's QoS limit.")
+        for row in statistics.luns {
+            out += "scsigate_lun_throttled_seconds_total{" + lunLabels(row).map { "\($0.0)=\"\(escape($0.1))\"" }.joined(separator: ",")
+                + "} \(seconds(row.policy.throttledNanoseconds))\n"
+        }
+        family("scsigate_lun_space_held_writes_total", "counter", "Writes held because the back-end was out of space, by outcome.")
+        for row in statistics.luns {
+            for (outcome, value) in [("held", row.policy.spaceHeldWrites), ("resumed", row.policy.spaceResumedWrites),
+                                     ("failed", row.policy.spaceFailedWrites)] {
+                sample("scsigate_lun_space_held_writes_total", lunLabels(row) + [("outcome", outcome)], value)
+            }
+        }
+
         family("scsigate_queue_commands_total", "counter", "Completed commands per controller queue.")
         for row in statistics.queues {
             sample("scsigate_queue_commands_total", [("controller", row.controller), ("queue", "\(row.queue)")], row.counters.commands)

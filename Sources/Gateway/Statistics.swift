@@ -1,3 +1,4 @@
+import Backends
 import BlockIO
 
 /// The counters of one LUN, summed over its queues.
@@ -12,6 +13,8 @@ public struct LUNStatisticsRow: Sendable {
     public var capacityBytes: UInt64
     /// The counters.
     public var counters: IOStatisticsSnapshot
+    /// QoS throttling and out-of-space holds of the LUN (`LUNPolicy`).
+    public var policy = LUNPolicySnapshot()
 }
 
 /// The counters of one queue of a controller, summed over its LUNs (removed LUNs included).
@@ -50,7 +53,8 @@ public struct GatewayStatistics: Sendable {
                     if queue < perQueue.count { perQueue[queue].add(snapshot) }
                 }
                 luns.append(LUNStatisticsRow(controller: controller, target: entry.config.target, lun: entry.config.lun,
-                                             capacityBytes: unit.blockCount * UInt64(unit.blockSize), counters: total))
+                                             capacityBytes: unit.blockCount * UInt64(unit.blockSize), counters: total,
+                                             policy: entry.policy.snapshot))
             }
             for (queue, counters) in perQueue.enumerated() {
                 queues.append(QueueStatisticsRow(controller: controller, queue: queue, counters: counters))
@@ -69,6 +73,13 @@ public struct GatewayStatistics: Sendable {
                 members["target"] = .number(row.target)
                 members["lun"] = .number(row.lun)
                 members["size"] = .count(row.capacityBytes)
+                let p = row.policy
+                members["throttled"] = .count(p.throttledRequests)
+                members["throttled_ns"] = .count(p.throttledNanoseconds)
+                members["space_held_writes"] = .count(p.spaceHeldWrites)
+                members["space_resumed_writes"] = .count(p.spaceResumedWrites)
+                members["space_failed_writes"] = .count(p.spaceFailedWrites)
+                members["space_held_now"] = .number(p.spaceHeldNow)
                 return .object(members)
             }),
             "queues": .array(queues.map { row in

@@ -6,6 +6,7 @@ import SCSI
 import VhostUser
 
 extension AnyBlockChannel: VhostChannel {}
+extension PolicyChannel: VhostChannel {}
 
 extension Logger {
     /// Bridges the vhost-user module's log calls to swift-log.
@@ -53,7 +54,7 @@ public struct VhostUserSCSIFrontEndFactory: FrontEndFactory {
 /// A running virtio-scsi controller.
 final class VhostUserSCSIFrontEnd: FrontEnd, @unchecked Sendable {
     private let runtime: ControllerRuntime
-    private let controller: VhostUserSCSIController<AnyBlockChannel>
+    private let controller: VhostUserSCSIController<PolicyChannel>
 
     init(_ runtime: ControllerRuntime) throws(FrontEndError) {
         self.runtime = runtime
@@ -98,7 +99,7 @@ public struct VhostUserBlkFrontEndFactory: FrontEndFactory {
 /// requests fail with VIRTIO_BLK_S_IOERR, channels closed once idle).
 final class VhostUserBlkFrontEnd: FrontEnd, @unchecked Sendable {
     private let runtime: ControllerRuntime
-    private let controller: VhostUserBlkController<AnyBlockChannel>
+    private let controller: VhostUserBlkController<PolicyChannel>
     private var subscription: Int?
 
     init(_ runtime: ControllerRuntime) throws(FrontEndError) {
@@ -114,12 +115,11 @@ final class VhostUserBlkFrontEnd: FrontEnd, @unchecked Sendable {
             queues: config.queues, maxQueueSize: max(config.queueSize, 128), maxSegments: config.segmentMax,
             serial: unit.identity.serial, threads: config.ioThreads,
             pollBudgetNanoseconds: UInt64(config.pollMicroseconds) * 1000)
-        let backend = entry.backend
         let statistics = entry.statistics
         do {
             controller = try VhostUserBlkController(
                 socketPath: config.socket, geometry: geometry, options: options,
-                channelFactory: { () throws(BlockBackendError) -> AnyBlockChannel in try backend.makeChannel() },
+                channelFactory: { () throws(BlockBackendError) -> PolicyChannel in try entry.makeChannel() },
                 counters: { queue in queue < statistics.queueCount ? statistics.counters(queue: queue) : nil },
                 log: runtime.logger.vhostUserSink())
         } catch {
@@ -140,10 +140,9 @@ final class VhostUserBlkFrontEnd: FrontEnd, @unchecked Sendable {
             case let .added(lun):
                 guard controller.device.backendDetached, let unit = runtime.target.logicalUnit(lun),
                       let entry = runtime.backend(of: unit) else { return }
-                let backend = entry.backend
                 do {
-                    try controller.device.attachBackend(geometry: unit.geometry) { () throws(BlockBackendError) -> AnyBlockChannel in
-                        try backend.makeChannel()
+                    try controller.device.attachBackend(geometry: unit.geometry) { () throws(BlockBackendError) -> PolicyChannel in
+                        try entry.makeChannel()
                     }
                 } catch {
                     runtime.logger.warning("controller \(runtime.config.name): LUN \(lun.value) added but not attached to the virtio-blk disk: \(error)")

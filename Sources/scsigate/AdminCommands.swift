@@ -82,7 +82,7 @@ struct LUNAddressOptions: ParsableArguments {
 struct LUNCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "lun", abstract: "Add, remove, resize, list LUNs of a running gateway.",
-        subcommands: [LUNAdd.self, LUNRemove.self, LUNResize.self, LUNList.self, LUNSetReadOnly.self])
+        subcommands: [LUNAdd.self, LUNRemove.self, LUNResize.self, LUNList.self, LUNSetReadOnly.self, LUNSetLimits.self])
 }
 
 /// `scsigate lun add`
@@ -116,6 +116,11 @@ struct LUNAdd: ParsableCommand {
     @Option(help: ArgumentHelp("File holding the CHAP secret.", valueName: "path")) var chapSecretFile: String?
     @Option(help: ArgumentHelp("Environment variable (of the gateway) holding the CHAP secret.", valueName: "name")) var chapSecretEnv: String?
     @Option(help: ArgumentHelp("iSCSI header digest: none or crc32c.", valueName: "kind")) var headerDigest: String?
+    @OptionGroup var limits: LUNLimitOptions
+    @Option(help: ArgumentHelp("When the back-end is out of space: report (fail writes at once) or hold (retry them for --out-of-space-hold seconds).",
+                               valueName: "report|hold")) var outOfSpace: String?
+    @Option(help: ArgumentHelp("Seconds a write is held while space is short (with --out-of-space hold; default 20).", valueName: "s"))
+    var outOfSpaceHold: Int?
     @OptionGroup var options: ControlOptions
 
     func run() throws {
@@ -132,6 +137,9 @@ struct LUNAdd: ParsableCommand {
         if let physicalBlockSize { p["physical_block_size"] = .number(physicalBlockSize) }
         if readOnly { p["read_only"] = .bool(true) }
         if create { p["create"] = .bool(true) }
+        p.merge(limits.params) { $1 }
+        if let outOfSpace { p["out_of_space"] = .string(outOfSpace) }
+        if let outOfSpaceHold { p["out_of_space_hold"] = .number(outOfSpaceHold) }
         let result = try options.call("lun.add", p)
         if options.printJSONIfAsked(result) { return }
         print("added \(LUNText.describe(result))")
@@ -206,6 +214,63 @@ struct LUNSetReadOnly: ParsableCommand {
     }
 }
 
+/// The QoS options of `lun add` and `lun set-limits`: the `[[controller.lun]]` keys (0: no limit).
+struct LUNLimitOptions: ParsableArguments {
+    @Option(help: ArgumentHelp("Reads plus writes per second (0: no limit).", valueName: "n")) var iopsLimit: Int?
+    @Option(help: ArgumentHelp("Reads per second.", valueName: "n")) var readIopsLimit: Int?
+    @Option(help: ArgumentHelp("Writes per second.", valueName: "n")) var writeIopsLimit: Int?
+    @Option(help: ArgumentHelp("Bytes read plus written per second: bytes or 200MiB... (0: no limit).", valueName: "size"))
+    var bandwidthLimit: String?
+    @Option(help: ArgumentHelp("Bytes read per second.", valueName: "size")) var readBandwidthLimit: String?
+    @Option(help: ArgumentHelp("Bytes written per second.", valueName: "size")) var writeBandwidthLimit: String?
+    @Option(help: ArgumentHelp("Seconds of unused capacity a LUN may use at once (0...3600, default 1).", valueName: "s"))
+    var burstSeconds: Int?
+
+    var params: [String: JSONValue] {
+        var p: [String: JSONValue] = [:]
+        for (key, value) in [("iops_limit", iopsLimit), ("read_iops_limit", readIopsLimit),
+                             ("write_iops_limit", writeIopsLimit), ("burst_seconds", burstSeconds)] {
+            if let value { p[key] = .number(value) }
+        }
+        for (key, value) in [("bandwidth_limit", bandwidthLimit), ("read_bandwidth_limit", readBandwidthLimit),
+                             ("write_bandwidth_limit", writeBandwidthLimit)] {
+            guard let value else { continue }
+            // Plain digits go as a number (so that 0, "no limit", reads as in the config file).
+            if let number = Int(value) { p[key] = .number(number) } else { p[key] = .string(value) }
+        }
+        return p
+    }
+}
+
+/// `scsigate lun set-limits`
+struct LUNSetLimits: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "set-limits", abstract: "Change a LUN's IOPS and bandwidth limits at run time.",
+        discussion: """
+            The options are the QoS keys of [[controller.lun]], checked by the same rules; options left out keep their value, 0 removes a limit.
+            Requests over a limit wait (they are never failed). Example: scsigate lun set-limits scsi0 --lun 1 --iops-limit 2000 --bandwidth-limit 200MiB
+            """)
+
+    @OptionGroup var address: LUNAddressOptions
+    @OptionGroup var limits: LUNLimitOptions
+    @OptionGroup var options: ControlOptions
+
+    func run() throws {
+        let result = try options.call("lun.set_limits", address.params.merging(limits.params) { $1 })
+        if options.printJSONIfAsked(result) { return }
+        let policy = result["policy"]
+        var parts: [String] = []
+        for key in ["iops_limit", "read_iops_limit", "write_iops_limit"] {
+            if let n = policy?[key]?.uint64Value, n > 0 { parts.append("\(key.replacingOccurrences(of: "_limit", with: "")) \(n)/s") }
+        }
+        for key in ["bandwidth_limit", "read_bandwidth_limit", "write_bandwidth_limit"] {
+            if let n = policy?[key]?.uint64Value, n > 0 { parts.append("\(key.replacingOccurrences(of: "_limit", with: "")) \(ByteSize.format(n))/s") }
+        }
+        let limitsText = parts.isEmpty ? "no limit" : parts.joined(separator: ", ") + ", burst \(policy?["burst_seconds"]?.uint64Value ?? 1) s"
+        print("limits of controller \(address.controller) target \(address.target ?? 0) lun \(address.lun ?? 0): \(limitsText)")
+    }
+}
+
 /// `scsigate lun list`
 struct LUNList: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "list", abstract: "List the LUNs of a running gateway.")
@@ -270,12 +335,14 @@ struct StatsCommand: ParsableCommand {
         if let controller { p["controller"] = .string(controller) }
         let result = try options.call("stats.get", p)
         if options.printJSONIfAsked(result) { return }
-        var rows = [["CONTROLLER", "TARGET", "LUN", "COMMANDS", "READS", "WRITES", "READ", "WRITTEN", "ERRORS", "INFLIGHT", "P50", "P99"]]
+        var rows = [["CONTROLLER", "TARGET", "LUN", "COMMANDS", "READS", "WRITES", "READ", "WRITTEN", "ERRORS", "INFLIGHT", "P50", "P99",
+                     "THROTTLED", "SPACE-HELD"]]
         for l in result["luns"]?.arrayValue ?? [] {
             rows.append([l["controller"]?.stringValue ?? "", "\(l["target"]?.intValue ?? 0)", "\(l["lun"]?.intValue ?? 0)"]
-                        + Self.counterColumns(l))
+                        + Self.counterColumns(l)
+                        + [Table.duration(l["throttled_ns"]?.uint64Value ?? 0), "\(l["space_held_writes"]?.intValue ?? 0)"])
         }
-        print(Table.render(rows, numericColumns: Array(1...11)), terminator: "")
+        print(Table.render(rows, numericColumns: Array(1...13)), terminator: "")
         print("")
         var queues = [["CONTROLLER", "QUEUE", "COMMANDS", "READS", "WRITES", "READ", "WRITTEN", "ERRORS", "INFLIGHT", "P50", "P99"]]
         for q in result["queues"]?.arrayValue ?? [] {

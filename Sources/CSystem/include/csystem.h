@@ -9,6 +9,7 @@
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <sys/epoll.h>
+#include <sys/timerfd.h>
 #include <poll.h>
 
 /* eventfd(2). Returns fd or -1 with errno. */

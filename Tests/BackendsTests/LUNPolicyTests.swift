@@ -1,0 +1,265 @@
+import BlockIO
+import Foundation
+import Glibc
+import Synchronization
+import Testing
+@testable import Backends
+
+/// The QoS bucket math (GCRA on one atomic time line per limit) and the LUN policy's admission.
+@Suite struct RateBucketTests {
+    @Test func costOfOperationsAndBytes() {
+        #expect(RateMath.cost(units: 1, rate: 2000) == 500_000)
+        #expect(RateMath.cost(units: 1 << 20, rate: 1 << 20) == 1_000_000_000)
+        #expect(RateMath.cost(units: 4096, rate: 200 << 20) == 19_531)
+        #expect(RateMath.cost(units: 5, rate: 0) == 0)
+        // No overflow for the largest request at the smallest rate.
+        #expect(RateMath.cost(units: UInt64(UInt32.max), rate: 1) > 1_000_000_000 * 1_000_000)
+    }
+
+    @Test func burstStartsAtOnceThenTheRateHolds() {
+        // 1000/s (1 ms each) with 10 ms of burst: 11 requests start at once, then one per millisecond.
+        let now: UInt64 = 5_000_000_000
+        var tat: UInt64 = 0
+        var starts: [UInt64] = []
+        for _ in 0..<20 {
+            let (next, start) = RateMath.reserve(tat: tat, now: now, cost: 1_000_000, burst: 10_000_000)
+            tat = next
+            starts.append(start)
+        }
+        #expect(starts.prefix(11).allSatisfy { $0 == now })
+        #expect(Array(starts.suffix(9)) == (1...9).map { now + UInt64($0) * 1_000_000 })
+        #expect(tat == now + 20 * 1_000_000)
+    }
+
+    @Test func idleTimeDoesNotAccumulateBeyondTheBurst() {
+        // The time line was far in the past: the request starts now and the line restarts from now.
+        let (tat, start) = RateMath.reserve(tat: 1_000, now: 9_000_000_000, cost: 500_000, burst: 1_000_000_000)
+        #expect(start == 9_000_000_000)
+        #expect(tat == 9_000_500_000)
+    }
+
+    @Test func admitHoldsEachLimitAndOnlyItsDirection() {
+        let policy = LUNPolicy(limits: QoSLimits(readIOPS: 1000, burstMilliseconds: 0))
+        #expect(policy.flags == LUNPolicy.throttling)
+        let now: UInt64 = 1_000_000_000
+        let read = BlockRequest(operation: .read, offset: 0, length: 4096)
+        let write = BlockRequest(operation: .write, offset: 0, length: 4096)
+        var last: UInt64 = 0
+        for _ in 0..<100 { last = policy.admit(read, now: now) }
+        #expect(last == now + 99 * 1_000_000)
+        // Writes and flushes are not limited by a read limit.
+        #expect(policy.admit(write, now: now) == now)
+        #expect(policy.admit(BlockRequest(operation: .flush, offset: 0, length: 0), now: now) == now)
+        let s = policy.snapshot
+        #expect(s.throttledRequests == 99)
+        #expect(s.throttledNanoseconds == (1...99).reduce(0) { $0 + UInt64($1) * 1_000_000 })
+    }
+
+    @Test func bandwidthLimitCountsBytes() {
+        // 1 MiB/s: 64 KiB requests are 1/16 s each.
+        let policy = LUNPolicy(limits: QoSLimits(writeBandwidth: 1 << 20, burstMilliseconds: 0))
+        let write = BlockRequest(operation: .write, offset: 0, length: 64 << 10)
+        var last: UInt64 = 0
+        for _ in 0..<17 { last = policy.admit(write, now: 0) }
+        #expect(last == 1_000_000_000)
+    }
+
+    @Test func limitsChangeAtRunTimeAndCanBeRemoved() {
+        let policy = LUNPolicy()
+        #expect(policy.flags == 0)
+        policy.setLimits(QoSLimits(iops: 10, burstMilliseconds: 0))
+        #expect(policy.flags == LUNPolicy.throttling)
+        let read = BlockRequest(operation: .read, offset: 0, length: 512)
+        _ = policy.admit(read, now: 0)
+        #expect(policy.admit(read, now: 0) == 100_000_000)
+        policy.setLimits(.unlimited)
+        #expect(policy.flags == 0)
+        policy.setOutOfSpace(.hold, holdSeconds: 5)
+        #expect(policy.flags == LUNPolicy.holdingOnENOSPC)
+        #expect(policy.outOfSpace.holdSeconds == 5)
+    }
+
+    @Test func concurrentAdmissionsLoseNoReservation() {
+        // Four threads reserve 10 000 operations each at one instant: the shared time line must end
+        // exactly 40 000 intervals later (every compare-and-swap retried, none lost or doubled).
+        let policy = LUNPolicy(limits: QoSLimits(iops: 1_000_000, burstMilliseconds: 0))
+        let now: UInt64 = 1_000_000_000
+        final class Latest: Sendable { let value = Mutex<UInt64>(0) }
+        let latest = Latest()
+        DispatchQueue.concurrentPerform(iterations: 4) { _ in
+            let read = BlockRequest(operation: .read, offset: 0, length: 512)
+            var mine: UInt64 = 0
+            for _ in 0..<10_000 { mine = max(mine, policy.admit(read, now: now)) }
+            let value = mine
+            latest.value.withLock { $0 = max($0, value) }
+        }
+        #expect(latest.value.withLock { $0 } == now + 39_999 * 1_000)
+        #expect(policy.snapshot.throttledRequests == 39_999)
+    }
+}
+
+/// `PolicyChannel`: requests over a QoS limit are held and resumed by the channel's timer; writes that
+/// find no space are held and retried (hold policy) or fail at once (report policy).
+@Suite(.serialized) struct PolicyChannelTests {
+    static func nullChannel(policy: LUNPolicy) throws -> PolicyChannel {
+        let backend = try NullBackend(spec: BackendSpec(kind: .null, path: "", size: 1 << 30))
+        return try PolicyChannel(.null(try backend.makeChannel()), policy: policy)
+    }
+
+    @Test func withoutPolicyRequestsPassStraightThrough() throws {
+        let channel = try Self.nullChannel(policy: LUNPolicy())
+        let buffers = TestBuffers(segments: [4096])
+        for token in 0..<8 as Range<UInt64> {
+            #expect(channel.submit(BlockRequest(operation: .read, offset: 0, length: 4096, buffers: buffers.list), token: token) == 0)
+        }
+        channel.commit()
+        let results = waitForCompletions(channel, count: 8, timeoutSeconds: 5)
+        #expect(results.count == 8)
+        #expect(results.values.allSatisfy { $0.succeeded })
+        #expect(channel.inFlight == 0)
+    }
+
+    @Test func throttledRequestsAreHeldThenResumedByTheTimer() throws {
+        // 100 IOPS without burst: 21 reads take 200 ms; none fails, each comes back once.
+        let policy = LUNPolicy(limits: QoSLimits(iops: 100, burstMilliseconds: 0))
+        let channel = try Self.nullChannel(policy: policy)
+        let buffers = TestBuffers(segments: [4096])
+        let start = IOCounters.now()
+        for token in 100..<121 as Range<UInt64> {
+            #expect(channel.submit(BlockRequest(operation: .read, offset: 0, length: 4096, buffers: buffers.list), token: token) == 0)
+        }
+        channel.commit()
+        #expect(channel.inFlight == 21)
+        var arrivals: [UInt64: UInt64] = [:]
+        let deadline = Date().addingTimeInterval(5)
+        while arrivals.count < 21 && Date() < deadline {
+            var descriptor = pollfd(fd: channel.completionFD, events: Int16(POLLIN), revents: 0)
+            _ = poll(&descriptor, 1, 200)
+            _ = channel.reap { token, result in
+                #expect(result.succeeded)
+                #expect(arrivals[token] == nil)
+                arrivals[token] = IOCounters.now() - start
+            }
+        }
+        #expect(arrivals.count == 21)
+        let elapsed = arrivals.values.max() ?? 0
+        #expect(elapsed >= 195_000_000)
+        #expect(elapsed < 1_500_000_000)
+        #expect(policy.snapshot.throttledRequests == 20)
+        #expect(channel.inFlight == 0)
+    }
+
+    @Test func abortAndResetCompleteHeldRequestsAsCancelled() throws {
+        let policy = LUNPolicy(limits: QoSLimits(iops: 1, burstMilliseconds: 0))
+        let channel = try Self.nullChannel(policy: policy)
+        let buffers = TestBuffers(segments: [512])
+        for token in 1...4 as ClosedRange<UInt64> {
+            #expect(channel.submit(BlockRequest(operation: .read, offset: 0, length: 512, buffers: buffers.list), token: token) == 0)
+        }
+        channel.commit()
+        // Token 1 went at once; 2..4 wait a second each.
+        #expect(channel.abort(token: 3))
+        #expect(channel.resetLogicalUnit())
+        let results = waitForCompletions(channel, count: 4, timeoutSeconds: 2)
+        #expect(results[1]?.succeeded == true)
+        for token in 2...4 as ClosedRange<UInt64> { #expect(results[token]?.errno == ECANCELED) }
+        #expect(channel.inFlight == 0)
+    }
+}
+
+/// A LUN on a file in a 1 MiB tmpfs filled by its own writes (as root: CI runs the tests as root).
+@Suite(.serialized, .enabled(if: getuid() == 0, "mounting a tmpfs needs root"))
+final class OutOfSpaceTests {
+    let directory = TemporaryDirectory()
+    let mounted: Bool
+
+    init() {
+        mounted = runProgram("/bin/mount", ["-t", "tmpfs", "-o", "size=1m", "scsigate-enospc", directory.path]).status == 0
+    }
+
+    deinit { runProgram("/bin/umount", [directory.path]) }
+
+    /// A 4 MiB sparse LUN next to a 256 KiB ballast file, written in 64 KiB chunks (token 1) until one
+    /// fails or is not answered within `wait` seconds (held). Returns the channel and the chunks acknowledged.
+    func fill(_ policy: LUNPolicy, wait: Double = 20) throws -> (PolicyChannel, Int, TestBuffers) {
+        try #require(mounted)
+        makeFilledFile(directory.file("ballast"), size: 256 << 10, byte: 0x5A)
+        let backend = try FileBackend(spec: BackendSpec(kind: .file, path: directory.file("lun.img"), size: 4 << 20,
+                                                        cache: .writeback, create: true))
+        let channel = try PolicyChannel(.file(try backend.makeChannel()), policy: policy)
+        let buffers = TestBuffers(segments: [64 << 10])
+        var written = 0
+        while written < 64 {
+            buffers.fill(seed: UInt8(written))
+            let write = BlockRequest(operation: .write, offset: UInt64(written) << 16, length: 64 << 10, buffers: buffers.list)
+            #expect(channel.submit(write, token: 1) == 0)
+            channel.commit()
+            let result = waitForCompletions(channel, count: 1, timeoutSeconds: wait)[1]
+            guard let result, result.succeeded else {
+                #expect(result == nil || result?.errno == ENOSPC)
+                break
+            }
+            written += 1
+        }
+        #expect(written > 4 && written < 64)
+        return (channel, written, buffers)
+    }
+
+    /// Every acknowledged chunk reads back as written.
+    func verify(_ channel: PolicyChannel, chunks: Int) {
+        let buffers = TestBuffers(segments: [64 << 10])
+        for i in 0..<chunks {
+            buffers.clear()
+            let result = run(channel, BlockRequest(operation: .read, offset: UInt64(i) << 16, length: 64 << 10, buffers: buffers.list))
+            #expect(result?.succeeded == true)
+            #expect(buffers.bytes == TestBuffers.pattern(count: 64 << 10, seed: UInt8(i)), "chunk \(i)")
+        }
+    }
+
+    @Test func reportFailsAtOnceAndWritesWorkAgainOnceSpaceIsFreed() throws {
+        let policy = LUNPolicy()
+        let (channel, written, buffers) = try fill(policy)
+        verify(channel, chunks: written)
+        // Still full: the next write fails at once.
+        buffers.fill(seed: UInt8(written))
+        let write = BlockRequest(operation: .write, offset: UInt64(written) << 16, length: 64 << 10, buffers: buffers.list)
+        #expect(run(channel, write)?.errno == ENOSPC)
+        try FileManager.default.removeItem(atPath: directory.file("ballast"))
+        #expect(run(channel, write)?.succeeded == true)
+        verify(channel, chunks: written + 1)
+        #expect(policy.snapshot.spaceHeldWrites == 0)
+        channel.close()
+    }
+
+    @Test func holdRetriesUntilSpaceIsFreed() throws {
+        let policy = LUNPolicy(outOfSpace: .hold, holdSeconds: 30, spaceRetryMilliseconds: 50)
+        let (channel, written, buffers) = try fill(policy, wait: 0.5)
+        // The write that found no space is being held, not failed.
+        #expect(policy.snapshot.spaceHeldWrites == 1)
+        #expect(policy.snapshot.spaceHeldNow == 1)
+        // fill() stopped at a failure; with hold there is none: the last write is still held.
+        #expect(channel.inFlight == 1)
+        try FileManager.default.removeItem(atPath: directory.file("ballast"))
+        let results = waitForCompletions(channel, count: 1, timeoutSeconds: 5)
+        #expect(results[1]?.succeeded == true)
+        let s = policy.snapshot
+        #expect(s.spaceResumedWrites == 1)
+        #expect(s.spaceHeldNow == 0)
+        _ = buffers
+        verify(channel, chunks: written + 1)
+        channel.close()
+    }
+
+    @Test func holdReportsTheErrorAfterItsBound() throws {
+        let policy = LUNPolicy(outOfSpace: .hold, holdSeconds: 1, spaceRetryMilliseconds: 100)
+        let (channel, written, _) = try fill(policy, wait: 0.3)
+        let started = IOCounters.now()
+        let results = waitForCompletions(channel, count: 1, timeoutSeconds: 5)
+        #expect(results[1]?.errno == ENOSPC)
+        #expect(IOCounters.now() - started > 400_000_000)
+        #expect(policy.snapshot.spaceFailedWrites == 1)
+        #expect(policy.snapshot.spaceHeldNow == 0)
+        verify(channel, chunks: written)
+        channel.close()
+    }
+}
