@@ -22,7 +22,7 @@ final class BlkFixture: @unchecked Sendable {
 
     init(features: UInt64 = VirtioFeature.version1 | VirtioFeature.ringIndirectDescriptors | vhostUserFeatureProtocolFeatures,
          queueSize: Int = 16, readOnly: Bool = false, drainTimeoutMilliseconds: Int32 = 30_000,
-         watchdogMilliseconds: Int = 1000) throws {
+         watchdogMilliseconds: Int = 1000, extraProtocolFeatures: UInt64 = 0) throws {
         ring = TestSplitRing(ram: ram, size: queueSize)
         let geometry = BlockGeometry(logicalBlockSize: 512, physicalBlockSize: 4096, blockCount: 2048, readOnly: readOnly)
         let ch = channel
@@ -35,7 +35,7 @@ final class BlkFixture: @unchecked Sendable {
         client = TestFrontEnd(path: path)
         let fds = client.setUp(ram: ram, rings: [ring], features: features,
                                protocolFeatures: VhostUserProtocolFeature.replyAck | VhostUserProtocolFeature.multiQueue
-                                   | VhostUserProtocolFeature.config)
+                                   | VhostUserProtocolFeature.config | extraProtocolFeatures)
         kick = fds[0].kick
         call = fds[0].call
     }
