@@ -51,6 +51,8 @@ let package = Package(
         ]),
         // Core micro-benchmark: READ(10)/WRITE(10) through execute/resume against a null back-end.
         .executableTarget(name: "core-bench", dependencies: ["SCSI", "BlockIO"], path: "Benchmarks/CoreBench"),
+        // Virtqueue micro-benchmark: the data-path cost of dirty logging (live migration), off vs on.
+        .executableTarget(name: "ring-bench", dependencies: ["Virtio", "CSystem"], path: "Benchmarks/RingBench"),
         .testTarget(name: "EventLoopTests", dependencies: ["EventLoop", "CSystem"]),
         .testTarget(name: "SCSITests", dependencies: ["SCSI", "BlockIO"]),
         .testTarget(name: "BackendsTests", dependencies: ["Backends", "BlockIO", "CSystem"]),

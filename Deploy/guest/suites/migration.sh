@@ -11,15 +11,17 @@
 # mig_hmp PORT COMMAND: one monitor command (QEMU run with -monitor tcp:127.0.0.1:PORT,server,nowait).
 mig_hmp() { bash "$HERE/qemu-hmp.sh" "$1" "$2"; }
 
-# mig_hop NAME SRC_PORT DST_PORT INCOMING: migrates the QEMU on SRC_PORT to the one waiting on INCOMING;
-# prints the figures of `info migrate`, quits the source. Returns 0 when the migration completed.
+# mig_hop NAME SRC_PORT SRC_PID INCOMING: migrates the QEMU on SRC_PORT (its run-guest.sh: SRC_PID) to the
+# one waiting on INCOMING; prints the figures of `info migrate`, quits the source. Returns 0 when the
+# migration completed.
 mig_hop() {
-    local name=$1 src=$2 dst=$3 incoming=$4 out status="" i
+    local name=$1 src=$2 pid=$3 incoming=$4 out status="" i
     for i in $(seq 1 120); do [ -S "$incoming" ] && break; sleep 0.5; done
     [ -S "$incoming" ] || { echo "[migration] $name: the destination never listened on $incoming"; return 1; }
     mig_hmp "$src" "migrate_set_parameter max-bandwidth 1G" >/dev/null
     mig_hmp "$src" "migrate -d unix:$incoming" | sed "s/^/[migration] $name: /"
     for i in $(seq 1 60); do
+        kill -0 "$pid" 2>/dev/null || { echo "[migration] $name: the source QEMU ended"; return 1; }
         out=$(mig_hmp "$src" "info migrate")
         status=$(printf '%s\n' "$out" | sed -n 's/^Migration status: *//p' | head -1)
         case $status in completed|failed|cancelled) break ;; esac
@@ -34,27 +36,27 @@ mig_hop() {
 suite_migration() {
     DIR="$WORK/migration"; mkdir -p "$DIR"
     { gateway_header "$DIR"
-      printf '\n[[controller]]\nname = "mscsi0"\ntransport = "vhost-user-scsi"\nsocket = "%s"\n\n[[controller.lun]]\n%s\n' \
+      printf '\n[[controller]]\nname = "mscsi0"\ntransport = "vhost-user-scsi"\nsocket = "%s"\n\n[[controller.lun]]\nlun = 0\n%s\n' \
           "$DIR/mscsi0.sock" "$(file_lun mscsi0.img 64M)"
-      printf '\n[[controller]]\nname = "mblk0"\ntransport = "vhost-user-blk"\nsocket = "%s"\n\n[[controller.lun]]\n%s\n' \
+      printf '\n[[controller]]\nname = "mblk0"\ntransport = "vhost-user-blk"\nsocket = "%s"\n\n[[controller.lun]]\nlun = 0\n%s\n' \
           "$DIR/mblk0.sock" "$(file_lun mblk0.img 64M)"
     } > "$DIR/gw.toml"
     serve migration || return
     local disks=(-chardev "socket,id=c0,path=$DIR/mscsi0.sock" -device vhost-user-scsi-pci,chardev=c0,num_queues=1
                  -chardev "socket,id=c1,path=$DIR/mblk0.sock" -device vhost-user-blk-pci,chardev=c1,num-queues=1)
-    local guest=(--quiet --test migration --memory 256 --timeout 600 --append "scsigate.runtime=70 scsigate.verify_runtime=40")
+    local guest=(--quiet --test migration --memory 512 --timeout 600 --append "scsigate.runtime=70 scsigate.verify_runtime=40")
     local port=$((20000 + RANDOM % 20000)) pa pb pc rc
     bash "$HERE/run-guest.sh" "${guest[@]}" --log "$DIR/qemu-a.log" -- "${disks[@]}" -monitor "tcp:127.0.0.1:$port,server,nowait" &
     pa=$!
     if ! bash "$HERE/wait-marker.sh" "$DIR/qemu-a.log" "SCSIGATE-MIGRATION phase=write" 300 >/dev/null; then
-        check "migration guest started fio" 1; kill "$pa" 2>/dev/null; wait "$pa"; return
+        check "migration guest started fio" 1; mig_hmp "$port" quit >/dev/null; wait "$pa"; stop_gateway; return
     fi
     sleep 15
     # Hop 1, during randwrite + verify_backlog on both disks.
     bash "$HERE/run-guest.sh" "${guest[@]}" --log "$DIR/qemu-b.log" -- "${disks[@]}" \
         -monitor "tcp:127.0.0.1:$((port + 1)),server,nowait" -incoming "unix:$DIR/incoming-b.sock" &
     pb=$!
-    mig_hop "hop 1 (randwrite+verify)" "$port" "$((port + 1))" "$DIR/incoming-b.sock"
+    mig_hop "hop 1 (randwrite+verify)" "$port" "$pa" "$DIR/incoming-b.sock"
     check "migration hop 1 completed during randwrite+verify_backlog" $?
     wait "$pa"
     # Hop 2, during the read-only verify phase (the guest's console is now in qemu-b.log).
@@ -63,10 +65,11 @@ suite_migration() {
     pc=$!
     if bash "$HERE/wait-marker.sh" "$DIR/qemu-b.log" "SCSIGATE-MIGRATION phase=verify" 300 >/dev/null; then
         sleep 5
-        mig_hop "hop 2 (read-only verify)" "$((port + 1))" "$((port + 2))" "$DIR/incoming-c.sock"
+        mig_hop "hop 2 (read-only verify)" "$((port + 1))" "$pb" "$DIR/incoming-c.sock"
         check "migration hop 2 completed during the read-only verify" $?
     else
         check "migration guest reached the read-only verify on the first destination" 1
+        mig_hmp "$((port + 1))" quit >/dev/null
         mig_hmp "$((port + 2))" quit >/dev/null
     fi
     wait "$pb"

@@ -20,7 +20,7 @@ uptime_s() { cut -d' ' -f1 /proc/uptime | cut -d. -f1; }
 # job_args DISK: the job definition both phases share (verify_only needs the same one).
 job_args() {
     echo "--name=mig-$1 --filename=/dev/$1 --ioengine=libaio --direct=1 --bs=4k --iodepth=8 --size=$size" \
-         "--verify=crc32c --verify_fatal=1 --verify_dump=0 --randseed=$(echo "$1" | cksum | cut -d' ' -f1)"
+         "--verify=crc32c --verify_fatal=1 --verify_dump=0 --randseed=4242"
 }
 
 fail=0
