@@ -49,18 +49,8 @@ struct BlkTestRequest {
     /// Writes the chain on `ring`, publishes it and kicks.
     static func submit(ram: TestGuestRAM, ring: TestSplitRing, kick: Int32, type: UInt32, sector: UInt64, out: [UInt8] = [],
                        dataIn: (gpa: UInt64, length: Int)? = nil) -> BlkTestRequest {
-        let header = ram.alloc(16, align: 4096)
-        var h = [UInt8]()
-        h.appendLE(type)
-        h.appendLE(UInt32(0))
-        h.appendLE(sector)
-        ram.write(h, at: header)
-        var buffers = [TestSplitRing.Buffer(gpa: header, length: 16, writable: false)]
-        if !out.isEmpty {
-            let d = ram.alloc(out.count, align: 4096)
-            ram.write(out, at: d)
-            buffers.append(.init(gpa: d, length: UInt32(out.count), writable: false))
-        }
+        var buffers = ram.blkRequestOut(type: type, sector: sector, out: out, align: 4096)
+        let header = buffers[0].gpa
         if let dataIn { buffers.append(.init(gpa: dataIn.gpa, length: UInt32(dataIn.length), writable: true)) }
         let status = ram.alloc(1, align: 4096)
         ram.pointer(status).storeBytes(of: 0xFF, as: UInt8.self)
@@ -157,6 +147,36 @@ func vringAddressWithLog(_ ram: TestGuestRAM, _ ring: TestSplitRing, index: UInt
         #expect(TestDirtyLog.pages(dataIn, 12288).union(TestDirtyLog.pages(again.status, 1)).isSubset(of: Set(log.view.markedPages)))
         #expect(f.log.contains("dirty logging on"))
         #expect(f.log.contains("dirty logging off"))
+    }
+
+    @Test func packedRingLogsTheWritableBuffersAndTheDescriptorsWrittenBack() throws {
+        let ram = TestGuestRAM(size: 1 << 20)
+        let log = try TestDirtyLog(ram: ram)
+        let memory = try GuestMemory.map([(GuestMemoryRegionDescriptor(guestPhysicalAddress: ram.gpaBase, size: UInt64(ram.size),
+                                                                       userAddress: ram.userBase, mmapOffset: 0), ram.fd)], limit: 8)
+        let ring = TestPackedRing(ram: ram, size: 16)
+        let queue = try Virtqueue(size: 16, options: VirtqueueOptions(features: VirtioFeature.version1 | VirtioFeature.ringPacked),
+                                  addresses: VirtqueueAddresses(descriptorTable: ram.user(ring.desc), driverArea: ram.user(ring.driverEvent),
+                                                                deviceArea: ram.user(ring.deviceEvent)),
+                                  memory: memory, base: 0x8000, segmentsPerSlot: 8)
+        queue.setDirtyLog(log.view, usedRingLogAddress: ring.deviceEvent)
+        let header = ram.alloc(16, align: 4096)
+        let data = ram.alloc(12288, align: 4096) + 2048
+        let status = ram.alloc(1, align: 4096)
+        ring.add(id: 5, [.init(gpa: header, length: 16, writable: false), .init(gpa: data, length: 8192, writable: true),
+                         .init(gpa: status, length: 1, writable: true)])
+        guard case let .chain(chain) = queue.pop() else {
+            Issue.record("no chain popped")
+            return
+        }
+        #expect(chain.head == 5 && chain.writableCount == 2)
+        #expect(log.view.markedPages.isEmpty)
+        queue.push(head: chain.head, ringEntries: chain.ringEntries, length: 8193)
+        _ = queue.flush()
+        let expected = TestDirtyLog.pages(data, 8192).union(TestDirtyLog.pages(status, 1)).union(TestDirtyLog.pages(ring.desc, 16))
+        #expect(TestDirtyLog.pages(data, 8192).count == 3)
+        #expect(Set(log.view.markedPages) == expected)
+        #expect(!log.view.isMarked(page: header >> 12))
     }
 
     @Test func requestInFlightWhenLoggingStartsIsLoggedAtCompletion() throws {

@@ -464,3 +464,23 @@ extension TestGuestRAM {
         return TestSCSIRequest(buffers: buffers, response: response, dataIn: dataIn)
     }
 }
+
+extension TestGuestRAM {
+    /// The device-readable part of a virtio-blk request in guest RAM: the 16-byte header (type, sector) and,
+    /// when `out` is not empty, the data-out buffer (each allocated at `align`).
+    func blkRequestOut(type: UInt32, sector: UInt64, out: [UInt8] = [], align: Int = 64) -> [TestSplitRing.Buffer] {
+        let header = alloc(16, align: align)
+        var h = [UInt8]()
+        h.appendLE(type)
+        h.appendLE(UInt32(0))
+        h.appendLE(sector)
+        write(h, at: header)
+        var buffers = [TestSplitRing.Buffer(gpa: header, length: 16, writable: false)]
+        if !out.isEmpty {
+            let d = alloc(out.count, align: align)
+            write(out, at: d)
+            buffers.append(.init(gpa: d, length: UInt32(out.count), writable: false))
+        }
+        return buffers
+    }
+}
