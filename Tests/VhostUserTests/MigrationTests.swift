@@ -323,6 +323,51 @@ final class HandoverFixture: @unchecked Sendable {
         _ = destination
     }
 
+    @Test func packedRingsWithInflightRegionsHandOverAfterTheSourceDrained() throws {
+        let log = TestLog()
+        let channel = MemoryChannel(bytes: 1 << 20)
+        let path = testSocketPath("handover-packed")
+        let geometry = BlockGeometry(logicalBlockSize: 512, physicalBlockSize: 512, blockCount: 2048)
+        let device = try VirtioBlkDevice(geometry: geometry, options: VirtioBlkOptions(queues: 1, serial: "SG-MIG-PACKED"),
+                                         channelFactory: { channel }, log: log.logger)
+        let server = VhostUserServer(socketPath: path, device: device, log: log.logger)
+        try server.start()
+        defer { server.stop(); device.shutdown() }
+        let sourceRAM = TestGuestRAM(), destinationRAM = TestGuestRAM()
+        let sourceRing = TestPackedRing(ram: sourceRAM, size: 16), destinationRing = TestPackedRing(ram: destinationRAM, size: 16)
+        let source = try InflightTests.connectPacked(path: path, ram: sourceRAM, ring: sourceRing, base: 0x8000, inflightFD: -1)
+        defer { close(source.inflightFD); close(source.kick); close(source.call) }
+        // A source WRITE stays in the back-end (tracked in the source's in-flight region).
+        channel.hold.store(true, ordering: .releasing)
+        let write = InflightTests.blkRequest(sourceRAM, type: VirtioBlk.typeOut, sector: 3, out: [UInt8](repeating: 0xC3, count: 512))
+        sourceRing.add(id: 1, write.buffers)
+        _ = csys_eventfd_signal(source.kick, 1)
+        #expect(waitFor { channel.inFlight == 1 })
+        // The destination gets its own in-flight region and holds its ring start.
+        let destination = try InflightTests.connectPacked(path: path, ram: destinationRAM, ring: destinationRing, base: 0x8000,
+                                                          inflightFD: -1, waitForRing: false)
+        defer { close(destination.inflightFD); close(destination.kick); close(destination.call) }
+        let read = InflightTests.blkRequest(destinationRAM, type: VirtioBlk.typeIn, sector: 3, inLength: 512)
+        destinationRing.add(id: 7, read.buffers)
+        _ = csys_eventfd_signal(destination.kick, 1)
+        #expect(waitFor { log.contains("waiting for them to stop") })
+        #expect(!destinationRing.isUsed(at: 0, wrap: true))
+        // The source stops: its WRITE completes into its ring first; the base covers 3 descriptors, used too.
+        channel.releaseHeld()
+        let base = source.client.getVringBase(0)
+        #expect(base == UInt32(0x8003_8003), "avail position 3, wrap; used position 3, wrap")
+        #expect(sourceRing.isUsed(at: 0, wrap: true) && sourceRing.used(at: 0).id == 1)
+        #expect(sourceRAM.pointer(write.status).load(as: UInt8.self) == VirtioBlk.statusOK)
+        // The destination's READ then runs once, in its own memory, and sees the WRITE's data.
+        #expect(waitFor { destinationRing.isUsed(at: 0, wrap: true) })
+        #expect(destinationRing.used(at: 0).id == 7)
+        #expect(destinationRAM.read(read.buffers[1].gpa, 512) == [UInt8](repeating: 0xC3, count: 512))
+        #expect(server.handoverCount == 1)
+        usleep(100_000)
+        #expect(channel.operations.withLock { $0.count } == 2)
+        _ = destination.client
+    }
+
     @Test func thirdConnectionIsRefused() throws {
         let f = try HandoverFixture()
         let (destination, fds) = f.connectDestination()
