@@ -194,6 +194,27 @@ func vringAddressWithLog(_ ram: TestGuestRAM, _ ring: TestSplitRing, index: UInt
         #expect(Set(log.view.markedPages) == TestDirtyLog.pages(dataIn, 4096).union(TestDirtyLog.pages(r.status, 1)))
     }
 
+    @Test func hostileLoggingMessagesAreRefused() throws {
+        let f = try BlkFixture(extraProtocolFeatures: VhostUserProtocolFeature.logSharedMemory)
+        // Unknown address flags, and new ring addresses while the ring runs: refused, the ring keeps running.
+        var bad = vringAddressWithLog(f.ram, f.ring, index: 0, log: true)
+        bad[4] = 3
+        #expect(f.client.ack(.setVringAddr, bad) == 1)
+        var moved = vringAddressWithLog(f.ram, f.ring, index: 0, log: true)
+        moved.replaceSubrange(8..<16, with: TestFrontEnd.u64(f.ram.user(f.ring.desc) + 4096))
+        #expect(f.client.ack(.setVringAddr, moved) == 1)
+        #expect(f.request(type: VirtioBlk.typeFlush, sector: 0)?.0 == VirtioBlk.statusOK)
+        // SET_LOG_FD is accepted (its fd closed); SET_LOG_BASE without its fd ends the connection (it has its own reply).
+        let logCall = csys_eventfd(0, 1)
+        #expect(f.client.ack(.setLogFD, [], fds: [logCall]) == 0)
+        close(logCall)
+        var p = [UInt8]()
+        p.appendLE(UInt64(4096))
+        p.appendLE(UInt64(0))
+        f.client.send(.setLogBase, p)
+        #expect(f.client.isClosed())
+    }
+
     @Test func badLogBaseClosesTheConnection() throws {
         let f = try BlkFixture(extraProtocolFeatures: VhostUserProtocolFeature.logSharedMemory)
         let fd = csys_memfd_create("short-log", 0)
