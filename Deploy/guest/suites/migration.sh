@@ -23,10 +23,11 @@ mig_hop() {
     for i in $(seq 1 60); do
         kill -0 "$pid" 2>/dev/null || { echo "[migration] $name: the source QEMU ended"; return 1; }
         out=$(mig_hmp "$src" "info migrate")
-        status=$(printf '%s\n' "$out" | sed -n 's/^Migration status: *//p' | head -1)
+        # QEMU 7.2 prints "Migration status: completed", QEMU 11 "Status: completed".
+        status=$(printf '%s\n' "$out" | sed -n 's/^\(Migration status\|Status\):[[:space:]]*//p' | head -1 | cut -d' ' -f1)
         case $status in completed|failed|cancelled) break ;; esac
     done
-    printf '%s\n' "$out" | grep -E 'Migration status|total time|downtime|transferred ram|dirty sync count|setup' \
+    printf '%s\n' "$out" | grep -E 'Migration status|total time|downtime|transferred ram|dirty sync count|setup|^Status|Time \(ms\)|Transfers|dirty_syncs' \
         | sed "s/^/[migration] $name: /"
     grep -a 'hand-over\|takes over\|migration successor\|refused' "$DIR/gw.log" | sed "s/^/[migration] gateway: /" | tail -4
     mig_hmp "$src" "quit" >/dev/null
