@@ -51,12 +51,21 @@ suite_migration() {
     local disks=(-chardev "socket,id=c0,path=$DIR/mscsi0.sock" -device vhost-user-scsi-pci,chardev=c0,num_queues=1
                  -chardev "socket,id=c1,path=$DIR/mblk0.sock" -device vhost-user-blk-pci,chardev=c1,num-queues=1,packed=on)
     local guest=(--quiet --test migration --memory 512 --timeout 600 --append "scsigate.runtime=70 scsigate.verify_runtime=40")
-    local port=$((20000 + RANDOM % 20000)) pa pb pc rc ua
-    bash "$HERE/run-guest.sh" "${guest[@]}" --log "$DIR/qemu-a.log" -- "${disks[@]}" -monitor "tcp:127.0.0.1:$port,server,nowait" &
-    pa=$!
-    if ! bash "$HERE/wait-marker.sh" "$DIR/qemu-a.log" "SCSIGATE-MIGRATION phase=write" 300 >/dev/null; then
-        check "migration guest started fio" 1; mig_hmp "$port" quit >/dev/null; wait "$pa"; stop_gateway; return
-    fi
+    local port=$((20000 + RANDOM % 20000)) pa pb pc rc ua attempt
+    for attempt in 1 2; do
+        bash "$HERE/run-guest.sh" "${guest[@]}" --log "$DIR/qemu-a.log" -- "${disks[@]}" -monitor "tcp:127.0.0.1:$port,server,nowait" &
+        pa=$!
+        bash "$HERE/wait-marker.sh" "$DIR/qemu-a.log" "SCSIGATE-MIGRATION phase=write" 300 >/dev/null && break
+        mig_hmp "$port" quit >/dev/null; wait "$pa"
+        # A boot-time stall (no guest test output at all) is retried once, as guest_run does.
+        if [ "$attempt" = 1 ] && ! tr -d '\r' < "$DIR/qemu-a.log" | grep -aq '^\['; then
+            RETRIES=$((RETRIES + 1))
+            echo "real-client: RETRY: the guest stalled before its test started (log kept as $DIR/qemu-a.log.stalled)"
+            mv "$DIR/qemu-a.log" "$DIR/qemu-a.log.stalled"
+            continue
+        fi
+        check "migration guest started fio" 1; stop_gateway; return
+    done
     ua=$(mig_unit_attentions)
     # The destination starts at once (QEMU's start-up takes a while on a loaded machine) and waits for the stream.
     bash "$HERE/run-guest.sh" "${guest[@]}" --log "$DIR/qemu-b.log" -- "${disks[@]}" \
