@@ -53,6 +53,8 @@ let package = Package(
         .executableTarget(name: "core-bench", dependencies: ["SCSI", "BlockIO"], path: "Benchmarks/CoreBench"),
         // QoS benchmark: per-LUN IOPS limit held across threads while an unlimited LUN keeps its speed.
         .executableTarget(name: "qos-bench", dependencies: ["Backends", "BlockIO"], path: "Benchmarks/QoSBench"),
+        // Virtqueue micro-benchmark: the data-path cost of dirty logging (live migration), off vs on.
+        .executableTarget(name: "ring-bench", dependencies: ["Virtio", "CSystem"], path: "Benchmarks/RingBench"),
         .testTarget(name: "EventLoopTests", dependencies: ["EventLoop", "CSystem"]),
         .testTarget(name: "SCSITests", dependencies: ["SCSI", "BlockIO"]),
         .testTarget(name: "BackendsTests", dependencies: ["Backends", "BlockIO", "CSystem"]),

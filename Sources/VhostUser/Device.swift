@@ -30,6 +30,8 @@ public protocol VhostUserDevice: AnyObject, Sendable {
     func setQueueEnabled(_ index: Int, _ enabled: Bool)
     /// A new memory table for the running rings.
     func updateMemory(_ memory: GuestMemory)
+    /// Starts (`log` non-nil) or stops dirty logging on running ring `index` (live migration).
+    func setDirtyLog(_ index: Int, _ log: DirtyLog?, usedRingLogAddress: UInt64?)
     /// Called with a closure that sends a config-change notification to the front-end (nil when the
     /// front-end did not negotiate one).
     func setConfigChangeNotifier(_ notify: (@Sendable () -> Void)?)

@@ -43,6 +43,7 @@ public enum VhostUserBackendRequest: UInt32, Sendable {
 /// Protocol feature bits (GET/SET_PROTOCOL_FEATURES).
 public enum VhostUserProtocolFeature {
     public static let multiQueue: UInt64 = 1 << 0
+    public static let logSharedMemory: UInt64 = 1 << 1
     public static let replyAck: UInt64 = 1 << 3
     public static let backendRequest: UInt64 = 1 << 5
     public static let config: UInt64 = 1 << 9
@@ -54,6 +55,12 @@ public enum VhostUserProtocolFeature {
 
 /// Feature bit 30: the back-end speaks GET/SET_PROTOCOL_FEATURES.
 public let vhostUserFeatureProtocolFeatures: UInt64 = 1 << 30
+
+/// Feature bit 26 (VHOST_F_LOG_ALL): the back-end logs every guest page it writes while set (live migration).
+public let vhostFeatureLogAll: UInt64 = 1 << 26
+
+/// SET_VRING_ADDR flag VHOST_VRING_F_LOG: the log address is valid and used-ring writes are logged at it.
+public let vhostVringFlagLog: UInt32 = 1 << 0
 
 /// Fixed sizes and limits of the wire format.
 public enum VhostUserWire {

@@ -374,6 +374,15 @@ public final class QueueGroup<Handler: QueueGroupHandler>: @unchecked Sendable {
         }
     }
 
+    /// Starts or stops dirty logging on running queue `index` (live migration; see `Virtqueue.setDirtyLog`).
+    func setDirtyLog(_ index: Int, _ log: DirtyLog?, usedRingLogAddress: UInt64?) {
+        runOnLoopAndWait(loop) { [self] done in
+            // Draining queues included: their late completions write guest memory too.
+            for q in queues where q.index == index && !q.abandoned { q.ring.setDirtyLog(log, usedRingLogAddress: usedRingLogAddress) }
+            done()
+        }
+    }
+
     /// Runs `work` on the loop thread (for device events such as hotplug notifications).
     func onLoop(_ work: @escaping @Sendable () -> Void) {
         loop.execute { [self] in

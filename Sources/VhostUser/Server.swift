@@ -1,3 +1,4 @@
+import BlockIO
 import CSystem
 import Synchronization
 import Virtio
@@ -19,15 +20,30 @@ struct RequestFailure: Error {
     var hasOwnReply = false
 }
 
+/// CLOCK_MONOTONIC in milliseconds (hand-over deadlines).
+private func monotonicMilliseconds() -> Int { Int(IOCounters.now() / 1_000_000) }
+
 /// A protocol violation that ends the connection.
 struct ProtocolViolation: Error {
     var reason: String
     init(_ reason: String) { self.reason = reason }
 }
 
-/// A vhost-user back-end server on a UNIX socket: one front-end connection at a time (a new one may
-/// connect after the previous closed), the protocol handled on a control thread, the rings handed to
-/// the device's queue groups.
+/// A vhost-user back-end server on a UNIX socket: the protocol handled on a control thread, the rings
+/// handed to the device's queue groups.
+///
+/// Connections and live migration on one host: the first front-end owns the device. A second connection
+/// is accepted as the candidate successor (the destination QEMU of a migration, which attaches with the
+/// same arguments while the source is still connected): it is set up like any front-end (features,
+/// memory table, rings) but the device's rings run for one connection at a time. A connection that
+/// starts a ring (SET_VRING_KICK) while the other one still runs rings waits (its socket is not read)
+/// until the other has stopped all of them (GET_VRING_BASE, which drains their in-flight requests into
+/// the source's memory first) or has disconnected; QEMU only starts the destination's rings after the
+/// migration stream is loaded, so by then the source has stopped them. A wait longer than
+/// `handoverTimeoutMilliseconds` means the second connection is not a migration: it is refused (closed,
+/// with a log line). A third connection is refused at once. The device state (LUN map, unit attentions,
+/// reservations, statistics) belongs to the controller and stays; the nexus is only lost (virtio-scsi:
+/// I_T NEXUS LOSS) when the last connection goes away.
 public final class VhostUserServer<Device: VhostUserDevice>: @unchecked Sendable {
     /// Socket path.
     public let socketPath: String
@@ -45,6 +61,17 @@ public final class VhostUserServer<Device: VhostUserDevice>: @unchecked Sendable
     /// Messages handled so far.
     public var messageCount: Int { messages.load(ordering: .relaxed) }
     private let messages = Atomic<Int>(0)
+    /// Connections refused (a third one, or a second one that is not a migration hand-over).
+    public var refusedCount: Int { refused.load(ordering: .relaxed) }
+    private let refused = Atomic<Int>(0)
+    /// Hand-overs done: a connection started its rings after another one had stopped them or left.
+    public var handoverCount: Int { handovers.load(ordering: .relaxed) }
+    private let handovers = Atomic<Int>(0)
+    /// How long a connection's ring start waits for the other connection to stop its rings before the
+    /// waiting connection is refused as not being a migration hand-over (set before `start`).
+    public var handoverTimeoutMilliseconds = 10_000
+    /// The open connections (control thread only): at most two.
+    private var sessions: [Session] = []
 
     /// Creates a server (call `start`).
     public init(socketPath: String, device: Device, log: @escaping VhostUserLogger) {
@@ -115,22 +142,86 @@ public final class VhostUserServer<Device: VhostUserDevice>: @unchecked Sendable
         _ = csys_set_thread_name("vhost-ctl")
         while !stopping.load(ordering: .acquiring) {
             var fds = [pollfd(fd: listenFD, events: Int16(POLLIN), revents: 0), pollfd(fd: wakeFD, events: Int16(POLLIN), revents: 0)]
-            let r = poll(&fds, 2, -1)
+            let polled = sessions.filter { $0.pending == nil }
+            for session in polled { fds.append(pollfd(fd: session.fd, events: Int16(POLLIN), revents: 0)) }
+            let r = poll(&fds, nfds_t(fds.count), waitingTimeout())
             if r < 0 { if errno == EINTR { continue } else { break } }
             if fds[1].revents != 0 { break }
-            guard fds[0].revents & Int16(POLLIN) != 0 else { continue }
-            let conn = accept(listenFD, nil, nil)
-            guard conn >= 0 else { continue }
-            _ = fcntl(conn, F_SETFD, FD_CLOEXEC)
-            connections.add(1, ordering: .relaxed)
-            log(.info, "\(socketPath): front-end connected")
-            let session = Session(server: self, fd: conn)
-            session.run()
-            session.teardown()
-            close(conn)
-            log(.info, "\(socketPath): front-end disconnected")
+            for (k, session) in polled.enumerated() where fds[2 + k].revents != 0 {
+                if !session.step() { closeSession(session) }
+            }
+            resumeWaiting()
+            if fds[0].revents & Int16(POLLIN) != 0 { acceptConnection() }
+        }
+        while let session = sessions.last { closeSession(session) }
+    }
+
+    private func acceptConnection() {
+        let conn = accept(listenFD, nil, nil)
+        guard conn >= 0 else { return }
+        _ = fcntl(conn, F_SETFD, FD_CLOEXEC)
+        let number = connections.add(1, ordering: .relaxed).newValue
+        guard sessions.count < 2 else {
+            refused.add(1, ordering: .relaxed)
+            log(.warning, "\(socketPath): front-end #\(number) refused: front-ends #\(sessions[0].number) and #\(sessions[1].number) "
+                + "are connected (one front-end plus one migration destination at most)")
+            Glibc.close(conn)
+            return
+        }
+        if let first = sessions.first {
+            log(.info, "\(socketPath): front-end #\(number) connected while #\(first.number) is: accepted as its migration "
+                + "successor (its rings start once #\(first.number) has stopped its rings or disconnected)")
+        } else {
+            log(.info, "\(socketPath): front-end connected (#\(number))")
+        }
+        sessions.append(Session(server: self, fd: conn, number: number))
+    }
+
+    private func closeSession(_ session: Session) {
+        session.teardown(last: sessions.count == 1)
+        Glibc.close(session.fd)
+        sessions.removeAll { $0 === session }
+        if let other = sessions.first {
+            log(.info, "\(socketPath): front-end #\(session.number) disconnected; #\(other.number) stays connected")
+            other.becomeActiveIfRunning()
+        } else {
+            log(.info, "\(socketPath): front-end disconnected (#\(session.number))")
         }
     }
+
+    /// Whether a connection other than `session` runs rings.
+    private func otherRunsRings(_ session: Session) -> Bool {
+        sessions.contains { $0 !== session && $0.runsRings }
+    }
+
+    /// Handles the held ring start of a waiting connection once the other one stopped its rings or left;
+    /// refuses it when the wait timed out.
+    private func resumeWaiting() {
+        for session in sessions {
+            guard let message = session.pending else { continue }
+            if !otherRunsRings(session) {
+                session.pending = nil
+                log(.info, "\(socketPath): front-end #\(session.number): the other front-end stopped its rings; starting its own")
+                if !session.handleHeld(message) { closeSession(session) }
+            } else if monotonicMilliseconds() >= session.pendingDeadline {
+                session.pending = nil
+                for f in message.fds { Glibc.close(f) }
+                refused.add(1, ordering: .relaxed)
+                log(.warning, "\(socketPath): front-end #\(session.number) refused: it starts rings while front-end "
+                    + "#\(sessions.first { $0 !== session }?.number ?? 0) has run them for \(handoverTimeoutMilliseconds) ms "
+                    + "(not a migration hand-over)")
+                closeSession(session)
+            }
+        }
+    }
+
+    /// Poll timeout: until the earliest waiting connection's deadline, or forever.
+    private func waitingTimeout() -> Int32 {
+        guard let deadline = sessions.filter({ $0.pending != nil }).map(\.pendingDeadline).min() else { return -1 }
+        return Int32(clamping: max(0, deadline - monotonicMilliseconds()) + 1)
+    }
+
+    fileprivate func handedOver() { handovers.add(1, ordering: .relaxed) }
 
     fileprivate func sendConfigChange() {
         backendChannel.withLock { fd in
@@ -142,19 +233,29 @@ public final class VhostUserServer<Device: VhostUserDevice>: @unchecked Sendable
         }
     }
 
-    fileprivate func setBackendChannel(_ new: Int32) {
-        let old = backendChannel.withLock { fd -> Int32 in
-            let old = fd
-            fd = new
-            return old
-        }
-        if old >= 0 { close(old) }
+    /// Points config-change notifications at `fd` (owned by its connection, which releases it before closing it).
+    fileprivate func setBackendChannel(_ fd: Int32) {
+        backendChannel.withLock { $0 = fd }
+    }
+
+    /// Stops using `fd` for notifications if it is the current channel.
+    fileprivate func releaseBackendChannel(_ fd: Int32) {
+        backendChannel.withLock { if $0 == fd { $0 = -1 } }
     }
 
     /// State of one front-end connection.
     private final class Session {
         unowned let server: VhostUserServer
         let fd: Int32
+        /// Connection number (for logs).
+        let number: Int
+        /// A ring start held while the other connection runs rings (the socket is not read meanwhile).
+        var pending: VhostUserMessage?
+        var pendingDeadline = 0
+        /// The BACKEND_REQ channel this front-end sent (installed while this connection is the active one).
+        var backendReqFD: Int32 = -1
+        /// The dirty-page log (SET_LOG_BASE); used while VHOST_F_LOG_ALL is negotiated.
+        var dirtyLog: DirtyLog?
         var device: Device { server.device }
         var features: UInt64 = 0
         var featuresSet = false
@@ -173,41 +274,87 @@ public final class VhostUserServer<Device: VhostUserDevice>: @unchecked Sendable
             var errFD: Int32 = -1
             var enabled = false
             var running = false
+            /// Used-ring guest address for dirty logging (SET_VRING_ADDR with VHOST_VRING_F_LOG).
+            var logAddress: UInt64?
         }
 
-        init(server: VhostUserServer, fd: Int32) {
+        init(server: VhostUserServer, fd: Int32, number: Int) {
             self.server = server
             self.fd = fd
+            self.number = number
             rings = Array(repeating: RingSetup(), count: server.device.queueCount)
         }
 
         var offeredFeatures: UInt64 {
-            device.offeredFeatures | VirtioFeature.version1 | vhostUserFeatureProtocolFeatures
+            device.offeredFeatures | VirtioFeature.version1 | vhostUserFeatureProtocolFeatures | vhostFeatureLogAll
         }
 
         var offeredProtocolFeatures: UInt64 {
             VhostUserProtocolFeature.multiQueue | VhostUserProtocolFeature.replyAck
                 | VhostUserProtocolFeature.inflightSharedMemory | VhostUserProtocolFeature.configureMemSlots
                 | VhostUserProtocolFeature.backendRequest | VhostUserProtocolFeature.resetDevice
-                | device.offeredProtocolFeatures
+                | VhostUserProtocolFeature.logSharedMemory | device.offeredProtocolFeatures
         }
 
         func log(_ level: VhostUserLogLevel, _ text: String) { server.log(level, "\(server.socketPath): \(text)") }
 
-        func run() {
-            while open && !server.stopping.load(ordering: .acquiring) {
-                var fds = [pollfd(fd: fd, events: Int16(POLLIN), revents: 0), pollfd(fd: server.wakeFD, events: Int16(POLLIN), revents: 0)]
-                let r = poll(&fds, 2, -1)
-                if r < 0 { if errno == EINTR { continue } else { return } }
-                if fds[1].revents != 0 { return }
-                do {
-                    guard let message = try receive() else { return }
-                    server.messages.add(1, ordering: .relaxed)
-                    try handle(message)
-                } catch {
-                    log(.error, "closing connection: \(error.reason)")
-                    return
+        var runsRings: Bool { rings.contains { $0.running } }
+
+        /// Reads and handles one message; false when the connection is to be closed.
+        func step() -> Bool {
+            do {
+                guard let message = try receive() else { return false }
+                server.messages.add(1, ordering: .relaxed)
+                if message.request == VhostUserRequest.setVringKick.rawValue && server.otherRunsRings(self) {
+                    // A successor's ring start: held until the source stopped its rings (see the server's doc).
+                    pending = message
+                    pendingDeadline = monotonicMilliseconds() + server.handoverTimeoutMilliseconds
+                    log(.info, "front-end #\(number) starts a ring while the other front-end runs its rings: waiting for "
+                        + "them to stop (migration hand-over)")
+                    return true
                 }
+                try handle(message)
+            } catch {
+                log(.error, "closing connection #\(number): \(error.reason)")
+                return false
+            }
+            return open
+        }
+
+        /// Handles a held message; false when the connection is to be closed.
+        func handleHeld(_ message: VhostUserMessage) -> Bool {
+            do { try handle(message) } catch {
+                log(.error, "closing connection #\(number): \(error.reason)")
+                return false
+            }
+            return open
+        }
+
+        /// This connection is the one whose rings run: the device talks to this front-end (features,
+        /// config-change channel).
+        func becomeActive() {
+            device.setNegotiatedFeatures(features & ~(vhostUserFeatureProtocolFeatures | vhostFeatureLogAll))
+            server.setBackendChannel(backendReqFD)
+            updateConfigNotifier()
+        }
+
+        /// After the other connection left: this one is the only one, so the device follows it.
+        func becomeActiveIfRunning() {
+            server.setBackendChannel(backendReqFD)
+            updateConfigNotifier()
+            if runsRings { becomeActive() }
+        }
+
+        /// Whether this connection may change device-wide state now (no other connection runs rings).
+        var mayDriveDevice: Bool { !server.otherRunsRings(self) }
+
+        /// Dirty logging is on when VHOST_F_LOG_ALL is negotiated and a log was given.
+        var activeLog: DirtyLog? { features & vhostFeatureLogAll != 0 ? dirtyLog : nil }
+
+        /// Applies the logging state to the running rings.
+        func applyDirtyLog() {
+            for i in rings.indices where rings[i].running {
+                device.setDirtyLog(i, activeLog, usedRingLogAddress: rings[i].logAddress)
             }
         }
 
@@ -329,10 +476,15 @@ public final class VhostUserServer<Device: VhostUserDevice>: @unchecked Sendable
                 guard f & ~offeredFeatures == 0 else {
                     throw RequestFailure(reason: String(format16(f & ~offeredFeatures)) + " not offered")
                 }
+                let wasLogging = activeLog != nil
                 features = f
                 featuresSet = true
                 log(.info, "features \(format16(f)) (\(VirtqueueOptions(features: f).packed ? "packed" : "split") rings)")
-                device.setNegotiatedFeatures(f & ~vhostUserFeatureProtocolFeatures)
+                if mayDriveDevice { device.setNegotiatedFeatures(f & ~(vhostUserFeatureProtocolFeatures | vhostFeatureLogAll)) }
+                if wasLogging != (activeLog != nil) {
+                    log(.info, "dirty logging \(activeLog != nil ? "on" : "off") (live migration)")
+                    applyDirtyLog()
+                }
                 return false
             case .getProtocolFeatures:
                 try expectSize(p, 0, fds, 0, own: true)
@@ -343,7 +495,7 @@ public final class VhostUserServer<Device: VhostUserDevice>: @unchecked Sendable
                 let f = p.readLE(UInt64.self, at: 0)!
                 guard f & ~offeredProtocolFeatures == 0 else { throw RequestFailure(reason: "protocol features \(format16(f)) not offered") }
                 protocolFeatures = f
-                updateConfigNotifier()
+                if mayDriveDevice { updateConfigNotifier() }
                 return false
             case .setOwner:
                 try expectSize(p, 0, fds, 0)
@@ -373,7 +525,7 @@ public final class VhostUserServer<Device: VhostUserDevice>: @unchecked Sendable
                 do {
                     let newMemory = try GuestMemory.map(table, limit: VhostUserWire.maxMemTableRegions)
                     memory = newMemory
-                    device.updateMemory(newMemory)
+                    if runsRings { device.updateMemory(newMemory) }
                     log(.info, "memory table: \(n) region(s)")
                 } catch {
                     throw RequestFailure(reason: "memory table: \(error)")
@@ -386,7 +538,7 @@ public final class VhostUserServer<Device: VhostUserDevice>: @unchecked Sendable
                     let mapped = try MappedGuestRegion(d, fd: fds[0], index: memory.regionCount)
                     let newMemory = try memory.adding(mapped, limit: VhostUserWire.maxMemSlots)
                     memory = newMemory
-                    device.updateMemory(newMemory)
+                    if runsRings { device.updateMemory(newMemory) }
                     log(.info, "memory region added: guest 0x\(String(d.guestPhysicalAddress, radix: 16)), \(d.size) bytes; \(newMemory.regionCount) region(s)")
                 } catch {
                     throw RequestFailure(reason: "add region: \(error)")
@@ -397,7 +549,7 @@ public final class VhostUserServer<Device: VhostUserDevice>: @unchecked Sendable
                 do {
                     let newMemory = try memory.removing(region(p, at: 8))
                     memory = newMemory
-                    device.updateMemory(newMemory)
+                    if runsRings { device.updateMemory(newMemory) }
                     log(.info, "memory region removed: \(newMemory.regionCount) region(s) left")
                 } catch {
                     throw RequestFailure(reason: "remove region: \(error)")
@@ -416,10 +568,17 @@ public final class VhostUserServer<Device: VhostUserDevice>: @unchecked Sendable
             case .setVringAddr:
                 try expectSize(p, 40, fds, 0)
                 let i = try ringIndex(p.readLE(UInt32.self, at: 0)!)
-                guard !rings[i].running else { throw RequestFailure(reason: "ring \(i) is running") }
-                rings[i].addresses = VirtqueueAddresses(descriptorTable: p.readLE(UInt64.self, at: 8)!,
-                                                        driverArea: p.readLE(UInt64.self, at: 24)!,
-                                                        deviceArea: p.readLE(UInt64.self, at: 16)!)
+                let flags = p.readLE(UInt32.self, at: 4)!
+                guard flags & ~vhostVringFlagLog == 0 else { throw RequestFailure(reason: "ring \(i): address flags \(flags)") }
+                let addresses = VirtqueueAddresses(descriptorTable: p.readLE(UInt64.self, at: 8)!,
+                                                   driverArea: p.readLE(UInt64.self, at: 24)!,
+                                                   deviceArea: p.readLE(UInt64.self, at: 16)!)
+                let logAddress: UInt64? = flags & vhostVringFlagLog != 0 ? p.readLE(UInt64.self, at: 32)! : nil
+                // A running ring may only switch used-ring logging (QEMU resends the same addresses for that).
+                guard !rings[i].running || rings[i].addresses == addresses else { throw RequestFailure(reason: "ring \(i) is running") }
+                rings[i].addresses = addresses
+                rings[i].logAddress = logAddress
+                if rings[i].running { device.setDirtyLog(i, activeLog, usedRingLogAddress: logAddress) }
                 return false
             case .setVringBase:
                 try expectSize(p, 8, fds, 0)
@@ -507,8 +666,13 @@ public final class VhostUserServer<Device: VhostUserDevice>: @unchecked Sendable
                 return false
             case .setBackendReqFD:
                 try expectSize(p, 0, fds, 1)
-                server.setBackendChannel(fds.removeFirst())
-                updateConfigNotifier()
+                let old = backendReqFD
+                backendReqFD = fds.removeFirst()
+                if mayDriveDevice {
+                    server.setBackendChannel(backendReqFD)
+                    updateConfigNotifier()
+                }
+                if old >= 0 { close(old) }
                 return false
             case .getInflightFD:
                 guard p.count == 24 || p.count == 20, fds.isEmpty else { throw RequestFailure(reason: "GET_INFLIGHT_FD size \(p.count)", hasOwnReply: true) }
@@ -549,7 +713,26 @@ public final class VhostUserServer<Device: VhostUserDevice>: @unchecked Sendable
                     throw RequestFailure(reason: "\(error)")
                 }
                 return false
-            case .setLogBase, .setLogFD, .sendRARP, .netSetMTU, .iotlbMessage, .setVringEndian, .setStatus, .getStatus:
+            case .setLogBase:
+                // Payload: mmap_size u64, mmap_offset u64; the log memfd in the ancillary data. The reply (same
+                // request, empty payload) tells the front-end the log is in use: QEMU waits for it.
+                try expectSize(p, 16, fds, 1, own: true)
+                let size = p.readLE(UInt64.self, at: 0)!
+                let offset = p.readLE(UInt64.self, at: 8)!
+                do {
+                    dirtyLog = try DirtyLog(fd: fds.removeFirst(), size: size, offset: offset)
+                } catch {
+                    throw RequestFailure(reason: "dirty log: \(error)", hasOwnReply: true)
+                }
+                log(.info, "dirty log: \(size) bytes (\(size * 8) pages of 4 KiB)\(activeLog != nil ? ", logging on" : "")")
+                applyDirtyLog()
+                send(request.rawValue, [])
+                return true
+            case .setLogFD:
+                // The log-call eventfd: this back-end marks the log synchronously and never signals it.
+                try expectSize(p, 0, fds, 1)
+                return false
+            case .sendRARP, .netSetMTU, .iotlbMessage, .setVringEndian, .setStatus, .getStatus:
                 throw RequestFailure(reason: "not supported")
             }
         }
@@ -596,6 +779,15 @@ public final class VhostUserServer<Device: VhostUserDevice>: @unchecked Sendable
                 }
                 if resubmitted > 0 { log(.info, "ring \(i): resubmitting \(resubmitted) in-flight request(s)") }
             }
+            ring.setDirtyLog(activeLog, usedRingLogAddress: r.logAddress)
+            if !runsRings {
+                // The first ring of this connection: the device now serves this front-end.
+                if server.sessions.count > 1 {
+                    server.handedOver()
+                    log(.info, "front-end #\(number) takes over the device (migration hand-over)")
+                }
+                becomeActive()
+            }
             let running = RunningQueue(index: i, ring: ring, kickFD: r.kickFD, callFD: r.callFD, enabled: r.enabled)
             rings[i].running = true
             device.startQueue(running)
@@ -626,17 +818,29 @@ public final class VhostUserServer<Device: VhostUserDevice>: @unchecked Sendable
             for i in rings.indices where rings[i].running { _ = stopRing(i) }
         }
 
-        func teardown() {
+        /// Stops this connection's rings and releases its resources; `last`: no other connection stays,
+        /// so the device's front-end is gone (the nexus is lost). A connection that hands over to (or leaves
+        /// behind) another one changes nothing the guest can see.
+        func teardown(last: Bool) {
             stopAllRings()
             for i in rings.indices {
                 for fd in [rings[i].kickFD, rings[i].callFD, rings[i].errFD] where fd >= 0 { close(fd) }
             }
             rings = []
-            device.setConfigChangeNotifier(nil)
-            server.setBackendChannel(-1)
-            device.connectionClosed()
+            if let message = pending {
+                for f in message.fds { close(f) }
+                pending = nil
+            }
+            server.releaseBackendChannel(backendReqFD)
+            if backendReqFD >= 0 { close(backendReqFD) }
+            backendReqFD = -1
+            if last {
+                device.setConfigChangeNotifier(nil)
+                device.connectionClosed()
+            }
             memory = GuestMemory()
             inflight = nil
+            dirtyLog = nil
         }
     }
 }

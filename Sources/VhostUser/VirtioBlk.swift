@@ -277,6 +277,9 @@ public final class VirtioBlkDevice<Channel: VhostChannel>: VhostUserDevice, @unc
     public func replaceCallFD(_ index: Int, with fd: Int32) -> Int32? { group(for: index).replaceCallFD(index, with: fd) }
     public func setQueueEnabled(_ index: Int, _ enabled: Bool) { group(for: index).setEnabled(index, enabled) }
     public func updateMemory(_ memory: GuestMemory) { for g in groups { g.updateMemory(memory) } }
+    public func setDirtyLog(_ index: Int, _ log: DirtyLog?, usedRingLogAddress: UInt64?) {
+        group(for: index).setDirtyLog(index, log, usedRingLogAddress: usedRingLogAddress)
+    }
     public func setConfigChangeNotifier(_ notify: (@Sendable () -> Void)?) { notifier.withLock { $0 = notify } }
     public func connectionClosed() {}
 }

@@ -270,6 +270,9 @@ public final class VirtioSCSIDevice<Channel: VhostChannel>: VhostUserDevice, @un
     public func replaceCallFD(_ index: Int, with fd: Int32) -> Int32? { group(for: index).replaceCallFD(index, with: fd) }
     public func setQueueEnabled(_ index: Int, _ enabled: Bool) { group(for: index).setEnabled(index, enabled) }
     public func updateMemory(_ memory: GuestMemory) { for g in groups { g.updateMemory(memory) } }
+    public func setDirtyLog(_ index: Int, _ log: DirtyLog?, usedRingLogAddress: UInt64?) {
+        group(for: index).setDirtyLog(index, log, usedRingLogAddress: usedRingLogAddress)
+    }
     public func setConfigChangeNotifier(_ notify: (@Sendable () -> Void)?) {}
     public func connectionClosed() {
         // The front-end's nexus is gone: its tasks ended with the rings; report I_T NEXUS LOSS next time.

@@ -148,6 +148,8 @@ public final class Virtqueue: @unchecked Sendable {
         busy.initialize(repeating: false, count: size)
         slotVectors = .allocate(capacity: size * self.segmentsPerSlot)
         slotVectors.initialize(repeating: iovec(iov_base: nil, iov_len: 0), count: size * self.segmentsPerSlot)
+        writtenVectors = .allocate(capacity: size)
+        writtenVectors.initialize(repeating: 0, count: size)
         if options.packed {
             availPosition = UInt16(base & 0x7FFF) % UInt16(size)
             availWrap = base & 0x8000 != 0
@@ -169,6 +171,7 @@ public final class Virtqueue: @unchecked Sendable {
     deinit {
         busy.deallocate()
         slotVectors.deallocate()
+        writtenVectors.deallocate()
     }
 
     private static func resolve(size: Int, options: VirtqueueOptions, addresses: VirtqueueAddresses,
@@ -321,7 +324,9 @@ public final class Virtqueue: @unchecked Sendable {
     /// Takes the next available request.
     public func pop() -> VirtqueuePopResult {
         if isBroken { return .broken }
-        return options.packed ? popPacked() : popSplit()
+        let result = options.packed ? popPacked() : popSplit()
+        recordWritable(result)
+        return result
     }
 
     private func popSplit() -> VirtqueuePopResult {
@@ -567,6 +572,7 @@ public final class Virtqueue: @unchecked Sendable {
         inFlight -= 1
         pushCount &+= 1
         if isBroken { return }
+        if let dirtyLog { logWritable(head, dirtyLog) }
         pendingUsed += 1
         if options.packed {
             let d = desc + 16 * Int(usedPosition)
@@ -596,6 +602,7 @@ public final class Virtqueue: @unchecked Sendable {
     public func flush() -> Bool {
         guard pendingUsed > 0, !isBroken else { return false }
         pendingUsed = 0
+        if let dirtyLog { logUsedRing(dirtyLog) }
         if options.packed {
             csys_fence_seq_cst()
             let offWrap = csys_load_relaxed_u16(driver)
@@ -663,5 +670,71 @@ public final class Virtqueue: @unchecked Sendable {
         }
         csys_fence_seq_cst()
         return hasAvailable
+    }
+
+    // MARK: Dirty logging (live migration)
+
+    /// The dirty-page log while the front-end migrates (nil otherwise: the data path then pays one
+    /// branch in `push` and one in `flush`). Set on the queue's loop thread with `setDirtyLog`.
+    private var dirtyLog: DirtyLog?
+    /// Guest physical address of the split used ring (vhost-user `log_guest_addr`), nil when the front-end
+    /// did not ask for used-ring logging (VHOST_VRING_F_LOG).
+    private var usedRingLogAddress: UInt64?
+    /// Per slot: device-readable iovec count (low 16 bits) and device-writable count (high 16 bits) of the
+    /// request in flight there, recorded at pop so that its writable buffers are known at push.
+    private let writtenVectors: UnsafeMutablePointer<UInt32>
+
+    /// Starts (`log` non-nil) or stops dirty logging. From then on every push marks the pages of the
+    /// request's device-writable buffers (data-in, status, response, sense: whatever the device may have
+    /// written) before the used entry is written, and every flush marks the used-ring entries and index it
+    /// publishes when `usedRingLogAddress` is set (split: the used ring at that guest address; packed: the
+    /// descriptor ring entries written back, at the descriptor table's guest address). Requests popped
+    /// before logging started are covered too (their buffers were recorded at pop).
+    public func setDirtyLog(_ log: DirtyLog?, usedRingLogAddress: UInt64?) {
+        dirtyLog = log
+        self.usedRingLogAddress = usedRingLogAddress
+    }
+
+    @inline(__always)
+    private func recordWritable(_ result: VirtqueuePopResult) {
+        switch result {
+        case let .chain(chain): writtenVectors[Int(chain.head)] = UInt32(chain.readableCount & 0xFFFF) | UInt32(chain.writableCount & 0xFFFF) << 16
+        case let .invalid(head, _, _): if Int(head) < size { writtenVectors[Int(head)] = 0 }
+        default: break
+        }
+    }
+
+    /// Marks the pages of request `head`'s device-writable buffers.
+    private func logWritable(_ head: UInt16, _ log: DirtyLog) {
+        let record = writtenVectors[Int(head)]
+        let first = Int(record & 0xFFFF)
+        let count = Int(record >> 16)
+        guard first + count <= segmentsPerSlot else { return }
+        let v = vectors(of: head) + first
+        for i in 0..<count {
+            guard let base = v[i].iov_base, let gpa = memory.guestPhysical(host: base) else { continue }
+            log.mark(guestPhysical: gpa, length: UInt64(v[i].iov_len))
+        }
+    }
+
+    /// Marks the used-ring entries published since the last flush, and the split used index.
+    private func logUsedRing(_ log: DirtyLog) {
+        guard let used = usedRingLogAddress else { return }
+        if options.packed {
+            guard let table = memory.guestPhysical(userAddress: addresses.descriptorTable) else { return }
+            let distance = (Int(usedPosition) - Int(lastSignalledUsed) + size) % size
+            markRing(log, base: table, entryBytes: 16, from: Int(lastSignalledUsed), count: distance == 0 ? size : distance)
+        } else {
+            log.mark(guestPhysical: used + 2, length: 2)
+            markRing(log, base: used + 4, entryBytes: 8, from: Int(lastSignalledUsed % UInt16(size)),
+                     count: min(size, Int(usedIndex &- lastSignalledUsed)))
+        }
+    }
+
+    /// Marks `count` ring entries from `from`, wrapping at the ring size.
+    private func markRing(_ log: DirtyLog, base: UInt64, entryBytes: Int, from: Int, count: Int) {
+        let head = min(count, size - from)
+        log.mark(guestPhysical: base + UInt64(from * entryBytes), length: UInt64(head * entryBytes))
+        if count > head { log.mark(guestPhysical: base, length: UInt64((count - head) * entryBytes)) }
     }
 }

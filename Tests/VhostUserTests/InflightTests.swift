@@ -137,7 +137,9 @@ extension InflightTests {
     /// Connects a front-end that negotiates packed rings and INFLIGHT_SHMFD, hands over `inflightFD`
     /// (GET_INFLIGHT_FD first when it is -1) and starts ring 0 with `base`. Returns the client, the
     /// in-flight fd and the ring's kick/call fds.
-    static func connectPacked(path: String, ram: TestGuestRAM, ring: TestPackedRing, base: UInt32, inflightFD: Int32) throws
+    /// `waitForRing`: false sends the ring start without asking for replies (a start the server holds).
+    static func connectPacked(path: String, ram: TestGuestRAM, ring: TestPackedRing, base: UInt32, inflightFD: Int32,
+                              waitForRing: Bool = true) throws
         -> (client: TestFrontEnd, inflightFD: Int32, kick: Int32, call: Int32) {
         let c = try #require(TestFrontEnd(path: path))
         let features = VirtioFeature.version1 | VirtioFeature.ringPacked | vhostUserFeatureProtocolFeatures
@@ -184,8 +186,13 @@ extension InflightTests {
         let kick = csys_eventfd(0, 1)
         let call = csys_eventfd(0, 1)
         c.send(.setVringCall, TestFrontEnd.u64(0), fds: [call])
-        #expect(c.ack(.setVringKick, TestFrontEnd.u64(0), fds: [kick]) == 0)
-        #expect(c.ack(.setVringEnable, TestFrontEnd.state(0, 1)) == 0)
+        if waitForRing {
+            #expect(c.ack(.setVringKick, TestFrontEnd.u64(0), fds: [kick]) == 0)
+            #expect(c.ack(.setVringEnable, TestFrontEnd.state(0, 1)) == 0)
+        } else {
+            c.send(.setVringKick, TestFrontEnd.u64(0), fds: [kick])
+            c.send(.setVringEnable, TestFrontEnd.state(0, 1))
+        }
         return (c, fd, kick, call)
     }
 

@@ -346,7 +346,9 @@ final class TestFrontEnd {
     static func state(_ index: UInt32, _ num: UInt32) -> [UInt8] { var p = [UInt8](); p.appendLE(index); p.appendLE(num); return p }
 
     /// Negotiates features, memory and ring 0...n-1 as QEMU does. Returns the kick and call eventfds.
-    func setUp(ram: TestGuestRAM, rings: [TestSplitRing], features: UInt64, protocolFeatures: UInt64) -> [(kick: Int32, call: Int32)] {
+    /// `waitForRings`: false sends the ring starts without asking for replies (a start the server holds).
+    func setUp(ram: TestGuestRAM, rings: [TestSplitRing], features: UInt64, protocolFeatures: UInt64,
+               waitForRings: Bool = true) -> [(kick: Int32, call: Int32)] {
         let offered = getU64(.getFeatures) ?? 0
         #expect(offered & features == features)
         send(.setFeatures, Self.u64(features))
@@ -375,8 +377,13 @@ final class TestFrontEnd {
             let kick = csys_eventfd(0, 1)
             let call = csys_eventfd(0, 1)
             send(.setVringCall, Self.u64(UInt64(i)), fds: [call])
-            #expect(ack(.setVringKick, Self.u64(UInt64(i)), fds: [kick]) == 0)
-            #expect(ack(.setVringEnable, Self.state(idx, 1)) == 0)
+            if waitForRings {
+                #expect(ack(.setVringKick, Self.u64(UInt64(i)), fds: [kick]) == 0)
+                #expect(ack(.setVringEnable, Self.state(idx, 1)) == 0)
+            } else {
+                send(.setVringKick, Self.u64(UInt64(i)), fds: [kick])
+                send(.setVringEnable, Self.state(idx, 1))
+            }
             result.append((kick, call))
         }
         return result
@@ -455,5 +462,25 @@ extension TestGuestRAM {
             buffers.append(.init(gpa: dataIn, length: UInt32(inLength), writable: true))
         }
         return TestSCSIRequest(buffers: buffers, response: response, dataIn: dataIn)
+    }
+}
+
+extension TestGuestRAM {
+    /// The device-readable part of a virtio-blk request in guest RAM: the 16-byte header (type, sector) and,
+    /// when `out` is not empty, the data-out buffer (each allocated at `align`).
+    func blkRequestOut(type: UInt32, sector: UInt64, out: [UInt8] = [], align: Int = 64) -> [TestSplitRing.Buffer] {
+        let header = alloc(16, align: align)
+        var h = [UInt8]()
+        h.appendLE(type)
+        h.appendLE(UInt32(0))
+        h.appendLE(sector)
+        write(h, at: header)
+        var buffers = [TestSplitRing.Buffer(gpa: header, length: 16, writable: false)]
+        if !out.isEmpty {
+            let d = alloc(out.count, align: align)
+            write(out, at: d)
+            buffers.append(.init(gpa: d, length: UInt32(out.count), writable: false))
+        }
+        return buffers
     }
 }

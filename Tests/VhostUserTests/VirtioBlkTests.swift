@@ -22,7 +22,7 @@ final class BlkFixture: @unchecked Sendable {
 
     init(features: UInt64 = VirtioFeature.version1 | VirtioFeature.ringIndirectDescriptors | vhostUserFeatureProtocolFeatures,
          queueSize: Int = 16, readOnly: Bool = false, drainTimeoutMilliseconds: Int32 = 30_000,
-         watchdogMilliseconds: Int = 1000) throws {
+         watchdogMilliseconds: Int = 1000, extraProtocolFeatures: UInt64 = 0) throws {
         ring = TestSplitRing(ram: ram, size: queueSize)
         let geometry = BlockGeometry(logicalBlockSize: 512, physicalBlockSize: 4096, blockCount: 2048, readOnly: readOnly)
         let ch = channel
@@ -35,7 +35,7 @@ final class BlkFixture: @unchecked Sendable {
         client = TestFrontEnd(path: path)
         let fds = client.setUp(ram: ram, rings: [ring], features: features,
                                protocolFeatures: VhostUserProtocolFeature.replyAck | VhostUserProtocolFeature.multiQueue
-                                   | VhostUserProtocolFeature.config)
+                                   | VhostUserProtocolFeature.config | extraProtocolFeatures)
         kick = fds[0].kick
         call = fds[0].call
     }
@@ -50,18 +50,7 @@ final class BlkFixture: @unchecked Sendable {
 
     /// Submits a request and waits for its used entry; returns (status, used length) or nil on timeout.
     func request(type: UInt32, sector: UInt64, out: [UInt8] = [], inLength: Int = 0, indirect: Bool = false) -> (UInt8, UInt32)? {
-        let hdr = ram.alloc(16)
-        var h = [UInt8]()
-        h.appendLE(type)
-        h.appendLE(UInt32(0))
-        h.appendLE(sector)
-        ram.write(h, at: hdr)
-        var buffers = [TestSplitRing.Buffer(gpa: hdr, length: 16, writable: false)]
-        if !out.isEmpty {
-            let d = ram.alloc(out.count)
-            ram.write(out, at: d)
-            buffers.append(.init(gpa: d, length: UInt32(out.count), writable: false))
-        }
+        var buffers = ram.blkRequestOut(type: type, sector: sector, out: out)
         if inLength > 0 {
             lastIn = ram.alloc(inLength)
             buffers.append(.init(gpa: lastIn, length: UInt32(inLength), writable: true))

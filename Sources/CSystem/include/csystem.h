@@ -75,6 +75,8 @@ static inline void csys_store_release_u16(void *p, uint16_t v) { __atomic_store_
 static inline void csys_store_relaxed_u16(void *p, uint16_t v) { __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELAXED); }
 static inline void csys_fence_acquire(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
 static inline void csys_fence_release(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
+/* Atomic fetch-or of one byte (dirty-page log bitmaps shared with a VMM that clears them concurrently). */
+static inline void csys_atomic_or_u8(void *p, uint8_t v) { __atomic_fetch_or((uint8_t *)p, v, __ATOMIC_SEQ_CST); }
 
 /* Size of the object behind an fd (fstat st_size), or -errno. */
 int64_t csys_fd_size(int fd);
