@@ -148,12 +148,12 @@ public final class Gateway: @unchecked Sendable {
     let changeLock = Mutex<Void>(())
 
     /// Creates a gateway (nothing is opened until `start`).
-    public init(config: GatewayConfig, logger: Logger, backendOpener: any BackendOpener = StandardBackendOpener(),
+    public init(config: GatewayConfig, logger: Logger, backendOpener: (any BackendOpener)? = nil,
                 frontEnds: FrontEndRegistry = .standard, activation: SocketActivation = .none,
                 notifier: ServiceNotifier = .disabled) {
         self.config = config
         self.logger = logger
-        self.opener = backendOpener
+        self.opener = backendOpener ?? StandardBackendOpener(logger: logger)
         self.frontEndRegistry = frontEnds
         self.activation = activation
         self.notifier = notifier
