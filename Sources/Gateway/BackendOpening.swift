@@ -108,13 +108,12 @@ public struct StandardBackendOpener: BackendOpener {
 extension Logger {
     /// Bridges the iSCSI back-end's log lines to swift-log (the gateway's one line format).
     func iscsiSink() -> ISCSILogSink {
-        let logger = self
-        return { level, text in
+        bridge { (level: ISCSILogLevel) -> Logger.Level in
             switch level {
-            case .debug: logger.debug("\(text)")
-            case .info: logger.info("\(text)")
-            case .warning: logger.warning("\(text)")
-            case .error: logger.error("\(text)")
+            case .debug: .debug
+            case .info: .info
+            case .warning: .warning
+            case .error: .error
             }
         }
     }

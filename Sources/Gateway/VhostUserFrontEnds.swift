@@ -8,15 +8,21 @@ import VhostUser
 extension AnyBlockChannel: VhostChannel {}
 
 extension Logger {
+    /// Bridges a module's `(level, text)` log calls to swift-log, so every line has the gateway's one format;
+    /// `level` maps the module's levels.
+    func bridge<Level>(_ level: @escaping @Sendable (Level) -> Logger.Level) -> @Sendable (Level, String) -> Void {
+        let logger = self
+        return { l, text in logger.log(level: level(l), "\(text)") }
+    }
+
     /// Bridges the vhost-user module's log calls to swift-log.
     func vhostUserSink() -> VhostUserLogger {
-        let logger = self
-        return { level, text in
+        bridge { (level: VhostUserLogLevel) -> Logger.Level in
             switch level {
-            case .debug: logger.debug("\(text)")
-            case .info: logger.info("\(text)")
-            case .warning: logger.warning("\(text)")
-            case .error: logger.error("\(text)")
+            case .debug: .debug
+            case .info: .info
+            case .warning: .warning
+            case .error: .error
             }
         }
     }

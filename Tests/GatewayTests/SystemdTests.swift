@@ -1,6 +1,7 @@
 import CSystem
 import Foundation
 import Glibc
+import Logging
 import Testing
 @testable import Gateway
 
@@ -195,6 +196,22 @@ struct SystemdTests {
         #expect(throws: GatewayError.self) {
             try SocketActivation.fromEnvironment(["LISTEN_PID": "2", "LISTEN_FDS": "x"], pid: 2, unsetEnvironment: false)
         }
+    }
+
+    // MARK: one log format
+
+    @Test("the iSCSI back-end's lines go through the gateway's logger (its level, the LUN's metadata)")
+    func iscsiLinesUseTheGatewayLogger() {
+        let store = RecordingLogHandler.Store()
+        var logger = Logger(label: "scsigate", factory: { _ in RecordingLogHandler(store: store) })
+        logger[metadataKey: "controller"] = "scsi0"
+        let sink = logger.iscsiSink()
+        sink(.warning, "connection lost; reconnecting")
+        sink(.error, "login failed")
+        let records = store.records.withLock { $0 }
+        #expect(records.map(\.level) == [.warning, .error])
+        #expect(records.first?.message == "connection lost; reconnecting")
+        #expect(records.first?.metadata["controller"] == "scsi0")
     }
 
     // MARK: the executable under systemd
