@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every ScsiGate test on this machine:
-#   1. installs missing Debian packages (libaio-dev, libiscsi-dev, pkg-config),
+#   1. installs missing Debian packages (libaio-dev, libiscsi-dev, pkg-config; systemd for systemd-socket-activate),
 #   2. swift build of every target and test target; any compiler warning fails the run,
 #   3. swift test: all unit and protocol tests (XCTest, then Swift Testing with its summary),
 #   4. the real-client suites (QEMU guests, tgtd) through Deploy/guest/ci.sh when it exists.
@@ -10,6 +10,8 @@ cd "$(dirname "$0")/.."
 source Deploy/common.sh
 
 sg_install_packages "${SG_BUILD_PACKAGES[@]}"
+# systemd-socket-activate (Debian package systemd) for the socket-activation test of the executable.
+sg_install_packages systemd
 sg_require_swift
 
 logs=$(mktemp -d)

@@ -18,6 +18,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/sysmacros.h>
+#include <stddef.h>
 
 int csys_eventfd(unsigned int initval, int nonblock) {
     return eventfd(initval, EFD_CLOEXEC | (nonblock ? EFD_NONBLOCK : 0));
@@ -201,6 +202,55 @@ int csys_unix_listen(const char *path, int backlog) {
         return -e;
     }
     return fd;
+}
+
+int csys_notify_send(const char *socket_path, const char *message, size_t length) {
+    struct sockaddr_un addr;
+    memset(&addr, 0, sizeof addr);
+    addr.sun_family = AF_UNIX;
+    size_t n = strlen(socket_path);
+    if (n == 0 || (socket_path[0] != '/' && socket_path[0] != '@')) return -EINVAL;
+    if (n >= sizeof addr.sun_path) return -ENAMETOOLONG;
+    memcpy(addr.sun_path, socket_path, n);
+    /* Abstract namespace: a leading NUL, and the address length counts exactly the name's bytes. */
+    if (addr.sun_path[0] == '@') addr.sun_path[0] = 0;
+    socklen_t len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n + (socket_path[0] == '@' ? 0 : 1));
+    int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -errno;
+    ssize_t sent;
+    do {
+        sent = sendto(fd, message, length, MSG_NOSIGNAL, (struct sockaddr *)&addr, len);
+    } while (sent < 0 && errno == EINTR);
+    int e = sent < 0 ? errno : 0;
+    close(fd);
+    if (e) return -e;
+    return (size_t)sent == length ? 0 : -EMSGSIZE;
+}
+
+int csys_unix_socket_info(int fd, char *path, size_t capacity, int *listening) {
+    int domain = 0, type = 0, accepting = 0;
+    socklen_t optlen = sizeof domain;
+    if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &optlen) < 0) return -errno;
+    optlen = sizeof type;
+    if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &optlen) < 0) return -errno;
+    if (domain != AF_UNIX || type != SOCK_STREAM) return -ENOTSOCK;
+    optlen = sizeof accepting;
+    if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &accepting, &optlen) < 0) return -errno;
+    *listening = accepting ? 1 : 0;
+    struct sockaddr_un addr;
+    memset(&addr, 0, sizeof addr);
+    socklen_t alen = sizeof addr;
+    if (getsockname(fd, (struct sockaddr *)&addr, &alen) < 0) return -errno;
+    if (capacity == 0) return -EINVAL;
+    path[0] = 0;
+    size_t name = alen > offsetof(struct sockaddr_un, sun_path) ? alen - offsetof(struct sockaddr_un, sun_path) : 0;
+    if (name > 0 && addr.sun_path[0] != 0) {
+        size_t len = strnlen(addr.sun_path, name);
+        if (len >= capacity) return -ENAMETOOLONG;
+        memcpy(path, addr.sun_path, len);
+        path[len] = 0;
+    }
+    return 0;
 }
 
 int csys_unix_connect(const char *path) {

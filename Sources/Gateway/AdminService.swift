@@ -19,6 +19,7 @@ import Logging
 /// | `lun.set_limits` | `controller`, `target`?, `lun`?, QoS keys of the config file (left out: unchanged) | the LUN |
 /// | `stats.get` | `controller`? | per-LUN and per-queue counters |
 /// | `config.save` | `path`? | path, luns |
+/// | `config.reload` | – | path, changes |
 public final class AdminService: Sendable {
     /// The gateway being administered.
     public let gateway: Gateway
@@ -50,6 +51,10 @@ public final class AdminService: Sendable {
             },
             "stats.get": { [self] p, _ throws(RPCError) in try stats(p) },
             "config.save": { [self] p, peer throws(RPCError) in try audited("config.save", p, peer) { () throws(RPCError) in try saveConfig(p, peer: peer) } },
+            // Reload takes the gateway's change lock itself (SIGHUP reloads from the main thread).
+            "config.reload": { [self] p, peer throws(RPCError) in
+                try audited("config.reload", p, peer, locking: false) { () throws(RPCError) in try reloadConfig(p, peer: peer) }
+            },
         ])
     }
 
@@ -114,9 +119,7 @@ public final class AdminService: Sendable {
         if let offline = gateway.lunStatuses(controller: name).first(where: {
             !$0.online && $0.config.target == target && $0.config.lun == lun
         }) {
-            gateway.offlineState.withLock { list in
-                list.removeAll { $0.controller == name && $0.lun.target == target && $0.lun.lun == lun }
-            }
+            gateway.forgetOfflineLUN(controller: name, target: target, lun: lun)
             gateway.logAdmin("lun removed", runtime: runtime, offline.config, peerMetadata(peer))
             return .object(["removed": Self.json(offline), "drained": .bool(true), "in_flight": .number(0)])
         }
@@ -209,13 +212,21 @@ public final class AdminService: Sendable {
         return .object(["path": .string(path), "luns": .number(count)])
     }
 
+    func reloadConfig(_ params: RPCParams, peer: ControlPeer) throws(RPCError) -> JSONValue {
+        try params.allowOnly([])
+        let report = try admin { () throws(AdminError) in try gateway.reload(logMetadata: peerMetadata(peer)) }
+        return .object(["path": .string(report.path), "changes": .array(report.changes.map(JSONValue.string))])
+    }
+
     // MARK: - Helpers
 
-    /// Runs a changing method; a refusal is logged (warning) with the method, code and client.
-    private func audited(_ method: String, _ params: RPCParams, _ peer: ControlPeer,
+    /// Runs a changing method under the gateway's change lock (unless `locking` is false: the method
+    /// takes it itself); a refusal is logged (warning) with the method, code and client.
+    private func audited(_ method: String, _ params: RPCParams, _ peer: ControlPeer, locking: Bool = true,
                          _ body: () throws(RPCError) -> JSONValue) throws(RPCError) -> JSONValue {
         do throws(RPCError) {
-            return try body()
+            if !locking { return try body() }
+            return try gateway.changeLock.withLock { _ throws(RPCError) in try body() }
         } catch {
             var metadata = peerMetadata(peer)
             metadata["method"] = .string(method)

@@ -1,6 +1,7 @@
 import Backends
 import BlockIO
 import ISCSIBackend
+import Logging
 import SCSI
 
 /// An open back-end together with the LUN entry it serves.
@@ -63,8 +64,11 @@ public protocol BackendOpener: Sendable {
 
 /// The back-ends built into this binary (Backends module: file, block, null).
 public struct StandardBackendOpener: BackendOpener {
-    /// Creates the opener.
-    public init() {}
+    /// Where the iSCSI back-end's own lines go (the gateway's logger: one format for every line).
+    public var logger: Logger
+
+    /// Creates the opener; `logger` receives the iSCSI back-end's log lines.
+    public init(logger: Logger = Logger(label: "scsigate")) { self.logger = logger }
 
     /// The `BackendSpec` for a file, block or null LUN (nil for iSCSI).
     public static func spec(for lun: LUNConfig, on controller: ControllerConfig) -> BackendSpec? {
@@ -87,7 +91,11 @@ public struct StandardBackendOpener: BackendOpener {
     public func open(_ lun: LUNConfig, on controller: ControllerConfig) throws(BackendOpeningError) -> OpenedBackend {
         let name = "controller \(controller.name) target \(lun.target) lun \(lun.lun)"
         guard let spec = Self.spec(for: lun, on: controller) else {
-            return try Self.openISCSI(lun, name: name, queueDepth: controller.transport == .pvscsi ? 1024 : controller.queueSize)
+            var logger = self.logger
+            logger[metadataKey: "controller"] = .string(controller.name)
+            logger[metadataKey: "lun"] = .string("\(lun.target)/\(lun.lun)")
+            return try Self.openISCSI(lun, name: name, queueDepth: controller.transport == .pvscsi ? 1024 : controller.queueSize,
+                                      log: logger.iscsiSink())
         }
         do {
             return OpenedBackend(backend: try AnyBlockBackend.open(spec))
@@ -97,11 +105,25 @@ public struct StandardBackendOpener: BackendOpener {
     }
 }
 
+extension Logger {
+    /// Bridges the iSCSI back-end's log lines to swift-log (the gateway's one line format).
+    func iscsiSink() -> ISCSILogSink {
+        bridge { (level: ISCSILogLevel) -> Logger.Level in
+            switch level {
+            case .debug: .debug
+            case .info: .info
+            case .warning: .warning
+            case .error: .error
+            }
+        }
+    }
+}
+
 extension StandardBackendOpener {
     /// Opens an iSCSI LUN: validates its settings (each error names its key), then logs in once to read
     /// the remote geometry. An unreachable target is reported with `mayStartWithout`, so the gateway
     /// starts the other LUNs and retries this one.
-    static func openISCSI(_ lun: LUNConfig, name: String, queueDepth: Int) throws(BackendOpeningError) -> OpenedBackend {
+    static func openISCSI(_ lun: LUNConfig, name: String, queueDepth: Int, log: ISCSILogSink? = nil) throws(BackendOpeningError) -> OpenedBackend {
         guard let settings = lun.iscsi else {
             throw BackendOpeningError(lun: name, reason: "key 'url': an iscsi LUN needs a url")
         }
@@ -119,7 +141,7 @@ extension StandardBackendOpener {
                 timeoutSeconds: settings.timeoutSeconds,
                 reconnectBackoff: ISCSIReconnectBackoff(initialMilliseconds: UInt32(clamping: settings.reconnectMinMilliseconds),
                                                         maximumMilliseconds: UInt32(clamping: settings.reconnectMaxMilliseconds)),
-                queueDepth: min(max(queueDepth, 1), 1024))
+                queueDepth: min(max(queueDepth, 1), 1024), log: log)
         } catch {
             throw BackendOpeningError(lun: name, reason: "key '\(error.key)': \(error.message)")
         }

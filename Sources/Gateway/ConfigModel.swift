@@ -36,15 +36,22 @@ public struct GatewaySettings: Sendable, Equatable {
     public var logLevel: LogLevel
     /// Optional `host:port` for the Prometheus text endpoint.
     public var statsListen: ListenAddress?
+    /// Default permission bits of controller sockets (a controller's `socket_mode` overrides it). Default 0o600.
+    public var socketMode: UInt32
+    /// Default group of controller sockets (a controller's `socket_group` overrides it); nil: the gateway's group.
+    public var socketGroup: String?
 
     /// Creates settings.
     public init(stateDirectory: String = GatewaySettings.defaultStateDirectory,
                 controlSocket: String = GatewaySettings.defaultControlSocket,
-                logLevel: LogLevel = .info, statsListen: ListenAddress? = nil) {
+                logLevel: LogLevel = .info, statsListen: ListenAddress? = nil,
+                socketMode: UInt32 = 0o600, socketGroup: String? = nil) {
         self.stateDirectory = stateDirectory
         self.controlSocket = controlSocket
         self.logLevel = logLevel
         self.statsListen = statsListen
+        self.socketMode = socketMode
+        self.socketGroup = socketGroup
     }
 
     /// Default state directory.
@@ -134,8 +141,11 @@ public struct ControllerConfig: Sendable, Equatable {
     public var transport: TransportKind
     /// Absolute path of the listening UNIX socket the VMM connects to.
     public var socket: String
-    /// Permission bits of the socket (default 0o600).
+    /// Permission bits of the socket (default: `[gateway] socket_mode`, 0o600).
     public var socketMode: UInt32
+    /// Group the socket is given (`chown`), so a VMM running as another user in that group can connect
+    /// (e.g. "libvirt-qemu" or "kvm" with `socket_mode = "0660"`); nil: the gateway's own group.
+    public var socketGroup: String?
     /// Request queues (vhost-user transports; 1 for pvscsi, which has one request ring).
     public var queues: Int
     /// Virtqueue size, a power of two (vhost-user transports).
@@ -160,13 +170,14 @@ public struct ControllerConfig: Sendable, Equatable {
 
     /// Creates a controller with defaults for the optional settings.
     public init(name: String, transport: TransportKind, socket: String, socketMode: UInt32 = 0o600,
-                queues: Int = 1, queueSize: Int = 128, pollMicroseconds: Int = 50, hotplug: Bool = true,
+                socketGroup: String? = nil, queues: Int = 1, queueSize: Int = 128, pollMicroseconds: Int = 50, hotplug: Bool = true,
                 segmentMax: Int? = nil, discard: Bool = true, writeZeroes: Bool = true, ioThreads: Int = 1,
                 maxTargets: Int = 16, luns: [LUNConfig] = []) {
         self.name = name
         self.transport = transport
         self.socket = socket
         self.socketMode = socketMode
+        self.socketGroup = socketGroup
         self.queues = queues
         self.queueSize = queueSize
         self.pollMicroseconds = pollMicroseconds

@@ -13,8 +13,8 @@ struct ConfigValidator {
     }
 
     static let rootKeys = ["gateway", "controller"]
-    static let gatewayKeys = ["state_dir", "control_socket", "log_level", "stats_listen"]
-    static let controllerKeys = ["name", "transport", "socket", "socket_mode", "queues", "queue_size", "poll_us",
+    static let gatewayKeys = ["state_dir", "control_socket", "log_level", "stats_listen", "socket_mode", "socket_group"]
+    static let controllerKeys = ["name", "transport", "socket", "socket_mode", "socket_group", "queues", "queue_size", "poll_us",
                                  "hotplug", "seg_max", "discard", "write_zeroes", "io_threads", "max_targets", "lun"]
     static let lunKeys = ["target", "lun", "backend", "path", "url", "size", "block_size", "physical_block_size", "read_only", "cache",
                           "create", "serial", "wwn", "vendor", "product", "revision", "initiator_name", "chap_user",
@@ -75,6 +75,8 @@ struct ConfigValidator {
             case let .failure(error): validation.fail(reader.keyPath("stats_listen"), error.message)
             }
         }
+        if reader.has("socket_mode") { settings.socketMode = parseSocketMode(reader) ?? settings.socketMode }
+        if reader.has("socket_group") { settings.socketGroup = parseSocketGroup(reader) }
         return settings
     }
 
@@ -98,8 +100,10 @@ struct ConfigValidator {
             let resolved = Self.resolve(socketText, against: runtimeDirectory)
             if checkSocketPath(resolved, at: reader.keyPath("socket")) { socket = resolved }
         }
-        var socketMode: UInt32 = 0o600
+        var socketMode = settings.socketMode
         if reader.has("socket_mode") { socketMode = parseSocketMode(reader) ?? socketMode }
+        var socketGroup = settings.socketGroup
+        if reader.has("socket_group") { socketGroup = parseSocketGroup(reader) }
         let pollMicroseconds = reader.int("poll_us", range: 0...100_000) ?? 50
 
         var queues = 1
@@ -167,7 +171,7 @@ struct ConfigValidator {
 
         guard let name, let transport, let socket else { return nil }
         let config = ControllerConfig(name: name, transport: transport, socket: socket, socketMode: socketMode,
-                                queues: queues, queueSize: queueSize, pollMicroseconds: pollMicroseconds,
+                                socketGroup: socketGroup, queues: queues, queueSize: queueSize, pollMicroseconds: pollMicroseconds,
                                 hotplug: hotplug, segmentMax: segmentMax, discard: discard, writeZeroes: writeZeroes,
                                 ioThreads: ioThreads, maxTargets: maxTargets, luns: luns)
         return ParsedController(config: config, path: reader.path, lunPaths: lunPaths)
@@ -186,6 +190,17 @@ struct ConfigValidator {
             return nil
         }
         return value
+    }
+
+    /// `socket_group`: the name of a group that exists on this machine (checked here, so `check-config`
+    /// and `serve` report a typo before QEMU fails to connect).
+    private func parseSocketGroup(_ reader: TableReader) -> String? {
+        guard let name = reader.nonEmptyString("socket_group") else { return nil }
+        guard SocketOwnership.groupID(named: name) != nil else {
+            validation.fail(reader.keyPath("socket_group"), "group '\(name)' does not exist on this machine")
+            return nil
+        }
+        return name
     }
 
     // MARK: - [[controller.lun]]

@@ -1,3 +1,5 @@
+import Foundation
+
 /// Renders a configuration back to TOML that `ConfigLoader` reads to the same value (for
 /// `scsigate config save` and tests). Every key is written explicitly, paths absolute.
 public enum ConfigWriter {
@@ -5,34 +7,12 @@ public enum ConfigWriter {
     public static func render(_ config: GatewayConfig, header: [String] = []) -> String {
         var out: [String] = header.map { "# " + $0 }
         if !out.isEmpty { out.append("") }
-        let s = config.settings
         out.append("[gateway]")
-        out.append("state_dir = \(quote(s.stateDirectory))")
-        out.append("control_socket = \(quote(s.controlSocket))")
-        out.append("log_level = \(quote(s.logLevel.rawValue))")
-        if let listen = s.statsListen { out.append("stats_listen = \(quote(listen.description))") }
+        out += gatewayLines(config.settings)
         for c in config.controllers {
             out.append("")
             out.append("[[controller]]")
-            out.append("name = \(quote(c.name))")
-            out.append("transport = \(quote(c.transport.rawValue))")
-            out.append("socket = \(quote(c.socket))")
-            out.append("socket_mode = \(quote("0" + String(c.socketMode, radix: 8)))")
-            out.append("poll_us = \(c.pollMicroseconds)")
-            if c.transport != .pvscsi {
-                out.append("queues = \(c.queues)")
-                out.append("queue_size = \(c.queueSize)")
-                out.append("seg_max = \(c.segmentMax)")
-                out.append("io_threads = \(c.ioThreads)")
-            } else {
-                out.append("max_targets = \(c.maxTargets)")
-            }
-            if c.transport.isSCSI {
-                out.append("hotplug = \(c.hotplug)")
-            } else {
-                out.append("discard = \(c.discard)")
-                out.append("write_zeroes = \(c.writeZeroes)")
-            }
+            out += controllerLines(c)
             for lun in c.luns {
                 out.append("")
                 out.append("[[controller.lun]]")
@@ -40,6 +20,57 @@ public enum ConfigWriter {
             }
         }
         return out.joined(separator: "\n") + "\n"
+    }
+
+    /// The key lines of the `[gateway]` table.
+    static func gatewayLines(_ s: GatewaySettings) -> [String] {
+        var out = ["state_dir = \(quote(s.stateDirectory))", "control_socket = \(quote(s.controlSocket))",
+                   "log_level = \(quote(s.logLevel.rawValue))"]
+        if let listen = s.statsListen { out.append("stats_listen = \(quote(listen.description))") }
+        out.append("socket_mode = \(quote("0" + String(s.socketMode, radix: 8)))")
+        if let group = s.socketGroup { out.append("socket_group = \(quote(group))") }
+        return out
+    }
+
+    /// The key lines of one `[[controller]]` table, without its LUNs.
+    static func controllerLines(_ c: ControllerConfig) -> [String] {
+        var out = ["name = \(quote(c.name))", "transport = \(quote(c.transport.rawValue))", "socket = \(quote(c.socket))",
+                   "socket_mode = \(quote("0" + String(c.socketMode, radix: 8)))"]
+        if let group = c.socketGroup { out.append("socket_group = \(quote(group))") }
+        out.append("poll_us = \(c.pollMicroseconds)")
+        if c.transport != .pvscsi {
+            out.append("queues = \(c.queues)")
+            out.append("queue_size = \(c.queueSize)")
+            out.append("seg_max = \(c.segmentMax)")
+            out.append("io_threads = \(c.ioThreads)")
+        } else {
+            out.append("max_targets = \(c.maxTargets)")
+        }
+        if c.transport.isSCSI {
+            out.append("hotplug = \(c.hotplug)")
+        } else {
+            out.append("discard = \(c.discard)")
+            out.append("write_zeroes = \(c.writeZeroes)")
+        }
+        return out
+    }
+
+    /// The keys whose `key = value` lines differ between two renderings (a key present in one only
+    /// counts), in the order they first appear: how reload names what changed, including keys this
+    /// code does not know by name.
+    static func changedKeys(_ old: [String], _ new: [String]) -> [String] {
+        func keyed(_ lines: [String]) -> [(String, String)] {
+            lines.map { line in
+                let key = line.split(separator: "=", maxSplits: 1).first.map { $0.trimmingCharacters(in: .whitespaces) } ?? line
+                return (key, line)
+            }
+        }
+        let a = keyed(old), b = keyed(new)
+        let oldByKey = Dictionary(a, uniquingKeysWith: { first, _ in first })
+        let newByKey = Dictionary(b, uniquingKeysWith: { first, _ in first })
+        var keys: [String] = []
+        for (key, _) in a + b where oldByKey[key] != newByKey[key] && !keys.contains(key) { keys.append(key) }
+        return keys
     }
 
     /// The key lines of one LUN entry.

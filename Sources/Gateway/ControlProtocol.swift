@@ -165,6 +165,8 @@ public enum ControlErrorCode {
     public static let unsupported = 1008
     /// `config.save` could not write the file.
     public static let saveFailed = 1009
+    /// `config.reload` refused: the file is invalid or asks for a change that cannot be made live.
+    public static let reloadRefused = 1010
 }
 
 /// A JSON-RPC error: code, one-line message and optional data (e.g. `{"field": "size"}`).

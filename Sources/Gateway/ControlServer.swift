@@ -48,25 +48,33 @@ public final class ControlServer: @unchecked Sendable {
     /// Largest accepted request line.
     public static let maximumRequestBytes = 256 * 1024
     private let server: PollingSocketServer
-    private let identity: (dev: UInt64, ino: UInt64)
+    /// The socket file this server created (nil for a socket handed over by systemd, never unlinked).
+    private let identity: (dev: UInt64, ino: UInt64)?
 
     /// Binds `path` (replacing a stale socket file left by a dead gateway, refusing when a gateway
-    /// still answers there or the path is not a socket) and starts serving `service`.
-    public init(path: String, service: AdminService) throws(SocketServerError) {
+    /// still answers there or the path is not a socket) and starts serving `service`. With
+    /// `listeningFD` (handed over by systemd socket activation) it serves that socket instead.
+    public init(path: String, service: AdminService, listeningFD: Int32? = nil) throws(SocketServerError) {
         self.path = path
-        let fd = try Self.bindListening(path: path)
-        var st = stat()
-        guard stat(path, &st) == 0 else {
-            close(fd)
-            throw SocketServerError("control socket \(path): stat failed: \(errnoText(errno))")
+        let fd: Int32
+        if let listeningFD {
+            fd = listeningFD
+            identity = nil
+        } else {
+            fd = try Self.bindListening(path: path)
+            var st = stat()
+            guard stat(path, &st) == 0 else {
+                close(fd)
+                throw SocketServerError("control socket \(path): stat failed: \(errnoText(errno))")
+            }
+            identity = (UInt64(st.st_dev), UInt64(st.st_ino))
         }
-        identity = (UInt64(st.st_dev), UInt64(st.st_ino))
         let handler = JSONLineHandler(dispatcher: service.dispatcher, maximumRequestBytes: Self.maximumRequestBytes)
         do throws(SocketServerError) {
             server = try PollingSocketServer(listenFD: fd, handler: handler, name: "scsigate-control")
         } catch {
             close(fd)
-            unlink(path)
+            if identity != nil { unlink(path) }
             throw error
         }
         server.start()
@@ -76,7 +84,7 @@ public final class ControlServer: @unchecked Sendable {
     public func stop() {
         server.stop()
         var st = stat()
-        if stat(path, &st) == 0, UInt64(st.st_dev) == identity.dev, UInt64(st.st_ino) == identity.ino {
+        if let identity, stat(path, &st) == 0, UInt64(st.st_dev) == identity.dev, UInt64(st.st_ino) == identity.ino {
             unlink(path)
         }
     }
@@ -154,8 +162,11 @@ public final class AdminPlane: Sendable {
     /// Starts both servers for `gateway`; on failure nothing is left running.
     public init(gateway: Gateway, logger: Logger) throws(SocketServerError) {
         let service = AdminService(gateway: gateway, logger: logger)
-        control = try ControlServer(path: gateway.config.settings.controlSocket, service: service)
-        logger.info("control socket \(control.path) (mode 0600)")
+        let path = gateway.config.settings.controlSocket
+        let activated = gateway.takeActivatedSocket(name: SocketActivation.controlSocketName, path: path)
+        control = try ControlServer(path: path, service: service, listeningFD: activated)
+        let how = activated.map { "fd \($0) from systemd" } ?? "mode 0600"
+        logger.info("control socket \(control.path) (\(how))")
         if let address = gateway.config.settings.statsListen {
             do throws(SocketServerError) {
                 metrics = try MetricsServer(address: address, gateway: gateway)

@@ -26,13 +26,19 @@ log_level = "info"
 # Optional "host:port" ("[::1]:9100" for IPv6, ":9100" for every address) serving Prometheus text
 # metrics at /metrics. Leave it out to disable the endpoint.
 # stats_listen = "127.0.0.1:9100"
+# Defaults of every controller's socket_mode / socket_group (below), e.g. for QEMU run by libvirt as
+# libvirt-qemu: socket_mode = "0660" and socket_group = "libvirt-qemu". The group must exist.
+# socket_mode = "0600"
+# socket_group = "libvirt-qemu"
 
 # One [[controller]] per device a VMM attaches. Keys:
 #   name         unique name, 1-32 of [A-Za-z0-9._-] (required); used by the admin CLI and in logs
 #   transport    "vhost-user-scsi" (virtio-scsi), "vhost-user-blk" (virtio-blk, exactly one LUN)
 #                or "pvscsi" (VMware PVSCSI over vfio-user) (required)
 #   socket       UNIX socket path the VMM connects to (required, at most 107 bytes)
-#   socket_mode  permission bits of the socket: 0o660 or "0660" (default 0o600)
+#   socket_mode  permission bits of the socket: 0o660 or "0660" (default [gateway] socket_mode, 0o600)
+#   socket_group group the socket is given, so a VMM running as another user in it can connect (default
+#                [gateway] socket_group, else the gateway's group); the group must exist on this machine
 #   poll_us      microseconds an I/O thread keeps polling after the last request before it sleeps
 #                (0..100000, default 50; 0 disables polling)
 #   vhost-user-scsi and vhost-user-blk only:

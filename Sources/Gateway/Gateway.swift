@@ -97,10 +97,14 @@ public final class ControllerRuntime: Sendable {
     public let backends: BackendRegistry
     /// A logger labelled with the controller name.
     public let logger: Logger
+    /// The listening socket systemd handed over for this controller (socket activation), if any: the
+    /// front-end serves it instead of binding `config.socket`, and never unlinks it.
+    public let activatedSocket: Int32?
 
     /// Creates the runtime with an empty target.
-    public init(config: ControllerConfig, backends: BackendRegistry, logger: Logger) {
+    public init(config: ControllerConfig, backends: BackendRegistry, logger: Logger, activatedSocket: Int32? = nil) {
         self.config = config
+        self.activatedSocket = activatedSocket
         self.target = SCSITarget(name: config.name)
         self.backends = backends
         var logger = logger
@@ -148,14 +152,24 @@ public final class Gateway: @unchecked Sendable {
     let offlineState = Mutex<[(controller: String, lun: LUNConfig)]>([])
     /// Per controller, per queue: the final counters of removed LUNs (so queue totals never go back).
     let retiredStatistics = Mutex<[String: [IOStatisticsSnapshot]]>([:])
+    /// Listening sockets handed over by systemd; controllers and the control socket take theirs.
+    public let activation: SocketActivation
+    /// systemd notifications (reload sends RELOADING=1 / READY=1 through it).
+    public let notifier: ServiceNotifier
+    /// Held by every change of the LUN map (admin commands, reload), which may come from the control
+    /// thread and from SIGHUP on the main thread.
+    let changeLock = Mutex<Void>(())
 
     /// Creates a gateway (nothing is opened until `start`).
-    public init(config: GatewayConfig, logger: Logger, backendOpener: any BackendOpener = StandardBackendOpener(),
-                frontEnds: FrontEndRegistry = .standard) {
+    public init(config: GatewayConfig, logger: Logger, backendOpener: (any BackendOpener)? = nil,
+                frontEnds: FrontEndRegistry = .standard, activation: SocketActivation = .none,
+                notifier: ServiceNotifier = .disabled) {
         self.config = config
         self.logger = logger
-        self.opener = backendOpener
+        self.opener = backendOpener ?? StandardBackendOpener(logger: logger)
         self.frontEndRegistry = frontEnds
+        self.activation = activation
+        self.notifier = notifier
     }
 
     /// The controllers, once started.
@@ -174,7 +188,8 @@ public final class Gateway: @unchecked Sendable {
         var problems: [String] = []
         var built: [ControllerRuntime] = []
         for controller in config.controllers {
-            let runtime = ControllerRuntime(config: controller, backends: backends, logger: logger)
+            let runtime = ControllerRuntime(config: controller, backends: backends, logger: logger,
+                                            activatedSocket: takeActivatedSocket(name: controller.name, path: controller.socket))
             for lun in controller.luns {
                 do throws(BackendOpeningError) {
                     try addConfiguredLUN(lun, to: runtime)
@@ -203,14 +218,25 @@ public final class Gateway: @unchecked Sendable {
             }
             do throws(FrontEndError) {
                 let frontEnd = try factory.makeFrontEnd(for: runtime)
-                try frontEnd.start()
+                // Listed before it starts, so a failed start (socket group or mode) is stopped too.
                 frontEnds.append((runtime.config.name, frontEnd))
-                runtime.logger.info("listening on \(runtime.config.socket)")
+                try frontEnd.start()
+                runtime.logger.info("listening on \(runtime.config.socket)\(runtime.activatedSocket.map { " (socket fd \($0) from systemd)" } ?? "")")
             } catch {
                 stop()
                 throw GatewayError(["controller \(runtime.config.name): \(error.description)"])
             }
         }
+    }
+
+    /// The listening socket systemd handed over for `name` (a controller, or `control`), if any; warns
+    /// when a socket taken by name is bound to another path than the configured one.
+    func takeActivatedSocket(name: String, path: String) -> Int32? {
+        guard let socket = activation.take(name: name, path: path) else { return nil }
+        if !socket.path.isEmpty && socket.path != path {
+            logger.warning("socket activation: the socket named '\(name)' (fd \(socket.fd)) is bound to \(socket.path), not to the configured \(path); serving it")
+        }
+        return socket.fd
     }
 
     /// Stops the front-ends (each drains its in-flight I/O), then closes every back-end. Idempotent.

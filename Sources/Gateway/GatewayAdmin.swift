@@ -12,6 +12,8 @@ public struct AdminError: Error, Sendable, Equatable, CustomStringConvertible {
     public enum Kind: Sendable, Equatable {
         case noSuchController, noSuchLUN, lunExists, fileMissing, lockHeld, shrinkNeedsForce, backendFailed
         case unsupported, saveFailed
+        /// A configuration reload found an invalid file or a change it cannot apply live; nothing changed.
+        case reloadRefused
         /// A bad parameter, named.
         case invalid(field: String)
     }
@@ -41,6 +43,7 @@ public struct AdminError: Error, Sendable, Equatable, CustomStringConvertible {
         case .backendFailed: return RPCError(code: ControlErrorCode.backendFailed, message: message)
         case .unsupported: return RPCError(code: ControlErrorCode.unsupported, message: message)
         case .saveFailed: return RPCError(code: ControlErrorCode.saveFailed, message: message)
+        case .reloadRefused: return RPCError(code: ControlErrorCode.reloadRefused, message: message)
         case let .invalid(field): return .invalidParams(field, message)
         }
     }
@@ -119,6 +122,13 @@ extension Gateway {
             out += rows
         }
         return out
+    }
+
+    /// Forgets a LUN that is waiting to come online (`lun remove` or reload of an offline LUN).
+    func forgetOfflineLUN(controller name: String, target: Int, lun: Int) {
+        offlineState.withLock { list in
+            list.removeAll { $0.controller == name && $0.lun.target == target && $0.lun.lun == lun }
+        }
     }
 
     /// Checks a validated LUN entry against the running map before anything is opened: the address is

@@ -9,35 +9,40 @@ extension AnyBlockChannel: VhostChannel {}
 extension PolicyChannel: VhostChannel {}
 
 extension Logger {
+    /// Bridges a module's `(level, text)` log calls to swift-log, so every line has the gateway's one format;
+    /// `level` maps the module's levels.
+    func bridge<Level>(_ level: @escaping @Sendable (Level) -> Logger.Level) -> @Sendable (Level, String) -> Void {
+        let logger = self
+        return { l, text in logger.log(level: level(l), "\(text)") }
+    }
+
     /// Bridges the vhost-user module's log calls to swift-log.
     func vhostUserSink() -> VhostUserLogger {
-        let logger = self
-        return { level, text in
+        bridge { (level: VhostUserLogLevel) -> Logger.Level in
             switch level {
-            case .debug: logger.debug("\(text)")
-            case .info: logger.info("\(text)")
-            case .warning: logger.warning("\(text)")
-            case .error: logger.error("\(text)")
+            case .debug: .debug
+            case .info: .info
+            case .warning: .warning
+            case .error: .error
             }
         }
     }
 }
 
-/// Starts a front-end's server (naming the controller and socket in its error), then sets the configured
-/// permission bits on the listening socket. Shared by every transport's front-end.
-func startListening<E: Error>(_ runtime: ControllerRuntime, _ start: () throws(E) -> Void) throws(FrontEndError) {
+/// Starts a front-end's server (naming the controller and socket in its error), then gives the listening
+/// socket the configured group and permission bits. A socket handed over by systemd (socket activation)
+/// keeps the owner and mode its unit gave it. Shared by every transport's front-end.
+func startListening<E: Error>(_ runtime: ControllerRuntime, _ start: (Int32?) throws(E) -> Void) throws(FrontEndError) {
     do {
-        try start()
+        try start(runtime.activatedSocket)
     } catch {
         throw FrontEndError("controller \(runtime.config.name) on \(runtime.config.socket): \(error)")
     }
-    applySocketMode(runtime)
-}
-
-/// Sets the configured permission bits on a controller's listening socket.
-func applySocketMode(_ runtime: ControllerRuntime) {
-    if chmod(runtime.config.socket, mode_t(runtime.config.socketMode)) != 0 {
-        runtime.logger.warning("cannot set mode \(String(runtime.config.socketMode, radix: 8)) on \(runtime.config.socket)")
+    if runtime.activatedSocket != nil { return }
+    do throws(FrontEndError) {
+        try SocketOwnership.apply(path: runtime.config.socket, mode: runtime.config.socketMode, group: runtime.config.socketGroup)
+    } catch {
+        throw FrontEndError("controller \(runtime.config.name): \(error.message)")
     }
 }
 

@@ -73,9 +73,10 @@ public final class PVSCSIController<Target: SCSICommandTarget, Channel: PVSCSICh
     /// A `.removed` event blocks the thread that removed the LUN until the device has delivered the
     /// completions still in flight on that LUN's channel and closed it (at most `removalWaitMilliseconds`),
     /// so that the back-end's file is unlocked when `SCSITarget.remove` returns.
-    public func start() throws(VfioUserError) {
+    /// With `listeningFD` (handed over by systemd) the server serves that socket and never unlinks it.
+    public func start(listeningFD: Int32? = nil) throws(VfioUserError) {
         guard thread == nil else { return }
-        try server.listen()
+        try server.listen(adopting: listeningFD)
         let device = self.device
         let loop = self.loop
         let onEvent = EventThunk { event in device.handle(event) }

@@ -99,6 +99,8 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
     private let log: VfioUserLog
 
     private var listenFD: Int32 = -1
+    /// The listening socket was handed over (systemd socket activation): it is never unlinked.
+    private var adopted = false
     private(set) public var clientFD: Int32 = -1
     private var versionNegotiated = false
     private let receiveBuffer: UnsafeMutableRawBufferPointer
@@ -185,10 +187,13 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
     }
 
     /// Binds the socket and registers it with the loop. Call on the loop thread (or before it runs).
-    public func listen() throws(VfioUserError) {
-        let fd = csys_unix_listen(socketPath, 4)
+    /// With `adopting` (a listening UNIX stream socket handed over by systemd), serves that socket instead,
+    /// owns the fd and never unlinks its path.
+    public func listen(adopting listeningFD: Int32? = nil) throws(VfioUserError) {
+        let fd = listeningFD ?? csys_unix_listen(socketPath, 4)
         guard fd >= 0 else { throw VfioUserError("cannot listen on \(socketPath): \(String(cString: strerror(-fd)))", errno: -fd) }
         listenFD = fd
+        adopted = listeningFD != nil
         do {
             try loop.register(fd: fd) { [unowned self] _ in self.acceptClient() }
         } catch {
@@ -206,7 +211,7 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
             loop.unregister(fd: listenFD)
             close(listenFD)
             listenFD = -1
-            unlink(socketPath)
+            if !adopted { unlink(socketPath) }
         }
     }
 

@@ -52,8 +52,8 @@ public final class VhostUserSCSIController<Channel: VhostChannel>: Sendable {
         server = VhostUserServer(socketPath: socketPath, device: device, log: log)
     }
 
-    /// Binds the socket and starts accepting a front-end.
-    public func start() throws(VhostUserServerError) { try server.start() }
+    /// Binds the socket (or serves `listeningFD`, handed over by systemd) and starts accepting a front-end.
+    public func start(listeningFD: Int32? = nil) throws(VhostUserServerError) { try server.start(listeningFD: listeningFD) }
 
     /// Disconnects the front-end after its in-flight I/O completed, then stops the threads.
     public func stop() {
@@ -89,8 +89,8 @@ public final class VhostUserBlkController<Channel: VhostChannel>: Sendable {
         server = VhostUserServer(socketPath: socketPath, device: device, log: log)
     }
 
-    /// Binds the socket and starts accepting a front-end.
-    public func start() throws(VhostUserServerError) { try server.start() }
+    /// Binds the socket (or serves `listeningFD`, handed over by systemd) and starts accepting a front-end.
+    public func start(listeningFD: Int32? = nil) throws(VhostUserServerError) { try server.start(listeningFD: listeningFD) }
 
     /// Disconnects the front-end after its in-flight I/O completed, then stops the threads.
     public func stop() {

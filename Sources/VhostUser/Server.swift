@@ -51,6 +51,8 @@ public final class VhostUserServer<Device: VhostUserDevice>: @unchecked Sendable
     public let device: Device
     private let log: VhostUserLogger
     private var listenFD: Int32 = -1
+    /// The listening socket was handed over (systemd socket activation): it is never unlinked.
+    private var adopted = false
     private let wakeFD: Int32
     private var thread: pthread_t?
     private let stopping = Atomic<Bool>(false)
@@ -86,8 +88,16 @@ public final class VhostUserServer<Device: VhostUserDevice>: @unchecked Sendable
         if listenFD >= 0 { close(listenFD) }
     }
 
-    /// Binds the socket (replacing a stale one) and starts the control thread.
-    public func start() throws(VhostUserServerError) {
+    /// Binds the socket (replacing a stale one) and starts the control thread. With `listeningFD` (a
+    /// listening UNIX stream socket handed over by systemd), serves that socket instead, owns the fd and
+    /// never unlinks its path, so a VMM can reconnect to it across gateway restarts.
+    public func start(listeningFD: Int32? = nil) throws(VhostUserServerError) {
+        if let listeningFD {
+            listenFD = listeningFD
+            adopted = true
+            try startControlThread()
+            return
+        }
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw VhostUserServerError(message: "socket: errno \(errno)") }
         var addr = sockaddr_un()
@@ -117,6 +127,10 @@ public final class VhostUserServer<Device: VhostUserDevice>: @unchecked Sendable
             throw VhostUserServerError(message: "listen \(socketPath): \(String(cString: strerror(e)))")
         }
         listenFD = fd
+        try startControlThread()
+    }
+
+    private func startControlThread() throws(VhostUserServerError) {
         thread = spawnThread { [self] in controlLoop() }
         guard thread != nil else { throw VhostUserServerError(message: "cannot start the control thread") }
     }
@@ -132,7 +146,7 @@ public final class VhostUserServer<Device: VhostUserDevice>: @unchecked Sendable
         if listenFD >= 0 {
             close(listenFD)
             listenFD = -1
-            unlink(socketPath)
+            if !adopted { unlink(socketPath) }
         }
     }
 

@@ -219,7 +219,10 @@ public final class VirtioSCSIDevice<Channel: VhostChannel>: VhostUserDevice, @un
         (options.hotplug ? VirtioSCSI.featureHotplug : 0) | VirtioSCSI.featureInOut | VirtioSCSI.featureChange
             | VirtioFeature.ringEventIndex | VirtioFeature.ringIndirectDescriptors | VirtioFeature.ringPacked
     }
-    public var offeredProtocolFeatures: UInt64 { VhostUserProtocolFeature.config }
+    /// No CONFIG: QEMU's vhost-user-scsi keeps the virtio-scsi config space itself (it has no config ops),
+    /// and hw/virtio/vhost-user.c warns "vhost-user backend supports VHOST_USER_PROTOCOL_F_CONFIG but QEMU
+    /// does not" for a back-end that offers it. Hotplug and resize go through the event queue.
+    public var offeredProtocolFeatures: UInt64 { 0 }
     public var queueCount: Int { 2 + options.requestQueues }
     public var maxQueueSize: Int { options.maxQueueSize }
     public var segmentsPerSlot: Int { options.maxSegments + 8 }

@@ -376,7 +376,25 @@ struct StatsCommand: ParsableCommand {
 /// `scsigate config ...`
 struct ConfigCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "config", abstract: "Save the running configuration.", subcommands: [ConfigSave.self])
+        commandName: "config", abstract: "Save the running configuration, or reload the configuration file.",
+        subcommands: [ConfigSave.self, ConfigReload.self])
+}
+
+/// `scsigate config reload`
+struct ConfigReload: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "reload", abstract: "Read the configuration file again and apply the LUN changes (as SIGHUP does).",
+        discussion: "The gateway re-reads the file `serve --config` was started with and validates it fully. LUNs added, removed, grown and read_only changes are applied as the lun commands would; any other change (a [gateway] key, a controller added, removed or changed, a LUN's back-end, path, block size or identity, a shrink) is refused, naming the controller, LUN and key. When anything is invalid or refused, nothing is applied (exit 1).")
+
+    @OptionGroup var options: ControlOptions
+
+    func run() throws {
+        let result = try options.call("config.reload", [:], timeoutMilliseconds: 120_000)
+        if options.printJSONIfAsked(result) { return }
+        let changes = result["changes"]?.arrayValue ?? []
+        print("reloaded \(result["path"]?.stringValue ?? ""): \(changes.isEmpty ? "no changes" : "\(changes.count) change(s)")")
+        for change in changes { print("  " + (change.stringValue ?? "")) }
+    }
 }
 
 /// `scsigate config save`

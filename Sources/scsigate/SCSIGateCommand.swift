@@ -1,4 +1,5 @@
 import ArgumentParser
+import Foundation
 import Gateway
 import Glibc
 import Logging
@@ -43,15 +44,30 @@ struct Serve: ParsableCommand {
         let logger = Logger(label: "scsigate")
         logger.info("scsigate \(ScsiGateVersion.string) starting with \(loaded.source): \(loaded.controllers.count) controller(s), \(loaded.lunCount) LUN(s)")
 
-        // Block the stop signals before any thread starts, so only sigwait below receives them.
+        // Block the stop and reload signals before any thread starts, so only the main loop below receives them.
         var signals = sigset_t()
         sigemptyset(&signals)
         sigaddset(&signals, SIGTERM)
         sigaddset(&signals, SIGINT)
+        sigaddset(&signals, SIGHUP)
         pthread_sigmask(SIG_BLOCK, &signals, nil)
         signal(SIGPIPE, SIG_IGN)
 
-        let gateway = Gateway(config: loaded, logger: logger)
+        let environment = ProcessInfo.processInfo.environment
+        let notifier = ServiceNotifier.fromEnvironment(environment)
+        let activation: SocketActivation
+        do throws(GatewayError) {
+            activation = try SocketActivation.fromEnvironment(environment)
+        } catch {
+            for problem in error.problems { logger.critical("\(problem)") }
+            logger.critical("not starting")
+            throw ExitCode(1)
+        }
+        if !activation.remaining.isEmpty {
+            let list = activation.remaining.map { "fd \($0.fd) '\($0.name)' \($0.path)" }.joined(separator: ", ")
+            logger.info("socket activation: \(activation.remaining.count) socket(s) from systemd: \(list)")
+        }
+        let gateway = Gateway(config: loaded, logger: logger, activation: activation, notifier: notifier)
         do throws(GatewayError) {
             try gateway.start()
         } catch {
@@ -68,16 +84,47 @@ struct Serve: ParsableCommand {
             logger.critical("not starting")
             throw ExitCode(1)
         }
-        logger.info("running; stop with SIGTERM or SIGINT")
-        var received: Int32 = 0
-        while true {
-            let rc = sigwait(&signals, &received)
-            if rc == 0 && (received == SIGTERM || received == SIGINT) { break }
-        }
+        activation.closeUnclaimed(logger: logger)
+        // Every controller socket and the control socket listen now.
+        notifier.ready(status: gateway.readyStatus)
+        logger.info("running; stop with SIGTERM or SIGINT, reload the configuration with SIGHUP")
+        let received = waitForStop(signals, gateway: gateway, notifier: notifier, logger: logger)
         logger.info("received \(received == SIGTERM ? "SIGTERM" : "SIGINT"); shutting down")
+        notifier.stopping()
         adminPlane.stop()
         gateway.stop()
         logger.info("stopped")
+    }
+
+    /// Waits for SIGTERM or SIGINT (returned); reloads the configuration on SIGHUP, and sends WATCHDOG=1
+    /// every half watchdog interval when systemd watches the process (from this thread, which also runs
+    /// reloads: a stuck reload stops the pings).
+    private func waitForStop(_ signals: sigset_t, gateway: Gateway, notifier: ServiceNotifier, logger: Logger) -> Int32 {
+        var signals = signals
+        let pingMilliseconds = notifier.isEnabled ? notifier.watchdogPingMilliseconds : nil
+        if let pingMilliseconds { logger.info("systemd watchdog: WATCHDOG=1 every \(pingMilliseconds) ms") }
+        while true {
+            var received: Int32
+            if let pingMilliseconds {
+                notifier.watchdogPing()
+                var timeout = timespec(tv_sec: pingMilliseconds / 1000, tv_nsec: (pingMilliseconds % 1000) * 1_000_000)
+                received = sigtimedwait(&signals, nil, &timeout)
+                if received < 0 { continue }
+            } else {
+                received = 0
+                guard sigwait(&signals, &received) == 0 else { continue }
+            }
+            if received == SIGTERM || received == SIGINT { return received }
+            if received == SIGHUP {
+                logger.info("received SIGHUP; reloading the configuration")
+                do throws(AdminError) {
+                    let report = try gateway.reload(logMetadata: ["signal": "SIGHUP"])
+                    logger.notice("reload of \(report.path): \(report.changes.isEmpty ? "no changes" : report.changes.joined(separator: "; "))")
+                } catch {
+                    logger.error("reload refused: \(error.message)")
+                }
+            }
+        }
     }
 }
 

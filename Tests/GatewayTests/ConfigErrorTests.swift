@@ -33,7 +33,7 @@ struct ConfigErrorTests {
             transport = "vhost-user-scsi"
             socket = "/s"
             """) == [
-            "test.toml:2: key 'gateway.colour': unknown key; allowed keys here: state_dir, control_socket, log_level, stats_listen",
+            "test.toml:2: key 'gateway.colour': unknown key; allowed keys here: state_dir, control_socket, log_level, stats_listen, socket_mode, socket_group",
         ])
     }
 

@@ -63,6 +63,14 @@ int csys_set_send_timeout(int sock, int milliseconds);
 int csys_unix_listen(const char *path, int backlog);
 int csys_unix_connect(const char *path);
 int csys_accept_nonblock(int sock);
+/* systemd service notification (sd_notify protocol): sends `message` as one datagram to the
+ * AF_UNIX socket `socket_path` ($NOTIFY_SOCKET: a path, or '@' for the abstract namespace).
+ * Returns 0 or -errno. */
+int csys_notify_send(const char *socket_path, const char *message, size_t length);
+/* Describes an inherited socket (systemd socket activation): fails with -ENOTSOCK unless fd is an
+ * AF_UNIX SOCK_STREAM socket; *listening is 1 when it accepts connections; its bound path is copied to
+ * `path` (empty when unnamed or abstract). Returns 0 or -errno. */
+int csys_unix_socket_info(int fd, char *path, size_t capacity, int *listening);
 /* mmap a shared file mapping; returns NULL (and errno) on failure. */
 void *csys_mmap_shared(int fd, uint64_t length, uint64_t offset, int writable);
 int csys_munmap(void *p, uint64_t length);
