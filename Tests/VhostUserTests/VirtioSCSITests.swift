@@ -386,6 +386,39 @@ final class SCSIFixture: @unchecked Sendable {
         #expect(e.readLE(UInt32.self, at: 0) == VirtioSCSI.eventNone | VirtioSCSI.eventsMissed)
     }
 
+    /// A LUN event while the event queue is not running (a gateway restarted under a guest: the CLI adds a LUN
+    /// before QEMU has reconnected) is missed; when the ring starts again with buffers the driver posted before,
+    /// no kick comes, and the first buffer must carry EVENTS_MISSED at once (Linux then rescans the host).
+    @Test func anEventMissedWhileTheEventQueueWasStoppedIsReportedWhenItStartsAgain() throws {
+        let f = try SCSIFixture()
+        let c = f.client!
+        let base = try #require(c.getVringBase(1))
+        try f.target.add(SCSIFixture.unit(7, blocks: 64))
+        let b = f.ram.alloc(16)
+        f.ram.write([UInt8](repeating: 0xEE, count: 16), at: b)
+        let head = f.rings[1].addChain([.init(gpa: b, length: 16, writable: true)])
+        f.rings[1].publish(head)  // posted while stopped; no kick follows
+        c.send(.setVringNum, TestFrontEnd.state(1, UInt32(f.rings[1].size)))
+        c.send(.setVringBase, TestFrontEnd.state(1, base))
+        var addr = [UInt8]()
+        addr.appendLE(UInt32(1))
+        addr.appendLE(UInt32(0))
+        addr.appendLE(f.ram.user(f.rings[1].desc))
+        addr.appendLE(f.ram.user(f.rings[1].used))
+        addr.appendLE(f.ram.user(f.rings[1].avail))
+        addr.appendLE(UInt64(0))
+        c.send(.setVringAddr, addr)
+        let kick = csys_eventfd(0, 1)
+        let call = csys_eventfd(0, 1)
+        defer { close(kick); close(call) }
+        c.send(.setVringCall, TestFrontEnd.u64(1), fds: [call])
+        #expect(c.ack(.setVringKick, TestFrontEnd.u64(1), fds: [kick]) == 0)
+        #expect(c.ack(.setVringEnable, TestFrontEnd.state(1, 1)) == 0)
+        #expect(waitFor { f.rings[1].usedIndex == 1 })
+        let e = f.ram.read(b, 16)
+        #expect(e.readLE(UInt32.self, at: 0) == VirtioSCSI.eventNone | VirtioSCSI.eventsMissed)
+    }
+
     @Test func configSpaceAndWritableSizes() throws {
         let f = try SCSIFixture()
         let c = f.device.readConfig()
