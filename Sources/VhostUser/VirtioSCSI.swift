@@ -1050,6 +1050,12 @@ final class SCSIGroupHandler<Channel: VhostChannel>: QueueGroupHandler, @uncheck
 
     func lunEvent(_ event: LUNEvent) {
         let features = device.negotiated.load(ordering: .relaxed)
+        if features == 0 {
+            // No driver has negotiated yet: a gateway restarted under a running guest, changed by the CLI before
+            // QEMU reconnected. The guest learns of it as missed events (it rescans) once its event queue runs.
+            if device.options.hotplug { eventsMissed = true }
+            return
+        }
         switch event {
         case let .added(lun):
             guard features & VirtioSCSI.featureHotplug != 0 else { return }

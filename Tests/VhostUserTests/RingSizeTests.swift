@@ -75,6 +75,24 @@ import Glibc
     }
 }
 
+/// A LUN added before any driver negotiated (a gateway restarted under a running guest; the CLI was faster than
+/// QEMU's reconnect): the guest's first event buffer reports missed events, so that it rescans.
+@Test func aLUNEventBeforeAnyDriverIsReportedAsMissed() throws {
+    let s = try SCSIFixtureServer()
+    try s.target.add(SCSIFixture.unit(3, blocks: 64))
+    let ram = TestGuestRAM()
+    let rings = (0..<3).map { _ in TestSplitRing(ram: ram, size: 32) }
+    let c = try #require(TestFrontEnd(path: s.path))
+    let fds = c.setUp(ram: ram, rings: rings, features: VirtioFeature.version1 | vhostUserFeatureProtocolFeatures | VirtioSCSI.featureHotplug,
+                      protocolFeatures: VhostUserProtocolFeature.replyAck)
+    defer { for f in fds { close(f.kick); close(f.call) } }
+    let b = ram.alloc(16)
+    rings[1].publish(rings[1].addChain([.init(gpa: b, length: 16, writable: true)]))
+    _ = csys_eventfd_signal(fds[1].kick, 1)
+    #expect(waitFor { rings[1].usedIndex == 1 })
+    #expect(ram.read(b, 16).readLE(UInt32.self, at: 0) == VirtioSCSI.eventNone | VirtioSCSI.eventsMissed)
+}
+
 /// A virtio-scsi device with the gateway's ring-size settings for `queue_size = 128`, serving a socket.
 final class SCSIFixtureServer: @unchecked Sendable {
     let target = SCSITarget(name: "vscsi")
