@@ -33,7 +33,7 @@ kinfo=$("$HERE/fetch-kernel.sh") || sg_die "fetch-kernel.sh failed"
 eval "$kinfo"   # KVER VMLINUZ MODULES
 
 # Modules the guest loads at boot (missing ones are skipped; deps come from modules.dep).
-BOOT_MODULES="virtio_pci virtio_scsi virtio_blk vmw_pvscsi scsi_mod sd_mod sg"
+BOOT_MODULES="virtio_pci virtio_mmio virtio_scsi virtio_blk vmw_pvscsi scsi_mod sd_mod sg"
 # Crypto/CRC helpers that sd_mod's t10-pi asks for through request_module().
 EXTRA_MODULES="crct10dif_generic crct10dif_pclmul crc64_rocksoft_generic"
 
@@ -42,7 +42,7 @@ BINARIES=(
     /usr/bin/kmod
     /usr/bin/sg_inq /usr/bin/sg_readcap /usr/bin/sg_luns /usr/bin/sg_map /usr/bin/sg_scan
     /usr/bin/sg_vpd /usr/bin/sg_turs /usr/bin/sg_sync /usr/bin/sg_unmap /usr/bin/sg_write_same
-    /usr/bin/sg_get_lba_status /usr/bin/sg_modes /usr/bin/sg_requests /usr/bin/sg_rtpg
+    /usr/bin/sg_get_lba_status /usr/bin/sg_modes /usr/bin/sg_requests /usr/bin/sg_rtpg /usr/bin/sg_reset
     /usr/bin/fio /usr/bin/iscsi-test-cu
     /usr/sbin/blkdiscard /usr/bin/lsblk
 )

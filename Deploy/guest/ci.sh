@@ -13,7 +13,8 @@
 #   iscsi            a LUN backed by tgtd over iSCSI, served through virtio-scsi: conformance, fio
 #
 # Usage: ci.sh [SUITE...]   (default: all). Ends with "real-client: N passed, M failed".
-# Environment: SCSIGATE_CI_MAX_FAILED (default 7) conformance failures allowed per suite.
+# Environment: SCSIGATE_CI_MAX_FAILED (default 7) conformance failures allowed per suite; SCSIGATE_BIN the
+# scsigate binary to test (default: this checkout's swift build).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 HERE="$ROOT/Deploy/guest"
@@ -24,7 +25,7 @@ cd "$ROOT"
 MAXF=${SCSIGATE_CI_MAX_FAILED:-7}
 # Guest tests of the SCSI suites' main run (override only when developing the harness).
 SCSI_TESTS=${SCSIGATE_CI_SCSI_TESTS:-smoke,conformance,fio-verify,fio-randread,pattern}
-BIN="$(swift build --show-bin-path)/scsigate"
+BIN=${SCSIGATE_BIN:-"$(swift build --show-bin-path)/scsigate"}   # SCSIGATE_BIN: another build of the gateway
 [ -x "$BIN" ] || { swift build >&2 || sg_die "swift build failed"; }
 WORK=$(mktemp -d /var/tmp/scsigate-ci.XXXXXX)
 GW_PID=""
@@ -466,6 +467,27 @@ $(file_lun lun0.img 128M)"
     stop_gateway; check "vhost-user-memhotplug gateway drains and exits 0 on SIGTERM" $?
 }
 
+# kill_and_restart NAME GUEST-PID KILLS SECONDS LOG-PREFIX [HOOK]: while the guest runs, KILLS times: wait SECONDS,
+# SIGKILL the gateway, start it again on DIR/gw.toml 1 s later (log LOG-PREFIX<K>.log). HOOK K STAGE runs around kill K
+# (STAGE: before-kill, after-kill, after-restart). Sets RESTARTED to the number of restarts.
+kill_and_restart() {
+    local name=$1 gpid=$2 kills=$3 seconds=$4 prefix=$5 hook=${6:-} k pid
+    RESTARTED=0
+    for k in $(seq 1 "$kills"); do
+        sleep "$seconds"
+        kill -0 "$gpid" 2>/dev/null || break
+        [ -z "$hook" ] || "$hook" "$k" before-kill
+        pid=$GW_PID; GW_PID=""
+        kill -KILL "$pid"; wait "$pid" 2>/dev/null
+        echo "[$name] gateway killed (SIGKILL) during fio (#$k); restarting in 1 s"
+        [ -z "$hook" ] || "$hook" "$k" after-kill
+        sleep 1
+        start_gateway "$DIR/gw.toml" "$prefix$k.log" || break
+        RESTARTED=$k
+        [ -z "$hook" ] || "$hook" "$k" after-restart
+    done
+}
+
 # vhost-user-blk-reconnect: the gateway is killed (SIGKILL) in the middle of a guest fio verify and
 # started again; QEMU (chardev reconnect=1) reconnects and hands over the in-flight region
 # (VHOST_USER_SET_INFLIGHT_FD); what the guest still waited for is resubmitted, fio ends with 0 errors.
@@ -473,7 +495,7 @@ suite_vhost_user_blk_reconnect() {
     DIR="$WORK/vblkrc"; mkdir -p "$DIR"
     one_controller vblkrc0 vhost-user-blk '' "$(file_lun blk0.img 512M)"
     serve vhost-user-blk-reconnect || return
-    local glog="$DIR/guest.log" gpid rc pid k restarted=0
+    local glog="$DIR/guest.log" gpid rc
     bash "$HERE/run-guest.sh" --quiet --test fio-verify --log "$glog" --timeout 900 \
         --append "scsigate.size=256M scsigate.bs=4k" \
         -- -chardev "socket,id=c0,path=$DIR/vblkrc0.sock,reconnect=1" -device vhost-user-blk-pci,chardev=c0 &
@@ -481,17 +503,8 @@ suite_vhost_user_blk_reconnect() {
     if bash "$HERE/wait-marker.sh" "$glog" '\[fio-verify\] disk' 300 >/dev/null; then
         # Three kills a few seconds apart: whatever was popped and not yet completed at each is resubmitted
         # by the next gateway from the in-flight region (the count is printed; fio must see no error).
-        for k in 1 2 3; do
-            sleep 3
-            kill -0 "$gpid" 2>/dev/null || break
-            pid=$GW_PID; GW_PID=""
-            kill -KILL "$pid"; wait "$pid" 2>/dev/null
-            echo "[vhost-user-blk-reconnect] gateway killed (SIGKILL) during fio (#$k); restarting in 1 s"
-            sleep 1
-            start_gateway "$DIR/gw.toml" "$DIR/gw$k.log" || break
-            restarted=$k
-        done
-        [ "$restarted" -ge 1 ]; check "vhost-user-blk-reconnect gateway restarted after each kill ($restarted)" $?
+        kill_and_restart vhost-user-blk-reconnect "$gpid" 3 3 "$DIR/gw"
+        [ "$RESTARTED" -ge 1 ]; check "vhost-user-blk-reconnect gateway restarted after each kill ($RESTARTED)" $?
     fi
     wait $gpid; rc=$?
     grep -a "fio 4k" "$glog" | tr -d '\r' | sed "s/^/[vhost-user-blk-reconnect] /"

@@ -11,7 +11,9 @@
 #   --plain-memory    guest RAM without an fd (plain -m, no memory backend): a vfio-user device then
 #                     reaches it through DMA_READ/DMA_WRITE messages (vhost-user cannot work this way)
 #   --smp N           vCPUs (default 1)
-#   --machine TYPE    QEMU machine (default pc)
+#   --machine TYPE    QEMU machine (default pc). microvm[,OPTIONS] (e.g. microvm,acpi=on): no PCI, virtio-mmio
+#                     devices (-device vhost-user-blk / vhost-user-scsi), console on its ISA serial port; the
+#                     guest RAM is the machine's memory-backend (no NUMA); TSC/delay-loop figures on the command line
 #   --sid             run QEMU from the sid chroot (QEMU >= 10.1, vfio-user-pci); the kernel,
 #                     initramfs, /tmp, /var/tmp and every --bind DIR are visible inside
 #   --bind DIR        (with --sid) extra host path to show in the chroot, e.g. a socket dir
@@ -45,7 +47,7 @@ while [ $# -gt 0 ]; do
         --qemu) qemu=$2; shift ;;
         --quiet) quiet=1 ;;
         --) shift; qargs=("$@"); break ;;
-        -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
         *) sg_die "unknown argument: $1 (QEMU arguments go after --)" ;;
     esac
     shift
@@ -66,6 +68,13 @@ mkdir -p "$(dirname "$log")"
 cmdline=$(sg_guest_cmdline "$test" "${append[@]}")
 memargs=(-object "memory-backend-memfd,id=mem,size=${mem}M,share=on" -numa node,memdev=mem)
 [ $plainmem = 1 ] && memargs=()
+case $machine in
+    microvm*)
+        [ $plainmem = 1 ] || { machine="$machine,memory-backend=mem"; memargs=("${memargs[@]:0:2}"); }
+        # under TCG a microvm has no PIT/HPET reference to calibrate the TSC and the delay loop against: the
+        # kernel stops at "tsc: Marking TSC unstable due to could not calculate TSC khz" without these figures
+        cmdline="$cmdline tsc_early_khz=2000000 lpj=4000000 no_timer_check" ;;
+esac
 cmd=("$qemu" -accel tcg -cpu max -machine "$machine" -m "${mem}M" -smp "$smp"
      "${memargs[@]}"
      -nographic -no-reboot -nic none

@@ -65,7 +65,8 @@ final class VhostUserSCSIFrontEnd: FrontEnd, @unchecked Sendable {
         self.runtime = runtime
         let config = runtime.config
         let options = VirtioSCSIOptions(
-            requestQueues: config.queues, maxQueueSize: max(config.queueSize, 128), maxSegments: config.segmentMax,
+            requestQueues: config.queues, maxQueueSize: VhostUserWire.maxQueueSize, expectedQueueSize: config.queueSize,
+            maxSegments: config.segmentMax,
             threads: config.ioThreads, pollBudgetNanoseconds: UInt64(config.pollMicroseconds) * 1000,
             hotplug: config.hotplug)
         do {
@@ -117,7 +118,8 @@ final class VhostUserBlkFrontEnd: FrontEnd, @unchecked Sendable {
         geometry.supportsDiscard = geometry.supportsDiscard && config.discard
         geometry.supportsWriteZeroes = geometry.supportsWriteZeroes && config.writeZeroes
         let options = VirtioBlkOptions(
-            queues: config.queues, maxQueueSize: max(config.queueSize, 128), maxSegments: config.segmentMax,
+            queues: config.queues, maxQueueSize: VhostUserWire.maxQueueSize, expectedQueueSize: config.queueSize,
+            maxSegments: config.segmentMax,
             serial: unit.identity.serial, threads: config.ioThreads,
             pollBudgetNanoseconds: UInt64(config.pollMicroseconds) * 1000)
         let statistics = entry.statistics

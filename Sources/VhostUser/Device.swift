@@ -12,6 +12,10 @@ public protocol VhostUserDevice: AnyObject, Sendable {
     var queueCount: Int { get }
     /// Largest ring size accepted.
     var maxQueueSize: Int { get }
+    /// The ring size the VMM's command line asks for (the controller's `queue_size`). A virtio-mmio driver may
+    /// choose larger rings (up to `maxQueueSize`), but QEMU still derives the segment limit it gives the
+    /// virtio-scsi driver (seg_max = virtqueue_size - 2) from this size, so per-slot iovec storage follows it.
+    var expectedQueueSize: Int { get }
     /// Iovecs per request slot (segment limit plus headers and region splits).
     var segmentsPerSlot: Int { get }
     /// The device configuration space.

@@ -68,6 +68,9 @@ public enum VhostUserWire {
     public static let headerSize = 12
     /// Largest payload accepted (a full SET_MEM_TABLE is 8 + 8 * 32; GET_CONFIG 12 + 256).
     public static let maxPayload = 4096
+    /// Largest ring a VMM offers the driver (QEMU's VIRTQUEUE_MAX_SIZE, over PCI and MMIO alike): over virtio-mmio
+    /// the guest driver chooses the size itself, up to this, whatever the PCI `virtqueue_size` would have been.
+    public static let maxQueueSize = 1024
     /// Most regions SET_MEM_TABLE carries.
     public static let maxMemTableRegions = 8
     /// Memory slots offered with CONFIGURE_MEM_SLOTS.

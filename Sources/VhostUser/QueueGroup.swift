@@ -409,7 +409,13 @@ public final class QueueGroup<Handler: QueueGroupHandler>: @unchecked Sendable {
     /// Takes up to `batchLimit` requests from `queue`; returns whether any were taken.
     @discardableResult
     func service(_ queue: RunningQueue) -> Bool {
-        guard queue.enabled, !queue.stopping, handler.takesRequests(queue) else { return false }
+        guard queue.enabled, !queue.stopping else { return false }
+        guard handler.takesRequests(queue) else {
+            // A queue the handler fills itself (virtio-scsi events): its buffers may be there already (a ring
+            // started or enabled with buffers the driver posted before, e.g. on a reconnect), as after a kick.
+            handler.kicked(queue)
+            return false
+        }
         var n = 0
         while n < batchLimit {
             switch queue.ring.pop() {

@@ -576,6 +576,10 @@ public final class VhostUserServer<Device: VhostUserDevice>: @unchecked Sendable
                 guard num >= 1, num <= device.maxQueueSize else {
                     throw RequestFailure(reason: "ring \(i) size \(num) outside 1...\(device.maxQueueSize)")
                 }
+                // virtio 1.2 2.7: a split ring's Queue Size is a power of 2; a packed ring's need not be.
+                guard VirtqueueOptions(features: features).packed || num & (num - 1) == 0 else {
+                    throw RequestFailure(reason: "ring \(i) size \(num) of a split ring is not a power of 2")
+                }
                 guard !rings[i].running else { throw RequestFailure(reason: "ring \(i) is running") }
                 rings[i].size = num
                 return false
@@ -777,10 +781,12 @@ public final class VhostUserServer<Device: VhostUserDevice>: @unchecked Sendable
             let options = VirtqueueOptions(features: features)
             let ring: Virtqueue
             do {
-                // A driver may chain up to the ring size in descriptors (QEMU advertises seg_max = size - 2 for
-                // virtio-scsi), each possibly split across two memory regions at worst once: size the slots for it.
+                // A driver may chain up to the ring size in descriptors (QEMU advertises seg_max = virtqueue_size - 2
+                // for virtio-scsi), each possibly split across two memory regions at worst once: size the slots for it.
+                // A virtio-mmio driver may pick a larger ring than the command line's virtqueue_size, but seg_max
+                // stays: slots of a 1024 ring sized for 1024 segments would take 16 MiB of iovecs per ring.
                 ring = try Virtqueue(size: r.size, options: options, addresses: addresses, memory: memory, base: r.base,
-                                     segmentsPerSlot: max(device.segmentsPerSlot, r.size + 8))
+                                     segmentsPerSlot: max(device.segmentsPerSlot, min(r.size, device.expectedQueueSize) + 8))
             } catch {
                 throw RequestFailure(reason: "ring \(i): \(error)")
             }
@@ -792,6 +798,9 @@ public final class VhostUserServer<Device: VhostUserDevice>: @unchecked Sendable
                     resubmitted = ring.attachInflight(region)
                 }
                 if resubmitted > 0 { log(.info, "ring \(i): resubmitting \(resubmitted) in-flight request(s)") }
+            }
+            if r.size != device.expectedQueueSize {
+                log(.info, "ring \(i): \(r.size) entries (\(options.packed ? "packed" : "split")), chosen by the driver (queue_size \(device.expectedQueueSize))")
             }
             ring.setDirtyLog(activeLog, usedRingLogAddress: r.logAddress)
             if !runsRings {

@@ -40,8 +40,10 @@ public enum VirtioBlk {
 public struct VirtioBlkOptions: Sendable {
     /// Request queues.
     public var queues: Int
-    /// Largest ring size accepted.
+    /// Largest ring size accepted (the driver picks the size over virtio-mmio: up to the transport's 1024).
     public var maxQueueSize: Int
+    /// The ring size on the QEMU command line (the controller's `queue_size`); see `VhostUserDevice.expectedQueueSize`.
+    public var expectedQueueSize: Int
     /// seg_max: data segments per request.
     public var maxSegments: Int
     /// size_max: bytes per segment.
@@ -62,7 +64,7 @@ public struct VirtioBlkOptions: Sendable {
     public var watchdogMilliseconds: Int
 
     /// Creates options.
-    public init(queues: Int = 1, maxQueueSize: Int = 1024, maxSegments: Int = 126, maxSegmentBytes: UInt32 = 1 << 20,
+    public init(queues: Int = 1, maxQueueSize: Int = 1024, expectedQueueSize: Int? = nil, maxSegments: Int = 126, maxSegmentBytes: UInt32 = 1 << 20,
                 serial: String, threads: Int = 1, pollBudgetNanoseconds: UInt64 = 50_000,
                 maxDiscardSectors: UInt32 = 1 << 22, maxWriteZeroesSectors: UInt32 = 1 << 22,
                 drainTimeoutMilliseconds: Int32 = 30_000, watchdogMilliseconds: Int = 1000) {
@@ -70,6 +72,7 @@ public struct VirtioBlkOptions: Sendable {
         self.drainTimeoutMilliseconds = drainTimeoutMilliseconds
         self.queues = queues
         self.maxQueueSize = maxQueueSize
+        self.expectedQueueSize = min(expectedQueueSize ?? maxQueueSize, maxQueueSize)
         self.maxSegments = maxSegments
         self.maxSegmentBytes = maxSegmentBytes
         self.serial = serial
@@ -229,6 +232,7 @@ public final class VirtioBlkDevice<Channel: VhostChannel>: VhostUserDevice, @unc
     public var offeredProtocolFeatures: UInt64 { VhostUserProtocolFeature.config }
     public var queueCount: Int { options.queues }
     public var maxQueueSize: Int { options.maxQueueSize }
+    public var expectedQueueSize: Int { options.expectedQueueSize }
     public var segmentsPerSlot: Int { options.maxSegments + 8 }
 
     public func readConfig() -> [UInt8] {

@@ -103,8 +103,12 @@ public enum VirtioSCSI {
 public struct VirtioSCSIOptions: Sendable {
     /// Request queues (num_queues).
     public var requestQueues: Int
-    /// Largest ring size accepted.
+    /// Largest ring size accepted (the driver picks the size over virtio-mmio: up to the transport's 1024).
     public var maxQueueSize: Int
+    /// Ring size the task slots are laid out for at start (the controller's `queue_size`, what the printed QEMU
+    /// command line asks for). A larger ring, up to `maxQueueSize`, regrows them to `maxQueueSize` when it starts
+    /// while its queue group has no ring attached and no task in flight (the first start of a device).
+    public var expectedQueueSize: Int
     /// seg_max.
     public var maxSegments: Int
     /// max_sectors.
@@ -126,14 +130,15 @@ public struct VirtioSCSIOptions: Sendable {
     public var watchdogMilliseconds: Int
 
     /// Creates options.
-    public init(requestQueues: Int = 1, maxQueueSize: Int = 1024, maxSegments: Int = 126, maxSectors: UInt32 = 0xFFFF,
-                commandsPerLUN: UInt32 = 128, threads: Int = 1, pollBudgetNanoseconds: UInt64 = 50_000, initiatorID: UInt64 = 1,
+    public init(requestQueues: Int = 1, maxQueueSize: Int = 1024, expectedQueueSize: Int? = nil, maxSegments: Int = 126,
+                maxSectors: UInt32 = 0xFFFF, commandsPerLUN: UInt32 = 128, threads: Int = 1, pollBudgetNanoseconds: UInt64 = 50_000, initiatorID: UInt64 = 1,
                 hotplug: Bool = true, drainTimeoutMilliseconds: Int32 = 30_000, watchdogMilliseconds: Int = 1000) {
         self.watchdogMilliseconds = watchdogMilliseconds
         self.hotplug = hotplug
         self.drainTimeoutMilliseconds = drainTimeoutMilliseconds
         self.requestQueues = requestQueues
         self.maxQueueSize = maxQueueSize
+        self.expectedQueueSize = min(expectedQueueSize ?? maxQueueSize, maxQueueSize)
         self.maxSegments = maxSegments
         self.maxSectors = maxSectors
         self.commandsPerLUN = commandsPerLUN
@@ -181,8 +186,9 @@ public final class VirtioSCSIDevice<Channel: VhostChannel>: VhostUserDevice, @un
         let threads = min(options.threads, options.requestQueues)
         let perGroup = (options.requestQueues + threads - 1) / threads
         for t in 0..<threads {
-            let handler = SCSIGroupHandler<Channel>(queueCount: 2 + options.requestQueues, slotsPerQueue: options.maxQueueSize,
-                                                    taskCapacity: (perGroup + 1) * options.maxQueueSize, channelFactory: channelFactory,
+            let handler = SCSIGroupHandler<Channel>(queueCount: 2 + options.requestQueues, queueRegions: perGroup + 1,
+                                                    slotsPerQueue: max(1, options.expectedQueueSize),
+                                                    maxSlotsPerQueue: options.maxQueueSize, channelFactory: channelFactory,
                                                     counters: counters)
             do {
                 let group = try QueueGroup(name: "scsi-q\(t)", handler: handler, pollBudgetNanoseconds: options.pollBudgetNanoseconds, log: log)
@@ -225,6 +231,7 @@ public final class VirtioSCSIDevice<Channel: VhostChannel>: VhostUserDevice, @un
     public var offeredProtocolFeatures: UInt64 { 0 }
     public var queueCount: Int { 2 + options.requestQueues }
     public var maxQueueSize: Int { options.maxQueueSize }
+    public var expectedQueueSize: Int { options.expectedQueueSize }
     public var segmentsPerSlot: Int { options.maxSegments + 8 }
 
     public func readConfig() -> [UInt8] {
@@ -431,8 +438,11 @@ final class SCSIGroupHandler<Channel: VhostChannel>: QueueGroupHandler, @uncheck
     /// their task-set slots stay reserved; their late completions are dropped.
     private var abandonedQueues: [SCSIQueueSlots] = []
     private var nextGeneration: UInt32 = 0
+    /// One flag per region of `slotsPerQueue` task-set slots (a request queue's slots while it runs).
     private var queueSlotsInUse: [Bool]
-    private let slotsPerQueue: Int
+    /// Task-set slots per queue region: the expected ring size, or `maxSlotsPerQueue` after a larger ring came.
+    private var slotsPerQueue: Int
+    private let maxSlotsPerQueue: Int
     private var taskSet: TaskSet
     private var view = LUNMapView()
     private var abortWaiters: [@Sendable (TaskManagementOutcome) -> Void] = []
@@ -442,12 +452,15 @@ final class SCSIGroupHandler<Channel: VhostChannel>: QueueGroupHandler, @uncheck
     private var pendingEvents: [(UInt32, LogicalUnitNumber?, UInt32)] = []
     private var eventsMissed = false
 
-    init(queueCount: Int, slotsPerQueue: Int, taskCapacity: Int, channelFactory: @escaping @Sendable (Int) throws -> Channel,
-         counters: VirtioSCSICountersProvider?) {
+    /// `queueRegions` request queues (with room for a restarted one whose old start still drains) of
+    /// `slotsPerQueue` slots each are preallocated; `maxSlotsPerQueue` is the largest ring accepted.
+    init(queueCount: Int, queueRegions: Int, slotsPerQueue: Int, maxSlotsPerQueue: Int,
+         channelFactory: @escaping @Sendable (Int) throws -> Channel, counters: VirtioSCSICountersProvider?) {
         queues = Array(repeating: nil, count: queueCount)
-        queueSlotsInUse = Array(repeating: false, count: max(1, taskCapacity / max(1, slotsPerQueue)))
-        self.slotsPerQueue = slotsPerQueue
-        taskSet = TaskSet(capacity: taskCapacity)
+        queueSlotsInUse = Array(repeating: false, count: max(1, queueRegions))
+        self.slotsPerQueue = min(slotsPerQueue, maxSlotsPerQueue)
+        self.maxSlotsPerQueue = maxSlotsPerQueue
+        taskSet = TaskSet(capacity: queueSlotsInUse.count * self.slotsPerQueue)
         self.channelFactory = channelFactory
         countersProvider = counters
         requestQueueCount = max(0, queueCount - VirtioSCSI.firstRequestQueue)
@@ -465,6 +478,10 @@ final class SCSIGroupHandler<Channel: VhostChannel>: QueueGroupHandler, @uncheck
 
     func attach(_ queue: RunningQueue) {
         guard queue.index >= VirtioSCSI.firstRequestQueue else { return }
+        if queue.ring.size > slotsPerQueue && !growSlots() {
+            queue.ring.markBroken("ring size \(queue.ring.size) above the \(slotsPerQueue) task slots of a queue while other queues of its group run")
+            return
+        }
         guard let base = queueSlotsInUse.firstIndex(of: false), queue.ring.size <= slotsPerQueue else {
             queue.ring.markBroken("no task slots for another queue in this group")
             return
@@ -473,6 +490,17 @@ final class SCSIGroupHandler<Channel: VhostChannel>: QueueGroupHandler, @uncheck
         if let previous = queues[queue.index] { abandonedQueues.append(previous) }
         nextGeneration &+= 1
         queues[queue.index] = SCSIQueueSlots(queue: queue, taskSetBase: base * slotsPerQueue, generation: nextGeneration)
+    }
+
+    /// Lays the task set out again for rings of `maxSlotsPerQueue` (a driver that chose a ring larger than the
+    /// expected size: virtio-mmio guests pick up to 1024). Control path, at a ring start; only while no queue of
+    /// the group is attached or draining and no task is in flight, so that no slot number changes meaning.
+    private func growSlots() -> Bool {
+        guard slotsPerQueue < maxSlotsPerQueue, taskSet.count == 0, abandonedQueues.isEmpty,
+              !queueSlotsInUse.contains(true), queues.allSatisfy({ $0 == nil }) else { return false }
+        slotsPerQueue = maxSlotsPerQueue
+        taskSet = TaskSet(capacity: queueSlotsInUse.count * slotsPerQueue)
+        return true
     }
 
     func detach(_ queue: RunningQueue) {
@@ -1028,6 +1056,12 @@ final class SCSIGroupHandler<Channel: VhostChannel>: QueueGroupHandler, @uncheck
 
     func lunEvent(_ event: LUNEvent) {
         let features = device.negotiated.load(ordering: .relaxed)
+        if features == 0 {
+            // No driver has negotiated yet: a gateway restarted under a running guest, changed by the CLI before
+            // QEMU reconnected. The guest learns of it as missed events (it rescans) once its event queue runs.
+            if device.options.hotplug { eventsMissed = true }
+            return
+        }
         switch event {
         case let .added(lun):
             guard features & VirtioSCSI.featureHotplug != 0 else { return }

@@ -147,6 +147,8 @@ public final class InflightPackedRegion: @unchecked Sendable {
     private var counter: UInt64 = 1
     /// Per buffer id: the head entry that tracks it (0xFFFF: none).
     private let entryOfID: UnsafeMutablePointer<UInt16>
+    /// The region was kept by a previous back-end (version and size matched): its used position is the device's.
+    public let adopted: Bool
 
     /// Wraps the region at `base`; a fresh or foreign region (version or size not matching) is reset
     /// with an empty free list and the ring's used position.
@@ -155,7 +157,9 @@ public final class InflightPackedRegion: @unchecked Sendable {
         self.size = size
         entryOfID = .allocate(capacity: max(1, size))
         entryOfID.initialize(repeating: 0xFFFF, count: max(1, size))
-        if load16(10) != UInt16(truncatingIfNeeded: size) || load16(8) != 1 || size > 0x7FFF {
+        adopted = base.load(fromByteOffset: 10, as: UInt16.self) == UInt16(truncatingIfNeeded: size)
+            && base.load(fromByteOffset: 8, as: UInt16.self) == 1 && size <= 0x7FFF
+        if !adopted {
             reset(usedPosition: usedPosition, usedWrap: usedWrap)
         }
         var maxCounter: UInt64 = 0
@@ -281,8 +285,9 @@ public final class InflightPackedRegion: @unchecked Sendable {
 
     /// Recovers after a restart: `usedFlags(position)` reads the flags of the ring descriptor at a
     /// position (to tell whether the last used write became visible). Clears the marks of free entries,
-    /// drops inconsistent heads, and returns the buffers to resubmit; with none, the region is reset
-    /// for `fallbackUsedPosition`/`fallbackUsedWrap` (the ring base the VMM gave).
+    /// drops inconsistent heads, and returns the buffers to resubmit; with none, the region is reset for the
+    /// position it recorded, or, when fresh or inconsistent, for `fallbackUsedPosition`/`fallbackUsedWrap`
+    /// (the ring base the VMM gave).
     public func recover(fallbackUsedPosition: UInt16, fallbackUsedWrap: Bool, usedFlags: (UInt16) -> UInt16) -> Recovery {
         var result = Recovery()
         guard Int(usedPosition) < size, Int(oldUsedPosition) < size else {
@@ -344,8 +349,16 @@ public final class InflightPackedRegion: @unchecked Sendable {
             result.ringEntries += Int(num)
         }
         if result.buffers.isEmpty || result.ringEntries > size {
-            reset(usedPosition: fallbackUsedPosition, usedWrap: fallbackUsedWrap)
-            return Recovery(buffers: [], usedPosition: fallbackUsedPosition, usedWrap: fallbackUsedWrap, ringEntries: 0)
+            // Nothing to resubmit. A region a previous back-end kept (`adopted`) still knows where the
+            // device stopped; the VMM may not: QEMU cannot read a dead back-end's packed ring position and hands
+            // back the stale base it last set (a gateway killed under a packed virtio-scsi guest came back
+            // looking at descriptors the driver had long reused, and the guest hung). A fresh region (all
+            // zero) takes the VMM's base.
+            let kept = result.buffers.isEmpty && adopted
+            let position = kept ? usedPosition : fallbackUsedPosition
+            let wrap = kept ? usedWrap : fallbackUsedWrap
+            reset(usedPosition: position, usedWrap: wrap)
+            return Recovery(buffers: [], usedPosition: position, usedWrap: wrap, ringEntries: 0)
         }
         result.usedPosition = usedPosition
         result.usedWrap = usedWrap

@@ -250,14 +250,13 @@ public final class Virtqueue: @unchecked Sendable {
         }
         packedResubmit = recovery.buffers
         packedResubmitCursor = 0
-        if !recovery.buffers.isEmpty {
-            usedPosition = recovery.usedPosition % UInt16(size)
-            usedWrap = recovery.usedWrap
-            let advanced = Int(usedPosition) + recovery.ringEntries
-            availWrap = advanced >= size ? !usedWrap : usedWrap
-            availPosition = UInt16(advanced % size)
-            lastSignalledUsed = usedPosition
-        }
+        // With nothing in flight the recovered position is the region's own (the device's real position) or the base.
+        usedPosition = recovery.usedPosition % UInt16(size)
+        usedWrap = recovery.usedWrap
+        let advanced = Int(usedPosition) + recovery.ringEntries
+        availWrap = advanced >= size ? !usedWrap : usedWrap
+        availPosition = UInt16(advanced % size)
+        lastSignalledUsed = usedPosition
         return recovery.buffers.count
     }
 

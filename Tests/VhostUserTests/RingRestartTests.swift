@@ -15,24 +15,9 @@ import Glibc
 @Suite(.serialized) struct RingRestartTests {
     /// Starts request ring 2 again on `ring` (fresh driver memory); returns its kick and call fds.
     static func restartRequestRing(_ f: SCSIFixture, _ ring: TestSplitRing) -> (kick: Int32, call: Int32) {
-        let c = f.client!
-        c.send(.setVringNum, TestFrontEnd.state(2, UInt32(ring.size)))
-        c.send(.setVringBase, TestFrontEnd.state(2, 0))
-        var addr = [UInt8]()
-        addr.appendLE(UInt32(2))
-        addr.appendLE(UInt32(0))
-        addr.appendLE(f.ram.user(ring.desc))
-        addr.appendLE(f.ram.user(ring.used))
-        addr.appendLE(f.ram.user(ring.avail))
-        addr.appendLE(UInt64(0))
-        c.send(.setVringAddr, addr)
-        let kick = csys_eventfd(0, 1)
-        let call = csys_eventfd(0, 1)
-        c.send(.setVringCall, TestFrontEnd.u64(2), fds: [call])
-        #expect(c.ack(.setVringKick, TestFrontEnd.u64(2), fds: [kick]) == 0)
-        #expect(c.ack(.setVringEnable, TestFrontEnd.state(2, 1)) == 0)
+        let fds = f.client!.startRing(2, ring, ram: f.ram)
         ring.setUsedEvent(0xFFFF)
-        return (kick, call)
+        return fds
     }
 
     /// Posts INQUIRY on `ring`; returns its head and the data-in address.
@@ -145,23 +130,8 @@ import Glibc
         #expect(f.channel.abortedTokens.withLock { $0.count } == 1)
         // Ring 0 starts again on new driver memory.
         let next = TestSplitRing(ram: f.ram, size: 16)
-        let c = f.client!
-        c.send(.setVringNum, TestFrontEnd.state(0, 16))
-        c.send(.setVringBase, TestFrontEnd.state(0, 0))
-        var addr = [UInt8]()
-        addr.appendLE(UInt32(0))
-        addr.appendLE(UInt32(0))
-        addr.appendLE(f.ram.user(next.desc))
-        addr.appendLE(f.ram.user(next.used))
-        addr.appendLE(f.ram.user(next.avail))
-        addr.appendLE(UInt64(0))
-        c.send(.setVringAddr, addr)
-        let kick = csys_eventfd(0, 1)
-        let call = csys_eventfd(0, 1)
+        let (kick, call) = f.client!.startRing(0, next, ram: f.ram)
         defer { close(kick); close(call) }
-        c.send(.setVringCall, TestFrontEnd.u64(0), fds: [call])
-        #expect(c.ack(.setVringKick, TestFrontEnd.u64(0), fds: [kick]) == 0)
-        #expect(c.ack(.setVringEnable, TestFrontEnd.state(0, 1)) == 0)
         // GET_ID on the new ring while the old WRITE is still held.
         func post(_ type: UInt32, inLength: Int) -> (head: UInt16, status: UInt64, data: UInt64) {
             let h = f.ram.alloc(16)
@@ -197,7 +167,7 @@ import Glibc
         #expect(f.ram.read(read.data, 4) == [0x5A, 0x5A, 0x5A, 0x5A])
         // The abandoned ring drained: stopping the new ring is immediate.
         let t = clockSeconds()
-        #expect(c.getVringBase(0) == 2)
+        #expect(f.client.getVringBase(0) == 2)
         #expect(clockSeconds() - t < 0.25)
     }
 }

@@ -361,32 +361,35 @@ final class TestFrontEnd {
         table.appendLE(UInt32(0))
         table += ram.regionPayload
         #expect(ack(.setMemTable, table, fds: [ram.fd]) == 0)
-        var result: [(Int32, Int32)] = []
-        for (i, ring) in rings.enumerated() {
-            let idx = UInt32(i)
-            send(.setVringNum, Self.state(idx, UInt32(ring.size)))
-            send(.setVringBase, Self.state(idx, 0))
-            var addr = [UInt8]()
-            addr.appendLE(idx)
-            addr.appendLE(UInt32(0))
-            addr.appendLE(ram.user(ring.desc))
-            addr.appendLE(ram.user(ring.used))
-            addr.appendLE(ram.user(ring.avail))
-            addr.appendLE(UInt64(0))
-            send(.setVringAddr, addr)
-            let kick = csys_eventfd(0, 1)
-            let call = csys_eventfd(0, 1)
-            send(.setVringCall, Self.u64(UInt64(i)), fds: [call])
-            if waitForRings {
-                #expect(ack(.setVringKick, Self.u64(UInt64(i)), fds: [kick]) == 0)
-                #expect(ack(.setVringEnable, Self.state(idx, 1)) == 0)
-            } else {
-                send(.setVringKick, Self.u64(UInt64(i)), fds: [kick])
-                send(.setVringEnable, Self.state(idx, 1))
-            }
-            result.append((kick, call))
+        return rings.enumerated().map { startRing(UInt32($0.offset), $0.element, ram: ram, waitForAck: waitForRings) }
+    }
+
+    /// Sets up and starts ring `index` on `ring` from `base` (num, base, addresses, call, kick, enable), as QEMU
+    /// does. Returns the new kick and call eventfds (the caller closes them).
+    /// `waitForAck`: false sends the kick and enable without asking for replies (a start the server holds).
+    func startRing(_ index: UInt32, _ ring: TestSplitRing, ram: TestGuestRAM, base: UInt32 = 0,
+                   waitForAck: Bool = true) -> (kick: Int32, call: Int32) {
+        send(.setVringNum, Self.state(index, UInt32(ring.size)))
+        send(.setVringBase, Self.state(index, base))
+        var addr = [UInt8]()
+        addr.appendLE(index)
+        addr.appendLE(UInt32(0))
+        addr.appendLE(ram.user(ring.desc))
+        addr.appendLE(ram.user(ring.used))
+        addr.appendLE(ram.user(ring.avail))
+        addr.appendLE(UInt64(0))
+        send(.setVringAddr, addr)
+        let kick = csys_eventfd(0, 1)
+        let call = csys_eventfd(0, 1)
+        send(.setVringCall, Self.u64(UInt64(index)), fds: [call])
+        if waitForAck {
+            #expect(ack(.setVringKick, Self.u64(UInt64(index)), fds: [kick]) == 0)
+            #expect(ack(.setVringEnable, Self.state(index, 1)) == 0)
+        } else {
+            send(.setVringKick, Self.u64(UInt64(index)), fds: [kick])
+            send(.setVringEnable, Self.state(index, 1))
         }
-        return result
+        return (kick, call)
     }
 
     /// Stops ring `i` and returns its base.

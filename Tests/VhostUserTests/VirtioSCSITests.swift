@@ -23,14 +23,16 @@ final class SCSIFixture: @unchecked Sendable {
 
     init(features: UInt64 = VirtioFeature.version1 | VirtioFeature.ringEventIndex | VirtioFeature.ringIndirectDescriptors
              | vhostUserFeatureProtocolFeatures | VirtioSCSI.featureHotplug | VirtioSCSI.featureChange, ringSize: Int = 32,
-         hotplug: Bool = true, drainTimeoutMilliseconds: Int32 = 30_000) throws {
+         hotplug: Bool = true, drainTimeoutMilliseconds: Int32 = 30_000, maxQueueSize: Int = 256,
+         expectedQueueSize: Int? = nil) throws {
         let memory = TestGuestRAM()
         ram = memory
         rings = (0..<3).map { _ in TestSplitRing(ram: memory, size: ringSize) }
         try target.add(Self.unit(0, blocks: 8192))
         let ch = MemoryChannel(bytes: 4 << 20)
         channel = ch
-        device = try VirtioSCSIDevice(target: target, options: VirtioSCSIOptions(requestQueues: 1, maxQueueSize: 256, hotplug: hotplug,
+        device = try VirtioSCSIDevice(target: target, options: VirtioSCSIOptions(requestQueues: 1, maxQueueSize: maxQueueSize,
+                                                                                 expectedQueueSize: expectedQueueSize, hotplug: hotplug,
                                                                                  drainTimeoutMilliseconds: drainTimeoutMilliseconds),
                                       channelFactory: { _ in ch }, log: log.logger)
         server = VhostUserServer(socketPath: path, device: device, log: log.logger)
@@ -242,6 +244,58 @@ final class SCSIFixture: @unchecked Sendable {
         #expect(VirtioSCSI.encodeAddress(LogicalUnitNumber(300)!) == [1, 0, 0x41, 0x2C, 0, 0, 0, 0])
     }
 
+    /// Every place a LUN number crosses the wire, as Linux's virtio_scsi does it: the guest numbers each LUN
+    /// from REPORT LUNS (`scsilun_to_int`: bytes 0-1 of the entry), addresses commands and TMFs to that number
+    /// as `[1, target, 0x40 | L >> 8, L & 0xFF]`, and adds a hot-plugged LUN at the number bytes 2-3 of the
+    /// event give (`(lun[2] << 8) | lun[3]`). Each path must name the same LUN, for peripheral (< 256) and flat LUNs.
+    @Test func lunNumbersRoundTripThroughReportLUNsRequestsTMFsAndEvents() throws {
+        let f = try SCSIFixture()
+        let values = [2, 255, 256, 300, 16383]
+        for v in values { try f.target.add(SCSIFixture.unit(v, blocks: 64)) }
+        // LUN 0's unit attentions (power on, REPORTED LUNS DATA HAS CHANGED) come first.
+        var attentions = 0
+        while f.command(cdb: [0x00, 0, 0, 0, 0, 0])?.status != SCSIStatus.good.rawValue && attentions < 8 { attentions += 1 }
+        #expect(attentions >= 1 && attentions < 8)
+        let report = try #require(f.command(tag: 2, cdb: [0xA0, 0, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0], inLength: 4096))
+        #expect(report.status == SCSIStatus.good.rawValue)
+        let d = report.dataIn
+        let listed = (Int(d[0]) << 24 | Int(d[1]) << 16 | Int(d[2]) << 8 | Int(d[3])) / 8
+        #expect(listed == values.count + 1)
+        var linuxNumbers: [Int: Int] = [:]  // LUN -> the number Linux gives it from REPORT LUNS
+        for i in 0..<listed {
+            let entry = Array(report.dataIn[(8 + 8 * i)..<(16 + 8 * i)])
+            #expect(entry[2...] == [0, 0, 0, 0, 0, 0])
+            let linux = Int(entry[0]) << 8 | Int(entry[1])
+            // The request Linux sends to that number reaches the LUN whose serial is SG<value>.
+            let address: [UInt8] = [1, 0, UInt8(linux >> 8) | 0x40, UInt8(linux & 0xFF), 0, 0, 0, 0]
+            let inquiry = try #require(f.command(lun: address, tag: UInt64(10 + i), cdb: [0x12, 1, 0x80, 0, 64, 0], inLength: 64))
+            #expect(inquiry.status == SCSIStatus.good.rawValue)
+            let serial = String(decoding: inquiry.dataIn[4..<(4 + Int(inquiry.dataIn[3]))], as: UTF8.self)
+            let value = try #require(Int(serial.dropFirst(2)))
+            linuxNumbers[value] = linux
+            #expect(linux == (value < 256 ? value : 0x4000 | value), "LUN \(value) listed as \(linux)")
+            // A LOGICAL UNIT RESET to the same address names that LUN (FUNCTION COMPLETE, not INCORRECT LUN).
+            let tmf = f.control(SCSIFixture.tmf(VirtioSCSI.tmfLogicalUnitReset, lun: address), responseLength: 16)
+            #expect(waitFor { f.ram.read(tmf.resp, 1) != [0xEE] })
+            #expect(f.ram.read(tmf.resp, 1) == [VirtioSCSI.responseOK])
+        }
+        #expect(Set(linuxNumbers.keys) == Set([0] + values))
+        // Hot-plug and removal events give Linux the same number as its scan (the adds above, made while the
+        // event queue had no buffer, are reported first as missed events).
+        _ = f.postEventBuffers(1)
+        #expect(waitFor { f.rings[1].usedIndex == 1 })
+        let buffers = f.postEventBuffers(2)
+        try f.target.add(SCSIFixture.unit(301, blocks: 64))
+        #expect(waitFor { f.rings[1].usedIndex == 2 })
+        try f.target.remove(LogicalUnitNumber(2)!)
+        #expect(waitFor { f.rings[1].usedIndex == 3 })
+        let added = f.ram.read(buffers[0], 16)
+        let removed = f.ram.read(buffers[1], 16)
+        #expect(Int(added[6]) << 8 | Int(added[7]) == 0x4000 | 301)
+        #expect(Int(removed[6]) << 8 | Int(removed[7]) == linuxNumbers[2])
+        #expect(removed.readLE(UInt32.self, at: 12) == VirtioSCSI.resetRemoved)
+    }
+
     @Test func malformedRequestsFailWithoutStoppingTheQueue() throws {
         let f = try SCSIFixture()
         // Response buffer smaller than the response header + sense: returned unused.
@@ -337,6 +391,25 @@ final class SCSIFixture: @unchecked Sendable {
         let more = f.postEventBuffers(1)
         #expect(waitFor { f.rings[1].usedIndex == 4 })
         e = f.ram.read(more[0], 16)
+        #expect(e.readLE(UInt32.self, at: 0) == VirtioSCSI.eventNone | VirtioSCSI.eventsMissed)
+    }
+
+    /// A LUN event while the event queue is not running (a gateway restarted under a guest: the CLI adds a LUN
+    /// before QEMU has reconnected) is missed; when the ring starts again with buffers the driver posted before,
+    /// no kick comes, and the first buffer must carry EVENTS_MISSED at once (Linux then rescans the host).
+    @Test func anEventMissedWhileTheEventQueueWasStoppedIsReportedWhenItStartsAgain() throws {
+        let f = try SCSIFixture()
+        let c = f.client!
+        let base = try #require(c.getVringBase(1))
+        try f.target.add(SCSIFixture.unit(7, blocks: 64))
+        let b = f.ram.alloc(16)
+        f.ram.write([UInt8](repeating: 0xEE, count: 16), at: b)
+        let head = f.rings[1].addChain([.init(gpa: b, length: 16, writable: true)])
+        f.rings[1].publish(head)  // posted while stopped; no kick follows
+        let fds = c.startRing(1, f.rings[1], ram: f.ram, base: base)
+        defer { close(fds.kick); close(fds.call) }
+        #expect(waitFor { f.rings[1].usedIndex == 1 })
+        let e = f.ram.read(b, 16)
         #expect(e.readLE(UInt32.self, at: 0) == VirtioSCSI.eventNone | VirtioSCSI.eventsMissed)
     }
 

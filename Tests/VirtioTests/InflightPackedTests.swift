@@ -132,6 +132,31 @@ import Glibc
         #expect(q2.ringBase == 4 | 0x8000 | 4 << 16 | 0x8000_0000)
     }
 
+    /// QEMU cannot read a killed back-end's packed ring position: it hands the restarted one the base it last
+    /// set (here the start, 0 with wrap 1). With nothing in flight, the region's recorded position wins, and
+    /// the driver's next request (at position 3) is seen.
+    @Test func anIdleRegionOverridesTheStaleBaseAfterACrash() throws {
+        let m = try RingMemory()
+        var d = PackedDriver(m, size: Self.size)
+        let region = Region()
+        let q = try Virtqueue(size: Self.size, options: Self.options, addresses: d.addresses, memory: m.memory, base: 0x8000,
+                              segmentsPerSlot: 8)
+        #expect(q.attachInflight(packed: region.make()) == 0)
+        let a = m.alloc(16)
+        for id: UInt16 in [0, 1, 2] { d.add(id: id, [(a, 16, true)]) }
+        for id: UInt16 in [0, 1, 2] {
+            #expect(q.pop().chain?.head == id)
+            q.push(head: id, ringEntries: 1, length: 16)
+        }
+        _ = q.flush()
+        let q2 = try Virtqueue(size: Self.size, options: Self.options, addresses: d.addresses, memory: m.memory, base: 0x8000,
+                               segmentsPerSlot: 8)
+        #expect(q2.attachInflight(packed: region.make()) == 0)
+        #expect(q2.ringBase == 3 | 0x8000 | 3 << 16 | 0x8000_0000)
+        d.add(id: 4, [(a, 16, true)])
+        #expect(q2.pop().chain?.head == 4)
+    }
+
     @Test func aHostileRegionNeverCrashesOrLoops() throws {
         var seed: UInt64 = 0x9E37_79B9_7F4A_7C15
         func random() -> UInt64 {
