@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Per-request cost of ScsiGate's data path: system calls and instructions (user + kernel) per request
+# of the whole gateway process while the busy-polling client (Benchmarks/vhost-bench) drives one queue,
+# counted with `perf stat -e raw_syscalls:sys_enter,instructions:u,instructions:k -p PID`.
+# The gateway serves a null LUN on a vhost-user-blk and a vhost-user-scsi controller.
+#
+# Usage: per-request.sh [-t SECONDS] [-d DEPTH] [--backend null|direct|cached] [-w]
+# Defaults: -t 3 -d 1, null, reads. SCSIGATE_BIN=PATH measures that binary (default: this tree's
+# release build). Needs root (perf).
+set -uo pipefail
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+. "$ROOT/Deploy/guest/lib.sh"
+sg_require_root
+seconds=3 depth=1 backend=null write=()
+while [ $# -gt 0 ]; do
+    case $1 in
+        -t) seconds=$2; shift ;;
+        -d) depth=$2; shift ;;
+        --backend) backend=$2; shift ;;
+        -w) write=(-w) ;;
+        -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+        *) sg_die "unknown argument: $1" ;;
+    esac
+    shift
+done
+cd "$ROOT"
+if [ -n "${SCSIGATE_BIN:-}" ]; then
+    BIN=$SCSIGATE_BIN
+else
+    swift build -c release --product scsigate >&2 || sg_die "swift build -c release failed"
+    BIN="$(swift build -c release --show-bin-path)/scsigate"
+fi
+CLIENT=$(bash Benchmarks/vhost-bench/build.sh) || sg_die "cannot build the client"
+W=$(mktemp -d /var/tmp/scsigate-perreq.XXXXXX)
+SG=""
+trap '[ -n "$SG" ] && kill "$SG" 2>/dev/null; wait 2>/dev/null; rm -rf "$W"' EXIT
+case $backend in
+    null) lun='backend = "null"
+size = "256M"' ;;
+    direct|cached)
+        cache=none; [ "$backend" = cached ] && cache=writeback
+        dd if=/dev/urandom of="$W/disk.img" bs=1M count=256 status=none
+        lun="backend = \"file\"
+path = \"$W/disk.img\"
+cache = \"$cache\"" ;;
+    *) sg_die "unknown back-end: $backend" ;;
+esac
+cat >"$W/sg.toml" <<TOML
+[gateway]
+state_dir = "$W/state"
+control_socket = "$W/control.sock"
+log_level = "warning"
+
+[[controller]]
+name = "blk"
+transport = "vhost-user-blk"
+socket = "$W/blk.sock"
+queues = 1
+queue_size = 256
+
+[[controller.lun]]
+lun = 0
+$lun
+TOML
+[ "$backend" = null ] && cat >>"$W/sg.toml" <<TOML
+
+[[controller]]
+name = "scsi"
+transport = "vhost-user-scsi"
+socket = "$W/scsi.sock"
+queues = 1
+queue_size = 256
+
+[[controller.lun]]
+lun = 0
+$lun
+TOML
+"$BIN" serve --config "$W/sg.toml" >"$W/sg.log" 2>&1 &
+SG=$!
+for _ in $(seq 1 100); do [ -S "$W/blk.sock" ] && break; sleep 0.1; done
+echo "load: $(cut -d' ' -f1-3 /proc/loadavg); $backend, QD $depth, ${seconds}s"
+types=(blk); [ "$backend" = null ] && types+=(scsi)
+for type in "${types[@]}"; do
+    perf stat -x, -e raw_syscalls:sys_enter,instructions:u,instructions:k -p "$SG" -o "$W/perf.txt" -- \
+        "$CLIENT" -s "$W/$type.sock" -T "$type" "${write[@]}" -d "$depth" -t "$seconds" >"$W/client.txt"
+    total=$(sed -n 's/.* total \([0-9]*\) .*/\1/p' "$W/client.txt")
+    [ -n "$total" ] && [ "$total" -gt 0 ] || { cat "$W/client.txt" >&2; sg_die "client failed"; }
+    count() { awk -F, -v e="$1" '$3 ~ e { print $1 }' "$W/perf.txt"; }
+    awk -v t="$total" -v s="$(count raw_syscalls)" -v u="$(count 'instructions:u')" -v k="$(count 'instructions:k')" \
+        -v ty="$type" -v line="$(cat "$W/client.txt")" \
+        'BEGIN { printf "%-4s %s | syscalls/req %.2f  instructions/req user %.0f kernel %.0f\n", ty, line, s / t, u / t, k / t }'
+done
