@@ -12,6 +12,7 @@
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 . "$ROOT/Deploy/guest/lib.sh"
+. "$ROOT/Deploy/bench/lib.sh"
 sg_require_root
 seconds=3 depth=1 backend=null write=()
 while [ $# -gt 0 ]; do
@@ -26,60 +27,21 @@ while [ $# -gt 0 ]; do
     shift
 done
 cd "$ROOT"
-if [ -n "${SCSIGATE_BIN:-}" ]; then
-    BIN=$SCSIGATE_BIN
-else
-    swift build -c release --product scsigate >&2 || sg_die "swift build -c release failed"
-    BIN="$(swift build -c release --show-bin-path)/scsigate"
-fi
+BIN=$(bench_binary) || exit 1
 CLIENT=$(bash Benchmarks/vhost-bench/build.sh) || sg_die "cannot build the client"
 W=$(mktemp -d /var/tmp/scsigate-perreq.XXXXXX)
 SG=""
 trap '[ -n "$SG" ] && kill "$SG" 2>/dev/null; wait 2>/dev/null; rm -rf "$W"' EXIT
-case $backend in
-    null) lun='backend = "null"
-size = "256M"' ;;
-    direct|cached)
-        cache=none; [ "$backend" = cached ] && cache=writeback
-        dd if=/dev/urandom of="$W/disk.img" bs=1M count=256 status=none
-        lun="backend = \"file\"
-path = \"$W/disk.img\"
-cache = \"$cache\"" ;;
-    *) sg_die "unknown back-end: $backend" ;;
-esac
-cat >"$W/sg.toml" <<TOML
-[gateway]
-state_dir = "$W/state"
-control_socket = "$W/control.sock"
-log_level = "warning"
-
-[[controller]]
-name = "blk"
-transport = "vhost-user-blk"
-socket = "$W/blk.sock"
-queues = 1
-queue_size = 256
-
-[[controller.lun]]
-lun = 0
-$lun
-TOML
-[ "$backend" = null ] && cat >>"$W/sg.toml" <<TOML
-
-[[controller]]
-name = "scsi"
-transport = "vhost-user-scsi"
-socket = "$W/scsi.sock"
-queues = 1
-queue_size = 256
-
-[[controller.lun]]
-lun = 0
-$lun
-TOML
+lun=$(bench_lun "$backend" "$W/disk.img") || exit 1
+[ "$backend" = null ] || dd if=/dev/urandom of="$W/disk.img" bs=1M count=256 status=none
+{ bench_gateway "$W"
+  bench_controller blk vhost-user-blk "$W/blk.sock" "$lun"
+  # virtio-scsi on the same back-end (null only: a file is locked by its one LUN)
+  [ "$backend" = null ] && bench_controller scsi vhost-user-scsi "$W/scsi.sock" "$lun"
+} >"$W/sg.toml"
 "$BIN" serve --config "$W/sg.toml" >"$W/sg.log" 2>&1 &
 SG=$!
-for _ in $(seq 1 100); do [ -S "$W/blk.sock" ] && break; sleep 0.1; done
+bench_wait_socket "$W/blk.sock" || { cat "$W/sg.log" >&2; sg_die "scsigate did not start"; }
 echo "load: $(cut -d' ' -f1-3 /proc/loadavg); $backend, QD $depth, ${seconds}s"
 types=(blk); [ "$backend" = null ] && types+=(scsi)
 for type in "${types[@]}"; do

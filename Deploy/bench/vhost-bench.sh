@@ -16,6 +16,7 @@
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 . "$ROOT/Deploy/guest/lib.sh"
+. "$ROOT/Deploy/bench/lib.sh"
 sg_require_root
 seconds=3 repeats=3 only="" qds="1 32" ops="read write" eidx=1
 while [ $# -gt 0 ]; do
@@ -33,12 +34,7 @@ while [ $# -gt 0 ]; do
 done
 cd "$ROOT"
 bash Deploy/chroot/make-sid-chroot.sh >/dev/null || sg_die "sid chroot"
-if [ -n "${SCSIGATE_BIN:-}" ]; then
-    BIN=$SCSIGATE_BIN
-else
-    swift build -c release --product scsigate >&2 || sg_die "swift build -c release failed"
-    BIN="$(swift build -c release --show-bin-path)/scsigate"
-fi
+BIN=$(bench_binary) || exit 1
 CLIENT=$(bash Benchmarks/vhost-bench/build.sh) || sg_die "cannot build the client"
 W=$(mktemp -d /var/tmp/scsigate-vbench.XXXXXX)
 QSD="" SG=""
@@ -49,24 +45,12 @@ cleanup() {
     rm -rf "$W"
 }
 trap cleanup EXIT
-wait_socket() { for _ in $(seq 1 100); do [ -S "$1" ] && return 0; sleep 0.1; done; return 1; }
-
 start() {  # start BACKEND: qsd and one gateway (a blk and a scsi controller) on that back-end
-    local b=$1 qdev lun
+    local b=$1 qdev
     case $b in
-        null) qdev="driver=null-co,node-name=b0,size=268435456"
-              lun_blk='backend = "null"
-size = "256M"'; lun_scsi=$lun_blk ;;
-        direct|cached)
-            local cache=none qcache="cache.direct=on,aio=io_uring"
-            [ "$b" = cached ] && cache=writeback qcache="cache.direct=off,aio=threads"
-            qdev="driver=file,node-name=b0,filename=$W/qsd.img,$qcache"
-            lun_blk="backend = \"file\"
-path = \"$W/blk.img\"
-cache = \"$cache\""
-            lun_scsi="backend = \"file\"
-path = \"$W/scsi.img\"
-cache = \"$cache\"" ;;
+        null) qdev="driver=null-co,node-name=b0,size=268435456" ;;
+        direct) qdev="driver=file,node-name=b0,filename=$W/qsd.img,cache.direct=on,aio=io_uring" ;;
+        cached) qdev="driver=file,node-name=b0,filename=$W/qsd.img,cache.direct=off,aio=threads" ;;
     esac
     rm -f "$W"/*.sock
     bash Deploy/chroot/sid-run.sh --no-build --bind "$W" -- qemu-storage-daemon \
@@ -74,38 +58,14 @@ cache = \"$cache\"" ;;
         --export "type=vhost-user-blk,id=e0,node-name=b0,iothread=io0,addr.type=unix,addr.path=$W/qsd.sock,writable=on,num-queues=1" \
         >"$W/qsd.log" 2>&1 &
     QSD=$!
-    cat >"$W/sg.toml" <<TOML
-[gateway]
-state_dir = "$W/state"
-control_socket = "$W/control.sock"
-log_level = "warning"
-
-[[controller]]
-name = "blk"
-transport = "vhost-user-blk"
-socket = "$W/blk.sock"
-queues = 1
-queue_size = 256
-
-[[controller.lun]]
-lun = 0
-$lun_blk
-
-[[controller]]
-name = "scsi"
-transport = "vhost-user-scsi"
-socket = "$W/scsi.sock"
-queues = 1
-queue_size = 256
-
-[[controller.lun]]
-lun = 0
-$lun_scsi
-TOML
+    { bench_gateway "$W"
+      bench_controller blk vhost-user-blk "$W/blk.sock" "$(bench_lun "$b" "$W/blk.img")"
+      bench_controller scsi vhost-user-scsi "$W/scsi.sock" "$(bench_lun "$b" "$W/scsi.img")"
+    } >"$W/sg.toml"
     "$BIN" serve --config "$W/sg.toml" >"$W/sg.log" 2>&1 &
     SG=$!
-    wait_socket "$W/qsd.sock" || { cat "$W/qsd.log" >&2; sg_die "qemu-storage-daemon did not start"; }
-    wait_socket "$W/blk.sock" && wait_socket "$W/scsi.sock" || { cat "$W/sg.log" >&2; sg_die "scsigate did not start"; }
+    bench_wait_socket "$W/qsd.sock" || { cat "$W/qsd.log" >&2; sg_die "qemu-storage-daemon did not start"; }
+    bench_wait_socket "$W/blk.sock" && bench_wait_socket "$W/scsi.sock" || { cat "$W/sg.log" >&2; sg_die "scsigate did not start"; }
 }
 stop() {
     kill "$QSD" "$SG" 2>/dev/null

@@ -403,34 +403,28 @@ public final class FileChannel: BlockChannel, @unchecked Sendable {
     @inline(__always)
     private func collect(_ handler: (UInt64, BlockResult) -> Void, systemCalls: Bool) -> Int {
         var delivered = 0
-        if aioInFlight > 0, let completionRing {
-            while aioInFlight > 0 {
-                let n = completionRing.pop(into: events, capacity: queueDepth)
-                if n <= 0 { break }
-                for i in 0..<n {
-                    let event = events[i]
-                    let index = Int(bitPattern: event.data) - 1
-                    aioInFlight -= 1
-                    finishAIO(core.slots + index, result: Int(bitPattern: event.res))
-                    deliver(index, handler)
-                    delivered += 1
-                }
-            }
-        } else if systemCalls, let context {
-            while aioInFlight > 0 {
-                let n = Int(io_getevents(context, 0, queueDepth, events, zeroTimeout))
+        while aioInFlight > 0 {
+            let n: Int
+            if let completionRing {
+                n = completionRing.pop(into: events, capacity: queueDepth)
+            } else if systemCalls, let context {
+                n = Int(io_getevents(context, 0, queueDepth, events, zeroTimeout))
                 if n == -EINTR { continue }
-                if n <= 0 { break }
-                for i in 0..<n {
-                    let event = events[i]
-                    let index = Int(bitPattern: event.data) - 1
-                    aioInFlight -= 1
-                    finishAIO(core.slots + index, result: Int(bitPattern: event.res))
-                    deliver(index, handler)
-                    delivered += 1
-                }
-                if n < queueDepth { break }
+            } else {
+                break
             }
+            if n <= 0 { break }
+            for i in 0..<n {
+                let event = events[i]
+                let index = Int(bitPattern: event.data) - 1
+                // Our own iocb tags come back; anything else (a corrupt ring) is not a slot of ours.
+                guard index >= 0 && index < queueDepth else { continue }
+                aioInFlight -= 1
+                finishAIO(core.slots + index, result: Int(bitPattern: event.res))
+                deliver(index, handler)
+                delivered += 1
+            }
+            if completionRing == nil && n < queueDepth { break }
         }
         for worker in workers {
             while let index = worker.completions.pop() {
