@@ -144,6 +144,17 @@ public enum AnyBlockChannel: Sendable {
         }
     }
 
+    /// Delivers the completions found without a system call (see ``FileChannel/poll(_:)``; the null
+    /// channel's are all ready after `commit`; iSCSI channels reap).
+    @inline(__always)
+    public func poll(_ handler: (UInt64, BlockResult) -> Void) -> Int {
+        switch self {
+        case .file(let channel): return channel.poll(handler)
+        case .null(let channel): return channel.reap(handler)
+        case .iscsi(let channel): return channel.reap(handler)
+        }
+    }
+
     /// Asks the back-end to abort one submitted request (see ``BlockChannel/abort(token:)``); the
     /// request still completes through `reap`. Only remote back-ends can abort.
     public func abort(token: UInt64) -> Bool {

@@ -34,6 +34,9 @@ public final class FileChannel: BlockChannel, @unchecked Sendable {
     private let queueDepth: Int
 
     private var context: io_context_t?
+    /// The context's completion ring, read in user space (nil: its header is not the known one, so
+    /// completions come from io_getevents).
+    private let completionRing: AIOCompletionRing?
     private let iocbs: UnsafeMutablePointer<iocb>
     private let pending: UnsafeMutablePointer<UnsafeMutablePointer<iocb>?>
     private var pendingCount = 0
@@ -105,6 +108,7 @@ public final class FileChannel: BlockChannel, @unchecked Sendable {
         self.iovMax = Int(csys_iov_max())
         self.queueDepth = depth
         self.context = ctx
+        self.completionRing = ctx.flatMap { AIOCompletionRing($0) }
         self.completionFD = efd
         self.workers = started
         iocbs = .allocate(capacity: depth)
@@ -385,22 +389,42 @@ public final class FileChannel: BlockChannel, @unchecked Sendable {
         assert(drained == 0 || drained == -EAGAIN, "eventfd read failed: \(drained)")
         // After the drain, before popping: a worker completing from now on signals again.
         core.workerSignalPending.store(false, ordering: .sequentiallyConsistent)
+        return collect(handler, systemCalls: true)
+    }
+
+    /// Delivers the completions found without a system call (AIO completions from the context's ring
+    /// in user space, worker and immediate completions) and returns how many. The eventfd stays as it
+    /// is: readable while it counts completions, so a loop going to sleep wakes and `reap`s.
+    public func poll(_ handler: (UInt64, BlockResult) -> Void) -> Int {
+        if closed { return 0 }
+        return collect(handler, systemCalls: false)
+    }
+
+    @inline(__always)
+    private func collect(_ handler: (UInt64, BlockResult) -> Void, systemCalls: Bool) -> Int {
         var delivered = 0
-        if let context {
-            while aioInFlight > 0 {
-                let n = Int(io_getevents(context, 0, queueDepth, events, zeroTimeout))
+        while aioInFlight > 0 {
+            let n: Int
+            if let completionRing {
+                n = completionRing.pop(into: events, capacity: queueDepth)
+            } else if systemCalls, let context {
+                n = Int(io_getevents(context, 0, queueDepth, events, zeroTimeout))
                 if n == -EINTR { continue }
-                if n <= 0 { break }
-                for i in 0..<n {
-                    let event = events[i]
-                    let index = Int(bitPattern: event.data) - 1
-                    aioInFlight -= 1
-                    finishAIO(core.slots + index, result: Int(bitPattern: event.res))
-                    deliver(index, handler)
-                    delivered += 1
-                }
-                if n < queueDepth { break }
+            } else {
+                break
             }
+            if n <= 0 { break }
+            for i in 0..<n {
+                let event = events[i]
+                let index = Int(bitPattern: event.data) - 1
+                // Our own iocb tags come back; anything else (a corrupt ring) is not a slot of ours.
+                guard index >= 0 && index < queueDepth else { continue }
+                aioInFlight -= 1
+                finishAIO(core.slots + index, result: Int(bitPattern: event.res))
+                deliver(index, handler)
+                delivered += 1
+            }
+            if completionRing == nil && n < queueDepth { break }
         }
         for worker in workers {
             while let index = worker.completions.pop() {

@@ -8,8 +8,8 @@ import CSystem
 ///
 /// Reads leave the caller's buffers untouched (no data is produced, nothing is zeroed) and report the
 /// requested length, clipped at the capacity; writes, flushes, discards and write-zeroes succeed without
-/// touching memory. Completions still arrive through an eventfd, so an event loop drives it exactly
-/// like a ``FileBackend``.
+/// touching memory. It is synchronous: its channels have no completion fd, and the committed requests
+/// are delivered by the next `reap` (callers reap right after `commit`, with no wake-up round trip).
 public final class NullBackend: BlockBackend, @unchecked Sendable {
     /// The per-thread channel type.
     public typealias Channel = NullChannel
@@ -48,7 +48,7 @@ public final class NullBackend: BlockBackend, @unchecked Sendable {
     }
 }
 
-/// A ``NullBackend`` channel: a preallocated ring of completed results, signalled on `commit`.
+/// A ``NullBackend`` channel: a preallocated ring of completed results, ready on `commit`.
 /// Like ``FileChannel``, it may be handed to another thread but is used by one thread at a time.
 public final class NullChannel: BlockChannel, @unchecked Sendable {
     private let capacityBytes: UInt64
@@ -60,16 +60,10 @@ public final class NullChannel: BlockChannel, @unchecked Sendable {
     private var head = 0
     private var committed = 0
     private var count = 0
-    /// Readable (eventfd) when committed completions are ready.
-    public let completionFD: Int32
+    /// None (-1): committed requests are complete; `reap` delivers them.
+    public var completionFD: Int32 { -1 }
 
     init(geometry: BlockGeometry, queueDepth: Int) throws(BlockBackendError) {
-        let efd = csys_eventfd(0, 1)
-        guard efd >= 0 else {
-            let e = currentErrno()
-            throw BlockBackendError("null back-end eventfd: " + errnoName(e), errno: e)
-        }
-        completionFD = efd
         capacityBytes = geometry.capacityBytes
         blockSize = UInt64(geometry.logicalBlockSize)
         readOnly = geometry.readOnly
@@ -81,7 +75,6 @@ public final class NullChannel: BlockChannel, @unchecked Sendable {
     }
 
     deinit {
-        _ = Glibc.close(completionFD)
         tokens.deallocate()
         results.deallocate()
     }
@@ -119,20 +112,13 @@ public final class NullChannel: BlockChannel, @unchecked Sendable {
         return 0
     }
 
-    /// Makes the queued requests ready and signals the eventfd once.
+    /// Makes the queued requests complete (`reap` delivers them).
     public func commit() {
-        if committed < count {
-            committed = count
-            let r = csys_eventfd_signal(completionFD, 1)
-            assert(r == 0 || r == -EAGAIN, "eventfd write failed: \(r)")
-        }
+        committed = count
     }
 
     /// Delivers the committed completions.
     public func reap(_ handler: (UInt64, BlockResult) -> Void) -> Int {
-        var counter: UInt64 = 0
-        let drained = csys_eventfd_drain(completionFD, &counter)
-        assert(drained == 0 || drained == -EAGAIN, "eventfd read failed: \(drained)")
         var delivered = 0
         while committed > 0 {
             let token = tokens[head]

@@ -51,6 +51,10 @@ public final class EventLoop: @unchecked Sendable {
     private let eventCapacity = 64
     /// How long to spin on pollers after the last work before sleeping (0 disables polling).
     public var pollBudgetNanoseconds: UInt64
+    /// While polling, how often the loop also looks at its fds (epoll_wait with no timeout): pollers
+    /// find ring work and user-space completions themselves, so the fds (control work, completions only
+    /// an fd reports) are checked at this period instead of once per poll (a system call each).
+    public var fdCheckNanoseconds: UInt64 = 10_000
     /// A name for the thread.
     public let name: String
 
@@ -169,15 +173,18 @@ public final class EventLoop: @unchecked Sendable {
         while !isStopping {
             _ = dispatch(timeout: 0)
             if pollBudgetNanoseconds > 0 && !pollers.isEmpty {
-                var lastWork = Self.nowNanoseconds()
+                var now = Self.nowNanoseconds()
+                var lastWork = now
+                var lastFDCheck = now
                 while !isStopping {
-                    if pollOnce() {
-                        lastWork = Self.nowNanoseconds()
-                        if dispatch(timeout: 0) > 0 { lastWork = Self.nowNanoseconds() }
-                        continue
+                    let worked = pollOnce()
+                    now = Self.nowNanoseconds()
+                    if worked { lastWork = now }
+                    if now &- lastFDCheck >= fdCheckNanoseconds {
+                        lastFDCheck = now
+                        if dispatch(timeout: 0) > 0 { lastWork = Self.nowNanoseconds(); continue }
                     }
-                    if dispatch(timeout: 0) > 0 { lastWork = Self.nowNanoseconds(); continue }
-                    if Self.nowNanoseconds() &- lastWork > pollBudgetNanoseconds { break }
+                    if !worked && now &- lastWork > pollBudgetNanoseconds { break }
                 }
             } else {
                 _ = pollOnce()

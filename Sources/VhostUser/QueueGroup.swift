@@ -103,7 +103,11 @@ public protocol QueueGroupHandler: AnyObject, SendableMetatype {
     func handle(_ chain: DescriptorChain, on queue: RunningQueue)
     /// Delivers back-end completions; returns whether any arrived.
     func reap() -> Bool
-    /// Sends queued back-end submissions.
+    /// Delivers the back-end completions found without a system call (while polling); returns whether
+    /// any arrived. Default: `reap`.
+    func poll() -> Bool
+    /// Sends queued back-end submissions; completions of synchronous back-ends (no completion fd) are
+    /// delivered before it returns.
     func commit()
     /// Fds that become readable when back-end completions are ready (registered once).
     func completionFDs() -> [Int32]
@@ -127,6 +131,7 @@ public protocol QueueGroupHandler: AnyObject, SendableMetatype {
 }
 
 extension QueueGroupHandler {
+    public func poll() -> Bool { reap() }
     public func bind(registerCompletionFD: @escaping (Int32) -> Void) {}
     public func bind(unregisterCompletionFD: @escaping (Int32) -> Void) {}
     public func stopping() {}
@@ -466,7 +471,7 @@ public final class QueueGroup<Handler: QueueGroupHandler>: @unchecked Sendable {
         var work = false
         for q in queues where service(q) { work = true }
         if work { handler.commit() }
-        if handler.reap() { work = true }
+        if handler.poll() { work = true }
         if work { afterWork() }
         return work
     }

@@ -15,6 +15,9 @@ public protocol VhostChannel: SendableMetatype {
     func commit()
     /// Delivers ready completions; returns how many.
     func reap(_ handler: (UInt64, BlockResult) -> Void) -> Int
+    /// Delivers the completions found without a system call (the loop calls it while it polls; the
+    /// completion fd may stay readable, and `reap` then finds what is left). Default: `reap`.
+    func poll(_ handler: (UInt64, BlockResult) -> Void) -> Int
     /// Releases the channel (worker threads, completion fd, its hold on the back-end). The devices call
     /// it once, on the channel's thread, after the last completion was reaped and the completion fd was
     /// taken out of the event loop; the channel is not used afterwards.
@@ -26,4 +29,8 @@ public protocol VhostChannel: SendableMetatype {
     /// Asks the back-end to reset its logical unit (LOGICAL UNIT RESET); every request still completes
     /// through `reap`. False when there is nothing to reset (local I/O).
     func resetLogicalUnit() -> Bool
+}
+
+extension VhostChannel {
+    public func poll(_ handler: (UInt64, BlockResult) -> Void) -> Int { reap(handler) }
 }

@@ -331,6 +331,8 @@ final class BlkQueueSlots {
 /// The virtio-blk data path of one queue group.
 final class BlkGroupHandler<Channel: VhostChannel>: QueueGroupHandler {
     private(set) var channel: Channel
+    /// The channel completes on commit (no completion fd): `commit` delivers at once.
+    private var channelIsSynchronous: Bool
     unowned(unsafe) var device: VirtioBlkDevice<Channel>!
     private var queues: [BlkQueueSlots?]
     /// Slots of abandoned rings (drain timed out) waiting for their late back-end completions, which
@@ -349,6 +351,7 @@ final class BlkGroupHandler<Channel: VhostChannel>: QueueGroupHandler {
 
     init(channel: Channel, queueCount: Int, counters: VirtioBlkCountersProvider?) {
         self.channel = channel
+        channelIsSynchronous = channel.completionFD < 0
         queues = Array(repeating: nil, count: queueCount)
         countersProvider = counters
     }
@@ -403,6 +406,7 @@ final class BlkGroupHandler<Channel: VhostChannel>: QueueGroupHandler {
             return false
         }
         channel = newChannel
+        channelIsSynchronous = newChannel.completionFD < 0
         submitted = 0
         closed = false
         backendGone = false
@@ -427,32 +431,45 @@ final class BlkGroupHandler<Channel: VhostChannel>: QueueGroupHandler {
     }
 
     func commit() {
-        if pendingCommit {
-            pendingCommit = false
-            if !closed { channel.commit() }
-        }
+        guard pendingCommit else { return }
+        pendingCommit = false
+        guard !closed else { return }
+        channel.commit()
+        // A synchronous back-end completed on commit: deliver now, with no wake-up round trip.
+        if channelIsSynchronous { _ = reap() }
     }
 
     func reap() -> Bool {
         if closed { return false }
-        let n = channel.reap { raw, result in
-            submitted -= 1
-            let token = BackendToken(raw)
-            let head = token.head
-            guard let q = slots(for: token), Int(head) < q.queue.ring.size, q.slots[Int(head)].inBackend else { return }
-            q.slots[Int(head)].inBackend = false
-            if q.queue.abandoned {
-                // Its ring is gone: drop the completion (the broken ring only does its bookkeeping).
-                q.queue.complete(head: head, ringEntries: q.slots[Int(head)].entries, length: 0)
-                return
-            }
-            let slot = q.slots[Int(head)]
-            var ok = result.succeeded
-            if slot.isRead && result.bytesTransferred < UInt64(slot.written) { ok = false }
-            finish(q, head, ok ? VirtioBlk.statusOK : VirtioBlk.statusIOError, dataWritten: ok ? slot.written : 0)
-        }
+        let n = channel.reap { completed($0, $1) }
         if backendGone && submitted <= 0 { closeChannel() }
         return n > 0
+    }
+
+    func poll() -> Bool {
+        if closed { return false }
+        let n = channel.poll { completed($0, $1) }
+        if backendGone && submitted <= 0 { closeChannel() }
+        return n > 0
+    }
+
+    /// One back-end completion: the guest gets its status (or, for an abandoned ring, nothing).
+    @inline(__always)
+    private func completed(_ raw: UInt64, _ result: BlockResult) {
+        submitted -= 1
+        let token = BackendToken(raw)
+        let head = token.head
+        guard let q = slots(for: token), Int(head) < q.queue.ring.size, q.slots[Int(head)].inBackend else { return }
+        q.slots[Int(head)].inBackend = false
+        if q.queue.abandoned {
+            // Its ring is gone: drop the completion (the broken ring only does its bookkeeping).
+            q.queue.complete(head: head, ringEntries: q.slots[Int(head)].entries, length: 0)
+            return
+        }
+        let slot = q.slots[Int(head)]
+        var ok = result.succeeded
+        if slot.isRead && result.bytesTransferred < UInt64(slot.written) { ok = false }
+        finish(q, head, ok ? VirtioBlk.statusOK : VirtioBlk.statusIOError, dataWritten: ok ? slot.written : 0)
     }
 
     @inline(__always)

@@ -658,49 +658,75 @@ final class SCSIGroupHandler<Channel: VhostChannel>: QueueGroupHandler, @uncheck
     }
 
     func commit() {
-        for i in dirtyUses {
-            guard let use = uses[i] else { continue }
-            use.dirty = false
-            use.channel?.commit()
+        while !dirtyUses.isEmpty {
+            var synchronous = false
+            for i in dirtyUses {
+                guard let use = uses[i] else { continue }
+                use.dirty = false
+                if let c = use.channel {
+                    c.commit()
+                    if c.completionFD < 0 { synchronous = true }
+                }
+            }
+            dirtyUses.removeAll(keepingCapacity: true)
+            // Synchronous back-ends completed on commit: deliver now, with no wake-up round trip (a
+            // command's next back-end step may dirty a use again).
+            if !synchronous || !deliver(polling: true) { break }
         }
-        dirtyUses.removeAll(keepingCapacity: true)
         if retiredCount > 0 { closeIdleRetired() }
     }
 
     func reap() -> Bool {
+        let any = deliver(polling: false)
+        if any || retiredCount > 0 { commit() }
+        return any
+    }
+
+    func poll() -> Bool {
+        let any = deliver(polling: true)
+        if any || retiredCount > 0 { commit() }
+        return any
+    }
+
+    /// Delivers the completions of every channel: all of them, or (`polling`) those found without a
+    /// system call. Returns whether any arrived.
+    private func deliver(polling: Bool) -> Bool {
         var any = false
         var i = 0
         let count = uses.count
         while i < count {
             defer { i += 1 }
             guard let use = uses[i], let c = use.channel else { continue }
-            let n = c.reap { raw, result in
-                use.submitted -= 1
-                let token = BackendToken(raw)
-                let head = token.head
-                guard let q = slots(for: token), Int(head) < q.size, q.inBackend[Int(head)] else { return }
-                q.inBackend[Int(head)] = false
-                q.abortRequested[Int(head)] = false
-                if q.queue.abandoned {
-                    // Its ring is gone (the task ended when it was abandoned): drop the completion; the
-                    // broken ring only does its bookkeeping, so the old queue can finish draining.
-                    q.queue.complete(head: head, ringEntries: q.entries[Int(head)], length: 0)
-                    return
-                }
-                let slot = q.taskSetBase + Int(head)
-                taskSet.setInBackend(slot: slot, false)
-                if taskSet.isAborted(slot: slot) {
-                    // A TMF aborted it: no further back-end step; answered VIRTIO_SCSI_S_ABORTED.
-                    respond(q, head, registered: true)
-                    return
-                }
-                let disposition = device.target.resume(&q.tasks[Int(head)], with: result)
-                drive(q, head, disposition)
-            }
+            let n = polling ? c.poll { completed(use, $0, $1) } : c.reap { completed(use, $0, $1) }
             if n > 0 { any = true }
         }
-        if any || retiredCount > 0 { commit() }
         return any
+    }
+
+    /// One back-end completion: the task resumes (next step or answer), or is dropped for an abandoned ring.
+    @inline(__always)
+    private func completed(_ use: BackendUse<Channel>, _ raw: UInt64, _ result: BlockResult) {
+        use.submitted -= 1
+        let token = BackendToken(raw)
+        let head = token.head
+        guard let q = slots(for: token), Int(head) < q.size, q.inBackend[Int(head)] else { return }
+        q.inBackend[Int(head)] = false
+        q.abortRequested[Int(head)] = false
+        if q.queue.abandoned {
+            // Its ring is gone (the task ended when it was abandoned): drop the completion; the
+            // broken ring only does its bookkeeping, so the old queue can finish draining.
+            q.queue.complete(head: head, ringEntries: q.entries[Int(head)], length: 0)
+            return
+        }
+        let slot = q.taskSetBase + Int(head)
+        taskSet.setInBackend(slot: slot, false)
+        if taskSet.isAborted(slot: slot) {
+            // A TMF aborted it: no further back-end step; answered VIRTIO_SCSI_S_ABORTED.
+            respond(q, head, registered: true)
+            return
+        }
+        let disposition = device.target.resume(&q.tasks[Int(head)], with: result)
+        drive(q, head, disposition)
     }
 
     // MARK: Statistics

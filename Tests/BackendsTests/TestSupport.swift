@@ -71,8 +71,10 @@ func waitForCompletions<C: BlockChannel>(_ channel: C, count: Int, timeoutSecond
     var results = Completions()
     let deadline = Date().addingTimeInterval(timeoutSeconds)
     while results.count < count && Date() < deadline {
-        var descriptor = pollfd(fd: channel.completionFD, events: Int16(POLLIN), revents: 0)
-        _ = poll(&descriptor, 1, 200)
+        if channel.completionFD >= 0 {  // synchronous channels (no fd) are ready after commit
+            var descriptor = pollfd(fd: channel.completionFD, events: Int16(POLLIN), revents: 0)
+            _ = poll(&descriptor, 1, 200)
+        }
         _ = channel.reap { token, result in results[token] = result }
     }
     return results
@@ -83,8 +85,10 @@ func waitForCompletions(_ channel: AnyBlockChannel, count: Int, timeoutSeconds: 
     var results = Completions()
     let deadline = Date().addingTimeInterval(timeoutSeconds)
     while results.count < count && Date() < deadline {
-        var descriptor = pollfd(fd: channel.completionFD, events: Int16(POLLIN), revents: 0)
-        _ = poll(&descriptor, 1, 200)
+        if channel.completionFD >= 0 {  // synchronous channels (no fd) are ready after commit
+            var descriptor = pollfd(fd: channel.completionFD, events: Int16(POLLIN), revents: 0)
+            _ = poll(&descriptor, 1, 200)
+        }
         _ = channel.reap { token, result in results[token] = result }
     }
     return results

@@ -146,7 +146,8 @@ final class TestSplitRing: @unchecked Sendable {
     var addressPayload: [UInt8] { [] }
 }
 
-/// An in-memory back-end: requests complete on `commit`, signalled through an eventfd.
+/// An in-memory back-end: requests complete on `commit`, signalled through an eventfd (or, when
+/// `synchronous`, with no completion fd at all: the device reaps right after committing).
 final class MemoryChannel: BlockChannel, @unchecked Sendable {
     let storage: UnsafeMutableRawBufferPointer
     let completionFD: Int32
@@ -158,16 +159,16 @@ final class MemoryChannel: BlockChannel, @unchecked Sendable {
     private var held: [(UInt64, BlockResult)] = []
     let releaseFD: Int32
 
-    init(bytes: Int) {
+    init(bytes: Int, synchronous: Bool = false) {
         storage = .allocate(byteCount: bytes, alignment: 4096)
         storage.initializeMemory(as: UInt8.self, repeating: 0)
-        completionFD = csys_eventfd(0, 1)
+        completionFD = synchronous ? -1 : csys_eventfd(0, 1)
         releaseFD = csys_eventfd(0, 1)
     }
 
     deinit {
         storage.deallocate()
-        Glibc.close(completionFD)
+        if completionFD >= 0 { Glibc.close(completionFD) }
         Glibc.close(releaseFD)
     }
 
@@ -197,7 +198,7 @@ final class MemoryChannel: BlockChannel, @unchecked Sendable {
             held += queued
         } else {
             ready += queued
-            _ = csys_eventfd_signal(completionFD, 1)
+            if completionFD >= 0 { _ = csys_eventfd_signal(completionFD, 1) }
         }
         queued.removeAll()
     }

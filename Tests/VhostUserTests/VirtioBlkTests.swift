@@ -11,7 +11,7 @@ import Glibc
 final class BlkFixture: @unchecked Sendable {
     let ram = TestGuestRAM()
     let ring: TestSplitRing
-    let channel = MemoryChannel(bytes: 1 << 20)
+    let channel: MemoryChannel
     let device: VirtioBlkDevice<MemoryChannel>
     let server: VhostUserServer<VirtioBlkDevice<MemoryChannel>>
     let log = TestLog()
@@ -22,7 +22,8 @@ final class BlkFixture: @unchecked Sendable {
 
     init(features: UInt64 = VirtioFeature.version1 | VirtioFeature.ringIndirectDescriptors | vhostUserFeatureProtocolFeatures,
          queueSize: Int = 16, readOnly: Bool = false, drainTimeoutMilliseconds: Int32 = 30_000,
-         watchdogMilliseconds: Int = 1000, extraProtocolFeatures: UInt64 = 0) throws {
+         watchdogMilliseconds: Int = 1000, extraProtocolFeatures: UInt64 = 0, synchronous: Bool = false) throws {
+        channel = MemoryChannel(bytes: 1 << 20, synchronous: synchronous)
         ring = TestSplitRing(ram: ram, size: queueSize)
         let geometry = BlockGeometry(logicalBlockSize: 512, physicalBlockSize: 4096, blockCount: 2048, readOnly: readOnly)
         let ch = channel
@@ -72,6 +73,20 @@ final class BlkFixture: @unchecked Sendable {
 }
 
 @Suite(.serialized) struct VirtioBlkTests {
+    /// A synchronous back-end (no completion fd, like the null back-end) completes inline on commit.
+    @Test func synchronousBackendCompletesInline() throws {
+        let f = try BlkFixture(synchronous: true)
+        let data = (0..<4096).map { UInt8(truncatingIfNeeded: $0 * 5 + 1) }
+        for round in 0..<20 {
+            let sector = UInt64(round * 8)
+            #expect(f.request(type: VirtioBlk.typeOut, sector: sector, out: data)?.0 == VirtioBlk.statusOK)
+            let r = f.request(type: VirtioBlk.typeIn, sector: sector, inLength: 4096)
+            #expect(r?.0 == VirtioBlk.statusOK && r?.1 == 4097)
+            #expect(f.ram.read(f.lastIn, 4096) == data)
+        }
+        #expect(f.channel.inFlight == 0)
+    }
+
     @Test func writeReadRoundTripThroughGuestMemory() throws {
         let f = try BlkFixture()
         let data = (0..<4096).map { UInt8(truncatingIfNeeded: $0 * 7 + 3) }

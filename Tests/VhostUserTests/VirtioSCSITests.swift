@@ -24,12 +24,12 @@ final class SCSIFixture: @unchecked Sendable {
     init(features: UInt64 = VirtioFeature.version1 | VirtioFeature.ringEventIndex | VirtioFeature.ringIndirectDescriptors
              | vhostUserFeatureProtocolFeatures | VirtioSCSI.featureHotplug | VirtioSCSI.featureChange, ringSize: Int = 32,
          hotplug: Bool = true, drainTimeoutMilliseconds: Int32 = 30_000, maxQueueSize: Int = 256,
-         expectedQueueSize: Int? = nil) throws {
+         expectedQueueSize: Int? = nil, synchronous: Bool = false) throws {
         let memory = TestGuestRAM()
         ram = memory
         rings = (0..<3).map { _ in TestSplitRing(ram: memory, size: ringSize) }
         try target.add(Self.unit(0, blocks: 8192))
-        let ch = MemoryChannel(bytes: 4 << 20)
+        let ch = MemoryChannel(bytes: 4 << 20, synchronous: synchronous)
         channel = ch
         device = try VirtioSCSIDevice(target: target, options: VirtioSCSIOptions(requestQueues: 1, maxQueueSize: maxQueueSize,
                                                                                  expectedQueueSize: expectedQueueSize, hotplug: hotplug,
@@ -159,8 +159,9 @@ final class SCSIFixture: @unchecked Sendable {
         #expect(r.usedLength == UInt32(108) + UInt32(96) - r.residual)
     }
 
-    @Test func writeThenReadRoundTrip() throws {
-        let f = try SCSIFixture()
+    @Test(arguments: [false, true])
+    func writeThenReadRoundTrip(synchronous: Bool) throws {
+        let f = try SCSIFixture(synchronous: synchronous)
         f.clearUnitAttention()
         let data = (0..<8192).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ 5) }
         // WRITE(10) LBA 100, 16 blocks.
