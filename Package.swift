@@ -51,6 +51,15 @@ let package = Package(
         ]),
         // Core micro-benchmark: READ(10)/WRITE(10) through execute/resume against a null back-end.
         .executableTarget(name: "core-bench", dependencies: ["SCSI", "BlockIO"], path: "Benchmarks/CoreBench"),
+        // libFuzzer targets for every guest- and client-facing parser (Tests/Fuzz, README "Fuzzing"). They build in
+        // every debug build so that they follow API changes; Deploy/fuzz/fuzz.sh links scsigate-fuzz with
+        // -sanitize=fuzzer,address -DFUZZING (libFuzzer's main) into .build/fuzz. Without FUZZING it replays inputs.
+        .target(name: "FuzzTargets", dependencies: [
+            "Virtio", "VhostUser", "VfioUser", "PVSCSI", "SCSI", "BlockIO", "Backends", "Gateway", "CSystem",
+            .product(name: "Logging", package: "swift-log"),
+        ], path: "Tests/Fuzz/Targets"),
+        .executableTarget(name: "scsigate-fuzz", dependencies: ["FuzzTargets"], path: "Tests/Fuzz/Main"),
+        .testTarget(name: "FuzzTests", dependencies: ["FuzzTargets"]),
         .testTarget(name: "EventLoopTests", dependencies: ["EventLoop", "CSystem"]),
         .testTarget(name: "SCSITests", dependencies: ["SCSI", "BlockIO"]),
         .testTarget(name: "BackendsTests", dependencies: ["Backends", "BlockIO", "CSystem"]),
