@@ -47,14 +47,18 @@ run() {
     [ -x "$exe" ] || build
     work="$RUNS/$target"
     mkdir -p "$work/corpus" "$work/artifacts"
-    local before
+    local before leaks=1
     before=$(ls "$work/artifacts" | wc -l)
+    # TOMLKit 0.6.0 (the TOML parser the config loader uses) leaks on every parse: TOMLTable(string:) never frees
+    # its error record, TOMLTable.keys the key array, value getters their C strings. Leak checking is off for the
+    # two targets that parse TOML (config; jsonrpc through lun.add and config.save); crashes and timeouts count.
+    case $target in config|jsonrpc) leaks=0 ;; esac
     sg_say "fuzzing $target for ${seconds}s"
     set +e
     (cd "$work" && SCSIGATE_FUZZ_TARGET="$target" SWIFT_BACKTRACE=enable=no \
-        ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=0}" \
+        ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=$leaks}" LSAN_OPTIONS="suppressions=$ROOT/Tests/Fuzz/lsan.supp" \
         "$exe" "$work/corpus" "$CORPUS/$target" -max_total_time="$seconds" -timeout=20 -rss_limit_mb=3072 \
-        -artifact_prefix="$work/artifacts/" -print_final_stats=1 "$@" 2>&1 | tee "$work/last.log" | grep -E "^#[0-9]+ +(DONE|INITED)|^stat::|ERROR|==[0-9]+==|Test unit written|SUMMARY|Fatal error|deadly signal|timeout" >&2)
+        -artifact_prefix="$work/artifacts/" -print_final_stats=1 -detect_leaks="$leaks" "$@" 2>&1 | tee "$work/last.log" | grep -E "^#[0-9]+ +(DONE|INITED)|^stat::|ERROR|==[0-9]+==|Test unit written|SUMMARY|Fatal error|deadly signal|timeout" >&2)
     status=${PIPESTATUS[0]}
     set -e
     local execs rate

@@ -29,6 +29,14 @@ public enum ConfigLoader {
 
     /// Parses and validates `text`; `source` names it in messages.
     public static func parse(_ text: String, source: String) throws(ConfigErrors) -> GatewayConfig {
+        // toml++ (inside TOMLKit) asserts, or with NDEBUG assumes, that a key starts with a key character: a
+        // non-ASCII character in a table header (`[[\u{FFFD}]]`, found by fuzzing) aborted the process. TOML
+        // 1.0 allows non-ASCII text only in strings and comments: refuse anything else before parsing.
+        if let (line, scalar) = firstNonASCIIOutsideStringsAndComments(text) {
+            let code = String(scalar.value, radix: 16, uppercase: true)
+            throw ConfigErrors([ConfigError(file: source, line: line, keyPath: nil,
+                                            message: "TOML syntax error: character U+\(code) outside a string or comment (TOML allows non-ASCII text only in strings and comments)")])
+        }
         let root: TOMLTable
         do {
             root = try TOMLTable(string: text)
@@ -43,6 +51,56 @@ public enum ConfigLoader {
         if !validation.errors.isEmpty { throw ConfigErrors(validation.errors) }
         return config
     }
+}
+
+/// The line and the first non-ASCII character of `text` that is not inside a TOML string or comment.
+func firstNonASCIIOutsideStringsAndComments(_ text: String) -> (Int, Unicode.Scalar)? {
+    enum State { case normal, comment, basic, literal, multiBasic, multiLiteral }
+    let scalars = Array(text.unicodeScalars)
+    var state = State.normal
+    var line = 1
+    var i = 0
+    func starts(_ s: String, at k: Int) -> Bool {
+        var j = k
+        for c in s.unicodeScalars {
+            guard j < scalars.count, scalars[j] == c else { return false }
+            j += 1
+        }
+        return true
+    }
+    while i < scalars.count {
+        let c = scalars[i]
+        if c == "\n" { line += 1 }
+        switch state {
+        case .normal:
+            if c == "#" { state = .comment }
+            else if starts("\"\"\"", at: i) { state = .multiBasic; i += 2 }
+            else if c == "\"" { state = .basic }
+            else if starts("'''", at: i) { state = .multiLiteral; i += 2 }
+            else if c == "'" { state = .literal }
+            else if !c.isASCII { return (line, c) }
+        case .comment:
+            if c == "\n" { state = .normal }
+        case .basic:
+            if c == "\\" && i + 1 < scalars.count && scalars[i + 1] != "\n" { i += 1 }
+            else if c == "\"" || c == "\n" { state = .normal }
+        case .literal:
+            if c == "'" || c == "\n" { state = .normal }
+        case .multiBasic, .multiLiteral:
+            let quote: Unicode.Scalar = state == .multiBasic ? "\"" : "'"
+            if state == .multiBasic && c == "\\" && i + 1 < scalars.count {
+                i += 1
+                if scalars[i] == "\n" { line += 1 }
+            } else if c == quote && starts(String(repeating: Character(quote), count: 3), at: i) {
+                i += 2
+                // Up to two more quotes right before the delimiter belong to the string.
+                while i + 1 < scalars.count && scalars[i + 1] == quote { i += 1 }
+                state = .normal
+            }
+        }
+        i += 1
+    }
+    return nil
 }
 
 /// Collects errors while validating one document.

@@ -35,11 +35,13 @@ final class VhostUserFixture: @unchecked Sendable {
                                         geometry: backend.geometry, backendID: 0))
         }
         let quiet: VhostUserLogger = { _, _ in }
+        // A short drain timeout: the event queue holds its buffers until an event, so every GET_VRING_BASE of it
+        // waits the whole timeout (and then abandons them, a path worth fuzzing too).
         scsi = try! VhostUserSCSIController(socketPath: scsiSocket, target: target,
-                                            options: VirtioSCSIOptions(requestQueues: 2, maxQueueSize: 256, drainTimeoutMilliseconds: 5000, watchdogMilliseconds: 0),
+                                            options: VirtioSCSIOptions(requestQueues: 2, maxQueueSize: 256, drainTimeoutMilliseconds: 100, watchdogMilliseconds: 0),
                                             channelFactory: { _ in try backend.makeChannel() }, log: quiet)
         blk = try! VhostUserBlkController(socketPath: blkSocket, geometry: backend.geometry,
-                                          options: VirtioBlkOptions(maxQueueSize: 256, serial: "FUZZBLK", drainTimeoutMilliseconds: 5000, watchdogMilliseconds: 0),
+                                          options: VirtioBlkOptions(maxQueueSize: 256, serial: "FUZZBLK", drainTimeoutMilliseconds: 100, watchdogMilliseconds: 0),
                                           channelFactory: { try backend.makeChannel() }, log: quiet)
         try! scsi.start()
         try! blk.start()
