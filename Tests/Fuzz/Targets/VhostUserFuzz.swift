@@ -227,27 +227,11 @@ public enum VirtioDeviceFuzz {
 
     /// A split ring image (flags, size, descriptors, avail entries, data at 0x4000).
     static func image(flags: UInt8, size: Int, _ descriptors: [[UInt8]], avail: [UInt16], data: [UInt8]) -> [UInt8] {
-        var s = SeedBytes()
-        s.u8(flags); s.u8(UInt8(size.trailingZeroBitCount)); s.u16(0); s.u16(0)
-        var table = descriptors.flatMap { $0 }
-        table += [UInt8](repeating: 0, count: 16 * size - table.count)
-        s.append(table)
-        s.u16(0); s.u16(UInt16(avail.count))
-        for i in 0 ..< size { s.u16(i < avail.count ? avail[i] : 0) }
-        s.u16(0)  // used_event
-        s.append(data)
-        return s.bytes
+        [flags, UInt8(size.trailingZeroBitCount), 0, 0, 0, 0] + VirtqueueFuzz.ringImage(size: size, descriptors: descriptors, avail: avail) + data
     }
 
     static func packedImage(flags: UInt8, size: Int, _ descriptors: [[UInt8]], data: [UInt8]) -> [UInt8] {
-        var s = SeedBytes()
-        s.u8(flags | 4); s.u8(UInt8(size - 1)); s.u16(0); s.u16(0)
-        var table = descriptors.flatMap { $0 }
-        table += [UInt8](repeating: 0, count: 16 * size - table.count)
-        s.append(table)
-        s.zeros(4)
-        s.append(data)
-        return s.bytes
+        [flags | 4, UInt8(size - 1), 0, 0, 0, 0] + VirtqueueFuzz.ringImage(size: size, descriptors: descriptors, avail: nil) + data
     }
 
     static let desc = VirtqueueFuzz.desc

@@ -101,28 +101,28 @@ public enum VirtqueueFuzz {
         return s.bytes
     }
 
-    static func splitSeed(flags: UInt8, size: Int, descriptors: [[UInt8]], avail: [UInt16], data: [UInt8]) -> [UInt8] {
+    /// The ring part of a seed (shared with the virtio-scsi/virtio-blk targets): the descriptor table or ring
+    /// padded to `size` entries, then the split driver area (flags, idx, ring, used_event) or the packed one.
+    static func ringImage(size: Int, descriptors: [[UInt8]], avail: [UInt16]?) -> [UInt8] {
         var s = SeedBytes()
-        s.u8(flags); s.u8(UInt8(size.trailingZeroBitCount)); s.u16(0); s.u16(0); s.u8(15)
-        var table = descriptors.flatMap { $0 }
-        table += [UInt8](repeating: 0, count: 16 * size - table.count)
-        s.append(table)
-        s.u16(0); s.u16(UInt16(avail.count))
-        for i in 0 ..< size { s.u16(i < avail.count ? avail[i] : 0) }
-        s.u16(0)  // used_event
-        s.append(data)
+        let table = descriptors.flatMap { $0 }
+        s.append(table + [UInt8](repeating: 0, count: 16 * size - table.count))
+        if let avail {
+            s.u16(0); s.u16(UInt16(avail.count))
+            for i in 0 ..< size { s.u16(i < avail.count ? avail[i] : 0) }
+            s.u16(0)  // used_event
+        } else {
+            s.zeros(4)
+        }
         return s.bytes
     }
 
+    static func splitSeed(flags: UInt8, size: Int, descriptors: [[UInt8]], avail: [UInt16], data: [UInt8]) -> [UInt8] {
+        [flags, UInt8(size.trailingZeroBitCount), 0, 0, 0, 0, 15] + ringImage(size: size, descriptors: descriptors, avail: avail) + data
+    }
+
     static func packedSeed(flags: UInt8, size: Int, descriptors: [[UInt8]], data: [UInt8]) -> [UInt8] {
-        var s = SeedBytes()
-        s.u8(flags); s.u8(UInt8(size - 1)); s.u16(0x8000); s.u16(0); s.u8(15)
-        var table = descriptors.flatMap { $0 }
-        table += [UInt8](repeating: 0, count: 16 * size - table.count)
-        s.append(table)
-        s.zeros(4)
-        s.append(data)
-        return s.bytes
+        [flags, UInt8(size - 1), 0, 0x80, 0, 0, 15] + ringImage(size: size, descriptors: descriptors, avail: nil) + data
     }
 
     /// Packed descriptor: addr, len, id, flags (AVAIL bit 7 set with the wrap counter 1, USED bit 15 clear).
