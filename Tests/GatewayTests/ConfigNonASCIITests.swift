@@ -2,23 +2,27 @@ import Testing
 @testable import Gateway
 
 /// Found by the `config` fuzz target: toml++ (inside TOMLKit) asserted, aborting `check-config` and `serve`,
-/// on a non-ASCII character where a key starts. Reproducer: Tests/Fuzz/Corpus/config/crash-nonascii-table-header.
-@Suite("Config: non-ASCII text outside strings and comments")
-struct ConfigNonASCIITests {
+/// where a key starts with a character that cannot start one: a non-ASCII character outside strings and
+/// comments, or a table header such as `[@]`. Reproducers: Tests/Fuzz/Corpus/config/crash-*.
+@Suite("Config: text toml++ cannot take is refused before parsing")
+struct ConfigTextProblemTests {
     @Test("is a syntax error with its line, not an abort", arguments: [
-        ("[[\u{FFFD}]]\n", 1),
-        ("[\u{FFFD}[a]]\n", 1),
-        ("# ok\n[gateway]\nst\u{E9}te_dir = \"/x\"\n", 3),
-        ("a = \"\"\"x\n\"\"\"\n[\u{FFFD}]\n", 3),
+        ("[[\u{FFFD}]]\n", 1, "U+FFFD outside a string or comment"),
+        ("[\u{FFFD}[a]]\n", 1, "U+FFFD outside a string or comment"),
+        ("# ok\n[gateway]\nst\u{E9}te_dir = \"/x\"\n", 3, "U+E9 outside a string or comment"),
+        ("a = \"\"\"x\n\"\"\"\n[\u{FFFD}]\n", 3, "U+FFFD outside a string or comment"),
+        ("[@]\n", 1, "table header must start with a key"),
+        ("a = 1\n[[ =]]\n", 2, "table header must start with a key"),
+        ("[.]\n", 1, "table header must start with a key"),
     ])
-    func refused(_ text: String, _ line: Int) {
+    func refused(_ text: String, _ line: Int, _ message: String) {
         let errors = configErrors(text)
         #expect(errors.count == 1)
         #expect(errors.first?.line == line)
-        #expect(errors.first?.message.contains("outside a string or comment") == true)
+        #expect(errors.first?.message.contains(message) == true, "\(errors)")
     }
 
-    @Test("is fine in comments and in every kind of string")
+    @Test("leaves valid TOML alone: non-ASCII in comments and strings, arrays across lines")
     func allowed() {
         let text = #"""
             # caf\#u{E9}
@@ -27,9 +31,14 @@ struct ConfigNonASCIITests {
             c = """
             \#u{E9}""""
             d = '''\#u{E9}''''
-            e = 1
+            e = [
+              [1, 2],
+              [{ x = 1 }],
+            ]
+            [ "quoted" ]
+            [[ f.g ]]
             """#
-        #expect(firstNonASCIIOutsideStringsAndComments(text) == nil)
-        #expect(firstNonASCIIOutsideStringsAndComments("e = 1\nf\u{E9} = 2") != nil)
+        #expect(textProblemBeforeParsing(text) == nil)
+        #expect(textProblemBeforeParsing("e = 1\nf\u{E9} = 2")?.0 == 2)
     }
 }
