@@ -1,7 +1,8 @@
 # Soak (sourced by ci.sh): one gateway serving all three transports to three guests at once, each running
 # fio randwrite+verify (4 KiB and 64 KiB, crc32c) for SCSIGATE_SOAK_SECONDS (CI: 60), while the host adds and
 # removes LUNs with the CLI (virtio-scsi LUN 7, PVSCSI target 5) and polls `scsigate stats`. The gateway's
-# open fds and RSS are taken after a warm-up (a tenth of the run, at least 20 s) and at the end: neither may
+# open fds and RSS are taken after a warm-up (a tenth of the run, at least 20 s) and at the end (the last
+# sample while all three guests still run, so their connections are counted both times): neither may
 # grow more than 5 %, no verify error, no failed CLI call. Deploy/guest/soak.sh SECONDS runs it alone.
 #   virtio-scsi  vhost-user, QEMU 7.2 (host)      virtio-blk  vhost-user, QEMU 7.2 (host)
 #   PVSCSI       vfio-user, QEMU 11 (sid chroot)
@@ -69,7 +70,7 @@ TOML
     done
     check "soak: all three guests started fio verify" $([ "$started" = 3 ]; echo $?)
     local warm=$((secs / 10)); [ "$warm" -ge 20 ] || warm=20
-    local churn=0 churn_bad=0 polls=0 polls_bad=0 measured="" now next_stats=0 next_churn=0 k=0
+    local churn=0 churn_bad=0 polls=0 polls_bad=0 measured="" last="" now next_stats=0 next_churn=0 k=0
     local start_io
     start_io=$(date +%s)
     while :; do
@@ -80,6 +81,8 @@ TOML
         if [ -z "$measured" ] && [ $((now - start_io)) -ge "$warm" ]; then
             measured=$(soak_fd_rss)
             echo "[soak] after ${warm}s warm-up: fds ${measured% *}, RSS ${measured#* } KiB"
+        elif [ -n "$measured" ] && [ "$alive" = 3 ]; then
+            last=$(soak_fd_rss)  # the end figure: the last one taken while all three guests still ran
         fi
         if [ "$now" -ge "$next_stats" ]; then
             polls=$((polls + 1)); cli stats >/dev/null 2>&1 || polls_bad=$((polls_bad + 1))
@@ -104,9 +107,8 @@ TOML
         wait "${pids[$i]}"; rc=$?; rcs+=("$rc")
         [ "$rc" = 0 ] || all_ok=1
     done
-    sleep 1
-    local end
-    end=$(soak_fd_rss)
+    local end=$last
+    [ -n "$end" ] || end=$(soak_fd_rss)
     echo "[soak] ran $(( $(date +%s) - t0 ))s (fio ${secs}s per guest); guests rc ${rcs[*]} (${names[*]})"
     for log in vscsi vblk pv; do
         grep -a 'fio-verify: [0-9]* passed' "$DIR/$log.log" | tail -1 | tr -d '\r' | sed "s/^/[soak] $log: /"
@@ -116,7 +118,7 @@ TOML
     [ "$churn_bad" = 0 ] && [ "$polls_bad" = 0 ]; check "soak: every CLI hotplug and stats call succeeded" $?
     if [ -n "$measured" ]; then
         local fd0=${measured% *} rss0=${measured#* } fd1=${end% *} rss1=${end#* }
-        echo "[soak] fds $fd0 -> $fd1, RSS $rss0 -> $rss1 KiB (warm-up -> end)"
+        echo "[soak] fds $fd0 -> $fd1, RSS $rss0 -> $rss1 KiB (after warm-up -> last sample with all three guests running)"
         [ "$fd1" -le $((fd0 + fd0 / 20)) ]; check "soak: gateway fds within 5 % of the warm-up value" $?
         [ "$rss1" -le $((rss0 + rss0 / 20)) ]; check "soak: gateway RSS within 5 % of the warm-up value" $?
     else
