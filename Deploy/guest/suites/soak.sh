@@ -1,7 +1,8 @@
 # Soak (sourced by ci.sh): one gateway serving all three transports to three guests at once, each running
 # fio randwrite+verify (4 KiB and 64 KiB, crc32c) for SCSIGATE_SOAK_SECONDS (CI: 60), while the host adds and
 # removes LUNs with the CLI (virtio-scsi LUN 7, PVSCSI target 5) and polls `scsigate stats`. The gateway's
-# open fds and RSS are taken after a warm-up (a tenth of the run, at least 20 s) and at the end (the last
+# open fds and RSS are taken after a warm-up (a quarter of the run, at least 30 s: hotplug churn has run a few
+# cycles, its threads and malloc arenas exist) and at the end (the last
 # sample while all three guests still run, so their connections are counted both times): neither may
 # grow more than 5 %, no verify error, no failed CLI call. Deploy/guest/soak.sh SECONDS runs it alone.
 #   virtio-scsi  vhost-user, QEMU 7.2 (host)      virtio-blk  vhost-user, QEMU 7.2 (host)
@@ -69,7 +70,7 @@ TOML
         grep -aq '\[fio-verify\] disk' "$DIR/${logs[$i]}.log" 2>/dev/null && started=$((started + 1))
     done
     check "soak: all three guests started fio verify" $([ "$started" = 3 ]; echo $?)
-    local warm=$((secs / 10)); [ "$warm" -ge 20 ] || warm=20
+    local warm=$((secs / 4)); [ "$warm" -ge 30 ] || warm=30
     local churn=0 churn_bad=0 polls=0 polls_bad=0 measured="" last="" now next_stats=0 next_churn=0 k=0
     local start_io
     start_io=$(date +%s)
