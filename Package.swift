@@ -55,6 +55,15 @@ let package = Package(
         .executableTarget(name: "qos-bench", dependencies: ["Backends", "BlockIO"], path: "Benchmarks/QoSBench"),
         // Virtqueue micro-benchmark: the data-path cost of dirty logging (live migration), off vs on.
         .executableTarget(name: "ring-bench", dependencies: ["Virtio", "CSystem"], path: "Benchmarks/RingBench"),
+        // libFuzzer targets for every guest- and client-facing parser (Tests/Fuzz, README "Fuzzing"). They build in
+        // every debug build so that they follow API changes; Deploy/fuzz/fuzz.sh links scsigate-fuzz with
+        // -sanitize=fuzzer,address -DFUZZING (libFuzzer's main) into .build/fuzz. Without FUZZING it replays inputs.
+        .target(name: "FuzzTargets", dependencies: [
+            "Virtio", "VhostUser", "VfioUser", "PVSCSI", "SCSI", "BlockIO", "Backends", "Gateway", "CSystem",
+            .product(name: "Logging", package: "swift-log"),
+        ], path: "Tests/Fuzz/Targets"),
+        .executableTarget(name: "scsigate-fuzz", dependencies: ["FuzzTargets"], path: "Tests/Fuzz/Main"),
+        .testTarget(name: "FuzzTests", dependencies: ["FuzzTargets"]),
         .testTarget(name: "EventLoopTests", dependencies: ["EventLoop", "CSystem"]),
         .testTarget(name: "SCSITests", dependencies: ["SCSI", "BlockIO"]),
         .testTarget(name: "BackendsTests", dependencies: ["Backends", "BlockIO", "CSystem"]),

@@ -3,6 +3,7 @@
 #   1. installs missing Debian packages (libaio-dev, libiscsi-dev, pkg-config; systemd for systemd-socket-activate),
 #   2. swift build of every target and test target; any compiler warning fails the run,
 #   3. swift test: all unit and protocol tests (XCTest, then Swift Testing with its summary),
+#   3b. every libFuzzer target for a few seconds (Deploy/fuzz/fuzz.sh --all),
 #   4. the real-client suites (QEMU guests, tgtd) through Deploy/guest/ci.sh when it exists.
 # CI runs this through .ci/run (as root, no stdin, CI=true).
 set -euo pipefail
@@ -34,6 +35,11 @@ status=${PIPESTATUS[0]}
 set -e
 [ "$status" -eq 0 ] || sg_fail "swift test failed (exit $status)"
 grep -Eq "Test run with [0-9]+ tests? .*passed" "$logs/test.log" || sg_fail "swift test printed no Swift Testing summary"
+
+# Every libFuzzer target briefly (one sanitizer build into .build/fuzz, then a few seconds each; a crash, leak
+# or timeout fails the run and leaves its reproducer): Deploy/fuzz/fuzz.sh, README "Fuzzing".
+sg_say "fuzz targets: Deploy/fuzz/fuzz.sh --all ${SCSIGATE_FUZZ_SECONDS:-4}"
+bash Deploy/fuzz/fuzz.sh --all "${SCSIGATE_FUZZ_SECONDS:-4}" || sg_fail "a fuzz target found a crash, leak or timeout (reproducer path above)"
 
 if [ -f Deploy/guest/ci.sh ]; then
     sg_say "real-client suites: Deploy/guest/ci.sh"

@@ -29,6 +29,13 @@ public enum ConfigLoader {
 
     /// Parses and validates `text`; `source` names it in messages.
     public static func parse(_ text: String, source: String) throws(ConfigErrors) -> GatewayConfig {
+        // toml++ (inside TOMLKit) asserts, or with NDEBUG assumes, that a key starts with a key character. Two
+        // inputs broke that and aborted `check-config` and `serve` (both found by fuzzing): a non-ASCII character
+        // outside strings and comments (`[[\u{FFFD}]]`), and a table header whose first key starts with anything
+        // else (`[@]`, `[[=]]`, `[.]`). Refuse both before parsing.
+        if let (line, problem) = textProblemBeforeParsing(text) {
+            throw ConfigErrors([ConfigError(file: source, line: line, keyPath: nil, message: "TOML syntax error: \(problem)")])
+        }
         let root: TOMLTable
         do {
             root = try TOMLTable(string: text)
@@ -43,6 +50,81 @@ public enum ConfigLoader {
         if !validation.errors.isEmpty { throw ConfigErrors(validation.errors) }
         return config
     }
+}
+
+/// The line and description of the first problem toml++ would not report itself (see `ConfigLoader.parse`): a
+/// non-ASCII character outside strings and comments, or a table header whose first key starts with a character
+/// that cannot start a key.
+func textProblemBeforeParsing(_ text: String) -> (Int, String)? {
+    enum State { case normal, comment, basic, literal, multiBasic, multiLiteral }
+    let scalars = Array(text.unicodeScalars)
+    var state = State.normal
+    var line = 1
+    var i = 0
+    var lineStart = true  // only spaces and tabs so far on this line (normal state)
+    var nesting = 0       // arrays and inline tables open in a value (a `[` there is no table header)
+    func starts(_ s: String, at k: Int) -> Bool {
+        var j = k
+        for c in s.unicodeScalars {
+            guard j < scalars.count, scalars[j] == c else { return false }
+            j += 1
+        }
+        return true
+    }
+    while i < scalars.count {
+        let c = scalars[i]
+        if c == "\n" { line += 1 }
+        switch state {
+        case .normal:
+            if c == "\n" { lineStart = true; break }
+            if lineStart && nesting == 0 && c == "[" {
+                lineStart = false
+                var j = i + 1
+                if j < scalars.count && scalars[j] == "[" { j += 1 }
+                while j < scalars.count && (scalars[j] == " " || scalars[j] == "\t") { j += 1 }
+                if j < scalars.count {
+                    let k = scalars[j]
+                    let keyStart = k.isASCII && (k.properties.isAlphabetic || ("0"..."9").contains(k) || "_-\"']".unicodeScalars.contains(k))
+                    if k.isASCII && !keyStart {
+                        return (line, "a table header must start with a key (a letter, digit, '_', '-' or a quote), found U+\(String(k.value, radix: 16, uppercase: true))")
+                    }
+                }
+                i = j
+                continue
+            }
+            if c != " " && c != "\t" { lineStart = false }
+            if c == "[" || c == "{" { nesting += 1 } else if (c == "]" || c == "}") && nesting > 0 { nesting -= 1 }
+            if c == "#" { state = .comment }
+            else if starts("\"\"\"", at: i) { state = .multiBasic; i += 2 }
+            else if c == "\"" { state = .basic }
+            else if starts("'''", at: i) { state = .multiLiteral; i += 2 }
+            else if c == "'" { state = .literal }
+            else if !c.isASCII {
+                let code = String(c.value, radix: 16, uppercase: true)
+                return (line, "character U+\(code) outside a string or comment (TOML allows non-ASCII text only in strings and comments)")
+            }
+        case .comment:
+            if c == "\n" { state = .normal; lineStart = true }
+        case .basic:
+            if c == "\\" && i + 1 < scalars.count && scalars[i + 1] != "\n" { i += 1 }
+            else if c == "\"" || c == "\n" { state = .normal; lineStart = c == "\n" }
+        case .literal:
+            if c == "'" || c == "\n" { state = .normal; lineStart = c == "\n" }
+        case .multiBasic, .multiLiteral:
+            let quote: Unicode.Scalar = state == .multiBasic ? "\"" : "'"
+            if state == .multiBasic && c == "\\" && i + 1 < scalars.count {
+                i += 1
+                if scalars[i] == "\n" { line += 1 }
+            } else if c == quote && starts(String(repeating: Character(quote), count: 3), at: i) {
+                i += 2
+                // Up to two more quotes right before the delimiter belong to the string.
+                while i + 1 < scalars.count && scalars[i + 1] == quote { i += 1 }
+                state = .normal
+            }
+        }
+        i += 1
+    }
+    return nil
 }
 
 /// Collects errors while validating one document.
