@@ -119,6 +119,23 @@ import Testing
         #expect(channel.inFlight == 0)
     }
 
+    /// A back-end that completes on commit (null: no completion fd) still makes the channel's fd readable, so an
+    /// event loop that only waits on `completionFD` (PVSCSI, a sleeping vhost-user loop) is woken for it.
+    @Test func completionsOfASynchronousBackEndMakeTheFDReadable() throws {
+        let channel = try Self.nullChannel(policy: LUNPolicy())
+        let buffers = TestBuffers(segments: [4096])
+        var pfd = pollfd(fd: channel.completionFD, events: Int16(POLLIN), revents: 0)
+        #expect(Glibc.poll(&pfd, 1, 0) == 0)
+        #expect(channel.submit(BlockRequest(operation: .read, offset: 0, length: 4096, buffers: buffers.list), token: 1) == 0)
+        channel.commit()
+        #expect(Glibc.poll(&pfd, 1, 1000) == 1)
+        var tokens: [UInt64] = []
+        #expect(channel.reap { token, _ in tokens.append(token) } == 1)
+        #expect(tokens == [1])
+        pfd.revents = 0
+        #expect(Glibc.poll(&pfd, 1, 0) == 0)  // drained: no busy wake-ups
+    }
+
     @Test func throttledRequestsAreHeldThenResumedByTheTimer() throws {
         // 100 IOPS without burst: 21 reads take 200 ms; none fails, each comes back once.
         let policy = LUNPolicy(limits: QoSLimits(iops: 100, burstMilliseconds: 0))
