@@ -144,6 +144,9 @@ public enum AnyBlockChannel: Sendable {
         }
     }
 
+    /// Whether committed requests are complete on return from `commit` (the null channel: no completion fd).
+    public var completesOnCommit: Bool { completionFD < 0 }
+
     /// Delivers the completions found without a system call (see ``FileChannel/poll(_:)``; the null
     /// channel's are all ready after `commit`; iSCSI channels reap).
     @inline(__always)

@@ -18,7 +18,9 @@ import Glibc
 /// is on (4096 slots; none then: EAGAIN, which the front-ends turn into BUSY). Writes the `hold` policy
 /// watches go to the back-end with the slot number as their token (bit 63 set), so their request can be
 /// submitted again. `completionFD` is a private epoll fd holding the back-end's completion fd and the
-/// channel's timerfd: readable when completions are ready or a held request is due.
+/// channel's timerfd: readable when completions are ready or a held request is due. Over a back-end that
+/// completes on commit (null), `completesOnCommit` is true: the front-ends reap right after `commit`, and held
+/// requests the timer releases complete inside that `reap` (released, committed, then reaped).
 ///
 /// With no policy on, `submit` is one relaxed atomic load and the back-end's `submit`, and `reap` is the
 /// back-end's `reap`.
@@ -30,9 +32,8 @@ public final class PolicyChannel: BlockChannel, @unchecked Sendable {
 
     private let epollFD: Int32
     private let timerFD: Int32
-    /// For a back-end that completes on commit (no completion fd: the null back-end): an eventfd in the epoll set,
-    /// signalled after a commit that left completions to reap, so every front-end's loop wakes for them (-1 otherwise).
-    private let wakeFD: Int32
+    /// Whether the back-end completes on commit (no completion fd: the null back-end); see `completesOnCommit`.
+    public let completesOnCommit: Bool
     /// Absolute CLOCK_MONOTONIC time the timer is armed for (0: disarmed).
     private var timerDue: UInt64 = 0
 
@@ -73,10 +74,10 @@ public final class PolicyChannel: BlockChannel, @unchecked Sendable {
         self.policy = policy
         epollFD = epoll_create1(Int32(EPOLL_CLOEXEC))
         timerFD = timerfd_create(CLOCK_MONOTONIC, Int32(TFD_NONBLOCK | TFD_CLOEXEC))
-        wakeFD = inner.completionFD < 0 ? csys_eventfd(0, 1) : -1
-        var ok = epollFD >= 0 && timerFD >= 0 && (inner.completionFD >= 0 || wakeFD >= 0)
+        completesOnCommit = inner.completionFD < 0
+        var ok = epollFD >= 0 && timerFD >= 0
         let e = errno
-        for fd in [timerFD, inner.completionFD, wakeFD] where ok && fd >= 0 {
+        for fd in [timerFD, inner.completionFD] where ok && fd >= 0 {
             var ev = epoll_event()
             ev.events = EPOLLIN.rawValue
             ev.data.fd = fd
@@ -86,7 +87,6 @@ public final class PolicyChannel: BlockChannel, @unchecked Sendable {
             let code = errno != 0 ? errno : e
             if epollFD >= 0 { Glibc.close(epollFD) }
             if timerFD >= 0 { Glibc.close(timerFD) }
-            if wakeFD >= 0 { Glibc.close(wakeFD) }
             throw BlockBackendError("LUN policy channel: epoll/timerfd: " + String(cString: strerror(code)), errno: code)
         }
     }
@@ -94,7 +94,6 @@ public final class PolicyChannel: BlockChannel, @unchecked Sendable {
     deinit {
         Glibc.close(epollFD)
         Glibc.close(timerFD)
-        if wakeFD >= 0 { Glibc.close(wakeFD) }
         if let slots {
             slots.deinitialize(count: Self.capacity)
             slots.deallocate()
@@ -118,22 +117,21 @@ public final class PolicyChannel: BlockChannel, @unchecked Sendable {
 
     /// Sends the queued batch.
     @inline(__always)
-    public func commit() {
-        inner.commit()
-        if wakeFD >= 0 && inner.inFlight > 0 { _ = csys_eventfd_signal(wakeFD, 1) }
-    }
+    public func commit() { inner.commit() }
 
     /// Delivers ready completions (and submits held requests that are due); returns how many completions.
     @inline(__always)
     public func reap(_ handler: (UInt64, BlockResult) -> Void) -> Int {
-        if wakeFD >= 0 {
-            var value: UInt64 = 0
-            _ = csys_eventfd_drain(wakeFD, &value)
-        }
-        let delivered = timerDue == 0 && trackedCount == 0 ? inner.reap(handler) : reapWithPolicy(handler)
-        // Held requests resubmitted while reaping completed on their commit: wake the loop for them.
-        if wakeFD >= 0 && inner.inFlight > 0 { _ = csys_eventfd_signal(wakeFD, 1) }
-        return delivered
+        if timerDue == 0 && trackedCount == 0 { return inner.reap(handler) }
+        return reapWithPolicy(handler)
+    }
+
+    /// Delivers the completions the back-end finds without a system call (`AnyBlockChannel.poll`: the AIO
+    /// completion ring read in user space) while nothing is held; with held requests, `reap`.
+    @inline(__always)
+    public func poll(_ handler: (UInt64, BlockResult) -> Void) -> Int {
+        if timerDue == 0 && trackedCount == 0 { return inner.poll(handler) }
+        return reapWithPolicy(handler)
     }
 
     /// Aborts a request: a held one completes with ECANCELED at the next `reap`; others go to the back-end.

@@ -1080,7 +1080,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
                 return
             }
             if !channelsToCommit.contains(backendID) { channelsToCommit.append(backendID) }
-            if ch.completionFD < 0 {
+            if ch.completesOnCommit {
                 ch.commit()
                 reapNow(ch)
             }

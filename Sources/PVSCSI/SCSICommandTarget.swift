@@ -35,6 +35,9 @@ extension SCSITarget: SCSICommandTarget {}
 public protocol PVSCSIChannel {
     /// Readable when completions are ready, or -1 for channels that complete inside `commit`/`reap`.
     var completionFD: Int32 { get }
+    /// Whether committed requests are complete on return from `commit` (the device then reaps at once).
+    /// Default: no completion fd. A channel may have both (an fd for what completes later).
+    var completesOnCommit: Bool { get }
     /// Queues one request; returns 0 or a positive errno.
     func submit(_ request: BlockRequest, token: UInt64) -> Int32
     /// Sends the queued requests.
@@ -52,4 +55,8 @@ public protocol PVSCSIChannel {
     /// Releases the channel (worker threads, fds): when the controller stops, and when its LUN was
     /// removed and nothing of it is in flight any more.
     func close()
+}
+
+extension PVSCSIChannel {
+    public var completesOnCommit: Bool { completionFD < 0 }
 }

@@ -9,6 +9,10 @@ import BlockIO
 public protocol VhostChannel: SendableMetatype {
     /// Readable when completions are ready (-1 when completions only come from `reap`).
     var completionFD: Int32 { get }
+    /// Whether committed requests are complete on return from `commit` (the devices then `reap` at once,
+    /// with no wake-up round trip). Default: no completion fd. A channel may have both: an fd for what
+    /// completes later (a held request's timer) and completions on commit.
+    var completesOnCommit: Bool { get }
     /// Queues one request; 0 or a positive errno (the request is then not completed later).
     func submit(_ request: BlockRequest, token: UInt64) -> Int32
     /// Sends the queued requests.
@@ -33,4 +37,5 @@ public protocol VhostChannel: SendableMetatype {
 
 extension VhostChannel {
     public func poll(_ handler: (UInt64, BlockResult) -> Void) -> Int { reap(handler) }
+    public var completesOnCommit: Bool { completionFD < 0 }
 }

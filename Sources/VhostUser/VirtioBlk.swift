@@ -351,7 +351,7 @@ final class BlkGroupHandler<Channel: VhostChannel>: QueueGroupHandler {
 
     init(channel: Channel, queueCount: Int, counters: VirtioBlkCountersProvider?) {
         self.channel = channel
-        channelIsSynchronous = channel.completionFD < 0
+        channelIsSynchronous = channel.completesOnCommit
         queues = Array(repeating: nil, count: queueCount)
         countersProvider = counters
     }
@@ -406,7 +406,7 @@ final class BlkGroupHandler<Channel: VhostChannel>: QueueGroupHandler {
             return false
         }
         channel = newChannel
-        channelIsSynchronous = newChannel.completionFD < 0
+        channelIsSynchronous = newChannel.completesOnCommit
         submitted = 0
         closed = false
         backendGone = false

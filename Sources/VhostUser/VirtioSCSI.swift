@@ -665,7 +665,7 @@ final class SCSIGroupHandler<Channel: VhostChannel>: QueueGroupHandler, @uncheck
                 use.dirty = false
                 if let c = use.channel {
                     c.commit()
-                    if c.completionFD < 0 { synchronous = true }
+                    if c.completesOnCommit { synchronous = true }
                 }
             }
             dirtyUses.removeAll(keepingCapacity: true)

@@ -119,21 +119,35 @@ import Testing
         #expect(channel.inFlight == 0)
     }
 
-    /// A back-end that completes on commit (null: no completion fd) still makes the channel's fd readable, so an
-    /// event loop that only waits on `completionFD` (PVSCSI, a sleeping vhost-user loop) is woken for it.
-    @Test func completionsOfASynchronousBackEndMakeTheFDReadable() throws {
-        let channel = try Self.nullChannel(policy: LUNPolicy())
+    /// Over a back-end that completes on commit (null: no completion fd) the channel completes on commit too, so
+    /// the front-ends reap at once; its fd stays quiet (no wake-up per request) and is readable only when a held
+    /// request is due, whose completion the next reap delivers.
+    @Test func aSynchronousBackEndCompletesOnCommitAndHeldRequestsWakeTheFD() throws {
+        let policy = LUNPolicy()
+        let channel = try Self.nullChannel(policy: policy)
+        #expect(channel.completesOnCommit)
         let buffers = TestBuffers(segments: [4096])
         var pfd = pollfd(fd: channel.completionFD, events: Int16(POLLIN), revents: 0)
-        #expect(Glibc.poll(&pfd, 1, 0) == 0)
         #expect(channel.submit(BlockRequest(operation: .read, offset: 0, length: 4096, buffers: buffers.list), token: 1) == 0)
         channel.commit()
-        #expect(Glibc.poll(&pfd, 1, 1000) == 1)
         var tokens: [UInt64] = []
         #expect(channel.reap { token, _ in tokens.append(token) } == 1)
         #expect(tokens == [1])
-        pfd.revents = 0
-        #expect(Glibc.poll(&pfd, 1, 0) == 0)  // drained: no busy wake-ups
+        #expect(Glibc.poll(&pfd, 1, 0) == 0)
+        // 10 IOPS without burst: the second read waits about 100 ms, then the fd wakes the loop for it.
+        policy.setLimits(QoSLimits(iops: 10, burstMilliseconds: 0))
+        for token in 2...3 as ClosedRange<UInt64> {
+            #expect(channel.submit(BlockRequest(operation: .read, offset: 0, length: 4096, buffers: buffers.list), token: token) == 0)
+        }
+        channel.commit()
+        _ = channel.reap { token, _ in tokens.append(token) }
+        #expect(Glibc.poll(&pfd, 1, 2000) == 1)
+        let deadline = Date().addingTimeInterval(2)
+        while tokens.count < 3 && Date() < deadline {
+            _ = channel.reap { token, _ in tokens.append(token) }
+        }
+        #expect(tokens.sorted() == [1, 2, 3])
+        #expect(channel.inFlight == 0)
     }
 
     @Test func throttledRequestsAreHeldThenResumedByTheTimer() throws {
