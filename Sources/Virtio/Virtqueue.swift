@@ -601,8 +601,9 @@ public final class Virtqueue: @unchecked Sendable {
     public func flush() -> Bool {
         guard pendingUsed > 0, !isBroken else { return false }
         pendingUsed = 0
-        if let dirtyLog { logUsedRing(dirtyLog) }
         if options.packed {
+            // The entries were written in `push`: log them now, after the writes.
+            if let dirtyLog { logUsedRing(dirtyLog) }
             csys_fence_seq_cst()
             let offWrap = csys_load_relaxed_u16(driver)
             let flags = csys_load_relaxed_u16(driver + 2) & 3
@@ -620,6 +621,9 @@ public final class Virtqueue: @unchecked Sendable {
             }
         }
         csys_store_release_u16(device + 2, usedIndex)
+        // Logged after the index is written (as libvhost-user does): a VMM that reads and clears the log
+        // between a mark and its write would otherwise copy the page without the write and lose it.
+        if let dirtyLog { logUsedRing(dirtyLog) }
         if let inflight { inflight.published(usedIndex: usedIndex) }
         csys_fence_seq_cst()
         let old = lastSignalledUsed
@@ -651,8 +655,10 @@ public final class Virtqueue: @unchecked Sendable {
     public func disableNotifications() {
         if options.packed {
             csys_store_relaxed_u16(device + 2, 1)
+            if dirtyLog != nil { logDeviceArea(offset: 2) }
         } else if !options.eventIndex {
             csys_store_relaxed_u16(device, 1)
+            if dirtyLog != nil { logDeviceArea(offset: 0) }
         }
     }
 
@@ -662,10 +668,13 @@ public final class Virtqueue: @unchecked Sendable {
         if isBroken { return false }
         if options.packed {
             csys_store_relaxed_u16(device + 2, 0)
+            if dirtyLog != nil { logDeviceArea(offset: 2) }
         } else if options.eventIndex {
             csys_store_relaxed_u16(device + 4 + 8 * size, lastAvail)
+            if dirtyLog != nil { logDeviceArea(offset: 4 + 8 * size) }
         } else {
             csys_store_relaxed_u16(device, 0)
+            if dirtyLog != nil { logDeviceArea(offset: 0) }
         }
         csys_fence_seq_cst()
         return hasAvailable
@@ -692,6 +701,20 @@ public final class Virtqueue: @unchecked Sendable {
     public func setDirtyLog(_ log: DirtyLog?, usedRingLogAddress: UInt64?) {
         dirtyLog = log
         self.usedRingLogAddress = usedRingLogAddress
+        deviceAreaLogAddress = usedRingLogAddress.flatMap {
+            options.packed ? memory.guestPhysical(userAddress: addresses.deviceArea) : $0
+        }
+    }
+
+    /// Guest physical address of the device area (split: the used ring; packed: the device event suppression
+    /// structure) while used-ring logging is on.
+    private var deviceAreaLogAddress: UInt64?
+
+    /// Marks the 2 bytes the device wrote at `offset` in its area: the notification flags, the split avail_event
+    /// or the packed device event suppression (the VMM copies them like any other write).
+    private func logDeviceArea(offset: Int) {
+        guard let dirtyLog, let base = deviceAreaLogAddress else { return }
+        dirtyLog.mark(guestPhysical: base + UInt64(offset), length: 2)
     }
 
     @inline(__always)
