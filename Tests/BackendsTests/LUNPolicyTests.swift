@@ -271,21 +271,22 @@ final class OutOfSpaceTests {
         // fill() stopped at a failure; with hold there is none: the last write is still held.
         #expect(channel.inFlight == 1)
         try FileManager.default.removeItem(atPath: directory.file("ballast"))
-        let results = waitForCompletions(channel, count: 1, timeoutSeconds: 5)
+        let results = withExtendedLifetime(buffers) { waitForCompletions(channel, count: 1, timeoutSeconds: 5) }
         #expect(results[1]?.succeeded == true)
         let s = policy.snapshot
         #expect(s.spaceResumedWrites == 1)
         #expect(s.spaceHeldNow == 0)
-        _ = buffers
         verify(channel, chunks: written + 1)
         channel.close()
     }
 
     @Test func holdReportsTheErrorAfterItsBound() throws {
         let policy = LUNPolicy(outOfSpace: .hold, holdSeconds: 1, spaceRetryMilliseconds: 100)
-        let (channel, written, _) = try fill(policy, wait: 0.3)
+        let (channel, written, buffers) = try fill(policy, wait: 0.3)
         let started = IOCounters.now()
-        let results = waitForCompletions(channel, count: 1, timeoutSeconds: 5)
+        // The held write's iovecs point into `buffers`: keep them alive while it is retried (they were released
+        // at once before, and a retry then read freed memory: EINVAL about one run in several).
+        let results = withExtendedLifetime(buffers) { waitForCompletions(channel, count: 1, timeoutSeconds: 5) }
         #expect(results[1]?.errno == ENOSPC)
         #expect(IOCounters.now() - started > 400_000_000)
         #expect(policy.snapshot.spaceFailedWrites == 1)
