@@ -370,9 +370,18 @@ final class Fixture {
         let server = controller.server
         return controller.sync { server.memory.regions.count }
     }
+    /// The server's statistics, read on the loop while the test client keeps serving DMA requests: with guest
+    /// memory that has no fd the server may still be reading a ring by message after the last completion the
+    /// test waited for, and a plain `controller.sync` would hold the loop (and the query) until that read timed
+    /// out, counting a DMA failure the test itself caused.
     var serverStats: VfioUserStats {
         let server = controller.server
-        return controller.sync { server.stats }
+        let answer = StatsAnswer()
+        controller.loop.execute { answer.set(server.stats) }
+        while true {
+            if let stats = answer.value { return stats }
+            if let c = guest?.client ?? client, c.fd >= 0 { try? c.pump(milliseconds: 5) } else { usleep(1000) }
+        }
     }
     /// Runs `body` on the loop thread.
     func onLoop(_ body: @escaping @Sendable () -> Void) {
@@ -409,6 +418,14 @@ final class ChannelRegistry: @unchecked Sendable {
         }
     }
     func made(_ id: Int) -> MemoryChannel? { lock.locked { made[id] } }
+}
+
+/// The loop's answer to `Fixture.serverStats`.
+final class StatsAnswer: @unchecked Sendable {
+    private var stats: VfioUserStats?
+    private let lock = NSLockLike()
+    func set(_ s: VfioUserStats) { lock.locked { stats = s } }
+    var value: VfioUserStats? { lock.locked { stats } }
 }
 
 /// A pthread mutex wrapper for test bookkeeping.
