@@ -14,6 +14,7 @@ enum ReloadStep {
     case add(ControllerRuntime, LUNConfig)
     case resize(ControllerRuntime, LUNConfig, from: UInt64, to: UInt64)
     case setReadOnly(ControllerRuntime, LUNConfig, Bool)
+    case setPolicy(ControllerRuntime, LUNConfig, LUNPolicyConfig)
     case remove(ControllerRuntime, LUNConfig, online: Bool)
 }
 
@@ -25,7 +26,8 @@ extension Gateway {
     }
 
     /// Reads the configuration file again, validates it fully and applies the difference to the running
-    /// LUN map as the admin commands would: LUNs added, removed, grown, made read-only or writable.
+    /// LUN map as the admin commands would: LUNs added, removed, grown, made read-only or writable, their
+    /// QoS limits and out-of-space policy changed (as `lun set-limits`: from each queue's next request).
     /// Anything else that differs (a `[gateway]` key, a controller added, removed or changed, a LUN's
     /// back-end, path, block size, identity, a shrink) cannot change while guests run: the reload is
     /// refused naming each such key, and nothing is applied when the file is invalid or anything is refused.
@@ -82,6 +84,11 @@ extension Gateway {
                 try setLUNReadOnly(controller: runtime.config.name, target: lun.target, lun: lun.lun, readOnly: readOnly,
                                    logMetadata: metadata)
                 applied.append("controller \(runtime.config.name) target \(lun.target) lun \(lun.lun): read-only \(readOnly ? "on" : "off")")
+            case let .setPolicy(runtime, lun, policy):
+                try setLUNPolicy(controller: runtime.config.name, target: lun.target, lun: lun.lun, policy: policy,
+                                 logMetadata: metadata)
+                let text = policy.lines.joined(separator: ", ")
+                applied.append("controller \(runtime.config.name) target \(lun.target) lun \(lun.lun): policy \(text.isEmpty ? "none (no limit, out_of_space report)" : text)")
             case let .remove(runtime, lun, online):
                 if online {
                     do throws(BackendOpeningError) {
@@ -153,9 +160,7 @@ extension Gateway {
             comparable.create = old.create
             comparable.readOnly = old.readOnly
             comparable.size = old.size
-            // QOS-RELOAD: per-LUN limits (iops_limit, bandwidth_limit, ... and burst_seconds) become live-changeable
-            // here: copy them from `old` into `comparable`, compare them like `readOnly` below and plan a step that
-            // calls the run-time limit setter. Until then a changed limit key is refused as not live-changeable.
+            comparable.policy = old.policy
             for key in ConfigWriter.changedKeys(ConfigWriter.lines(for: old), ConfigWriter.lines(for: comparable)) {
                 refused.append("\(at): key '\(key)' cannot change while the LUN is served (remove the LUN and add it again)")
             }
@@ -174,6 +179,16 @@ extension Gateway {
                     } else {
                         steps.append(.resize(runtime, old, from: currentBytes, to: size))
                     }
+                }
+            }
+            // QoS limits and the out-of-space policy change live (keys compared as `config save` writes them:
+            // a hold time under `out_of_space = "report"` is no change).
+            let policyKeys = ConfigWriter.changedKeys(old.policy.lines, lun.policy.lines)
+            if !policyKeys.isEmpty {
+                if !status.online {
+                    refused.append("\(at): key \(policyKeys.map { "'\($0)'" }.joined(separator: ", ")): the LUN is offline")
+                } else {
+                    steps.append(.setPolicy(runtime, old, lun.policy))
                 }
             }
             if lun.readOnly != old.readOnly {

@@ -1,3 +1,5 @@
+import Backends
+import SCSI
 import Foundation
 import Testing
 @testable import Gateway
@@ -57,6 +59,46 @@ struct ReloadTests {
         // config save after the reload writes the reloaded map.
         let saved = try fixture.call("config.save", ["path": .string(fixture.dir + "/saved.toml")])
         #expect(saved["luns"]?.intValue == 3)
+    }
+
+    @Test("QoS limits and the out-of-space policy change live: the running LUN's policy object takes them, config.save keeps them")
+    func policyChangedLive() throws {
+        let fixture = try AdminFixture()
+        defer { fixture.stop() }
+        let unit = try #require(fixture.gateway.controller(named: "scsi0")?.target.logicalUnit(LogicalUnitNumber(0)!))
+        let entry = try #require(fixture.gateway.backends.backend(unit.backendID))
+        #expect(entry.policy.flags == 0)
+        let limited = try edited(fixture, [
+            ("size = \"4M\"\ncreate = true",
+             "size = \"4M\"\ncreate = true\niops_limit = 2000\nwrite_bandwidth_limit = \"50MiB\"\nout_of_space = \"hold\"\nout_of_space_hold = 5"),
+        ])
+        try limited.write(toFile: fixture.configPath, atomically: true, encoding: .utf8)
+        let changes = (try fixture.call("config.reload")["changes"]?.arrayValue ?? []).compactMap(\.stringValue)
+        #expect(changes == ["controller scsi0 target 0 lun 0: policy iops_limit = 2000, write_bandwidth_limit = 52428800, out_of_space = \"hold\", out_of_space_hold = 5"])
+        #expect(entry.policy.limits == QoSLimits(iops: 2000, writeBandwidth: 50 << 20))
+        #expect(entry.policy.flags == LUNPolicy.throttling | LUNPolicy.holdingOnENOSPC)
+        #expect(entry.policy.outOfSpace.holdSeconds == 5)
+        #expect(try luns(fixture)["scsi0/0/0"]?["policy"]?["iops_limit"] == .int(2000))
+        let saved = fixture.dir + "/saved.toml"
+        _ = try fixture.call("config.save", ["path": .string(saved)])
+        #expect(try ConfigLoader.load(file: saved).controllers[0].luns[0].policy.limits.iops == 2000)
+        // Only the limit changes: the same file with another number.
+        try limited.replacingOccurrences(of: "iops_limit = 2000", with: "iops_limit = 500")
+            .write(toFile: fixture.configPath, atomically: true, encoding: .utf8)
+        #expect(try fixture.call("config.reload")["changes"]?.arrayValue?.count == 1)
+        #expect(entry.policy.limits.iops == 500)
+        // Back to the original file: no limit, report at once.
+        try adminConfigText(fixture.dir).write(toFile: fixture.configPath, atomically: true, encoding: .utf8)
+        let cleared = (try fixture.call("config.reload")["changes"]?.arrayValue ?? []).compactMap(\.stringValue)
+        #expect(cleared == ["controller scsi0 target 0 lun 0: policy none (no limit, out_of_space report)"])
+        #expect(entry.policy.flags == 0)
+        #expect(entry.policy.limits == .unlimited)
+        // An invalid limit is a file error: nothing changes.
+        try limited.replacingOccurrences(of: "iops_limit = 2000", with: "iops_limit = -3")
+            .write(toFile: fixture.configPath, atomically: true, encoding: .utf8)
+        let refusal = try #require(fixture.refusal("config.reload"))
+        #expect(refusal.message.contains("iops_limit"))
+        #expect(entry.policy.flags == 0)
     }
 
     @Test("an invalid file changes nothing and the refusal lists FILE:LINE: key errors")
