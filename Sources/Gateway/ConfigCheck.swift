@@ -39,7 +39,7 @@ public enum ConfigSummary {
             for lun in c.luns {
                 lines.append("  target \(lun.target) lun \(lun.lun): " + describe(lun, controller: c))
             }
-            lines.append("  qemu: " + QEMUCommandLine.deviceArguments(for: c).joined(separator: " "))
+            lines.append("  qemu: " + QEMUCommandLine.deviceLine(for: c))
         }
         return lines
     }

@@ -404,6 +404,6 @@ public final class Gateway: @unchecked Sendable {
             runtime.logger.info(
                 "  target \(entry.config.target) lun \(entry.config.lun): \(what), \(ByteSize.format(g.capacityBytes)), \(g.logicalBlockSize)-byte blocks, serial \(unit.identity.serial), naa \(String(unit.identity.naa, radix: 16))")
         }
-        runtime.logger.info("  attach with: \(QEMUCommandLine.deviceArguments(for: c).joined(separator: " "))")
+        runtime.logger.info("  attach with: \(QEMUCommandLine.deviceLine(for: c))")
     }
 }

@@ -14,7 +14,6 @@ import Glibc
 ///                                  channelFactory: { id in try? backends[id].makeChannel() },
 ///                                  statistics: { id in stats[id]?.counters(queue: 0) }, log: { print($0) })
 ///     try c.start()
-///     print(c.qemuArguments.joined(separator: " "))
 ///
 /// LUN n of `target` is PVSCSI target n, LUN 0 (Linux vmw_pvscsi scans LUN 0 of each target, and
 /// handles DEV_ADDED/DEV_REMOVED messages per target), for n < `options.maxTargets`.
@@ -47,22 +46,6 @@ public final class PVSCSIController<Target: SCSICommandTarget, Channel: PVSCSICh
                               statistics: statistics, log: log)
         server = VfioUserServer(socketPath: socketPath, loop: loop, device: device, msixVectors: 1, msiVectors: 1, log: log)
         device.attach(memory: server.memory, interrupts: server.interrupts)
-    }
-
-    /// The QEMU `-device` argument that connects a vfio-user-pci client to `socketPath`.
-    public static func qemuDeviceArgument(socketPath: String) -> String {
-        "{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"\(socketPath)\",\"type\":\"unix\"}}"
-    }
-
-    /// QEMU arguments for this controller. Guest RAM should be shareable (an fd-backed memory backend): the
-    /// device then reads rings and data through mmap'ed DMA windows (zero copy) and, with
-    /// `PVSCSIOptions.synchronousRegisterWrites`, makes QEMU send register writes synchronously so that CONFIG
-    /// (more than 16 targets) works. Plain `-m` RAM (no fd) also works, through DMA_READ/DMA_WRITE messages and
-    /// bounce buffers (copies and about 7 round trips per request; a 4 KiB fio verify under TCG took 4.4 s
-    /// against 3.2 s with shared RAM), limited to 16 targets (the CONFIG page is not host-mapped).
-    public var qemuArguments: [String] {
-        ["-object", "memory-backend-memfd,id=mem0,size=<RAM>,share=on", "-machine", "memory-backend=mem0",
-         "-device", "'" + Self.qemuDeviceArgument(socketPath: socketPath) + "'"]
     }
 
     /// Longest time a LUN removal waits for the device to close the removed LUN's channel.
@@ -111,7 +94,7 @@ public final class PVSCSIController<Target: SCSICommandTarget, Channel: PVSCSICh
             throw VfioUserError("cannot start the loop thread", errno: rc)
         }
         thread = t
-        log("pvscsi: controller on \(socketPath) started; QEMU: -device '\(Self.qemuDeviceArgument(socketPath: socketPath))'")
+        log("pvscsi: controller on \(socketPath) started")
     }
 
     /// Disconnects the client, removes the socket, closes the back-end channels and joins the loop thread.

@@ -1,29 +1,6 @@
 import BlockIO
 import SCSI
 
-/// QEMU command-line pieces that attach a vhost-user controller.
-public enum QEMUCommandLine {
-    /// Guest RAM shared with the back-end (vhost-user needs fd-backed, shared memory).
-    public static func sharedMemory(megabytes: Int, id: String = "mem0") -> [String] {
-        ["-object", "memory-backend-memfd,id=\(id),size=\(megabytes)M,share=on", "-numa", "node,memdev=\(id)"]
-    }
-
-    /// Joins arguments into one shell-safe line.
-    public static func render(_ arguments: [String]) -> String {
-        arguments.map { a in
-            a.allSatisfy({ $0.isLetter || $0.isNumber || "-_=,./:@+".contains($0) }) ? a : "'" + a.replacingAll("'", "'\\''") + "'"
-        }.joined(separator: " ")
-    }
-}
-
-extension String {
-    fileprivate func replacingAll(_ target: Character, _ replacement: String) -> String {
-        var out = ""
-        for c in self { if c == target { out += replacement } else { out.append(c) } }
-        return out
-    }
-}
-
 /// A virtio-scsi controller served over vhost-user: the public entry the gateway uses.
 ///
 /// ```
@@ -32,7 +9,6 @@ extension String {
 ///                                              channelFactory: { backendID in try backends[backendID].makeChannel() },
 ///                                              log: { level, text in logger.log(...) })
 /// try controller.start()
-/// print(controller.qemuArguments(id: "scsi0"))
 /// controller.stop()   // drains in-flight I/O
 /// ```
 public final class VhostUserSCSIController<Channel: VhostChannel>: Sendable {
@@ -59,17 +35,6 @@ public final class VhostUserSCSIController<Channel: VhostChannel>: Sendable {
     public func stop() {
         server.stop()
         device.shutdown()
-    }
-
-    /// The QEMU arguments that attach this controller (add `QEMUCommandLine.sharedMemory` once per VM).
-    public func qemuArguments(id: String, queueSize: Int = 128) -> [String] {
-        ["-chardev", "socket,id=char-\(id),path=\(server.socketPath)",
-         "-device", "vhost-user-scsi-pci,id=\(id),chardev=char-\(id),num_queues=\(device.options.requestQueues),virtqueue_size=\(queueSize)"]
-    }
-
-    /// A full example command line for logs.
-    public func qemuCommandLine(id: String, memoryMegabytes: Int = 1024) -> String {
-        QEMUCommandLine.render(["qemu-system-x86_64"] + QEMUCommandLine.sharedMemory(megabytes: memoryMegabytes) + qemuArguments(id: id))
     }
 }
 
@@ -100,15 +65,4 @@ public final class VhostUserBlkController<Channel: VhostChannel>: Sendable {
 
     /// Changes the capacity (config-change interrupt when the front-end negotiated BACKEND_REQ + CONFIG).
     public func resize(blockCount: UInt64) { device.resize(blockCount: blockCount) }
-
-    /// The QEMU arguments that attach this device.
-    public func qemuArguments(id: String, queueSize: Int = 128) -> [String] {
-        ["-chardev", "socket,id=char-\(id),path=\(server.socketPath)",
-         "-device", "vhost-user-blk-pci,id=\(id),chardev=char-\(id),num-queues=\(device.options.queues),queue-size=\(queueSize)"]
-    }
-
-    /// A full example command line for logs.
-    public func qemuCommandLine(id: String, memoryMegabytes: Int = 1024) -> String {
-        QEMUCommandLine.render(["qemu-system-x86_64"] + QEMUCommandLine.sharedMemory(megabytes: memoryMegabytes) + qemuArguments(id: id))
-    }
 }

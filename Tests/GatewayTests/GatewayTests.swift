@@ -371,7 +371,14 @@ struct IdentityAndCheckTests {
         #expect(QEMUCommandLine.deviceArguments(for: ControllerConfig(name: "b", transport: .vhostUserBlk, socket: "/r/b.sock"))
                 == ["-chardev", "socket,id=sg-b,path=/r/b.sock", "-device", "vhost-user-blk-pci,chardev=sg-b,num-queues=1,queue-size=128"])
         #expect(QEMUCommandLine.deviceArguments(for: ControllerConfig(name: "p", transport: .pvscsi, socket: "/r/p.sock"))
-                == ["-device", "'{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"/r/p.sock\",\"type\":\"unix\"}}'"])
+                == ["-device", "{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"/r/p.sock\",\"type\":\"unix\"}}"])
+        #expect(QEMUCommandLine.deviceLine(for: ControllerConfig(name: "p", transport: .pvscsi, socket: "/r/p.sock"))
+                == "-device '{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"/r/p.sock\",\"type\":\"unix\"}}'")
+        // Awkward socket paths: JSON-escaped for vfio-user-pci, commas doubled in -chardev, shell-quoted in the line.
+        #expect(QEMUCommandLine.deviceArguments(for: ControllerConfig(name: "p", transport: .pvscsi, socket: "/r/a\"b\\c.sock")).last
+                == "{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"/r/a\\\"b\\\\c.sock\",\"type\":\"unix\"}}")
+        #expect(QEMUCommandLine.deviceLine(for: ControllerConfig(name: "b", transport: .vhostUserBlk, socket: "/r/it's,here.sock"))
+                == "-chardev 'socket,id=sg-b,path=/r/it'\\''s,,here.sock' -device vhost-user-blk-pci,chardev=sg-b,num-queues=1,queue-size=128")
         #expect(QEMUCommandLine.sharedMemoryArguments(size: "2G")
                 == ["-object", "memory-backend-memfd,id=mem0,size=2G,share=on", "-numa", "node,memdev=mem0"])
     }

@@ -374,9 +374,4 @@ let inquiryCDB: [UInt8] = [0x12, 0, 0, 0, 36, 0]
         #expect(g.waitInterrupt())
         #expect(g.takeCompletions().map(\.context) == [77])
     }
-
-    @Test func qemuCommandLineNamesTheSocket() throws {
-        let arg = PVSCSIController<TestCommandTarget, MemoryChannel>.qemuDeviceArgument(socketPath: "/run/x.sock")
-        #expect(arg == "{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"/run/x.sock\",\"type\":\"unix\"}}")
-    }
 }

@@ -160,8 +160,7 @@ final class InstantChannel: VhostChannel, @unchecked Sendable {
                                              channelFactory: { FileChannel(fd: blkFD) }, log: log)
         try scsi.start()
         try blk.start()
-        log(.info, scsi.qemuCommandLine(id: "scsi0"))
-        log(.info, blk.qemuCommandLine(id: "blk0"))
+        log(.info, "attach with: -chardev socket,id=c0,path=\(dir)/scsi.sock -device vhost-user-scsi-pci,chardev=c0 -chardev socket,id=c1,path=\(dir)/blk.sock -device vhost-user-blk-pci,chardev=c1 (guest RAM: memory-backend-memfd,share=on)")
         let deadline = clockSeconds() + 1800
         // Operator actions for hotplug checks: touch DIR/add-lun1, DIR/remove-lun1 or DIR/grow-lun0.
         while access("\(dir)/stop", F_OK) != 0 && clockSeconds() < deadline {

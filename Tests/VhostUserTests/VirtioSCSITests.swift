@@ -457,7 +457,7 @@ final class SCSIFixture: @unchecked Sendable {
 }
 
 @Suite struct ControllerTests {
-    @Test func controllersStartPrintQEMULinesAndStop() throws {
+    @Test func controllersStartAndStop() throws {
         let target = SCSITarget(name: "ctl")
         try target.add(SCSIFixture.unit(0, blocks: 64))
         let log = TestLog()
@@ -466,9 +466,6 @@ final class SCSIFixture: @unchecked Sendable {
         let scsi = try VhostUserSCSIController(socketPath: path, target: target, options: VirtioSCSIOptions(requestQueues: 2, threads: 2),
                                                channelFactory: { _ in channel }, log: log.logger)
         try scsi.start()
-        let line = scsi.qemuCommandLine(id: "scsi0")
-        #expect(line.contains("vhost-user-scsi-pci,id=scsi0,chardev=char-scsi0,num_queues=2"))
-        #expect(line.contains("memory-backend-memfd,id=mem0,size=1024M,share=on"))
         let client = try #require(TestFrontEnd(path: path))
         #expect(client.getU64(.getQueueNum) == 4)
         scsi.stop()
@@ -478,7 +475,7 @@ final class SCSIFixture: @unchecked Sendable {
         let blk = try VhostUserBlkController(socketPath: blkPath, geometry: BlockGeometry(logicalBlockSize: 4096, physicalBlockSize: 4096, blockCount: 16),
                                              options: VirtioBlkOptions(queues: 4, serial: "X", threads: 2), channelFactory: { channel }, log: log.logger)
         try blk.start()
-        #expect(blk.qemuArguments(id: "blk0").last == "vhost-user-blk-pci,id=blk0,chardev=char-blk0,num-queues=4,queue-size=128")
+        #expect(access(blkPath, F_OK) == 0)
         blk.stop()
         #expect(throws: VhostUserDeviceError.self) {
             try VhostUserBlkController(socketPath: blkPath, geometry: BlockGeometry(logicalBlockSize: 100, physicalBlockSize: 100, blockCount: 16),
