@@ -31,8 +31,10 @@ let package = Package(
         .target(name: "EventLoop", dependencies: ["CSystem"]),
         // Virtqueues over guest memory (split, packed, indirect, EVENT_IDX).
         .target(name: "Virtio", dependencies: ["BlockIO", "CSystem", "EventLoop"]),
-        // vhost-user back-end server and the virtio-scsi / virtio-blk device models.
-        .target(name: "VhostUser", dependencies: ["Virtio", "SCSI", "BlockIO", "CSystem", "EventLoop"]),
+        // The virtio-scsi and virtio-blk device models (config space, features, queue groups, requests), transport-neutral.
+        .target(name: "VirtioDevices", dependencies: ["Virtio", "SCSI", "BlockIO", "CSystem", "EventLoop"]),
+        // vhost-user back-end server hosting the virtio device models.
+        .target(name: "VhostUser", dependencies: ["VirtioDevices", "Virtio", "SCSI", "BlockIO", "CSystem", "EventLoop"]),
         // vfio-user server (PCI config space, BARs, MSI-X).
         .target(name: "VfioUser", dependencies: ["CSystem", "EventLoop"]),
         // The PVSCSI device model.
@@ -40,7 +42,7 @@ let package = Package(
         // Config, daemon wiring, control socket.
         .target(name: "Gateway", dependencies: [
             "ISCSIBackend",
-            "SCSI", "BlockIO", "Backends", "VhostUser", "PVSCSI", "CSystem", "EventLoop",
+            "SCSI", "BlockIO", "Backends", "VirtioDevices", "VhostUser", "PVSCSI", "CSystem", "EventLoop",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "TOMLKit", package: "TOMLKit"),
         ], resources: [.copy("DefaultConfig")]),
@@ -59,7 +61,7 @@ let package = Package(
         // every debug build so that they follow API changes; Deploy/fuzz/fuzz.sh links scsigate-fuzz with
         // -sanitize=fuzzer,address -DFUZZING (libFuzzer's main) into .build/fuzz. Without FUZZING it replays inputs.
         .target(name: "FuzzTargets", dependencies: [
-            "Virtio", "VhostUser", "VfioUser", "PVSCSI", "SCSI", "BlockIO", "Backends", "Gateway", "CSystem",
+            "Virtio", "VirtioDevices", "VhostUser", "VfioUser", "PVSCSI", "SCSI", "BlockIO", "Backends", "Gateway", "CSystem",
             .product(name: "Logging", package: "swift-log"),
         ], path: "Tests/Fuzz/Targets"),
         .executableTarget(name: "scsigate-fuzz", dependencies: ["FuzzTargets"], path: "Tests/Fuzz/Main"),
@@ -69,7 +71,7 @@ let package = Package(
         .testTarget(name: "BackendsTests", dependencies: ["Backends", "BlockIO", "CSystem"]),
         .testTarget(name: "ISCSIBackendTests", dependencies: ["ISCSIBackend", "BlockIO", "EventLoop", "SCSI"]),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "BlockIO", "CSystem"]),
-        .testTarget(name: "VhostUserTests", dependencies: ["VhostUser", "Virtio", "SCSI", "BlockIO", "CSystem", "Backends", "Gateway", "ISCSIBackend"]),
+        .testTarget(name: "VhostUserTests", dependencies: ["VhostUser", "VirtioDevices", "Virtio", "SCSI", "BlockIO", "CSystem", "Backends", "Gateway", "ISCSIBackend"]),
         .testTarget(name: "VfioUserTests", dependencies: ["VfioUser", "CSystem"]),
         .testTarget(name: "PVSCSITests", dependencies: ["PVSCSI", "VfioUser", "SCSI", "BlockIO", "Backends", "Gateway", "CSystem", "ISCSIBackend"]),
         .testTarget(name: "GatewayTests", dependencies: ["Gateway", "SCSI", "Backends"]),

@@ -4,9 +4,10 @@ import Glibc
 import Logging
 import SCSI
 import VhostUser
+import VirtioDevices
 
-extension AnyBlockChannel: VhostChannel {}
-extension PolicyChannel: VhostChannel {}
+extension AnyBlockChannel: VirtioChannel {}
+extension PolicyChannel: VirtioChannel {}
 
 extension Logger {
     /// Bridges a module's `(level, text)` log calls to swift-log, so every line has the gateway's one format;
@@ -17,8 +18,8 @@ extension Logger {
     }
 
     /// Bridges the vhost-user module's log calls to swift-log.
-    func vhostUserSink() -> VhostUserLogger {
-        bridge { (level: VhostUserLogLevel) -> Logger.Level in
+    func vhostUserSink() -> DeviceLogger {
+        bridge { (level: DeviceLogLevel) -> Logger.Level in
             switch level {
             case .debug: .debug
             case .info: .info

@@ -1,5 +1,6 @@
 import BlockIO
 import SCSI
+import VirtioDevices
 
 /// A virtio-scsi controller served over vhost-user: the public entry the gateway uses.
 ///
@@ -11,7 +12,7 @@ import SCSI
 /// try controller.start()
 /// controller.stop()   // drains in-flight I/O
 /// ```
-public final class VhostUserSCSIController<Channel: VhostChannel>: Sendable {
+public final class VhostUserSCSIController<Channel: VirtioChannel>: Sendable {
     /// The device model.
     public let device: VirtioSCSIDevice<Channel>
     /// The vhost-user server.
@@ -23,7 +24,7 @@ public final class VhostUserSCSIController<Channel: VhostChannel>: Sendable {
     /// `counters(backendID, requestQueue)` gives the statistics the commands of that LUN and queue are counted in.
     public init(socketPath: String, target: SCSITarget, options: VirtioSCSIOptions = VirtioSCSIOptions(),
                 channelFactory: @escaping @Sendable (Int) throws -> Channel, counters: VirtioSCSICountersProvider? = nil,
-                log: @escaping VhostUserLogger) throws(VhostUserDeviceError) {
+                log: @escaping DeviceLogger) throws(VirtioDeviceError) {
         device = try VirtioSCSIDevice(target: target, options: options, channelFactory: channelFactory, counters: counters, log: log)
         server = VhostUserServer(socketPath: socketPath, device: device, log: log)
     }
@@ -39,7 +40,7 @@ public final class VhostUserSCSIController<Channel: VhostChannel>: Sendable {
 }
 
 /// A virtio-blk device served over vhost-user, over one back-end.
-public final class VhostUserBlkController<Channel: VhostChannel>: Sendable {
+public final class VhostUserBlkController<Channel: VirtioChannel>: Sendable {
     /// The device model.
     public let device: VirtioBlkDevice<Channel>
     /// The vhost-user server.
@@ -49,7 +50,7 @@ public final class VhostUserBlkController<Channel: VhostChannel>: Sendable {
     /// close when the controller stops). `counters(queue)` gives the statistics of each request queue.
     public init(socketPath: String, geometry: BlockGeometry, options: VirtioBlkOptions, channelFactory: () throws -> Channel,
                 counters: VirtioBlkCountersProvider? = nil,
-                log: @escaping VhostUserLogger) throws(VhostUserDeviceError) {
+                log: @escaping DeviceLogger) throws(VirtioDeviceError) {
         device = try VirtioBlkDevice(geometry: geometry, options: options, channelFactory: channelFactory, counters: counters, log: log)
         server = VhostUserServer(socketPath: socketPath, device: device, log: log)
     }

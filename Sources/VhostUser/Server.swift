@@ -2,6 +2,7 @@ import BlockIO
 import CSystem
 import Synchronization
 import Virtio
+import VirtioDevices
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -44,12 +45,12 @@ struct ProtocolViolation: Error {
 /// with a log line). A third connection is refused at once. The device state (LUN map, unit attentions,
 /// reservations, statistics) belongs to the controller and stays; the nexus is only lost (virtio-scsi:
 /// I_T NEXUS LOSS) when the last connection goes away.
-public final class VhostUserServer<Device: VhostUserDevice>: @unchecked Sendable {
+public final class VhostUserServer<Device: VirtioDeviceModel>: @unchecked Sendable {
     /// Socket path.
     public let socketPath: String
     /// The device model.
     public let device: Device
-    private let log: VhostUserLogger
+    private let log: DeviceLogger
     private var listenFD: Int32 = -1
     /// The listening socket was handed over (systemd socket activation): it is never unlinked.
     private var adopted = false
@@ -76,7 +77,7 @@ public final class VhostUserServer<Device: VhostUserDevice>: @unchecked Sendable
     private var sessions: [Session] = []
 
     /// Creates a server (call `start`).
-    public init(socketPath: String, device: Device, log: @escaping VhostUserLogger) {
+    public init(socketPath: String, device: Device, log: @escaping DeviceLogger) {
         self.socketPath = socketPath
         self.device = device
         self.log = log
@@ -307,10 +308,11 @@ public final class VhostUserServer<Device: VhostUserDevice>: @unchecked Sendable
             VhostUserProtocolFeature.multiQueue | VhostUserProtocolFeature.replyAck
                 | VhostUserProtocolFeature.inflightSharedMemory | VhostUserProtocolFeature.configureMemSlots
                 | VhostUserProtocolFeature.backendRequest | VhostUserProtocolFeature.resetDevice
-                | VhostUserProtocolFeature.logSharedMemory | device.offeredProtocolFeatures
+                | VhostUserProtocolFeature.logSharedMemory
+                | (device.notifiesConfigChanges ? VhostUserProtocolFeature.config : 0)
         }
 
-        func log(_ level: VhostUserLogLevel, _ text: String) { server.log(level, "\(server.socketPath): \(text)") }
+        func log(_ level: DeviceLogLevel, _ text: String) { server.log(level, "\(server.socketPath): \(text)") }
 
         var runsRings: Bool { rings.contains { $0.running } }
 
@@ -657,7 +659,9 @@ public final class VhostUserServer<Device: VhostUserDevice>: @unchecked Sendable
                 }
                 let offset = Int(p.readLE(UInt32.self, at: 0)!)
                 let size = Int(p.readLE(UInt32.self, at: 4)!)
-                let config = device.readConfig()
+                // The device's config space, zero-padded to the largest a front-end may ask for.
+                var config = device.readConfig()
+                if config.count < VhostUserWire.maxConfigSize { config += [UInt8](repeating: 0, count: VhostUserWire.maxConfigSize - config.count) }
                 var reply = [UInt8]()
                 reply.appendLE(UInt32(offset))
                 if size == p.count - 12, offset <= config.count, size <= config.count - offset {

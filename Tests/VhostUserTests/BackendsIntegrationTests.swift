@@ -5,6 +5,7 @@ import CSystem
 import SCSI
 import Testing
 import VhostUser
+import VirtioDevices
 import Virtio
 #if canImport(Glibc)
 import Glibc

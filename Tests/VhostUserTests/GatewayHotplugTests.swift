@@ -6,6 +6,7 @@ import Gateway
 import SCSI
 import Testing
 import VhostUser
+import VirtioDevices
 import Virtio
 
 /// The gateway's own vhost-user-scsi front-end (`VhostUserSCSIFrontEndFactory`) under LUN hotplug:

@@ -4,6 +4,7 @@ import Foundation
 import SCSI
 import Testing
 import VhostUser
+import VirtioDevices
 import Virtio
 #if canImport(Glibc)
 import Glibc

@@ -5,12 +5,13 @@ import SCSI
 import Synchronization
 import Testing
 import VhostUser
+import VirtioDevices
 import Virtio
 #if canImport(Glibc)
 import Glibc
 #endif
 
-extension ISCSIChannel: VhostChannel {}
+extension ISCSIChannel: VirtioChannel {}
 
 /// A private tgtd on 127.0.0.1 (Deploy/tgt/backend-test-target.sh), frozen with SIGSTOP to keep
 /// commands in flight.

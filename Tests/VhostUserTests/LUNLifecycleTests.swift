@@ -6,6 +6,7 @@ import SCSI
 import Synchronization
 import Testing
 import VhostUser
+import VirtioDevices
 import Virtio
 #if canImport(Glibc)
 import Glibc

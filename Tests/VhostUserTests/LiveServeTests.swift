@@ -4,6 +4,7 @@ import SCSI
 import Synchronization
 import Testing
 import VhostUser
+import VirtioDevices
 import Virtio
 #if canImport(Glibc)
 import Glibc
@@ -88,7 +89,7 @@ final class FileChannel: BlockChannel, @unchecked Sendable {
 }
 
 /// A channel that completes every request at once without touching data (transport benchmarks).
-final class InstantChannel: VhostChannel, @unchecked Sendable {
+final class InstantChannel: VirtioChannel, @unchecked Sendable {
     let completionFD = csys_eventfd(0, 1)
     private var ready: [(UInt64, BlockResult)] = []
     init() { ready.reserveCapacity(4096) }
@@ -133,7 +134,7 @@ final class InstantChannel: VhostChannel, @unchecked Sendable {
         defer { close(scsiFD); close(blkFD) }
         let logFD = Glibc.open("\(dir)/serve.log", O_WRONLY | O_CREAT | O_APPEND, 0o644)
         defer { close(logFD) }
-        let log: VhostUserLogger = { level, text in
+        let log: DeviceLogger = { level, text in
             let line = "\(level): \(text)\n"
             _ = line.withCString { write(logFD, $0, strlen($0)) }
         }
@@ -192,4 +193,4 @@ final class InstantChannel: VhostChannel, @unchecked Sendable {
     }
 }
 
-extension FileChannel: VhostChannel {}
+extension FileChannel: VirtioChannel {}

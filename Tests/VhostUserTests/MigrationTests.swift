@@ -2,6 +2,7 @@ import BlockIO
 import CSystem
 import Testing
 import VhostUser
+import VirtioDevices
 import Virtio
 #if canImport(Glibc)
 import Glibc

@@ -3,6 +3,7 @@ import CSystem
 import SCSI
 import Testing
 import VhostUser
+import VirtioDevices
 import Virtio
 #if canImport(Glibc)
 import Glibc

@@ -3,6 +3,7 @@ import CSystem
 import Synchronization
 import Testing
 import VhostUser
+import VirtioDevices
 import Virtio
 #if canImport(Glibc)
 import Glibc
@@ -425,11 +426,11 @@ func testSocketPath(_ name: String) -> String {
 /// A log sink that records lines.
 final class TestLog: @unchecked Sendable {
     let lines = Mutex<[String]>([])
-    var logger: VhostUserLogger { { [self] _, text in lines.withLock { $0.append(text) } } }
+    var logger: DeviceLogger { { [self] _, text in lines.withLock { $0.append(text) } } }
     func contains(_ s: String) -> Bool { lines.withLock { $0.contains { $0.contains(s) } } }
 }
 
-extension MemoryChannel: VhostChannel {}
+extension MemoryChannel: VirtioChannel {}
 
 /// A virtio-scsi command laid out in guest RAM, ready for `TestSplitRing.addChain`: the request header
 /// (LUN, tag, CDB padded to 32 bytes), the data-out buffer, the response and the data-in buffer.

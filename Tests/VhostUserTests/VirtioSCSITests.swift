@@ -3,6 +3,7 @@ import CSystem
 import SCSI
 import Testing
 import VhostUser
+import VirtioDevices
 import Virtio
 #if canImport(Glibc)
 import Glibc
@@ -477,7 +478,7 @@ final class SCSIFixture: @unchecked Sendable {
         try blk.start()
         #expect(access(blkPath, F_OK) == 0)
         blk.stop()
-        #expect(throws: VhostUserDeviceError.self) {
+        #expect(throws: VirtioDeviceError.self) {
             try VhostUserBlkController(socketPath: blkPath, geometry: BlockGeometry(logicalBlockSize: 100, physicalBlockSize: 100, blockCount: 16),
                                        options: VirtioBlkOptions(serial: "X"), channelFactory: { channel }, log: log.logger)
         }

@@ -4,6 +4,7 @@ import CSystem
 import Gateway
 import SCSI
 import VhostUser
+import VirtioDevices
 import Virtio
 #if canImport(Glibc)
 import Glibc
@@ -34,7 +35,7 @@ final class VhostUserFixture: @unchecked Sendable {
             try! target.add(LogicalUnit(number: LogicalUnitNumber(lun)!, identity: LogicalUnitIdentity(serial: "FUZZ\(lun)", naa: 0x6001_4051_0000_0000 + UInt64(lun)),
                                         geometry: backend.geometry, backendID: 0))
         }
-        let quiet: VhostUserLogger = { _, _ in }
+        let quiet: DeviceLogger = { _, _ in }
         // A short drain timeout: the event queue holds its buffers until an event, so every GET_VRING_BASE of it
         // waits the whole timeout (and then abandons them, a path worth fuzzing too).
         scsi = try! VhostUserSCSIController(socketPath: scsiSocket, target: target,

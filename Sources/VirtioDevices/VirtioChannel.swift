@@ -1,12 +1,12 @@
 import BlockIO
 
-/// What the vhost-user devices need from a back-end channel: the `BlockChannel` operations without its
+/// What the virtio devices need from a back-end channel: the `BlockChannel` operations without its
 /// class requirement, so that both `BlockChannel` classes and the gateway's `AnyBlockChannel` enum
-/// (Backends) fit. Declare conformance with an empty extension, e.g. `extension AnyBlockChannel: VhostChannel {}`.
+/// (Backends) fit. Declare conformance with an empty extension, e.g. `extension AnyBlockChannel: VirtioChannel {}`.
 ///
 /// A channel is used by one event-loop thread; the devices are generic over it (no existential in the
 /// per-I/O path).
-public protocol VhostChannel: SendableMetatype {
+public protocol VirtioChannel: SendableMetatype {
     /// Readable when completions are ready (-1 when completions only come from `reap`).
     var completionFD: Int32 { get }
     /// Whether committed requests are complete on return from `commit` (the devices then `reap` at once,
@@ -35,7 +35,7 @@ public protocol VhostChannel: SendableMetatype {
     func resetLogicalUnit() -> Bool
 }
 
-extension VhostChannel {
+extension VirtioChannel {
     public func poll(_ handler: (UInt64, BlockResult) -> Void) -> Int { reap(handler) }
     public var completesOnCommit: Bool { completionFD < 0 }
 }

@@ -156,12 +156,12 @@ public typealias VirtioSCSICountersProvider = @Sendable (_ backendID: Int, _ req
 /// The virtio-scsi device model: a SCSI target behind control, event and request queues.
 /// Back-end channels are created per event-loop thread and LUN back-end on first use, and closed
 /// once their LUN is gone from the map and nothing is in flight on them.
-public final class VirtioSCSIDevice<Channel: VhostChannel>: VhostUserDevice, @unchecked Sendable {
+public final class VirtioSCSIDevice<Channel: VirtioChannel>: VirtioDeviceModel, @unchecked Sendable {
     /// Options.
     public let options: VirtioSCSIOptions
     /// The SCSI target.
     public let target: SCSITarget
-    let log: VhostUserLogger
+    let log: DeviceLogger
     let senseSize = Atomic<UInt32>(UInt32(SenseBytes.capacity))
     let cdbSize = Atomic<UInt32>(UInt32(CDB.capacity))
     let negotiated = Atomic<UInt64>(0)
@@ -174,11 +174,11 @@ public final class VirtioSCSIDevice<Channel: VhostChannel>: VhostUserDevice, @un
     /// `counters(backendID, requestQueue)` gives the statistics each command is counted in.
     public init(target: SCSITarget, options: VirtioSCSIOptions, channelFactory: @escaping @Sendable (Int) throws -> Channel,
                 counters: VirtioSCSICountersProvider? = nil,
-                log: @escaping VhostUserLogger) throws(VhostUserDeviceError) {
+                log: @escaping DeviceLogger) throws(VirtioDeviceError) {
         guard options.requestQueues >= 1, options.requestQueues <= 64 else {
-            throw VhostUserDeviceError("virtio-scsi request queues must be 1...64, not \(options.requestQueues)")
+            throw VirtioDeviceError("virtio-scsi request queues must be 1...64, not \(options.requestQueues)")
         }
-        guard options.threads >= 1 else { throw VhostUserDeviceError("virtio-scsi threads must be at least 1") }
+        guard options.threads >= 1 else { throw VirtioDeviceError("virtio-scsi threads must be at least 1") }
         self.options = options
         self.target = target
         self.log = log
@@ -196,7 +196,7 @@ public final class VirtioSCSIDevice<Channel: VhostChannel>: VhostUserDevice, @un
                 group.watchdogMilliseconds = max(0, options.watchdogMilliseconds)
                 groups.append(group)
             } catch {
-                throw VhostUserDeviceError("event loop: \(error)")
+                throw VirtioDeviceError("event loop: \(error)")
             }
         }
         for g in groups {
@@ -228,7 +228,7 @@ public final class VirtioSCSIDevice<Channel: VhostChannel>: VhostUserDevice, @un
     /// No CONFIG: QEMU's vhost-user-scsi keeps the virtio-scsi config space itself (it has no config ops),
     /// and hw/virtio/vhost-user.c warns "vhost-user backend supports VHOST_USER_PROTOCOL_F_CONFIG but QEMU
     /// does not" for a back-end that offers it. Hotplug and resize go through the event queue.
-    public var offeredProtocolFeatures: UInt64 { 0 }
+    public var notifiesConfigChanges: Bool { false }
     public var queueCount: Int { 2 + options.requestQueues }
     public var maxQueueSize: Int { options.maxQueueSize }
     public var expectedQueueSize: Int { options.expectedQueueSize }
@@ -418,7 +418,7 @@ struct PendingControl {
 }
 
 /// The virtio-scsi data path of one queue group (plus the control and event queues on group 0).
-final class SCSIGroupHandler<Channel: VhostChannel>: QueueGroupHandler, @unchecked Sendable {
+final class SCSIGroupHandler<Channel: VirtioChannel>: QueueGroupHandler, @unchecked Sendable {
     unowned(unsafe) var device: VirtioSCSIDevice<Channel>!
     unowned(unsafe) var group: QueueGroup<SCSIGroupHandler<Channel>>!
     private let channelFactory: @Sendable (Int) throws -> Channel
@@ -1160,7 +1160,7 @@ final class SCSIGroupHandler<Channel: VhostChannel>: QueueGroupHandler, @uncheck
 
 /// One back-end as one queue-group thread uses it: its channel (opened on the first I/O), the LUN's
 /// counters for each request queue, and what is in flight on it. Touched on that thread only.
-final class BackendUse<Channel: VhostChannel> {
+final class BackendUse<Channel: VirtioChannel> {
     /// The LUN's `backendID`.
     let backendID: Int
     /// The channel, once opened.

@@ -5,13 +5,13 @@ import Virtio
 import Glibc
 #endif
 
-/// Severity of a vhost-user log line.
-public enum VhostUserLogLevel: Sendable, Comparable {
+/// Severity of a device or transport log line.
+public enum DeviceLogLevel: Sendable, Comparable {
     case debug, info, warning, error
 }
 
-/// Where the vhost-user server and devices write their log (the gateway bridges it to swift-log).
-public typealias VhostUserLogger = @Sendable (VhostUserLogLevel, String) -> Void
+/// Where the device models and the vhost-user server write their log (the gateway bridges it to swift-log).
+public typealias DeviceLogger = @Sendable (DeviceLogLevel, String) -> Void
 
 /// A one-shot completion signal between threads (an eventfd kept alive by whichever side holds it last).
 final class CompletionSignal: @unchecked Sendable {
@@ -69,7 +69,7 @@ public final class RunningQueue: @unchecked Sendable {
     /// Slot index of this queue inside its group (handlers use it in completion tokens).
     public internal(set) var groupSlot = 0
 
-    init(index: Int, ring: Virtqueue, kickFD: Int32, callFD: Int32, enabled: Bool) {
+    package init(index: Int, ring: Virtqueue, kickFD: Int32, callFD: Int32, enabled: Bool) {
         self.index = index
         self.ring = ring
         self.kickFD = kickFD
@@ -149,7 +149,7 @@ public final class QueueGroup<Handler: QueueGroupHandler>: @unchecked Sendable {
     /// The device data path.
     public let handler: Handler
     private var queues: [RunningQueue] = []
-    private let log: VhostUserLogger
+    private let log: DeviceLogger
     private var thread: pthread_t?
     /// Requests taken from a ring per queue per pass before others get a turn.
     public var batchLimit = 64
@@ -164,7 +164,7 @@ public final class QueueGroup<Handler: QueueGroupHandler>: @unchecked Sendable {
     private var watchdogThread: pthread_t?
 
     /// Creates a group (its thread starts with `start`).
-    public init(name: String, handler: Handler, pollBudgetNanoseconds: UInt64, log: @escaping VhostUserLogger) throws(EventLoopError) {
+    public init(name: String, handler: Handler, pollBudgetNanoseconds: UInt64, log: @escaping DeviceLogger) throws(EventLoopError) {
         loop = try EventLoop(name: name, pollBudgetNanoseconds: pollBudgetNanoseconds)
         self.handler = handler
         self.log = log
@@ -495,7 +495,7 @@ final class ResultBox: @unchecked Sendable {
 }
 
 /// Starts a joinable thread running `body`.
-func spawnThread(_ body: @escaping () -> Void) -> pthread_t? {
+package func spawnThread(_ body: @escaping () -> Void) -> pthread_t? {
     final class Box { let body: () -> Void; init(_ b: @escaping () -> Void) { body = b } }
     let box = Unmanaged.passRetained(Box(body)).toOpaque()
     var thread = pthread_t()

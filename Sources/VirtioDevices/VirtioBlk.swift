@@ -42,7 +42,7 @@ public struct VirtioBlkOptions: Sendable {
     public var queues: Int
     /// Largest ring size accepted (the driver picks the size over virtio-mmio: up to the transport's 1024).
     public var maxQueueSize: Int
-    /// The ring size on the QEMU command line (the controller's `queue_size`); see `VhostUserDevice.expectedQueueSize`.
+    /// The ring size on the QEMU command line (the controller's `queue_size`); see `VirtioDeviceModel.expectedQueueSize`.
     public var expectedQueueSize: Int
     /// seg_max: data segments per request.
     public var maxSegments: Int
@@ -84,7 +84,7 @@ public struct VirtioBlkOptions: Sendable {
 }
 
 /// Why a device could not be set up.
-public struct VhostUserDeviceError: Error, CustomStringConvertible, Sendable {
+public struct VirtioDeviceError: Error, CustomStringConvertible, Sendable {
     public var message: String
     public init(_ message: String) { self.message = message }
     public var description: String { message }
@@ -96,7 +96,7 @@ public typealias VirtioBlkCountersProvider = @Sendable (_ queue: Int) -> IOCount
 
 /// The virtio-blk device model over one back-end: request queues spread over event-loop threads,
 /// each thread with its own back-end channel.
-public final class VirtioBlkDevice<Channel: VhostChannel>: VhostUserDevice, @unchecked Sendable {
+public final class VirtioBlkDevice<Channel: VirtioChannel>: VirtioDeviceModel, @unchecked Sendable {
     /// Options.
     public let options: VirtioBlkOptions
     private let geometryLock: Mutex<BlockGeometry>
@@ -106,7 +106,7 @@ public final class VirtioBlkDevice<Channel: VhostChannel>: VhostUserDevice, @unc
     let serialBytes: [UInt8]
     /// Logical block size in 512-byte sectors (fixed for the device's life).
     let blockSectors: UInt64
-    let log: VhostUserLogger
+    let log: DeviceLogger
     private var groups: [QueueGroup<BlkGroupHandler<Channel>>] = []
     private let notifier = Mutex<(@Sendable () -> Void)?>(nil)
     private let negotiated = Atomic<UInt64>(0)
@@ -114,11 +114,11 @@ public final class VirtioBlkDevice<Channel: VhostChannel>: VhostUserDevice, @unc
     /// Creates the device; `channelFactory` is called once per event-loop thread.
     public init(geometry: BlockGeometry, options: VirtioBlkOptions, channelFactory: () throws -> Channel,
                 counters: VirtioBlkCountersProvider? = nil,
-                log: @escaping VhostUserLogger) throws(VhostUserDeviceError) {
-        guard options.queues >= 1, options.queues <= 64 else { throw VhostUserDeviceError("virtio-blk queues must be 1...64, not \(options.queues)") }
-        guard options.threads >= 1 else { throw VhostUserDeviceError("virtio-blk threads must be at least 1") }
+                log: @escaping DeviceLogger) throws(VirtioDeviceError) {
+        guard options.queues >= 1, options.queues <= 64 else { throw VirtioDeviceError("virtio-blk queues must be 1...64, not \(options.queues)") }
+        guard options.threads >= 1 else { throw VirtioDeviceError("virtio-blk threads must be at least 1") }
         guard geometry.logicalBlockSize >= 512, geometry.logicalBlockSize % 512 == 0 else {
-            throw VhostUserDeviceError("block size \(geometry.logicalBlockSize) is not a multiple of 512")
+            throw VirtioDeviceError("block size \(geometry.logicalBlockSize) is not a multiple of 512")
         }
         self.options = options
         geometryLock = Mutex(geometry)
@@ -133,7 +133,7 @@ public final class VirtioBlkDevice<Channel: VhostChannel>: VhostUserDevice, @unc
         let threads = min(options.threads, options.queues)
         for t in 0..<threads {
             let channel: Channel
-            do { channel = try channelFactory() } catch { throw VhostUserDeviceError("back-end channel: \(error)") }
+            do { channel = try channelFactory() } catch { throw VirtioDeviceError("back-end channel: \(error)") }
             let handler = BlkGroupHandler(channel: channel, queueCount: options.queues, counters: counters)
             do {
                 let group = try QueueGroup(name: "blk-q\(t)", handler: handler, pollBudgetNanoseconds: options.pollBudgetNanoseconds, log: log)
@@ -142,7 +142,7 @@ public final class VirtioBlkDevice<Channel: VhostChannel>: VhostUserDevice, @unc
                 handler.device = self
                 groups.append(group)
             } catch {
-                throw VhostUserDeviceError("event loop: \(error)")
+                throw VirtioDeviceError("event loop: \(error)")
             }
         }
         for g in groups { g.start() }
@@ -176,17 +176,17 @@ public final class VirtioBlkDevice<Channel: VhostChannel>: VhostUserDevice, @unc
     /// Refused when no back-end was detached, when the logical block size differs (a running
     /// virtio-blk driver never re-reads it) or while an old channel still drains.
     public func attachBackend(geometry newGeometry: BlockGeometry,
-                              channelFactory: () throws -> Channel) throws(VhostUserDeviceError) {
-        guard backendDetached else { throw VhostUserDeviceError("the device still has its back-end") }
+                              channelFactory: () throws -> Channel) throws(VirtioDeviceError) {
+        guard backendDetached else { throw VirtioDeviceError("the device still has its back-end") }
         let current = geometry
         guard newGeometry.logicalBlockSize == current.logicalBlockSize else {
-            throw VhostUserDeviceError("block size \(newGeometry.logicalBlockSize) differs from the \(current.logicalBlockSize) bytes the guest's driver uses; unplug the device instead")
+            throw VirtioDeviceError("block size \(newGeometry.logicalBlockSize) differs from the \(current.logicalBlockSize) bytes the guest's driver uses; unplug the device instead")
         }
         var channels: [Channel] = []
         for _ in groups {
             do { channels.append(try channelFactory()) } catch {
                 for c in channels { c.close() }
-                throw VhostUserDeviceError("back-end channel: \(error)")
+                throw VirtioDeviceError("back-end channel: \(error)")
             }
         }
         let box = AttachResults(count: groups.count)
@@ -195,7 +195,7 @@ public final class VirtioBlkDevice<Channel: VhostChannel>: VhostUserDevice, @unc
             if !g.onLoopAndWait({ box.set(i, g.handler.reattach(channel)) }) { channel.close() }
         }
         guard box.all else {
-            throw VhostUserDeviceError("the removed LUN's channels are still draining; try again")
+            throw VirtioDeviceError("the removed LUN's channels are still draining; try again")
         }
         geometryLock.withLock { g in
             g.blockCount = newGeometry.blockCount
@@ -229,7 +229,7 @@ public final class VirtioBlkDevice<Channel: VhostChannel>: VhostUserDevice, @unc
         return f
     }
 
-    public var offeredProtocolFeatures: UInt64 { VhostUserProtocolFeature.config }
+    public var notifiesConfigChanges: Bool { true }
     public var queueCount: Int { options.queues }
     public var maxQueueSize: Int { options.maxQueueSize }
     public var expectedQueueSize: Int { options.expectedQueueSize }
@@ -260,7 +260,6 @@ public final class VirtioBlkDevice<Channel: VhostChannel>: VhostUserDevice, @unc
         c.appendLE(UInt32(1))  // max_write_zeroes_seg
         c.append(g.supportsDiscard ? 1 : 0)  // write_zeroes_may_unmap
         c += [0, 0, 0]
-        while c.count < VhostUserWire.maxConfigSize { c.append(0) }
         return c
     }
 
@@ -329,7 +328,7 @@ final class BlkQueueSlots {
 }
 
 /// The virtio-blk data path of one queue group.
-final class BlkGroupHandler<Channel: VhostChannel>: QueueGroupHandler {
+final class BlkGroupHandler<Channel: VirtioChannel>: QueueGroupHandler {
     private(set) var channel: Channel
     /// The channel completes on commit (no completion fd): `commit` delivers at once.
     private var channelIsSynchronous: Bool

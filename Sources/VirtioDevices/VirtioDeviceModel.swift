@@ -1,13 +1,15 @@
 import Virtio
 
-/// A virtio device model served over vhost-user (virtio-scsi, virtio-blk). The server calls these
-/// on its control thread; the device runs its queues on its own queue groups.
-public protocol VhostUserDevice: AnyObject, Sendable {
-    /// Virtio device feature bits offered (device-specific and ring bits; the server adds
-    /// VERSION_1 and PROTOCOL_FEATURES).
+/// A virtio device model (virtio-scsi, virtio-blk), apart from the transport that hosts it: the vhost-user
+/// server and the virtio-pci function over vfio-user each drive it through these calls, from their control
+/// thread; the device runs its queues on its own queue groups. It knows no transport message.
+public protocol VirtioDeviceModel: AnyObject, Sendable {
+    /// Virtio device feature bits offered (device-specific and ring bits; the transport adds VERSION_1 and
+    /// its own bits).
     var offeredFeatures: UInt64 { get }
-    /// Extra protocol features the device supports beyond the server's own (e.g. CONFIG).
-    var offeredProtocolFeatures: UInt64 { get }
+    /// Whether the device raises configuration-change notifications (virtio-blk resize): vhost-user offers
+    /// the CONFIG protocol feature for it, virtio-pci a config interrupt.
+    var notifiesConfigChanges: Bool { get }
     /// Number of virtqueues (GET_QUEUE_NUM reports request queues plus fixed ones as the device counts them).
     var queueCount: Int { get }
     /// Largest ring size accepted.
