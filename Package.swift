@@ -1,9 +1,8 @@
-// swift-tools-version:6.1
+// swift-tools-version:6.3
 import PackageDescription
 
 let package = Package(
     name: "ScsiGate",
-    platforms: [.macOS(.v15)],
     products: [
         .executable(name: "scsigate", targets: ["scsigate"]),
     ],

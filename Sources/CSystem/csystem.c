@@ -9,7 +9,6 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 #include <sys/file.h>
 #include <sys/stat.h>
@@ -47,7 +46,6 @@ int csys_memfd_create(const char *name, int sealing) {
 }
 
 int csys_o_direct(void) { return O_DIRECT; }
-int csys_o_dsync(void) { return O_DSYNC; }
 
 int csys_punch_hole(int fd, uint64_t offset, uint64_t length) {
     if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)length) < 0) return -errno;
@@ -149,7 +147,6 @@ int csys_set_thread_name(const char *name) {
     return pthread_setname_np(pthread_self(), buf);
 }
 
-int csys_gettid(void) { return (int)syscall(SYS_gettid); }
 
 int64_t csys_fd_size(int fd) {
     struct stat st;
@@ -169,11 +166,6 @@ int csys_wait_readable(int fd, int timeout_ms) {
 
 uint32_t csys_load32_acquire(const void *p) { return __atomic_load_n((const uint32_t *)p, __ATOMIC_ACQUIRE); }
 void csys_store32_release(void *p, uint32_t v) { __atomic_store_n((uint32_t *)p, v, __ATOMIC_RELEASE); }
-uint64_t csys_load64_relaxed(const void *p) {
-    uint64_t v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
 void csys_fence_seq_cst(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
 int csys_set_recv_timeout(int sock, int milliseconds) {
@@ -330,11 +322,6 @@ int64_t csys_seek_data(int fd, uint64_t offset) {
 int64_t csys_seek_hole(int fd, uint64_t offset) {
     off_t r = lseek(fd, (off_t)offset, SEEK_HOLE);
     return r < 0 ? -errno : (int64_t)r;
-}
-
-int csys_allocate(int fd, uint64_t offset, uint64_t length, int keep_size) {
-    if (fallocate(fd, keep_size ? FALLOC_FL_KEEP_SIZE : 0, (off_t)offset, (off_t)length) < 0) return -errno;
-    return 0;
 }
 
 int csys_iov_max(void) { return IOV_MAX; }

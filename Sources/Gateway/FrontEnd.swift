@@ -51,9 +51,7 @@ public struct FrontEndRegistry: Sendable {
         TransportKind.allCases.filter { factories[$0] != nil }
     }
 
-    /// The front-ends built into this binary.
-    ///
-    /// INTEGRATION POINT: register the vhost-user (VhostUser module) and PVSCSI (PVSCSI module)
-    /// factories here, e.g. `FrontEndRegistry([VhostUserSCSIFactory(), VhostUserBlkFactory(), PVSCSIFactory()])`.
+    /// The front-ends built into this binary: virtio-scsi and virtio-blk over vhost-user
+    /// (`VhostUserFrontEnds.swift`) and PVSCSI over vfio-user (`PVSCSIFrontEnd.swift`).
     public static var standard: FrontEndRegistry { FrontEndRegistry([VhostUserSCSIFrontEndFactory(), VhostUserBlkFrontEndFactory(), PVSCSIFrontEndFactory()]) }
 }

@@ -1,7 +1,7 @@
 #ifndef SCSIGATE_CSYSTEM_H
 #define SCSIGATE_CSYSTEM_H
 /* Thin wrappers for Linux APIs that Swift's Glibc module does not export
- * (eventfd, memfd_create, CMSG_* macros, block-device ioctls, fallocate flags).
+ * (eventfd, memfd_create, timerfd, CMSG_* macros, block-device ioctls, fallocate flags).
  * Bodies live in csystem.c, which is compiled with _GNU_SOURCE. */
 #include <stddef.h>
 #include <stdint.h>
@@ -22,9 +22,8 @@ int csys_eventfd_drain(int fd, uint64_t *value);
 /* memfd_create(2) with MFD_CLOEXEC (and MFD_ALLOW_SEALING when sealing != 0). */
 int csys_memfd_create(const char *name, int sealing);
 
-/* O_DIRECT / O_DSYNC / O_CLOEXEC values for open(2). */
+/* O_DIRECT value for open(2). */
 int csys_o_direct(void);
-int csys_o_dsync(void);
 
 /* fallocate(2) helpers. Return 0 or -errno. */
 int csys_punch_hole(int fd, uint64_t offset, uint64_t length);
@@ -47,14 +46,11 @@ ssize_t csys_recv_with_fds(int sock, void *buf, size_t len, int *fds, int maxfds
 
 /* Thread naming, CPU time. */
 int csys_set_thread_name(const char *name);
-/* gettid(2) */
-int csys_gettid(void);
 
 /* Guest-shared memory accesses (vfio-user / PVSCSI rings): single loads and stores with
  * acquire/release ordering, so each field is read exactly once. */
 uint32_t csys_load32_acquire(const void *p);
 void csys_store32_release(void *p, uint32_t v);
-uint64_t csys_load64_relaxed(const void *p);
 void csys_fence_seq_cst(void);
 /* Sets SO_RCVTIMEO / SO_SNDTIMEO on a socket (milliseconds). Return 0 or -errno. */
 int csys_set_recv_timeout(int sock, int milliseconds);
@@ -84,8 +80,6 @@ static inline void csys_store_relaxed_u16(void *p, uint16_t v) { __atomic_store_
 static inline uint32_t csys_load_acquire_u32(const void *p) { return __atomic_load_n((const uint32_t *)p, __ATOMIC_ACQUIRE); }
 static inline uint32_t csys_load_relaxed_u32(const void *p) { return __atomic_load_n((const uint32_t *)p, __ATOMIC_RELAXED); }
 static inline void csys_store_release_u32(void *p, uint32_t v) { __atomic_store_n((uint32_t *)p, v, __ATOMIC_RELEASE); }
-static inline void csys_fence_acquire(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
-static inline void csys_fence_release(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
 /* Atomic fetch-or of one byte (dirty-page log bitmaps shared with a VMM that clears them concurrently). */
 static inline void csys_atomic_or_u8(void *p, uint8_t v) { __atomic_fetch_or((uint8_t *)p, v, __ATOMIC_SEQ_CST); }
 
@@ -108,8 +102,6 @@ int csys_flock_exclusive(int fd);
 /* lseek(fd, offset, SEEK_DATA / SEEK_HOLE). Returns the offset or -errno (-ENXIO past the end). */
 int64_t csys_seek_data(int fd, uint64_t offset);
 int64_t csys_seek_hole(int fd, uint64_t offset);
-/* fallocate(2) with mode 0 (allocate), KEEP_SIZE when keep_size != 0. Returns 0 or -errno. */
-int csys_allocate(int fd, uint64_t offset, uint64_t length, int keep_size);
 /* Whether the block device behind fd accepts discards: reads
  * /sys/dev/block/MAJOR:MINOR/queue/discard_max_bytes. Returns 1, 0, or -errno. */
 int csys_blk_discard_supported(int fd);
