@@ -6,7 +6,7 @@ import Testing
 @testable import Backends
 
 /// FileBackend on a real block device: a loop device over a file (needs root and /dev/loop-control).
-@Suite(.serialized) struct BlockDeviceTests {
+@Suite(.serialized, .enabled(if: getuid() == 0, "loop devices need root")) struct BlockDeviceTests {
     /// Attaches a loop device to `file`; nil (with the reason) when not possible.
     static func attach(_ file: String) -> (device: String?, reason: String) {
         let r = runProgram("/usr/sbin/losetup", ["--find", "--show", file])

@@ -77,7 +77,7 @@ final class PrivateTgtd: @unchecked Sendable {
 /// PVSCSI task management against a real iSCSI back-end (tgtd, libiscsi): with tgtd stopped (SIGSTOP) the
 /// READ stays in flight; ABORT_CMD makes the channel send ABORT TASK, RESET_DEVICE a LUN RESET; once tgtd
 /// runs again the guest gets BTSTAT_ABORTQUEUE / BTSTAT_BUSRESET.
-@Suite(.serialized) struct PVSCSIOverISCSITaskManagementTests {
+@Suite(.serialized, .enabled(if: getuid() == 0, "tgtd needs root (its IPC lock file)")) struct PVSCSIOverISCSITaskManagementTests {
     @Test func abortAndResetReachTheRemoteTarget() throws {
         let tgt = try PrivateTgtd(sizeMiB: 16)
         let config = try ISCSIBackendConfig(url: tgt.url, initiatorName: "iqn.2026-11.test.scsigate:pvscsi-initiator",
