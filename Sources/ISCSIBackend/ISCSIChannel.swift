@@ -423,7 +423,7 @@ public final class ISCSIChannel: BlockChannel, @unchecked Sendable {
     public func runOnce(timeoutMilliseconds: Int32) {
         syncRegistration()
         var pfd = pollfd(fd: epollFD, events: Int16(POLLIN), revents: 0)
-        _ = poll(&pfd, 1, max(timeoutMilliseconds, 0))
+        _ = Glibc.poll(&pfd, 1, max(timeoutMilliseconds, 0))
         processEvents()
     }
 

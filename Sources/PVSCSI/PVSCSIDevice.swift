@@ -93,7 +93,7 @@ struct RequestSlot {
 
 /// The device's state for one back-end (one LUN instance): its channel, its I/O counters and whether
 /// its LUN is gone (the channel then closes once nothing is in flight).
-struct BackendChannel<Channel: PVSCSIChannel> {
+struct BackendChannel<Channel: BlockChannel> {
     /// Nil while the factory cannot open it (retried on the next I/O).
     var channel: Channel?
     var counters: IOCounters?
@@ -104,7 +104,7 @@ struct BackendChannel<Channel: PVSCSIChannel> {
 /// SG lists, sense, interrupts; SCSI commands run by `Target` and their I/O by `Channel`s.
 ///
 /// Runs on the vfio-user server's event-loop thread; every guest address goes through `GuestMemory`.
-public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChannel>: VfioUserDevice, @unchecked Sendable {
+public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel>: VfioUserDevice, @unchecked Sendable {
     public var configSpace: PCIConfigSpace
     public let options: PVSCSIOptions
     public private(set) var stats = PVSCSIStats()

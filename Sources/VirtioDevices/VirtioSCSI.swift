@@ -156,7 +156,7 @@ public typealias VirtioSCSICountersProvider = @Sendable (_ backendID: Int, _ req
 /// The virtio-scsi device model: a SCSI target behind control, event and request queues.
 /// Back-end channels are created per event-loop thread and LUN back-end on first use, and closed
 /// once their LUN is gone from the map and nothing is in flight on them.
-public final class VirtioSCSIDevice<Channel: VirtioChannel>: VirtioDeviceModel, @unchecked Sendable {
+public final class VirtioSCSIDevice<Channel: BlockChannel>: VirtioDeviceModel, @unchecked Sendable {
     /// Options.
     public let options: VirtioSCSIOptions
     /// The SCSI target.
@@ -418,7 +418,7 @@ struct PendingControl {
 }
 
 /// The virtio-scsi data path of one queue group (plus the control and event queues on group 0).
-final class SCSIGroupHandler<Channel: VirtioChannel>: QueueGroupHandler, @unchecked Sendable {
+final class SCSIGroupHandler<Channel: BlockChannel>: QueueGroupHandler, @unchecked Sendable {
     unowned(unsafe) var device: VirtioSCSIDevice<Channel>!
     unowned(unsafe) var group: QueueGroup<SCSIGroupHandler<Channel>>!
     private let channelFactory: @Sendable (Int) throws -> Channel
@@ -1160,7 +1160,7 @@ final class SCSIGroupHandler<Channel: VirtioChannel>: QueueGroupHandler, @unchec
 
 /// One back-end as one queue-group thread uses it: its channel (opened on the first I/O), the LUN's
 /// counters for each request queue, and what is in flight on it. Touched on that thread only.
-final class BackendUse<Channel: VirtioChannel> {
+final class BackendUse<Channel: BlockChannel> {
     /// The LUN's `backendID`.
     let backendID: Int
     /// The channel, once opened.
