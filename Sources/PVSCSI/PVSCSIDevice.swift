@@ -85,19 +85,10 @@ struct RequestSlot {
     var completionSenseLength: UInt32 = 0
     var completionHostStatus: UInt16 = 0
     var completionSCSIStatus: UInt16 = 0
-    /// The LUN's I/O counters while the command is counted (`begin` done, `record` not yet).
-    var counters: IOCounters? = nil
+    /// The `LUNChannelTable` use the command is counted on (`beginTask` done, `endTask` not yet), -1: none.
+    var use: Int32 = -1
     /// `IOCounters.now()` when the command arrived.
     var arrival: UInt64 = 0
-}
-
-/// The device's state for one back-end (one LUN instance): its channel, its I/O counters and whether
-/// its LUN is gone (the channel then closes once nothing is in flight).
-struct BackendChannel<Channel: BlockChannel> {
-    /// Nil while the factory cannot open it (retried on the next I/O).
-    var channel: Channel?
-    var counters: IOCounters?
-    var retiring = false
 }
 
 /// The PVSCSI device model: registers, commands, request/completion/message rings in guest memory,
@@ -110,8 +101,6 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
     public private(set) var stats = PVSCSIStats()
     public let target: Target
     private let log: VfioUserLog
-    private let channelFactory: (Int) -> Channel?
-    private let statistics: (Int) -> IOCounters?
     private unowned(unsafe) var loop: EventLoop
     private var memory: GuestMemory!
     private var interrupts: InterruptController!
@@ -183,12 +172,11 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
     /// checks it and stops when a client message handled meanwhile (ADAPTER_RESET, SETUP_RINGS) replaced them.
     private var ringsGeneration = 0
     private var view = LUNMapView()
-    private var channels: [Int: BackendChannel<Channel>] = [:]
-    /// Entries of `channels` marked `retiring` and not yet closed.
-    private var retiringCount = 0
-    /// Called (control path) once no retiring channel is left.
+    /// The LUN channels of the adapter's loop thread (opened on a LUN's first command, retired on removal,
+    /// closed when idle).
+    private let channels: LUNChannelTable<Channel>
+    /// Called (control path) once no retired channel is left.
     private var retiredWaiters: [() -> Void] = []
-    private var channelsToCommit: [Int] = []
     private var reaped: [(UInt64, BlockResult)] = []
     private var completionsPosted = false
     private var loggedRingError = false
@@ -206,8 +194,10 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
         self.target = target
         self.options = options
         self.loop = loop
-        self.channelFactory = channelFactory
-        self.statistics = statistics
+        channels = LUNChannelTable(open: { id throws(BlockBackendError) in
+            guard let c = channelFactory(id) else { throw BlockBackendError("cannot be opened") }
+            return c
+        }, counters: { id, _ in statistics(id) })
         self.log = log
         let identity = PCIIdentity(vendorID: PVSCSI.vendorID, deviceID: PVSCSI.deviceID,
                                    subsystemVendorID: PVSCSI.vendorID, subsystemID: PVSCSI.deviceID,
@@ -223,11 +213,19 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
         freeSlots = Array((0..<n).reversed())
         awaitingRing = []
         awaitingRing.reserveCapacity(n)
-        channelsToCommit.reserveCapacity(8)
         reaped.reserveCapacity(n)
         iovecs = IOVectorStorage(capacity: n * Self.iovecsPerSlot)
         shadowPages = .allocate(byteCount: Self.shadowPageCount * 4096, alignment: 4096)
         shadowPages.initializeMemory(as: UInt8.self, repeating: 0, count: Self.shadowPageCount * 4096)
+        channels.watch = { [unowned self] fd, use in
+            do {
+                try self.loop.register(fd: fd) { [unowned self] _ in self.reap(use) }
+            } catch {
+                self.log("pvscsi: cannot watch back-end \(self.channels.backendID(use)) completions: \(error)")
+            }
+        }
+        channels.unwatch = { [unowned self] fd in self.loop.unregister(fd: fd) }
+        channels.openFailed = { [unowned self] id, error in self.log("pvscsi: no channel for back-end \(id): \(error)") }
     }
 
     deinit {
@@ -402,7 +400,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
             case .submitted:
                 slots[i].orphaned = true
                 // Nobody waits for it any more: let a remote back-end drop it.
-                if channels[tasks[i].backendID]?.channel?.abort(token: UInt64(i)) == true { stats.backendAborts += 1 }
+                if channels.openedChannel(Int(slots[i].use))?.abort(token: UInt64(i)) == true { stats.backendAborts += 1 }
             case .executing: slots[i].orphaned = true
             case .awaitingRing: release(i)
             case .free: break
@@ -579,7 +577,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
     private func abortCommand(context: UInt64, target: UInt32) {
         for i in 0..<slots.count where slots[i].state == .submitted && slots[i].context == context && slots[i].target == target {
             slots[i].aborted = true
-            let sent = channels[tasks[i].backendID]?.channel?.abort(token: UInt64(i)) ?? false
+            let sent = channels.openedChannel(Int(slots[i].use))?.abort(token: UInt64(i)) ?? false
             stats.backendAborts += sent ? 1 : 0
             log("pvscsi: abort of context \(context) target \(target): \(sent ? "back-end aborting it" : "back-end cannot abort; completes") with BTSTAT_ABORTQUEUE when its I/O returns")
             return
@@ -614,7 +612,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
             target.finishTaskManagement(plan, outcome)
             // The back-end's own LUN reset (remote iSCSI: LUN RESET; its in-flight I/O completes ECANCELED).
             if let unit = view.unit(lun), !resetBackends.contains(unit.backendID),
-               let ch = channels[unit.backendID]?.channel {
+               let ch = channels.openedChannel(channels.existingUse(unit.backendID)) {
                 resetBackends.append(unit.backendID)
                 if ch.resetLogicalUnit() { stats.backendResets += 1 }
             }
@@ -793,9 +791,16 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
         }
         tasks[slot].reset(nexus: ITNexus(initiator: options.initiatorID), lun: lun, tag: d.context, attribute: attribute,
                           cdb: d.cdb, dataOut: toDevice ? list : .empty, dataIn: toHost ? list : .empty)
-        if let counters = backendEntry(unit.backendID) {
-            counters.begin()
-            slots[slot].counters = counters
+        // The LUN's channel opens on its first command; the command counts on it until its completion is posted.
+        var use = channels.existingUse(unit.backendID)
+        if use < 0 {
+            use = channels.use(for: unit.backendID)
+            if use >= 0 { _ = channels.channel(use) }
+        }
+        if use >= 0 {
+            channels.beginTask(use)
+            channels.counters(use)?.begin()
+            slots[slot].use = Int32(use)
             slots[slot].arrival = arrival
         }
         if d.cdb.opcode == 0xA0 {
@@ -990,60 +995,18 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
 
     // MARK: Back-end I/O
 
-    /// Opens the back-end's entry on its LUN's first command (channel and counters); returns its counters.
-    @inline(__always)
-    private func backendEntry(_ backendID: Int) -> IOCounters? {
-        if let entry = channels[backendID] { return entry.counters }
-        let counters = statistics(backendID)
-        channels[backendID] = BackendChannel(channel: nil, counters: counters)
-        _ = channel(for: backendID)
-        return counters
-    }
-
-    private func channel(for backendID: Int) -> Channel? {
-        if let c = channels[backendID]?.channel { return c }
-        guard let c = channelFactory(backendID) else { return nil }
-        if channels[backendID] == nil {
-            channels[backendID] = BackendChannel(channel: c, counters: statistics(backendID))
-        } else {
-            channels[backendID]!.channel = c
-        }
-        if c.completionFD >= 0 {
-            do {
-                try loop.register(fd: c.completionFD) { [unowned self] _ in self.reap(backendID) }
-            } catch {
-                log("pvscsi: cannot watch back-end \(backendID) completions: \(error)")
-            }
-        }
-        return c
-    }
-
-    /// Marks the entries of back-ends no LUN of the map uses any more, and closes those with nothing in
-    /// flight (the others close in `sweepRetired` after their last completion is reaped).
+    /// Retires the channels of back-ends no LUN of the map uses any more; those with nothing in flight close
+    /// now, the others in `sweepRetired` after their last completion is posted.
     private func retireUnmappedBackends() {
         target.refresh(&view)
-        var mapped = Set<Int>()
-        for number in view.numbers { if let unit = view.unit(number) { mapped.insert(unit.backendID) } }
-        for (id, entry) in channels where !entry.retiring && !mapped.contains(id) {
-            channels[id]!.retiring = true
-            retiringCount += 1
-        }
+        channels.retireUnmapped(view) { id in log("pvscsi: back-end \(id) of a removed LUN: channel closed") }
         sweepRetired()
     }
 
-    /// Closes retiring channels that have nothing in flight: unwatch the completion fd, close, drop.
+    /// Closes retired channels that have nothing in flight; runs the waiters once none is left.
     private func sweepRetired() {
-        guard retiringCount > 0 else { return }
-        for (id, entry) in channels where entry.retiring && (entry.channel?.inFlight ?? 0) == 0 {
-            if let ch = entry.channel {
-                if ch.completionFD >= 0 { loop.unregister(fd: ch.completionFD) }
-                ch.close()
-            }
-            channels.removeValue(forKey: id)
-            retiringCount -= 1
-            log("pvscsi: back-end \(id) of a removed LUN: channel closed")
-        }
-        if retiringCount == 0 && !retiredWaiters.isEmpty {
+        channels.closeIdleRetired { id in log("pvscsi: back-end \(id) of a removed LUN: channel closed") }
+        if channels.retiredCount == 0 && !retiredWaiters.isEmpty {
             let waiters = retiredWaiters
             retiredWaiters.removeAll()
             for w in waiters { w() }
@@ -1053,20 +1016,19 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
     /// Runs `body` (loop thread) once every channel of a removed LUN is closed: now, or after the last
     /// in-flight completion of those channels has been delivered.
     public func whenRemovedChannelsClosed(_ body: @escaping () -> Void) {
-        if retiringCount == 0 { body() } else { retiredWaiters.append(body) }
+        if channels.retiredCount == 0 { body() } else { retiredWaiters.append(body) }
     }
 
     /// Open back-end channels (including those of removed LUNs still draining).
-    public var openChannelCount: Int { channels.values.reduce(0) { $0 + ($1.channel == nil ? 0 : 1) } }
+    public var openChannelCount: Int { channels.openChannelCount }
 
     private func handle(_ slot: Int, _ disposition: TaskDisposition) {
         switch disposition {
         case .complete:
             finishTask(slot)
         case .submit(let request):
-            let backendID = tasks[slot].backendID
-            guard let ch = channel(for: backendID) else {
-                log("pvscsi: no channel for back-end \(backendID)")
+            let use = Int(slots[slot].use)
+            guard use >= 0, let ch = channels.channel(use) else {
                 handle(slot, target.resume(&tasks[slot], with: .failure(EIO)))
                 return
             }
@@ -1079,23 +1041,21 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
                 handle(slot, target.resume(&tasks[slot], with: .failure(rc)))
                 return
             }
-            if !channelsToCommit.contains(backendID) { channelsToCommit.append(backendID) }
+            channels.submitted(use)
             if ch.completesOnCommit {
                 ch.commit()
-                reapNow(ch)
+                reapNow(use)
             }
         }
     }
 
     private func commitChannels() {
-        while let id = channelsToCommit.popLast() {
-            channels[id]?.channel?.commit()
-        }
+        _ = channels.commit()
     }
 
-    private func reapNow(_ ch: Channel) {
+    private func reapNow(_ use: Int) {
         let start = reaped.count
-        _ = ch.reap { token, result in reaped.append((token, result)) }
+        _ = channels.reap(use, polling: false) { token, result in reaped.append((token, result)) }
         var i = start
         while i < reaped.count {
             let (token, result) = reaped[i]
@@ -1109,11 +1069,11 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
         reaped.removeSubrange(start...)
     }
 
-    private func reap(_ backendID: Int) {
-        guard let ch = channels[backendID]?.channel else { return }
+    private func reap(_ use: Int) {
+        guard channels.openedChannel(use) != nil else { return }
         beginWork()
         defer { endWork() }
-        reapNow(ch)
+        reapNow(use)
         commitChannels()
         sweepRetired()
         raiseCompletionInterruptIfNeeded()
@@ -1161,8 +1121,12 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
     }
 
     private func post(_ slot: Int, dataLength: UInt64, senseLength: UInt32, host: HostAdapterStatus, scsiStatus: UInt16) {
-        if let counters = slots[slot].counters {
-            slots[slot].counters = nil
+        let use = Int(slots[slot].use)
+        if use >= 0 {
+            slots[slot].use = -1
+            channels.endTask(use)
+        }
+        if use >= 0, let counters = channels.counters(use) {
             let latency = IOCounters.now() &- slots[slot].arrival
             switch host {
             case .success:
@@ -1351,14 +1315,14 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
         var rounds = 0
         while rounds < 10_000 {
             var busy = false
-            for (_, entry) in channels {
-                guard let ch = entry.channel, ch.inFlight > 0 else { continue }
+            for use in channels.openUses {
+                guard let ch = channels.openedChannel(use), ch.inFlight > 0 else { continue }
                 busy = true
                 if ch.completionFD >= 0 {
                     var pfd = pollfd(fd: ch.completionFD, events: Int16(POLLIN), revents: 0)
                     _ = poll(&pfd, 1, 1)
                 }
-                reapNow(ch)
+                reapNow(use)
             }
             if !busy { break }
             rounds += 1
@@ -1372,13 +1336,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
     /// Waits for in-flight I/O, then closes every back-end channel (controller stop; loop thread).
     public func closeChannels() {
         quiesce()
-        for (_, entry) in channels {
-            guard let ch = entry.channel else { continue }
-            if ch.completionFD >= 0 { loop.unregister(fd: ch.completionFD) }
-            ch.close()
-        }
-        channels.removeAll()
-        retiringCount = 0
+        channels.closeAll()
         let waiters = retiredWaiters
         retiredWaiters.removeAll()
         for w in waiters { w() }
