@@ -68,9 +68,11 @@ struct RequestSlot {
     var dataLength: UInt64 = 0
     var toHost = false
     var toDevice = false
-    /// ABORT_CMD asked for this one: complete with BTSTAT_ABORTQUEUE.
+    /// Registered in the adapter's task set (from its start until its completion is posted).
+    var registered = false
+    /// ABORT_CMD aborted it in the task set: complete with BTSTAT_ABORTQUEUE.
     var aborted = false
-    /// RESET_BUS / RESET_DEVICE hit it: complete with BTSTAT_BUSRESET.
+    /// RESET_BUS / RESET_DEVICE aborted it in the task set: complete with BTSTAT_BUSRESET.
     var resetHit = false
     /// The rings it came from are gone (adapter reset): drop its completion.
     var orphaned = false
@@ -172,6 +174,11 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
     /// checks it and stops when a client message handled meanwhile (ADAPTER_RESET, SETUP_RINGS) replaced them.
     private var ringsGeneration = 0
     private var view = LUNMapView()
+    /// The adapter's I_T nexus (initiator `options.initiatorID`).
+    private let nexus: ITNexus
+    /// The adapter's tasks, one per request slot, in the core's task set: ABORT_CMD, RESET_DEVICE, RESET_BUS
+    /// and the adapter reset mark them aborted there, as virtio-scsi's TMFs do.
+    private var taskSet: TaskSet
     /// The LUN channels of the adapter's loop thread (opened on a LUN's first command, retired on removal,
     /// closed when idle).
     private let channels: LUNChannelTable<Channel>
@@ -207,6 +214,8 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
                                                       pbaBAR: 0, pbaOffset: PVSCSI.msixPBAOffset),
                                      msi: true)
         let n = Self.slotCount
+        nexus = ITNexus(initiator: options.initiatorID)
+        taskSet = TaskSet(capacity: n)
         slots = Array(repeating: RequestSlot(), count: n)
         let placeholder = SCSITask(nexus: ITNexus(initiator: options.initiatorID), lun: nil, tag: 0, cdb: CDB())
         tasks = Array(repeating: placeholder, count: n)
@@ -394,7 +403,10 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
         updateInterruptLine()
     }
 
+    /// The adapter reset ends every task of the adapter's nexus in the task set (no unit attention, and no
+    /// further back-end step for them); their completions are dropped.
     private func orphanInFlight() {
+        _ = taskSet.markAborted(TaskScope(nexus: nexus, lun: nil, tag: nil))
         for i in 0..<slots.count {
             switch slots[i].state {
             case .submitted:
@@ -572,52 +584,68 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
         return written && supported
     }
 
-    /// ABORT_CMD: the request completes with BTSTAT_ABORTQUEUE; its back-end is asked to abort it (a remote
-    /// iSCSI back-end sends ABORT TASK and completes it with ECANCELED; local I/O just finishes).
-    private func abortCommand(context: UInt64, target: UInt32) {
-        for i in 0..<slots.count where slots[i].state == .submitted && slots[i].context == context && slots[i].target == target {
-            slots[i].aborted = true
-            let sent = channels.openedChannel(Int(slots[i].use))?.abort(token: UInt64(i)) ?? false
-            stats.backendAborts += sent ? 1 : 0
-            log("pvscsi: abort of context \(context) target \(target): \(sent ? "back-end aborting it" : "back-end cannot abort; completes") with BTSTAT_ABORTQUEUE when its I/O returns")
-            return
-        }
+    /// ABORT_CMD: ABORT TASK through the core for the request `context` of `targetID`. The request completes
+    /// with BTSTAT_ABORTQUEUE; its back-end is asked to abort it (a remote iSCSI back-end sends ABORT TASK and
+    /// completes it with ECANCELED; local I/O just finishes, and the command takes no further back-end step).
+    private func abortCommand(context: UInt64, target targetID: UInt32) {
+        guard targetID < options.maxTargets, let lun = LogicalUnitNumber(Int(targetID)) else { return }
+        var plan = target.planTaskManagement(.abortTask(tag: context), nexus: nexus, lun: lun)
+        // A LUN removed with the request in flight: the core knows no unit, the task set still holds the task.
+        if plan.abortScopes.isEmpty { plan.abortScopes = [TaskScope(nexus: nexus, lun: lun, tag: context)] }
+        let outcome = plan.apply(to: &taskSet)
+        target.finishTaskManagement(plan, outcome)
+        guard outcome.abortedCount > 0 else { return }
+        let sent = abortMarkedTasks(host: .abortQueue)
+        log("pvscsi: abort of context \(context) target \(targetID): \(sent > 0 ? "back-end aborting it" : "back-end cannot abort; completes") with BTSTAT_ABORTQUEUE when its I/O returns")
     }
 
-    /// RESET_DEVICE (one target) or RESET_BUS (every target): in-flight requests complete with
-    /// BTSTAT_BUSRESET when their I/O returns, and the core performs a LOGICAL UNIT RESET on each LUN
-    /// (BUS DEVICE RESET FUNCTION OCCURRED unit attention, SPC-2 reservation released).
+    /// RESET_DEVICE (one target) or RESET_BUS (every target): a LOGICAL UNIT RESET through the core on each
+    /// LUN (BUS DEVICE RESET FUNCTION OCCURRED unit attention, SPC-2 reservation released) whose tasks complete
+    /// with BTSTAT_BUSRESET when their I/O returns; each LUN's back-end resets its logical unit (remote iSCSI:
+    /// LUN RESET, its in-flight I/O completes ECANCELED), or aborts the tasks one by one when it cannot.
     private func resetRequests(target resetTarget: UInt32?) {
-        var hit: [UInt32: Int] = [:]
-        for i in 0..<slots.count where slots[i].state == .submitted {
-            if resetTarget == nil || slots[i].target == resetTarget! {
-                slots[i].resetHit = true
-                hit[slots[i].target, default: 0] += 1
-            }
-        }
+        target.refresh(&view)
         var luns: [LogicalUnitNumber] = []
         if let t = resetTarget {
             if t < options.maxTargets, let l = LogicalUnitNumber(Int(t)) { luns = [l] }
         } else {
-            target.refresh(&view)
             luns = view.numbers.filter { UInt32($0.value) < options.maxTargets }
         }
-        let nexus = ITNexus(initiator: options.initiatorID)
-        target.refresh(&view)
-        var resetBackends: [Int] = []
+        var aborted = 0
+        var resetUses: [Int] = []
         for lun in luns {
             let plan = target.planTaskManagement(.logicalUnitReset, nexus: nexus, lun: lun)
-            var outcome = TaskManagementOutcome()
-            outcome.abortedCount = hit[UInt32(lun.value)] ?? 0
+            let outcome = plan.apply(to: &taskSet)
             target.finishTaskManagement(plan, outcome)
-            // The back-end's own LUN reset (remote iSCSI: LUN RESET; its in-flight I/O completes ECANCELED).
-            if let unit = view.unit(lun), !resetBackends.contains(unit.backendID),
-               let ch = channels.openedChannel(channels.existingUse(unit.backendID)) {
-                resetBackends.append(unit.backendID)
-                if ch.resetLogicalUnit() { stats.backendResets += 1 }
+            aborted += outcome.abortedCount
+            if let unit = view.unit(lun) {
+                let use = channels.existingUse(unit.backendID)
+                if !resetUses.contains(use), let ch = channels.openedChannel(use), ch.resetLogicalUnit() {
+                    resetUses.append(use)
+                    stats.backendResets += 1
+                }
             }
         }
-        log("pvscsi: \(resetTarget.map { "RESET_DEVICE target \($0)" } ?? "RESET_BUS"): \(hit.values.reduce(0, +)) request(s) in flight")
+        // Requests of LUNs that left the map while in flight are reset too.
+        aborted += taskSet.markAborted(TaskScope(nexus: nil, lun: resetTarget.flatMap { LogicalUnitNumber(Int($0)) }, tag: nil))
+        _ = abortMarkedTasks(host: .busReset, resetUses: resetUses)
+        log("pvscsi: \(resetTarget.map { "RESET_DEVICE target \($0)" } ?? "RESET_BUS"): \(aborted) request(s) in flight")
+    }
+
+    /// Notes how the tasks a TMF just aborted in the task set complete (`host`), and asks the back-end of each
+    /// one still in flight to abort it, unless its channel's logical unit reset (`resetUses`) cancels it
+    /// already. Tasks not in the back-end are being answered right now (a DMA wait) and complete with `host`.
+    /// Returns how many aborts the back-ends accepted.
+    private func abortMarkedTasks(host: HostAdapterStatus, resetUses: [Int] = []) -> Int {
+        var accepted = 0
+        for i in 0..<slots.count where slots[i].registered && !slots[i].aborted && !slots[i].resetHit && taskSet.isAborted(slot: i) {
+            if host == .abortQueue { slots[i].aborted = true } else { slots[i].resetHit = true }
+            let use = Int(slots[i].use)
+            guard slots[i].state == .submitted, !resetUses.contains(use) else { continue }
+            if channels.openedChannel(use)?.abort(token: UInt64(i)) == true { accepted += 1 }
+        }
+        stats.backendAborts += accepted
+        return accepted
     }
 
     // MARK: Guest ring access
@@ -789,7 +817,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
         case 0x22: attribute = .ordered
         default: attribute = .simple
         }
-        tasks[slot].reset(nexus: ITNexus(initiator: options.initiatorID), lun: lun, tag: d.context, attribute: attribute,
+        tasks[slot].reset(nexus: nexus, lun: lun, tag: d.context, attribute: attribute,
                           cdb: d.cdb, dataOut: toDevice ? list : .empty, dataIn: toHost ? list : .empty)
         // The LUN's channel opens on its first command; the command counts on it until its completion is posted.
         var use = channels.existingUse(unit.backendID)
@@ -802,6 +830,19 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
             channels.counters(use)?.begin()
             slots[slot].use = Int32(use)
             slots[slot].arrival = arrival
+        }
+        switch taskSet.register(slot: slot, nexus: nexus, lun: lun, tag: d.context, attribute: attribute) {
+        case .registered:
+            slots[slot].registered = true
+        case .overlapped:
+            tasks[slot].status = .checkCondition
+            _ = TaskSet.overlappedCommandsError.sense?.encode(.fixed, into: &tasks[slot].sense)
+            finishTask(slot)
+            return
+        case .slotUnavailable:
+            tasks[slot].status = .busy
+            finishTask(slot)
+            return
         }
         if d.cdb.opcode == 0xA0 {
             answerReportLUNs(slot)
@@ -1042,6 +1083,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
                 return
             }
             channels.submitted(use)
+            taskSet.setInBackend(slot: slot, true)
             if ch.completesOnCommit {
                 ch.commit()
                 reapNow(use)
@@ -1064,6 +1106,12 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
             let slot = Int(token)
             guard slots[slot].state == .submitted else { continue }
             slots[slot].state = .executing
+            taskSet.setInBackend(slot: slot, false)
+            // Aborted by a TMF or the adapter reset: no further back-end step; answered as aborted.
+            if taskSet.isAborted(slot: slot) {
+                finishTask(slot)
+                continue
+            }
             handle(slot, target.resume(&tasks[slot], with: result))
         }
         reaped.removeSubrange(start...)
@@ -1121,6 +1169,10 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
     }
 
     private func post(_ slot: Int, dataLength: UInt64, senseLength: UInt32, host: HostAdapterStatus, scsiStatus: UInt16) {
+        if slots[slot].registered {
+            slots[slot].registered = false
+            _ = taskSet.complete(slot: slot)
+        }
         let use = Int(slots[slot].use)
         if use >= 0 {
             slots[slot].use = -1
