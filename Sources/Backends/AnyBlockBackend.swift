@@ -182,7 +182,10 @@ public enum AnyBlockChannel: Sendable {
         switch self {
         case .file(let channel): channel.close()
         case .iscsi(let channel): channel.close()
-        case .null: break
+        case .null(let channel): channel.close()
         }
     }
 }
+
+/// The gateway's channel enum is a `BlockChannel` like the classes it wraps (its members dispatch by `switch`).
+extension AnyBlockChannel: BlockChannel {}

@@ -82,6 +82,9 @@ public final class NullChannel: BlockChannel, @unchecked Sendable {
     /// Requests queued or completed but not yet reaped.
     public var inFlight: Int { count }
 
+    /// Nothing to release: the buffers go with the last reference.
+    public func close() {}
+
     /// Queues a request; same refusals as ``FileChannel/submit(_:token:)`` (EAGAIN, EINVAL, EROFS, ERANGE).
     public func submit(_ request: BlockRequest, token: UInt64) -> Int32 {
         guard count < depth else { return EAGAIN }

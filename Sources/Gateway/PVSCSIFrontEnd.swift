@@ -4,9 +4,6 @@ import Logging
 import PVSCSI
 import SCSI
 
-extension AnyBlockChannel: PVSCSIChannel {}
-extension PolicyChannel: PVSCSIChannel {}
-
 /// Serves a `pvscsi` controller: a PVSCSI adapter emulated over vfio-user (PVSCSI module).
 public struct PVSCSIFrontEndFactory: FrontEndFactory {
     public init() {}

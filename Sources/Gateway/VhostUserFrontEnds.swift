@@ -6,9 +6,6 @@ import SCSI
 import VhostUser
 import VirtioDevices
 
-extension AnyBlockChannel: VirtioChannel {}
-extension PolicyChannel: VirtioChannel {}
-
 extension Logger {
     /// Bridges a module's `(level, text)` log calls to swift-log, so every line has the gateway's one format;
     /// `level` maps the module's levels.

@@ -17,7 +17,7 @@ import Glibc
 ///
 /// LUN n of `target` is PVSCSI target n, LUN 0 (Linux vmw_pvscsi scans LUN 0 of each target, and
 /// handles DEV_ADDED/DEV_REMOVED messages per target), for n < `options.maxTargets`.
-public final class PVSCSIController<Target: SCSICommandTarget, Channel: PVSCSIChannel>: @unchecked Sendable {
+public final class PVSCSIController<Target: SCSICommandTarget, Channel: BlockChannel>: @unchecked Sendable {
     public let socketPath: String
     public let loop: EventLoop
     public let device: PVSCSIDevice<Target, Channel>

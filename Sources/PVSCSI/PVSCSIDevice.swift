@@ -68,9 +68,11 @@ struct RequestSlot {
     var dataLength: UInt64 = 0
     var toHost = false
     var toDevice = false
-    /// ABORT_CMD asked for this one: complete with BTSTAT_ABORTQUEUE.
+    /// Registered in the adapter's task set (from its start until its completion is posted).
+    var registered = false
+    /// ABORT_CMD aborted it in the task set: complete with BTSTAT_ABORTQUEUE.
     var aborted = false
-    /// RESET_BUS / RESET_DEVICE hit it: complete with BTSTAT_BUSRESET.
+    /// RESET_BUS / RESET_DEVICE aborted it in the task set: complete with BTSTAT_BUSRESET.
     var resetHit = false
     /// The rings it came from are gone (adapter reset): drop its completion.
     var orphaned = false
@@ -85,33 +87,22 @@ struct RequestSlot {
     var completionSenseLength: UInt32 = 0
     var completionHostStatus: UInt16 = 0
     var completionSCSIStatus: UInt16 = 0
-    /// The LUN's I/O counters while the command is counted (`begin` done, `record` not yet).
-    var counters: IOCounters? = nil
+    /// The `LUNChannelTable` use the command is counted on (`beginTask` done, `endTask` not yet), -1: none.
+    var use: Int32 = -1
     /// `IOCounters.now()` when the command arrived.
     var arrival: UInt64 = 0
-}
-
-/// The device's state for one back-end (one LUN instance): its channel, its I/O counters and whether
-/// its LUN is gone (the channel then closes once nothing is in flight).
-struct BackendChannel<Channel: PVSCSIChannel> {
-    /// Nil while the factory cannot open it (retried on the next I/O).
-    var channel: Channel?
-    var counters: IOCounters?
-    var retiring = false
 }
 
 /// The PVSCSI device model: registers, commands, request/completion/message rings in guest memory,
 /// SG lists, sense, interrupts; SCSI commands run by `Target` and their I/O by `Channel`s.
 ///
 /// Runs on the vfio-user server's event-loop thread; every guest address goes through `GuestMemory`.
-public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChannel>: VfioUserDevice, @unchecked Sendable {
+public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel>: VfioUserDevice, @unchecked Sendable {
     public var configSpace: PCIConfigSpace
     public let options: PVSCSIOptions
     public private(set) var stats = PVSCSIStats()
     public let target: Target
     private let log: VfioUserLog
-    private let channelFactory: (Int) -> Channel?
-    private let statistics: (Int) -> IOCounters?
     private unowned(unsafe) var loop: EventLoop
     private var memory: GuestMemory!
     private var interrupts: InterruptController!
@@ -183,12 +174,16 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
     /// checks it and stops when a client message handled meanwhile (ADAPTER_RESET, SETUP_RINGS) replaced them.
     private var ringsGeneration = 0
     private var view = LUNMapView()
-    private var channels: [Int: BackendChannel<Channel>] = [:]
-    /// Entries of `channels` marked `retiring` and not yet closed.
-    private var retiringCount = 0
-    /// Called (control path) once no retiring channel is left.
+    /// The adapter's I_T nexus (initiator `options.initiatorID`).
+    private let nexus: ITNexus
+    /// The adapter's tasks, one per request slot, in the core's task set: ABORT_CMD, RESET_DEVICE, RESET_BUS
+    /// and the adapter reset mark them aborted there, as virtio-scsi's TMFs do.
+    private var taskSet: TaskSet
+    /// The LUN channels of the adapter's loop thread (opened on a LUN's first command, retired on removal,
+    /// closed when idle).
+    private let channels: LUNChannelTable<Channel>
+    /// Called (control path) once no retired channel is left.
     private var retiredWaiters: [() -> Void] = []
-    private var channelsToCommit: [Int] = []
     private var reaped: [(UInt64, BlockResult)] = []
     private var completionsPosted = false
     private var loggedRingError = false
@@ -206,8 +201,10 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
         self.target = target
         self.options = options
         self.loop = loop
-        self.channelFactory = channelFactory
-        self.statistics = statistics
+        channels = LUNChannelTable(open: { id throws(BlockBackendError) in
+            guard let c = channelFactory(id) else { throw BlockBackendError("cannot be opened") }
+            return c
+        }, counters: { id, _ in statistics(id) })
         self.log = log
         let identity = PCIIdentity(vendorID: PVSCSI.vendorID, deviceID: PVSCSI.deviceID,
                                    subsystemVendorID: PVSCSI.vendorID, subsystemID: PVSCSI.deviceID,
@@ -217,17 +214,27 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
                                                       pbaBAR: 0, pbaOffset: PVSCSI.msixPBAOffset),
                                      msi: true)
         let n = Self.slotCount
+        nexus = ITNexus(initiator: options.initiatorID)
+        taskSet = TaskSet(capacity: n)
         slots = Array(repeating: RequestSlot(), count: n)
         let placeholder = SCSITask(nexus: ITNexus(initiator: options.initiatorID), lun: nil, tag: 0, cdb: CDB())
         tasks = Array(repeating: placeholder, count: n)
         freeSlots = Array((0..<n).reversed())
         awaitingRing = []
         awaitingRing.reserveCapacity(n)
-        channelsToCommit.reserveCapacity(8)
         reaped.reserveCapacity(n)
         iovecs = IOVectorStorage(capacity: n * Self.iovecsPerSlot)
         shadowPages = .allocate(byteCount: Self.shadowPageCount * 4096, alignment: 4096)
         shadowPages.initializeMemory(as: UInt8.self, repeating: 0, count: Self.shadowPageCount * 4096)
+        channels.watch = { [unowned self] fd, use in
+            do {
+                try self.loop.register(fd: fd) { [unowned self] _ in self.reap(use) }
+            } catch {
+                self.log("pvscsi: cannot watch back-end \(self.channels.backendID(use)) completions: \(error)")
+            }
+        }
+        channels.unwatch = { [unowned self] fd in self.loop.unregister(fd: fd) }
+        channels.openFailed = { [unowned self] id, error in self.log("pvscsi: no channel for back-end \(id): \(error)") }
     }
 
     deinit {
@@ -396,13 +403,16 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
         updateInterruptLine()
     }
 
+    /// The adapter reset ends every task of the adapter's nexus in the task set (no unit attention, and no
+    /// further back-end step for them); their completions are dropped.
     private func orphanInFlight() {
+        _ = taskSet.markAborted(TaskScope(nexus: nexus, lun: nil, tag: nil))
         for i in 0..<slots.count {
             switch slots[i].state {
             case .submitted:
                 slots[i].orphaned = true
                 // Nobody waits for it any more: let a remote back-end drop it.
-                if channels[tasks[i].backendID]?.channel?.abort(token: UInt64(i)) == true { stats.backendAborts += 1 }
+                if channels.openedChannel(Int(slots[i].use))?.abort(token: UInt64(i)) == true { stats.backendAborts += 1 }
             case .executing: slots[i].orphaned = true
             case .awaitingRing: release(i)
             case .free: break
@@ -574,52 +584,68 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
         return written && supported
     }
 
-    /// ABORT_CMD: the request completes with BTSTAT_ABORTQUEUE; its back-end is asked to abort it (a remote
-    /// iSCSI back-end sends ABORT TASK and completes it with ECANCELED; local I/O just finishes).
-    private func abortCommand(context: UInt64, target: UInt32) {
-        for i in 0..<slots.count where slots[i].state == .submitted && slots[i].context == context && slots[i].target == target {
-            slots[i].aborted = true
-            let sent = channels[tasks[i].backendID]?.channel?.abort(token: UInt64(i)) ?? false
-            stats.backendAborts += sent ? 1 : 0
-            log("pvscsi: abort of context \(context) target \(target): \(sent ? "back-end aborting it" : "back-end cannot abort; completes") with BTSTAT_ABORTQUEUE when its I/O returns")
-            return
-        }
+    /// ABORT_CMD: ABORT TASK through the core for the request `context` of `targetID`. The request completes
+    /// with BTSTAT_ABORTQUEUE; its back-end is asked to abort it (a remote iSCSI back-end sends ABORT TASK and
+    /// completes it with ECANCELED; local I/O just finishes, and the command takes no further back-end step).
+    private func abortCommand(context: UInt64, target targetID: UInt32) {
+        guard targetID < options.maxTargets, let lun = LogicalUnitNumber(Int(targetID)) else { return }
+        var plan = target.planTaskManagement(.abortTask(tag: context), nexus: nexus, lun: lun)
+        // A LUN removed with the request in flight: the core knows no unit, the task set still holds the task.
+        if plan.abortScopes.isEmpty { plan.abortScopes = [TaskScope(nexus: nexus, lun: lun, tag: context)] }
+        let outcome = plan.apply(to: &taskSet)
+        target.finishTaskManagement(plan, outcome)
+        guard outcome.abortedCount > 0 else { return }
+        let sent = abortMarkedTasks(host: .abortQueue)
+        log("pvscsi: abort of context \(context) target \(targetID): \(sent > 0 ? "back-end aborting it" : "back-end cannot abort; completes") with BTSTAT_ABORTQUEUE when its I/O returns")
     }
 
-    /// RESET_DEVICE (one target) or RESET_BUS (every target): in-flight requests complete with
-    /// BTSTAT_BUSRESET when their I/O returns, and the core performs a LOGICAL UNIT RESET on each LUN
-    /// (BUS DEVICE RESET FUNCTION OCCURRED unit attention, SPC-2 reservation released).
+    /// RESET_DEVICE (one target) or RESET_BUS (every target): a LOGICAL UNIT RESET through the core on each
+    /// LUN (BUS DEVICE RESET FUNCTION OCCURRED unit attention, SPC-2 reservation released) whose tasks complete
+    /// with BTSTAT_BUSRESET when their I/O returns; each LUN's back-end resets its logical unit (remote iSCSI:
+    /// LUN RESET, its in-flight I/O completes ECANCELED), or aborts the tasks one by one when it cannot.
     private func resetRequests(target resetTarget: UInt32?) {
-        var hit: [UInt32: Int] = [:]
-        for i in 0..<slots.count where slots[i].state == .submitted {
-            if resetTarget == nil || slots[i].target == resetTarget! {
-                slots[i].resetHit = true
-                hit[slots[i].target, default: 0] += 1
-            }
-        }
+        target.refresh(&view)
         var luns: [LogicalUnitNumber] = []
         if let t = resetTarget {
             if t < options.maxTargets, let l = LogicalUnitNumber(Int(t)) { luns = [l] }
         } else {
-            target.refresh(&view)
             luns = view.numbers.filter { UInt32($0.value) < options.maxTargets }
         }
-        let nexus = ITNexus(initiator: options.initiatorID)
-        target.refresh(&view)
-        var resetBackends: [Int] = []
+        var aborted = 0
+        var resetUses: [Int] = []
         for lun in luns {
             let plan = target.planTaskManagement(.logicalUnitReset, nexus: nexus, lun: lun)
-            var outcome = TaskManagementOutcome()
-            outcome.abortedCount = hit[UInt32(lun.value)] ?? 0
+            let outcome = plan.apply(to: &taskSet)
             target.finishTaskManagement(plan, outcome)
-            // The back-end's own LUN reset (remote iSCSI: LUN RESET; its in-flight I/O completes ECANCELED).
-            if let unit = view.unit(lun), !resetBackends.contains(unit.backendID),
-               let ch = channels[unit.backendID]?.channel {
-                resetBackends.append(unit.backendID)
-                if ch.resetLogicalUnit() { stats.backendResets += 1 }
+            aborted += outcome.abortedCount
+            if let unit = view.unit(lun) {
+                let use = channels.existingUse(unit.backendID)
+                if !resetUses.contains(use), let ch = channels.openedChannel(use), ch.resetLogicalUnit() {
+                    resetUses.append(use)
+                    stats.backendResets += 1
+                }
             }
         }
-        log("pvscsi: \(resetTarget.map { "RESET_DEVICE target \($0)" } ?? "RESET_BUS"): \(hit.values.reduce(0, +)) request(s) in flight")
+        // Requests of LUNs that left the map while in flight are reset too.
+        aborted += taskSet.markAborted(TaskScope(nexus: nil, lun: resetTarget.flatMap { LogicalUnitNumber(Int($0)) }, tag: nil))
+        _ = abortMarkedTasks(host: .busReset, resetUses: resetUses)
+        log("pvscsi: \(resetTarget.map { "RESET_DEVICE target \($0)" } ?? "RESET_BUS"): \(aborted) request(s) in flight")
+    }
+
+    /// Notes how the tasks a TMF just aborted in the task set complete (`host`), and asks the back-end of each
+    /// one still in flight to abort it, unless its channel's logical unit reset (`resetUses`) cancels it
+    /// already. Tasks not in the back-end are being answered right now (a DMA wait) and complete with `host`.
+    /// Returns how many aborts the back-ends accepted.
+    private func abortMarkedTasks(host: HostAdapterStatus, resetUses: [Int] = []) -> Int {
+        var accepted = 0
+        for i in 0..<slots.count where slots[i].registered && !slots[i].aborted && !slots[i].resetHit && taskSet.isAborted(slot: i) {
+            if host == .abortQueue { slots[i].aborted = true } else { slots[i].resetHit = true }
+            let use = Int(slots[i].use)
+            guard slots[i].state == .submitted, !resetUses.contains(use) else { continue }
+            if channels.openedChannel(use)?.abort(token: UInt64(i)) == true { accepted += 1 }
+        }
+        stats.backendAborts += accepted
+        return accepted
     }
 
     // MARK: Guest ring access
@@ -791,12 +817,32 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
         case 0x22: attribute = .ordered
         default: attribute = .simple
         }
-        tasks[slot].reset(nexus: ITNexus(initiator: options.initiatorID), lun: lun, tag: d.context, attribute: attribute,
+        tasks[slot].reset(nexus: nexus, lun: lun, tag: d.context, attribute: attribute,
                           cdb: d.cdb, dataOut: toDevice ? list : .empty, dataIn: toHost ? list : .empty)
-        if let counters = backendEntry(unit.backendID) {
-            counters.begin()
-            slots[slot].counters = counters
+        // The LUN's channel opens on its first command; the command counts on it until its completion is posted.
+        var use = channels.existingUse(unit.backendID)
+        if use < 0 {
+            use = channels.use(for: unit.backendID)
+            if use >= 0 { _ = channels.channel(use) }
+        }
+        if use >= 0 {
+            channels.beginTask(use)
+            channels.counters(use)?.begin()
+            slots[slot].use = Int32(use)
             slots[slot].arrival = arrival
+        }
+        switch taskSet.register(slot: slot, nexus: nexus, lun: lun, tag: d.context, attribute: attribute) {
+        case .registered:
+            slots[slot].registered = true
+        case .overlapped:
+            tasks[slot].status = .checkCondition
+            _ = TaskSet.overlappedCommandsError.sense?.encode(.fixed, into: &tasks[slot].sense)
+            finishTask(slot)
+            return
+        case .slotUnavailable:
+            tasks[slot].status = .busy
+            finishTask(slot)
+            return
         }
         if d.cdb.opcode == 0xA0 {
             answerReportLUNs(slot)
@@ -990,60 +1036,18 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
 
     // MARK: Back-end I/O
 
-    /// Opens the back-end's entry on its LUN's first command (channel and counters); returns its counters.
-    @inline(__always)
-    private func backendEntry(_ backendID: Int) -> IOCounters? {
-        if let entry = channels[backendID] { return entry.counters }
-        let counters = statistics(backendID)
-        channels[backendID] = BackendChannel(channel: nil, counters: counters)
-        _ = channel(for: backendID)
-        return counters
-    }
-
-    private func channel(for backendID: Int) -> Channel? {
-        if let c = channels[backendID]?.channel { return c }
-        guard let c = channelFactory(backendID) else { return nil }
-        if channels[backendID] == nil {
-            channels[backendID] = BackendChannel(channel: c, counters: statistics(backendID))
-        } else {
-            channels[backendID]!.channel = c
-        }
-        if c.completionFD >= 0 {
-            do {
-                try loop.register(fd: c.completionFD) { [unowned self] _ in self.reap(backendID) }
-            } catch {
-                log("pvscsi: cannot watch back-end \(backendID) completions: \(error)")
-            }
-        }
-        return c
-    }
-
-    /// Marks the entries of back-ends no LUN of the map uses any more, and closes those with nothing in
-    /// flight (the others close in `sweepRetired` after their last completion is reaped).
+    /// Retires the channels of back-ends no LUN of the map uses any more; those with nothing in flight close
+    /// now, the others in `sweepRetired` after their last completion is posted.
     private func retireUnmappedBackends() {
         target.refresh(&view)
-        var mapped = Set<Int>()
-        for number in view.numbers { if let unit = view.unit(number) { mapped.insert(unit.backendID) } }
-        for (id, entry) in channels where !entry.retiring && !mapped.contains(id) {
-            channels[id]!.retiring = true
-            retiringCount += 1
-        }
+        channels.retireUnmapped(view) { id in log("pvscsi: back-end \(id) of a removed LUN: channel closed") }
         sweepRetired()
     }
 
-    /// Closes retiring channels that have nothing in flight: unwatch the completion fd, close, drop.
+    /// Closes retired channels that have nothing in flight; runs the waiters once none is left.
     private func sweepRetired() {
-        guard retiringCount > 0 else { return }
-        for (id, entry) in channels where entry.retiring && (entry.channel?.inFlight ?? 0) == 0 {
-            if let ch = entry.channel {
-                if ch.completionFD >= 0 { loop.unregister(fd: ch.completionFD) }
-                ch.close()
-            }
-            channels.removeValue(forKey: id)
-            retiringCount -= 1
-            log("pvscsi: back-end \(id) of a removed LUN: channel closed")
-        }
-        if retiringCount == 0 && !retiredWaiters.isEmpty {
+        channels.closeIdleRetired { id in log("pvscsi: back-end \(id) of a removed LUN: channel closed") }
+        if channels.retiredCount == 0 && !retiredWaiters.isEmpty {
             let waiters = retiredWaiters
             retiredWaiters.removeAll()
             for w in waiters { w() }
@@ -1053,20 +1057,19 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
     /// Runs `body` (loop thread) once every channel of a removed LUN is closed: now, or after the last
     /// in-flight completion of those channels has been delivered.
     public func whenRemovedChannelsClosed(_ body: @escaping () -> Void) {
-        if retiringCount == 0 { body() } else { retiredWaiters.append(body) }
+        if channels.retiredCount == 0 { body() } else { retiredWaiters.append(body) }
     }
 
     /// Open back-end channels (including those of removed LUNs still draining).
-    public var openChannelCount: Int { channels.values.reduce(0) { $0 + ($1.channel == nil ? 0 : 1) } }
+    public var openChannelCount: Int { channels.openChannelCount }
 
     private func handle(_ slot: Int, _ disposition: TaskDisposition) {
         switch disposition {
         case .complete:
             finishTask(slot)
         case .submit(let request):
-            let backendID = tasks[slot].backendID
-            guard let ch = channel(for: backendID) else {
-                log("pvscsi: no channel for back-end \(backendID)")
+            let use = Int(slots[slot].use)
+            guard use >= 0, let ch = channels.channel(use) else {
                 handle(slot, target.resume(&tasks[slot], with: .failure(EIO)))
                 return
             }
@@ -1079,23 +1082,22 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
                 handle(slot, target.resume(&tasks[slot], with: .failure(rc)))
                 return
             }
-            if !channelsToCommit.contains(backendID) { channelsToCommit.append(backendID) }
+            channels.submitted(use)
+            taskSet.setInBackend(slot: slot, true)
             if ch.completesOnCommit {
                 ch.commit()
-                reapNow(ch)
+                reapNow(use)
             }
         }
     }
 
     private func commitChannels() {
-        while let id = channelsToCommit.popLast() {
-            channels[id]?.channel?.commit()
-        }
+        _ = channels.commit()
     }
 
-    private func reapNow(_ ch: Channel) {
+    private func reapNow(_ use: Int) {
         let start = reaped.count
-        _ = ch.reap { token, result in reaped.append((token, result)) }
+        _ = channels.reap(use, polling: false) { token, result in reaped.append((token, result)) }
         var i = start
         while i < reaped.count {
             let (token, result) = reaped[i]
@@ -1104,16 +1106,22 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
             let slot = Int(token)
             guard slots[slot].state == .submitted else { continue }
             slots[slot].state = .executing
+            taskSet.setInBackend(slot: slot, false)
+            // Aborted by a TMF or the adapter reset: no further back-end step; answered as aborted.
+            if taskSet.isAborted(slot: slot) {
+                finishTask(slot)
+                continue
+            }
             handle(slot, target.resume(&tasks[slot], with: result))
         }
         reaped.removeSubrange(start...)
     }
 
-    private func reap(_ backendID: Int) {
-        guard let ch = channels[backendID]?.channel else { return }
+    private func reap(_ use: Int) {
+        guard channels.openedChannel(use) != nil else { return }
         beginWork()
         defer { endWork() }
-        reapNow(ch)
+        reapNow(use)
         commitChannels()
         sweepRetired()
         raiseCompletionInterruptIfNeeded()
@@ -1161,8 +1169,16 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
     }
 
     private func post(_ slot: Int, dataLength: UInt64, senseLength: UInt32, host: HostAdapterStatus, scsiStatus: UInt16) {
-        if let counters = slots[slot].counters {
-            slots[slot].counters = nil
+        if slots[slot].registered {
+            slots[slot].registered = false
+            _ = taskSet.complete(slot: slot)
+        }
+        let use = Int(slots[slot].use)
+        if use >= 0 {
+            slots[slot].use = -1
+            channels.endTask(use)
+        }
+        if use >= 0, let counters = channels.counters(use) {
             let latency = IOCounters.now() &- slots[slot].arrival
             switch host {
             case .success:
@@ -1351,14 +1367,14 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
         var rounds = 0
         while rounds < 10_000 {
             var busy = false
-            for (_, entry) in channels {
-                guard let ch = entry.channel, ch.inFlight > 0 else { continue }
+            for use in channels.openUses {
+                guard let ch = channels.openedChannel(use), ch.inFlight > 0 else { continue }
                 busy = true
                 if ch.completionFD >= 0 {
                     var pfd = pollfd(fd: ch.completionFD, events: Int16(POLLIN), revents: 0)
                     _ = poll(&pfd, 1, 1)
                 }
-                reapNow(ch)
+                reapNow(use)
             }
             if !busy { break }
             rounds += 1
@@ -1372,13 +1388,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: PVSCSIChanne
     /// Waits for in-flight I/O, then closes every back-end channel (controller stop; loop thread).
     public func closeChannels() {
         quiesce()
-        for (_, entry) in channels {
-            guard let ch = entry.channel else { continue }
-            if ch.completionFD >= 0 { loop.unregister(fd: ch.completionFD) }
-            ch.close()
-        }
-        channels.removeAll()
-        retiringCount = 0
+        channels.closeAll()
         let waiters = retiredWaiters
         retiredWaiters.removeAll()
         for w in waiters { w() }

@@ -12,7 +12,7 @@ import VirtioDevices
 /// try controller.start()
 /// controller.stop()   // drains in-flight I/O
 /// ```
-public final class VhostUserSCSIController<Channel: VirtioChannel>: Sendable {
+public final class VhostUserSCSIController<Channel: BlockChannel>: Sendable {
     /// The device model.
     public let device: VirtioSCSIDevice<Channel>
     /// The vhost-user server.
@@ -40,7 +40,7 @@ public final class VhostUserSCSIController<Channel: VirtioChannel>: Sendable {
 }
 
 /// A virtio-blk device served over vhost-user, over one back-end.
-public final class VhostUserBlkController<Channel: VirtioChannel>: Sendable {
+public final class VhostUserBlkController<Channel: BlockChannel>: Sendable {
     /// The device model.
     public let device: VirtioBlkDevice<Channel>
     /// The vhost-user server.

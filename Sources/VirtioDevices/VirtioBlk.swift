@@ -96,7 +96,7 @@ public typealias VirtioBlkCountersProvider = @Sendable (_ queue: Int) -> IOCount
 
 /// The virtio-blk device model over one back-end: request queues spread over event-loop threads,
 /// each thread with its own back-end channel.
-public final class VirtioBlkDevice<Channel: VirtioChannel>: VirtioDeviceModel, @unchecked Sendable {
+public final class VirtioBlkDevice<Channel: BlockChannel>: VirtioDeviceModel, @unchecked Sendable {
     /// Options.
     public let options: VirtioBlkOptions
     private let geometryLock: Mutex<BlockGeometry>
@@ -328,7 +328,7 @@ final class BlkQueueSlots {
 }
 
 /// The virtio-blk data path of one queue group.
-final class BlkGroupHandler<Channel: VirtioChannel>: QueueGroupHandler {
+final class BlkGroupHandler<Channel: BlockChannel>: QueueGroupHandler {
     private(set) var channel: Channel
     /// The channel completes on commit (no completion fd): `commit` delivers at once.
     private var channelIsSynchronous: Bool

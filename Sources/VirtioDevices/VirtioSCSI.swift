@@ -156,7 +156,7 @@ public typealias VirtioSCSICountersProvider = @Sendable (_ backendID: Int, _ req
 /// The virtio-scsi device model: a SCSI target behind control, event and request queues.
 /// Back-end channels are created per event-loop thread and LUN back-end on first use, and closed
 /// once their LUN is gone from the map and nothing is in flight on them.
-public final class VirtioSCSIDevice<Channel: VirtioChannel>: VirtioDeviceModel, @unchecked Sendable {
+public final class VirtioSCSIDevice<Channel: BlockChannel>: VirtioDeviceModel, @unchecked Sendable {
     /// Options.
     public let options: VirtioSCSIOptions
     /// The SCSI target.
@@ -332,7 +332,7 @@ final class SCSIQueueSlots {
     let responseVectors: UnsafeMutablePointer<iovec>
     let responseCounts: UnsafeMutablePointer<Int>
     let entries: UnsafeMutablePointer<UInt16>
-    /// Per slot: index of the `BackendUse` the task is counted on (-1: none).
+    /// Per slot: the `LUNChannelTable` use the task is counted on (-1: none).
     let uses: UnsafeMutablePointer<Int32>
     /// Per slot: arrival time (`IOCounters.now()`).
     let arrivals: UnsafeMutablePointer<UInt64>
@@ -418,21 +418,11 @@ struct PendingControl {
 }
 
 /// The virtio-scsi data path of one queue group (plus the control and event queues on group 0).
-final class SCSIGroupHandler<Channel: VirtioChannel>: QueueGroupHandler, @unchecked Sendable {
+final class SCSIGroupHandler<Channel: BlockChannel>: QueueGroupHandler, @unchecked Sendable {
     unowned(unsafe) var device: VirtioSCSIDevice<Channel>!
     unowned(unsafe) var group: QueueGroup<SCSIGroupHandler<Channel>>!
-    private let channelFactory: @Sendable (Int) throws -> Channel
-    private let countersProvider: VirtioSCSICountersProvider?
-    private let requestQueueCount: Int
-    /// Back-ends this thread uses; a slot is reused once its use is closed.
-    private var uses: [BackendUse<Channel>?] = []
-    private var freeUses: [Int] = []
-    /// Index in `uses` of the live use of each back-end id (-1: none); retired uses are unlinked.
-    private var useOfBackend: [Int32] = []
-    private var dirtyUses: [Int] = []
-    /// Retired uses still waiting for their last task; checked after each batch.
-    private var retiredCount = 0
-    private var unregisterFD: ((Int32) -> Void)?
+    /// This thread's LUN channels (opened on first I/O, retired on removal, closed when idle).
+    private let channels: LUNChannelTable<Channel>
     private var queues: [SCSIQueueSlots?]
     /// Slots of abandoned rings (their drain timed out) whose back-end requests have not all come back:
     /// their task-set slots stay reserved; their late completions are dropped.
@@ -447,7 +437,6 @@ final class SCSIGroupHandler<Channel: VirtioChannel>: QueueGroupHandler, @unchec
     private var view = LUNMapView()
     private var abortWaiters: [@Sendable (TaskManagementOutcome) -> Void] = []
     private var abortOutcomes: [TaskManagementOutcome] = []
-    private var registerFD: ((Int32) -> Void)?
     // Event queue state (group 0).
     private var pendingEvents: [(UInt32, LogicalUnitNumber?, UInt32)] = []
     private var eventsMissed = false
@@ -461,17 +450,12 @@ final class SCSIGroupHandler<Channel: VirtioChannel>: QueueGroupHandler, @unchec
         self.slotsPerQueue = min(slotsPerQueue, maxSlotsPerQueue)
         self.maxSlotsPerQueue = maxSlotsPerQueue
         taskSet = TaskSet(capacity: queueSlotsInUse.count * self.slotsPerQueue)
-        self.channelFactory = channelFactory
-        countersProvider = counters
-        requestQueueCount = max(0, queueCount - VirtioSCSI.firstRequestQueue)
-        uses.reserveCapacity(64)
-        freeUses.reserveCapacity(64)
-        dirtyUses.reserveCapacity(64)
-        useOfBackend.reserveCapacity(256)
+        channels = LUNChannelTable(queues: max(0, queueCount - VirtioSCSI.firstRequestQueue), open: channelFactory, counters: counters)
+        channels.openFailed = { [unowned self] id, error in self.device.log(.error, "back-end \(id): no channel: \(error)") }
     }
 
-    func bind(registerCompletionFD: @escaping (Int32) -> Void) { registerFD = registerCompletionFD }
-    func bind(unregisterCompletionFD: @escaping (Int32) -> Void) { unregisterFD = unregisterCompletionFD }
+    func bind(registerCompletionFD: @escaping (Int32) -> Void) { channels.watch = { fd, _ in registerCompletionFD(fd) } }
+    func bind(unregisterCompletionFD: @escaping (Int32) -> Void) { channels.unwatch = unregisterCompletionFD }
     func completionFDs() -> [Int32] { [] }
     func takesRequests(_ queue: RunningQueue) -> Bool { queue.index != VirtioSCSI.eventQueue }
     func kicked(_ queue: RunningQueue) { if queue.index == VirtioSCSI.eventQueue { eventQueueKicked() } }
@@ -512,16 +496,16 @@ final class SCSIGroupHandler<Channel: VirtioChannel>: QueueGroupHandler, @unchec
         } else if let i = abandonedQueues.firstIndex(where: { $0.queue === queue }) {
             slots = abandonedQueues.remove(at: i)
         } else {
-            if retiredCount > 0 { closeIdleRetired() }
+            channels.closeIdleRetired()
             return
         }
         queueSlotsInUse[slots.taskSetBase / slotsPerQueue] = false
         // A drained queue has no task left; forget any that never got its answer.
         for head in 0..<slots.size where slots.uses[head] >= 0 {
-            uses[Int(slots.uses[head])]?.tasks -= 1
+            channels.endTask(Int(slots.uses[head]))
             slots.uses[head] = -1
         }
-        if retiredCount > 0 { closeIdleRetired() }
+        channels.closeIdleRetired()
     }
 
     /// The ring stopped before its back-end requests came back: its tasks end now (the task set forgets
@@ -536,7 +520,7 @@ final class SCSIGroupHandler<Channel: VirtioChannel>: QueueGroupHandler, @unchec
             let slot = q.taskSetBase + h
             if q.inBackend[h] {
                 let index = Int(q.uses[h])
-                if !q.abortRequested[h], index >= 0, let use = uses[index], let c = use.channel {
+                if !q.abortRequested[h], let c = channels.openedChannel(index) {
                     q.abortRequested[h] = true
                     _ = c.abort(token: q.token(head))
                 }
@@ -565,148 +549,48 @@ final class SCSIGroupHandler<Channel: VirtioChannel>: QueueGroupHandler, @unchec
 
     // MARK: Back-end channels
 
-    /// The live use of `backendID` on this thread, or -1.
-    @inline(__always)
-    private func existingUse(_ backendID: Int) -> Int {
-        backendID >= 0 && backendID < useOfBackend.count ? Int(useOfBackend[backendID]) : -1
-    }
-
-    /// The live use of `backendID`, created (with its counters, without a channel yet) on first need.
-    @inline(__always)
-    private func use(for backendID: Int) -> Int {
-        let existing = existingUse(backendID)
-        if existing >= 0 { return existing }
-        guard backendID >= 0 && backendID < 1 << 16 else { return -1 }
-        return makeUse(backendID)
-    }
-
-    private func makeUse(_ backendID: Int) -> Int {
-        let use = BackendUse<Channel>(backendID: backendID, requestQueues: requestQueueCount, provider: countersProvider)
-        let index: Int
-        if let free = freeUses.popLast() {
-            index = free
-            uses[index] = use
-        } else {
-            index = uses.count
-            uses.append(use)
-        }
-        while useOfBackend.count <= backendID { useOfBackend.append(-1) }
-        useOfBackend[backendID] = Int32(index)
-        return index
-    }
-
-    /// The channel of a use, opened on first I/O (never again once the use is retired).
-    @inline(__always)
-    private func channel(_ use: BackendUse<Channel>) -> Channel? {
-        if let c = use.channel { return c }
-        guard !use.retired else { return nil }
-        do {
-            let c = try channelFactory(use.backendID)
-            use.channel = c
-            if c.completionFD >= 0 { registerFD?(c.completionFD) }
-            return c
-        } catch {
-            device.log(.error, "back-end \(use.backendID): no channel: \(error)")
-            return nil
-        }
-    }
-
-    /// Retires the uses whose back-end no LUN of the map names any more (after a `.removed` event):
-    /// new commands can no longer reach them, and each closes once its last task has been answered.
+    /// Retires this thread's channels of back-ends no LUN of the map names any more (after a `.removed`
+    /// event): new commands can no longer reach them, and each closes once its last task has been answered.
     func retireRemovedBackends() {
         device.target.refresh(&view)
-        var named = Set<Int>()
-        for lun in view.numbers { if let unit = view.unit(lun) { named.insert(unit.backendID) } }
-        for case let use? in uses where !use.retired && !named.contains(use.backendID) {
-            use.retired = true
-            retiredCount += 1
-            if existingUse(use.backendID) >= 0 { useOfBackend[use.backendID] = -1 }
-        }
-        if retiredCount > 0 { closeIdleRetired() }
-    }
-
-    /// Closes every retired use with nothing in flight: its completion fd leaves the loop, then the
-    /// channel closes (releasing the back-end), and the slot is freed.
-    private func closeIdleRetired() {
-        for i in uses.indices {
-            guard let use = uses[i], use.retired, use.tasks <= 0, use.submitted <= 0 else { continue }
-            closeChannel(of: use)
-            uses[i] = nil
-            freeUses.append(i)
-            retiredCount -= 1
-        }
-    }
-
-    private func closeChannel(of use: BackendUse<Channel>) {
-        if let c = use.channel {
-            if c.completionFD >= 0 { unregisterFD?(c.completionFD) }
-            c.close()
-            use.channel = nil
-        }
+        channels.retireUnmapped(view)
     }
 
     /// The loop is stopping (the queues drained): close every channel.
     func stopping() {
-        for i in uses.indices {
-            if let use = uses[i] { closeChannel(of: use) }
-            uses[i] = nil
-        }
-        freeUses.removeAll()
-        useOfBackend.removeAll()
-        dirtyUses.removeAll()
-        retiredCount = 0
+        channels.closeAll()
     }
 
     func commit() {
-        while !dirtyUses.isEmpty {
-            var synchronous = false
-            for i in dirtyUses {
-                guard let use = uses[i] else { continue }
-                use.dirty = false
-                if let c = use.channel {
-                    c.commit()
-                    if c.completesOnCommit { synchronous = true }
-                }
-            }
-            dirtyUses.removeAll(keepingCapacity: true)
-            // Synchronous back-ends completed on commit: deliver now, with no wake-up round trip (a
-            // command's next back-end step may dirty a use again).
-            if !synchronous || !deliver(polling: true) { break }
+        // Synchronous back-ends completed on commit: deliver now, with no wake-up round trip (a command's
+        // next back-end step may submit again).
+        while channels.commit() {
+            if !deliver(polling: true) { break }
         }
-        if retiredCount > 0 { closeIdleRetired() }
+        channels.closeIdleRetired()
     }
 
     func reap() -> Bool {
         let any = deliver(polling: false)
-        if any || retiredCount > 0 { commit() }
+        if any || channels.retiredCount > 0 { commit() }
         return any
     }
 
     func poll() -> Bool {
         let any = deliver(polling: true)
-        if any || retiredCount > 0 { commit() }
+        if any || channels.retiredCount > 0 { commit() }
         return any
     }
 
     /// Delivers the completions of every channel: all of them, or (`polling`) those found without a
     /// system call. Returns whether any arrived.
     private func deliver(polling: Bool) -> Bool {
-        var any = false
-        var i = 0
-        let count = uses.count
-        while i < count {
-            defer { i += 1 }
-            guard let use = uses[i], let c = use.channel else { continue }
-            let n = polling ? c.poll { completed(use, $0, $1) } : c.reap { completed(use, $0, $1) }
-            if n > 0 { any = true }
-        }
-        return any
+        channels.deliver(polling: polling) { _, token, result in completed(token, result) }
     }
 
     /// One back-end completion: the task resumes (next step or answer), or is dropped for an abandoned ring.
     @inline(__always)
-    private func completed(_ use: BackendUse<Channel>, _ raw: UInt64, _ result: BlockResult) {
-        use.submitted -= 1
+    private func completed(_ raw: UInt64, _ result: BlockResult) {
         let token = BackendToken(raw)
         let head = token.head
         guard let q = slots(for: token), Int(head) < q.size, q.inBackend[Int(head)] else { return }
@@ -735,9 +619,9 @@ final class SCSIGroupHandler<Channel: VirtioChannel>: QueueGroupHandler, @unchec
     @inline(__always)
     private func beginTask(_ q: SCSIQueueSlots, _ head: UInt16, use index: Int) {
         q.uses[Int(head)] = Int32(index)
-        guard index >= 0, let use = uses[index] else { return }
-        use.tasks += 1
-        if q.requestQueue < use.counterCount { use.counters[q.requestQueue]?.begin() }
+        guard index >= 0 else { return }
+        channels.beginTask(index)
+        channels.counters(index, queue: q.requestQueue)?.begin()
     }
 
     /// Counts the answer of the task in `head` (status and sense final) and releases its use.
@@ -746,9 +630,8 @@ final class SCSIGroupHandler<Channel: VirtioChannel>: QueueGroupHandler, @unchec
         let index = Int(q.uses[Int(head)])
         guard index >= 0 else { return }
         q.uses[Int(head)] = -1
-        guard let use = uses[index] else { return }
-        use.tasks -= 1
-        if q.requestQueue < use.counterCount, let counters = use.counters[q.requestQueue] {
+        channels.endTask(index)
+        if let counters = channels.counters(index, queue: q.requestQueue) {
             counters.record(task: q.tasks[Int(head)], latencyNanos: IOCounters.now() &- q.arrivals[Int(head)])
         }
     }
@@ -841,18 +724,18 @@ final class SCSIGroupHandler<Channel: VirtioChannel>: QueueGroupHandler, @unchec
             task.pointee.status = .checkCondition
             let sense = TaskSet.overlappedCommandsError.sense!
             sense.encode(.fixed, into: &task.pointee.sense)
-            beginTask(q, head, use: existingUse(view.unit(unitNumber)?.backendID ?? -1))
+            beginTask(q, head, use: channels.existingUse(view.unit(unitNumber)?.backendID ?? -1))
             respond(q, head, registered: false)
             return
         case .slotUnavailable:
             task.pointee.status = .busy
-            beginTask(q, head, use: existingUse(view.unit(unitNumber)?.backendID ?? -1))
+            beginTask(q, head, use: channels.existingUse(view.unit(unitNumber)?.backendID ?? -1))
             endTask(q, head)
             respondTransport(q, head, VirtioSCSI.responseBusy)
             return
         }
         let disposition = device.target.execute(&task.pointee, view: &view)
-        beginTask(q, head, use: use(for: task.pointee.backendID))
+        beginTask(q, head, use: channels.use(for: task.pointee.backendID))
         drive(q, head, disposition)
     }
 
@@ -868,7 +751,7 @@ final class SCSIGroupHandler<Channel: VirtioChannel>: QueueGroupHandler, @unchec
                 return
             case let .submit(request):
                 let index = Int(q.uses[Int(head)])
-                guard index >= 0, let use = uses[index], let c = channel(use) else {
+                guard index >= 0, let c = channels.channel(index) else {
                     disposition = device.target.resume(&task.pointee, with: .failure(EIO))
                     continue
                 }
@@ -877,13 +760,9 @@ final class SCSIGroupHandler<Channel: VirtioChannel>: QueueGroupHandler, @unchec
                     disposition = device.target.resume(&task.pointee, with: .failure(rc))
                     continue
                 }
-                use.submitted += 1
+                channels.submitted(index)
                 q.inBackend[Int(head)] = true
                 taskSet.setInBackend(slot: q.taskSetBase + Int(head), true)
-                if !use.dirty {
-                    use.dirty = true
-                    dirtyUses.append(index)
-                }
                 return
             }
         }
@@ -1049,7 +928,7 @@ final class SCSIGroupHandler<Channel: VirtioChannel>: QueueGroupHandler, @unchec
         for case let q? in queues {
             for h in 0..<q.size where q.inBackend[h] && !q.abortRequested[h] && taskSet.isAborted(slot: q.taskSetBase + h) {
                 let index = Int(q.uses[h])
-                guard index >= 0, let use = uses[index], let c = use.channel else { continue }
+                guard let c = channels.openedChannel(index) else { continue }
                 q.abortRequested[h] = true
                 if logicalUnitReset {
                     if let r = resetUses.first(where: { $0.use == index }) {
@@ -1155,41 +1034,6 @@ final class SCSIGroupHandler<Channel: VirtioChannel>: QueueGroupHandler, @unchec
     /// The event queue was kicked: report missed events if any.
     func eventQueueKicked() {
         if eventsMissed { deliverEvents() }
-    }
-}
-
-/// One back-end as one queue-group thread uses it: its channel (opened on the first I/O), the LUN's
-/// counters for each request queue, and what is in flight on it. Touched on that thread only.
-final class BackendUse<Channel: VirtioChannel> {
-    /// The LUN's `backendID`.
-    let backendID: Int
-    /// The channel, once opened.
-    var channel: Channel?
-    /// Counters per request queue (nil where the provider has none).
-    let counters: UnsafeMutablePointer<IOCounters?>
-    let counterCount: Int
-    /// Tasks begun on this back-end and not yet answered.
-    var tasks = 0
-    /// Requests submitted on `channel` and not yet reaped.
-    var submitted = 0
-    /// Submitted since the last commit.
-    var dirty = false
-    /// Its LUN left the map: no new task reaches it; it closes when idle.
-    var retired = false
-
-    init(backendID: Int, requestQueues: Int, provider: VirtioSCSICountersProvider?) {
-        self.backendID = backendID
-        counterCount = requestQueues
-        counters = .allocate(capacity: max(1, requestQueues))
-        counters.initialize(repeating: nil, count: max(1, requestQueues))
-        if let provider {
-            for queue in 0..<requestQueues { counters[queue] = provider(backendID, queue) }
-        }
-    }
-
-    deinit {
-        counters.deinitialize(count: max(1, counterCount))
-        counters.deallocate()
     }
 }
 

@@ -9,7 +9,7 @@ import Testing
 import Glibc
 #endif
 
-/// The gateway's concrete channel enum drives the device directly (its members match PVSCSIChannel).
+/// The gateway's concrete channel enum drives the device directly (it is a BlockChannel).
 
 /// PVSCSI in front of the real SCSI core and the real file back-end (AnyBlockChannel): data written by
 /// the guest is byte-identical in the backing file.

@@ -1,5 +1,6 @@
 import CSystem
 import PVSCSI
+import SCSI
 import Testing
 import VfioUser
 #if canImport(Glibc)
@@ -100,6 +101,35 @@ import Glibc
         #expect(f.requestsInFlight == 0)
         try g.linuxStartup()
         #expect(try g.run([GuestRequest(context: 13, cdb: [0, 0, 0, 0, 0, 0])]).first?.context == 13)
+    }
+
+    /// The adapter's requests are tasks in the core's task set: a second request with the context (tag) of one
+    /// still in flight on the same target is an overlapped command (CHECK CONDITION, ABORTED COMMAND), and
+    /// ABORT_CMD then aborts the first one only.
+    @Test func aDuplicateContextInFlightIsAnOverlappedCommand() throws {
+        let (f, chs) = try heldFixture(luns: [0, 1])
+        let g = f.guest!
+        g.place(read(g, context: 50, target: 0))
+        g.place(read(g, context: 50, target: 1))  // same tag on another LUN: a different task
+        try g.kick()
+        #expect(!g.waitInterrupt(milliseconds: 100))
+        g.place(read(g, context: 50, target: 0))
+        try g.kick()
+        #expect(g.waitInterrupt())
+        let overlapped = g.takeCompletions()
+        #expect(overlapped.map(\.context) == [50])
+        #expect(overlapped.first?.hostStatus == HostAdapterStatus.success.rawValue)
+        #expect(overlapped.first?.scsiStatus == UInt16(SCSIStatus.checkCondition.rawValue))
+        #expect(f.requestsInFlight == 2)
+        #expect(try g.command(.abortCommand, TestGuest.words([50], pairs: true) + [0, 0]) == 0)
+        #expect(g.waitInterrupt())
+        let done = g.takeCompletions()
+        #expect(done.count == 1 && done.first?.hostStatus == HostAdapterStatus.abortQueue.rawValue)
+        #expect(chs[0].aborted.load(ordering: .acquiring) == 1)
+        #expect(chs[1].aborted.load(ordering: .acquiring) == 0)
+        f.onLoop { chs[1].release() }
+        #expect(g.waitInterrupt())
+        #expect(g.takeCompletions().first?.hostStatus == HostAdapterStatus.success.rawValue)
     }
 
     @Test func localBackEndsCannotAbortAndTheRequestCompletesNormally() throws {

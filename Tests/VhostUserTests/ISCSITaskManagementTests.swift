@@ -11,8 +11,6 @@ import Virtio
 import Glibc
 #endif
 
-extension ISCSIChannel: VirtioChannel {}
-
 /// A private tgtd on 127.0.0.1 (Deploy/tgt/backend-test-target.sh), frozen with SIGSTOP to keep
 /// commands in flight.
 final class FrozenTgt: @unchecked Sendable {

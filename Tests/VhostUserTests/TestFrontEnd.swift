@@ -430,7 +430,6 @@ final class TestLog: @unchecked Sendable {
     func contains(_ s: String) -> Bool { lines.withLock { $0.contains { $0.contains(s) } } }
 }
 
-extension MemoryChannel: VirtioChannel {}
 
 /// A virtio-scsi command laid out in guest RAM, ready for `TestSplitRing.addChain`: the request header
 /// (LUN, tag, CDB padded to 32 bytes), the data-out buffer, the response and the data-in buffer.

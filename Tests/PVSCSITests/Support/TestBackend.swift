@@ -24,7 +24,7 @@ final class MemoryDisk: @unchecked Sendable {
 
 /// A BlockChannel over a MemoryDisk that completes asynchronously through an eventfd, like libaio.
 /// `hold` keeps completions back (to test aborts of in-flight I/O) until `release`.
-final class MemoryChannel: BlockChannel, PVSCSIChannel, @unchecked Sendable {
+final class MemoryChannel: BlockChannel, @unchecked Sendable {
     let disk: MemoryDisk
     let completionFD: Int32
     let hold = Atomic<Bool>(false)
