@@ -292,7 +292,7 @@ struct ConfigErrorTests {
             """) == [
             "test.toml:5: key 'controller[0].queues': not used by transport pvscsi (the guest driver sizes its one request ring)",
             "test.toml:6: key 'controller[0].queue_size': not used by transport pvscsi (the guest driver sizes its rings)",
-            "test.toml:7: key 'controller[0].discard': only for transport vhost-user-blk (SCSI guests use UNMAP)",
+            "test.toml:7: key 'controller[0].discard': only for transports vhost-user-blk (SCSI guests use UNMAP)",
         ])
         #expect(configMessages("""
             [[controller]]
