@@ -81,45 +81,10 @@ public final class VfioUserVirtioController<Device: VirtioDeviceModel>: @uncheck
         }
         device.shutdown()
     }
-
-    /// Runs `body` on the loop thread and waits for it (tests, admin queries).
-    func sync<T: Sendable>(_ body: @escaping @Sendable () -> T) -> T {
-        let box = SyncBox<T>()
-        loop.execute { box.set(body()) }
-        return box.wait()
-    }
 }
 
 /// A loop closure that captures generic values without making the @Sendable closure generic.
 private final class LoopWork: @unchecked Sendable {
     let body: () -> Void
     init(_ body: @escaping () -> Void) { self.body = body }
-}
-
-/// A value handed from the loop thread to a waiting thread.
-final class SyncBox<T>: @unchecked Sendable {
-    private var value: T? = nil
-    private var mutex = pthread_mutex_t()
-    private var cond = pthread_cond_t()
-    init() {
-        pthread_mutex_init(&mutex, nil)
-        pthread_cond_init(&cond, nil)
-    }
-    deinit {
-        pthread_mutex_destroy(&mutex)
-        pthread_cond_destroy(&cond)
-    }
-    func set(_ v: T) {
-        pthread_mutex_lock(&mutex)
-        value = v
-        pthread_cond_signal(&cond)
-        pthread_mutex_unlock(&mutex)
-    }
-    func wait() -> T {
-        pthread_mutex_lock(&mutex)
-        while value == nil { pthread_cond_wait(&cond, &mutex) }
-        let v = value!
-        pthread_mutex_unlock(&mutex)
-        return v
-    }
 }
