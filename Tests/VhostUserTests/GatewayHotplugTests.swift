@@ -1,3 +1,4 @@
+import VirtioTestSupport
 import Backends
 import BlockIO
 import CSystem
