@@ -44,7 +44,7 @@ let package = Package(
         // Config, daemon wiring, control socket.
         .target(name: "Gateway", dependencies: [
             "ISCSIBackend",
-            "SCSI", "BlockIO", "Backends", "VirtioDevices", "VhostUser", "PVSCSI", "CSystem", "EventLoop",
+            "SCSI", "BlockIO", "Backends", "VirtioDevices", "VhostUser", "VfioUserVirtio", "PVSCSI", "CSystem", "EventLoop",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "TOMLKit", package: "TOMLKit"),
         ], resources: [.copy("DefaultConfig")]),

@@ -117,6 +117,10 @@ public enum TransportKind: String, Sendable, CaseIterable, Equatable {
     case vhostUserBlk = "vhost-user-blk"
     /// VMware PVSCSI over vfio-user (`-device vfio-user-pci`).
     case pvscsi = "pvscsi"
+    /// virtio-scsi as a virtio-pci function over vfio-user (`-device vfio-user-pci`).
+    case vfioUserVirtioSCSI = "vfio-user-virtio-scsi"
+    /// virtio-blk as a virtio-pci function over vfio-user (`-device vfio-user-pci`): exactly one LUN.
+    case vfioUserVirtioBlk = "vfio-user-virtio-blk"
 
     /// The device model a transport serves.
     public enum Device: Sendable, Equatable {
@@ -131,8 +135,8 @@ public enum TransportKind: String, Sendable, CaseIterable, Equatable {
     /// The device model this transport serves.
     public var device: Device {
         switch self {
-        case .vhostUserSCSI: .virtioSCSI
-        case .vhostUserBlk: .virtioBlk
+        case .vhostUserSCSI, .vfioUserVirtioSCSI: .virtioSCSI
+        case .vhostUserBlk, .vfioUserVirtioBlk: .virtioBlk
         case .pvscsi: .pvscsi
         }
     }

@@ -55,5 +55,8 @@ public struct FrontEndRegistry: Sendable {
     ///
     /// INTEGRATION POINT: register the vhost-user (VhostUser module) and PVSCSI (PVSCSI module)
     /// factories here, e.g. `FrontEndRegistry([VhostUserSCSIFactory(), VhostUserBlkFactory(), PVSCSIFactory()])`.
-    public static var standard: FrontEndRegistry { FrontEndRegistry([VhostUserSCSIFrontEndFactory(), VhostUserBlkFrontEndFactory(), PVSCSIFrontEndFactory()]) }
+    public static var standard: FrontEndRegistry {
+        FrontEndRegistry([VhostUserSCSIFrontEndFactory(), VhostUserBlkFrontEndFactory(), PVSCSIFrontEndFactory(),
+                          VfioUserVirtioSCSIFrontEndFactory(), VfioUserVirtioBlkFrontEndFactory()])
+    }
 }

@@ -18,7 +18,7 @@ public enum QEMUCommandLine {
         case .vhostUserBlk:
             return ["-chardev", "socket,id=\(id),path=\(optionValue(controller.socket))",
                     "-device", "vhost-user-blk-pci,chardev=\(id),num-queues=\(controller.queues),queue-size=\(controller.queueSize)"]
-        case .pvscsi:
+        case .pvscsi, .vfioUserVirtioSCSI, .vfioUserVirtioBlk:
             // vfio-user-pci takes its socket as a QAPI SocketAddress: JSON syntax of -device. The PCI function
             // (PVSCSI, or virtio-scsi/virtio-blk as virtio-pci) and its queues are the gateway's: QEMU needs no
             // other option. Guest RAM should be fd-backed and shared (sharedMemoryArguments): the device then
