@@ -65,6 +65,9 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
     private(set) var ignoredWrites = 0
     private(set) var ignoredNotifies = 0
     private(set) var configInterrupts = 0
+    /// A running ring was outside the DMA windows at the last map change: the device kept its previous table.
+    private(set) var deviceTableHeld = false
+    private(set) var ringsOutsideMemory = 0
 
     init(device: Device, kind: VirtioPCIDeviceKind, loop: EventLoop, name: String, log: @escaping DeviceLogger) throws(VfioUserError) {
         guard device.queueCount >= 1, device.queueCount <= VirtioPCILayout.maxQueues, device.queueCount + 1 <= 2048 else {
@@ -404,6 +407,7 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
         configVector = L.noVector
         queueSelect = 0
         isr = 0
+        deviceTableHeld = false
         interrupts.setINTx(false)
     }
 
@@ -426,21 +430,28 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
             }
         }
         let table = Virtio.GuestMemory(regions: regions)
-        let old = memoryTable
         memoryTable = table
         guard queues.contains(where: { $0.enabled }) else { return }
-        device.updateMemory(table)
-        _ = old
-        // A ring that left guest memory broke its queue: the device needs a reset.
+        // QEMU unmaps and maps windows again as the guest's memory map changes (a ring's window may be gone between
+        // the two messages): while a running ring is outside the new table, the device keeps the table it has (this
+        // function's own mappings, valid whatever the client unmapped) and gets the next table that holds every ring.
+        let options = VirtqueueOptions(features: driverFeatures)
         for i in queues.indices where queues[i].enabled {
             let q = queues[i]
-            let options = VirtqueueOptions(features: driverFeatures)
             let n = UInt64(q.size)
             let inside = table.pointer(userAddress: q.desc, length: 16 * n) != nil
                 && table.pointer(userAddress: q.driver, length: options.packed ? 4 : 6 + 2 * n) != nil
                 && table.pointer(userAddress: q.device, length: options.packed ? 4 : 6 + 8 * n) != nil
-            if !inside { needsReset("queue \(i): its ring is no longer inside guest memory after a DMA unmap") }
+            if !inside {
+                ringsOutsideMemory += 1
+                if !deviceTableHeld { note(.info, "queue \(i): its ring is outside the DMA windows for now; the device keeps its memory table until it is back") }
+                deviceTableHeld = true
+                return
+            }
         }
+        if deviceTableHeld { note(.info, "every ring is inside the DMA windows again; the device takes the new memory table") }
+        deviceTableHeld = false
+        device.updateMemory(table)
     }
 
     // MARK: Interrupts
