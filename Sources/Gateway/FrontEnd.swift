@@ -53,10 +53,8 @@ public struct FrontEndRegistry: Sendable {
 
     /// The front-ends built into this binary.
     ///
-    /// INTEGRATION POINT: register the vhost-user (VhostUser module) and PVSCSI (PVSCSI module)
-    /// factories here, e.g. `FrontEndRegistry([VhostUserSCSIFactory(), VhostUserBlkFactory(), PVSCSIFactory()])`.
+    /// One `VirtioFrontEndFactory` per virtio transport (vhost-user, and virtio-pci over vfio-user) and the PVSCSI one.
     public static var standard: FrontEndRegistry {
-        FrontEndRegistry([VhostUserSCSIFrontEndFactory(), VhostUserBlkFrontEndFactory(), PVSCSIFrontEndFactory(),
-                          VfioUserVirtioSCSIFrontEndFactory(), VfioUserVirtioBlkFrontEndFactory()])
+        FrontEndRegistry(TransportKind.allCases.compactMap(VirtioFrontEndFactory.init) + [PVSCSIFrontEndFactory()])
     }
 }

@@ -24,23 +24,3 @@ extension VirtioTransportHosting {
         }
     }
 }
-
-/// Serves a `vfio-user-virtio-scsi` controller: virtio-scsi as a virtio-pci function over vfio-user.
-public struct VfioUserVirtioSCSIFrontEndFactory: FrontEndFactory {
-    public init() {}
-    public var transport: TransportKind { .vfioUserVirtioSCSI }
-
-    public func makeFrontEnd(for controller: ControllerRuntime) throws(FrontEndError) -> any FrontEnd {
-        try VirtioFrontEndFactory(transport: transport, hosting: .vfioUser).makeFrontEnd(for: controller)
-    }
-}
-
-/// Serves a `vfio-user-virtio-blk` controller: its one LUN as a virtio-blk virtio-pci function over vfio-user.
-public struct VfioUserVirtioBlkFrontEndFactory: FrontEndFactory {
-    public init() {}
-    public var transport: TransportKind { .vfioUserVirtioBlk }
-
-    public func makeFrontEnd(for controller: ControllerRuntime) throws(FrontEndError) -> any FrontEnd {
-        try VirtioFrontEndFactory(transport: transport, hosting: .vfioUser).makeFrontEnd(for: controller)
-    }
-}

@@ -61,23 +61,3 @@ extension VirtioTransportHosting {
             VhostUserBlkController(socketPath: runtime.config.socket, device: device, log: runtime.logger.vhostUserSink())
         })
 }
-
-/// Serves a `vhost-user-scsi` controller: virtio-scsi over vhost-user (VhostUser module).
-public struct VhostUserSCSIFrontEndFactory: FrontEndFactory {
-    public init() {}
-    public var transport: TransportKind { .vhostUserSCSI }
-
-    public func makeFrontEnd(for controller: ControllerRuntime) throws(FrontEndError) -> any FrontEnd {
-        try VirtioFrontEndFactory(transport: transport, hosting: .vhostUser).makeFrontEnd(for: controller)
-    }
-}
-
-/// Serves a `vhost-user-blk` controller: its one LUN as a virtio-blk disk over vhost-user.
-public struct VhostUserBlkFrontEndFactory: FrontEndFactory {
-    public init() {}
-    public var transport: TransportKind { .vhostUserBlk }
-
-    public func makeFrontEnd(for controller: ControllerRuntime) throws(FrontEndError) -> any FrontEnd {
-        try VirtioFrontEndFactory(transport: transport, hosting: .vhostUser).makeFrontEnd(for: controller)
-    }
-}

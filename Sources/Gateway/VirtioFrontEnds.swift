@@ -129,13 +129,24 @@ final class VirtioFrontEnd: FrontEnd, @unchecked Sendable {
     }
 }
 
-/// Serves the virtio controllers of one transport: builds the device model of the controller's kind from its
-/// config, then hands it to the transport's host.
-struct VirtioFrontEndFactory: FrontEndFactory {
-    let transport: TransportKind
+/// Serves the controllers of one virtio transport (`vhost-user-scsi`, `vhost-user-blk` over vhost-user;
+/// `vfio-user-virtio-scsi`, `vfio-user-virtio-blk` as virtio-pci over vfio-user): builds the device model of the
+/// controller's kind from its config, then hands it to the transport's host.
+public struct VirtioFrontEndFactory: FrontEndFactory {
+    public let transport: TransportKind
     let hosting: VirtioTransportHosting
 
-    func makeFrontEnd(for runtime: ControllerRuntime) throws(FrontEndError) -> any FrontEnd {
+    /// The factory of `transport`; nil when it is not a virtio transport.
+    public init?(transport: TransportKind) {
+        switch transport {
+        case .vhostUserSCSI, .vhostUserBlk: hosting = .vhostUser
+        case .vfioUserVirtioSCSI, .vfioUserVirtioBlk: hosting = .vfioUser
+        case .pvscsi: return nil
+        }
+        self.transport = transport
+    }
+
+    public func makeFrontEnd(for runtime: ControllerRuntime) throws(FrontEndError) -> any FrontEnd {
         let maxQueueSize = hosting.maxQueueSize(runtime.config)
         switch transport.device {
         case .virtioSCSI:
