@@ -36,12 +36,14 @@ let package = Package(
         .target(name: "VhostUser", dependencies: ["VirtioDevices", "Virtio", "SCSI", "BlockIO", "CSystem", "EventLoop"]),
         // vfio-user server (PCI config space, BARs, MSI-X).
         .target(name: "VfioUser", dependencies: ["CSystem", "EventLoop"]),
+        // The virtio device models as modern virtio-pci functions over vfio-user (no other transport imported).
+        .target(name: "VfioUserVirtio", dependencies: ["VfioUser", "VirtioDevices", "Virtio", "CSystem", "EventLoop"]),
         // The PVSCSI device model.
         .target(name: "PVSCSI", dependencies: ["VfioUser", "SCSI", "BlockIO", "CSystem", "EventLoop"]),
         // Config, daemon wiring, control socket.
         .target(name: "Gateway", dependencies: [
             "ISCSIBackend",
-            "SCSI", "BlockIO", "Backends", "VirtioDevices", "VhostUser", "PVSCSI", "CSystem", "EventLoop",
+            "SCSI", "BlockIO", "Backends", "VirtioDevices", "VhostUser", "VfioUserVirtio", "PVSCSI", "CSystem", "EventLoop",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "TOMLKit", package: "TOMLKit"),
         ], resources: [.copy("DefaultConfig")]),
@@ -70,9 +72,16 @@ let package = Package(
         .testTarget(name: "BackendsTests", dependencies: ["Backends", "BlockIO", "CSystem"]),
         .testTarget(name: "ISCSIBackendTests", dependencies: ["ISCSIBackend", "BlockIO", "EventLoop", "SCSI"]),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "BlockIO", "CSystem"]),
-        .testTarget(name: "VhostUserTests", dependencies: ["VhostUser", "VirtioDevices", "Virtio", "SCSI", "BlockIO", "CSystem", "Backends", "Gateway", "ISCSIBackend"]),
+        // Guest RAM, driver-side rings, an in-memory back-end and log helpers shared by the virtio transports' tests.
+        .target(name: "VirtioTestSupport", dependencies: ["VirtioDevices", "Virtio", "BlockIO", "CSystem"], path: "Tests/VirtioTestSupport"),
+        .testTarget(name: "VhostUserTests", dependencies: ["VirtioTestSupport", "VhostUser", "VirtioDevices", "Virtio", "SCSI", "BlockIO", "CSystem", "Backends", "Gateway", "ISCSIBackend"]),
         .testTarget(name: "VfioUserTests", dependencies: ["VfioUser", "CSystem"]),
-        .testTarget(name: "PVSCSITests", dependencies: ["PVSCSI", "VfioUser", "SCSI", "BlockIO", "Backends", "Gateway", "CSystem", "ISCSIBackend"]),
+        .testTarget(name: "PVSCSITests", dependencies: ["VfioUserTestSupport", "PVSCSI", "VfioUser", "SCSI", "BlockIO", "Backends", "Gateway", "CSystem", "ISCSIBackend"]),
+        // The vfio-user test client (the role QEMU's vfio-user-pci plays), shared by the PVSCSI and virtio-pci tests.
+        .target(name: "VfioUserTestSupport", dependencies: ["VfioUser", "CSystem"], path: "Tests/VfioUserTestSupport"),
+        .testTarget(name: "VfioUserVirtioTests", dependencies: [
+            "VfioUserTestSupport", "VirtioTestSupport", "VfioUserVirtio", "VfioUser", "VirtioDevices", "Virtio", "SCSI", "BlockIO", "CSystem",
+        ]),
         .testTarget(name: "GatewayTests", dependencies: ["Gateway", "SCSI", "Backends"]),
     ],
     swiftLanguageModes: [.v6]

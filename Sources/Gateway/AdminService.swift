@@ -78,7 +78,7 @@ public final class AdminService: Sendable {
                 "name": .string(c.name), "transport": .string(c.transport.rawValue), "socket": .string(c.socket),
                 "luns": .number(statuses.filter { $0.controller == c.name }.count), "hotplug": .bool(c.hotplug),
             ]
-            if c.transport == .pvscsi {
+            if !c.transport.isVirtio {
                 members["max_targets"] = .number(c.maxTargets)
                 members["queues"] = .number(1)
             } else {
@@ -253,16 +253,16 @@ public final class AdminService: Sendable {
             if value != 0 { throw .invalidParams(key, "must be 0: \(reason), found \(value)") }
             return 0
         }
-        switch controller.transport {
-        case .vhostUserBlk:
-            let target = try zero("target", "a vhost-user-blk controller is one disk")
-            let lun = try zero("lun", "a vhost-user-blk controller is one disk")
+        switch controller.transport.device {
+        case .virtioBlk:
+            let target = try zero("target", "a \(controller.transport.rawValue) controller is one disk")
+            let lun = try zero("lun", "a \(controller.transport.rawValue) controller is one disk")
             return (target, lun)
         case .pvscsi:
             let target = try params.int("target", required: true, range: 0...(controller.maxTargets - 1))!
             let lun = try zero("lun", "guests address LUN 0 of each PVSCSI target")
             return (target, lun)
-        case .vhostUserSCSI:
+        case .virtioSCSI:
             let target = try zero("target", "the virtio-scsi front-end serves target 0")
             let lun = try params.int("lun", required: true, range: 0...16383)!
             return (target, lun)

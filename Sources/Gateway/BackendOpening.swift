@@ -80,7 +80,7 @@ public struct StandardBackendOpener: BackendOpener {
         case .iscsi: return nil
         }
         // One channel per queue group holds at most one ring's worth of requests.
-        let depth = controller.transport == .pvscsi ? 1024 : controller.queueSize
+        let depth = controller.transport.isVirtio ? controller.queueSize : 1024
         return BackendSpec(kind: kind, path: lun.path ?? "", size: lun.size ?? 0,
                            logicalBlockSize: UInt32(lun.blockSize), readOnly: lun.readOnly,
                            cache: lun.cache == .writeback ? .writeback : .none, create: lun.create,
@@ -94,7 +94,7 @@ public struct StandardBackendOpener: BackendOpener {
             var logger = self.logger
             logger[metadataKey: "controller"] = .string(controller.name)
             logger[metadataKey: "lun"] = .string("\(lun.target)/\(lun.lun)")
-            return try Self.openISCSI(lun, name: name, queueDepth: controller.transport == .pvscsi ? 1024 : controller.queueSize,
+            return try Self.openISCSI(lun, name: name, queueDepth: controller.transport.isVirtio ? controller.queueSize : 1024,
                                       log: logger.iscsiSink())
         }
         do {

@@ -34,7 +34,7 @@ public enum ConfigSummary {
                      + (s.statsListen.map { ", stats on \($0)" } ?? ""))
         for c in config.controllers {
             var line = "controller \(c.name): \(c.transport.rawValue) on \(c.socket) (mode 0\(String(c.socketMode, radix: 8))\(c.socketGroup.map { ", group \($0)" } ?? ""))"
-            if c.transport != .pvscsi { line += ", \(c.queues) queue\(c.queues == 1 ? "" : "s") of \(c.queueSize)" }
+            if c.transport.isVirtio { line += ", \(c.queues) queue\(c.queues == 1 ? "" : "s") of \(c.queueSize)" }
             lines.append(line)
             for lun in c.luns {
                 lines.append("  target \(lun.target) lun \(lun.lun): " + describe(lun, controller: c))

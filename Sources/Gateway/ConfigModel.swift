@@ -117,17 +117,48 @@ public enum TransportKind: String, Sendable, CaseIterable, Equatable {
     case vhostUserBlk = "vhost-user-blk"
     /// VMware PVSCSI over vfio-user (`-device vfio-user-pci`).
     case pvscsi = "pvscsi"
+    /// virtio-scsi as a virtio-pci function over vfio-user (`-device vfio-user-pci`).
+    case vfioUserVirtioSCSI = "vfio-user-virtio-scsi"
+    /// virtio-blk as a virtio-pci function over vfio-user (`-device vfio-user-pci`): exactly one LUN.
+    case vfioUserVirtioBlk = "vfio-user-virtio-blk"
+
+    /// The device model a transport serves.
+    public enum Device: Sendable, Equatable {
+        /// virtio-scsi: target 0, LUNs 0...16383, request queues.
+        case virtioSCSI
+        /// virtio-blk: one disk, request queues.
+        case virtioBlk
+        /// PVSCSI: LUN 0 of targets 0..<max_targets, one request ring.
+        case pvscsi
+    }
+
+    /// The device model this transport serves.
+    public var device: Device {
+        switch self {
+        case .vhostUserSCSI, .vfioUserVirtioSCSI: .virtioSCSI
+        case .vhostUserBlk, .vfioUserVirtioBlk: .virtioBlk
+        case .pvscsi: .pvscsi
+        }
+    }
 
     /// Whether the transport carries SCSI commands (targets and LUNs) rather than bare block I/O.
-    public var isSCSI: Bool { self != .vhostUserBlk }
+    public var isSCSI: Bool { device != .virtioBlk }
+
+    /// Whether the device is a virtio device (request queues, `queue_size`, `io_threads`, ...).
+    public var isVirtio: Bool { device != .pvscsi }
+
+    /// The transports serving `device`, as the config spells them (for messages).
+    public static func names(serving device: Device) -> String {
+        allCases.filter { $0.device == device }.map(\.rawValue).joined(separator: " and ")
+    }
 
     /// How a LUN entry's (target, lun) becomes a LUN of the controller's one `SCSITarget`:
     /// virtio-scsi serves target 0 with LUNs 0...16383; PVSCSI (as Linux's vmw_pvscsi sees it) serves
     /// LUN 0 of targets 0...63, and PVSCSI target n is LUN n of the SCSI target; virtio-blk is LUN 0.
     public func coreLUN(target: Int, lun: Int) -> Int {
-        switch self {
-        case .vhostUserSCSI: return lun
-        case .vhostUserBlk: return 0
+        switch device {
+        case .virtioSCSI: return lun
+        case .virtioBlk: return 0
         case .pvscsi: return target
         }
     }
@@ -146,9 +177,9 @@ public struct ControllerConfig: Sendable, Equatable {
     /// Group the socket is given (`chown`), so a VMM running as another user in that group can connect
     /// (e.g. "libvirt-qemu" or "kvm" with `socket_mode = "0660"`); nil: the gateway's own group.
     public var socketGroup: String?
-    /// Request queues (vhost-user transports; 1 for pvscsi, which has one request ring).
+    /// Request queues (virtio transports; 1 for pvscsi, which has one request ring).
     public var queues: Int
-    /// Virtqueue size, a power of two (vhost-user transports).
+    /// Virtqueue size, a power of two (virtio transports).
     public var queueSize: Int
     /// Adaptive polling budget in microseconds after the last work before an event loop sleeps (0: never poll).
     public var pollMicroseconds: Int
@@ -161,7 +192,7 @@ public struct ControllerConfig: Sendable, Equatable {
     public var discard: Bool
     /// virtio-blk: announce WRITE_ZEROES.
     public var writeZeroes: Bool
-    /// Event-loop threads the request queues are spread over (vhost-user transports; 1...queues).
+    /// Event-loop threads the request queues are spread over (virtio transports; 1...queues).
     public var ioThreads: Int
     /// PVSCSI: targets the adapter reports (Linux scans targets 0..<maxTargets).
     public var maxTargets: Int

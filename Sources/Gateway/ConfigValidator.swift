@@ -115,8 +115,7 @@ struct ConfigValidator {
         var ioThreads = 1
         var maxTargets = 16
         if let transport {
-            let vhost = transport != .pvscsi
-            if vhost {
+            if transport.isVirtio {
                 queues = reader.int("queues", range: 1...64) ?? 1
                 if let size = reader.int("queue_size", range: 2...1024) {
                     if size & (size - 1) != 0 {
@@ -143,10 +142,11 @@ struct ConfigValidator {
             }
             if transport.isSCSI {
                 hotplug = reader.bool("hotplug") ?? true
-                reader.rejectIfPresent("discard", "only for transport vhost-user-blk (SCSI guests use UNMAP)")
-                reader.rejectIfPresent("write_zeroes", "only for transport vhost-user-blk (SCSI guests use WRITE SAME)")
+                let blk = TransportKind.names(serving: .virtioBlk)
+                reader.rejectIfPresent("discard", "only for transports \(blk) (SCSI guests use UNMAP)")
+                reader.rejectIfPresent("write_zeroes", "only for transports \(blk) (SCSI guests use WRITE SAME)")
             } else {
-                reader.rejectIfPresent("hotplug", "not used by transport vhost-user-blk (one fixed disk; resize still reaches the guest)")
+                reader.rejectIfPresent("hotplug", "not used by transport \(transport.rawValue) (one fixed disk; resize still reaches the guest)")
                 discard = reader.bool("discard") ?? true
                 writeZeroes = reader.bool("write_zeroes") ?? true
             }
@@ -163,9 +163,9 @@ struct ConfigValidator {
                 lunPaths.append(path)
             }
         }
-        if transport == .vhostUserBlk && lunTables.count != 1 {
+        if let transport, transport.device == .virtioBlk && lunTables.count != 1 {
             validation.fail(reader.keyPath("lun"),
-                            "a vhost-user-blk controller serves exactly one LUN, found \(lunTables.count)")
+                            "a \(transport.rawValue) controller serves exactly one LUN, found \(lunTables.count)")
         }
         checkDuplicateAddresses(reader, lunTables: lunTables)
 
@@ -214,7 +214,7 @@ struct ConfigValidator {
             "chap_secret": "the secret never goes in the config: use chap_secret_file or chap_secret_env",
             "chap_password": "the secret never goes in the config: use chap_secret_file or chap_secret_env",
         ])
-        let isBlk = transport == .vhostUserBlk
+        let isBlk = transport?.device == .virtioBlk
         /// An address key that must be 0 on this transport (optional, default 0).
         func zero(_ key: String, _ reason: String) -> Int? {
             guard let value = reader.int(key) else { return reader.has(key) ? nil : 0 }
@@ -226,14 +226,14 @@ struct ConfigValidator {
         }
         let target: Int?
         let lun: Int?
-        switch transport {
-        case .vhostUserBlk?:
-            target = zero("target", "a vhost-user-blk controller is one disk")
-            lun = zero("lun", "a vhost-user-blk controller is one disk")
+        switch transport?.device {
+        case .virtioBlk?:
+            target = zero("target", "a \(transport!.rawValue) controller is one disk")
+            lun = zero("lun", "a \(transport!.rawValue) controller is one disk")
         case .pvscsi?:
             target = reader.int("target", required: true, range: 0...(maxTargets - 1))
             lun = zero("lun", "guests address LUN 0 of each PVSCSI target; give each disk its own target")
-        case .vhostUserSCSI?, nil:
+        case .virtioSCSI?, nil:
             target = zero("target", "the virtio-scsi front-end serves target 0; give each disk its own lun")
             lun = reader.int("lun", required: true, range: 0...16383)
         }
@@ -302,7 +302,7 @@ struct ConfigValidator {
                 validation.fail(reader.keyPath("serial"), "must be printable ASCII")
             } else if serial.utf8.count > limit {
                 validation.fail(reader.keyPath("serial"), isBlk
-                    ? "at most 20 characters for vhost-user-blk (virtio-blk GET_ID), found \(serial.utf8.count)"
+                    ? "at most 20 characters for \(transport!.rawValue) (virtio-blk GET_ID), found \(serial.utf8.count)"
                     : "at most 64 characters, found \(serial.utf8.count)")
             }
         }

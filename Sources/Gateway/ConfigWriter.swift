@@ -38,7 +38,7 @@ public enum ConfigWriter {
                    "socket_mode = \(quote("0" + String(c.socketMode, radix: 8)))"]
         if let group = c.socketGroup { out.append("socket_group = \(quote(group))") }
         out.append("poll_us = \(c.pollMicroseconds)")
-        if c.transport != .pvscsi {
+        if c.transport.isVirtio {
             out.append("queues = \(c.queues)")
             out.append("queue_size = \(c.queueSize)")
             out.append("seg_max = \(c.segmentMax)")

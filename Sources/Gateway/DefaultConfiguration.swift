@@ -33,20 +33,21 @@ log_level = "info"
 
 # One [[controller]] per device a VMM attaches. Keys:
 #   name         unique name, 1-32 of [A-Za-z0-9._-] (required); used by the admin CLI and in logs
-#   transport    "vhost-user-scsi" (virtio-scsi), "vhost-user-blk" (virtio-blk, exactly one LUN)
-#                or "pvscsi" (VMware PVSCSI over vfio-user) (required)
+#   transport    "vhost-user-scsi" (virtio-scsi), "vhost-user-blk" (virtio-blk, exactly one LUN),
+#                "pvscsi" (VMware PVSCSI over vfio-user), "vfio-user-virtio-scsi" or "vfio-user-virtio-blk"
+#                (virtio-scsi / virtio-blk as a virtio-pci function over vfio-user) (required)
 #   socket       UNIX socket path the VMM connects to (required, at most 107 bytes)
 #   socket_mode  permission bits of the socket: 0o660 or "0660" (default [gateway] socket_mode, 0o600)
 #   socket_group group the socket is given, so a VMM running as another user in it can connect (default
 #                [gateway] socket_group, else the gateway's group); the group must exist on this machine
 #   poll_us      microseconds an I/O thread keeps polling after the last request before it sleeps
 #                (0..100000, default 50; 0 disables polling)
-#   vhost-user-scsi and vhost-user-blk only:
+#   virtio transports only (vhost-user-*, vfio-user-virtio-*):
 #   queues       request queues, 1..64 (default 1); give QEMU the same num-queues
 #   queue_size   virtqueue size, a power of two 2..1024 (default 128)
 #   seg_max      data segments per request announced to the guest, 1..1024 (default queue_size - 2)
 #   io_threads   event-loop threads the request queues are spread over, 1..queues (default 1)
-#   vhost-user-scsi and pvscsi only:
+#   SCSI transports only (vhost-user-scsi, vfio-user-virtio-scsi, pvscsi):
 #   hotplug      announce added/removed LUNs as they happen (virtio-scsi TRANSPORT_RESET events,
 #                PVSCSI DEV_ADDED/DEV_REMOVED messages; default true). When false, guests learn of
 #                them from the REPORTED LUNS DATA HAS CHANGED unit attention. Resizes are always announced.
@@ -54,7 +55,7 @@ log_level = "info"
 #   max_targets  targets the adapter reports to the guest, 1..64 (default 16). Linux reads a count above
 #                16 with the CONFIG command, which needs QEMU to send register writes synchronously: such
 #                a controller gets them, at a round trip per kick (about half the IOPS under TCG)
-#   vhost-user-blk only:
+#   virtio-blk transports only (vhost-user-blk, vfio-user-virtio-blk):
 #   discard      offer DISCARD to the guest (default true)
 #   write_zeroes offer WRITE_ZEROES to the guest (default true)
 [[controller]]
@@ -66,9 +67,9 @@ queue_size = 128
 
 # One [[controller.lun]] per logical unit, after its [[controller]]. Keys:
 #   target, lun  the address the guest sees:
-#                vhost-user-scsi: target 0 (may be left out), lun 0..16383 (required)
+#                virtio-scsi:     target 0 (may be left out), lun 0..16383 (required)
 #                pvscsi:          target 0..max_targets-1 (required), lun 0 (may be left out)
-#                vhost-user-blk:  both 0 (may be left out)
+#                virtio-blk:      both 0 (may be left out)
 #   backend      "file", "block", "iscsi" or "null" (required)
 #   path         backing file or block device (file and block; required there)
 #   size         size of the LUN (required for null, and for file with create = true; an existing file keeps
@@ -79,7 +80,7 @@ queue_size = 128
 #   read_only    refuse writes (default false)
 #   cache        "none" (O_DIRECT, default) or "writeback" (host page cache; flushes still reach the disk)
 #   create       create a missing backing file, sparse, at `size` (file only, default false)
-#   serial       unit serial number, printable ASCII, at most 64 characters (20 for vhost-user-blk);
+#   serial       unit serial number, printable ASCII, at most 64 characters (20 for virtio-blk);
 #                default derived from controller name, target and lun
 #   wwn          NAA identifier, 16 hex digits (NAA 2, 3 or 5), e.g. "5002538c40000001";
 #                default derived from a hash of controller name, target and lun

@@ -51,7 +51,10 @@ public struct FrontEndRegistry: Sendable {
         TransportKind.allCases.filter { factories[$0] != nil }
     }
 
-    /// The front-ends built into this binary: virtio-scsi and virtio-blk over vhost-user
-    /// (`VhostUserFrontEnds.swift`) and PVSCSI over vfio-user (`PVSCSIFrontEnd.swift`).
-    public static var standard: FrontEndRegistry { FrontEndRegistry([VhostUserSCSIFrontEndFactory(), VhostUserBlkFrontEndFactory(), PVSCSIFrontEndFactory()]) }
+    /// The front-ends built into this binary.
+    ///
+    /// One `VirtioFrontEndFactory` per virtio transport (vhost-user, and virtio-pci over vfio-user) and the PVSCSI one.
+    public static var standard: FrontEndRegistry {
+        FrontEndRegistry(TransportKind.allCases.compactMap(VirtioFrontEndFactory.init) + [PVSCSIFrontEndFactory()])
+    }
 }

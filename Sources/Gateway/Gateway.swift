@@ -120,7 +120,7 @@ public final class ControllerRuntime: Sendable {
     public func statistics(backendID: Int) -> LUNIOStatistics? { backends.backend(backendID)?.statistics }
 
     /// Counter slots per LUN: one per request queue (PVSCSI has one request ring).
-    public var statisticsQueueCount: Int { config.transport == .pvscsi ? 1 : max(1, config.queues) }
+    public var statisticsQueueCount: Int { config.transport.isVirtio ? max(1, config.queues) : 1 }
 
     /// Opens a channel to the back-end with `backendID` (what front-ends pass as their channel factory).
     public func makeChannel(backendID: Int) throws(BlockBackendError) -> PolicyChannel {

@@ -137,8 +137,8 @@ extension Gateway {
     public func checkNewLUN(_ lun: LUNConfig, on runtime: ControllerRuntime) throws(AdminError) {
         let all = lunStatuses()
         let here = all.filter { $0.controller == runtime.config.name }
-        if runtime.config.transport == .vhostUserBlk, let existing = here.first {
-            throw AdminError(.lunExists, "controller \(runtime.config.name) is vhost-user-blk and already has its one disk (\(describe(existing.config)))")
+        if runtime.config.transport.device == .virtioBlk, let existing = here.first {
+            throw AdminError(.lunExists, "controller \(runtime.config.name) is \(runtime.config.transport.rawValue) and already has its one disk (\(describe(existing.config)))")
         }
         if let taken = here.first(where: { $0.config.target == lun.target && $0.config.lun == lun.lun }) {
             throw AdminError(.lunExists, "controller \(runtime.config.name) already has a LUN at target \(lun.target) lun \(lun.lun) (\(describe(taken.config)))")

@@ -18,11 +18,13 @@ public enum QEMUCommandLine {
         case .vhostUserBlk:
             return ["-chardev", "socket,id=\(id),path=\(optionValue(controller.socket))",
                     "-device", "vhost-user-blk-pci,chardev=\(id),num-queues=\(controller.queues),queue-size=\(controller.queueSize)"]
-        case .pvscsi:
-            // vfio-user-pci takes its socket as a QAPI SocketAddress: JSON syntax of -device. Guest RAM should be
-            // fd-backed and shared (sharedMemoryArguments): the device then maps its DMA windows (zero copy).
-            // Plain `-m` RAM works too, through DMA_READ/DMA_WRITE messages and bounce buffers (about 7 round
-            // trips per request), limited to 16 targets (the CONFIG page is not host-mapped).
+        case .pvscsi, .vfioUserVirtioSCSI, .vfioUserVirtioBlk:
+            // vfio-user-pci takes its socket as a QAPI SocketAddress: JSON syntax of -device. The PCI function
+            // (PVSCSI, or virtio-scsi/virtio-blk as virtio-pci) and its queues are the gateway's: QEMU needs no
+            // other option. Guest RAM should be fd-backed and shared (sharedMemoryArguments): the device then
+            // maps its DMA windows (zero copy). Plain `-m` RAM works too, through DMA_READ/DMA_WRITE messages
+            // and bounce buffers (PVSCSI: about 7 round trips per request, limited to 16 targets, the CONFIG
+            // page not being host-mapped).
             return ["-device", "{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\(jsonString(controller.socket)),\"type\":\"unix\"}}"]
         }
     }

@@ -27,6 +27,12 @@ public struct DMARegion: @unchecked Sendable {
     /// Host address of the mapping, or nil when the client sent no fd: such memory is only reachable through
     /// VFIO_USER_DMA_READ/WRITE messages (`GuestMemory.remote`), never through a pointer.
     public var host: UnsafeMutableRawPointer?
+    /// A duplicate of the window's fd (-1 without one), kept while the window is mapped: a device that hands
+    /// guest memory to other threads maps it again from here (`fileOffset`), so that its mapping outlives an
+    /// unmap until its own requests are done. Closed by `GuestMemory` when the window goes.
+    public var fd: Int32 = -1
+    /// Offset of the window in `fd`.
+    public var fileOffset: UInt64 = 0
 
     /// Exclusive end (no overflow: checked at map time).
     public var end: UInt64 { address + size }
@@ -93,7 +99,11 @@ public final class GuestMemory: @unchecked Sendable {
             }
             host = p
         }
-        let region = DMARegion(address: address, size: size, readable: readable, writable: writable, host: host)
+        var region = DMARegion(address: address, size: size, readable: readable, writable: writable, host: host)
+        if host != nil {
+            region.fd = fcntl(fd, F_DUPFD_CLOEXEC, 0)
+            region.fileOffset = fileOffset
+        }
         let index = regions.firstIndex { $0.address > address } ?? regions.count
         regions.insert(region, at: index)
         if host == nil { remoteRegionCount += 1 }
@@ -105,6 +115,7 @@ public final class GuestMemory: @unchecked Sendable {
             throw DMAMapError(EINVAL, "DMA_UNMAP [0x\(String(address, radix: 16)), +0x\(String(size, radix: 16))) matches no window")
         }
         let r = regions.remove(at: i)
+        if r.fd >= 0 { close(r.fd) }
         if let h = r.host { release(h, r.size) } else { remoteRegionCount -= 1 }
     }
 
@@ -120,7 +131,10 @@ public final class GuestMemory: @unchecked Sendable {
 
     /// Removes every window.
     public func unmapAll() {
-        for r in regions { if let h = r.host { release(h, r.size) } }
+        for r in regions {
+            if r.fd >= 0 { close(r.fd) }
+            if let h = r.host { release(h, r.size) }
+        }
         if !holdUnmaps { releaseHeldUnmaps() }
         regions.removeAll(keepingCapacity: true)
         remoteRegionCount = 0

@@ -82,6 +82,17 @@ public final class InterruptController: @unchecked Sendable {
         return false
     }
 
+    /// The eventfd the client installed for `vector` of IRQ `index` (VfioPCIIRQ.intx/.msi/.msix), or -1. Owned
+    /// by this controller (closed when the client replaces it): dup it to hand it to another thread.
+    public func eventFD(index: Int, vector: Int) -> Int32 {
+        switch index {
+        case VfioPCIIRQ.intx: return vector == 0 ? intxFD : -1
+        case VfioPCIIRQ.msix: return vector >= 0 && vector < msixVectors ? msixFDs[vector] : -1
+        case VfioPCIIRQ.msi: return vector >= 0 && vector < msiVectors ? msiFDs[vector] : -1
+        default: return -1
+        }
+    }
+
     /// Whether an INTx eventfd is installed.
     public var intxActive: Bool { intxFD >= 0 }
 

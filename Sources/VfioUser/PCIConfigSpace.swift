@@ -77,8 +77,18 @@ public struct PCIConfigSpace: Sendable {
     public let msix: MSIXLayout?
     /// Whether the function has an MSI capability.
     public let hasMSI: Bool
+    /// Config-space offsets of the `capabilities` given to `init`, in order.
+    public let capabilityOffsets: [Int]
 
-    public init(identity: PCIIdentity, bars: [PCIBAR], msix: MSIXLayout?, msi: Bool = false, interruptPin: UInt8 = 1) {
+    /// Where further capabilities (`capabilities:`) start.
+    public static let extraCapabilitiesOffset = 0x60
+
+    /// `capabilities`: further read-only capabilities (vendor-specific ones, for example), each given whole
+    /// (byte 0 the capability id, byte 1 the next pointer, filled in here, then the body); they are laid out
+    /// from `extraCapabilitiesOffset` on, dword aligned, and chained after MSI-X and MSI.
+    /// `capabilityOffsets` tells where each one went.
+    public init(identity: PCIIdentity, bars: [PCIBAR], msix: MSIXLayout?, msi: Bool = false, interruptPin: UInt8 = 1,
+                capabilities: [[UInt8]] = []) {
         precondition(bars.count <= 6)
         var b = [UInt8](repeating: 0, count: Self.size)
         var w = [UInt8](repeating: 0, count: Self.size)
@@ -92,7 +102,7 @@ public struct PCIConfigSpace: Sendable {
         w[0x04] = UInt8(commandWritable & 0xFF)
         w[0x05] = UInt8(commandWritable >> 8)
         // Status: capabilities list when MSI-X exists; error bits are write-1-to-clear.
-        put16(0x06, msix != nil || msi ? 0x0010 : 0)
+        put16(0x06, msix != nil || msi || !capabilities.isEmpty ? 0x0010 : 0)
         c[0x07] = 0xF9
         b[0x08] = identity.revision
         b[0x09] = UInt8(identity.classCode & 0xFF)
@@ -134,6 +144,20 @@ public struct PCIConfigSpace: Sendable {
             w[o + 12] = 0xFF  // message data
             w[o + 13] = 0xFF
         }
+        // Further capabilities, chained after the last of the above.
+        var lastNext: Int = msi ? Self.msiCapabilityOffset + 1 : msix != nil ? Self.msixCapabilityOffset + 1 : 0x34
+        var at = Self.extraCapabilitiesOffset
+        var offsets: [Int] = []
+        for cap in capabilities {
+            precondition(cap.count >= 2 && at + cap.count <= Self.size, "capabilities do not fit the config space")
+            b[lastNext] = UInt8(at)
+            for (i, v) in cap.enumerated() { b[at + i] = v }
+            b[at + 1] = 0
+            offsets.append(at)
+            lastNext = at + 1
+            at = (at + cap.count + 3) & ~3
+        }
+        capabilityOffsets = offsets
         bytes = b
         writeMask = w
         clearMask = c

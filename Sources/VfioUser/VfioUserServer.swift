@@ -26,10 +26,14 @@ public protocol VfioUserDevice: AnyObject {
     /// no longer be relied on to follow a posted write), so the guest waits for each register write,
     /// as a driver that reads DMA'd memory right after a command (PVSCSI CONFIG) requires.
     var synchronousWritesPage: (bar: Int, offset: UInt64)? { get }
+    /// The client changed interrupt eventfds (SET_IRQS with DATA_EVENTFD, or a disable): a device that hands
+    /// vector eventfds to other threads takes the new set (`InterruptController.eventFD`).
+    func interruptsChanged()
 }
 
 extension VfioUserDevice {
     public var synchronousWritesPage: (bar: Int, offset: UInt64)? { nil }
+    public func interruptsChanged() {}
 }
 
 /// Why a server could not start.
@@ -944,6 +948,7 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
         if data == dataNone && action == actionTrigger && count == 0 {
             guard start == 0 else { fail(h, EINVAL, "SET_IRQS disable with start \(start)"); return }
             interrupts.disableAll(index: idx)
+            device.interruptsChanged()
             reply(h) { _ in }
             return
         }
@@ -968,6 +973,7 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
                 let name = idx == VfioPCIIRQ.intx ? "INTx" : idx == VfioPCIIRQ.msi ? "MSI" : idx == VfioPCIIRQ.msix ? "MSI-X" : "index \(idx)"
                 log("vfio-user: interrupt eventfd for \(name) vector \(start)\(count > 1 ? "...\(start + count - 1)" : "")")
             }
+            device.interruptsChanged()
         case dataBool, dataNone:
             guard fdCount == 0 else { fail(h, EINVAL, "SET_IRQS fds without DATA_EVENTFD"); return }
             if data == dataBool && p.count < 20 + Int(count) { fail(h, EINVAL, "SET_IRQS bool array shorter than count"); return }

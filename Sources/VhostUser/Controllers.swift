@@ -2,15 +2,16 @@ import BlockIO
 import SCSI
 import VirtioDevices
 
-/// A virtio-scsi controller served over vhost-user: the public entry the gateway uses.
+/// A virtio-scsi controller served over vhost-user: the public entry the gateway uses. The device model is
+/// built by the caller (the same model can be hosted by another transport) and handed over.
 ///
 /// ```
-/// let controller = try VhostUserSCSIController(socketPath: "/run/scsigate/scsi0.sock", target: target,
-///                                              options: VirtioSCSIOptions(requestQueues: 2, threads: 2),
-///                                              channelFactory: { backendID in try backends[backendID].makeChannel() },
-///                                              log: { level, text in logger.log(...) })
+/// let device = try VirtioSCSIDevice(target: target, options: VirtioSCSIOptions(requestQueues: 2, threads: 2),
+///                                   channelFactory: { backendID in try backends[backendID].makeChannel() },
+///                                   log: log)
+/// let controller = VhostUserSCSIController(socketPath: "/run/scsigate/scsi0.sock", device: device, log: log)
 /// try controller.start()
-/// controller.stop()   // drains in-flight I/O
+/// controller.stop()   // drains in-flight I/O, then shuts the device down
 /// ```
 public final class VhostUserSCSIController<Channel: BlockChannel>: Sendable {
     /// The device model.
@@ -18,14 +19,10 @@ public final class VhostUserSCSIController<Channel: BlockChannel>: Sendable {
     /// The vhost-user server.
     public let server: VhostUserServer<VirtioSCSIDevice<Channel>>
 
-    /// Creates the controller (threads start; the socket is bound by `start`).
-    /// `channelFactory(backendID)` is called on each event-loop thread the first time it needs that back-end;
-    /// that thread closes the channel once the LUN has left the target and nothing is in flight on it.
-    /// `counters(backendID, requestQueue)` gives the statistics the commands of that LUN and queue are counted in.
-    public init(socketPath: String, target: SCSITarget, options: VirtioSCSIOptions = VirtioSCSIOptions(),
-                channelFactory: @escaping @Sendable (Int) throws -> Channel, counters: VirtioSCSICountersProvider? = nil,
-                log: @escaping DeviceLogger) throws(VirtioDeviceError) {
-        device = try VirtioSCSIDevice(target: target, options: options, channelFactory: channelFactory, counters: counters, log: log)
+    /// Hosts `device` (its threads already run; the socket is bound by `start`). The controller owns the
+    /// device from now on: `stop` shuts it down.
+    public init(socketPath: String, device: VirtioSCSIDevice<Channel>, log: @escaping DeviceLogger) {
+        self.device = device
         server = VhostUserServer(socketPath: socketPath, device: device, log: log)
     }
 
@@ -39,19 +36,17 @@ public final class VhostUserSCSIController<Channel: BlockChannel>: Sendable {
     }
 }
 
-/// A virtio-blk device served over vhost-user, over one back-end.
+/// A virtio-blk device served over vhost-user, over one back-end. The device model is built by the caller.
 public final class VhostUserBlkController<Channel: BlockChannel>: Sendable {
     /// The device model.
     public let device: VirtioBlkDevice<Channel>
     /// The vhost-user server.
     public let server: VhostUserServer<VirtioBlkDevice<Channel>>
 
-    /// Creates the controller; `channelFactory` is called once per event-loop thread, now (the channels
-    /// close when the controller stops). `counters(queue)` gives the statistics of each request queue.
-    public init(socketPath: String, geometry: BlockGeometry, options: VirtioBlkOptions, channelFactory: () throws -> Channel,
-                counters: VirtioBlkCountersProvider? = nil,
-                log: @escaping DeviceLogger) throws(VirtioDeviceError) {
-        device = try VirtioBlkDevice(geometry: geometry, options: options, channelFactory: channelFactory, counters: counters, log: log)
+    /// Hosts `device` (its channels are open; the socket is bound by `start`). The controller owns the device
+    /// from now on: `stop` shuts it down (its channels close).
+    public init(socketPath: String, device: VirtioBlkDevice<Channel>, log: @escaping DeviceLogger) {
+        self.device = device
         server = VhostUserServer(socketPath: socketPath, device: device, log: log)
     }
 

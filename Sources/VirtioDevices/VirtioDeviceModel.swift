@@ -43,4 +43,6 @@ public protocol VirtioDeviceModel: AnyObject, Sendable {
     func setConfigChangeNotifier(_ notify: (@Sendable () -> Void)?)
     /// The front-end connection went away (rings already stopped).
     func connectionClosed()
+    /// Stops the device's queue-group threads (after its transport stopped).
+    func shutdown()
 }

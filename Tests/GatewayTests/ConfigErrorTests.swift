@@ -182,6 +182,9 @@ struct ConfigErrorTests {
         ("pvscsi", "target = 0\nlun = 1", "key 'controller[0].lun[0].lun': must be 0: guests address LUN 0 of each PVSCSI target; give each disk its own target, found 1"),
         ("vhost-user-blk", "lun = 1", "key 'controller[0].lun[0].lun': must be 0: a vhost-user-blk controller is one disk, found 1"),
         ("vhost-user-blk", "target = 2\nlun = 0", "key 'controller[0].lun[0].target': must be 0: a vhost-user-blk controller is one disk, found 2"),
+        ("vfio-user-virtio-scsi", "lun = 16384", "key 'controller[0].lun[0].lun': must be between 0 and 16383, found 16384"),
+        ("vfio-user-virtio-scsi", "target = 1\nlun = 0", "key 'controller[0].lun[0].target': must be 0: the virtio-scsi front-end serves target 0; give each disk its own lun, found 1"),
+        ("vfio-user-virtio-blk", "lun = 1", "key 'controller[0].lun[0].lun': must be 0: a vfio-user-virtio-blk controller is one disk, found 1"),
     ])
     func ranges(transport: String, address: String, message: String) {
         let messages = configMessages(oneLUN(address + "\nbackend = \"null\"\nsize = 4096", transport: transport))
@@ -197,7 +200,7 @@ struct ConfigErrorTests {
     @Test("bad transport and backend names list the valid ones")
     func badNames() {
         #expect(configMessages(oneLUN("lun = 0\nbackend = \"nbd\"", transport: "virtio-scsi")) == [
-            "test.toml:6: key 'controller[0].transport': 'virtio-scsi' is not valid; expected 'vhost-user-scsi', 'vhost-user-blk' or 'pvscsi'",
+            "test.toml:6: key 'controller[0].transport': 'virtio-scsi' is not valid; expected 'vhost-user-scsi', 'vhost-user-blk', 'pvscsi', 'vfio-user-virtio-scsi' or 'vfio-user-virtio-blk'",
             "test.toml:11: key 'controller[0].lun[0].backend': 'nbd' is not valid; expected 'file', 'block', 'iscsi' or 'null'",
         ])
         #expect(configMessages(oneLUN("lun = 0\nbackend = \"null\"\nsize = 512\ncache = \"unsafe\"")).isEmpty == false)
@@ -292,7 +295,7 @@ struct ConfigErrorTests {
             """) == [
             "test.toml:5: key 'controller[0].queues': not used by transport pvscsi (the guest driver sizes its one request ring)",
             "test.toml:6: key 'controller[0].queue_size': not used by transport pvscsi (the guest driver sizes its rings)",
-            "test.toml:7: key 'controller[0].discard': only for transport vhost-user-blk (SCSI guests use UNMAP)",
+            "test.toml:7: key 'controller[0].discard': only for transports vhost-user-blk and vfio-user-virtio-blk (SCSI guests use UNMAP)",
         ])
         #expect(configMessages("""
             [[controller]]
@@ -331,6 +334,81 @@ struct ConfigErrorTests {
             "test.toml:5: key 'controller[0].io_threads': not used by transport pvscsi (one event-loop thread per adapter)",
             "test.toml:6: key 'controller[0].max_targets': must be between 1 and 64, found 65",
         ])
+    }
+
+    @Test("virtio over vfio-user: the keys and rules of the vhost-user transport of the same device")
+    func vfioUserVirtioKeys() throws {
+        #expect(configMessages("""
+            [[controller]]
+            name = "vs"
+            transport = "vfio-user-virtio-scsi"
+            socket = "/vs"
+            queues = 2
+            io_threads = 3
+            max_targets = 8
+            discard = false
+            write_zeroes = true
+            """) == [
+            "test.toml:6: key 'controller[0].io_threads': must not exceed queues (2), found 3",
+            "test.toml:7: key 'controller[0].max_targets': only for transport pvscsi",
+            "test.toml:8: key 'controller[0].discard': only for transports vhost-user-blk and vfio-user-virtio-blk (SCSI guests use UNMAP)",
+            "test.toml:9: key 'controller[0].write_zeroes': only for transports vhost-user-blk and vfio-user-virtio-blk (SCSI guests use WRITE SAME)",
+        ])
+        let two = """
+            [[controller]]
+            name = "vb"
+            transport = "vfio-user-virtio-blk"
+            socket = "/vb"
+            hotplug = true
+            queue_size = 100
+            [[controller.lun]]
+            backend = "null"
+            size = 4096
+            serial = "123456789012345678901"
+            [[controller.lun]]
+            backend = "null"
+            size = 4096
+            """
+        #expect(configMessages(two) == [
+            "test.toml:5: key 'controller[0].hotplug': not used by transport vfio-user-virtio-blk (one fixed disk; resize still reaches the guest)",
+            "test.toml:6: key 'controller[0].queue_size': must be a power of two, found 100",
+            "test.toml:7: key 'controller[0].lun': a vfio-user-virtio-blk controller serves exactly one LUN, found 2",
+            "test.toml:10: key 'controller[0].lun[0].serial': at most 20 characters for vfio-user-virtio-blk (virtio-blk GET_ID), found 21",
+            "test.toml:11: key 'controller[0].lun[1].lun': duplicate target 0 LUN 0 in this controller (first at line 7)",
+        ])
+        // Valid: every virtio key, socket ownership; the values reach the model.
+        let config = try ConfigLoader.parse("""
+            [[controller]]
+            name = "vs"
+            transport = "vfio-user-virtio-scsi"
+            socket = "/run/sg/vs.sock"
+            socket_mode = "0660"
+            queues = 4
+            queue_size = 256
+            seg_max = 64
+            io_threads = 2
+            poll_us = 0
+            hotplug = false
+            [[controller.lun]]
+            lun = 2
+            backend = "null"
+            size = 4096
+            [[controller]]
+            name = "vb"
+            transport = "vfio-user-virtio-blk"
+            socket = "/run/sg/vb.sock"
+            discard = false
+            [[controller.lun]]
+            backend = "null"
+            size = 4096
+            serial = "SGVB"
+            """, source: "test.toml")
+        let vs = try #require(config.controllers.first)
+        #expect(vs.transport == .vfioUserVirtioSCSI && vs.socketMode == 0o660 && vs.queues == 4 && vs.queueSize == 256
+                && vs.segmentMax == 64 && vs.ioThreads == 2 && vs.pollMicroseconds == 0 && !vs.hotplug && vs.luns.first?.lun == 2)
+        let vb = try #require(config.controllers.last)
+        #expect(vb.transport == .vfioUserVirtioBlk && !vb.discard && vb.writeZeroes && vb.luns.first?.serial == "SGVB")
+        #expect(vb.transport.coreLUN(target: 0, lun: 0) == 0 && vs.transport.coreLUN(target: 0, lun: 2) == 2)
     }
 
     @Test("backend-specific keys on the wrong backend")

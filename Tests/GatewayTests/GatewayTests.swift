@@ -372,6 +372,10 @@ struct IdentityAndCheckTests {
                 == ["-chardev", "socket,id=sg-b,path=/r/b.sock", "-device", "vhost-user-blk-pci,chardev=sg-b,num-queues=1,queue-size=128"])
         #expect(QEMUCommandLine.deviceArguments(for: ControllerConfig(name: "p", transport: .pvscsi, socket: "/r/p.sock"))
                 == ["-device", "{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"/r/p.sock\",\"type\":\"unix\"}}"])
+        for transport in [TransportKind.vfioUserVirtioSCSI, .vfioUserVirtioBlk] {
+            #expect(QEMUCommandLine.deviceArguments(for: ControllerConfig(name: "v", transport: transport, socket: "/r/v.sock", queues: 4))
+                    == ["-device", "{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"/r/v.sock\",\"type\":\"unix\"}}"])
+        }
         #expect(QEMUCommandLine.deviceLine(for: ControllerConfig(name: "p", transport: .pvscsi, socket: "/r/p.sock"))
                 == "-device '{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"/r/p.sock\",\"type\":\"unix\"}}'")
         // Awkward socket paths: JSON-escaped for vfio-user-pci, commas doubled in -chardev, shell-quoted in the line.

@@ -1,3 +1,4 @@
+import VfioUserTestSupport
 import CSystem
 import PVSCSI
 import Testing

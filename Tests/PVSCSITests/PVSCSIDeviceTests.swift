@@ -1,3 +1,4 @@
+import VfioUserTestSupport
 import BlockIO
 import CSystem
 import PVSCSI

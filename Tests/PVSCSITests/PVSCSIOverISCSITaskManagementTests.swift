@@ -1,3 +1,4 @@
+import VfioUserTestSupport
 import Backends
 import BlockIO
 import CSystem

@@ -1,3 +1,4 @@
+import VirtioTestSupport
 import Backends
 import Gateway
 import BlockIO
@@ -34,9 +35,9 @@ import Glibc
         defer { backend.close(); unlink(path) }
         let log = TestLog()
         let sock = testSocketPath("blkfile")
-        let controller = try VhostUserBlkController(socketPath: sock, geometry: backend.geometry,
+        let controller = VhostUserBlkController(socketPath: sock, device: try VirtioBlkDevice(geometry: backend.geometry,
                                                     options: VirtioBlkOptions(queues: 1, serial: "FILE"),
-                                                    channelFactory: { try backend.makeChannel() }, log: log.logger)
+                                                    channelFactory: { try backend.makeChannel() }, log: log.logger), log: log.logger)
         try controller.start()
         defer { controller.stop() }
         let ram = TestGuestRAM()
@@ -91,11 +92,11 @@ import Glibc
                                    geometry: backend.geometry, backendID: 7))
         let log = TestLog()
         let sock = testSocketPath("scsifile")
-        let controller = try VhostUserSCSIController(socketPath: sock, target: target, options: VirtioSCSIOptions(requestQueues: 1),
+        let controller = VhostUserSCSIController(socketPath: sock, device: try VirtioSCSIDevice(target: target, options: VirtioSCSIOptions(requestQueues: 1),
                                                      channelFactory: { id in
                                                          guard id == 7 else { throw BlockBackendError("no back-end \(id)") }
                                                          return try backend.makeChannel()
-                                                     }, log: log.logger)
+                                                     }, log: log.logger), log: log.logger)
         try controller.start()
         defer { controller.stop() }
         let ram = TestGuestRAM()

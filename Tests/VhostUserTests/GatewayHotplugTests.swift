@@ -1,3 +1,4 @@
+import VirtioTestSupport
 import Backends
 import BlockIO
 import CSystem
@@ -9,7 +10,7 @@ import VhostUser
 import VirtioDevices
 import Virtio
 
-/// The gateway's own vhost-user-scsi front-end (`VhostUserSCSIFrontEndFactory`) under LUN hotplug:
+/// The gateway's own vhost-user-scsi front-end (`VirtioFrontEndFactory` on vhost-user-scsi) under LUN hotplug:
 /// statistics reach the gateway's counters, and a removed file LUN can be added again at once after
 /// its channels closed, while the front-end stays connected.
 @Suite(.serialized) struct GatewayHotplugTests {
@@ -33,7 +34,7 @@ import Virtio
             create = true
             """, source: "hotplug.toml")
         let gateway = Gateway(config: config, logger: .init(label: "hotplug-test"),
-                              frontEnds: FrontEndRegistry([VhostUserSCSIFrontEndFactory()]))
+                              frontEnds: FrontEndRegistry([VirtioFrontEndFactory(transport: .vhostUserSCSI)!]))
         try gateway.start()
         defer { gateway.stop() }
         let runtime = try #require(gateway.controller(named: "scsi0"))
@@ -96,7 +97,7 @@ import Virtio
             create = true
             """, source: "blk.toml")
         let gateway = Gateway(config: config, logger: .init(label: "blk-removal-test"),
-                              frontEnds: FrontEndRegistry([VhostUserBlkFrontEndFactory()]))
+                              frontEnds: FrontEndRegistry([VirtioFrontEndFactory(transport: .vhostUserBlk)!]))
         try gateway.start()
         defer { gateway.stop() }
         let runtime = try #require(gateway.controller(named: "blk0"))

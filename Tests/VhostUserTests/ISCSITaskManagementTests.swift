@@ -1,3 +1,4 @@
+import VirtioTestSupport
 import BlockIO
 import CSystem
 import ISCSIBackend

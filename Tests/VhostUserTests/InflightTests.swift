@@ -1,3 +1,4 @@
+import VirtioTestSupport
 import BlockIO
 import CSystem
 import Testing
@@ -80,57 +81,6 @@ private func inflightFDCount() -> Int {
         for cycle in 1...40 { try Self.connectWriteAndDrop(f, cycle: cycle) }
         // The last session's teardown runs on the server's thread: give it a moment.
         #expect(waitFor { inflightFDCount() <= base + 2 }, "in-flight memfds grew from \(base) to \(inflightFDCount()) over 40 connections")
-    }
-}
-
-/// A driver-side packed ring in test guest memory.
-final class TestPackedRing: @unchecked Sendable {
-    let ram: TestGuestRAM
-    let size: Int
-    let desc: UInt64
-    let driverEvent: UInt64
-    let deviceEvent: UInt64
-    var next = 0
-    var wrap = true
-
-    init(ram: TestGuestRAM, size: Int) {
-        self.ram = ram
-        self.size = size
-        desc = ram.alloc(16 * size, align: 16)
-        driverEvent = ram.alloc(4, align: 4)
-        deviceEvent = ram.alloc(4, align: 4)
-    }
-
-    /// Makes a chain available under buffer `id` (head flags written last); returns its first position.
-    @discardableResult
-    func add(id: UInt16, _ buffers: [TestSplitRing.Buffer]) -> Int {
-        let start = next
-        var headFlags: UInt16 = 0
-        for (k, b) in buffers.enumerated() {
-            let d = ram.pointer(desc) + 16 * next
-            d.storeBytes(of: b.gpa, as: UInt64.self)
-            d.storeBytes(of: b.length, toByteOffset: 8, as: UInt32.self)
-            d.storeBytes(of: id, toByteOffset: 12, as: UInt16.self)
-            let flags: UInt16 = (k < buffers.count - 1 ? 1 : 0) | (b.writable ? 2 : 0) | (wrap ? 0x80 : 0x8000)
-            if k == 0 { headFlags = flags } else { d.storeBytes(of: flags, toByteOffset: 14, as: UInt16.self) }
-            next += 1
-            if next == size { next = 0; wrap.toggle() }
-        }
-        csys_store_release_u16(ram.pointer(desc) + 16 * start + 14, headFlags)
-        return start
-    }
-
-    /// The descriptor at `position` as the device left it (id, length, flags).
-    func used(at position: Int) -> (id: UInt16, len: UInt32, flags: UInt16) {
-        let d = ram.pointer(desc) + 16 * position
-        return (d.load(fromByteOffset: 12, as: UInt16.self), d.load(fromByteOffset: 8, as: UInt32.self),
-                csys_load_acquire_u16(d + 14))
-    }
-
-    /// Whether the device wrote a used descriptor at `position` for wrap counter `wrap`.
-    func isUsed(at position: Int, wrap: Bool) -> Bool {
-        let f = used(at: position).flags
-        return (f & 0x80 != 0) == wrap && (f & 0x8000 != 0) == wrap
     }
 }
 

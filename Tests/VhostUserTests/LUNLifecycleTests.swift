@@ -1,3 +1,4 @@
+import VirtioTestSupport
 import Backends
 import BlockIO
 import CSystem
@@ -157,10 +158,9 @@ final class TestSCSIGuest {
                                    backendID: kept.id))
         let log = TestLog()
         let sock = testSocketPath("lifecycle")
-        let controller = try VhostUserSCSIController<AnyBlockChannel>(
-            socketPath: sock, target: target, options: VirtioSCSIOptions(requestQueues: 2, threads: 2),
+        let controller = VhostUserSCSIController<AnyBlockChannel>(socketPath: sock, device: try VirtioSCSIDevice(target: target, options: VirtioSCSIOptions(requestQueues: 2, threads: 2),
             channelFactory: { id throws(BlockBackendError) in try registry.makeChannel(id) },
-            counters: { id, queue in registry.counters(id, queue) }, log: log.logger)
+            counters: { id, queue in registry.counters(id, queue) }, log: log.logger), log: log.logger)
         try controller.start()
         defer { controller.stop() }
         let guest = try #require(TestSCSIGuest(socket: sock, requestQueues: 2))
@@ -241,8 +241,7 @@ final class TestSCSIGuest {
         let statistics = LUNIOStatistics(queues: 1)
         let log = TestLog()
         let sock = testSocketPath("inflight")
-        let controller = try VhostUserSCSIController<MemoryChannel>(
-            socketPath: sock, target: target, options: VirtioSCSIOptions(requestQueues: 1),
+        let controller = VhostUserSCSIController<MemoryChannel>(socketPath: sock, device: try VirtioSCSIDevice(target: target, options: VirtioSCSIOptions(requestQueues: 1),
             channelFactory: { id in
                 switch id {
                 case 10: return held
@@ -250,7 +249,7 @@ final class TestSCSIGuest {
                 default: throw BlockBackendError("no back-end \(id)")
                 }
             },
-            counters: { id, queue in id == 10 ? statistics.counters(queue: queue) : nil }, log: log.logger)
+            counters: { id, queue in id == 10 ? statistics.counters(queue: queue) : nil }, log: log.logger), log: log.logger)
         try controller.start()
         defer { controller.stop() }
         let guest = try #require(TestSCSIGuest(socket: sock, requestQueues: 1))
@@ -295,10 +294,9 @@ final class TestSCSIGuest {
                                    backendID: id))
         let log = TestLog()
         let sock = testSocketPath("scsistats")
-        let controller = try VhostUserSCSIController<AnyBlockChannel>(
-            socketPath: sock, target: target, options: VirtioSCSIOptions(requestQueues: 2, threads: 2),
+        let controller = VhostUserSCSIController<AnyBlockChannel>(socketPath: sock, device: try VirtioSCSIDevice(target: target, options: VirtioSCSIOptions(requestQueues: 2, threads: 2),
             channelFactory: { id throws(BlockBackendError) in try registry.makeChannel(id) },
-            counters: { id, queue in registry.counters(id, queue) }, log: log.logger)
+            counters: { id, queue in registry.counters(id, queue) }, log: log.logger), log: log.logger)
         try controller.start()
         defer { controller.stop() }
         let guest = try #require(TestSCSIGuest(socket: sock, requestQueues: 2))
@@ -339,10 +337,9 @@ final class TestSCSIGuest {
         let statistics = LUNIOStatistics(queues: 1)
         let log = TestLog()
         let sock = testSocketPath("blkstats")
-        let controller = try VhostUserBlkController<AnyBlockChannel>(
-            socketPath: sock, geometry: backend.geometry, options: VirtioBlkOptions(queues: 1, serial: "STATS"),
+        let controller = VhostUserBlkController<AnyBlockChannel>(socketPath: sock, device: try VirtioBlkDevice(geometry: backend.geometry, options: VirtioBlkOptions(queues: 1, serial: "STATS"),
             channelFactory: { () throws(BlockBackendError) -> AnyBlockChannel in try backend.makeChannel() },
-            counters: { queue in statistics.counters(queue: queue) }, log: log.logger)
+            counters: { queue in statistics.counters(queue: queue) }, log: log.logger), log: log.logger)
         try controller.start()
         let ram = TestGuestRAM()
         let ring = TestSplitRing(ram: ram, size: 16)

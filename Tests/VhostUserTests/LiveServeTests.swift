@@ -1,3 +1,4 @@
+import VirtioTestSupport
 import BlockIO
 import CSystem
 import SCSI
@@ -144,22 +145,20 @@ final class InstantChannel: BlockChannel, @unchecked Sendable {
                                    identity: LogicalUnitIdentity(vendor: "SCSIGATE", product: "VHOST-SCSI", serial: "SGLIVE0001", naa: 0x5000_1234_5678_0001),
                                    geometry: BlockGeometry(logicalBlockSize: 512, physicalBlockSize: 4096, blockCount: (256 << 20) / 512), backendID: 0))
         let queues = Int(getenv("SCSIGATE_VHOST_QUEUES").map { String(cString: $0) } ?? "1") ?? 1
-        let scsi = try VhostUserSCSIController(socketPath: "\(dir)/scsi.sock", target: target,
+        let scsi = VhostUserSCSIController(socketPath: "\(dir)/scsi.sock", device: try VirtioSCSIDevice(target: target,
                                                options: VirtioSCSIOptions(requestQueues: queues, threads: queues),
-                                               channelFactory: { _ in FileChannel(fd: scsiFD) }, log: log)
+                                               channelFactory: { _ in FileChannel(fd: scsiFD) }, log: log), log: log)
         if getenv("SCSIGATE_VHOST_NULL") != nil {
-            let null = try VhostUserBlkController(socketPath: "\(dir)/null.sock",
-                                                  geometry: BlockGeometry(logicalBlockSize: 512, physicalBlockSize: 4096, blockCount: (256 << 20) / 512),
-                                                  options: VirtioBlkOptions(queues: 1, serial: "SGNULL"), channelFactory: { InstantChannel() }, log: log)
+            let null = VhostUserBlkController(socketPath: "\(dir)/null.sock", device: try VirtioBlkDevice(geometry: BlockGeometry(logicalBlockSize: 512, physicalBlockSize: 4096, blockCount: (256 << 20) / 512),
+                                                  options: VirtioBlkOptions(queues: 1, serial: "SGNULL"), channelFactory: { InstantChannel() }, log: log), log: log)
             try null.start()
             while access("\(dir)/stop", F_OK) != 0 { usleep(100_000) }
             null.stop()
             return
         }
-        let blk = try VhostUserBlkController(socketPath: "\(dir)/blk.sock",
-                                             geometry: BlockGeometry(logicalBlockSize: 512, physicalBlockSize: 4096, blockCount: (256 << 20) / 512),
+        let blk = VhostUserBlkController(socketPath: "\(dir)/blk.sock", device: try VirtioBlkDevice(geometry: BlockGeometry(logicalBlockSize: 512, physicalBlockSize: 4096, blockCount: (256 << 20) / 512),
                                              options: VirtioBlkOptions(queues: queues, serial: "SGBLK0001", threads: queues),
-                                             channelFactory: { FileChannel(fd: blkFD) }, log: log)
+                                             channelFactory: { FileChannel(fd: blkFD) }, log: log), log: log)
         try scsi.start()
         try blk.start()
         log(.info, "attach with: -chardev socket,id=c0,path=\(dir)/scsi.sock -device vhost-user-scsi-pci,chardev=c0 -chardev socket,id=c1,path=\(dir)/blk.sock -device vhost-user-blk-pci,chardev=c1 (guest RAM: memory-backend-memfd,share=on)")

@@ -1,3 +1,4 @@
+import VirtioTestSupport
 import BlockIO
 import CSystem
 import SCSI
@@ -464,8 +465,8 @@ final class SCSIFixture: @unchecked Sendable {
         let log = TestLog()
         let path = testSocketPath("ctl")
         let channel = MemoryChannel(bytes: 1 << 20)
-        let scsi = try VhostUserSCSIController(socketPath: path, target: target, options: VirtioSCSIOptions(requestQueues: 2, threads: 2),
-                                               channelFactory: { _ in channel }, log: log.logger)
+        let scsi = VhostUserSCSIController(socketPath: path, device: try VirtioSCSIDevice(target: target, options: VirtioSCSIOptions(requestQueues: 2, threads: 2),
+                                               channelFactory: { _ in channel }, log: log.logger), log: log.logger)
         try scsi.start()
         let client = try #require(TestFrontEnd(path: path))
         #expect(client.getU64(.getQueueNum) == 4)
@@ -473,14 +474,14 @@ final class SCSIFixture: @unchecked Sendable {
         #expect(access(path, F_OK) != 0)
 
         let blkPath = testSocketPath("ctlblk")
-        let blk = try VhostUserBlkController(socketPath: blkPath, geometry: BlockGeometry(logicalBlockSize: 4096, physicalBlockSize: 4096, blockCount: 16),
-                                             options: VirtioBlkOptions(queues: 4, serial: "X", threads: 2), channelFactory: { channel }, log: log.logger)
+        let blk = VhostUserBlkController(socketPath: blkPath, device: try VirtioBlkDevice(geometry: BlockGeometry(logicalBlockSize: 4096, physicalBlockSize: 4096, blockCount: 16),
+                                             options: VirtioBlkOptions(queues: 4, serial: "X", threads: 2), channelFactory: { channel }, log: log.logger), log: log.logger)
         try blk.start()
         #expect(access(blkPath, F_OK) == 0)
         blk.stop()
         #expect(throws: VirtioDeviceError.self) {
-            try VhostUserBlkController(socketPath: blkPath, geometry: BlockGeometry(logicalBlockSize: 100, physicalBlockSize: 100, blockCount: 16),
-                                       options: VirtioBlkOptions(serial: "X"), channelFactory: { channel }, log: log.logger)
+            try VirtioBlkDevice(geometry: BlockGeometry(logicalBlockSize: 100, physicalBlockSize: 100, blockCount: 16),
+                                options: VirtioBlkOptions(serial: "X"), channelFactory: { channel }, log: log.logger)
         }
     }
 }

@@ -38,12 +38,12 @@ final class VhostUserFixture: @unchecked Sendable {
         let quiet: DeviceLogger = { _, _ in }
         // A short drain timeout: the event queue holds its buffers until an event, so every GET_VRING_BASE of it
         // waits the whole timeout (and then abandons them, a path worth fuzzing too).
-        scsi = try! VhostUserSCSIController(socketPath: scsiSocket, target: target,
+        scsi = VhostUserSCSIController(socketPath: scsiSocket, device: try! VirtioSCSIDevice(target: target,
                                             options: VirtioSCSIOptions(requestQueues: 2, maxQueueSize: 256, drainTimeoutMilliseconds: 100, watchdogMilliseconds: 0),
-                                            channelFactory: { _ in try backend.makeChannel() }, log: quiet)
-        blk = try! VhostUserBlkController(socketPath: blkSocket, geometry: backend.geometry,
+                                            channelFactory: { _ in try backend.makeChannel() }, log: quiet), log: quiet)
+        blk = VhostUserBlkController(socketPath: blkSocket, device: try! VirtioBlkDevice(geometry: backend.geometry,
                                           options: VirtioBlkOptions(maxQueueSize: 256, serial: "FUZZBLK", drainTimeoutMilliseconds: 100, watchdogMilliseconds: 0),
-                                          channelFactory: { try backend.makeChannel() }, log: quiet)
+                                          channelFactory: { try backend.makeChannel() }, log: quiet), log: quiet)
         try! scsi.start()
         try! blk.start()
     }

@@ -5,27 +5,32 @@ import Glibc
 #endif
 
 /// A reply as the test client received it.
-struct TestReply {
-    var header: VfioUserHeader
-    var payload: [UInt8]
-    var isError: Bool { header.isError }
-    var errorNumber: Int32 { Int32(bitPattern: header.errorNumber) }
-    func u32(_ o: Int) -> UInt32 { payload.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: o, as: UInt32.self) } }
-    func u64(_ o: Int) -> UInt64 { payload.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: o, as: UInt64.self) } }
+public struct TestReply {
+    public init(header: VfioUserHeader, payload: [UInt8]) {
+        self.header = header
+        self.payload = payload
+    }
+    public var header: VfioUserHeader
+    public var payload: [UInt8]
+    public var isError: Bool { header.isError }
+    public var errorNumber: Int32 { Int32(bitPattern: header.errorNumber) }
+    public func u32(_ o: Int) -> UInt32 { payload.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: o, as: UInt32.self) } }
+    public func u64(_ o: Int) -> UInt64 { payload.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: o, as: UInt64.self) } }
 }
 
 /// Little-endian payload builder.
-struct Payload {
-    var bytes: [UInt8] = []
-    mutating func u16(_ v: UInt16) { withUnsafeBytes(of: v.littleEndian) { bytes.append(contentsOf: $0) } }
-    mutating func u32(_ v: UInt32) { withUnsafeBytes(of: v.littleEndian) { bytes.append(contentsOf: $0) } }
-    mutating func u64(_ v: UInt64) { withUnsafeBytes(of: v.littleEndian) { bytes.append(contentsOf: $0) } }
+public struct Payload {
+    public var bytes: [UInt8] = []
+    public init() {}
+    public mutating func u16(_ v: UInt16) { withUnsafeBytes(of: v.littleEndian) { bytes.append(contentsOf: $0) } }
+    public mutating func u32(_ v: UInt32) { withUnsafeBytes(of: v.littleEndian) { bytes.append(contentsOf: $0) } }
+    public mutating func u64(_ v: UInt64) { withUnsafeBytes(of: v.littleEndian) { bytes.append(contentsOf: $0) } }
 }
 
-enum TestClientError: Error { case connect(Int32), io(String) }
+public enum TestClientError: Error { case connect(Int32), io(String) }
 
 /// How the test client answers the server's DMA_READ / DMA_WRITE requests.
-enum DMAServing {
+public enum DMAServing {
     /// Serve them from `dmaMemory` (as QEMU does with pci_dma_read/write).
     case serve
     /// Never answer.
@@ -40,23 +45,23 @@ enum DMAServing {
 
 /// A minimal blocking vfio-user client (the role QEMU's vfio-user-pci plays). It serves the server's
 /// DMA_READ/DMA_WRITE requests from `dmaMemory` whenever it reads the socket.
-final class VfioUserTestClient {
-    let fd: Int32
+public final class VfioUserTestClient {
+    public let fd: Int32
     private var nextID: UInt16 = 1
     /// Guest memory reachable by DMA messages: [dmaBase, dmaBase + dmaSize).
-    var dmaMemory: UnsafeMutableRawPointer? = nil
-    var dmaBase: UInt64 = 0
-    var dmaSize = 0
-    var dmaServing = DMAServing.serve
+    public var dmaMemory: UnsafeMutableRawPointer? = nil
+    public var dmaBase: UInt64 = 0
+    public var dmaSize = 0
+    public var dmaServing = DMAServing.serve
     /// Requests served (reads, writes) and the largest count seen.
-    var dmaReadsServed = 0
-    var dmaWritesServed = 0
-    var largestDMA = 0
+    public var dmaReadsServed = 0
+    public var dmaWritesServed = 0
+    public var largestDMA = 0
     /// Runs (once) when the next DMA request arrives, before it is answered.
-    var onDMARequest: ((VfioUserTestClient) throws -> Void)? = nil
+    public var onDMARequest: ((VfioUserTestClient) throws -> Void)? = nil
     private var stashed: [UInt16: TestReply] = [:]
 
-    init(path: String) throws {
+    public init(path: String) throws {
         var attempt = 0
         var s: Int32 = -1
         while attempt < 200 {
@@ -73,7 +78,7 @@ final class VfioUserTestClient {
     deinit { close(fd) }
 
     /// Sends raw bytes (for malformed messages).
-    func sendRaw(_ bytes: [UInt8], fds: [Int32] = []) {
+    public func sendRaw(_ bytes: [UInt8], fds: [Int32] = []) {
         bytes.withUnsafeBytes { raw in
             fds.withUnsafeBufferPointer { f in
                 _ = csys_send_with_fds(fd, raw.baseAddress, raw.count, f.baseAddress, Int32(f.count))
@@ -82,7 +87,7 @@ final class VfioUserTestClient {
     }
 
     /// Builds a message with a correct header.
-    func message(_ command: VfioUserCommand, _ payload: [UInt8], flags: UInt32 = 0, sizeOverride: UInt32? = nil) -> (UInt16, [UInt8]) {
+    public func message(_ command: VfioUserCommand, _ payload: [UInt8], flags: UInt32 = 0, sizeOverride: UInt32? = nil) -> (UInt16, [UInt8]) {
         let id = nextID
         nextID &+= 1
         var bytes = [UInt8](repeating: 0, count: 16)
@@ -93,7 +98,7 @@ final class VfioUserTestClient {
     }
 
     /// Receives one message (blocking with timeout).
-    func receive() throws -> TestReply {
+    public func receive() throws -> TestReply {
         var head = [UInt8](repeating: 0, count: 16)
         try readExactly(&head)
         guard let h = head.withUnsafeBytes({ VfioUserHeader($0) }) else { throw TestClientError.io("bad header") }
@@ -116,14 +121,14 @@ final class VfioUserTestClient {
 
     /// Sends a command and waits for its reply (serving DMA requests meanwhile).
     @discardableResult
-    func request(_ command: VfioUserCommand, _ payload: [UInt8] = [], fds: [Int32] = []) throws -> TestReply {
+    public func request(_ command: VfioUserCommand, _ payload: [UInt8] = [], fds: [Int32] = []) throws -> TestReply {
         let (id, bytes) = message(command, payload)
         sendRaw(bytes, fds: fds)
         return try awaitReply(id)
     }
 
     /// Receives until the reply to `id`, serving server requests in between.
-    func awaitReply(_ id: UInt16) throws -> TestReply {
+    public func awaitReply(_ id: UInt16) throws -> TestReply {
         while true {
             if let r = stashed.removeValue(forKey: id) { return r }
             let r = try receive()
@@ -139,7 +144,7 @@ final class VfioUserTestClient {
     }
 
     /// Serves every server request already waiting on the socket (or arriving within `milliseconds`).
-    func pump(milliseconds: Int32 = 0) throws {
+    public func pump(milliseconds: Int32 = 0) throws {
         var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
         while poll(&pfd, 1, milliseconds) == 1 {
             let r = try receive()
@@ -149,7 +154,7 @@ final class VfioUserTestClient {
     }
 
     /// Answers one DMA_READ / DMA_WRITE request according to `dmaServing`.
-    func serve(_ r: TestReply) throws {
+    public func serve(_ r: TestReply) throws {
         let h = r.header
         guard h.command == VfioUserCommand.dmaRead.rawValue || h.command == VfioUserCommand.dmaWrite.rawValue,
               r.payload.count >= 16 else { throw TestClientError.io("unexpected server request \(h.command)") }
@@ -199,7 +204,7 @@ final class VfioUserTestClient {
     }
 
     /// Whether the server closed the connection (recv returns 0 within the timeout).
-    func serverClosed() -> Bool {
+    public func serverClosed() -> Bool {
         var b: UInt8 = 0
         let n = recv(fd, &b, 1, 0)
         return n == 0
@@ -207,7 +212,7 @@ final class VfioUserTestClient {
 
     // MARK: Convenience
 
-    func negotiateVersion(maxDataTransfer: Int = 1048576) throws -> TestReply {
+    public func negotiateVersion(maxDataTransfer: Int = 1048576) throws -> TestReply {
         var p = Payload()
         p.u16(0)
         p.u16(1)
@@ -216,7 +221,7 @@ final class VfioUserTestClient {
         return try request(.version, p.bytes)
     }
 
-    func dmaMap(address: UInt64, size: UInt64, offset: UInt64 = 0, flags: UInt32 = 3, fd: Int32?) throws -> TestReply {
+    public func dmaMap(address: UInt64, size: UInt64, offset: UInt64 = 0, flags: UInt32 = 3, fd: Int32?) throws -> TestReply {
         var p = Payload()
         p.u32(32)
         p.u32(flags)
@@ -226,7 +231,7 @@ final class VfioUserTestClient {
         return try request(.dmaMap, p.bytes, fds: fd.map { [$0] } ?? [])
     }
 
-    func dmaUnmap(address: UInt64, size: UInt64, flags: UInt32 = 0) throws -> TestReply {
+    public func dmaUnmap(address: UInt64, size: UInt64, flags: UInt32 = 0) throws -> TestReply {
         var p = Payload()
         p.u32(24)
         p.u32(flags)
@@ -235,7 +240,7 @@ final class VfioUserTestClient {
         return try request(.dmaUnmap, p.bytes)
     }
 
-    func regionRead(_ region: UInt32, offset: UInt64, count: UInt32) throws -> TestReply {
+    public func regionRead(_ region: UInt32, offset: UInt64, count: UInt32) throws -> TestReply {
         var p = Payload()
         p.u64(offset)
         p.u32(region)
@@ -243,7 +248,7 @@ final class VfioUserTestClient {
         return try request(.regionRead, p.bytes)
     }
 
-    func regionWrite(_ region: UInt32, offset: UInt64, data: [UInt8]) throws -> TestReply {
+    public func regionWrite(_ region: UInt32, offset: UInt64, data: [UInt8]) throws -> TestReply {
         var p = Payload()
         p.u64(offset)
         p.u32(region)
@@ -252,19 +257,19 @@ final class VfioUserTestClient {
         return try request(.regionWrite, p.bytes)
     }
 
-    func read32(_ region: UInt32, _ offset: UInt64) throws -> UInt32 {
+    public func read32(_ region: UInt32, _ offset: UInt64) throws -> UInt32 {
         let r = try regionRead(region, offset: offset, count: 4)
         guard !r.isError, r.payload.count == 20 else { throw TestClientError.io("region read failed errno \(r.errorNumber)") }
         return r.u32(16)
     }
 
-    func write32(_ region: UInt32, _ offset: UInt64, _ value: UInt32) throws {
+    public func write32(_ region: UInt32, _ offset: UInt64, _ value: UInt32) throws {
         let r = try regionWrite(region, offset: offset, data: withUnsafeBytes(of: value.littleEndian) { Array($0) })
         guard !r.isError else { throw TestClientError.io("region write failed errno \(r.errorNumber)") }
     }
 
     /// A posted write (NO_REPLY), as QEMU sends BAR writes by default.
-    func postWrite32(_ region: UInt32, _ offset: UInt64, _ value: UInt32) {
+    public func postWrite32(_ region: UInt32, _ offset: UInt64, _ value: UInt32) {
         var p = Payload()
         p.u64(offset)
         p.u32(region)
@@ -274,7 +279,7 @@ final class VfioUserTestClient {
         sendRaw(bytes)
     }
 
-    func setIRQs(index: UInt32, flags: UInt32, start: UInt32, count: UInt32, data: [UInt8] = [], fds: [Int32] = []) throws -> TestReply {
+    public func setIRQs(index: UInt32, flags: UInt32, start: UInt32, count: UInt32, data: [UInt8] = [], fds: [Int32] = []) throws -> TestReply {
         var p = Payload()
         p.u32(UInt32(20 + data.count))
         p.u32(flags)
