@@ -141,6 +141,22 @@ final class TestSCSIGuest {
         LogicalUnitIdentity(serial: "LC\(n)", naa: 0x5000_0000_0000_1000 | UInt64(n))
     }
 
+    /// Opens the file LUN once this process holds no descriptor on it (the caller waited for that). The
+    /// flock belongs to the open file description: a child another suite of this test process forks at that
+    /// moment (tgtd, qemu-img, the scsigate executable) holds a copy until its exec closes it (O_CLOEXEC), so
+    /// a lock conflict is retried for a short while; a descriptor of this process still open is not.
+    private static func openWhenUnlocked(_ spec: BackendSpec) throws(BackendOpenError) -> AnyBlockBackend {
+        let deadline = clockSeconds() + 3
+        while true {
+            do throws(BackendOpenError) {
+                return try AnyBlockBackend.open(spec)
+            } catch {
+                guard case .lockConflict = error, descriptorsOpen(on: spec.path) == 0, clockSeconds() < deadline else { throw error }
+                usleep(2000)
+            }
+        }
+    }
+
     @Test func removedLUNsReleaseTheirChannelsAndTheFileLock() throws {
         let path = "/tmp/sg-vhost-lifecycle-\(getpid()).img"
         unlink(path)
@@ -177,7 +193,7 @@ final class TestSCSIGuest {
         var inFlightAtRemove = 0
         for cycle in 0..<cycles {
             // Opening the same file again fails with EWOULDBLOCK while an earlier channel holds it.
-            let backend = try AnyBlockBackend.open(spec)
+            let backend = try Self.openWhenUnlocked(spec)
             let (id, statistics) = registry.register(backend)
             try target.add(LogicalUnit(number: LogicalUnitNumber(1)!, identity: Self.identity(1), geometry: backend.geometry,
                                        backendID: id))
@@ -226,7 +242,7 @@ final class TestSCSIGuest {
         #expect(endFDs - startFDs < cycles / 2)
         #expect(endThreads - startThreads < cycles / 5)
         // The same file can be added again: the lock was released.
-        let again = try AnyBlockBackend.open(spec)
+        let again = try Self.openWhenUnlocked(spec)
         again.close()
         #expect(!log.contains("no channel"))
     }
