@@ -53,7 +53,7 @@ guest_run() {
     local log="" a rc
     for a in "$@"; do [ "${prev:-}" = --log ] && log=$a; prev=$a; done
     bash "$HERE/run-guest.sh" "$@"; rc=$?
-    if [ "$rc" -ge 124 ] && [ -n "$log" ] && ! tr -d '\r' < "$log" | grep -aq '^\['; then
+    if [ "$rc" -ge 124 ] && [ -n "$log" ] && ! tr -d '\r' < "$log" | grep -a '^\[' >/dev/null; then
         RETRIES=$((RETRIES + 1))
         echo "real-client: RETRY: the guest stalled before its test started (rc $rc, log kept as $log.stalled)"
         mv "$log" "$log.stalled"
@@ -222,7 +222,7 @@ pvscsi_irq_run() {
         --append "scsigate.tests=smoke,fio-verify scsigate.vendor=SCSIGATE scsigate.expect_serial=SGCI-PV0 scsigate.size=8M $2" \
         -- -device "$dev"
     check "pvscsi guest with $1 ($2): smoke+fio-verify" $?
-    tail -n +"$((from + 1))" "$DIR/gw.log" | grep -q "$3" && ! tail -n +"$((from + 1))" "$DIR/gw.log" | grep -q "$4"
+    tail -n +"$((from + 1))" "$DIR/gw.log" | grep "$3" >/dev/null && ! tail -n +"$((from + 1))" "$DIR/gw.log" | grep "$4" >/dev/null
     check "pvscsi $1 run used $5" $?
 }
 

@@ -127,7 +127,7 @@ $(file_lun pv0.img 64M 'serial = "SGCI-LVPV"')"
     check "libvirt vhost-user-scsi domain defined" $?
     lv_start "$scsi"; check "libvirt vhost-user-scsi domain started" $?
     lv_hotplug "$scsi"
-    lv_show "$scsi" '^sda ' | grep -q 'serial=SGCI-LVSCSI *bytes=67108864'
+    lv_show "$scsi" '^sda ' | grep 'serial=SGCI-LVSCSI *bytes=67108864' >/dev/null
     check "libvirt vhost-user-scsi guest: virtio_scsi disk (LUN 0) with the LUN's serial and size" $?
     # destroyed while the guest runs (it waits for the hot-added LUN to go away): the gateway keeps serving
     lv destroy "$scsi" >/dev/null; check "libvirt virsh destroy of the running vhost-user-scsi domain" $?

@@ -36,7 +36,7 @@ c scsigate check-config | tail -3; res "${PIPESTATUS[0]}" "scsigate check-config
 c scsigate check-config /etc/scsigate/scsigate.toml | tail -1; res "${PIPESTATUS[0]}" "scsigate check-config /etc/scsigate/scsigate.toml (the packaged conffile)"
 c ldd /usr/bin/scsigate | tee "$dir/ldd.txt" | grep -E 'not found|libswift|libFoundation'; [ $? = 1 ] && [ -s "$dir/ldd.txt" ]
 res $? "ldd /usr/bin/scsigate in the chroot: every library found, no Swift runtime library"
-c dpkg-query -W -f='${Conffiles}\n' scsigate | grep -q '^ /etc/scsigate/scsigate.toml '; res $? "/etc/scsigate/scsigate.toml registered as a conffile"
+c dpkg-query -W -f='${Conffiles}\n' scsigate | grep '^ /etc/scsigate/scsigate.toml ' >/dev/null; res $? "/etc/scsigate/scsigate.toml registered as a conffile"
 missing=""
 for f in /usr/bin/scsigate /lib/systemd/system/scsigate.service /usr/share/man/man1/scsigate.1.gz \
     /usr/share/bash-completion/completions/scsigate /usr/share/zsh/vendor-completions/_scsigate \
@@ -45,7 +45,7 @@ for f in /usr/bin/scsigate /lib/systemd/system/scsigate.service /usr/share/man/m
 done
 [ -z "$missing" ]; res $? "installed files in place (binary, unit, man page, bash/zsh/fish completions, libvirt templates)${missing:+; missing:$missing}"
 grep -q '^ExecStart=/usr/bin/scsigate serve' "$root/lib/systemd/system/scsigate.service"; res $? "scsigate.service runs /usr/bin/scsigate"
-zcat "$root/usr/share/man/man1/scsigate.1.gz" | grep -q '^\.SS scsigate lun add'; res $? "man page documents the subcommands (scsigate lun add ...)"
+zcat "$root/usr/share/man/man1/scsigate.1.gz" | grep '^\.SS scsigate lun add' >/dev/null; res $? "man page documents the subcommands (scsigate lun add ...)"
 c bash -c '. /usr/share/bash-completion/completions/scsigate && complete -p scsigate' ; res $? "bash completion loads and registers scsigate"
 c dpkg -r scsigate >/dev/null && [ -f "$root/etc/scsigate/scsigate.toml" ] && [ ! -e "$root/usr/bin/scsigate" ]
 res $? "dpkg -r removes the binary and keeps the conffile"

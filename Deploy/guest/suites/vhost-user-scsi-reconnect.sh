@@ -83,7 +83,7 @@ $(file_lun lun1.img 64M 'serial = "SGCI-RC1"')"
     local name=vhost-user-scsi-reconnect
     serve "$name" || return
     reconnect_run "$name" "" "scsigate.tmf_serial=SGCI-RC1 scsigate.hotplug_serial=SGCI-RC2" hotplug_race
-    grep -a 'SCSIGATE-TMF' "$DIR/$name.log" | tr -d '\r' | grep -q 'logical_unit_resets=[1-9]'
+    grep -a 'SCSIGATE-TMF' "$DIR/$name.log" | tr -d '\r' | grep 'logical_unit_resets=[1-9]' >/dev/null
     check "$name guest LOGICAL UNIT RESETs completed during the kills" $?
     [ "$(grep -a 'SCSIGATE-DISK.*serial=SGCI-RC2' "$DIR/$name.log" | tr -d '\r' | grep -c 'hctl=[0-9]*:0:0:2')" = 1 ] \
         && [ "$(grep -ac 'SCSIGATE-DISK.*serial=SGCI-RC2' "$DIR/$name.log")" = 1 ]
