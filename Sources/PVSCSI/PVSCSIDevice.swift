@@ -96,7 +96,7 @@ struct RequestSlot {
 /// The PVSCSI device model: registers, commands, request/completion/message rings in guest memory,
 /// SG lists, sense, interrupts; SCSI commands run by `Target` and their I/O by `Channel`s.
 ///
-/// Runs on the vfio-user server's event-loop thread; every guest address goes through `GuestMemory`.
+/// Runs on the vfio-user server's event-loop thread; every guest address goes through `DMAWindows`.
 public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel>: VfioUserDevice, @unchecked Sendable {
     public var configSpace: PCIConfigSpace
     public let options: PVSCSIOptions
@@ -104,7 +104,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
     public let target: Target
     private let log: VfioUserLog
     private unowned(unsafe) var loop: EventLoop
-    private var memory: GuestMemory!
+    private var memory: DMAWindows!
     private var interrupts: InterruptController!
 
     // Registers.
@@ -249,7 +249,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
     }
 
     /// Connects the device to the server's guest memory and interrupt lines.
-    public func attach(memory: GuestMemory, interrupts: InterruptController) {
+    public func attach(memory: DMAWindows, interrupts: InterruptController) {
         self.memory = memory
         self.interrupts = interrupts
     }

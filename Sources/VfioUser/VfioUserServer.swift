@@ -77,7 +77,7 @@ public struct VfioUserStats: Sendable {
 /// closes the connection. No guest memory outside a DMA window is ever touched.
 ///
 /// DMA windows sent without an fd (QEMU with plain `-m` RAM, and its ROM/VRAM windows) are reached with
-/// VFIO_USER_DMA_READ / VFIO_USER_DMA_WRITE requests (`GuestMemory.remote`), in chunks of the smaller
+/// VFIO_USER_DMA_READ / VFIO_USER_DMA_WRITE requests (`DMAWindows.remote`), in chunks of the smaller
 /// max_data_xfer_size. Each waits at most `dmaTimeoutMilliseconds`; client messages arriving meanwhile are
 /// handled at once and in order (nested waits allowed; memory-map side effects on the device put off until
 /// no wait is in progress), and a synchronous BAR write is acknowledged before the device waits for DMA
@@ -97,7 +97,7 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
     public let socketPath: String
     public let loop: EventLoop
     public let device: Device
-    public let memory: GuestMemory
+    public let memory: DMAWindows
     public let interrupts: InterruptController
     public var stats = VfioUserStats()
     private let log: VfioUserLog
@@ -163,7 +163,7 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
         self.socketPath = socketPath
         self.loop = loop
         self.device = device
-        self.memory = GuestMemory()
+        self.memory = DMAWindows()
         self.interrupts = InterruptController(msixVectors: msixVectors, msiVectors: msiVectors)
         self.log = log
         receiveBuffer = .allocate(byteCount: Self.maxMessageSize, alignment: 16)
@@ -776,7 +776,7 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
         }
         versionNegotiated = true
         let replyMinor = min(minor, Self.minorVersion)
-        let caps = "{\"capabilities\":{\"max_msg_fds\":\(Self.maxMessageFDs),\"max_data_xfer_size\":\(Self.maxDataTransfer),\"pgsizes\":4096,\"max_dma_maps\":\(GuestMemory.maxRegions)}}"
+        let caps = "{\"capabilities\":{\"max_msg_fds\":\(Self.maxMessageFDs),\"max_data_xfer_size\":\(Self.maxDataTransfer),\"pgsizes\":4096,\"max_dma_maps\":\(DMAWindows.maxRegions)}}"
         reply(h) { w in
             w.u16(Self.majorVersion)
             w.u16(replyMinor)
@@ -794,7 +794,7 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
         guard flags & ~UInt32(0x3) == 0 else { fail(h, EINVAL, "DMA_MAP flags 0x\(String(flags, radix: 16))"); return }
         guard fdCount <= 1 else { fail(h, EINVAL, "DMA_MAP with \(fdCount) fds"); return }
         let fd: Int32 = fdCount == 1 ? fds[0] : -1
-        if fdCount == 1 { fds[0] = -1; fdCount = 0 }  // ownership passes to GuestMemory.map
+        if fdCount == 1 { fds[0] = -1; fdCount = 0 }  // ownership passes to DMAWindows.map
         do {
             try memory.map(address: address, size: size, fileOffset: offset, readable: flags & 1 != 0,
                            writable: flags & 2 != 0, fd: fd)

@@ -44,7 +44,7 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
     private let log: DeviceLogger
     private let name: String
     /// Set by the controller once the server exists.
-    var dmaWindows: VfioUser.GuestMemory!
+    var dmaWindows: DMAWindows!
     var interrupts: InterruptController!
 
     let deviceFeatures: UInt64

@@ -13,7 +13,7 @@ import Glibc
     }
 
     @Test func translateChecksBoundsPermissionsAndOverflow() throws {
-        let m = GuestMemory()
+        let m = DMAWindows()
         try m.map(address: 0x10000, size: 0x4000, fileOffset: 0, readable: true, writable: true, fd: memfd(0x4000))
         try m.map(address: 0x20000, size: 0x1000, fileOffset: 0, readable: true, writable: false, fd: memfd(0x1000))
         #expect(m.translate(0x10000, length: 0x4000, write: true) != nil)
@@ -28,7 +28,7 @@ import Glibc
     }
 
     @Test func piecesSpanAdjacentWindowsButNotGaps() throws {
-        let m = GuestMemory()
+        let m = DMAWindows()
         try m.map(address: 0x10000, size: 0x1000, fileOffset: 0, readable: true, writable: true, fd: memfd(0x1000))
         try m.map(address: 0x11000, size: 0x1000, fileOffset: 0, readable: true, writable: true, fd: memfd(0x1000))
         var pieces = 0
@@ -43,7 +43,7 @@ import Glibc
     }
 
     @Test func mapRejectsOverlapMisalignmentOverflowAndShortFiles() throws {
-        let m = GuestMemory()
+        let m = DMAWindows()
         try m.map(address: 0x10000, size: 0x2000, fileOffset: 0, readable: true, writable: true, fd: memfd(0x2000))
         #expect(throws: DMAMapError.self) { try m.map(address: 0x11000, size: 0x1000, fileOffset: 0, readable: true, writable: true, fd: self.memfd(0x1000)) }
         #expect(throws: DMAMapError.self) { try m.map(address: 0x20001, size: 0x1000, fileOffset: 0, readable: true, writable: true, fd: -1) }
@@ -66,7 +66,7 @@ import Glibc
     }
 
     @Test func fdLessWindowsGoThroughTheRemoteAccessorPieceByPiece() throws {
-        let m = GuestMemory()
+        let m = DMAWindows()
         // [0x10000, 0x11000) mapped, [0x11000, 0x13000) without fd (served from `backing`), adjacent.
         try m.map(address: 0x10000, size: 0x1000, fileOffset: 0, readable: true, writable: true, fd: memfd(0x1000))
         try m.map(address: 0x11000, size: 0x2000, fileOffset: 0, readable: true, writable: true, fd: -1)
@@ -110,7 +110,7 @@ import Glibc
     }
 
     @Test func heldUnmapsStayMappedUntilReleased() throws {
-        let m = GuestMemory()
+        let m = DMAWindows()
         try m.map(address: 0x10000, size: 0x1000, fileOffset: 0, readable: true, writable: true, fd: memfd(0x1000))
         let p = try #require(m.translate(0x10000, length: 4, write: true))
         m.holdUnmaps = true

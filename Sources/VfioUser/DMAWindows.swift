@@ -25,11 +25,11 @@ public struct DMARegion: @unchecked Sendable {
     /// Client allows device writes.
     public var writable: Bool
     /// Host address of the mapping, or nil when the client sent no fd: such memory is only reachable through
-    /// VFIO_USER_DMA_READ/WRITE messages (`GuestMemory.remote`), never through a pointer.
+    /// VFIO_USER_DMA_READ/WRITE messages (`DMAWindows.remote`), never through a pointer.
     public var host: UnsafeMutableRawPointer?
     /// A duplicate of the window's fd (-1 without one), kept while the window is mapped: a device that hands
     /// guest memory to other threads maps it again from here (`fileOffset`), so that its mapping outlives an
-    /// unmap until its own requests are done. Closed by `GuestMemory` when the window goes.
+    /// unmap until its own requests are done. Closed by `DMAWindows` when the window goes.
     public var fd: Int32 = -1
     /// Offset of the window in `fd`.
     public var fileOffset: UInt64 = 0
@@ -43,7 +43,7 @@ public struct DMARegion: @unchecked Sendable {
 /// overflow; nothing outside a mapped window is ever touched.
 ///
 /// Owned by the server's event-loop thread.
-public final class GuestMemory: @unchecked Sendable {
+public final class DMAWindows: @unchecked Sendable {
     /// Largest number of windows (QEMU's default max_dma_maps is 65535; a PVSCSI guest needs a handful).
     public static let maxRegions = 1024
     /// DMA page size (alignment of address, size and file offset).
