@@ -25,7 +25,8 @@ public enum QEMUCommandLine {
             // maps its DMA windows (zero copy). Plain `-m` RAM works too, through DMA_READ/DMA_WRITE messages
             // and bounce buffers (PVSCSI: about 7 round trips per request, limited to 16 targets, the CONFIG
             // page not being host-mapped).
-            return ["-device", "{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\(jsonString(controller.socket)),\"type\":\"unix\"}}"]
+            let socket: JSONValue = .object(["path": .string(controller.socket), "type": .string("unix")])
+            return ["-device", JSONValue.object(["driver": .string("vfio-user-pci"), "socket": socket]).serialized]
         }
     }
 
@@ -51,21 +52,5 @@ public enum QEMUCommandLine {
     /// A value inside a QEMU `key=value,...` option: commas are doubled (QEMU's escape).
     static func optionValue(_ s: String) -> String {
         s.split(separator: ",", omittingEmptySubsequences: false).joined(separator: ",,")
-    }
-
-    /// A JSON string literal.
-    static func jsonString(_ s: String) -> String {
-        var out = "\""
-        for u in s.unicodeScalars {
-            switch u {
-            case "\"": out += "\\\""
-            case "\\": out += "\\\\"
-            case _ where u.value < 0x20:
-                let hex = String(u.value, radix: 16)
-                out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
-            default: out.unicodeScalars.append(u)
-            }
-        }
-        return out + "\""
     }
 }
