@@ -146,16 +146,7 @@ public final class DMAWindows: @unchecked Sendable {
     public func translate(_ address: UInt64, length: UInt64, write: Bool) -> UnsafeMutableRawPointer? {
         let (last, overflow) = address.addingReportingOverflow(length == 0 ? 0 : length - 1)
         if overflow { return nil }
-        // Binary search for the last region with start <= address.
-        var lo = 0
-        var hi = regions.count
-        while lo < hi {
-            let mid = (lo + hi) / 2
-            if regions[mid].address <= address { lo = mid + 1 } else { hi = mid }
-        }
-        guard lo > 0 else { return nil }
-        let r = regions[lo - 1]
-        guard last < r.end, let host = r.host else { return nil }
+        guard let r = window(containing: address), last < r.end, let host = r.host else { return nil }
         if write ? !r.writable : !r.readable { return nil }
         return host + Int(address - r.address)
     }
@@ -171,15 +162,7 @@ public final class DMAWindows: @unchecked Sendable {
         while remaining > 0 {
             guardCount += 1
             if guardCount > Self.maxRegions { return false }
-            var lo = 0
-            var hi = regions.count
-            while lo < hi {
-                let mid = (lo + hi) / 2
-                if regions[mid].address <= addr { lo = mid + 1 } else { hi = mid }
-            }
-            guard lo > 0 else { return false }
-            let r = regions[lo - 1]
-            guard addr < r.end, let host = r.host else { return false }
+            guard let r = window(containing: addr), let host = r.host else { return false }
             if write ? !r.writable : !r.readable { return false }
             let available = r.end - addr
             let n = min(available, remaining)
@@ -202,6 +185,8 @@ public final class DMAWindows: @unchecked Sendable {
         return write ? r.writable : r.readable
     }
 
+    /// The window holding `address` (binary search for the last window starting at or below it), or nil.
+    @inline(__always)
     private func window(containing address: UInt64) -> DMARegion? {
         var lo = 0
         var hi = regions.count
