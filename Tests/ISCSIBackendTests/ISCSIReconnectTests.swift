@@ -284,9 +284,10 @@ struct ISCSIReconnectTests {
                 freeBuffers.append(slot)
             }
         }
-        func run(seconds: Double) {
+        /// Keeps the workload going for `seconds`, or until `done` holds.
+        func run(seconds: Double, until done: () -> Bool = { false }) {
             let end = Date().addingTimeInterval(seconds)
-            while Date() < end {
+            while Date() < end && !done() {
                 issue()
                 channel.runOnce(timeoutMilliseconds: 10)
                 drain()
@@ -299,12 +300,7 @@ struct ISCSIReconnectTests {
             try target.start()
             // The channel logs in again before the next outage (its reconnect backoff may outlast a fixed
             // pause on a loaded machine; two outages then look like one).
-            let loginDeadline = Date().addingTimeInterval(20)
-            while channel.statistics.logins < 1 + restart && Date() < loginDeadline {
-                issue()
-                channel.runOnce(timeoutMilliseconds: 10)
-                drain()
-            }
+            run(seconds: 20, until: { channel.statistics.logins >= 1 + restart })
             run(seconds: 1.5)
         }
         // Let everything in flight finish.
