@@ -147,42 +147,21 @@ final class PlainMemoryRings {
 
     private enum Copy { case done, outside, failed }
 
-    /// Guest -> shadow for `length` bytes at `address`.
-    private func copyIn(_ address: UInt64, _ length: UInt64) -> Copy {
-        guard inWindows(address, length, write: false) else { return .outside }
-        let ok = forEachShadowPiece(deviceTable, address, length) { host, guest, n in
+    /// Guest <-> shadow for `length` bytes at `address` (`toGuest`: DMA_WRITE from the shadow, else DMA_READ into it),
+    /// or guest <-> `buffer` (a private copy) when given. `.outside` when a byte is not in a window with the access.
+    private func copy(_ address: UInt64, _ length: UInt64, toGuest: Bool, buffer: UnsafeMutableRawPointer? = nil) -> Copy {
+        guard inWindows(address, length, write: toGuest) else { return .outside }
+        func move(_ host: UnsafeMutableRawPointer, _ guest: UInt64, _ n: Int) -> Bool {
+            if toGuest {
+                writes += 1
+                return windows.write(guest, from: UnsafeRawBufferPointer(start: host, count: n))
+            }
             reads += 1
             return windows.read(guest, into: UnsafeMutableRawBufferPointer(start: host, count: n))
         }
+        let ok = buffer.map { move($0, address, Int(length)) } ?? forEachShadowPiece(deviceTable, address, length, move)
         if ok { return .done }
-        return inWindows(address, length, write: false) ? .failed : .outside
-    }
-
-    /// Shadow -> guest for `length` bytes at `address`.
-    private func copyOut(_ address: UInt64, _ length: UInt64) -> Copy {
-        guard inWindows(address, length, write: true) else { return .outside }
-        let ok = forEachShadowPiece(deviceTable, address, length) { host, guest, n in
-            writes += 1
-            return windows.write(guest, from: UnsafeRawBufferPointer(start: host, count: n))
-        }
-        if ok { return .done }
-        return inWindows(address, length, write: true) ? .failed : .outside
-    }
-
-    /// Guest -> private buffer.
-    private func readPrivate(_ address: UInt64, _ buffer: UnsafeMutableRawPointer, _ count: Int) -> Copy {
-        guard inWindows(address, UInt64(count), write: false) else { return .outside }
-        reads += 1
-        if windows.read(address, into: UnsafeMutableRawBufferPointer(start: buffer, count: count)) { return .done }
-        return inWindows(address, UInt64(count), write: false) ? .failed : .outside
-    }
-
-    /// Private buffer -> guest.
-    private func writePrivate(_ address: UInt64, _ buffer: UnsafeMutableRawPointer, _ count: Int) -> Copy {
-        guard inWindows(address, UInt64(count), write: true) else { return .outside }
-        writes += 1
-        if windows.write(address, from: UnsafeRawBufferPointer(start: buffer, count: count)) { return .done }
-        return inWindows(address, UInt64(count), write: true) ? .failed : .outside
+        return inWindows(address, length, write: toGuest) ? .failed : .outside
     }
 
     // MARK: Queues
@@ -201,7 +180,7 @@ final class PlainMemoryRings {
             return nil
         }
         var guestUsed: UInt16 = 0
-        switch withUnsafeMutableBytes(of: &guestUsed, { readPrivate(used + 2, $0.baseAddress!, 2) }) {
+        switch withUnsafeMutableBytes(of: &guestUsed, { copy(used + 2, 2, toGuest: false, buffer: $0.baseAddress!) }) {
         case .done: break
         case .outside:
             note(.error, "queue \(index): its used ring is not in a writable DMA window")
@@ -324,7 +303,7 @@ final class PlainMemoryRings {
 
     private func copyAvailable(_ q: PlainQueue) {
         let size = q.size
-        switch readPrivate(q.avail, q.availCopy, 4 + 2 * size) {
+        switch copy(q.avail, UInt64(4 + 2 * size), toGuest: false, buffer: q.availCopy) {
         case .done: break
         case .outside: return waitForMemory(q, kick: true)
         case .failed: return dmaFailed(q, "DMA_READ of the avail ring")
@@ -343,7 +322,7 @@ final class PlainMemoryRings {
             q.published = guestIndex
             return
         }
-        switch readPrivate(q.desc, q.descCopy, 16 * size) {
+        switch copy(q.desc, UInt64(16 * size), toGuest: false, buffer: q.descCopy) {
         case .done: break
         case .outside: return waitForMemory(q, kick: true)
         case .failed: return dmaFailed(q, "DMA_READ of the descriptor table")
@@ -406,7 +385,7 @@ final class PlainMemoryRings {
                 guard !inIndirect, walked == 1, flags & 1 == 0, len > 0, len % 16 == 0, Int(len / 16) <= q.segments,
                       deviceTable.pointer(guestPhysical: addr, length: UInt64(len)) != nil,
                       inWindows(addr, UInt64(len), write: false) else { return refuse() }
-                let got = readPrivate(addr, q.indirectCopy, Int(len))
+                let got = copy(addr, UInt64(len), toGuest: false, buffer: q.indirectCopy)
                 guard got == .done, q.active else { return got == .done ? .done : got }
                 indirect = (addr, Int(len))
                 table = UnsafeRawPointer(q.indirectCopy)
@@ -445,7 +424,7 @@ final class PlainMemoryRings {
             }
         }
         for i in 0..<readCount {
-            let got = copyIn(q.reads[i].address, UInt64(q.reads[i].length))
+            let got = copy(q.reads[i].address, UInt64(q.reads[i].length), toGuest: false)
             guard got == .done, q.active else { return got }
         }
         for i in 0..<visited {
@@ -481,7 +460,7 @@ final class PlainMemoryRings {
                     var end = start &+ UInt64(ranges[i].length)
                     i += 1
                     while i < n && ranges[i].address == end { end &+= UInt64(ranges[i].length); i += 1 }
-                    switch copyOut(start, end &- start) {
+                    switch copy(start, end &- start, toGuest: true) {
                     case .done: break
                     case .outside: return waitForMemory(q, kick: false)
                     case .failed: return dmaFailed(q, "DMA_WRITE of a request's data")
@@ -493,7 +472,7 @@ final class PlainMemoryRings {
             let first = Int(q.written % UInt16(size))
             let head = min(count, size - first)
             for (from, n) in [(first, head), (0, count - head)] where n > 0 {
-                switch copyOut(q.used + 4 + UInt64(8 * from), UInt64(8 * n)) {
+                switch copy(q.used + 4 + UInt64(8 * from), UInt64(8 * n), toGuest: true) {
                 case .done: break
                 case .outside: return waitForMemory(q, kick: false)
                 case .failed: return dmaFailed(q, "DMA_WRITE of used ring entries")
@@ -501,7 +480,7 @@ final class PlainMemoryRings {
                 guard q.active else { return }
             }
             var index = usedIndex.littleEndian
-            switch withUnsafeMutableBytes(of: &index, { writePrivate(q.used + 2, $0.baseAddress!, 2) }) {
+            switch withUnsafeMutableBytes(of: &index, { copy(q.used + 2, 2, toGuest: true, buffer: $0.baseAddress!) }) {
             case .done: break
             case .outside: return waitForMemory(q, kick: false)
             case .failed: return dmaFailed(q, "DMA_WRITE of the used index")

@@ -36,6 +36,17 @@ extension VirtioPCIDriver {
 @Suite(.serialized) struct PlainMemoryTests {
     static let sharedMemoryFeatures = VirtioFeature.ringEventIndex | VirtioFeature.ringPacked
 
+    /// A plain-memory driver with MSI-X, every offered feature, split queue 0 (16 entries) on vector 1, DRIVER_OK.
+    static func blkDriver(_ f: BlkPCIFixture) throws -> (VirtioPCIDriver, TestSplitRing) {
+        let d = try VirtioPCIDriver.plainMemory(path: f.path, ram: f.ram)
+        try d.enableMSIX()
+        #expect(try d.negotiate(wanted: ~0) == 0x0B)
+        let ring = TestSplitRing(ram: f.ram, size: 16)
+        try d.setupQueue(0, size: 16, desc: ring.desc, driver: ring.avail, device: ring.used, vector: 1)
+        try d.setStatus(0x0F)
+        return (d, ring)
+    }
+
     @Test func virtioBlkWriteThenReadBackThroughDMAMessages() throws {
         let f = try BlkPCIFixture()
         let d = try VirtioPCIDriver.plainMemory(path: f.path, ram: f.ram)
@@ -94,12 +105,7 @@ extension VirtioPCIDriver {
 
     @Test func hostileChainsFailTheirRequestOnly() throws {
         let f = try BlkPCIFixture()
-        let d = try VirtioPCIDriver.plainMemory(path: f.path, ram: f.ram)
-        try d.enableMSIX()
-        #expect(try d.negotiate(wanted: ~0) == 0x0B)
-        let ring = TestSplitRing(ram: f.ram, size: 16)
-        try d.setupQueue(0, size: 16, desc: ring.desc, driver: ring.avail, device: ring.used, vector: 1)
-        try d.setStatus(0x0F)
+        let (d, ring) = try Self.blkDriver(f)
         let header = f.ram.alloc(16)
         // A loop: 0 -> 1 -> 0.
         ring.setDescriptor(0, addr: header, len: 16, flags: 1, next: 1)
@@ -154,12 +160,7 @@ extension VirtioPCIDriver {
 
     @Test func windowUnmappedAndMappedAgainWhileTheRingRuns() throws {
         let f = try BlkPCIFixture()
-        let d = try VirtioPCIDriver.plainMemory(path: f.path, ram: f.ram)
-        try d.enableMSIX()
-        #expect(try d.negotiate(wanted: ~0) == 0x0B)
-        let ring = TestSplitRing(ram: f.ram, size: 16)
-        try d.setupQueue(0, size: 16, desc: ring.desc, driver: ring.avail, device: ring.used, vector: 1)
-        try d.setStatus(0x0F)
+        let (d, ring) = try Self.blkDriver(f)
         let w = f.request(type: VirtioBlk.typeOut, sector: 7, out: [UInt8](repeating: 0xC3, count: 512))
         ring.publish(ring.addChain(w.buffers))
         try d.kick(0)
@@ -181,19 +182,9 @@ extension VirtioPCIDriver {
     }
 
     @Test func virtioSCSIReadWriteAndSenseThroughDMAMessages() throws {
-        let target = SCSITarget(name: "vfu-plain")
-        try target.add(LogicalUnit(number: LogicalUnitNumber(0)!, identity: LogicalUnitIdentity(serial: "SGPLAIN0", naa: 0x5000_0000_0000_0002),
-                                   geometry: BlockGeometry(logicalBlockSize: 512, physicalBlockSize: 512, blockCount: 2048), backendID: 0))
-        let channel = MemoryChannel(bytes: 1 << 20)
-        let log = TestLog()
-        let device = try VirtioSCSIDevice(target: target, options: VirtioSCSIOptions(requestQueues: 1, maxQueueSize: 256, expectedQueueSize: 32),
-                                          channelFactory: { _ in channel }, log: log.logger)
-        let path = testSocketPath("vfu-scsi-plain")
-        let controller = try VfioUserVirtioController(socketPath: path, device: device, kind: .scsi, log: log.logger)
-        try controller.start()
-        defer { controller.stop() }
-        let ram = TestGuestRAM()
-        let d = try VirtioPCIDriver.plainMemory(path: path, ram: ram)
+        let f = try SCSIPCIFixture()
+        let (channel, ram) = (f.channel, f.ram)
+        let d = try VirtioPCIDriver.plainMemory(path: f.path, ram: ram)
         try d.enableMSIX()
         #expect(try d.deviceFeatures & Self.sharedMemoryFeatures == 0)
         #expect(try d.negotiate(wanted: ~0) == 0x0B)
