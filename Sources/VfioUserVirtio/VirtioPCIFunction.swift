@@ -157,6 +157,7 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
     /// VFIO_USER_DEVICE_RESET or the client went away: the VMM's device state is gone with the rings.
     func reset() {
         resetDevice()
+        plainMemoryLogged = false
         device.connectionClosed()
     }
 
