@@ -103,6 +103,42 @@ extension VirtioPCIDriver {
         #expect(f.log.contains("guest RAM without fd: 22 requests copied in (0 refused), 22 completed"))
     }
 
+    @Test func memfdRAMWithSmallWindowsWithoutFDKeepsTheSharedMemoryPath() throws {
+        // QEMU exports ROMs and VGA memory without an fd next to a memfd guest RAM: still the direct path.
+        let f = try BlkPCIFixture()
+        let d = try VirtioPCIDriver(path: f.path, ram: f.ram)
+        #expect(try !d.client.dmaMap(address: 0xFD00_0000, size: 1 << 20, fd: nil).isError)
+        #expect(try d.deviceFeatures & Self.sharedMemoryFeatures == Self.sharedMemoryFeatures)
+        try d.enableMSIX()
+        #expect(try d.negotiate(wanted: ~VirtioFeature.ringPacked) == 0x0B)
+        #expect(f.controller.function.plainRings == nil)
+        let ring = TestSplitRing(ram: f.ram, size: 16)
+        try d.setupQueue(0, size: 16, desc: ring.desc, driver: ring.avail, device: ring.used, vector: 1)
+        try d.setStatus(0x0F)
+        let flush = f.request(type: VirtioBlk.typeFlush, sector: 0)
+        ring.publish(ring.addChain(flush.buffers))
+        try d.kick(0)
+        #expect(waitFor { ring.usedIndex == 1 })
+        #expect(d.client.dmaReadsServed == 0 && d.client.dmaWritesServed == 0)
+    }
+
+    @Test func intxWithoutMSIX() throws {
+        let f = try BlkPCIFixture()
+        let d = try VirtioPCIDriver.plainMemory(path: f.path, ram: f.ram)
+        try d.enableINTx()
+        #expect(try d.negotiate(wanted: ~0) == 0x0B)
+        let ring = TestSplitRing(ram: f.ram, size: 16)
+        try d.setupQueue(0, size: 16, desc: ring.desc, driver: ring.avail, device: ring.used, vector: 0xFFFF)
+        try d.setStatus(0x0F)
+        let flush = f.request(type: VirtioBlk.typeFlush, sector: 0)
+        ring.publish(ring.addChain(flush.buffers))
+        try d.kick(0)
+        #expect(d.pump { ring.usedIndex == 1 })
+        #expect(d.waitInterrupt(d.intxFD))
+        #expect(try d.read(3, 0, 1) == 1)  // ISR queue bit, read to clear
+        #expect(f.ram.read(flush.status, 1) == [0])
+    }
+
     @Test func hostileChainsFailTheirRequestOnly() throws {
         let f = try BlkPCIFixture()
         let (d, ring) = try Self.blkDriver(f)
@@ -219,5 +255,15 @@ extension VirtioPCIDriver {
         let sense = ram.read(bad.response + 12, 14)
         #expect(sense[2] & 0x0F == 5 && sense[12] == 0x21)
         #expect(rings[2].usedFlags == 0)
+        // Hotplug: an event buffer posted on the event queue gets the transport-reset event through DMA_WRITE.
+        let event = ram.alloc(16)
+        rings[1].publish(rings[1].addChain([.init(gpa: event, length: 16, writable: true)]))
+        try d.kick(1)
+        _ = d.pump(seconds: 0.2) { false }
+        try f.target.add(LogicalUnit(number: LogicalUnitNumber(3)!, identity: LogicalUnitIdentity(serial: "SGPLAIN3", naa: 0x5000_0000_0000_0003),
+                                     geometry: BlockGeometry(logicalBlockSize: 512, physicalBlockSize: 512, blockCount: 64), backendID: 0))
+        #expect(d.pump { rings[1].usedIndex == 1 })
+        #expect(ram.read(event, 16).readLE(UInt32.self, at: 0) == VirtioSCSI.eventTransportReset)
+        #expect(Array(ram.read(event, 16)[4..<8]) == [1, 0, 0, 3])  // LUN 3 (single-level, peripheral)
     }
 }

@@ -19,9 +19,9 @@ final class SCSIPCIFixture {
     let controller: VfioUserVirtioController<VirtioSCSIDevice<MemoryChannel>>
     let path = testSocketPath("vfu-scsi")
     let ram = TestGuestRAM()
+    let target = SCSITarget(name: "vfu-scsi")
 
     init() throws {
-        let target = SCSITarget(name: "vfu-scsi")
         try target.add(LogicalUnit(number: LogicalUnitNumber(0)!, identity: LogicalUnitIdentity(serial: "SGVFU0", naa: 0x5000_0000_0000_0001),
                                    geometry: BlockGeometry(logicalBlockSize: 512, physicalBlockSize: 512, blockCount: 2048), backendID: 0))
         let channel = self.channel
