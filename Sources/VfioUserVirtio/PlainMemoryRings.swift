@@ -167,12 +167,10 @@ final class PlainMemoryRings {
     // MARK: Queues
 
     /// Prepares the shadow of a split ring about to start (before the device reads it): avail flags and index 0
-    /// (nothing published yet), used flags 0, used index as the guest has it. Returns the call fd the device
-    /// signals (owned by the caller, watched here until `stop`), or nil (the reason is logged).
-    func start(_ index: Int, size: Int, desc: UInt64, avail: UInt64, used: UInt64, segments: Int, kickFD: Int32) -> Int32? {
+    /// (nothing published yet), used flags 0, used index as the guest has it (returned; nil: the reason is logged).
+    func prepareShadow(_ index: Int, size: Int, desc: UInt64, avail: UInt64, used: UInt64) -> UInt16? {
         guard index < queues.count, !broken else { return nil }
-        queues[index]?.deactivate(loop)
-        queues[index] = nil
+        stop(index)
         guard let shadowAvail = deviceTable.pointer(guestPhysical: avail, length: UInt64(4 + 2 * size)),
               let shadowUsed = deviceTable.pointer(guestPhysical: used, length: UInt64(4 + 8 * size)),
               deviceTable.pointer(guestPhysical: desc, length: UInt64(16 * size)) != nil else {
@@ -183,7 +181,7 @@ final class PlainMemoryRings {
         switch withUnsafeMutableBytes(of: &guestUsed, { copy(used + 2, 2, toGuest: false, buffer: $0.baseAddress!) }) {
         case .done: break
         case .outside:
-            note(.error, "queue \(index): its used ring is not in a writable DMA window")
+            note(.error, "queue \(index): its used ring is not in a DMA window")
             return nil
         case .failed:
             fail("queue \(index): DMA_READ of the used index failed")
@@ -192,20 +190,31 @@ final class PlainMemoryRings {
         csys_store_release_u16(shadowAvail, 0)
         csys_store_release_u16(shadowAvail + 2, 0)
         csys_store_release_u16(shadowUsed, 0)
-        csys_store_release_u16(shadowUsed + 2, UInt16(littleEndian: guestUsed))
+        csys_store_release_u16(shadowUsed + 2, guestUsed)
+        return UInt16(littleEndian: guestUsed)
+    }
+
+    /// Starts watching the split ring `prepareShadow` prepared. Returns the call fd the device signals (owned by
+    /// the caller, watched here until `stop`), or nil (the reason is logged).
+    func start(_ index: Int, size: Int, desc: UInt64, avail: UInt64, used: UInt64, segments: Int, kickFD: Int32,
+               usedIndex: UInt16) -> Int32? {
+        guard index < queues.count, !broken else { return nil }
+        stop(index)
         let call = csys_eventfd(0, 1)
         guard call >= 0 else {
             note(.error, "queue \(index): cannot create its completion eventfd (errno \(errno))")
             return nil
         }
         let q = PlainQueue(index: index, size: size, desc: desc, avail: avail, used: used, segments: segments, kickFD: kickFD,
-                           callFD: call, usedIndex: UInt16(littleEndian: guestUsed))
+                           callFD: call, usedIndex: usedIndex)
         do {
-            try loop.register(fd: call) { [unowned self, unowned q] _ in
+            // Weak: a reset handled inside a DMA wait may drop this object; `run` holds it while it works.
+            try loop.register(fd: call) { [weak self, weak q] _ in
+                guard let q, q.active else { return }
                 var v: UInt64 = 0
                 _ = csys_eventfd_drain(q.callFD, &v)
                 q.completionPending = true
-                self.run()
+                self?.run()
             }
         } catch {
             close(call)

@@ -338,13 +338,23 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
         let size = Int(q.size)
         guard options.packed || size & (size - 1) == 0 else { needsReset("queue \(i): split ring size \(size) is not a power of 2"); return }
         let addresses = VirtqueueAddresses(descriptorTable: q.desc, driverArea: q.driver, deviceArea: q.device)
+        // Guest RAM without fd: the ring's shadow takes the guest's used index before the device reads it.
+        var plainUsedIndex: UInt16 = 0
+        if let plainRings {
+            plainRings.deviceTable = memoryTable
+            guard let used = plainRings.prepareShadow(i, size: size, desc: q.desc, avail: q.driver, used: q.device) else {
+                needsReset("queue \(i): its ring cannot run over guest RAM without fd")
+                return
+            }
+            plainUsedIndex = used
+        }
         let ring: Virtqueue
         do {
             ring = try Virtqueue(size: size, options: options, addresses: addresses, memory: memoryTable,
                                  base: options.packed ? 0x8000 : 0,  // packed: both wrap counters start at 1
                                  segmentsPerSlot: max(device.segmentsPerSlot, min(size, device.expectedQueueSize) + 8))
         } catch {
-            if dmaWindows.remoteRegionCount > 0 {
+            if plainRings == nil && guestRAMWithoutFD {
                 note(.error, "queue \(i): the ring is not in a DMA window with an fd: guest RAM must be shared memory: memory-backend-memfd,share=on")
             }
             needsReset("queue \(i): \(error)")
@@ -354,9 +364,8 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
         guard kick >= 0 else { needsReset("queue \(i): cannot create its kick eventfd (errno \(errno))"); return }
         queues[i].kickFD = kick
         if let plainRings {
-            plainRings.deviceTable = memoryTable
             guard let call = plainRings.start(i, size: size, desc: q.desc, avail: q.driver, used: q.device,
-                                              segments: ring.segmentsPerSlot, kickFD: kick) else {
+                                              segments: ring.segmentsPerSlot, kickFD: kick, usedIndex: plainUsedIndex) else {
                 close(kick)
                 queues[i].kickFD = -1
                 needsReset("queue \(i): its ring cannot run over guest RAM without fd")
