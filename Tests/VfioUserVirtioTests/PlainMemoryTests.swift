@@ -194,6 +194,36 @@ extension VirtioPCIDriver {
         #expect(d.pump { ring2.usedIndex == 1 })
     }
 
+    @Test func resetArrivingDuringADMAWait() throws {
+        let f = try BlkPCIFixture()
+        let (d, ring) = try Self.blkDriver(f)
+        // The driver resets the device while the function waits for the reply to its first DMA_READ of the kick.
+        d.client.onDMARequest = { client in
+            var p = Payload()
+            p.u64(0x14)
+            p.u32(0)
+            p.u32(1)
+            p.bytes.append(0)
+            let reply = try client.request(.regionWrite, p.bytes)
+            #expect(!reply.isError)
+        }
+        let w = f.request(type: VirtioBlk.typeOut, sector: 1, out: [UInt8](repeating: 0x77, count: 512))
+        ring.publish(ring.addChain(w.buffers))
+        try d.kick(0)
+        _ = d.pump(seconds: 0.5) { false }
+        #expect(try d.status == 0)
+        #expect(ring.usedIndex == 0)
+        // The device starts again from scratch.
+        #expect(try d.negotiate(wanted: ~0) == 0x0B)
+        let ring2 = TestSplitRing(ram: f.ram, size: 16)
+        try d.setupQueue(0, size: 16, desc: ring2.desc, driver: ring2.avail, device: ring2.used, vector: 1)
+        try d.setStatus(0x0F)
+        let flush = f.request(type: VirtioBlk.typeFlush, sector: 0)
+        ring2.publish(ring2.addChain(flush.buffers))
+        try d.kick(0)
+        #expect(d.pump { ring2.usedIndex == 1 })
+    }
+
     @Test func windowUnmappedAndMappedAgainWhileTheRingRuns() throws {
         let f = try BlkPCIFixture()
         let (d, ring) = try Self.blkDriver(f)
