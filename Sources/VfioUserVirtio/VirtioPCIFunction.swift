@@ -58,7 +58,7 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
     private(set) var queueSelect: UInt16 = 0
     private(set) var queues: [QueueState]
     private(set) var isr: UInt8 = 0
-    /// The rings' memory table (windows with an fd, mapped here).
+    /// The rings' memory table (windows with an fd, mapped here; with guest RAM without fd, the shadow's regions).
     var memoryTable = Virtio.GuestMemory()
     /// INTx relay: the queues' call fd without MSI-X.
     private var relayFD: Int32 = -1
@@ -446,7 +446,7 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
     // MARK: Memory
 
     func rebuildMemory() {
-        let table = plainRings?.shadowTable(reusing: [memoryTable, plainRings!.deviceTable]) ?? fdWindowTable()
+        let table = plainRings.map { $0.shadowTable(reusing: [memoryTable, $0.deviceTable]) } ?? fdWindowTable()
         memoryTable = table
         defer { plainRings?.memoryChanged() }
         guard queues.contains(where: { $0.enabled }) else {
