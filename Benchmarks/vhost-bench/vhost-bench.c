@@ -9,16 +9,25 @@
  * EVENT_IDX). It kicks only when the device asks (VRING_USED_F_NO_NOTIFY / avail_event).
  *
  * With -q N, N request queues are driven by N threads (one queue each).
+ * With -L (--dirty-log) it runs as QEMU does while migrating: it negotiates VHOST_USER_PROTOCOL_F_LOG_SHMFD and
+ * VHOST_F_LOG_ALL, gives the back-end a memfd dirty log sized for its guest memory (SET_LOG_BASE, whose reply
+ * it reads), sets every ring with VHOST_VRING_F_LOG and its used ring's guest address, clears the log when the
+ * measured part starts, and at the end checks the log page by page: every used-ring page and every page of a
+ * device-writable buffer (status/response bytes, data-in buffers of reads) marked, no other page marked. A
+ * back-end that does not log fails the run (exit 1), so a figure "with logging" cannot be one without.
  * Prints one line: IOPS (measured part), kicks and interrupts per request (the device's notification
- * cost), and the requests completed over the whole run (warm-up included, for per-request counters).
+ * cost), and the requests completed over the whole run (warm-up included, for per-request counters); after a
+ * SIGUSR1 also those completed since the signal ("since-mark", for a profiler zeroed at that moment).
  *
  * Usage: vhost-bench -s SOCKET [-T blk|scsi] [-w] [-d DEPTH] [-t SECONDS] [-b BYTES] [-S SPAN]
- *                    [-q QUEUES] [-e 0|1] [-l LUN] [-n RINGSIZE]
+ *                    [-q QUEUES] [-e 0|1] [-l LUN] [-n RINGSIZE] [-L|--dirty-log]
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <getopt.h>
 #include <inttypes.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -32,7 +41,7 @@
 #include <unistd.h>
 
 enum {
-    GET_FEATURES = 1, SET_FEATURES = 2, SET_OWNER = 3, SET_MEM_TABLE = 5, SET_VRING_NUM = 8,
+    GET_FEATURES = 1, SET_FEATURES = 2, SET_OWNER = 3, SET_MEM_TABLE = 5, SET_LOG_BASE = 6, SET_VRING_NUM = 8,
     SET_VRING_ADDR = 9, SET_VRING_BASE = 10, SET_VRING_KICK = 12, SET_VRING_CALL = 13,
     GET_PROTOCOL_FEATURES = 15, SET_PROTOCOL_FEATURES = 16, SET_VRING_ENABLE = 18,
 };
@@ -41,6 +50,11 @@ enum {
 #define F_PROTOCOL_FEATURES (1ULL << 30)
 #define BLK_F_MQ (1ULL << 12)
 #define PROTO_F_MQ (1ULL << 0)
+#define PROTO_F_LOG_SHMFD (1ULL << 1)
+#define F_LOG_ALL (1ULL << 26)
+#define VRING_F_LOG 1
+#define LOG_PAGE 4096ULL
+#define REPLY_FLAG 0x4
 #define DESC_F_NEXT 1
 #define DESC_F_WRITE 2
 
@@ -78,17 +92,30 @@ static void send_msg(uint32_t req, const void *payload, uint32_t size, const int
 
 static void send_u64(uint32_t req, uint64_t v) { send_msg(req, &v, 8, NULL, 0); }
 
-static uint64_t get_u64(uint32_t req) {
-    send_msg(req, NULL, 0, NULL, 0);
-    uint8_t buf[20];
+static void recv_all(void *buf, size_t len) {
     size_t got = 0;
-    while (got < 20) {
-        ssize_t n = recv(sock, buf + got, 20 - got, 0);
+    while (got < len) {
+        ssize_t n = recv(sock, (uint8_t *)buf + got, len - got, 0);
         if (n <= 0) die("no reply from the back-end%s", "");
         got += (size_t)n;
     }
-    uint64_t v;
-    memcpy(&v, buf + 12, 8);
+}
+
+/* Reads the reply to request req: checks its header, returns its payload size (at most cap bytes kept). */
+static uint32_t read_reply(uint32_t req, void *payload, uint32_t cap) {
+    uint32_t hdr[3];
+    recv_all(hdr, 12);
+    if (hdr[0] != req || !(hdr[1] & REPLY_FLAG) || hdr[2] > 4096) die("unexpected reply from the back-end%s", "");
+    uint8_t buf[4096];
+    recv_all(buf, hdr[2]);
+    memcpy(payload, buf, hdr[2] < cap ? hdr[2] : cap);
+    return hdr[2];
+}
+
+static uint64_t get_u64(uint32_t req) {
+    send_msg(req, NULL, 0, NULL, 0);
+    uint64_t v = 0;
+    if (read_reply(req, &v, 8) != 8) die("reply of the wrong size%s", "");
     return v;
 }
 
@@ -122,8 +149,14 @@ static uint8_t *mem;
 static uint64_t mem_size;
 static int scsi, writes, event_idx = 1, depth = 32, block = 4096, seconds = 5, queues = 1, lun = 0;
 static unsigned ring_size = 256;
+static int dirty_log;
+static _Atomic uint64_t *log_words; /* the dirty log (-L): bit n of the bitmap = guest page n */
+static uint64_t log_bytes;
 static uint64_t span = 256ULL << 20;
 static atomic_int phase; /* 0 warm-up, 1 measuring, 2 stop */
+static struct queue *all_queues;
+static volatile uint64_t mark_total; /* requests completed when SIGUSR1 came (0: never) */
+static volatile sig_atomic_t marked;
 
 #define SLOT_BYTES 256 /* blk: header 16 at 0, status at 128; scsi: request 51 at 0, response 108 at 128 */
 
@@ -182,7 +215,16 @@ static inline void queue_request(struct queue *q, unsigned s) {
 static inline int request_failed(struct queue *q, unsigned s) {
     uint8_t *hdr = q->slots + (size_t)s * SLOT_BYTES;
     if (!scsi) return hdr[128] != 0;
-    return hdr[128 + 11] != 0 || hdr[128 + 10] != 0; /* response VIRTIO_SCSI_S_OK, status GOOD */
+    uint8_t *resp = hdr + 128;
+    if (resp[11] != 0) return 1; /* response VIRTIO_SCSI_S_OK */
+    if (resp[10] == 0) return 0; /* status GOOD */
+    /* CHECK CONDITION with UNIT ATTENTION (fixed or descriptor sense): the first command of a new nexus
+     * (POWER ON, RESET) may get it, and a slow target may answer it after the warm-up: not a failure. */
+    uint8_t *sense = resp + 12;
+    uint32_t sense_len;
+    memcpy(&sense_len, resp, 4);
+    uint8_t key = sense_len >= 3 && (sense[0] & 0x7f) <= 0x71 ? sense[2] & 0x0f : sense_len >= 2 ? sense[1] & 0x0f : 0;
+    return !(resp[10] == 0x02 && key == 0x06);
 }
 
 /* Publishes the avail index and kicks when the device asks for it. */
@@ -235,22 +277,76 @@ static void *drive(void *arg) {
     return NULL;
 }
 
+/* SIGUSR1: notes how many requests have completed so far, so that a profiler zeroed at the same moment can
+ * divide what it counts afterwards by the requests completed afterwards ("since-mark" in the output). */
+static void on_mark(int sig) {
+    (void)sig;
+    uint64_t t = 0;
+    for (int i = 0; all_queues && i < queues; i++) t += ((volatile struct queue *)&all_queues[i])->total;
+    mark_total = t;
+    marked = 1;
+}
+
+/* Marks the pages of [gpa, gpa + len) in a page bitmap. */
+static void mark(uint8_t *bits, uint64_t gpa, uint64_t len) {
+    for (uint64_t p = gpa / LOG_PAGE; len && p <= (gpa + len - 1) / LOG_PAGE; p++) bits[p / 8] |= (uint8_t)(1u << (p % 8));
+}
+
+/* The pages a logging back-end must have marked, and only those: each queue's used ring (entries, index and
+ * avail_event) and every device-writable buffer of the requests in its slots (blk status, scsi response;
+ * data-in buffers of reads). Returns the number of mismatched pages (printed). */
+static uint64_t check_log(const struct queue *qs) {
+    uint64_t pages = mem_size / LOG_PAGE, bad = 0, marked = 0;
+    uint8_t *want = calloc(1, log_bytes);
+    for (int i = 0; i < queues; i++) {
+        const struct queue *q = &qs[i];
+        mark(want, q->used_gpa, 6 + 8ULL * q->size);
+        for (int s = 0; s < depth; s++) {
+            const struct desc *d = q->desc + 3 * s;
+            for (int k = 0; k < 3; k++)
+                if (d[k].flags & DESC_F_WRITE) mark(want, d[k].addr, d[k].len);
+        }
+    }
+    for (uint64_t p = 0; p < pages; p++) {
+        int w = (want[p / 8] >> (p % 8)) & 1;
+        int got = (((const uint8_t *)log_words)[p / 8] >> (p % 8)) & 1;
+        marked += (uint64_t)got;
+        if (w != got) {
+            if (bad < 8) fprintf(stderr, "vhost-bench: dirty log: page %" PRIu64 " %s\n", p, w ? "not marked" : "marked but never written");
+            bad++;
+        }
+    }
+    free(want);
+    printf("dirty-log pages %" PRIu64 " of %" PRIu64 " marked, %" PRIu64 " wrong\n", marked, pages, bad);
+    return bad;
+}
+
 static double now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
+/* Sleeps for `seconds`, whatever signals (SIGUSR1) interrupt it. */
+static void sleep_for(double seconds) {
+    double end = now() + seconds;
+    for (double left = seconds; left > 0; left = end - now()) {
+        struct timespec ts = {(time_t)left, (long)((left - (double)(time_t)left) * 1e9)};
+        nanosleep(&ts, NULL);
+    }
+}
+
 static void usage(void) {
     fprintf(stderr, "usage: vhost-bench -s SOCKET [-T blk|scsi] [-w] [-d DEPTH] [-t SECONDS] [-b BYTES] [-S SPAN]\n"
-                    "                   [-q QUEUES] [-e 0|1] [-l LUN] [-n RINGSIZE]\n");
+                    "                   [-q QUEUES] [-e 0|1] [-l LUN] [-n RINGSIZE] [-L|--dirty-log]\n");
     exit(2);
 }
 
 int main(int argc, char **argv) {
     const char *path = NULL;
     int opt;
-    while ((opt = getopt(argc, argv, "s:T:wd:t:b:S:q:e:l:n:h")) != -1) {
+    static const struct option longopts[] = {{"dirty-log", no_argument, NULL, 'L'}, {0, 0, 0, 0}};
+    while ((opt = getopt_long(argc, argv, "s:T:wd:t:b:S:q:e:l:n:Lh", longopts, NULL)) != -1) {
         switch (opt) {
         case 's': path = optarg; break;
         case 'T': scsi = strcmp(optarg, "scsi") == 0; if (!scsi && strcmp(optarg, "blk")) usage(); break;
@@ -263,9 +359,11 @@ int main(int argc, char **argv) {
         case 'e': event_idx = atoi(optarg); break;
         case 'l': lun = atoi(optarg); break;
         case 'n': ring_size = (unsigned)atoi(optarg); break;
+        case 'L': dirty_log = 1; break;
         default: usage();
         }
     }
+    signal(SIGUSR1, on_mark);
     if (!path || depth < 1 || seconds < 1 || block < 512 || block % 512 || queues < 1 || queues > 16 || lun < 0 || lun > 16383
         || ring_size & (ring_size - 1) || (unsigned)depth * 3 > ring_size || span < (uint64_t)block)
         usage();
@@ -288,9 +386,10 @@ int main(int argc, char **argv) {
     if (!(offered & F_VERSION_1) || !(offered & F_PROTOCOL_FEATURES)) die("back-end lacks VERSION_1 or PROTOCOL_FEATURES%s", "");
     if (event_idx && !(offered & F_EVENT_IDX)) die("back-end lacks EVENT_IDX%s", "");
     uint64_t proto = get_u64(GET_PROTOCOL_FEATURES);
-    send_u64(SET_PROTOCOL_FEATURES, proto & PROTO_F_MQ);
+    if (dirty_log && (!(offered & F_LOG_ALL) || !(proto & PROTO_F_LOG_SHMFD))) die("back-end lacks VHOST_F_LOG_ALL or LOG_SHMFD%s", "");
+    send_u64(SET_PROTOCOL_FEATURES, proto & (PROTO_F_MQ | (dirty_log ? PROTO_F_LOG_SHMFD : 0)));
     send_msg(SET_OWNER, NULL, 0, NULL, 0);
-    uint64_t features = F_VERSION_1 | F_PROTOCOL_FEATURES | (event_idx ? F_EVENT_IDX : 0);
+    uint64_t features = F_VERSION_1 | F_PROTOCOL_FEATURES | (event_idx ? F_EVENT_IDX : 0) | (dirty_log ? F_LOG_ALL : 0);
     if (!scsi && queues > 1) {
         if (!(offered & BLK_F_MQ)) die("back-end lacks VIRTIO_BLK_F_MQ%s", "");
         features |= BLK_F_MQ;
@@ -298,8 +397,25 @@ int main(int argc, char **argv) {
     send_u64(SET_FEATURES, features);
     struct { uint32_t n, pad; uint64_t gpa, size, uaddr, offset; } table = {1, 0, 0, mem_size, (uint64_t)(uintptr_t)mem, 0};
     send_msg(SET_MEM_TABLE, &table, sizeof table, &memfd, 1);
+    if (dirty_log) {
+        /* One bit per 4 KiB page of guest memory, in whole u64 words (as QEMU sizes it). */
+        log_bytes = ((mem_size / LOG_PAGE + 63) / 64) * 8;
+        uint64_t map = (log_bytes + 4095) & ~4095ULL;
+        int logfd = memfd_create("vhost-bench-log", MFD_CLOEXEC);
+        if (logfd < 0 || ftruncate(logfd, (off_t)map) != 0) die("log memfd: %s", strerror(errno));
+        log_words = mmap(NULL, map, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, logfd, 0);
+        if (log_words == MAP_FAILED) die("log mmap: %s", strerror(errno));
+        uint64_t lb[2] = {log_bytes, 0}; /* mmap_size, mmap_offset */
+        send_msg(SET_LOG_BASE, lb, sizeof lb, &logfd, 1);
+        /* With LOG_SHMFD the back-end answers SET_LOG_BASE once the log is mapped (libvhost-user with a u64,
+         * others empty): read that reply, whatever its payload. */
+        uint64_t ignored;
+        (void)read_reply(SET_LOG_BASE, &ignored, sizeof ignored);
+        close(logfd);
+    }
 
     struct queue *qs = calloc((size_t)queues, sizeof *qs);
+    all_queues = qs;
     for (int i = 0; i < queues; i++) {
         struct queue *q = &qs[i];
         uint64_t base = per_queue * (uint64_t)i;
@@ -323,8 +439,8 @@ int main(int argc, char **argv) {
         q->call = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
         send_state(SET_VRING_NUM, (uint32_t)q->index, ring_size);
         struct { uint32_t index, flags; uint64_t desc, used, avail, log; } va = {
-            (uint32_t)q->index, 0, (uint64_t)(uintptr_t)(mem + q->desc_gpa), (uint64_t)(uintptr_t)(mem + q->used_gpa),
-            (uint64_t)(uintptr_t)(mem + q->avail_gpa), 0};
+            (uint32_t)q->index, dirty_log ? VRING_F_LOG : 0, (uint64_t)(uintptr_t)(mem + q->desc_gpa),
+            (uint64_t)(uintptr_t)(mem + q->used_gpa), (uint64_t)(uintptr_t)(mem + q->avail_gpa), dirty_log ? q->used_gpa : 0};
         send_msg(SET_VRING_ADDR, &va, sizeof va, NULL, 0);
         send_state(SET_VRING_BASE, (uint32_t)q->index, 0);
         uint64_t idx = (uint64_t)q->index;
@@ -336,10 +452,15 @@ int main(int argc, char **argv) {
     (void)get_u64(GET_FEATURES);
 
     for (int i = 0; i < queues; i++) pthread_create(&qs[i].thread, NULL, drive, &qs[i]);
-    usleep(500000);
+    printf("running\n"); /* set-up done (a profiler may zero its counts from here, see SIGUSR1) */
+    fflush(stdout);
+    sleep_for(0.5);
+    /* The log as the VMM syncs it: fetched and cleared word by word while the back-end sets bits. From here
+     * on only what the measured part writes is in it. */
+    for (uint64_t w = 0; w < log_bytes / 8; w++) atomic_exchange(&log_words[w], 0);
     atomic_store(&phase, 1);
     double t0 = now();
-    usleep((useconds_t)seconds * 1000000);
+    sleep_for(seconds);
     atomic_store(&phase, 2);
     double elapsed = now() - t0;
     uint64_t done = 0, total = 0, kicks = 0, errors = 0, irqs = 0;
@@ -352,8 +473,11 @@ int main(int argc, char **argv) {
         uint64_t v = 0;
         if (read(qs[i].call, &v, 8) == 8) irqs += v;
     }
-    printf("iops %.0f kicks/req %.4f irqs/req %.4f total %" PRIu64 " errors %" PRIu64 "\n", (double)done / elapsed,
+    uint64_t wrong = dirty_log ? check_log(qs) : 0;
+    printf("iops %.0f kicks/req %.4f irqs/req %.4f total %" PRIu64 " errors %" PRIu64, (double)done / elapsed,
            done ? (double)kicks / (double)done : 0.0, total ? (double)irqs / (double)total : 0.0, total, errors);
+    if (marked) printf(" since-mark %" PRIu64, total - mark_total);
+    printf("\n");
     close(sock);
-    return errors ? 1 : 0;
+    return errors || wrong ? 1 : 0;
 }

@@ -1,4 +1,7 @@
 import BlockIO
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// One event-loop thread's back-end channels, one per LUN back-end that thread serves, in the shape of
 /// SPDK's per-thread LUN I/O channels (lib/scsi/lun.c): a LUN's channel is opened on the thread's first I/O
@@ -11,32 +14,31 @@ import BlockIO
 /// from a use to its channel by array index, with no hashing, allocation or reference counting of its own.
 /// Entries are created on a back-end's first command (control path: its counters are looked up then), and
 /// a closed entry's index is reused.
+///
+/// The table is generic over the channel type, and device models run it unspecialized (their own generic
+/// classes are called through the event loop). So the per-request paths (`beginTask`, `endTask`, `submit`,
+/// `reap`, `commit`) never touch a type built from `Channel` (`Channel?`, an entry holding one, an array of
+/// those): Swift looks such a type's metadata up in a global cache on every use, a few hundred instructions
+/// each. Entries are a non-generic struct, and the channels sit in a buffer of their own, valid where
+/// `Entry.open` is set.
 public final class LUNChannelTable<Channel: BlockChannel> {
-    struct Entry {
-        /// The LUN's `backendID` (-1: free entry).
-        var backendID = -1
-        /// The channel, once opened (never again after retirement).
-        var channel: Channel? = nil
-        /// The LUN's counters per queue of the device (nil where there are none).
-        var counters: UnsafeMutablePointer<IOCounters?>? = nil
-        /// Commands begun on this LUN and not yet answered.
-        var tasks = 0
-        /// Requests submitted on `channel` and not yet reaped.
-        var submitted = 0
-        /// Submitted since the last commit (listed in `dirty`).
-        var dirty = false
-        /// Its LUN left the map: no new command reaches it; it closes when idle.
-        var retired = false
-    }
+    typealias Entry = LUNChannelEntry
 
     private let open: (Int) throws -> Channel
     private let countersProvider: ((_ backendID: Int, _ queue: Int) -> IOCounters?)?
     private let queues: Int
-    private var entries: [Entry] = []
+    // The state below is used on the table's thread only, and no access to it spans a call that could
+    // reach it again (a handler called from `reap` gets no `inout` to it): Swift's dynamic exclusivity
+    // checks (a thread-local access set, about 100 instructions per access, several per request) are off
+    // for it, as for the device models' own per-thread state.
+    @exclusivity(unchecked) private var entries: [Entry] = []
+    /// The open channels, by entry index (initialized where `entries[i].open`); `channelCapacity` slots.
+    @exclusivity(unchecked) private var channelBuffer: UnsafeMutablePointer<Channel>
+    private var channelCapacity: Int
     private var freeEntries: [Int] = []
     /// Entry index of the live (not retired) use of each back-end id, -1 when none.
-    private var useOfBackend: [Int32] = []
-    private var dirty: [Int] = []
+    @exclusivity(unchecked) private var useOfBackend: [Int32] = []
+    @exclusivity(unchecked) private var dirty: [Int] = []
     /// Retired entries not yet closed.
     public private(set) var retiredCount = 0
 
@@ -55,13 +57,19 @@ public final class LUNChannelTable<Channel: BlockChannel> {
         self.queues = max(1, queues)
         countersProvider = counters
         entries.reserveCapacity(64)
+        channelCapacity = 64
+        channelBuffer = .allocate(capacity: channelCapacity)
         freeEntries.reserveCapacity(64)
         dirty.reserveCapacity(64)
         useOfBackend.reserveCapacity(256)
     }
 
     deinit {
-        for i in entries.indices { releaseCounters(i) }
+        for i in entries.indices {
+            releaseCounters(i)
+            if entries[i].open { (channelBuffer + i).deinitialize(count: 1) }
+        }
+        channelBuffer.deallocate()
     }
 
     // MARK: Uses
@@ -98,10 +106,23 @@ public final class LUNChannelTable<Channel: BlockChannel> {
         } else {
             index = entries.count
             entries.append(entry)
+            if entries.count > channelCapacity { growChannelBuffer() }
         }
         while useOfBackend.count <= backendID { useOfBackend.append(-1) }
         useOfBackend[backendID] = Int32(index)
         return index
+    }
+
+    /// Doubles the channel buffer, moving the open channels (control path: a new use).
+    private func growChannelBuffer() {
+        let capacity = channelCapacity * 2
+        let buffer = UnsafeMutablePointer<Channel>.allocate(capacity: capacity)
+        for i in 0..<channelCapacity where i < entries.count && entries[i].open {
+            (buffer + i).moveInitialize(from: channelBuffer + i, count: 1)
+        }
+        channelBuffer.deallocate()
+        channelBuffer = buffer
+        channelCapacity = capacity
     }
 
     private func releaseCounters(_ index: Int) {
@@ -127,34 +148,48 @@ public final class LUNChannelTable<Channel: BlockChannel> {
     /// be opened (`openFailed` was told) or is retired.
     @inline(__always)
     public func channel(_ use: Int) -> Channel? {
-        if let c = entries[use].channel { return c }
-        return openChannel(use)
+        guard entries[use].open || openChannel(use) else { return nil }
+        return channelBuffer[use]
     }
 
-    private func openChannel(_ use: Int) -> Channel? {
-        guard !entries[use].retired, entries[use].backendID >= 0 else { return nil }
+    /// Opens the channel of a use (its LUN's first I/O on this thread); false when it cannot be opened
+    /// (`openFailed` was told) or the use is retired.
+    private func openChannel(_ use: Int) -> Bool {
+        guard !entries[use].retired, entries[use].backendID >= 0 else { return false }
         do {
             let c = try open(entries[use].backendID)
-            entries[use].channel = c
+            (channelBuffer + use).initialize(to: c)
+            entries[use].open = true
             if c.completionFD >= 0 { watch?(c.completionFD, use) }
-            return c
+            return true
         } catch {
             openFailed?(entries[use].backendID, error)
-            return nil
+            return false
         }
     }
 
     /// The channel of a use if it is open (task management, quiesce: never opens one).
     @inline(__always)
     public func openedChannel(_ use: Int) -> Channel? {
-        use >= 0 && use < entries.count ? entries[use].channel : nil
+        use >= 0 && use < entries.count && entries[use].open ? channelBuffer[use] : nil
+    }
+
+    /// Submits `request` on the use's channel (opened on first I/O) and counts it (see `submitted`): the
+    /// data path's way to submit, with no `Channel?` on the way. Returns 0, EIO when the channel cannot be
+    /// opened or the use is retired, or the channel's errno (the request was then not queued).
+    @inline(__always)
+    public func submit(_ request: BlockRequest, token: UInt64, use: Int) -> Int32 {
+        guard use >= 0, entries[use].open || openChannel(use) else { return EIO }
+        let rc = channelBuffer[use].submit(request, token: token)
+        if rc == 0 { submitted(use) }
+        return rc
     }
 
     /// The uses whose channel is open (including those of removed LUNs still draining).
-    public var openUses: [Int] { entries.indices.filter { entries[$0].channel != nil } }
+    public var openUses: [Int] { entries.indices.filter { entries[$0].open } }
 
     /// Open channels (including those of removed LUNs still draining).
-    public var openChannelCount: Int { entries.reduce(0) { $0 + ($1.channel == nil ? 0 : 1) } }
+    public var openChannelCount: Int { entries.reduce(0) { $0 + ($1.open ? 1 : 0) } }
 
     // MARK: In-flight counting
 
@@ -192,7 +227,8 @@ public final class LUNChannelTable<Channel: BlockChannel> {
         var synchronous = false
         for use in dirty {
             entries[use].dirty = false
-            if let c = entries[use].channel {
+            if entries[use].open {
+                let c = channelBuffer[use]
                 c.commit()
                 if c.completesOnCommit { synchronous = true }
             }
@@ -205,7 +241,8 @@ public final class LUNChannelTable<Channel: BlockChannel> {
     /// `handler`; each counts out of the use's in-flight requests before `handler` sees it.
     @inline(__always)
     public func reap(_ use: Int, polling: Bool, _ handler: (UInt64, BlockResult) -> Void) -> Int {
-        guard let c = entries[use].channel else { return 0 }
+        guard entries[use].open else { return 0 }
+        let c = channelBuffer[use]
         func deliver(_ token: UInt64, _ result: BlockResult) {
             entries[use].submitted -= 1
             handler(token, result)
@@ -257,7 +294,9 @@ public final class LUNChannelTable<Channel: BlockChannel> {
     }
 
     private func free(_ index: Int) {
-        if let c = entries[index].channel {
+        if entries[index].open {
+            let c = (channelBuffer + index).move()
+            entries[index].open = false
             if c.completionFD >= 0 { unwatch?(c.completionFD) }
             c.close()
         }
@@ -275,4 +314,23 @@ public final class LUNChannelTable<Channel: BlockChannel> {
         dirty.removeAll()
         retiredCount = 0
     }
+}
+
+/// One use of a `LUNChannelTable` (not generic: see the table's note on metadata).
+struct LUNChannelEntry {
+    /// The LUN's `backendID` (-1: free entry).
+    var backendID = -1
+    /// The channel is open: the table's channel buffer holds it at this entry's index (never again after
+    /// retirement).
+    var open = false
+    /// The LUN's counters per queue of the device (nil where there are none).
+    var counters: UnsafeMutablePointer<IOCounters?>? = nil
+    /// Commands begun on this LUN and not yet answered.
+    var tasks = 0
+    /// Requests submitted on the channel and not yet reaped.
+    var submitted = 0
+    /// Submitted since the last commit (listed in `dirty`).
+    var dirty = false
+    /// Its LUN left the map: no new command reaches it; it closes when idle.
+    var retired = false
 }

@@ -16,7 +16,8 @@ extension IOCommandClass {
 
 extension SCSITask {
     /// The sense key of the task's sense data (fixed or descriptor format), or 0 when it has none.
-    @inline(__always)
+    /// Inlinable, as `IOCounters.record(task:)`: a call would need the whole task as a value.
+    @inlinable @inline(__always)
     public var senseKey: UInt8 {
         guard sense.length >= 3 else { return 0 }
         switch sense[0] & 0x7F {
@@ -31,11 +32,18 @@ extension IOCounters {
     /// Counts a completed SCSI task: class from its opcode, bytes from its data-in/data-out lengths,
     /// status and sense key from its result. Call on the queue's owner thread when the front-end sends
     /// the task's status (aborted tasks too, with TASK ABORTED). No lock, no allocation.
-    @inline(__always)
+    @inlinable @inline(__always)
     public func record(task: borrowing SCSITask, latencyNanos: UInt64) {
-        let kind = IOCommandClass(scsiOpcode: task.cdb.opcode)
-        let bytes = kind == .read ? task.dataInLength : (kind == .write ? task.dataOutLength : 0)
-        record(command: kind, bytes: bytes, latencyNanos: latencyNanos, status: task.status.rawValue,
-               senseKey: task.senseKey)
+        withUnsafePointer(to: task) { record(task: $0, latencyNanos: latencyNanos) }
+    }
+
+    /// The same for a task in a device's slot memory: only the fields counted are read (passing `slots[i]`
+    /// by value would copy the whole task, retaining its references, on every command).
+    @inlinable @inline(__always)
+    public func record(task: UnsafePointer<SCSITask>, latencyNanos: UInt64) {
+        let kind = IOCommandClass(scsiOpcode: task.pointee.cdb.opcode)
+        let bytes = kind == .read ? task.pointee.dataInLength : (kind == .write ? task.pointee.dataOutLength : 0)
+        record(command: kind, bytes: bytes, latencyNanos: latencyNanos, status: task.pointee.status.rawValue,
+               senseKey: task.pointee.senseKey)
     }
 }

@@ -111,15 +111,18 @@ public final class Virtqueue: @unchecked Sendable {
 
     private let busy: UnsafeMutablePointer<Bool>
     private let slotVectors: UnsafeMutablePointer<iovec>
+    // The public counters and flags below are read from other modules, so Swift cannot prove their accesses
+    // free of overlap and checks each at run time (about 100 instructions, seven per request in pop and
+    // push). A queue is used on its loop thread only and no access to them spans a call: the checks are off.
     /// Requests popped and not yet pushed back.
-    public private(set) var inFlight = 0
+    @exclusivity(unchecked) public private(set) var inFlight = 0
     /// Requests popped and pushed since the queue started (progress counters for watchdogs).
-    public private(set) var popCount: UInt64 = 0
-    public private(set) var pushCount: UInt64 = 0
+    @exclusivity(unchecked) public private(set) var popCount: UInt64 = 0
+    @exclusivity(unchecked) public private(set) var pushCount: UInt64 = 0
     /// Whether the queue found its ring corrupt and stopped.
-    public private(set) var isBroken = false
+    @exclusivity(unchecked) public private(set) var isBroken = false
     /// Why the queue broke (for the log).
-    public private(set) var brokenReason = ""
+    @exclusivity(unchecked) public private(set) var brokenReason = ""
 
     /// Optional in-flight tracking region for this queue (vhost-user INFLIGHT_SHMFD, split rings).
     private var inflight: InflightQueueRegion?

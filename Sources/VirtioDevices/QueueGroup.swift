@@ -55,8 +55,9 @@ public final class RunningQueue: @unchecked Sendable {
     var brokenReported = false
     var interruptsSent: UInt64 = 0
     /// The queue stopped before its requests completed (see `QueueGroup.remove`): its ring is broken
-    /// and its slots wait only for the back-end's late completions.
-    public internal(set) var abandoned = false
+    /// and its slots wait only for the back-end's late completions. Read for every completion of a device
+    /// model, on the queue's loop thread: no dynamic exclusivity check (see `Virtqueue.inFlight`).
+    @exclusivity(unchecked) public internal(set) var abandoned = false
     /// Watchdog state: progress seen at the last tick, pushes covered by its last re-signal, and counts
     /// of the lost notifications it repaired.
     var watchPops: UInt64 = 0

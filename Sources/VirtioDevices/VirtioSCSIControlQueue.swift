@@ -19,12 +19,14 @@ extension SCSIGroupHandler {
             queue.complete(head: head, ringEntries: entries, length: 0)
             return
         }
-        let type = UInt32(truncatingIfNeeded: request.0.littleEndian)
-        switch type {
-        case VirtioSCSI.typeTMF:
+        func answer(_ code: VirtioSCSI.Response) {
+            response.storeBytes(of: code.rawValue, as: UInt8.self)
+            queue.complete(head: head, ringEntries: entries, length: 1)
+        }
+        switch VirtioSCSI.ControlType(rawValue: UInt32(truncatingIfNeeded: request.0.littleEndian)) {
+        case .taskManagement?:
             guard got >= 24 else {
-                response.storeBytes(of: VirtioSCSI.responseFailure, as: UInt8.self)
-                queue.complete(head: head, ringEntries: entries, length: 1)
+                answer(.failure)
                 return
             }
             let subtype = UInt32(truncatingIfNeeded: request.0.littleEndian >> 32)
@@ -36,8 +38,7 @@ extension SCSIGroupHandler {
             let lun: LogicalUnitNumber?
             switch VirtioSCSI.decodeAddress(lunBytes) {
             case .badTarget:
-                response.storeBytes(of: VirtioSCSI.responseBadTarget, as: UInt8.self)
-                queue.complete(head: head, ringEntries: entries, length: 1)
+                answer(.badTarget)
                 return
             case .incorrectLUN:
                 lun = nil
@@ -45,18 +46,17 @@ extension SCSIGroupHandler {
                 lun = value
             }
             let function: TaskManagementFunction
-            switch subtype {
-            case VirtioSCSI.tmfAbortTask: function = .abortTask(tag: tag)
-            case VirtioSCSI.tmfAbortTaskSet: function = .abortTaskSet
-            case VirtioSCSI.tmfClearACA: function = .clearACA
-            case VirtioSCSI.tmfClearTaskSet: function = .clearTaskSet
-            case VirtioSCSI.tmfITNexusReset: function = .itNexusReset
-            case VirtioSCSI.tmfLogicalUnitReset: function = .logicalUnitReset
-            case VirtioSCSI.tmfQueryTask: function = .queryTask(tag: tag)
-            case VirtioSCSI.tmfQueryTaskSet: function = .queryTaskSet
-            default:
-                response.storeBytes(of: VirtioSCSI.responseFunctionRejected, as: UInt8.self)
-                queue.complete(head: head, ringEntries: entries, length: 1)
+            switch VirtioSCSI.TMF(rawValue: subtype) {
+            case .abortTask?: function = .abortTask(tag: tag)
+            case .abortTaskSet?: function = .abortTaskSet
+            case .clearACA?: function = .clearACA
+            case .clearTaskSet?: function = .clearTaskSet
+            case .itNexusReset?: function = .itNexusReset
+            case .logicalUnitReset?: function = .logicalUnitReset
+            case .queryTask?: function = .queryTask(tag: tag)
+            case .queryTaskSet?: function = .queryTaskSet
+            case nil:
+                answer(.functionRejected)
                 return
             }
             let device = self.device!
@@ -67,31 +67,29 @@ extension SCSIGroupHandler {
                 // On the control group's loop; the control queue cannot finish draining before this runs.
                 device.target.finishTaskManagement(plan, outcome)
                 let q = queue
-                let code: UInt8
+                let code: VirtioSCSI.Response
                 switch plan.response(queryMatched: outcome.queryMatched) {
-                case .functionComplete: code = VirtioSCSI.responseOK
-                case .functionSucceeded: code = VirtioSCSI.responseFunctionSucceeded
-                case .functionRejected: code = VirtioSCSI.responseFunctionRejected
-                case .incorrectLUN: code = VirtioSCSI.responseIncorrectLUN
-                case .serviceDeliveryFailure: code = VirtioSCSI.responseFailure
+                case .functionComplete: code = .ok
+                case .functionSucceeded: code = .functionSucceeded
+                case .functionRejected: code = .functionRejected
+                case .incorrectLUN: code = .incorrectLUN
+                case .serviceDeliveryFailure: code = .failure
                 }
                 let p = pendingBox.value
-                p.response.storeBytes(of: code, as: UInt8.self)
+                p.response.storeBytes(of: code.rawValue, as: UInt8.self)
                 q.complete(head: p.head, ringEntries: p.entries, length: 1)
             }
-        case VirtioSCSI.typeANQuery, VirtioSCSI.typeANSubscribe:
+        case .asyncNotificationQuery?, .asyncNotificationSubscribe?:
             // No asynchronous notification classes are supported: event_actual = 0, response OK.
             guard got >= 16, chain.writableBytes >= 5 else {
-                response.storeBytes(of: VirtioSCSI.responseFailure, as: UInt8.self)
-                queue.complete(head: head, ringEntries: entries, length: 1)
+                answer(.failure)
                 return
             }
-            let reply: [UInt8] = [0, 0, 0, 0, VirtioSCSI.responseOK]
+            let reply: [UInt8] = [0, 0, 0, 0, VirtioSCSI.Response.ok.rawValue]
             _ = reply.withUnsafeBytes { chain.writable.scatter(at: 0, from: $0) }
             queue.complete(head: head, ringEntries: entries, length: 5)
-        default:
-            response.storeBytes(of: VirtioSCSI.responseFailure, as: UInt8.self)
-            queue.complete(head: head, ringEntries: entries, length: 1)
+        case nil:
+            answer(.failure)
         }
     }
 
@@ -143,7 +141,7 @@ extension SCSIGroupHandler {
 
     func respondAborted(_ q: SCSIQueueSlots, _ head: UInt16) {
         endTask(q, head)
-        respondTransport(q, head, VirtioSCSI.responseAborted)
+        respondTransport(q, head, .aborted)
     }
 
     func finishAbortWaiters() {

@@ -21,16 +21,16 @@ extension SCSIGroupHandler {
         switch event {
         case let .added(lun):
             guard features & VirtioSCSI.featureHotplug != 0 else { return }
-            pendingEvents.append((VirtioSCSI.eventTransportReset, lun, VirtioSCSI.resetRescan))
+            pendingEvents.append((.transportReset, lun, VirtioSCSI.ResetReason.rescan.rawValue))
         case let .removed(lun):
             guard features & VirtioSCSI.featureHotplug != 0 else { return }
-            pendingEvents.append((VirtioSCSI.eventTransportReset, lun, VirtioSCSI.resetRemoved))
+            pendingEvents.append((.transportReset, lun, VirtioSCSI.ResetReason.removed.rawValue))
         case let .capacityChanged(lun, _):
             guard features & VirtioSCSI.featureChange != 0 else { return }
-            pendingEvents.append((VirtioSCSI.eventParamChange, lun, 0x2A | 0x09 << 8))
+            pendingEvents.append((.parameterChange, lun, 0x2A | 0x09 << 8))
         case let .parametersChanged(lun):
             guard features & VirtioSCSI.featureChange != 0 else { return }
-            pendingEvents.append((VirtioSCSI.eventParamChange, lun, 0x2A | 0x01 << 8))
+            pendingEvents.append((.parameterChange, lun, 0x2A | 0x01 << 8))
         }
         deliverEvents()
     }
@@ -60,17 +60,17 @@ extension SCSIGroupHandler {
                 queue.complete(head: chain.head, ringEntries: chain.ringEntries, length: 0)
                 continue
             }
-            var event: UInt32 = VirtioSCSI.eventNone
+            var event = VirtioSCSI.Event.noEvent.rawValue
             var lunBytes: [UInt8] = [0, 0, 0, 0, 0, 0, 0, 0]
             var reason: UInt32 = 0
             if !pendingEvents.isEmpty {
                 let e = pendingEvents.removeFirst()
-                event = e.0
+                event = e.0.rawValue
                 if let lun = e.1 { lunBytes = VirtioSCSI.encodeAddress(lun) }
                 reason = e.2
             }
             if eventsMissed {
-                event |= VirtioSCSI.eventsMissed
+                event |= VirtioSCSI.Event.missedFlag
                 eventsMissed = false
             }
             var bytes = [UInt8]()

@@ -13,7 +13,10 @@ final class SCSIGroupHandler<Channel: BlockChannel>: QueueGroupHandler, @uncheck
     unowned(unsafe) var group: QueueGroup<SCSIGroupHandler<Channel>>!
     /// This thread's LUN channels (opened on first I/O, retired on removal, closed when idle).
     let channels: LUNChannelTable<Channel>
-    var queues: [SCSIQueueSlots?]
+    // The handler's state is used on its group's loop thread only, and no access to it spans a call that
+    // could reach it again: dynamic exclusivity checks (about 100 instructions per access, several per
+    // request) are off for what the data path touches (`queues`, `taskSet`, `view`, `abortWaiters`).
+    @exclusivity(unchecked) var queues: [SCSIQueueSlots?]
     /// Slots of abandoned rings (their drain timed out) whose back-end requests have not all come back:
     /// their task-set slots stay reserved; their late completions are dropped.
     private var abandonedQueues: [SCSIQueueSlots] = []
@@ -23,12 +26,12 @@ final class SCSIGroupHandler<Channel: BlockChannel>: QueueGroupHandler, @uncheck
     /// Task-set slots per queue region: the expected ring size, or `maxSlotsPerQueue` after a larger ring came.
     private var slotsPerQueue: Int
     private let maxSlotsPerQueue: Int
-    var taskSet: TaskSet
-    private var view = LUNMapView()
-    var abortWaiters: [@Sendable (TaskManagementOutcome) -> Void] = []
+    @exclusivity(unchecked) var taskSet: TaskSet
+    @exclusivity(unchecked) private var view = LUNMapView()
+    @exclusivity(unchecked) var abortWaiters: [@Sendable (TaskManagementOutcome) -> Void] = []
     var abortOutcomes: [TaskManagementOutcome] = []
     // Event queue state (group 0).
-    var pendingEvents: [(UInt32, LogicalUnitNumber?, UInt32)] = []
+    var pendingEvents: [(VirtioSCSI.Event, LogicalUnitNumber?, UInt32)] = []
     var eventsMissed = false
 
     /// `queueRegions` request queues (with room for a restarted one whose old start still drains) of
@@ -222,7 +225,7 @@ final class SCSIGroupHandler<Channel: BlockChannel>: QueueGroupHandler, @uncheck
         q.uses[Int(head)] = -1
         channels.endTask(index)
         if let counters = channels.counters(index, queue: q.requestQueue) {
-            counters.record(task: q.tasks[Int(head)], latencyNanos: IOCounters.now() &- q.arrivals[Int(head)])
+            counters.record(task: q.tasks + Int(head), latencyNanos: IOCounters.now() &- q.arrivals[Int(head)])
         }
     }
 
@@ -259,7 +262,7 @@ final class SCSIGroupHandler<Channel: BlockChannel>: QueueGroupHandler, @uncheck
         }
         q.responseCounts[Int(head)] = n
         guard chain.readableBytes >= UInt64(requestSize) else {
-            respondTransport(q, head, VirtioSCSI.responseFailure)
+            respondTransport(q, head, .failure)
             return
         }
         // Copy the request header out of guest memory once (the guest may change it under us).
@@ -277,22 +280,22 @@ final class SCSIGroupHandler<Channel: BlockChannel>: QueueGroupHandler, @uncheck
         }
         guard let dataOut = chain.readable.droppingPrefix(requestSize),
               let dataIn = chain.writable.droppingPrefix(responseSize) else {
-            respondTransport(q, head, VirtioSCSI.responseFailure)
+            respondTransport(q, head, .failure)
             return
         }
         let unitNumber: LogicalUnitNumber
         switch VirtioSCSI.decodeAddress(lun) {
         case .badTarget:
-            respondTransport(q, head, VirtioSCSI.responseBadTarget)
+            respondTransport(q, head, .badTarget)
             return
         case .incorrectLUN:
-            respondTransport(q, head, VirtioSCSI.responseIncorrectLUN)
+            respondTransport(q, head, .incorrectLUN)
             return
         case let .lun(l):
             unitNumber = l
         }
         if dataOut.count > 0 && dataIn.count > 0 && device.negotiated.load(ordering: .relaxed) & VirtioSCSI.featureInOut == 0 {
-            respondTransport(q, head, VirtioSCSI.responseFailure)
+            respondTransport(q, head, .failure)
             return
         }
         let attribute: TaskAttribute
@@ -321,7 +324,7 @@ final class SCSIGroupHandler<Channel: BlockChannel>: QueueGroupHandler, @uncheck
             task.pointee.status = .busy
             beginTask(q, head, use: channels.existingUse(view.unit(unitNumber)?.backendID ?? -1))
             endTask(q, head)
-            respondTransport(q, head, VirtioSCSI.responseBusy)
+            respondTransport(q, head, .busy)
             return
         }
         let disposition = device.target.execute(&task.pointee, view: &view)
@@ -340,17 +343,11 @@ final class SCSIGroupHandler<Channel: BlockChannel>: QueueGroupHandler, @uncheck
                 respond(q, head, registered: true)
                 return
             case let .submit(request):
-                let index = Int(q.uses[Int(head)])
-                guard index >= 0, let c = channels.channel(index) else {
-                    disposition = device.target.resume(&task.pointee, with: .failure(EIO))
-                    continue
-                }
-                let rc = c.submit(request, token: q.token(head))
+                let rc = channels.submit(request, token: q.token(head), use: Int(q.uses[Int(head)]))
                 if rc != 0 {
                     disposition = device.target.resume(&task.pointee, with: .failure(rc))
                     continue
                 }
-                channels.submitted(index)
                 q.inBackend[Int(head)] = true
                 taskSet.setInBackend(slot: q.taskSetBase + Int(head), true)
                 return
@@ -360,10 +357,11 @@ final class SCSIGroupHandler<Channel: BlockChannel>: QueueGroupHandler, @uncheck
 
     // MARK: Responses
 
-    func respondTransport(_ q: SCSIQueueSlots, _ head: UInt16, _ response: UInt8) {
+    /// Answers a request the transport refused (malformed, bad address, busy) with `response` and no status.
+    func respondTransport(_ q: SCSIQueueSlots, _ head: UInt16, _ response: VirtioSCSI.Response) {
         var bytes: (UInt64, UInt32) = (0, 0)
         withUnsafeMutableBytes(of: &bytes) { b in
-            b[11] = response
+            b[11] = response.rawValue
             _ = q.response(head).scatter(at: 0, from: UnsafeRawBufferPointer(rebasing: b[0..<12]))
         }
         q.queue.complete(head: head, ringEntries: q.entries[Int(head)], length: UInt32(VirtioSCSI.responseHeaderSize))
@@ -372,22 +370,22 @@ final class SCSIGroupHandler<Channel: BlockChannel>: QueueGroupHandler, @uncheck
     /// Writes the response of a completed task and returns its buffers.
     private func respond(_ q: SCSIQueueSlots, _ head: UInt16, registered: Bool) {
         let task = q.tasks + Int(head)
-        var response = VirtioSCSI.responseOK
+        var response = VirtioSCSI.Response.ok
         if registered, taskSet.complete(slot: q.taskSetBase + Int(head)) == .aborted {
-            response = VirtioSCSI.responseAborted
+            response = .aborted
             task.pointee.status = .taskAborted
             task.pointee.sense.length = 0
         }
         let senseSize = Int(device.senseSize.load(ordering: .relaxed))
         let senseLength = min(task.pointee.sense.length, senseSize, SenseBytes.capacity)
-        let dataIn = response == VirtioSCSI.responseOK ? min(task.pointee.dataInLength, task.pointee.dataIn.totalLength) : 0
+        let dataIn = response == .ok ? min(task.pointee.dataInLength, task.pointee.dataIn.totalLength) : 0
         let residual = task.pointee.dataIn.totalLength - dataIn
         withUnsafeTemporaryAllocation(byteCount: VirtioSCSI.responseHeaderSize + SenseBytes.capacity, alignment: 8) { raw in
             raw.storeBytes(of: UInt32(senseLength).littleEndian, toByteOffset: 0, as: UInt32.self)
             raw.storeBytes(of: UInt32(truncatingIfNeeded: residual).littleEndian, toByteOffset: 4, as: UInt32.self)
             raw.storeBytes(of: UInt16(0), toByteOffset: 8, as: UInt16.self)
             raw[10] = task.pointee.status.rawValue
-            raw[11] = response
+            raw[11] = response.rawValue
             var i = 0
             while i < senseLength {
                 raw[VirtioSCSI.responseHeaderSize + i] = task.pointee.sense[i]

@@ -18,43 +18,82 @@ public enum VirtioSCSI {
     public static let eventQueue = 1
     public static let firstRequestQueue = 2
 
-    // Response codes.
-    public static let responseOK: UInt8 = 0
-    public static let responseOverrun: UInt8 = 1
-    public static let responseAborted: UInt8 = 2
-    public static let responseBadTarget: UInt8 = 3
-    public static let responseReset: UInt8 = 4
-    public static let responseBusy: UInt8 = 5
-    public static let responseTransportFailure: UInt8 = 6
-    public static let responseTargetFailure: UInt8 = 7
-    public static let responseNexusFailure: UInt8 = 8
-    public static let responseFailure: UInt8 = 9
-    public static let responseFunctionSucceeded: UInt8 = 10
-    public static let responseFunctionRejected: UInt8 = 11
-    public static let responseIncorrectLUN: UInt8 = 12
+    /// The `response` byte of a command's `virtio_scsi_cmd_resp` and of a TMF's `virtio_scsi_ctrl_tmf_resp`
+    /// (virtio 1.2 5.6.6.1, 5.6.6.2): how the transport delivered the request; a command's SCSI status is apart.
+    public enum Response: UInt8, Sendable {
+        /// VIRTIO_SCSI_S_OK: the command completed (its status tells how); for a TMF, FUNCTION COMPLETE.
+        case ok = 0
+        /// VIRTIO_SCSI_S_OVERRUN: the data-in buffers were too small for the data.
+        case overrun = 1
+        /// VIRTIO_SCSI_S_ABORTED: a task management function aborted the command.
+        case aborted = 2
+        /// VIRTIO_SCSI_S_BAD_TARGET: the LUN field names no target of this device (byte 0 not 1, target not 0).
+        case badTarget = 3
+        /// VIRTIO_SCSI_S_RESET: a reset ended the command.
+        case reset = 4
+        /// VIRTIO_SCSI_S_BUSY: no room for the command now (no free task slot); the driver retries.
+        case busy = 5
+        /// VIRTIO_SCSI_S_TRANSPORT_FAILURE: the request failed in the transport; another path may work.
+        case transportFailure = 6
+        /// VIRTIO_SCSI_S_TARGET_FAILURE: the target failed; retrying on another path will not help.
+        case targetFailure = 7
+        /// VIRTIO_SCSI_S_NEXUS_FAILURE: the I_T nexus failed.
+        case nexusFailure = 8
+        /// VIRTIO_SCSI_S_FAILURE: any other failure, here a malformed request (short header, no room for the
+        /// response, data in both directions without VIRTIO_SCSI_F_INOUT).
+        case failure = 9
+        /// VIRTIO_SCSI_S_FUNCTION_SUCCEEDED: a QUERY TASK / QUERY TASK SET found what it asked about.
+        case functionSucceeded = 10
+        /// VIRTIO_SCSI_S_FUNCTION_REJECTED: the TMF is not supported or not allowed.
+        case functionRejected = 11
+        /// VIRTIO_SCSI_S_INCORRECT_LUN: the LUN field is not an address this device decodes.
+        case incorrectLUN = 12
+    }
 
-    // Control queue request types.
-    public static let typeTMF: UInt32 = 0
-    public static let typeANQuery: UInt32 = 1
-    public static let typeANSubscribe: UInt32 = 2
+    /// The `type` of a control queue request (virtio 1.2 5.6.6.2).
+    public enum ControlType: UInt32, Sendable {
+        /// VIRTIO_SCSI_T_TMF: a task management function (`TMF` subtype).
+        case taskManagement = 0
+        /// VIRTIO_SCSI_T_AN_QUERY: which asynchronous notifications the device supports.
+        case asyncNotificationQuery = 1
+        /// VIRTIO_SCSI_T_AN_SUBSCRIBE: subscribes to asynchronous notifications.
+        case asyncNotificationSubscribe = 2
+    }
 
-    // TMF subtypes.
-    public static let tmfAbortTask: UInt32 = 0
-    public static let tmfAbortTaskSet: UInt32 = 1
-    public static let tmfClearACA: UInt32 = 2
-    public static let tmfClearTaskSet: UInt32 = 3
-    public static let tmfITNexusReset: UInt32 = 4
-    public static let tmfLogicalUnitReset: UInt32 = 5
-    public static let tmfQueryTask: UInt32 = 6
-    public static let tmfQueryTaskSet: UInt32 = 7
+    /// The `subtype` of a task management request (VIRTIO_SCSI_T_TMF_*; SAM-5 task management functions).
+    public enum TMF: UInt32, Sendable {
+        case abortTask = 0
+        case abortTaskSet = 1
+        case clearACA = 2
+        case clearTaskSet = 3
+        case itNexusReset = 4
+        case logicalUnitReset = 5
+        case queryTask = 6
+        case queryTaskSet = 7
+    }
 
-    // Events.
-    public static let eventNone: UInt32 = 0
-    public static let eventTransportReset: UInt32 = 1
-    public static let eventParamChange: UInt32 = 3
-    public static let eventsMissed: UInt32 = 0x8000_0000
-    public static let resetRescan: UInt32 = 1
-    public static let resetRemoved: UInt32 = 2
+    /// The `event` of a `virtio_scsi_event` on the event queue (virtio 1.2 5.6.6.3).
+    public enum Event: UInt32, Sendable {
+        /// VIRTIO_SCSI_T_NO_EVENT (with `missedFlag`: events were dropped, the driver rescans).
+        case noEvent = 0
+        /// VIRTIO_SCSI_T_TRANSPORT_RESET: a LUN appeared or went away (`ResetReason`).
+        case transportReset = 1
+        /// VIRTIO_SCSI_T_ASYNC_NOTIFY: an asynchronous notification (not sent by this device).
+        case asyncNotification = 2
+        /// VIRTIO_SCSI_T_PARAM_CHANGE: a LUN's parameters changed; `reason` carries ASC | ASCQ << 8.
+        case parameterChange = 3
+
+        /// VIRTIO_SCSI_T_EVENTS_MISSED: OR-ed into `event` when events were lost for want of buffers.
+        public static let missedFlag: UInt32 = 0x8000_0000
+    }
+
+    /// The `reason` of a VIRTIO_SCSI_T_TRANSPORT_RESET event.
+    public enum ResetReason: UInt32, Sendable {
+        /// VIRTIO_SCSI_EVT_RESET_RESCAN: the LUN appeared; the driver scans it.
+        case rescan = 1
+        /// VIRTIO_SCSI_EVT_RESET_REMOVED: the LUN went away; the driver removes its device.
+        case removed = 2
+    }
 
     /// Size of a virtio_scsi_event.
     public static let eventSize = 16

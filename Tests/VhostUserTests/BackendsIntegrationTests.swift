@@ -118,7 +118,7 @@ import Glibc
         _ = command([0x00, 0, 0, 0, 0, 0])  // consume the power-on unit attention
         let pattern = (0..<4096).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ 3) }
         let w = try #require(command([0x2A, 0x08, 0, 0, 0, 40, 0, 0, 8, 0], out: pattern))  // WRITE(10) FUA
-        #expect(w.status == 0 && w.response == VirtioSCSI.responseOK)
+        #expect(w.status == 0 && w.response == VirtioSCSI.Response.ok.rawValue)
         #expect(readFile(path, offset: 40 * 512, count: 4096) == pattern)
         let r = try #require(command([0x28, 0, 0, 0, 0, 40, 0, 0, 8, 0], inLength: 4096))
         #expect(r.status == 0 && r.data == pattern)

@@ -177,7 +177,7 @@ final class ISCSIFixture: @unchecked Sendable {
 
     static func tmf(_ subtype: UInt32, tag: UInt64 = 0) -> [UInt8] {
         var p = [UInt8]()
-        p.appendLE(VirtioSCSI.typeTMF)
+        p.appendLE(VirtioSCSI.ControlType.taskManagement.rawValue)
         p.appendLE(subtype)
         p += [1, 0, 0x40, 0, 0, 0, 0, 0]
         p.appendLE(tag)
@@ -192,7 +192,7 @@ final class ISCSIFixture: @unchecked Sendable {
         _ = f.command(tag: 1, cdb: [0, 0, 0, 0, 0, 0])
         #expect(f.command(tag: 2, cdb: [0, 0, 0, 0, 0, 0])?.status == SCSIStatus.good.rawValue)
         let w = f.command(tag: 3, cdb: Self.write(100, blocks: 1), out: [UInt8](repeating: 0x11, count: 512))
-        #expect(w?.status == SCSIStatus.good.rawValue && w?.response == VirtioSCSI.responseOK)
+        #expect(w?.status == SCSIStatus.good.rawValue && w?.response == VirtioSCSI.Response.ok.rawValue)
         return (tgt, f)
     }
 
@@ -204,14 +204,14 @@ final class ISCSIFixture: @unchecked Sendable {
         let cmd = f.post(tag: 50, cdb: Self.write(200, blocks: 8), out: [UInt8](repeating: 0x22, count: 4096))
         usleep(300_000)
         #expect(f.rings[2].usedIndex == before, "the WRITE waits for the frozen target")
-        let a = f.control(Self.tmf(VirtioSCSI.tmfAbortTask, tag: 50))
+        let a = f.control(Self.tmf(VirtioSCSI.TMF.abortTask.rawValue, tag: 50))
         usleep(300_000)
         #expect(f.rings[0].usedIndex == 0, "ABORT TASK waits for the target")
         #expect(tgt.signal(SIGCONT))
         #expect(waitFor(seconds: 15) { f.rings[0].usedIndex == 1 })
-        #expect(f.ram.read(a, 1) == [VirtioSCSI.responseOK])
+        #expect(f.ram.read(a, 1) == [VirtioSCSI.Response.ok.rawValue])
         #expect(f.rings[2].usedIndex == before &+ 1, "the WRITE was answered before the TMF")
-        #expect(f.result(cmd.resp).response == VirtioSCSI.responseAborted)
+        #expect(f.result(cmd.resp).response == VirtioSCSI.Response.aborted.rawValue)
         #expect(f.remoteTMFResponses == tmfBefore + 1, "ABORT TASK reached tgtd")
         // The session keeps working.
         let r = f.command(tag: 51, cdb: [0x28, 0, 0, 0, 0, 100, 0, 0, 1, 0], inLength: 512)
@@ -233,13 +233,13 @@ final class ISCSIFixture: @unchecked Sendable {
         // The channel cancels at once what it had not sent yet (the target's command window is shut
         // while it is frozen) and the rest when tgtd answers the LUN RESET: the TMF may answer before
         // SIGCONT, but never before every command it aborted.
-        let a = f.control(Self.tmf(VirtioSCSI.tmfLogicalUnitReset))
+        let a = f.control(Self.tmf(VirtioSCSI.TMF.logicalUnitReset.rawValue))
         usleep(300_000)
         #expect(tgt.signal(SIGCONT))
         #expect(waitFor(seconds: 15) { f.rings[0].usedIndex == 1 })
-        #expect(f.ram.read(a, 1) == [VirtioSCSI.responseOK])
+        #expect(f.ram.read(a, 1) == [VirtioSCSI.Response.ok.rawValue])
         #expect(f.rings[2].usedIndex == before &+ 3, "the commands were answered before the TMF")
-        for c in cmds { #expect(f.result(c.resp).response == VirtioSCSI.responseAborted) }
+        for c in cmds { #expect(f.result(c.resp).response == VirtioSCSI.Response.aborted.rawValue) }
         #expect(waitFor(seconds: 15) { f.remoteTMFResponses == tmfBefore + 1 }, "one LUN RESET reached tgtd")
         // BUS DEVICE RESET unit attention from our LUN, then I/O works again.
         _ = f.command(tag: 70, cdb: [0, 0, 0, 0, 0, 0])

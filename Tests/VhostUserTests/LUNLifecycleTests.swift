@@ -201,7 +201,7 @@ final class TestSCSIGuest {
             let pattern = (0..<4096).map { UInt8(truncatingIfNeeded: $0 &* 5 &+ cycle) }
             let lba = UInt8(cycle % 30)  // blocks lba*8 ... lba*8+15
             let w = guest.command([0x2A, 0x08, 0, 0, 0, lba &* 8, 0, 0, 8, 0], lun: 1, queue: 0, out: pattern)
-            #expect(w?.status == 0 && w?.response == VirtioSCSI.responseOK)
+            #expect(w?.status == 0 && w?.response == VirtioSCSI.Response.ok.rawValue)
             let r = guest.command([0x28, 0, 0, 0, 0, lba &* 8, 0, 0, 8, 0], lun: 1, queue: 1, inLength: 4096)
             #expect(r?.status == 0 && r?.data == pattern)
             // Every other cycle a write has just started (counted as begun) when the LUN goes.
@@ -217,7 +217,7 @@ final class TestSCSIGuest {
             if let pending {
                 // Not lost: it completes against the unit it holds, and its data is on the file.
                 let answer = try #require(guest.wait(pending))
-                #expect(answer.response == VirtioSCSI.responseOK && answer.status == 0)
+                #expect(answer.response == VirtioSCSI.Response.ok.rawValue && answer.status == 0)
                 let check = try #require(guest.command([0x00, 0, 0, 0, 0, 0], lun: 1, queue: 0))
                 #expect(check.status == 2 && check.senseKey == 5)  // the LUN itself is gone
             }
@@ -283,7 +283,7 @@ final class TestSCSIGuest {
         #expect(guest.rings[2].usedIndex == pending.usedBefore &+ 1)  // only the refused command answered
         held.releaseHeld()
         let answer = try #require(guest.wait(pending))
-        #expect(answer.status == 0 && answer.response == VirtioSCSI.responseOK)
+        #expect(answer.status == 0 && answer.response == VirtioSCSI.Response.ok.rawValue)
         #expect(held.bytes(8 * 512, 4096) == pattern)
         #expect(waitFor { held.closeCount.load(ordering: .relaxed) == 1 })
         #expect(statistics.inFlight == 0 && statistics.snapshot().commands(.write) == 1)

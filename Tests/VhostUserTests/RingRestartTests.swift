@@ -103,7 +103,7 @@ import Glibc
             _ = csys_eventfd_signal(fds.kick, 1)
             #expect(waitFor { next.usedIndex == 2 })
             #expect(next.usedElement(1).id == UInt32(head))
-            #expect(f.ram.read(resp, 12)[10] == SCSIStatus.good.rawValue && f.ram.read(resp, 12)[11] == VirtioSCSI.responseOK)
+            #expect(f.ram.read(resp, 12)[10] == SCSIStatus.good.rawValue && f.ram.read(resp, 12)[11] == VirtioSCSI.Response.ok.rawValue)
             #expect(f.ram.read(data, 1) == [0xA5])
             current = next
             kick = fds.kick

@@ -72,7 +72,7 @@ import Glibc
         var heads = Set<UInt32>()
         for i in 0..<count { heads.insert(f.rings[2].usedElement(before &+ UInt16(i)).id) }
         #expect(heads == Set(posted.map { UInt32($0.head) }))
-        for p in posted { #expect(f.ram.read(p.resp + 10, 2) == [SCSIStatus.good.rawValue, VirtioSCSI.responseOK]) }
+        for p in posted { #expect(f.ram.read(p.resp + 10, 2) == [SCSIStatus.good.rawValue, VirtioSCSI.Response.ok.rawValue]) }
         #expect(!f.log.contains("broken"))
     }
 }
@@ -92,7 +92,7 @@ import Glibc
     rings[1].publish(rings[1].addChain([.init(gpa: b, length: 16, writable: true)]))
     _ = csys_eventfd_signal(fds[1].kick, 1)
     #expect(waitFor { rings[1].usedIndex == 1 })
-    #expect(ram.read(b, 16).readLE(UInt32.self, at: 0) == VirtioSCSI.eventNone | VirtioSCSI.eventsMissed)
+    #expect(ram.read(b, 16).readLE(UInt32.self, at: 0) == VirtioSCSI.Event.noEvent.rawValue | VirtioSCSI.Event.missedFlag)
 }
 
 /// A virtio-scsi device with the gateway's ring-size settings for `queue_size = 128`, serving a socket.

@@ -27,26 +27,26 @@ import Glibc
         let keep = f.post(tag: 5, cdb: Self.read8, inLength: 4096)
         let victim = f.post(tag: 6, cdb: Self.read8, inLength: 4096)
         #expect(waitFor { f.channel.inFlight == 2 })
-        let a = f.control(SCSIFixture.tmf(VirtioSCSI.tmfAbortTask, tag: 6), responseLength: 1)
+        let a = f.control(SCSIFixture.tmf(VirtioSCSI.TMF.abortTask.rawValue, tag: 6), responseLength: 1)
         // The abort is answered without releasing the back-end: the back-end cancelled the request.
         #expect(waitFor { f.rings[0].usedIndex == 1 })
-        #expect(f.ram.read(a.resp, 1) == [VirtioSCSI.responseOK])
+        #expect(f.ram.read(a.resp, 1) == [VirtioSCSI.Response.ok.rawValue])
         #expect(f.channel.abortedTokens.withLock { $0.count } == 1)
         #expect(f.channel.abortedTokens.withLock { $0.first.map { UInt16(truncatingIfNeeded: $0) } } == victim.head)
         #expect(f.rings[2].usedIndex == before &+ 1)
         #expect(f.rings[2].usedElement(before).id == UInt32(victim.head))
         let r = f.readResponse(victim.resp, data: victim.data, inLength: 0, usedLength: 0)
-        #expect(r.response == VirtioSCSI.responseAborted)
+        #expect(r.response == VirtioSCSI.Response.aborted.rawValue)
         // The other READ is untouched and completes normally.
         f.channel.releaseHeld()
         #expect(waitFor { f.rings[2].usedIndex == before &+ 2 })
         let k = f.readResponse(keep.resp, data: keep.data, inLength: 0, usedLength: 0)
-        #expect(k.response == VirtioSCSI.responseOK && k.status == SCSIStatus.good.rawValue)
+        #expect(k.response == VirtioSCSI.Response.ok.rawValue && k.status == SCSIStatus.good.rawValue)
         #expect(f.channel.abortedTokens.withLock { $0.count } == 1)
     }
 
     @Test func abortTaskSetAndClearTaskSetAbortEveryBackendRequest() throws {
-        for subtype in [VirtioSCSI.tmfAbortTaskSet, VirtioSCSI.tmfClearTaskSet, VirtioSCSI.tmfITNexusReset] {
+        for subtype in [VirtioSCSI.TMF.abortTaskSet.rawValue, VirtioSCSI.TMF.clearTaskSet.rawValue, VirtioSCSI.TMF.itNexusReset.rawValue] {
             let f = try SCSIFixture()
             f.clearUnitAttention()
             f.channel.cancels.store(true, ordering: .releasing)
@@ -56,11 +56,11 @@ import Glibc
             #expect(waitFor { f.channel.inFlight == 3 })
             let a = f.control(SCSIFixture.tmf(subtype), responseLength: 1)
             #expect(waitFor { f.rings[0].usedIndex == 1 }, "TMF \(subtype) answered")
-            #expect(f.ram.read(a.resp, 1) == [VirtioSCSI.responseOK])
+            #expect(f.ram.read(a.resp, 1) == [VirtioSCSI.Response.ok.rawValue])
             #expect(f.channel.abortedTokens.withLock { $0.count } == 3)
             #expect(f.rings[2].usedIndex == before &+ 3)
             for p in posted {
-                #expect(f.readResponse(p.resp, data: p.data, inLength: 0, usedLength: 0).response == VirtioSCSI.responseAborted)
+                #expect(f.readResponse(p.resp, data: p.data, inLength: 0, usedLength: 0).response == VirtioSCSI.Response.aborted.rawValue)
             }
         }
     }
@@ -73,14 +73,14 @@ import Glibc
         let before = f.rings[2].usedIndex
         let posted = (0..<2).map { f.post(tag: UInt64(20 + $0), cdb: Self.read8, inLength: 4096) }
         #expect(waitFor { f.channel.inFlight == 2 })
-        let a = f.control(SCSIFixture.tmf(VirtioSCSI.tmfLogicalUnitReset), responseLength: 1)
+        let a = f.control(SCSIFixture.tmf(VirtioSCSI.TMF.logicalUnitReset.rawValue), responseLength: 1)
         #expect(waitFor { f.rings[0].usedIndex == 1 })
-        #expect(f.ram.read(a.resp, 1) == [VirtioSCSI.responseOK])
+        #expect(f.ram.read(a.resp, 1) == [VirtioSCSI.Response.ok.rawValue])
         #expect(f.channel.resets.load(ordering: .relaxed) == 1)
         #expect(f.channel.abortedTokens.withLock { $0.isEmpty }, "the LUN reset replaced per-task aborts")
         #expect(f.rings[2].usedIndex == before &+ 2)
         for p in posted {
-            #expect(f.readResponse(p.resp, data: p.data, inLength: 0, usedLength: 0).response == VirtioSCSI.responseAborted)
+            #expect(f.readResponse(p.resp, data: p.data, inLength: 0, usedLength: 0).response == VirtioSCSI.Response.aborted.rawValue)
         }
     }
 
@@ -91,20 +91,20 @@ import Glibc
         let before = f.rings[2].usedIndex
         let p = f.post(tag: 30, cdb: Self.read8, inLength: 4096)
         #expect(waitFor { f.channel.inFlight == 1 })
-        let a = f.control(SCSIFixture.tmf(VirtioSCSI.tmfAbortTask, tag: 30), responseLength: 1)
+        let a = f.control(SCSIFixture.tmf(VirtioSCSI.TMF.abortTask.rawValue, tag: 30), responseLength: 1)
         usleep(100_000)
         #expect(f.rings[0].usedIndex == 0, "the TMF waits for the task")
         #expect(f.channel.abortedTokens.withLock { $0.count } == 1)
         // A second ABORT TASK for the same task does not ask the back-end again.
-        let b = f.control(SCSIFixture.tmf(VirtioSCSI.tmfAbortTask, tag: 30), responseLength: 1)
+        let b = f.control(SCSIFixture.tmf(VirtioSCSI.TMF.abortTask.rawValue, tag: 30), responseLength: 1)
         usleep(50_000)
         #expect(f.channel.abortedTokens.withLock { $0.count } == 1)
         f.channel.releaseHeld()
         #expect(waitFor { f.rings[0].usedIndex == 2 })
-        #expect(f.ram.read(a.resp, 1) == [VirtioSCSI.responseOK])
-        #expect(f.ram.read(b.resp, 1) == [VirtioSCSI.responseOK])
+        #expect(f.ram.read(a.resp, 1) == [VirtioSCSI.Response.ok.rawValue])
+        #expect(f.ram.read(b.resp, 1) == [VirtioSCSI.Response.ok.rawValue])
         #expect(f.rings[2].usedIndex == before &+ 1)
-        #expect(f.readResponse(p.resp, data: p.data, inLength: 0, usedLength: 0).response == VirtioSCSI.responseAborted)
+        #expect(f.readResponse(p.resp, data: p.data, inLength: 0, usedLength: 0).response == VirtioSCSI.Response.aborted.rawValue)
     }
 
     @Test func hotplugOffHidesTheFeatureAndSendsNoTransportResetEvents() throws {

@@ -120,7 +120,7 @@ final class SCSIFixture: @unchecked Sendable {
 
     static func tmf(_ subtype: UInt32, lun: [UInt8] = [1, 0, 0x40, 0, 0, 0, 0, 0], tag: UInt64 = 0) -> [UInt8] {
         var p = [UInt8]()
-        p.appendLE(VirtioSCSI.typeTMF)
+        p.appendLE(VirtioSCSI.ControlType.taskManagement.rawValue)
         p.appendLE(subtype)
         p += lun
         p.appendLE(tag)
@@ -154,7 +154,7 @@ final class SCSIFixture: @unchecked Sendable {
     @Test func inquiryThroughGuestMemory() throws {
         let f = try SCSIFixture()
         let r = try #require(f.command(cdb: [0x12, 0, 0, 0, 96, 0], inLength: 96))
-        #expect(r.response == VirtioSCSI.responseOK)
+        #expect(r.response == VirtioSCSI.Response.ok.rawValue)
         #expect(r.status == SCSIStatus.good.rawValue)
         #expect(r.dataIn[0] == 0)  // direct-access block device
         #expect(Array(r.dataIn[8..<16]) == Array("SCSIGATE".utf8))
@@ -168,7 +168,7 @@ final class SCSIFixture: @unchecked Sendable {
         let data = (0..<8192).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ 5) }
         // WRITE(10) LBA 100, 16 blocks.
         let w = try #require(f.command(tag: 2, cdb: [0x2A, 0, 0, 0, 0, 100, 0, 0, 16, 0], out: data))
-        #expect(w.response == VirtioSCSI.responseOK)
+        #expect(w.response == VirtioSCSI.Response.ok.rawValue)
         #expect(w.status == SCSIStatus.good.rawValue)
         #expect(f.channel.bytes(100 * 512, 8192) == data)
         // READ(10) back.
@@ -210,21 +210,21 @@ final class SCSIFixture: @unchecked Sendable {
         f.rings[2].publish(head)
         _ = csys_eventfd_signal(f.fds[2].kick, 1)
         #expect(waitFor { f.rings[2].usedIndex != before })
-        #expect(f.ram.read(resp + 10, 2) == [SCSIStatus.good.rawValue, VirtioSCSI.responseOK])
+        #expect(f.ram.read(resp + 10, 2) == [SCSIStatus.good.rawValue, VirtioSCSI.Response.ok.rawValue])
         for i in 0..<200 where f.channel.bytes((8 + i) * 512, 512) != [UInt8](repeating: UInt8(truncatingIfNeeded: i), count: 512) { ok = false }
         #expect(ok)
     }
 
     @Test func lunAddressing() throws {
         let f = try SCSIFixture()
-        #expect(f.command(lun: [1, 1, 0x40, 0, 0, 0, 0, 0], cdb: [0x12, 0, 0, 0, 36, 0], inLength: 36)?.response == VirtioSCSI.responseBadTarget)
-        #expect(f.command(lun: [2, 0, 0x40, 0, 0, 0, 0, 0], cdb: [0x12, 0, 0, 0, 36, 0], inLength: 36)?.response == VirtioSCSI.responseBadTarget)
-        #expect(f.command(lun: [1, 0, 0x80, 0, 0, 0, 0, 0], cdb: [0x12, 0, 0, 0, 36, 0], inLength: 36)?.response == VirtioSCSI.responseIncorrectLUN)
-        #expect(f.command(lun: [1, 0, 0x40, 0, 1, 0, 0, 0], cdb: [0x12, 0, 0, 0, 36, 0], inLength: 36)?.response == VirtioSCSI.responseIncorrectLUN)
+        #expect(f.command(lun: [1, 1, 0x40, 0, 0, 0, 0, 0], cdb: [0x12, 0, 0, 0, 36, 0], inLength: 36)?.response == VirtioSCSI.Response.badTarget.rawValue)
+        #expect(f.command(lun: [2, 0, 0x40, 0, 0, 0, 0, 0], cdb: [0x12, 0, 0, 0, 36, 0], inLength: 36)?.response == VirtioSCSI.Response.badTarget.rawValue)
+        #expect(f.command(lun: [1, 0, 0x80, 0, 0, 0, 0, 0], cdb: [0x12, 0, 0, 0, 36, 0], inLength: 36)?.response == VirtioSCSI.Response.incorrectLUN.rawValue)
+        #expect(f.command(lun: [1, 0, 0x40, 0, 1, 0, 0, 0], cdb: [0x12, 0, 0, 0, 36, 0], inLength: 36)?.response == VirtioSCSI.Response.incorrectLUN.rawValue)
         // Peripheral addressing of LUN 0 works too; an absent LUN answers through SCSI (PQ 3 for INQUIRY).
         #expect(f.command(lun: [1, 0, 0, 0, 0, 0, 0, 0], cdb: [0x12, 0, 0, 0, 36, 0], inLength: 36)?.status == 0)
         let absent = try #require(f.command(lun: [1, 0, 0x40, 7, 0, 0, 0, 0], cdb: [0x12, 0, 0, 0, 36, 0], inLength: 36))
-        #expect(absent.response == VirtioSCSI.responseOK)
+        #expect(absent.response == VirtioSCSI.Response.ok.rawValue)
         #expect(absent.dataIn[0] >> 5 == 3)
         #expect(VirtioSCSI.decodeAddress((1, 0, 0x7F, 0xFF, 0, 0, 0, 0)) == .lun(LogicalUnitNumber(16383)!))
     }
@@ -278,9 +278,9 @@ final class SCSIFixture: @unchecked Sendable {
             linuxNumbers[value] = linux
             #expect(linux == (value < 256 ? value : 0x4000 | value), "LUN \(value) listed as \(linux)")
             // A LOGICAL UNIT RESET to the same address names that LUN (FUNCTION COMPLETE, not INCORRECT LUN).
-            let tmf = f.control(SCSIFixture.tmf(VirtioSCSI.tmfLogicalUnitReset, lun: address), responseLength: 16)
+            let tmf = f.control(SCSIFixture.tmf(VirtioSCSI.TMF.logicalUnitReset.rawValue, lun: address), responseLength: 16)
             #expect(waitFor { f.ram.read(tmf.resp, 1) != [0xEE] })
-            #expect(f.ram.read(tmf.resp, 1) == [VirtioSCSI.responseOK])
+            #expect(f.ram.read(tmf.resp, 1) == [VirtioSCSI.Response.ok.rawValue])
         }
         #expect(Set(linuxNumbers.keys) == Set([0] + values))
         // Hot-plug and removal events give Linux the same number as its scan (the adds above, made while the
@@ -296,7 +296,7 @@ final class SCSIFixture: @unchecked Sendable {
         let removed = f.ram.read(buffers[1], 16)
         #expect(Int(added[6]) << 8 | Int(added[7]) == 0x4000 | 301)
         #expect(Int(removed[6]) << 8 | Int(removed[7]) == linuxNumbers[2])
-        #expect(removed.readLE(UInt32.self, at: 12) == VirtioSCSI.resetRemoved)
+        #expect(removed.readLE(UInt32.self, at: 12) == VirtioSCSI.ResetReason.removed.rawValue)
     }
 
     @Test func malformedRequestsFailWithoutStoppingTheQueue() throws {
@@ -313,7 +313,7 @@ final class SCSIFixture: @unchecked Sendable {
         f.rings[2].publish(head)
         _ = csys_eventfd_signal(f.fds[2].kick, 1)
         #expect(waitFor { f.rings[2].usedIndex == before &+ 2 })
-        #expect(f.ram.read(resp + 11, 1) == [VirtioSCSI.responseFailure])
+        #expect(f.ram.read(resp + 11, 1) == [VirtioSCSI.Response.failure.rawValue])
         #expect(f.command(cdb: [0x12, 0, 0, 0, 36, 0], inLength: 36)?.status == 0)
     }
 
@@ -326,30 +326,30 @@ final class SCSIFixture: @unchecked Sendable {
         usleep(50_000)
         #expect(f.rings[2].usedIndex == before)
         // QUERY TASK finds it.
-        let q = f.control(SCSIFixture.tmf(VirtioSCSI.tmfQueryTask, tag: 77), responseLength: 1)
+        let q = f.control(SCSIFixture.tmf(VirtioSCSI.TMF.queryTask.rawValue, tag: 77), responseLength: 1)
         #expect(waitFor { f.rings[0].usedIndex == 1 })
-        #expect(f.ram.read(q.resp, 1) == [VirtioSCSI.responseFunctionSucceeded])
+        #expect(f.ram.read(q.resp, 1) == [VirtioSCSI.Response.functionSucceeded.rawValue])
         // ABORT TASK completes only after the back-end returns the I/O.
-        let a = f.control(SCSIFixture.tmf(VirtioSCSI.tmfAbortTask, tag: 77), responseLength: 1)
+        let a = f.control(SCSIFixture.tmf(VirtioSCSI.TMF.abortTask.rawValue, tag: 77), responseLength: 1)
         usleep(100_000)
         #expect(f.rings[0].usedIndex == 1)
         f.channel.releaseHeld()
         #expect(waitFor { f.rings[0].usedIndex == 2 })
-        #expect(f.ram.read(a.resp, 1) == [VirtioSCSI.responseOK])
+        #expect(f.ram.read(a.resp, 1) == [VirtioSCSI.Response.ok.rawValue])
         #expect(f.rings[2].usedIndex == before &+ 1)
         let resp = f.readResponse(cmd.resp, data: cmd.data, inLength: 0, usedLength: 0)
-        #expect(resp.response == VirtioSCSI.responseAborted)
+        #expect(resp.response == VirtioSCSI.Response.aborted.rawValue)
         // QUERY TASK now finds nothing; LUN RESET completes; unknown TMF subtype is rejected; bad target.
-        _ = f.control(SCSIFixture.tmf(VirtioSCSI.tmfQueryTask, tag: 77), responseLength: 1)
-        let reset = f.control(SCSIFixture.tmf(VirtioSCSI.tmfLogicalUnitReset), responseLength: 1)
+        _ = f.control(SCSIFixture.tmf(VirtioSCSI.TMF.queryTask.rawValue, tag: 77), responseLength: 1)
+        let reset = f.control(SCSIFixture.tmf(VirtioSCSI.TMF.logicalUnitReset.rawValue), responseLength: 1)
         let odd = f.control(SCSIFixture.tmf(99), responseLength: 1)
-        let badTarget = f.control(SCSIFixture.tmf(VirtioSCSI.tmfAbortTaskSet, lun: [1, 3, 0x40, 0, 0, 0, 0, 0]), responseLength: 1)
-        let noLUN = f.control(SCSIFixture.tmf(VirtioSCSI.tmfAbortTaskSet, lun: [1, 0, 0x40, 9, 0, 0, 0, 0]), responseLength: 1)
+        let badTarget = f.control(SCSIFixture.tmf(VirtioSCSI.TMF.abortTaskSet.rawValue, lun: [1, 3, 0x40, 0, 0, 0, 0, 0]), responseLength: 1)
+        let noLUN = f.control(SCSIFixture.tmf(VirtioSCSI.TMF.abortTaskSet.rawValue, lun: [1, 0, 0x40, 9, 0, 0, 0, 0]), responseLength: 1)
         #expect(waitFor { f.rings[0].usedIndex == 7 })
-        #expect(f.ram.read(reset.resp, 1) == [VirtioSCSI.responseOK])
-        #expect(f.ram.read(odd.resp, 1) == [VirtioSCSI.responseFunctionRejected])
-        #expect(f.ram.read(badTarget.resp, 1) == [VirtioSCSI.responseBadTarget])
-        #expect(f.ram.read(noLUN.resp, 1) == [VirtioSCSI.responseIncorrectLUN])
+        #expect(f.ram.read(reset.resp, 1) == [VirtioSCSI.Response.ok.rawValue])
+        #expect(f.ram.read(odd.resp, 1) == [VirtioSCSI.Response.functionRejected.rawValue])
+        #expect(f.ram.read(badTarget.resp, 1) == [VirtioSCSI.Response.badTarget.rawValue])
+        #expect(f.ram.read(noLUN.resp, 1) == [VirtioSCSI.Response.incorrectLUN.rawValue])
         // After LOGICAL UNIT RESET the LUN reports BUS DEVICE RESET FUNCTION OCCURRED.
         let ua = try #require(f.command(cdb: [0x00, 0, 0, 0, 0, 0]))
         #expect(ua.status == SCSIStatus.checkCondition.rawValue && ua.sense[12] == 0x29 && ua.sense[13] == 0x03)
@@ -358,12 +358,12 @@ final class SCSIFixture: @unchecked Sendable {
     @Test func asynchronousNotificationQueryReportsNoEvents() throws {
         let f = try SCSIFixture()
         var p = [UInt8]()
-        p.appendLE(VirtioSCSI.typeANQuery)
+        p.appendLE(VirtioSCSI.ControlType.asyncNotificationQuery.rawValue)
         p += [1, 0, 0x40, 0, 0, 0, 0, 0]
         p.appendLE(UInt32(0xFF))
         let c = f.control(p, responseLength: 5)
         #expect(waitFor { f.rings[0].usedIndex == 1 })
-        #expect(f.ram.read(c.resp, 5) == [0, 0, 0, 0, VirtioSCSI.responseOK])
+        #expect(f.ram.read(c.resp, 5) == [0, 0, 0, 0, VirtioSCSI.Response.ok.rawValue])
         #expect(f.rings[0].usedElement(0).len == 5)
     }
 
@@ -375,18 +375,18 @@ final class SCSIFixture: @unchecked Sendable {
         try f.target.add(SCSIFixture.unit(5, blocks: 100))
         #expect(waitFor { f.rings[1].usedIndex == 1 })
         var e = f.ram.read(buffers[0], 16)
-        #expect(e.readLE(UInt32.self, at: 0) == VirtioSCSI.eventTransportReset)
+        #expect(e.readLE(UInt32.self, at: 0) == VirtioSCSI.Event.transportReset.rawValue)
         #expect(Array(e[4..<12]) == [1, 0, 0, 5, 0, 0, 0, 0])  // peripheral addressing, as REPORT LUNS
-        #expect(e.readLE(UInt32.self, at: 12) == VirtioSCSI.resetRescan)
+        #expect(e.readLE(UInt32.self, at: 12) == VirtioSCSI.ResetReason.rescan.rawValue)
         try f.target.resize(LogicalUnitNumber(5)!, blockCount: 200, allowShrink: false)
         #expect(waitFor { f.rings[1].usedIndex == 2 })
         e = f.ram.read(buffers[1], 16)
-        #expect(e.readLE(UInt32.self, at: 0) == VirtioSCSI.eventParamChange)
+        #expect(e.readLE(UInt32.self, at: 0) == VirtioSCSI.Event.parameterChange.rawValue)
         #expect(e.readLE(UInt32.self, at: 12) == 0x092A)
         try f.target.remove(LogicalUnitNumber(5)!)
         #expect(waitFor { f.rings[1].usedIndex == 3 })
         e = f.ram.read(buffers[2], 16)
-        #expect(e.readLE(UInt32.self, at: 12) == VirtioSCSI.resetRemoved)
+        #expect(e.readLE(UInt32.self, at: 12) == VirtioSCSI.ResetReason.removed.rawValue)
         // No buffer left: the event is missed, and the next buffer carries NO_EVENT | EVENTS_MISSED.
         try f.target.add(SCSIFixture.unit(6, blocks: 100))
         usleep(50_000)
@@ -394,7 +394,7 @@ final class SCSIFixture: @unchecked Sendable {
         let more = f.postEventBuffers(1)
         #expect(waitFor { f.rings[1].usedIndex == 4 })
         e = f.ram.read(more[0], 16)
-        #expect(e.readLE(UInt32.self, at: 0) == VirtioSCSI.eventNone | VirtioSCSI.eventsMissed)
+        #expect(e.readLE(UInt32.self, at: 0) == VirtioSCSI.Event.noEvent.rawValue | VirtioSCSI.Event.missedFlag)
     }
 
     /// A LUN event while the event queue is not running (a gateway restarted under a guest: the CLI adds a LUN
@@ -413,7 +413,7 @@ final class SCSIFixture: @unchecked Sendable {
         defer { close(fds.kick); close(fds.call) }
         #expect(waitFor { f.rings[1].usedIndex == 1 })
         let e = f.ram.read(b, 16)
-        #expect(e.readLE(UInt32.self, at: 0) == VirtioSCSI.eventNone | VirtioSCSI.eventsMissed)
+        #expect(e.readLE(UInt32.self, at: 0) == VirtioSCSI.Event.noEvent.rawValue | VirtioSCSI.Event.missedFlag)
     }
 
     @Test func configSpaceAndWritableSizes() throws {
