@@ -297,7 +297,7 @@ private final class RemovalFlag: Sendable {
         g.place(GuestRequest(context: 2, target: 1, cdb: write10(lba: 3, blocks: 2), flags: PVSCSI.flagDirectionToDevice,
                              dataAddress: data, dataLength: 1024))
         try g.kick()
-        #expect(!g.waitInterrupt(milliseconds: 100))
+        #expect(g.noCompletion(milliseconds: 100))
         #expect(stats.inFlight == 1)
         let removed = RemovalFlag()
         let table = f.table
@@ -340,7 +340,7 @@ private final class RemovalFlag: Sendable {
         g.place(GuestRequest(context: 42, cdb: read10(lba: 1, blocks: 1), flags: PVSCSI.flagDirectionToHost,
                              dataAddress: g.address(page: TestGuest.dataPage), dataLength: 512))
         try g.kick()
-        #expect(!g.waitInterrupt(milliseconds: 100))
+        #expect(g.noCompletion(milliseconds: 100))
         #expect(stats.inFlight == 1)
         #expect(try g.command(.abortCommand, TestGuest.words([42], pairs: true) + [0, 0]) == 0)
         f.onLoop { ch.release() }

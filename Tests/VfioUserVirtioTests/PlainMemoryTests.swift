@@ -319,7 +319,7 @@ extension VirtioPCIDriver {
         try f.target.add(LogicalUnit(number: LogicalUnitNumber(3)!, identity: LogicalUnitIdentity(serial: "SGPLAIN3", naa: 0x5000_0000_0000_0003),
                                      geometry: BlockGeometry(logicalBlockSize: 512, physicalBlockSize: 512, blockCount: 64), backendID: 0))
         #expect(d.pump { rings[1].usedIndex == 1 })
-        #expect(ram.read(event, 16).readLE(UInt32.self, at: 0) == VirtioSCSI.eventTransportReset)
+        #expect(ram.read(event, 16).readLE(UInt32.self, at: 0) == VirtioSCSI.Event.transportReset.rawValue)
         #expect(Array(ram.read(event, 16)[4..<8]) == [1, 0, 0, 3])  // LUN 3 (single-level, peripheral)
     }
 }

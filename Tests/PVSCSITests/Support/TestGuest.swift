@@ -244,6 +244,20 @@ final class TestGuest {
         if intxFD >= 0 { _ = csys_eventfd_drain(intxFD, &v) }
     }
 
+    /// Whether no completion arrives within `milliseconds`. Counts completions, not interrupt signals: run() may return
+    /// before the interrupt of its last completion was delivered, and that late signal is no new completion.
+    func noCompletion(milliseconds: Int32) -> Bool {
+        var now = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &now)
+        let end = Int64(now.tv_sec) * 1000 + Int64(now.tv_nsec) / 1_000_000 + Int64(milliseconds)
+        while true {
+            clock_gettime(CLOCK_MONOTONIC, &now)
+            let left = end - (Int64(now.tv_sec) * 1000 + Int64(now.tv_nsec) / 1_000_000)
+            guard left > 0 else { return takeCompletions().isEmpty }
+            if waitInterrupt(milliseconds: Int32(left)), !takeCompletions().isEmpty { return false }
+        }
+    }
+
     /// Consumes the completion ring.
     func takeCompletions() -> [GuestCompletion] {
         var out: [GuestCompletion] = []
