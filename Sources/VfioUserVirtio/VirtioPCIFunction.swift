@@ -1,5 +1,6 @@
 import CSystem
 import EventLoop
+import GuestMemoryMap
 import VfioUser
 import Virtio
 import VirtioDevices
@@ -11,10 +12,10 @@ import Glibc
 /// `VfioUserServer`. Every call arrives on the server's loop thread; the device runs its rings on its own
 /// queue groups.
 ///
-/// - Guest memory: the DMA windows that came with an fd are mapped again here (a `Virtio.GuestMemory` region
-///   per window, user address = IOVA, since virtio-pci ring addresses are guest physical), so the device's
-///   mappings outlive an unmap until its requests are done; the device gets the new table after each
-///   DMA_MAP/DMA_UNMAP. Windows without an fd cannot hold rings: such a ring breaks the device (NEEDS_RESET).
+/// - Guest memory: the DMA windows that came with an fd, as the server's `DMAWindows.table` (one reference-counted
+///   mapping per window, user address = IOVA, since virtio-pci ring addresses are guest physical): the tables the
+///   device holds keep their windows mapped after an unmap until its requests are done; the device gets the new
+///   table after each DMA_MAP/DMA_UNMAP. Windows without an fd cannot hold rings: such a ring breaks the device (NEEDS_RESET).
 /// - Kicks: a notify-region write signals the queue's kick eventfd (owned here). QEMU's vfio-user client has
 ///   no ioeventfds, so every kick is a REGION_WRITE message (posted by QEMU).
 /// - Interrupts: with MSI-X, a queue's call fd is a duplicate of the eventfd the client set for its vector (the
@@ -57,8 +58,8 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
     private(set) var queueSelect: UInt16 = 0
     private(set) var queues: [QueueState]
     private(set) var isr: UInt8 = 0
-    /// The rings' memory table (windows with an fd, mapped here).
-    private(set) var memoryTable = Virtio.GuestMemory()
+    /// The rings' memory table (the DMA windows with an fd).
+    private(set) var memoryTable = GuestMemory()
     /// INTx relay: the queues' call fd without MSI-X.
     private var relayFD: Int32 = -1
     /// Counts for tests and the log.
@@ -156,7 +157,7 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
     }
 
     func quiesce() {
-        // The rings use this function's own mappings of the windows: nothing to finish here.
+        // The rings' tables hold their windows' mappings: nothing to finish here.
     }
 
     func memoryChanged() {
@@ -414,22 +415,8 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
     // MARK: Memory
 
     private func rebuildMemory() {
-        var regions: [MappedGuestRegion] = []
-        for w in dmaWindows.regions where w.host != nil && w.fd >= 0 {
-            if let same = memoryTable.regions.first(where: {
-                $0.descriptor.guestPhysicalAddress == w.address && $0.descriptor.size == w.size && $0.descriptor.mmapOffset == w.fileOffset
-            }) {
-                regions.append(same)
-                continue
-            }
-            let d = GuestMemoryRegionDescriptor(guestPhysicalAddress: w.address, size: w.size, userAddress: w.address, mmapOffset: w.fileOffset)
-            do {
-                regions.append(try MappedGuestRegion(d, fd: w.fd, index: regions.count))
-            } catch {
-                note(.error, "DMA window 0x\(String(w.address, radix: 16)) +0x\(String(w.size, radix: 16)) cannot be mapped: \(error)")
-            }
-        }
-        let table = Virtio.GuestMemory(regions: regions)
+        // The windows with an fd, each mapped once by DMAWindows; holding the table keeps them mapped.
+        let table = dmaWindows.table
         memoryTable = table
         guard queues.contains(where: { $0.enabled }) else { return }
         // QEMU unmaps and maps windows again as the guest's memory map changes (a ring's window may be gone between

@@ -1,5 +1,6 @@
 import CSystem
 import EventLoop
+import GuestMemoryMap
 import Virtio
 #if canImport(Glibc)
 import Glibc

@@ -3,7 +3,8 @@ import CSystem
 import Glibc
 #endif
 
-/// One guest memory region as the VMM describes it (vhost-user SET_MEM_TABLE / ADD_MEM_REG).
+/// One guest memory region as the VMM describes it (vhost-user SET_MEM_TABLE / ADD_MEM_REG, or a vfio-user DMA
+/// window with an fd, whose user address is its IOVA).
 public struct GuestMemoryRegionDescriptor: Sendable, Equatable {
     /// Guest physical address of the first byte.
     public var guestPhysicalAddress: UInt64
@@ -48,17 +49,23 @@ public enum GuestMemoryError: Error, Equatable, Sendable, CustomStringConvertibl
     }
 }
 
-/// One mapped region; unmapped when the last memory table holding it goes away.
+/// One mapped region, shared by every memory table that holds it (reference counted): unmapped when the last
+/// table holding it goes away, so I/O in flight against an old table outlives the region's removal.
 public final class MappedGuestRegion: @unchecked Sendable {
     /// What the VMM said.
     public let descriptor: GuestMemoryRegionDescriptor
     /// Host address of the region's first byte.
     public let host: UnsafeMutableRawPointer
+    /// The device may read the region (a vfio-user window's READ flag; always for vhost-user).
+    public let readable: Bool
+    /// The device may write the region (mapped read-only otherwise).
+    public let writable: Bool
     private let mapBase: UnsafeMutableRawPointer
     private let mapLength: Int
 
-    /// Maps `descriptor` from `fd` (shared, read-write). The fd is not kept.
-    public init(_ descriptor: GuestMemoryRegionDescriptor, fd: Int32, index: Int = 0) throws(GuestMemoryError) {
+    /// Maps `descriptor` from `fd` (shared; writable only when `writable`). The fd is not kept.
+    public init(_ descriptor: GuestMemoryRegionDescriptor, fd: Int32, index: Int = 0,
+                readable: Bool = true, writable: Bool = true) throws(GuestMemoryError) {
         guard descriptor.size > 0 else { throw .zeroSize(index: index) }
         let (gpaEnd, o1) = descriptor.guestPhysicalAddress.addingReportingOverflow(descriptor.size - 1)
         let (_, o2) = descriptor.userAddress.addingReportingOverflow(descriptor.size - 1)
@@ -71,9 +78,11 @@ public final class MappedGuestRegion: @unchecked Sendable {
         guard UInt64(fileSize) >= mapEnd else { throw .fileTooSmall(index: index, fileSize: fileSize, needed: mapEnd) }
         // The offset need not be page aligned: map from 0 and skip (as front-ends expect).
         let length = Int(mapEnd)
-        let p = mmap(nil, length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+        let p = mmap(nil, length, PROT_READ | (writable ? PROT_WRITE : 0), MAP_SHARED, fd, 0)
         guard let p, p != MAP_FAILED else { throw .mmapFailed(index: index, errno: errno) }
         self.descriptor = descriptor
+        self.readable = readable
+        self.writable = writable
         self.mapBase = p
         self.mapLength = length
         self.host = p + Int(descriptor.mmapOffset)
@@ -86,14 +95,19 @@ public final class MappedGuestRegion: @unchecked Sendable {
 public enum TranslationResult: Equatable, Sendable {
     /// The buffer was appended as this many iovecs.
     case ok(Int)
-    /// Part of the buffer is outside every region (or the address overflows).
+    /// Part of the buffer is outside every region (or the address overflows, or lacks the access).
     case outOfRange
     /// The buffer needs more iovecs than the caller has room for.
     case tooManySegments
 }
 
-/// A guest's memory table: the mapped regions, with checked translation of guest physical and
-/// VMM user addresses into host pointers. Immutable; a table change builds a new one.
+/// A guest's memory table: the mapped regions, with checked translation of guest physical and VMM user addresses
+/// into host pointers. Immutable; a table change builds a new one. The one guest-memory type of both transports:
+/// the vhost-user memory table (SET_MEM_TABLE, ADD/REM_MEM_REG) and the vfio-user DMA windows with an fd
+/// (`VfioUser.DMAWindows.table`) each produce it; virtqueues and the PVSCSI device translate through it.
+///
+/// Guest physical lookups are a binary search over the regions sorted by guest address (no allocation, no reference
+/// counting: the hot fields are a flat copy); every lookup checks bounds, overflow and the region's access.
 public final class GuestMemory: @unchecked Sendable {
     /// Flat copy of the hot fields for translation (no ARC in the loop).
     private struct Entry {
@@ -101,24 +115,30 @@ public final class GuestMemory: @unchecked Sendable {
         var size: UInt64
         var uaddr: UInt64
         var host: UnsafeMutableRawPointer
+        var readable: Bool
+        var writable: Bool
+
+        @inline(__always) func allows(write: Bool) -> Bool { write ? writable : readable }
     }
 
     /// The mapped regions, in table order.
     public let regions: [MappedGuestRegion]
+    /// `regions` sorted by guest physical address.
     private let entries: UnsafeMutablePointer<Entry>
     private let count: Int
 
     /// An empty table.
     public convenience init() { self.init(regions: []) }
 
-    /// A table of already-mapped regions. Overlapping guest ranges are rejected by `validated`.
+    /// A table of already-mapped regions. Overlapping guest ranges are rejected by `map` and `adding`; a caller of
+    /// this initializer must not pass overlapping ones (a lookup would then find one of them, still bounds-checked).
     public init(regions: [MappedGuestRegion]) {
         self.regions = regions
         count = regions.count
         entries = .allocate(capacity: max(1, regions.count))
-        for (i, r) in regions.enumerated() {
+        for (i, r) in regions.sorted(by: { $0.descriptor.guestPhysicalAddress < $1.descriptor.guestPhysicalAddress }).enumerated() {
             entries[i] = Entry(gpa: r.descriptor.guestPhysicalAddress, size: r.descriptor.size,
-                               uaddr: r.descriptor.userAddress, host: r.host)
+                               uaddr: r.descriptor.userAddress, host: r.host, readable: r.readable, writable: r.writable)
         }
     }
 
@@ -131,17 +151,16 @@ public final class GuestMemory: @unchecked Sendable {
         for (i, (d, fd)) in table.enumerated() {
             mapped.append(try MappedGuestRegion(d, fd: fd, index: i))
         }
-        let memory = GuestMemory(regions: mapped)
-        if let bad = memory.firstOverlap() { throw .overlap(index: bad) }
-        return memory
+        if let bad = firstOverlap(mapped) { throw .overlap(index: bad) }
+        return GuestMemory(regions: mapped)
     }
 
     /// A new table with `region` added (ADD_MEM_REG).
     public func adding(_ region: MappedGuestRegion, limit: Int) throws(GuestMemoryError) -> GuestMemory {
         guard regions.count < limit else { throw .tooManyRegions(limit: limit) }
-        let memory = GuestMemory(regions: regions + [region])
-        if memory.firstOverlap() != nil { throw .overlap(index: regions.count) }
-        return memory
+        let all = regions + [region]
+        if Self.firstOverlap(all) != nil { throw .overlap(index: regions.count) }
+        return GuestMemory(regions: all)
     }
 
     /// A new table without the region matching `descriptor`'s guest address, size and user address (REM_MEM_REG).
@@ -155,13 +174,14 @@ public final class GuestMemory: @unchecked Sendable {
         return GuestMemory(regions: r)
     }
 
-    /// Index of a region whose guest-physical or user range overlaps an earlier one.
-    private func firstOverlap() -> Int? {
-        for i in 0..<count {
+    /// Index (in table order) of a region whose guest-physical or user range overlaps an earlier one.
+    private static func firstOverlap(_ regions: [MappedGuestRegion]) -> Int? {
+        for i in regions.indices {
+            let a = regions[i].descriptor
             for j in 0..<i {
-                let a = entries[i], b = entries[j]
-                if a.gpa < b.gpa &+ b.size && b.gpa < a.gpa &+ a.size { return i }
-                if a.uaddr < b.uaddr &+ b.size && b.uaddr < a.uaddr &+ a.size { return i }
+                let b = regions[j].descriptor
+                if a.guestPhysicalAddress < b.guestPhysicalAddress &+ b.size && b.guestPhysicalAddress < a.guestPhysicalAddress &+ a.size { return i }
+                if a.userAddress < b.userAddress &+ b.size && b.userAddress < a.userAddress &+ a.size { return i }
             }
         }
         return nil
@@ -170,28 +190,37 @@ public final class GuestMemory: @unchecked Sendable {
     /// Number of regions.
     public var regionCount: Int { count }
 
-    /// Host pointer for `length` bytes at guest physical `address`, only if they lie within one region.
+    /// The entry holding guest physical `address` (binary search for the last region starting at or below it).
     @inline(__always)
-    public func pointer(guestPhysical address: UInt64, length: UInt64) -> UnsafeMutableRawPointer? {
-        var i = 0
-        while i < count {
-            let e = entries[i]
-            i += 1
-            if address >= e.gpa {
-                let offset = address &- e.gpa
-                if offset < e.size && length <= e.size &- offset { return e.host + Int(offset) }
-            }
+    private func entry(containing address: UInt64) -> Entry? {
+        var lo = 0
+        var hi = count
+        while lo < hi {
+            let mid = (lo + hi) >> 1
+            if entries[mid].gpa <= address { lo = mid + 1 } else { hi = mid }
         }
-        return nil
+        guard lo > 0 else { return nil }
+        let e = entries[lo - 1]
+        return address &- e.gpa < e.size ? e : nil
     }
 
-    /// Host pointer for `length` bytes at VMM user address `address` (ring addresses), within one region.
+    /// Host pointer for `length` bytes at guest physical `address`, only if they lie within one region that allows
+    /// the access (reading, or writing when `write`).
+    @inline(__always)
+    public func pointer(guestPhysical address: UInt64, length: UInt64, write: Bool = false) -> UnsafeMutableRawPointer? {
+        guard let e = entry(containing: address), e.allows(write: write) else { return nil }
+        let offset = address &- e.gpa
+        return length <= e.size &- offset ? e.host + Int(offset) : nil
+    }
+
+    /// Host pointer for `length` bytes at VMM user address `address` (ring addresses), within one region the device
+    /// may read and write. A linear scan: rings are resolved when they start, not per request.
     public func pointer(userAddress address: UInt64, length: UInt64) -> UnsafeMutableRawPointer? {
         var i = 0
         while i < count {
             let e = entries[i]
             i += 1
-            if address >= e.uaddr {
+            if address >= e.uaddr && e.readable && e.writable {
                 let offset = address &- e.uaddr
                 if offset < e.size && length <= e.size &- offset { return e.host + Int(offset) }
             }
@@ -200,35 +229,47 @@ public final class GuestMemory: @unchecked Sendable {
     }
 
     /// Appends host iovecs for the guest buffer (`address`, `length`) at `vectors[start...]`, splitting it
-    /// where it crosses regions. Never writes at or past `capacity`.
+    /// where it crosses regions; every piece must allow the access (`write`: the device writes the buffer). Never
+    /// writes at or past `capacity`.
     @inline(__always)
-    public func translate(guestPhysical address: UInt64, length: UInt32, into vectors: UnsafeMutablePointer<iovec>,
+    public func translate(guestPhysical address: UInt64, length: UInt32, write: Bool, into vectors: UnsafeMutablePointer<iovec>,
                           start: Int, capacity: Int) -> TranslationResult {
         var address = address
         var remaining = UInt64(length)
         var n = start
         while remaining > 0 {
-            var found = false
-            var i = 0
-            while i < count {
-                let e = entries[i]
-                i += 1
-                guard address >= e.gpa else { continue }
-                let offset = address &- e.gpa
-                guard offset < e.size else { continue }
-                let chunk = min(remaining, e.size &- offset)
-                guard n < capacity else { return .tooManySegments }
-                vectors[n] = iovec(iov_base: e.host + Int(offset), iov_len: Int(chunk))
-                n += 1
-                remaining -= chunk
-                let (next, overflow) = address.addingReportingOverflow(chunk)
-                if overflow && remaining > 0 { return .outOfRange }
-                address = next
-                found = true
-                break
-            }
-            if !found { return .outOfRange }
+            guard let e = entry(containing: address), e.allows(write: write) else { return .outOfRange }
+            let offset = address &- e.gpa
+            let chunk = min(remaining, e.size &- offset)
+            guard n < capacity else { return .tooManySegments }
+            vectors[n] = iovec(iov_base: e.host + Int(offset), iov_len: Int(chunk))
+            n += 1
+            remaining -= chunk
+            let (next, overflow) = address.addingReportingOverflow(chunk)
+            if overflow && remaining > 0 { return .outOfRange }
+            address = next
         }
         return .ok(n - start)
+    }
+
+    /// Calls `body` with the host piece of each region the guest range (`address`, `length`) crosses, in order; every
+    /// piece must allow the access. False (after possibly calling `body` for a prefix) when a byte is outside every
+    /// region or lacks the access, or `body` returned false.
+    @inline(__always)
+    public func forEachPiece(guestPhysical address: UInt64, length: UInt64, write: Bool,
+                             _ body: (UnsafeMutableRawPointer, Int) -> Bool) -> Bool {
+        var address = address
+        var remaining = length
+        while remaining > 0 {
+            guard let e = entry(containing: address), e.allows(write: write) else { return false }
+            let offset = address &- e.gpa
+            let n = min(remaining, e.size &- offset)
+            guard n <= UInt64(Int.max), body(e.host + Int(offset), Int(n)) else { return false }
+            remaining -= n
+            let (next, overflow) = address.addingReportingOverflow(n)
+            if overflow && remaining > 0 { return false }
+            address = next
+        }
+        return true
     }
 }
