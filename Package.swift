@@ -65,7 +65,7 @@ let package = Package(
         // every debug build so that they follow API changes; Deploy/fuzz/fuzz.sh links scsigate-fuzz with
         // -sanitize=fuzzer,address -DFUZZING (libFuzzer's main) into .build/fuzz. Without FUZZING it replays inputs.
         .target(name: "FuzzTargets", dependencies: [
-            "GuestMemoryMap", "Virtio", "VirtioDevices", "VhostUser", "VfioUser", "PVSCSI", "SCSI", "BlockIO", "Backends", "Gateway", "CSystem",
+            "GuestMemoryMap", "Virtio", "VirtioDevices", "VhostUser", "VfioUser", "VfioUserVirtio", "PVSCSI", "SCSI", "BlockIO", "Backends", "Gateway", "CSystem",
             .product(name: "Logging", package: "swift-log"),
         ], path: "Tests/Fuzz/Targets"),
         .executableTarget(name: "scsigate-fuzz", dependencies: ["FuzzTargets"], path: "Tests/Fuzz/Main"),
