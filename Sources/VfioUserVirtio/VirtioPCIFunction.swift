@@ -210,7 +210,7 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
         }
     }
 
-    private func refuse(_ what: String) {
+    func refuse(_ what: String) {
         ignoredWrites += 1
         if ignoredWrites <= 20 || ignoredWrites % 1000 == 0 { note(.warning, "ignored: \(what) (#\(ignoredWrites))") }
     }

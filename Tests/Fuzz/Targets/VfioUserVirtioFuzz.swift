@@ -206,6 +206,15 @@ public enum VfioUserVirtioFuzz {
         out.append(("scsi-register-reads", input(blk: false, stream: reads, image: scsiRead)))
         out.append(("blk-register-writes", input(blk: true, stream: writes, image: blkIn)))
         out.append(("blk-feature-not-offered", input(blk: true, features: 1 << 31, image: blkIn)))
+        // The VIRTIO_PCI_CAP_PCI_CFG window (the fifth vendor capability, at 0xA4): select device_status, write it, read
+        // the capacity.
+        let config = UInt32(VfioPCIRegion.config)
+        let window = chunk(m(50, .regionWrite, access(config, 0xA4 + 4, 1, data: [0])))
+            + chunk(m(51, .regionWrite, access(config, 0xA4 + 8, 8, data: [0x14, 0, 0, 0, 1, 0, 0, 0])))
+            + chunk(m(52, .regionWrite, access(config, 0xA4 + 16, 4, data: [0x0F, 0, 0, 0])))
+            + chunk(m(53, .regionWrite, access(config, 0xA4 + 8, 8, data: [0, 0x20, 0, 0, 4, 0, 0, 0])))
+            + chunk(m(54, .regionRead, access(config, 0xA4 + 16, 4)))
+        out.append(("blk-pci-cfg-window", input(blk: true, stream: window, image: blkIn)))
         // Raw streams: no driver, no ring (the hostile client alone).
         var version = SeedBytes()
         version.u16(0); version.u16(1)
