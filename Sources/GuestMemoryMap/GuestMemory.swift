@@ -101,31 +101,130 @@ public enum TranslationResult: Equatable, Sendable {
     case tooManySegments
 }
 
+/// The translation half of a `GuestMemory` table: a flat, sorted copy of its regions' hot fields (no reference
+/// counting: a trivial value of two words). Valid only while the `GuestMemory` it came from is alive; a holder that
+/// translates per request (`VfioUser.DMAWindows`) keeps the table and uses this, so that no request retains anything.
+/// Every guest-physical lookup is an inlinable binary search that checks bounds, overflow and the region's access.
+public struct GuestMemoryLookup {
+    /// The hot fields of one region.
+    @usableFromInline
+    struct Entry {
+        @usableFromInline var gpa: UInt64
+        @usableFromInline var size: UInt64
+        @usableFromInline var uaddr: UInt64
+        @usableFromInline var host: UnsafeMutableRawPointer
+        @usableFromInline var readable: Bool
+        @usableFromInline var writable: Bool
+
+        @inlinable @inline(__always)
+        func allows(write: Bool) -> Bool { write ? writable : readable }
+    }
+
+    /// Sorted by guest physical address.
+    @usableFromInline let entries: UnsafePointer<Entry>
+    @usableFromInline let count: Int
+
+    init(entries: UnsafePointer<Entry>, count: Int) {
+        self.entries = entries
+        self.count = count
+    }
+
+    /// The entry holding guest physical `address` (binary search for the last region starting at or below it).
+    @inlinable @inline(__always)
+    func entry(containing address: UInt64) -> Entry? {
+        var lo = 0
+        var hi = count
+        while lo < hi {
+            let mid = (lo + hi) >> 1
+            if entries[mid].gpa <= address { lo = mid + 1 } else { hi = mid }
+        }
+        guard lo > 0 else { return nil }
+        let e = entries[lo - 1]
+        return address &- e.gpa < e.size ? e : nil
+    }
+
+    /// Host pointer for `length` bytes at guest physical `address`, only if they lie within one region that allows
+    /// the access (reading, or writing when `write`).
+    @inlinable @inline(__always)
+    public func pointer(guestPhysical address: UInt64, length: UInt64, write: Bool = false) -> UnsafeMutableRawPointer? {
+        guard let e = entry(containing: address), e.allows(write: write) else { return nil }
+        let offset = address &- e.gpa
+        return length <= e.size &- offset ? e.host + Int(offset) : nil
+    }
+
+    /// Appends host iovecs for the guest buffer (`address`, `length`) at `vectors[start...]`, splitting it
+    /// where it crosses regions; every piece must allow the access (`write`: the device writes the buffer). Never
+    /// writes at or past `capacity`.
+    @inlinable @inline(__always)
+    public func translate(guestPhysical address: UInt64, length: UInt32, write: Bool, into vectors: UnsafeMutablePointer<iovec>,
+                          start: Int, capacity: Int) -> TranslationResult {
+        var address = address
+        var remaining = UInt64(length)
+        var n = start
+        while remaining > 0 {
+            guard let e = entry(containing: address), e.allows(write: write) else { return .outOfRange }
+            let offset = address &- e.gpa
+            let chunk = min(remaining, e.size &- offset)
+            guard n < capacity else { return .tooManySegments }
+            vectors[n] = iovec(iov_base: e.host + Int(offset), iov_len: Int(chunk))
+            n += 1
+            remaining -= chunk
+            let (next, overflow) = address.addingReportingOverflow(chunk)
+            if overflow && remaining > 0 { return .outOfRange }
+            address = next
+        }
+        return .ok(n - start)
+    }
+
+    /// Calls `body` with the host piece of each region the guest range (`address`, `length`) crosses, in order; every
+    /// piece must allow the access. False (after possibly calling `body` for a prefix) when a byte is outside every
+    /// region or lacks the access, or `body` returned false.
+    @inlinable @inline(__always)
+    public func forEachPiece(guestPhysical address: UInt64, length: UInt64, write: Bool,
+                             _ body: (UnsafeMutableRawPointer, Int) -> Bool) -> Bool {
+        var address = address
+        var remaining = length
+        while remaining > 0 {
+            guard let e = entry(containing: address), e.allows(write: write) else { return false }
+            let offset = address &- e.gpa
+            let n = min(remaining, e.size &- offset)
+            guard n <= UInt64(Int.max), body(e.host + Int(offset), Int(n)) else { return false }
+            remaining -= n
+            let (next, overflow) = address.addingReportingOverflow(n)
+            if overflow && remaining > 0 { return false }
+            address = next
+        }
+        return true
+    }
+
+    /// Host pointer for `length` bytes at VMM user address `address` (ring addresses), within one region the device
+    /// may read and write. A linear scan: rings are resolved when they start, not per request.
+    func pointer(userAddress address: UInt64, length: UInt64) -> UnsafeMutableRawPointer? {
+        var i = 0
+        while i < count {
+            let e = entries[i]
+            i += 1
+            if address >= e.uaddr && e.readable && e.writable {
+                let offset = address &- e.uaddr
+                if offset < e.size && length <= e.size &- offset { return e.host + Int(offset) }
+            }
+        }
+        return nil
+    }
+}
+
 /// A guest's memory table: the mapped regions, with checked translation of guest physical and VMM user addresses
 /// into host pointers. Immutable; a table change builds a new one. The one guest-memory type of both transports:
 /// the vhost-user memory table (SET_MEM_TABLE, ADD/REM_MEM_REG) and the vfio-user DMA windows with an fd
 /// (`VfioUser.DMAWindows.table`) each produce it; virtqueues and the PVSCSI device translate through it.
 ///
-/// Guest physical lookups are a binary search over the regions sorted by guest address (no allocation, no reference
-/// counting: the hot fields are a flat copy); every lookup checks bounds, overflow and the region's access.
+/// Guest physical lookups (`lookup`) are a binary search over the regions sorted by guest address, with no
+/// allocation and no reference counting; every lookup checks bounds, overflow and the region's access.
 public final class GuestMemory: @unchecked Sendable {
-    /// Flat copy of the hot fields for translation (no ARC in the loop).
-    private struct Entry {
-        var gpa: UInt64
-        var size: UInt64
-        var uaddr: UInt64
-        var host: UnsafeMutableRawPointer
-        var readable: Bool
-        var writable: Bool
-
-        @inline(__always) func allows(write: Bool) -> Bool { write ? writable : readable }
-    }
-
     /// The mapped regions, in table order.
     public let regions: [MappedGuestRegion]
-    /// `regions` sorted by guest physical address.
-    private let entries: UnsafeMutablePointer<Entry>
-    private let count: Int
+    /// The regions' hot fields, sorted by guest address (owned by this table).
+    public let lookup: GuestMemoryLookup
 
     /// An empty table.
     public convenience init() { self.init(regions: []) }
@@ -134,15 +233,15 @@ public final class GuestMemory: @unchecked Sendable {
     /// this initializer must not pass overlapping ones (a lookup would then find one of them, still bounds-checked).
     public init(regions: [MappedGuestRegion]) {
         self.regions = regions
-        count = regions.count
-        entries = .allocate(capacity: max(1, regions.count))
+        let entries = UnsafeMutablePointer<GuestMemoryLookup.Entry>.allocate(capacity: max(1, regions.count))
         for (i, r) in regions.sorted(by: { $0.descriptor.guestPhysicalAddress < $1.descriptor.guestPhysicalAddress }).enumerated() {
-            entries[i] = Entry(gpa: r.descriptor.guestPhysicalAddress, size: r.descriptor.size,
-                               uaddr: r.descriptor.userAddress, host: r.host, readable: r.readable, writable: r.writable)
+            entries[i] = GuestMemoryLookup.Entry(gpa: r.descriptor.guestPhysicalAddress, size: r.descriptor.size,
+                                                 uaddr: r.descriptor.userAddress, host: r.host, readable: r.readable, writable: r.writable)
         }
+        lookup = GuestMemoryLookup(entries: entries, count: regions.count)
     }
 
-    deinit { entries.deallocate() }
+    deinit { UnsafeMutablePointer(mutating: lookup.entries).deallocate() }
 
     /// Maps a whole table (SET_MEM_TABLE). On error nothing stays mapped. The fds are not closed.
     public static func map(_ table: [(GuestMemoryRegionDescriptor, Int32)], limit: Int) throws(GuestMemoryError) -> GuestMemory {
@@ -188,88 +287,31 @@ public final class GuestMemory: @unchecked Sendable {
     }
 
     /// Number of regions.
-    public var regionCount: Int { count }
+    public var regionCount: Int { lookup.count }
 
-    /// The entry holding guest physical `address` (binary search for the last region starting at or below it).
-    @inline(__always)
-    private func entry(containing address: UInt64) -> Entry? {
-        var lo = 0
-        var hi = count
-        while lo < hi {
-            let mid = (lo + hi) >> 1
-            if entries[mid].gpa <= address { lo = mid + 1 } else { hi = mid }
-        }
-        guard lo > 0 else { return nil }
-        let e = entries[lo - 1]
-        return address &- e.gpa < e.size ? e : nil
-    }
-
-    /// Host pointer for `length` bytes at guest physical `address`, only if they lie within one region that allows
-    /// the access (reading, or writing when `write`).
-    @inline(__always)
+    /// Host pointer for `length` bytes at guest physical `address` within one region that allows the access.
+    @inlinable @inline(__always)
     public func pointer(guestPhysical address: UInt64, length: UInt64, write: Bool = false) -> UnsafeMutableRawPointer? {
-        guard let e = entry(containing: address), e.allows(write: write) else { return nil }
-        let offset = address &- e.gpa
-        return length <= e.size &- offset ? e.host + Int(offset) : nil
+        lookup.pointer(guestPhysical: address, length: length, write: write)
     }
 
     /// Host pointer for `length` bytes at VMM user address `address` (ring addresses), within one region the device
-    /// may read and write. A linear scan: rings are resolved when they start, not per request.
+    /// may read and write.
     public func pointer(userAddress address: UInt64, length: UInt64) -> UnsafeMutableRawPointer? {
-        var i = 0
-        while i < count {
-            let e = entries[i]
-            i += 1
-            if address >= e.uaddr && e.readable && e.writable {
-                let offset = address &- e.uaddr
-                if offset < e.size && length <= e.size &- offset { return e.host + Int(offset) }
-            }
-        }
-        return nil
+        lookup.pointer(userAddress: address, length: length)
     }
 
-    /// Appends host iovecs for the guest buffer (`address`, `length`) at `vectors[start...]`, splitting it
-    /// where it crosses regions; every piece must allow the access (`write`: the device writes the buffer). Never
-    /// writes at or past `capacity`.
-    @inline(__always)
+    /// `GuestMemoryLookup.translate`.
+    @inlinable @inline(__always)
     public func translate(guestPhysical address: UInt64, length: UInt32, write: Bool, into vectors: UnsafeMutablePointer<iovec>,
                           start: Int, capacity: Int) -> TranslationResult {
-        var address = address
-        var remaining = UInt64(length)
-        var n = start
-        while remaining > 0 {
-            guard let e = entry(containing: address), e.allows(write: write) else { return .outOfRange }
-            let offset = address &- e.gpa
-            let chunk = min(remaining, e.size &- offset)
-            guard n < capacity else { return .tooManySegments }
-            vectors[n] = iovec(iov_base: e.host + Int(offset), iov_len: Int(chunk))
-            n += 1
-            remaining -= chunk
-            let (next, overflow) = address.addingReportingOverflow(chunk)
-            if overflow && remaining > 0 { return .outOfRange }
-            address = next
-        }
-        return .ok(n - start)
+        lookup.translate(guestPhysical: address, length: length, write: write, into: vectors, start: start, capacity: capacity)
     }
 
-    /// Calls `body` with the host piece of each region the guest range (`address`, `length`) crosses, in order; every
-    /// piece must allow the access. False (after possibly calling `body` for a prefix) when a byte is outside every
-    /// region or lacks the access, or `body` returned false.
-    @inline(__always)
+    /// `GuestMemoryLookup.forEachPiece`.
+    @inlinable @inline(__always)
     public func forEachPiece(guestPhysical address: UInt64, length: UInt64, write: Bool,
                              _ body: (UnsafeMutableRawPointer, Int) -> Bool) -> Bool {
-        var address = address
-        var remaining = length
-        while remaining > 0 {
-            guard let e = entry(containing: address), e.allows(write: write) else { return false }
-            let offset = address &- e.gpa
-            let n = min(remaining, e.size &- offset)
-            guard n <= UInt64(Int.max), body(e.host + Int(offset), Int(n)) else { return false }
-            remaining -= n
-            let (next, overflow) = address.addingReportingOverflow(n)
-            if overflow && remaining > 0 { return false }
-            address = next
-        }
-        return true
+        lookup.forEachPiece(guestPhysical: address, length: length, write: write, body)
     }
 }

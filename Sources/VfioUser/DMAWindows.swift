@@ -66,6 +66,8 @@ public final class DMAWindows: @unchecked Sendable {
     /// The windows with an fd as a memory table (user address = IOVA), rebuilt on every map and unmap. A holder keeps
     /// its windows mapped for as long as it keeps the table.
     public private(set) var table = GuestMemory()
+    /// `table`'s lookup (valid while `table` is held): what each translation uses, so that none retains the table.
+    private var lookup: GuestMemoryLookup
     /// Windows without an fd (reachable only through `remote`).
     public private(set) var remoteRegionCount = 0
     /// Carries accesses to fd-less windows as DMA_READ/DMA_WRITE messages (set by the server). Nil: such
@@ -76,7 +78,10 @@ public final class DMAWindows: @unchecked Sendable {
     public var holdUnmaps = false
     private var held: [MappedGuestRegion] = []
 
-    public init() { regions.reserveCapacity(16) }
+    public init() {
+        lookup = table.lookup
+        regions.reserveCapacity(16)
+    }
 
     /// Adds a window. With `fd` >= 0 the window is mmap'ed (the fd is closed by this call either way).
     public func map(address: UInt64, size: UInt64, fileOffset: UInt64, readable: Bool, writable: Bool,
@@ -126,6 +131,7 @@ public final class DMAWindows: @unchecked Sendable {
 
     private func rebuildTable() {
         table = GuestMemory(regions: regions.compactMap(\.mapped))
+        lookup = table.lookup
     }
 
     /// Unmaps the windows kept by `holdUnmaps` (unless a memory table still holds them).
@@ -146,7 +152,7 @@ public final class DMAWindows: @unchecked Sendable {
     /// the needed access; nil otherwise (unmapped, fd-less window, overflow, or no write permission).
     @inline(__always)
     public func translate(_ address: UInt64, length: UInt64, write: Bool) -> UnsafeMutableRawPointer? {
-        table.pointer(guestPhysical: address, length: length, write: write)
+        lookup.pointer(guestPhysical: address, length: length, write: write)
     }
 
     /// Like `translate`, but a range may span adjacent windows: calls `body` with each host piece in order.
@@ -154,7 +160,7 @@ public final class DMAWindows: @unchecked Sendable {
     @inline(__always)
     public func forEachPiece(_ address: UInt64, length: UInt64, write: Bool,
                              _ body: (UnsafeMutableRawPointer, Int) -> Bool) -> Bool {
-        table.forEachPiece(guestPhysical: address, length: length, write: write, body)
+        lookup.forEachPiece(guestPhysical: address, length: length, write: write, body)
     }
 
     /// Whether `length` bytes at `address` lie inside ONE fd-less window with the needed access (reachable
