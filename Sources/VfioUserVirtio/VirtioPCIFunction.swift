@@ -69,6 +69,8 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
     /// A running ring was outside the DMA windows at the last map change: the device kept its previous table.
     private(set) var deviceTableHeld = false
     private(set) var ringsOutsideMemory = 0
+    /// Changes whenever a ring stops: a broken-ring report from before is then stale.
+    private(set) var queueEpoch: UInt64 = 0
 
     init(device: Device, kind: VirtioPCIDeviceKind, loop: EventLoop, name: String, log: @escaping DeviceLogger) throws(VfioUserError) {
         guard device.queueCount >= 1, device.queueCount <= VirtioPCILayout.maxQueues, device.queueCount + 1 <= 2048 else {
@@ -313,6 +315,12 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
         status = value
     }
 
+    /// Running ring `i` broke (its group found it so): the device needs a reset, unless the ring stopped since.
+    func ringBroke(_ i: Int, epoch: UInt64, _ reason: String) {
+        guard epoch == queueEpoch, i < queues.count, queues[i].enabled else { return }
+        needsReset("queue \(i): \(reason)")
+    }
+
     /// Marks the device broken (DEVICE_NEEDS_RESET) and tells the driver with a config interrupt.
     private func needsReset(_ why: String) {
         note(.error, "device needs reset: \(why)")
@@ -347,7 +355,8 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
         queues[i].kickFD = kick
         queues[i].callFD = newCallFD(for: i)
         queues[i].enabled = true
-        device.startQueue(RunningQueue(index: i, ring: ring, kickFD: kick, callFD: queues[i].callFD, enabled: true))
+        device.startQueue(RunningQueue(index: i, ring: ring, kickFD: kick, callFD: queues[i].callFD, enabled: true,
+                                       onBroken: { [relay = QueueBrokenRelay(self, queue: i)] in relay.fire($0) }))
     }
 
     /// The call fd queue `i` should have now (the caller owns it unless it is the relay fd).
@@ -373,6 +382,7 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
     private func stopQueue(_ i: Int) {
         guard queues[i].enabled else { return }
         queues[i].enabled = false
+        queueEpoch &+= 1
         if let q = device.stopQueue(i), q.abandoned {
             // Late completions of the abandoned requests may still signal it: keep the call fd open.
             note(.error, "queue \(i) did not drain; its \(q.ring.inFlight) late request(s) will be dropped")
@@ -466,6 +476,20 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
             interrupts.setINTx(true)
         }
     }
+}
+
+/// Carries a broken ring (an avail index running past the ring, a descriptor table it cannot read) from the queue's
+/// group thread to the loop thread, without capturing the generic type: the device sets DEVICE_NEEDS_RESET, unless
+/// that ring stopped meanwhile.
+private final class QueueBrokenRelay: @unchecked Sendable {
+    private let loop: EventLoop
+    private let body: (String) -> Void
+    init<Device>(_ function: VirtioPCIFunction<Device>, queue: Int) {
+        loop = function.loop
+        let epoch = function.queueEpoch
+        body = { [weak function] reason in function?.ringBroke(queue, epoch: epoch, reason) }
+    }
+    func fire(_ reason: String) { loop.execute { self.body(reason) } }
 }
 
 /// Carries the config-change notification to the loop thread without capturing the generic type.

@@ -350,6 +350,21 @@ import Glibc
         try expectServes(f, d)
     }
 
+    /// The avail index jumps past the ring, or an entry names a descriptor past the table: the ring breaks, the device
+    /// sets DEVICE_NEEDS_RESET and tells the driver with the config interrupt; a reset repairs it.
+    @Test(arguments: [false, true])
+    func aRingTheDriverBreaksSetsNeedsResetUntilReset(headPastTheTable: Bool) throws {
+        let f = try BlkPCIFixture()
+        let (d, ring) = try f.splitDriver()
+        if headPastTheTable { ring.publish(200) } else { ring.setAvailIndex(100) }
+        try d.kick(0)
+        #expect(waitFor { ((try? d.status) ?? 0) & 0x40 != 0 })
+        #expect(d.waitInterrupt(d.vectorFDs[0]))
+        #expect(ring.usedIndex == 0)
+        #expect(f.log.contains("device needs reset: queue 0"))
+        try expectServes(f, d)
+    }
+
     @Test func aDeviceThatNeedsResetRefusesIOUntilReset() throws {
         let f = try BlkPCIFixture()
         let d = try msixDriver(f)
