@@ -15,7 +15,8 @@ import Glibc
 /// - Guest memory: the DMA windows that came with an fd, as the server's `DMAWindows.table` (one reference-counted
 ///   mapping per window, user address = IOVA, since virtio-pci ring addresses are guest physical): the tables the
 ///   device holds keep their windows mapped after an unmap until its requests are done; the device gets the new
-///   table after each DMA_MAP/DMA_UNMAP. Windows without an fd cannot hold rings: such a ring breaks the device (NEEDS_RESET).
+///   table after each DMA_MAP/DMA_UNMAP. Guest RAM without an fd (plain `-m`): the rings run on a shadow copy kept in
+///   step with DMA_READ/DMA_WRITE messages (`PlainMemoryRings`, VirtioPCIFunction+PlainMemory.swift).
 /// - Kicks: a notify-region write signals the queue's kick eventfd (owned here). QEMU's vfio-user client has
 ///   no ioeventfds, so every kick is a REGION_WRITE message (posted by QEMU).
 /// - Interrupts: with MSI-X, a queue's call fd is a duplicate of the eventfd the client set for its vector (the
@@ -58,10 +59,13 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
     private(set) var queueSelect: UInt16 = 0
     private(set) var queues: [QueueState]
     private(set) var isr: UInt8 = 0
-    /// The rings' memory table (the DMA windows with an fd).
-    private(set) var memoryTable = GuestMemory()
+    /// The rings' memory table (the DMA windows with an fd; with guest RAM without fd, the shadow's regions).
+    var memoryTable = GuestMemory()
     /// INTx relay: the queues' call fd without MSI-X.
     private var relayFD: Int32 = -1
+    /// Guest RAM without fd: the rings' shadow and its DMA-by-message upkeep (from FEATURES_OK to the reset).
+    var plainRings: PlainMemoryRings?
+    var plainMemoryLogged = false
     /// Counts for tests and the log.
     private(set) var ignoredWrites = 0
     private(set) var ignoredNotifies = 0
@@ -108,8 +112,9 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
     }
 
     private func note(_ level: DeviceLogLevel, _ text: String) { log(level, "\(name): \(text)") }
+    func logLine(_ level: DeviceLogLevel, _ text: String) { note(level, text) }
 
-    private var msixMode: Bool { interrupts.msixActive || configSpace.msixEnabled }
+    var msixMode: Bool { interrupts.msixActive || configSpace.msixEnabled }
     private var negotiated: Bool { status & S.featuresOK != 0 }
 
     // MARK: VfioUserDevice
@@ -155,6 +160,7 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
     /// VFIO_USER_DEVICE_RESET or the client went away: the VMM's device state is gone with the rings.
     func reset() {
         resetDevice()
+        plainMemoryLogged = false
         device.connectionClosed()
     }
 
@@ -168,7 +174,8 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
 
     func interruptsChanged() {
         // Vector eventfds changed: every running queue takes a duplicate of its vector's new fd.
-        for i in queues.indices where queues[i].enabled { refreshCallFD(i) }
+        // (Guest RAM without fd: the queues signal the function, which raises the vector it finds at that time.)
+        for i in queues.indices where queues[i].enabled && plainRings == nil { refreshCallFD(i) }
     }
 
     // MARK: Common configuration
@@ -188,7 +195,8 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
         switch offset {
         case 0x00..<0x04: return (C.deviceFeatureSelect, 4, UInt64(deviceFeatureSelect))
         case 0x04..<0x08:
-            let v: UInt64 = deviceFeatureSelect == 0 ? deviceFeatures & 0xFFFF_FFFF : deviceFeatureSelect == 1 ? deviceFeatures >> 32 : 0
+            let offered = offeredFeatures
+            let v: UInt64 = deviceFeatureSelect == 0 ? offered & 0xFFFF_FFFF : deviceFeatureSelect == 1 ? offered >> 32 : 0
             return (C.deviceFeature, 4, v)
         case 0x08..<0x0C: return (C.driverFeatureSelect, 4, UInt64(driverFeatureSelect))
         case 0x0C..<0x10:
@@ -298,7 +306,7 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
         }
         var value = (new & ~S.needsReset) | (old & S.needsReset)
         if value & S.featuresOK != 0 && old & S.featuresOK == 0 {
-            let unknown = driverFeatures & ~deviceFeatures
+            let unknown = driverFeatures & ~offeredFeatures
             if unknown != 0 || driverFeatures & VirtioFeature.version1 == 0 {
                 note(.warning, unknown != 0
                      ? "FEATURES_OK refused: driver features 0x\(String(driverFeatures, radix: 16)) include 0x\(String(unknown, radix: 16)) not offered"
@@ -306,6 +314,7 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
                 value &= ~S.featuresOK
             } else {
                 device.setNegotiatedFeatures(driverFeatures)
+                startPlainMemoryIfNeeded()
             }
         }
         if value & S.driverOK != 0 && old & S.driverOK == 0 && value & S.featuresOK == 0 {
@@ -322,7 +331,7 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
     }
 
     /// Marks the device broken (DEVICE_NEEDS_RESET) and tells the driver with a config interrupt.
-    private func needsReset(_ why: String) {
+    func needsReset(_ why: String) {
         note(.error, "device needs reset: \(why)")
         guard status & S.needsReset == 0 else { return }
         status |= S.needsReset
@@ -338,13 +347,23 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
         let size = Int(q.size)
         guard options.packed || size & (size - 1) == 0 else { needsReset("queue \(i): split ring size \(size) is not a power of 2"); return }
         let addresses = VirtqueueAddresses(descriptorTable: q.desc, driverArea: q.driver, deviceArea: q.device)
+        // Guest RAM without fd: the ring's shadow takes the guest's used index before the device reads it.
+        var plainUsedIndex: UInt16 = 0
+        if let plainRings {
+            plainRings.deviceTable = memoryTable
+            guard let used = plainRings.prepareShadow(i, size: size, desc: q.desc, avail: q.driver, used: q.device) else {
+                needsReset("queue \(i): its ring cannot run over guest RAM without fd")
+                return
+            }
+            plainUsedIndex = used
+        }
         let ring: Virtqueue
         do {
             ring = try Virtqueue(size: size, options: options, addresses: addresses, memory: memoryTable,
                                  base: options.packed ? 0x8000 : 0,  // packed: both wrap counters start at 1
                                  segmentsPerSlot: max(device.segmentsPerSlot, min(size, device.expectedQueueSize) + 8))
         } catch {
-            if dmaWindows.remoteRegionCount > 0 {
+            if plainRings == nil && guestRAMWithoutFD {
                 note(.error, "queue \(i): the ring is not in a DMA window with an fd: guest RAM must be shared memory: memory-backend-memfd,share=on")
             }
             needsReset("queue \(i): \(error)")
@@ -353,7 +372,18 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
         let kick = csys_eventfd(0, 1)
         guard kick >= 0 else { needsReset("queue \(i): cannot create its kick eventfd (errno \(errno))"); return }
         queues[i].kickFD = kick
-        queues[i].callFD = newCallFD(for: i)
+        if let plainRings {
+            guard let call = plainRings.start(i, size: size, desc: q.desc, avail: q.driver, used: q.device,
+                                              segments: ring.segmentsPerSlot, kickFD: kick, usedIndex: plainUsedIndex) else {
+                close(kick)
+                queues[i].kickFD = -1
+                needsReset("queue \(i): its ring cannot run over guest RAM without fd")
+                return
+            }
+            queues[i].callFD = call
+        } else {
+            queues[i].callFD = newCallFD(for: i)
+        }
         queues[i].enabled = true
         device.startQueue(RunningQueue(index: i, ring: ring, kickFD: kick, callFD: queues[i].callFD, enabled: true,
                                        onBroken: { [relay = QueueBrokenRelay(self, queue: i)] in relay.fire($0) }))
@@ -383,6 +413,7 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
         guard queues[i].enabled else { return }
         queues[i].enabled = false
         queueEpoch &+= 1
+        plainRings?.stop(i)
         if let q = device.stopQueue(i), q.abandoned {
             // Late completions of the abandoned requests may still signal it: keep the call fd open.
             note(.error, "queue \(i) did not drain; its \(q.ring.inFlight) late request(s) will be dropped")
@@ -403,12 +434,13 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
             }
             return
         }
-        _ = csys_eventfd_signal(queues[i].kickFD, 1)
+        if let plainRings { plainRings.kicked(i) } else { _ = csys_eventfd_signal(queues[i].kickFD, 1) }
     }
 
     /// Stops every ring (draining) and returns to the power-on state.
     private func resetDevice() {
         for i in queues.indices { stopQueue(i) }
+        stopPlainMemory()
         let size = UInt16(clamping: device.expectedQueueSize)
         for i in queues.indices { queues[i] = QueueState(size: size) }
         deviceFeatureSelect = 0
@@ -424,11 +456,15 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
 
     // MARK: Memory
 
-    private func rebuildMemory() {
-        // The windows with an fd, each mapped once by DMAWindows; holding the table keeps them mapped.
-        let table = dmaWindows.table
+    func rebuildMemory() {
+        // The windows with an fd, each mapped once by DMAWindows (holding the table keeps them mapped), or the shadow.
+        let table = plainRings.map { $0.shadowTable(reusing: [memoryTable, $0.deviceTable]) } ?? dmaWindows.table
         memoryTable = table
-        guard queues.contains(where: { $0.enabled }) else { return }
+        defer { plainRings?.memoryChanged() }
+        guard queues.contains(where: { $0.enabled }) else {
+            plainRings?.deviceTable = table
+            return
+        }
         // QEMU unmaps and maps windows again as the guest's memory map changes (a ring's window may be gone between
         // the two messages): while a running ring is outside the new table, the device keeps the table it has (this
         // function's own mappings, valid whatever the client unmapped) and gets the next table that holds every ring.
@@ -449,6 +485,7 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
         if deviceTableHeld { note(.info, "every ring is inside the DMA windows again; the device takes the new memory table") }
         deviceTableHeld = false
         device.updateMemory(table)
+        plainRings?.deviceTable = table
     }
 
     // MARK: Interrupts
@@ -456,8 +493,18 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
     private func relaySignalled() {
         var v: UInt64 = 0
         guard csys_eventfd_drain(relayFD, &v) == 0 else { return }
+        raiseQueueINTx()
+    }
+
+    private func raiseQueueINTx() {
         isr |= 1
         interrupts.setINTx(true)
+    }
+
+    /// Queue `i`'s interrupt, raised here (guest RAM without fd: once its used ring reached the guest).
+    func raiseQueueInterrupt(_ i: Int) {
+        guard msixMode else { return raiseQueueINTx() }
+        if queues[i].vector != L.noVector { interrupts.signalMSIX(Int(queues[i].vector)) }
     }
 
     /// The device's configuration changed (loop thread).

@@ -269,18 +269,6 @@ final class BlkPCIFixture: @unchecked Sendable {
         #expect(f.log.contains("ignored"))
     }
 
-    @Test func windowWithoutFDCannotHoldRings() throws {
-        let f = try BlkPCIFixture()
-        let d = try VirtioPCIDriver(path: f.path, ram: f.ram, withFD: false)
-        try d.enableMSIX()
-        #expect(try d.negotiate(wanted: ~VirtioFeature.ringPacked) == 0x0B)
-        let ring = TestSplitRing(ram: f.ram, size: 16)
-        try d.setupQueue(0, size: 16, desc: ring.desc, driver: ring.avail, device: ring.used, vector: 1)
-        #expect(try d.status & 0x40 != 0)
-        #expect(try d.common(0x1C, 2) == 0)
-        #expect(f.log.contains("guest RAM must be shared memory: memory-backend-memfd,share=on"))
-    }
-
     @Test func dmaUnmapAndMapWhileTheRingRuns() throws {
         let f = try BlkPCIFixture()
         let (d, ring) = try f.splitDriver()

@@ -12,20 +12,32 @@ import VirtioTestSupport
 import Glibc
 #endif
 
-@Suite(.serialized) struct VirtioSCSIOverVfioUserTests {
-    @Test func inquiryAndReadThroughTheCore() throws {
-        let target = SCSITarget(name: "vfu-scsi")
+/// A virtio-scsi device with LUN 0 (2048 blocks of 512 bytes) on a memory back-end, served as a virtio-pci function.
+final class SCSIPCIFixture {
+    let channel = MemoryChannel(bytes: 1 << 20)
+    let log = TestLog()
+    let controller: VfioUserVirtioController<VirtioSCSIDevice<MemoryChannel>>
+    let path = testSocketPath("vfu-scsi")
+    let ram = TestGuestRAM()
+    let target = SCSITarget(name: "vfu-scsi")
+
+    init() throws {
         try target.add(LogicalUnit(number: LogicalUnitNumber(0)!, identity: LogicalUnitIdentity(serial: "SGVFU0", naa: 0x5000_0000_0000_0001),
                                    geometry: BlockGeometry(logicalBlockSize: 512, physicalBlockSize: 512, blockCount: 2048), backendID: 0))
-        let channel = MemoryChannel(bytes: 1 << 20)
-        let log = TestLog()
+        let channel = self.channel
         let device = try VirtioSCSIDevice(target: target, options: VirtioSCSIOptions(requestQueues: 1, maxQueueSize: 256, expectedQueueSize: 32),
                                           channelFactory: { _ in channel }, log: log.logger)
-        let path = testSocketPath("vfu-scsi")
-        let controller = try VfioUserVirtioController(socketPath: path, device: device, kind: .scsi, log: log.logger)
+        controller = try VfioUserVirtioController(socketPath: path, device: device, kind: .scsi, log: log.logger)
         try controller.start()
-        defer { controller.stop() }
-        let ram = TestGuestRAM()
+    }
+
+    deinit { controller.stop() }
+}
+
+@Suite(.serialized) struct VirtioSCSIOverVfioUserTests {
+    @Test func inquiryAndReadThroughTheCore() throws {
+        let f = try SCSIPCIFixture()
+        let (channel, path, ram) = (f.channel, f.path, f.ram)
         let d = try VirtioPCIDriver(path: path, ram: ram)
         #expect(try d.config(0x02, 2) == 0x1048)
         #expect(try d.config(0x09, 3) == 0x010000)

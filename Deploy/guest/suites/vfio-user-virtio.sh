@@ -8,7 +8,7 @@
 # controller's 2 request queues both used (2 vCPUs, reads pinned to each; blk-mq hw queues and per-queue stats);
 # then a CLI hot-add of LUN 5 (at 0:0:0:5, one device after a rescan), its CLI removal (gone without a rescan),
 # `scsigate stats` counting I/O on both controllers, and a CLI resize of the virtio-blk disk (the guest's size
-# follows); the gateway exits 0 on SIGTERM.
+# follows); then a guest with RAM without fd (vfio_user_virtio_plain_memory); the gateway exits 0 on SIGTERM.
 suite_vfio_user_virtio() {
     DIR="$WORK/vfuvirtio"; mkdir -p "$DIR"
     local name=vfio-user-virtio glog="$DIR/guest.log" gpid rc line
@@ -95,6 +95,31 @@ PY
     vf '^SCSIGATE-RESIZED disk=vd[a-z]+ bytes=100663296 '
     check "$name guest: virtio-blk disk resized to 96 MiB by the config-change interrupt" $?
     check "$name guest test (fio, conformance, pattern, multiqueue, hotplug, removal, resize)" $rc
+    vfio_user_virtio_plain_memory
     stop_gateway; check "$name gateway drains and exits 0 on SIGTERM" $?
+}
+
+# vfio_user_virtio_plain_memory: a second guest on the same gateway, with guest RAM without fd (plain -m): the
+# rings run on the gateway's shadow copy, kept by DMA_READ/DMA_WRITE messages. fio randwrite+verify on the
+# virtio-scsi LUN 0 disk and the virtio-blk disk (0 errors); the gateway's log shows both functions in that mode and
+# the DMA messages they sent (its per-request figures).
+vfio_user_virtio_plain_memory() {
+    local name=vfio-user-virtio-plain-memory plog="$DIR/plain.log" from rc
+    from=$(wc -l < "$DIR/gw.log")
+    guest_run --sid --plain-memory --quiet --test fio-disks --log "$plog" --timeout 600 --bind "$DIR" \
+        --append "scsigate.disks=sda,vda scsigate.size=8M" \
+        -- -device "{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"$DIR/vsc0.sock\",\"type\":\"unix\"}}" \
+           -device "{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"$DIR/vbk0.sock\",\"type\":\"unix\"}}"
+    rc=$?
+    tr -d '\r' < "$plog" | grep -a '^\[fio-verify\] fio\|^\[fio-disks\] disk' | sed "s/^/[$name] /"
+    check "$name guest: fio randwrite+verify 4k/64k on the virtio-scsi and the virtio-blk disk, 0 errors" $rc
+    tail -n +"$((from + 1))" "$DIR/gw.log" | grep -a 'guest RAM without fd: \|DMA by message so far' | sed "s/^.*controller=\\([^]]*\\)\\] [^:]*: /[$name] \\1: /"
+    local c
+    for c in vsc0 vbk0; do
+        tail -n +"$((from + 1))" "$DIR/gw.log" | grep -a "controller=$c\]" | grep -a 'guest RAM has no fd: the rings run on a shadow' >/dev/null \
+            && tail -n +"$((from + 1))" "$DIR/gw.log" | grep -a "controller=$c\]" | grep -aE 'guest RAM without fd: [1-9][0-9]* requests copied in \(0 refused\)' >/dev/null \
+            && tail -n +"$((from + 1))" "$DIR/gw.log" | grep -a "controller=$c\]" | grep -aE 'DMA by message so far: [1-9][0-9]* reads, [1-9][0-9]* writes, 0 failed' >/dev/null
+        check "$name $c ran its rings by DMA message (shadow mode, requests copied, DMA reads and writes, 0 failed)" $?
+    done
 }
 REGISTERED_SUITES+=(vfio-user-virtio)
