@@ -28,16 +28,19 @@ let package = Package(
         .target(name: "ISCSIBackend", dependencies: ["BlockIO", "CLibISCSI", "CSystem"]),
         // One epoll reactor per queue group, with adaptive polling.
         .target(name: "EventLoop", dependencies: ["CSystem"]),
+        // Guest memory: mapped regions (reference counted) and checked translation of guest addresses, the one type both
+        // transports produce (the vhost-user memory table, the vfio-user DMA windows with an fd). No transport.
+        .target(name: "GuestMemoryMap", dependencies: ["CSystem"]),
         // Virtqueues over guest memory (split, packed, indirect, EVENT_IDX).
-        .target(name: "Virtio", dependencies: ["BlockIO", "CSystem", "EventLoop"]),
+        .target(name: "Virtio", dependencies: ["GuestMemoryMap", "BlockIO", "CSystem", "EventLoop"]),
         // The virtio-scsi and virtio-blk device models (config space, features, queue groups, requests), transport-neutral.
-        .target(name: "VirtioDevices", dependencies: ["Virtio", "SCSI", "BlockIO", "CSystem", "EventLoop"]),
+        .target(name: "VirtioDevices", dependencies: ["GuestMemoryMap", "Virtio", "SCSI", "BlockIO", "CSystem", "EventLoop"]),
         // vhost-user back-end server hosting the virtio device models.
-        .target(name: "VhostUser", dependencies: ["VirtioDevices", "Virtio", "SCSI", "BlockIO", "CSystem", "EventLoop"]),
-        // vfio-user server (PCI config space, BARs, MSI-X).
-        .target(name: "VfioUser", dependencies: ["CSystem", "EventLoop"]),
+        .target(name: "VhostUser", dependencies: ["VirtioDevices", "Virtio", "GuestMemoryMap", "SCSI", "BlockIO", "CSystem", "EventLoop"]),
+        // vfio-user server (PCI config space, BARs, MSI-X, DMA windows: those with an fd as a GuestMemoryMap table).
+        .target(name: "VfioUser", dependencies: ["GuestMemoryMap", "CSystem", "EventLoop"]),
         // The virtio device models as modern virtio-pci functions over vfio-user (no other transport imported).
-        .target(name: "VfioUserVirtio", dependencies: ["VfioUser", "VirtioDevices", "Virtio", "CSystem", "EventLoop"]),
+        .target(name: "VfioUserVirtio", dependencies: ["VfioUser", "VirtioDevices", "Virtio", "GuestMemoryMap", "CSystem", "EventLoop"]),
         // The PVSCSI device model.
         .target(name: "PVSCSI", dependencies: ["VfioUser", "SCSI", "BlockIO", "CSystem", "EventLoop"]),
         // Config, daemon wiring, control socket.
@@ -57,12 +60,12 @@ let package = Package(
         // QoS benchmark: per-LUN IOPS limit held across threads while an unlimited LUN keeps its speed.
         .executableTarget(name: "qos-bench", dependencies: ["Backends", "BlockIO"], path: "Benchmarks/QoSBench"),
         // Virtqueue micro-benchmark: the data-path cost of dirty logging (live migration), off vs on.
-        .executableTarget(name: "ring-bench", dependencies: ["Virtio", "CSystem"], path: "Benchmarks/RingBench"),
+        .executableTarget(name: "ring-bench", dependencies: ["Virtio", "GuestMemoryMap", "CSystem"], path: "Benchmarks/RingBench"),
         // libFuzzer targets for every guest- and client-facing parser (Tests/Fuzz, README "Fuzzing"). They build in
         // every debug build so that they follow API changes; Deploy/fuzz/fuzz.sh links scsigate-fuzz with
         // -sanitize=fuzzer,address -DFUZZING (libFuzzer's main) into .build/fuzz. Without FUZZING it replays inputs.
         .target(name: "FuzzTargets", dependencies: [
-            "Virtio", "VirtioDevices", "VhostUser", "VfioUser", "PVSCSI", "SCSI", "BlockIO", "Backends", "Gateway", "CSystem",
+            "GuestMemoryMap", "Virtio", "VirtioDevices", "VhostUser", "VfioUser", "VfioUserVirtio", "PVSCSI", "SCSI", "BlockIO", "Backends", "Gateway", "CSystem",
             .product(name: "Logging", package: "swift-log"),
         ], path: "Tests/Fuzz/Targets"),
         .executableTarget(name: "scsigate-fuzz", dependencies: ["FuzzTargets"], path: "Tests/Fuzz/Main"),
@@ -71,16 +74,17 @@ let package = Package(
         .testTarget(name: "SCSITests", dependencies: ["SCSI", "BlockIO"]),
         .testTarget(name: "BackendsTests", dependencies: ["Backends", "BlockIO", "CSystem"]),
         .testTarget(name: "ISCSIBackendTests", dependencies: ["ISCSIBackend", "BlockIO", "EventLoop", "SCSI"]),
-        .testTarget(name: "VirtioTests", dependencies: ["Virtio", "BlockIO", "CSystem"]),
+        .testTarget(name: "GuestMemoryMapTests", dependencies: ["GuestMemoryMap", "CSystem"]),
+        .testTarget(name: "VirtioTests", dependencies: ["Virtio", "GuestMemoryMap", "BlockIO", "CSystem"]),
         // Guest RAM, driver-side rings, an in-memory back-end and log helpers shared by the virtio transports' tests.
-        .target(name: "VirtioTestSupport", dependencies: ["VirtioDevices", "Virtio", "BlockIO", "CSystem"], path: "Tests/VirtioTestSupport"),
-        .testTarget(name: "VhostUserTests", dependencies: ["VirtioTestSupport", "VhostUser", "VirtioDevices", "Virtio", "SCSI", "BlockIO", "CSystem", "Backends", "Gateway", "ISCSIBackend"]),
-        .testTarget(name: "VfioUserTests", dependencies: ["VfioUser", "CSystem"]),
+        .target(name: "VirtioTestSupport", dependencies: ["VirtioDevices", "Virtio", "GuestMemoryMap", "BlockIO", "CSystem"], path: "Tests/VirtioTestSupport"),
+        .testTarget(name: "VhostUserTests", dependencies: ["VirtioTestSupport", "VhostUser", "VirtioDevices", "Virtio", "GuestMemoryMap", "SCSI", "BlockIO", "CSystem", "Backends", "Gateway", "ISCSIBackend"]),
+        .testTarget(name: "VfioUserTests", dependencies: ["VfioUser", "GuestMemoryMap", "CSystem"]),
         .testTarget(name: "PVSCSITests", dependencies: ["VfioUserTestSupport", "PVSCSI", "VfioUser", "SCSI", "BlockIO", "Backends", "Gateway", "CSystem", "ISCSIBackend"]),
         // The vfio-user test client (the role QEMU's vfio-user-pci plays), shared by the PVSCSI and virtio-pci tests.
         .target(name: "VfioUserTestSupport", dependencies: ["VfioUser", "CSystem"], path: "Tests/VfioUserTestSupport"),
         .testTarget(name: "VfioUserVirtioTests", dependencies: [
-            "VfioUserTestSupport", "VirtioTestSupport", "VfioUserVirtio", "VfioUser", "VirtioDevices", "Virtio", "SCSI", "BlockIO", "CSystem",
+            "VfioUserTestSupport", "VirtioTestSupport", "VfioUserVirtio", "VfioUser", "VirtioDevices", "Virtio", "GuestMemoryMap", "SCSI", "BlockIO", "CSystem",
         ]),
         .testTarget(name: "GatewayTests", dependencies: ["Gateway", "SCSI", "Backends"]),
     ],

@@ -5,6 +5,7 @@
 // Usage: ring-bench [requests-per-run] [runs]
 import CSystem
 import Glibc
+import GuestMemoryMap
 import Virtio
 
 let requests = CommandLine.arguments.count > 1 ? Int(CommandLine.arguments[1]) ?? 2_000_000 : 2_000_000

@@ -1,4 +1,5 @@
 import CSystem
+import GuestMemoryMap
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -10,6 +11,18 @@ public struct DMAMapError: Error, Sendable, Equatable, CustomStringConvertible {
     public init(_ errno: Int32, _ reason: String) {
         self.errno = errno
         self.reason = reason
+    }
+
+    /// The window [`address`, +`size`) at `fileOffset` could not be mapped.
+    init(_ error: GuestMemoryError, address: UInt64, size: UInt64, fileOffset: UInt64) {
+        let window = "DMA_MAP window 0x\(String(address, radix: 16)) +0x\(String(size, radix: 16))"
+        switch error {
+        case let .fileTooSmall(_, fileSize, _):
+            self.init(EINVAL, "\(window) at offset 0x\(String(fileOffset, radix: 16)) extends past the end of its file (0x\(String(fileSize, radix: 16)) bytes)")
+        case let .badFileDescriptor(_, e): self.init(EBADF, "\(window): fd cannot be examined (errno \(e))")
+        case let .mmapFailed(_, e): self.init(e == 0 ? EINVAL : e, "\(window): mmap failed: \(String(cString: strerror(e)))")
+        default: self.init(EINVAL, "\(window): \(error)")
+        }
     }
     public var description: String { reason }
 }
@@ -24,23 +37,23 @@ public struct DMARegion: @unchecked Sendable {
     public var readable: Bool
     /// Client allows device writes.
     public var writable: Bool
-    /// Host address of the mapping, or nil when the client sent no fd: such memory is only reachable through
-    /// VFIO_USER_DMA_READ/WRITE messages (`DMAWindows.remote`), never through a pointer.
-    public var host: UnsafeMutableRawPointer?
-    /// A duplicate of the window's fd (-1 without one), kept while the window is mapped: a device that hands
-    /// guest memory to other threads maps it again from here (`fileOffset`), so that its mapping outlives an
-    /// unmap until its own requests are done. Closed by `DMAWindows` when the window goes.
-    public var fd: Int32 = -1
-    /// Offset of the window in `fd`.
-    public var fileOffset: UInt64 = 0
+    /// The window's mapping when the client sent an fd (reference counted: shared with every `GuestMemory` table
+    /// built from it, so a device holding an older table keeps it mapped after an unmap until its requests are
+    /// done). Nil without an fd: such memory is only reachable through VFIO_USER_DMA_READ/WRITE messages
+    /// (`DMAWindows.remote`), never through a pointer.
+    public var mapped: MappedGuestRegion?
 
+    /// Host address of the mapping, or nil for an fd-less window.
+    public var host: UnsafeMutableRawPointer? { mapped?.host }
     /// Exclusive end (no overflow: checked at map time).
     public var end: UInt64 { address + size }
 }
 
-/// The guest memory the client has exported: a sorted, non-overlapping set of DMA windows. Every
-/// device access translates a guest address range through `translate`, which checks bounds and
-/// overflow; nothing outside a mapped window is ever touched.
+/// The guest memory the client has exported: a sorted, non-overlapping set of DMA windows. The windows with an fd
+/// are mapped once each (`MappedGuestRegion`) and form `table`, the `GuestMemory` every pointer translation goes
+/// through (PVSCSI's `translate`/`forEachPiece`, the virtio-pci function's rings); fd-less windows are reached by
+/// message (`remote`, `read`/`write`/`forEachRange`). Every access checks bounds, overflow and the window's access;
+/// nothing outside a mapped window is ever touched.
 ///
 /// Owned by the server's event-loop thread.
 public final class DMAWindows: @unchecked Sendable {
@@ -50,21 +63,24 @@ public final class DMAWindows: @unchecked Sendable {
     public static let pageSize: UInt64 = 4096
 
     public private(set) var regions: [DMARegion] = []
+    /// The windows with an fd as a memory table (user address = IOVA), rebuilt on every map and unmap. A holder keeps
+    /// its windows mapped for as long as it keeps the table.
+    public private(set) var table = GuestMemory()
+    /// `table`'s lookup (valid while `table` is held): what each translation uses, so that none retains the table.
+    private var lookup: GuestMemoryLookup
     /// Windows without an fd (reachable only through `remote`).
     public private(set) var remoteRegionCount = 0
     /// Carries accesses to fd-less windows as DMA_READ/DMA_WRITE messages (set by the server). Nil: such
     /// accesses fail. Called on the loop thread only, never for fd-mapped memory.
     public var remote: RemoteDMA? = nil
     /// While set, unmapped windows stay mapped in this process (a device access in progress may still use
-    /// them) until `releaseHeldUnmaps`; they are gone from `regions` at once.
+    /// them) until `releaseHeldUnmaps`; they are gone from `regions` and `table` at once.
     public var holdUnmaps = false
-    private var held: [(UnsafeMutableRawPointer, UInt64)] = []
+    private var held: [MappedGuestRegion] = []
 
-    public init() { regions.reserveCapacity(16) }
-
-    deinit {
-        holdUnmaps = false
-        unmapAll()
+    public init() {
+        lookup = table.lookup
+        regions.reserveCapacity(16)
     }
 
     /// Adds a window. With `fd` >= 0 the window is mmap'ed (the fd is closed by this call either way).
@@ -82,31 +98,18 @@ public final class DMAWindows: @unchecked Sendable {
         for r in regions where address < r.end && r.address < end {
             throw DMAMapError(EEXIST, "DMA_MAP [0x\(String(address, radix: 16)), +0x\(String(size, radix: 16))) overlaps an existing window")
         }
-        var host: UnsafeMutableRawPointer? = nil
+        var mapped: MappedGuestRegion? = nil
         if fd >= 0 {
-            // A window beyond the end of a regular file (memfd) would fault (SIGBUS) on access.
-            var st = stat()
-            guard fstat(fd, &st) == 0 else { throw DMAMapError(EBADF, "DMA_MAP fd cannot be examined") }
-            if (st.st_mode & S_IFMT) == S_IFREG {
-                let (fileEnd, o) = fileOffset.addingReportingOverflow(size)
-                guard !o, fileEnd <= UInt64(st.st_size) else {
-                    throw DMAMapError(EINVAL, "DMA_MAP window [offset 0x\(String(fileOffset, radix: 16)), +0x\(String(size, radix: 16))) extends past the end of its file (0x\(String(st.st_size, radix: 16)) bytes)")
-                }
+            let descriptor = GuestMemoryRegionDescriptor(guestPhysicalAddress: address, size: size, userAddress: address, mmapOffset: fileOffset)
+            do {
+                mapped = try MappedGuestRegion(descriptor, fd: fd, readable: readable, writable: writable)
+            } catch {
+                throw DMAMapError(error, address: address, size: size, fileOffset: fileOffset)
             }
-            guard let p = csys_mmap_shared(fd, size, fileOffset, writable ? 1 : 0) else {
-                let e = errno
-                throw DMAMapError(e == 0 ? EINVAL : e, "mmap of DMA window failed: \(String(cString: strerror(e)))")
-            }
-            host = p
-        }
-        var region = DMARegion(address: address, size: size, readable: readable, writable: writable, host: host)
-        if host != nil {
-            region.fd = fcntl(fd, F_DUPFD_CLOEXEC, 0)
-            region.fileOffset = fileOffset
         }
         let index = regions.firstIndex { $0.address > address } ?? regions.count
-        regions.insert(region, at: index)
-        if host == nil { remoteRegionCount += 1 }
+        regions.insert(DMARegion(address: address, size: size, readable: readable, writable: writable, mapped: mapped), at: index)
+        if mapped == nil { remoteRegionCount += 1 } else { rebuildTable() }
     }
 
     /// Removes the window that exactly matches `address` and `size`.
@@ -114,41 +117,42 @@ public final class DMAWindows: @unchecked Sendable {
         guard let i = regions.firstIndex(where: { $0.address == address && $0.size == size }) else {
             throw DMAMapError(EINVAL, "DMA_UNMAP [0x\(String(address, radix: 16)), +0x\(String(size, radix: 16))) matches no window")
         }
-        let r = regions.remove(at: i)
-        if r.fd >= 0 { close(r.fd) }
-        if let h = r.host { release(h, r.size) } else { remoteRegionCount -= 1 }
+        release(regions.remove(at: i))
+        rebuildTable()
     }
 
-    private func release(_ host: UnsafeMutableRawPointer, _ size: UInt64) {
-        if holdUnmaps { held.append((host, size)) } else { _ = csys_munmap(host, size) }
+    private func release(_ r: DMARegion) {
+        if let m = r.mapped {
+            if holdUnmaps { held.append(m) }
+        } else {
+            remoteRegionCount -= 1
+        }
     }
 
-    /// Unmaps the windows kept by `holdUnmaps`.
+    private func rebuildTable() {
+        table = GuestMemory(regions: regions.compactMap(\.mapped))
+        lookup = table.lookup
+    }
+
+    /// Unmaps the windows kept by `holdUnmaps` (unless a memory table still holds them).
     public func releaseHeldUnmaps() {
-        for (h, size) in held { _ = csys_munmap(h, size) }
         held.removeAll()
     }
 
     /// Removes every window.
     public func unmapAll() {
-        for r in regions {
-            if r.fd >= 0 { close(r.fd) }
-            if let h = r.host { release(h, r.size) }
-        }
+        for r in regions { release(r) }
         if !holdUnmaps { releaseHeldUnmaps() }
         regions.removeAll(keepingCapacity: true)
         remoteRegionCount = 0
+        rebuildTable()
     }
 
     /// The host address of `length` bytes at guest `address` when they lie inside ONE mapped window with
     /// the needed access; nil otherwise (unmapped, fd-less window, overflow, or no write permission).
     @inline(__always)
     public func translate(_ address: UInt64, length: UInt64, write: Bool) -> UnsafeMutableRawPointer? {
-        let (last, overflow) = address.addingReportingOverflow(length == 0 ? 0 : length - 1)
-        if overflow { return nil }
-        guard let r = window(containing: address), last < r.end, let host = r.host else { return nil }
-        if write ? !r.writable : !r.readable { return nil }
-        return host + Int(address - r.address)
+        lookup.pointer(guestPhysical: address, length: length, write: write)
     }
 
     /// Like `translate`, but a range may span adjacent windows: calls `body` with each host piece in order.
@@ -156,24 +160,7 @@ public final class DMAWindows: @unchecked Sendable {
     @inline(__always)
     public func forEachPiece(_ address: UInt64, length: UInt64, write: Bool,
                              _ body: (UnsafeMutableRawPointer, Int) -> Bool) -> Bool {
-        var addr = address
-        var remaining = length
-        var guardCount = 0
-        while remaining > 0 {
-            guardCount += 1
-            if guardCount > Self.maxRegions { return false }
-            guard let r = window(containing: addr), let host = r.host else { return false }
-            if write ? !r.writable : !r.readable { return false }
-            let available = r.end - addr
-            let n = min(available, remaining)
-            guard n <= UInt64(Int.max) else { return false }
-            if !body(host + Int(addr - r.address), Int(n)) { return false }
-            remaining -= n
-            let (next, o) = addr.addingReportingOverflow(n)
-            if o && remaining > 0 { return false }
-            addr = next
-        }
-        return true
+        lookup.forEachPiece(guestPhysical: address, length: length, write: write, body)
     }
 
     /// Whether `length` bytes at `address` lie inside ONE fd-less window with the needed access (reachable
@@ -186,7 +173,6 @@ public final class DMAWindows: @unchecked Sendable {
     }
 
     /// The window holding `address` (binary search for the last window starting at or below it), or nil.
-    @inline(__always)
     private func window(containing address: UInt64) -> DMARegion? {
         var lo = 0
         var hi = regions.count

@@ -170,6 +170,19 @@ public struct PCIConfigSpace: Sendable {
     /// Restores the power-on contents.
     public mutating func reset() { bytes = resetImage }
 
+    /// Makes `count` bytes at `offset` writable by the client (fields of a device capability, for example).
+    public mutating func makeWritable(offset: Int, count: Int) {
+        precondition(offset >= 0 && count >= 0 && offset + count <= Self.size)
+        for o in offset ..< offset + count { writeMask[o] = 0xFF }
+    }
+
+    /// Stores `value`'s low `count` bytes at `offset` as the device (past the write masks); false when out of range.
+    public mutating func store(offset: Int, count: Int, value: UInt64) -> Bool {
+        guard offset >= 0, count >= 0, count <= 8, offset <= Self.size - count else { return false }
+        for i in 0 ..< count { bytes[offset + i] = UInt8(truncatingIfNeeded: value >> (8 * UInt64(i))) }
+        return true
+    }
+
     /// Reads `destination.count` bytes at `offset`; false when out of range.
     public func read(offset: Int, into destination: UnsafeMutableRawBufferPointer) -> Bool {
         guard offset >= 0, destination.count <= Self.size, offset <= Self.size - destination.count else { return false }

@@ -101,6 +101,7 @@ extension VfioUserServer {
             w.u32(count)
             guard let out = w.space(Int(count)) else { return }
             if Int(region) == VfioPCIRegion.config {
+                device.configWillRead(offset: Int(offset), count: Int(count))
                 ok = device.configSpace.read(offset: Int(offset), into: out)
             } else {
                 let v = device.barRead(bar: Int(region), offset: offset, count: Int(count))
@@ -112,7 +113,7 @@ extension VfioUserServer {
 
     private func performWrite(region: UInt32, offset: UInt64, count: UInt32, data: UnsafeRawBufferPointer, posted: Bool) {
         if Int(region) == VfioPCIRegion.config {
-            _ = device.configSpace.write(offset: Int(offset), from: data)
+            if device.configSpace.write(offset: Int(offset), from: data) { device.configDidWrite(offset: Int(offset), count: Int(count)) }
         } else {
             var v: UInt64 = 0
             for i in 0..<Int(count) { v |= UInt64(data[i]) << (8 * UInt64(i)) }

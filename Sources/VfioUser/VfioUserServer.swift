@@ -29,11 +29,18 @@ public protocol VfioUserDevice: AnyObject {
     /// The client changed interrupt eventfds (SET_IRQS with DATA_EVENTFD, or a disable): a device that hands
     /// vector eventfds to other threads takes the new set (`InterruptController.eventFD`).
     func interruptsChanged()
+    /// The client is about to read `count` bytes of config space at `offset` (already checked to lie inside it): a
+    /// device with a config-space window into its BARs fills the window's data now.
+    func configWillRead(offset: Int, count: Int)
+    /// The client wrote `count` bytes of config space at `offset` (through the write masks).
+    func configDidWrite(offset: Int, count: Int)
 }
 
 extension VfioUserDevice {
     public var synchronousWritesPage: (bar: Int, offset: UInt64)? { nil }
     public func interruptsChanged() {}
+    public func configWillRead(offset: Int, count: Int) {}
+    public func configDidWrite(offset: Int, count: Int) {}
 }
 
 /// Why a server could not start.

@@ -1,5 +1,6 @@
 import CSystem
 import EventLoop
+import GuestMemoryMap
 import VfioUser
 import Virtio
 import VirtioDevices

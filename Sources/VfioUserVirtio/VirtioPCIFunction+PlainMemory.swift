@@ -1,3 +1,4 @@
+import GuestMemoryMap
 import VfioUser
 import Virtio
 
@@ -42,7 +43,7 @@ extension VirtioPCIFunction {
             logLine(.info, "guest RAM has no fd: the rings run on a shadow copy kept by DMA_READ/DMA_WRITE messages "
                     + "(EVENT_IDX and packed rings not offered; an interrupt per completion batch)")
         }
-        memoryTable = Virtio.GuestMemory()
+        memoryTable = GuestMemory()
         rebuildMemory()
     }
 
@@ -51,7 +52,7 @@ extension VirtioPCIFunction {
         guard let plainRings else { return }
         if plainRings.chains > 0 { logLine(.info, plainRings.summary) }
         self.plainRings = nil
-        memoryTable = Virtio.GuestMemory()
+        memoryTable = GuestMemory()
         rebuildMemory()
     }
 }

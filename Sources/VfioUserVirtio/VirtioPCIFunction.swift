@@ -1,5 +1,6 @@
 import CSystem
 import EventLoop
+import GuestMemoryMap
 import VfioUser
 import Virtio
 import VirtioDevices
@@ -11,11 +12,11 @@ import Glibc
 /// `VfioUserServer`. Every call arrives on the server's loop thread; the device runs its rings on its own
 /// queue groups.
 ///
-/// - Guest memory: the DMA windows that came with an fd are mapped again here (a `Virtio.GuestMemory` region
-///   per window, user address = IOVA, since virtio-pci ring addresses are guest physical), so the device's
-///   mappings outlive an unmap until its requests are done; the device gets the new table after each
-///   DMA_MAP/DMA_UNMAP. Guest RAM without an fd (plain `-m`): the rings run on a shadow copy kept in step with
-///   DMA_READ/DMA_WRITE messages (`PlainMemoryRings`, VirtioPCIFunction+PlainMemory.swift).
+/// - Guest memory: the DMA windows that came with an fd, as the server's `DMAWindows.table` (one reference-counted
+///   mapping per window, user address = IOVA, since virtio-pci ring addresses are guest physical): the tables the
+///   device holds keep their windows mapped after an unmap until its requests are done; the device gets the new
+///   table after each DMA_MAP/DMA_UNMAP. Guest RAM without an fd (plain `-m`): the rings run on a shadow copy kept in
+///   step with DMA_READ/DMA_WRITE messages (`PlainMemoryRings`, VirtioPCIFunction+PlainMemory.swift).
 /// - Kicks: a notify-region write signals the queue's kick eventfd (owned here). QEMU's vfio-user client has
 ///   no ioeventfds, so every kick is a REGION_WRITE message (posted by QEMU).
 /// - Interrupts: with MSI-X, a queue's call fd is a duplicate of the eventfd the client set for its vector (the
@@ -58,8 +59,8 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
     private(set) var queueSelect: UInt16 = 0
     private(set) var queues: [QueueState]
     private(set) var isr: UInt8 = 0
-    /// The rings' memory table (windows with an fd, mapped here; with guest RAM without fd, the shadow's regions).
-    var memoryTable = Virtio.GuestMemory()
+    /// The rings' memory table (the DMA windows with an fd; with guest RAM without fd, the shadow's regions).
+    var memoryTable = GuestMemory()
     /// INTx relay: the queues' call fd without MSI-X.
     private var relayFD: Int32 = -1
     /// Guest RAM without fd: the rings' shadow and its DMA-by-message upkeep (from FEATURES_OK to the reset).
@@ -72,6 +73,8 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
     /// A running ring was outside the DMA windows at the last map change: the device kept its previous table.
     private(set) var deviceTableHeld = false
     private(set) var ringsOutsideMemory = 0
+    /// Changes whenever a ring stops: a broken-ring report from before is then stale.
+    private(set) var queueEpoch: UInt64 = 0
 
     init(device: Device, kind: VirtioPCIDeviceKind, loop: EventLoop, name: String, log: @escaping DeviceLogger) throws(VfioUserError) {
         guard device.queueCount >= 1, device.queueCount <= VirtioPCILayout.maxQueues, device.queueCount + 1 <= 2048 else {
@@ -162,7 +165,7 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
     }
 
     func quiesce() {
-        // The rings use this function's own mappings of the windows: nothing to finish here.
+        // The rings' tables hold their windows' mappings: nothing to finish here.
     }
 
     func memoryChanged() {
@@ -217,7 +220,7 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
         }
     }
 
-    private func refuse(_ what: String) {
+    func refuse(_ what: String) {
         ignoredWrites += 1
         if ignoredWrites <= 20 || ignoredWrites % 1000 == 0 { note(.warning, "ignored: \(what) (#\(ignoredWrites))") }
     }
@@ -321,6 +324,12 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
         status = value
     }
 
+    /// Running ring `i` broke (its group found it so): the device needs a reset, unless the ring stopped since.
+    func ringBroke(_ i: Int, epoch: UInt64, _ reason: String) {
+        guard epoch == queueEpoch, i < queues.count, queues[i].enabled else { return }
+        needsReset("queue \(i): \(reason)")
+    }
+
     /// Marks the device broken (DEVICE_NEEDS_RESET) and tells the driver with a config interrupt.
     func needsReset(_ why: String) {
         note(.error, "device needs reset: \(why)")
@@ -376,7 +385,8 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
             queues[i].callFD = newCallFD(for: i)
         }
         queues[i].enabled = true
-        device.startQueue(RunningQueue(index: i, ring: ring, kickFD: kick, callFD: queues[i].callFD, enabled: true))
+        device.startQueue(RunningQueue(index: i, ring: ring, kickFD: kick, callFD: queues[i].callFD, enabled: true,
+                                       onBroken: { [relay = QueueBrokenRelay(self, queue: i)] in relay.fire($0) }))
     }
 
     /// The call fd queue `i` should have now (the caller owns it unless it is the relay fd).
@@ -402,6 +412,7 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
     private func stopQueue(_ i: Int) {
         guard queues[i].enabled else { return }
         queues[i].enabled = false
+        queueEpoch &+= 1
         plainRings?.stop(i)
         if let q = device.stopQueue(i), q.abandoned {
             // Late completions of the abandoned requests may still signal it: keep the call fd open.
@@ -446,7 +457,8 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
     // MARK: Memory
 
     func rebuildMemory() {
-        let table = plainRings.map { $0.shadowTable(reusing: [memoryTable, $0.deviceTable]) } ?? fdWindowTable()
+        // The windows with an fd, each mapped once by DMAWindows (holding the table keeps them mapped), or the shadow.
+        let table = plainRings.map { $0.shadowTable(reusing: [memoryTable, $0.deviceTable]) } ?? dmaWindows.table
         memoryTable = table
         defer { plainRings?.memoryChanged() }
         guard queues.contains(where: { $0.enabled }) else {
@@ -474,26 +486,6 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
         deviceTableHeld = false
         device.updateMemory(table)
         plainRings?.deviceTable = table
-    }
-
-    /// A table of the DMA windows that came with an fd, mapped here (regions of the current table kept).
-    private func fdWindowTable() -> Virtio.GuestMemory {
-        var regions: [MappedGuestRegion] = []
-        for w in dmaWindows.regions where w.host != nil && w.fd >= 0 {
-            if let same = memoryTable.regions.first(where: {
-                $0.descriptor.guestPhysicalAddress == w.address && $0.descriptor.size == w.size && $0.descriptor.mmapOffset == w.fileOffset
-            }) {
-                regions.append(same)
-                continue
-            }
-            let d = GuestMemoryRegionDescriptor(guestPhysicalAddress: w.address, size: w.size, userAddress: w.address, mmapOffset: w.fileOffset)
-            do {
-                regions.append(try MappedGuestRegion(d, fd: w.fd, index: regions.count))
-            } catch {
-                note(.error, "DMA window 0x\(String(w.address, radix: 16)) +0x\(String(w.size, radix: 16)) cannot be mapped: \(error)")
-            }
-        }
-        return Virtio.GuestMemory(regions: regions)
     }
 
     // MARK: Interrupts
@@ -531,6 +523,20 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
             interrupts.setINTx(true)
         }
     }
+}
+
+/// Carries a broken ring (an avail index running past the ring, a descriptor table it cannot read) from the queue's
+/// group thread to the loop thread, without capturing the generic type: the device sets DEVICE_NEEDS_RESET, unless
+/// that ring stopped meanwhile.
+private final class QueueBrokenRelay: @unchecked Sendable {
+    private let loop: EventLoop
+    private let body: (String) -> Void
+    init<Device>(_ function: VirtioPCIFunction<Device>, queue: Int) {
+        loop = function.loop
+        let epoch = function.queueEpoch
+        body = { [weak function] reason in function?.ringBroke(queue, epoch: epoch, reason) }
+    }
+    func fire(_ reason: String) { loop.execute { self.body(reason) } }
 }
 
 /// Carries the config-change notification to the loop thread without capturing the generic type.

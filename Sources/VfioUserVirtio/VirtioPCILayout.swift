@@ -52,6 +52,8 @@ public enum VirtioPCILayout {
     public static let capNotify: UInt8 = 2
     public static let capISR: UInt8 = 3
     public static let capDevice: UInt8 = 4
+    /// VIRTIO_PCI_CAP_PCI_CFG: an access window in config space into the BARs.
+    public static let capPCICfg: UInt8 = 5
 
     /// No MSI-X vector.
     public static let noVector: UInt16 = 0xFFFF
@@ -97,14 +99,34 @@ public enum VirtioPCILayout {
         return (MSIXLayout(vectors: vectors, tableBAR: msixBAR, tableOffset: 0, pbaBAR: msixBAR, pbaOffset: pbaOffset), size)
     }
 
-    /// One virtio_pci_cap (16 bytes; 20 with the notify multiplier).
-    static func capability(type: UInt8, offset: UInt64, length: UInt64, multiplier: UInt32? = nil) -> [UInt8] {
-        var c: [UInt8] = [0x09, 0, multiplier == nil ? 16 : 20, type, UInt8(virtioBAR), 0, 0, 0]
+    /// One virtio_pci_cap (16 bytes; 20 with the notify multiplier or the PCI_CFG window's data, `trailer`).
+    static func capability(type: UInt8, offset: UInt64, length: UInt64, trailer: UInt32? = nil) -> [UInt8] {
+        var c: [UInt8] = [0x09, 0, trailer == nil ? 16 : 20, type, UInt8(virtioBAR), 0, 0, 0]
         func put32(_ v: UInt32) { for i in 0..<4 { c.append(UInt8(truncatingIfNeeded: v >> (8 * UInt32(i)))) } }
         put32(UInt32(offset))
         put32(UInt32(length))
-        if let multiplier { put32(multiplier) }
+        if let trailer { put32(trailer) }
         return c
+    }
+
+    /// Where the VIRTIO_PCI_CAP_PCI_CFG capability is in the list `configSpace` builds.
+    static let pciCfgCapabilityIndex = 4
+
+    /// The VIRTIO_PCI_CAP_PCI_CFG window (virtio 1.2 4.1.4.9) of `space`: its cap.bar, cap.offset, cap.length and
+    /// pci_cfg_data fields (config-space offsets).
+    struct PCICfgWindow {
+        let bar: Int
+        let offset: Int
+        let length: Int
+        let data: Int
+
+        init(_ space: PCIConfigSpace) {
+            let cap = space.capabilityOffsets[VirtioPCILayout.pciCfgCapabilityIndex]
+            bar = cap + 4
+            offset = cap + 8
+            length = cap + 12
+            data = cap + 16
+        }
     }
 
     /// The config space of a function of `kind` with `queues` queues.
@@ -115,11 +137,17 @@ public enum VirtioPCILayout {
                                    subsystemID: 0x1100, classCode: 0x010000, revision: 1)
         let caps = [
             capability(type: capCommon, offset: commonOffset, length: commonLength),
-            capability(type: capNotify, offset: notifyOffset, length: notifyLength, multiplier: notifyOffMultiplier),
+            capability(type: capNotify, offset: notifyOffset, length: notifyLength, trailer: notifyOffMultiplier),
             capability(type: capISR, offset: isrOffset, length: 1),
             capability(type: capDevice, offset: deviceConfigOffset, length: deviceConfigLength),
+            capability(type: capPCICfg, offset: 0, length: 0, trailer: 0),  // at pciCfgCapabilityIndex
         ]
-        return PCIConfigSpace(identity: identity, bars: [PCIBAR(size: virtioBARSize), PCIBAR(size: msix.barSize)],
-                              msix: msix.layout, capabilities: caps)
+        var space = PCIConfigSpace(identity: identity, bars: [PCIBAR(size: virtioBARSize), PCIBAR(size: msix.barSize)],
+                                   msix: msix.layout, capabilities: caps)
+        // The driver selects the window (cap.bar, cap.offset, cap.length) and reads or writes pci_cfg_data.
+        let window = PCICfgWindow(space)
+        space.makeWritable(offset: window.bar, count: 1)
+        space.makeWritable(offset: window.offset, count: 12)
+        return space
     }
 }

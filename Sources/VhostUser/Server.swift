@@ -1,5 +1,6 @@
 import BlockIO
 import CSystem
+import GuestMemoryMap
 import Synchronization
 import Virtio
 import VirtioDevices

@@ -1,3 +1,4 @@
+import GuestMemoryMap
 import Virtio
 import VirtioDevices
 #if canImport(Glibc)

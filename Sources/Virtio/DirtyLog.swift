@@ -1,4 +1,5 @@
 import CSystem
+import GuestMemoryMap
 #if canImport(Glibc)
 import Glibc
 #endif

@@ -1,5 +1,6 @@
 import BlockIO
 import CSystem
+import GuestMemoryMap
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -412,7 +413,7 @@ public final class Virtqueue: @unchecked Sendable {
             } else if sawWritable {
                 return .failure(.readableAfterWritable)
             }
-            switch memory.translate(guestPhysical: addr, length: len, into: chain.vectors, start: count,
+            switch memory.translate(guestPhysical: addr, length: len, write: writable, into: chain.vectors, start: count,
                                     capacity: segmentsPerSlot) {
             case let .ok(n):
                 count += n
@@ -548,7 +549,8 @@ public final class Virtqueue: @unchecked Sendable {
         } else if sawWritable {
             return .readableAfterWritable
         }
-        switch memory.translate(guestPhysical: addr, length: len, into: chain.vectors, start: count, capacity: segmentsPerSlot) {
+        switch memory.translate(guestPhysical: addr, length: len, write: writable, into: chain.vectors, start: count,
+                                capacity: segmentsPerSlot) {
         case let .ok(n):
             count += n
             if writable {

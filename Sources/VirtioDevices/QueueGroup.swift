@@ -1,5 +1,6 @@
 import CSystem
 import EventLoop
+import GuestMemoryMap
 import Virtio
 #if canImport(Glibc)
 import Glibc
@@ -70,12 +71,17 @@ public final class RunningQueue: @unchecked Sendable {
     /// Slot index of this queue inside its group (handlers use it in completion tokens).
     public internal(set) var groupSlot = 0
 
-    package init(index: Int, ring: Virtqueue, kickFD: Int32, callFD: Int32, enabled: Bool) {
+    /// Told once (on the group's loop thread) when the ring is found broken: a transport with a device status (virtio-pci)
+    /// sets DEVICE_NEEDS_RESET.
+    let onBroken: (@Sendable (String) -> Void)?
+
+    package init(index: Int, ring: Virtqueue, kickFD: Int32, callFD: Int32, enabled: Bool, onBroken: (@Sendable (String) -> Void)? = nil) {
         self.index = index
         self.ring = ring
         self.kickFD = kickFD
         self.callFD = callFD
         self.enabled = enabled
+        self.onBroken = onBroken
     }
 
     /// Returns request `head` with `length` bytes written (published by the group's next flush).
@@ -431,6 +437,7 @@ public final class QueueGroup<Handler: QueueGroupHandler>: @unchecked Sendable {
                 if !queue.brokenReported {
                     queue.brokenReported = true
                     log(.error, "\(loop.name): queue \(queue.index) broken: \(queue.ring.brokenReason)")
+                    if !queue.stopping { queue.onBroken?(queue.ring.brokenReason) }
                 }
                 return n > 0
             case let .invalid(head, entries, error):

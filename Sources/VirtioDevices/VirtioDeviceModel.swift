@@ -1,3 +1,4 @@
+import GuestMemoryMap
 import Virtio
 
 /// A virtio device model (virtio-scsi, virtio-blk), apart from the transport that hosts it: the vhost-user

@@ -1,5 +1,6 @@
 import BlockIO
 import CSystem
+import GuestMemoryMap
 import SCSI
 import Synchronization
 import Virtio

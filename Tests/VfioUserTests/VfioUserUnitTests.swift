@@ -1,4 +1,5 @@
 import CSystem
+import GuestMemoryMap
 import Testing
 @testable import VfioUser
 #if canImport(Glibc)

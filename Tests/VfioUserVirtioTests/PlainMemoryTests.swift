@@ -214,7 +214,8 @@ extension VirtioPCIDriver {
             for _ in 0..<count { ring.publish(UInt16.random(in: 0..<18, using: &rng)) }
             try d.kick(0)
             _ = d.pump(seconds: 0.05) { false }
-            #expect(try d.status & 0x40 == 0, "round \(round): only a failed DMA message breaks the device")
+            // A ring the driver broke (avail entries past the ring or the table) needs a reset; nothing else may.
+            if try d.status & 0x40 != 0 { #expect(f.log.contains("device needs reset: queue 0: avail"), "round \(round)") }
             #expect(Int(ring.usedIndex) <= count)
         }
         #expect(f.controller.server.stats.dmaFailures == 0)

@@ -1,6 +1,7 @@
 import VirtioTestSupport
 import BlockIO
 import CSystem
+import GuestMemoryMap
 import Testing
 import VhostUser
 import VirtioDevices

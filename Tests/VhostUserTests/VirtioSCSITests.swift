@@ -1,6 +1,7 @@
 import VirtioTestSupport
 import BlockIO
 import CSystem
+import GuestMemoryMap
 import SCSI
 import Testing
 import VhostUser

@@ -1,5 +1,6 @@
 import BlockIO
 import CSystem
+import GuestMemoryMap
 import Testing
 import Virtio
 #if canImport(Glibc)
@@ -439,10 +440,10 @@ struct PackedDriver {
         #expect(mem.pointer(userAddress: m.userBase + 10, length: 10) == mem.pointer(guestPhysical: m.gpaBase + 10, length: 10))
         let v = UnsafeMutablePointer<iovec>.allocate(capacity: 2)
         defer { v.deallocate() }
-        #expect(mem.translate(guestPhysical: m.gpaBase + (1 << 16) - 4, length: 8, into: v, start: 0, capacity: 2) == .ok(2))
-        #expect(mem.translate(guestPhysical: m.gpaBase + (2 << 16) - 4, length: 8, into: v, start: 0, capacity: 2) == .outOfRange)
-        #expect(mem.translate(guestPhysical: m.gpaBase + (1 << 16) - 4, length: 8, into: v, start: 1, capacity: 2) == .tooManySegments)
-        #expect(mem.translate(guestPhysical: UInt64.max - 2, length: 8, into: v, start: 0, capacity: 2) == .outOfRange)
+        #expect(mem.translate(guestPhysical: m.gpaBase + (1 << 16) - 4, length: 8, write: false, into: v, start: 0, capacity: 2) == .ok(2))
+        #expect(mem.translate(guestPhysical: m.gpaBase + (2 << 16) - 4, length: 8, write: false, into: v, start: 0, capacity: 2) == .outOfRange)
+        #expect(mem.translate(guestPhysical: m.gpaBase + (1 << 16) - 4, length: 8, write: false, into: v, start: 1, capacity: 2) == .tooManySegments)
+        #expect(mem.translate(guestPhysical: UInt64.max - 2, length: 8, write: false, into: v, start: 0, capacity: 2) == .outOfRange)
     }
 
     @Test func mappingRefusesBadRegions() throws {

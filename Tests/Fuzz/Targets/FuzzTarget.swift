@@ -35,7 +35,7 @@ public enum FuzzTargets {
         VirtqueueFuzz.split, VirtqueueFuzz.packed,
         VirtioDeviceFuzz.scsi, VirtioDeviceFuzz.blk,
         VhostUserMessageFuzz.target,
-        VfioUserMessageFuzz.target, PVSCSIFuzz.target,
+        VfioUserMessageFuzz.target, PVSCSIFuzz.target, VfioUserVirtioFuzz.target,
         CDBFuzz.target,
         ConfigFuzz.target, JSONRPCFuzz.target,
     ]

@@ -44,9 +44,9 @@ public enum VfioUserMessageFuzz {
         client.finish()
     }
 
-    static func message(_ id: UInt16, _ command: UInt16, _ payload: [UInt8]) -> [UInt8] {
+    static func message(_ id: UInt16, _ command: UInt16, _ payload: [UInt8], flags: UInt32 = 0) -> [UInt8] {
         var s = SeedBytes()
-        s.u16(id); s.u16(command); s.u32(UInt32(16 + payload.count)); s.u32(0); s.u32(0)
+        s.u16(id); s.u16(command); s.u32(UInt32(16 + payload.count)); s.u32(flags); s.u32(0)
         s.append(payload)
         return s.bytes
     }

@@ -29,12 +29,7 @@ final class VhostUserFixture: @unchecked Sendable {
         let dir = scratchDirectory("vhost-\(tag)")
         scsiSocket = dir + "/scsi.sock"
         blkSocket = dir + "/blk.sock"
-        let backend = try! AnyBlockBackend.open(BackendSpec(kind: .null, path: "", size: 1 << 20))
-        let target = SCSITarget(name: "fuzz-scsi")
-        for lun in [0, 2] {
-            try! target.add(LogicalUnit(number: LogicalUnitNumber(lun)!, identity: LogicalUnitIdentity(serial: "FUZZ\(lun)", naa: 0x6001_4051_0000_0000 + UInt64(lun)),
-                                        geometry: backend.geometry, backendID: 0))
-        }
+        let (backend, target) = nullSCSITarget(name: "fuzz-scsi", serial: "FUZZ", naa: 0x6001_4051_0000_0000)
         let quiet: DeviceLogger = { _, _ in }
         // A short drain timeout: the event queue holds its buffers until an event, so every GET_VRING_BASE of it
         // waits the whole timeout (and then abandons them, a path worth fuzzing too).
@@ -47,6 +42,18 @@ final class VhostUserFixture: @unchecked Sendable {
         try! scsi.start()
         try! blk.start()
     }
+}
+
+/// A null back-end (1 MiB) and a SCSI target with LUNs 0 and 2 on it (serials SERIAL0/SERIAL2, NAA `naa` + LUN), as
+/// the virtio-scsi fuzz fixtures serve.
+func nullSCSITarget(name: String, serial: String, naa: UInt64) -> (AnyBlockBackend, SCSITarget) {
+    let backend = try! AnyBlockBackend.open(BackendSpec(kind: .null, path: "", size: 1 << 20))
+    let target = SCSITarget(name: name)
+    for lun in [0, 2] {
+        try! target.add(LogicalUnit(number: LogicalUnitNumber(lun)!, identity: LogicalUnitIdentity(serial: "\(serial)\(lun)", naa: naa + UInt64(lun)),
+                                    geometry: backend.geometry, backendID: 0))
+    }
+    return (backend, target)
 }
 
 /// vhost-user messages from a hostile front-end, with fds (memfds, eventfds, other files) attached anywhere:

@@ -1,4 +1,5 @@
 import BlockIO
+import GuestMemoryMap
 import Virtio
 #if canImport(Glibc)
 import Glibc
