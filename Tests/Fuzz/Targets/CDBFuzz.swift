@@ -37,8 +37,6 @@ public enum CDBFuzz {
             }
         }
         deinit { iovecs.deallocate(); memory.deallocate() }
-        /// Back to the state `init` leaves a data-in buffer in (every byte 0xEE; the iovecs never change).
-        func refill() { memory.initializeMemory(as: UInt8.self, repeating: 0xEE) }
         var list: IOVectorList { count == 0 ? .empty : IOVectorList(base: iovecs, count: count) }
         func contains(_ v: iovec) -> Bool {
             let lo = UInt(bitPattern: memory.baseAddress), hi = lo + UInt(memory.count)
@@ -81,23 +79,6 @@ public enum CDBFuzz {
 
     nonisolated(unsafe) static var disk = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(blocks) * 4096, alignment: 4096)
 
-    /// Data-in buffers, one per (size, segmentation): 8 sizes x 4 splits, each allocated at its exact size (so
-    /// AddressSanitizer still catches a write past it) once per process instead of once per command, and
-    /// refilled with 0xEE before each use, which leaves it as a fresh one. A command ends (the loop below runs
-    /// it to its answer) before the next takes a buffer, so no two commands share one.
-    nonisolated(unsafe) static var dataInBuffers: [Int: Buffer] = [:]
-
-    static func dataInBuffer(size: Int, split: Int) -> Buffer {
-        let key = size << 2 | split
-        if let b = dataInBuffers[key] {
-            b.refill()
-            return b
-        }
-        let b = Buffer(UnsafeRawBufferPointer(start: nil, count: 0), size: size, split: split)
-        dataInBuffers[key] = b
-        return b
-    }
-
     static func run(_ data: UnsafeRawBufferPointer) {
         var r = FuzzReader(data)
         let flags = r.u8()
@@ -121,7 +102,7 @@ public enum CDBFuzz {
             let outLength = Int(r.u16()) % (70 * 1024)
             let out = Buffer(r.take(outLength), size: outLength, split: Int(control >> 4) & 3)
             let inSize = dataInSizes[Int(control >> 1) & 7]
-            let input = dataInBuffer(size: inSize, split: Int(control >> 4) & 3)
+            let input = Buffer(UnsafeRawBufferPointer(start: nil, count: 0), size: inSize, split: Int(control >> 4) & 3)
             var task = SCSITask(nexus: ITNexus(initiator: control & 1 == 0 ? 1 : 2), lun: LogicalUnitNumber(0), tag: UInt64(commands),
                                 cdb: cdb, dataOut: out.list, dataIn: input.list)
             var d = target.execute(&task, view: &view)
