@@ -4,6 +4,7 @@
 #   fuzz.sh --list                  the target names, one per line
 #   fuzz.sh TARGET SECONDS [ARGS]   builds if needed, fuzzes TARGET for SECONDS (extra ARGS go to libFuzzer);
 #                                   exits non-zero on a crash, leak or timeout and prints the reproducer's path
+#                                   (long runs of the threaded targets: add -fork=2, two worker processes)
 #   fuzz.sh --all SECONDS           one build, every target for SECONDS each (what CI runs)
 #   fuzz.sh --build                 only the build
 #
@@ -64,6 +65,15 @@ run() {
     local execs rate
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$work/last.log" | tail -1)
     rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$work/last.log" | tail -1)
+    if [ -z "$execs" ]; then
+        # -fork=N (several worker processes; for long runs) prints no final stats: its last "#EXECS: cov: ... time: Ns" line.
+        local last
+        last=$(grep -E '^#[0-9]+: cov: .* time: [0-9]+s' "$work/last.log" | tail -1)
+        execs=$(sed -n 's/^#\([0-9]*\): .*/\1/p' <<<"$last")
+        local t
+        t=$(sed -n 's/.* time: \([0-9]*\)s.*/\1/p' <<<"$last")
+        [ -n "$execs" ] && [ "${t:-0}" -gt 0 ] && rate=$((execs / t))
+    fi
     if [ "$status" -ne 0 ] || [ "$(ls "$work/artifacts" | wc -l)" -ne "$before" ]; then
         local f
         for f in $(ls -t "$work/artifacts" | head -3); do sg_say "reproducer: $work/artifacts/$f"; done
@@ -84,7 +94,7 @@ case "${1:-}" in
         for t in $(targets); do run "$t" "$2" || failed+=("$t"); done
         [ ${#failed[@]} -eq 0 ] || sg_fail "fuzz targets with findings: ${failed[*]}"
         ;;
-    ""|-h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+    ""|-h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
     *)
         [ $# -ge 2 ] || sg_fail "usage: fuzz.sh TARGET SECONDS [libFuzzer args]"
         run "$@"

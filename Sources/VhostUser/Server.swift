@@ -233,7 +233,11 @@ public final class VhostUserServer<Device: VirtioDeviceModel>: @unchecked Sendab
 
     /// Poll timeout: until the earliest waiting connection's deadline, or forever.
     private func waitingTimeout() -> Int32 {
-        guard let deadline = sessions.filter({ $0.pending != nil }).map(\.pendingDeadline).min() else { return -1 }
+        // A plain loop: this runs before every poll of the control thread (a key path here was instantiated at
+        // run time on each call, 7 % of the CPU time of the vhost-user ring fuzz targets).
+        var earliest: Int?
+        for session in sessions where session.pending != nil { earliest = min(earliest ?? .max, session.pendingDeadline) }
+        guard let deadline = earliest else { return -1 }
         return Int32(clamping: max(0, deadline - monotonicMilliseconds()) + 1)
     }
 

@@ -183,17 +183,25 @@ public enum PVSCSIFuzz {
                 }
             }
             device.barWrite(bar: 0, offset: PVSCSI.Register.kickRWIO, count: 4, value: 0, posted: true)
-            return device.requestsInFlight
+            // Nothing in flight (the null back-end completes in its commit, inside the kick): reset for the next
+            // input now, in the same trip to the loop (the device posts no work of its own to the loop, so
+            // nothing could have run between the kick and a reset in a later trip).
+            let left = device.requestsInFlight
+            if left == 0 { resetAdapter(device) }
+            return left
         }
-        // Let the back-end completions land (null back-end: immediately), then reset for the next input.
+        guard inFlight > 0 else { return }
+        // Let the back-end completions land, then reset for the next input.
         var left = inFlight, spins = 0
         while left > 0 && spins < 200 {
             spins += 1
             left = s.fixture.controller.sync { device.requestsInFlight }
         }
-        s.fixture.controller.sync {
-            device.barWrite(bar: 0, offset: PVSCSI.Register.command, count: 4, value: UInt64(PVSCSI.Command.adapterReset.rawValue), posted: false)
-        }
+        s.fixture.controller.sync { resetAdapter(device) }
+    }
+
+    static func resetAdapter(_ device: PVSCSIDevice<SCSITarget, AnyBlockChannel>) {
+        device.barWrite(bar: 0, offset: PVSCSI.Register.command, count: 4, value: UInt64(PVSCSI.Command.adapterReset.rawValue), posted: false)
     }
 
     // MARK: Seeds

@@ -134,6 +134,11 @@ public enum VirtioDeviceFuzz {
         let ram = SharedRAM(size: VirtioDeviceFuzz.ramSize, name: "fuzz-guest")
         let offered: UInt64
         let callFD = csys_eventfd(0, 1)
+        /// The kick eventfd sent with every ring start (the server closes its copy when the ring stops; nothing
+        /// ever signals it: the harness places the requests before the start, which services what is available).
+        let kickFD = csys_eventfd(0, 1)
+        /// Ring indexes whose call fd the server has (set once per session).
+        var callSet: Set<UInt32> = []
         var features: UInt64 = 0
 
         init?(path: String) {
@@ -151,11 +156,15 @@ public enum VirtioDeviceFuzz {
             guard Self.send(c, .setMemTable, region.bytes, fds: [ram.fd], ack: true) else { return nil }
         }
 
-        deinit { close(callFD) }
+        deinit { close(callFD); close(kickFD) }
+
+        static func encode(_ request: VhostUserRequest, _ payload: [UInt8], ack: Bool = false) -> [UInt8] {
+            let flags = VhostUserWire.version | (ack ? VhostUserWire.flagNeedReply : 0)
+            return VhostUserMessage(request: request.rawValue, flags: flags, payload: payload).encoded()
+        }
 
         static func send(_ c: UnixClient, _ request: VhostUserRequest, _ payload: [UInt8], fds: [Int32] = [], ack: Bool = false) -> Bool {
-            let flags = VhostUserWire.version | (ack ? VhostUserWire.flagNeedReply : 0)
-            guard c.send(VhostUserMessage(request: request.rawValue, flags: flags, payload: payload).encoded(), fds: fds) else { return false }
+            guard c.send(encode(request, payload, ack: ack), fds: fds) else { return false }
             if ack { return reply(c) != nil }
             return true
         }
@@ -172,6 +181,14 @@ public enum VirtioDeviceFuzz {
         }
 
         /// Runs one ring image on queue `index`; false when the session is unusable.
+        ///
+        /// The same messages a front-end sends to start and stop a ring, pipelined (the server handles a
+        /// connection's messages in order, so nothing waits between them): SET_VRING_NUM/ADDR/BASE/ENABLE in one
+        /// write, SET_VRING_CALL once per ring index of the session (the server keeps a ring's call fd across
+        /// stops), then SET_VRING_KICK (with REPLY_ACK, so a refused start is answered instead of closing the
+        /// connection) and GET_VRING_BASE in one write, and only then the two replies. The GET_VRING_BASE reply
+        /// comes once the ring drained: every request of this input completed and the ring is stopped, so no
+        /// state but the session's set-up carries over to the next input.
         func run(index: UInt32, size: Int, base: UInt32, options: VirtqueueOptions) -> Bool {
             var wanted = offered & ~(VirtioFeature.ringPacked | VirtioFeature.ringEventIndex | VirtioFeature.ringIndirectDescriptors)
             if options.packed { wanted |= VirtioFeature.ringPacked }
@@ -185,17 +202,22 @@ public enum VirtioDeviceFuzz {
             var addr = SeedBytes()
             addr.u32(index); addr.u32(0)
             addr.u64(VirtioDeviceFuzz.userBase); addr.u64(VirtioDeviceFuzz.userBase + 0x3000); addr.u64(VirtioDeviceFuzz.userBase + 0x2000); addr.u64(0)
-            let kick = csys_eventfd(0, 1)
-            defer { close(kick) }
             var v = UInt64(0)
             _ = csys_eventfd_drain(callFD, &v)
-            guard Self.send(client, .setVringNum, VhostUserMessageFuzz.u32s(index, UInt32(size))),
-                  Self.send(client, .setVringAddr, addr.bytes),
-                  Self.send(client, .setVringBase, VhostUserMessageFuzz.u32s(index, base)),
-                  Self.send(client, .setVringCall, VhostUserMessageFuzz.u64(UInt64(index)), fds: [callFD]),
-                  Self.send(client, .setVringEnable, VhostUserMessageFuzz.u32s(index, 1)),
-                  Self.send(client, .setVringKick, VhostUserMessageFuzz.u64(UInt64(index)), fds: [kick], ack: true),
-                  Self.send(client, .getVringBase, VhostUserMessageFuzz.u32s(index, 0)),
+            _ = csys_eventfd_drain(kickFD, &v)
+            let setup = Self.encode(.setVringNum, VhostUserMessageFuzz.u32s(index, UInt32(size)))
+                + Self.encode(.setVringAddr, addr.bytes)
+                + Self.encode(.setVringBase, VhostUserMessageFuzz.u32s(index, base))
+                + Self.encode(.setVringEnable, VhostUserMessageFuzz.u32s(index, 1))
+            guard client.send(setup) else { return false }
+            if !callSet.contains(index) {
+                guard Self.send(client, .setVringCall, VhostUserMessageFuzz.u64(UInt64(index)), fds: [callFD]) else { return false }
+                callSet.insert(index)
+            }
+            let startStop = Self.encode(.setVringKick, VhostUserMessageFuzz.u64(UInt64(index)), ack: true)
+                + Self.encode(.getVringBase, VhostUserMessageFuzz.u32s(index, 0))
+            guard client.send(startStop, fds: [kickFD]),
+                  Self.reply(client) != nil,
                   Self.reply(client) != nil else { return false }
             return true
         }
