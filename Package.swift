@@ -18,32 +18,35 @@ let package = Package(
         .systemLibrary(name: "CLibAIO", providers: [.apt(["libaio-dev"])]),
         // libiscsi (asynchronous iSCSI initiator).
         .systemLibrary(name: "CLibISCSI", pkgConfig: "libiscsi", providers: [.apt(["libiscsi-dev"])]),
+        // `SystemCallError`, the one errno-carrying error (call, errno, context): its own module because BlockIO, the
+        // lowest module that reports system-call failures, depends on nothing else (not EventLoop, not CSystem).
+        .target(name: "SystemErrors"),
         // Vectored block I/O vocabulary shared by the SCSI core, back-ends and front-ends.
-        .target(name: "BlockIO"),
+        .target(name: "BlockIO", dependencies: ["SystemErrors"]),
         // The transport-agnostic SCSI target core (SPC-4 / SBC-3).
         .target(name: "SCSI", dependencies: ["BlockIO"]),
         // LUN providers: libaio file/block device, buffered, null.
-        .target(name: "Backends", dependencies: ["BlockIO", "CSystem", "CLibAIO", "ISCSIBackend"]),
+        .target(name: "Backends", dependencies: ["BlockIO", "SystemErrors", "CSystem", "CLibAIO", "ISCSIBackend"]),
         // Remote iSCSI LUNs as a back-end (libiscsi async API, driven by the owner event loop).
         .target(name: "ISCSIBackend", dependencies: ["BlockIO", "CLibISCSI", "CSystem"]),
         // One epoll reactor per queue group, with adaptive polling.
-        .target(name: "EventLoop", dependencies: ["CSystem"]),
+        .target(name: "EventLoop", dependencies: ["CSystem", "SystemErrors"]),
         // Virtqueues over guest memory (split, packed, indirect, EVENT_IDX).
         .target(name: "Virtio", dependencies: ["BlockIO", "CSystem", "EventLoop"]),
         // The virtio-scsi and virtio-blk device models (config space, features, queue groups, requests), transport-neutral.
-        .target(name: "VirtioDevices", dependencies: ["Virtio", "SCSI", "BlockIO", "CSystem", "EventLoop"]),
+        .target(name: "VirtioDevices", dependencies: ["Virtio", "SCSI", "BlockIO", "CSystem", "EventLoop", "SystemErrors"]),
         // vhost-user back-end server hosting the virtio device models.
-        .target(name: "VhostUser", dependencies: ["VirtioDevices", "Virtio", "SCSI", "BlockIO", "CSystem", "EventLoop"]),
+        .target(name: "VhostUser", dependencies: ["VirtioDevices", "Virtio", "SCSI", "BlockIO", "CSystem", "EventLoop", "SystemErrors"]),
         // vfio-user server (PCI config space, BARs, MSI-X).
-        .target(name: "VfioUser", dependencies: ["CSystem", "EventLoop"]),
+        .target(name: "VfioUser", dependencies: ["CSystem", "EventLoop", "SystemErrors"]),
         // The virtio device models as modern virtio-pci functions over vfio-user (no other transport imported).
-        .target(name: "VfioUserVirtio", dependencies: ["VfioUser", "VirtioDevices", "Virtio", "CSystem", "EventLoop"]),
+        .target(name: "VfioUserVirtio", dependencies: ["VfioUser", "VirtioDevices", "Virtio", "CSystem", "EventLoop", "SystemErrors"]),
         // The PVSCSI device model.
-        .target(name: "PVSCSI", dependencies: ["VfioUser", "SCSI", "BlockIO", "CSystem", "EventLoop"]),
+        .target(name: "PVSCSI", dependencies: ["VfioUser", "SCSI", "BlockIO", "CSystem", "EventLoop", "SystemErrors"]),
         // Config, daemon wiring, control socket.
         .target(name: "Gateway", dependencies: [
             "ISCSIBackend",
-            "SCSI", "BlockIO", "Backends", "VirtioDevices", "VhostUser", "VfioUserVirtio", "PVSCSI", "CSystem", "EventLoop",
+            "SCSI", "BlockIO", "Backends", "VirtioDevices", "VhostUser", "VfioUserVirtio", "PVSCSI", "CSystem", "EventLoop", "SystemErrors",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "TOMLKit", package: "TOMLKit"),
         ], resources: [.copy("DefaultConfig")]),
@@ -69,7 +72,7 @@ let package = Package(
         .testTarget(name: "FuzzTests", dependencies: ["FuzzTargets"]),
         .testTarget(name: "EventLoopTests", dependencies: ["EventLoop", "CSystem"]),
         .testTarget(name: "SCSITests", dependencies: ["SCSI", "BlockIO"]),
-        .testTarget(name: "BackendsTests", dependencies: ["Backends", "BlockIO", "CSystem"]),
+        .testTarget(name: "BackendsTests", dependencies: ["Backends", "BlockIO", "CSystem", "SystemErrors"]),
         .testTarget(name: "ISCSIBackendTests", dependencies: ["ISCSIBackend", "BlockIO", "EventLoop", "SCSI"]),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "BlockIO", "CSystem"]),
         // Guest RAM, driver-side rings, an in-memory back-end and log helpers shared by the virtio transports' tests.
@@ -82,7 +85,7 @@ let package = Package(
         .testTarget(name: "VfioUserVirtioTests", dependencies: [
             "VfioUserTestSupport", "VirtioTestSupport", "VfioUserVirtio", "VfioUser", "VirtioDevices", "Virtio", "SCSI", "BlockIO", "CSystem",
         ]),
-        .testTarget(name: "GatewayTests", dependencies: ["Gateway", "SCSI", "Backends"]),
+        .testTarget(name: "GatewayTests", dependencies: ["Gateway", "SCSI", "Backends", "SystemErrors"]),
     ],
     swiftLanguageModes: [.v6]
 )

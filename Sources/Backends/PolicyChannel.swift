@@ -2,6 +2,7 @@ import BlockIO
 import CSystem
 #if canImport(Glibc)
 import Glibc
+import SystemErrors
 #endif
 
 /// A LUN's channel with its per-LUN policies applied: the one place every transport's requests pass
@@ -87,7 +88,7 @@ public final class PolicyChannel: BlockChannel, @unchecked Sendable {
             let code = errno != 0 ? errno : e
             if epollFD >= 0 { Glibc.close(epollFD) }
             if timerFD >= 0 { Glibc.close(timerFD) }
-            throw BlockBackendError("LUN policy channel: epoll/timerfd: " + String(cString: strerror(code)), errno: code)
+            throw .systemCall(SystemCallError("epoll/timerfd", errno: code, context: "LUN policy channel"))
         }
     }
 

@@ -1,3 +1,5 @@
+import SystemErrors
+
 /// A LUN provider: owns the backing store (file, block device, remote iSCSI LUN) and hands each
 /// event-loop thread its own submission channel.
 ///
@@ -68,17 +70,30 @@ extension BlockChannel {
 }
 
 /// Why a back-end could not be opened or a channel created.
-public struct BlockBackendError: Error, CustomStringConvertible, Sendable, Equatable {
-    /// Human-readable reason, naming the path or URL.
-    public var message: String
-    /// errno if the failure came from a system call.
-    public var errno: Int32
+public enum BlockBackendError: Error, CustomStringConvertible, Sendable, Equatable {
+    /// A system call failed; its context names the path or URL.
+    case systemCall(SystemCallError)
+    /// Any other reason, naming the path or URL (unreachable remote, closed back-end, unknown ID).
+    case failed(String)
 
-    /// Creates an error.
-    public init(_ message: String, errno: Int32 = 0) {
-        self.message = message
-        self.errno = errno
+    /// A failure for another reason than a system call.
+    public init(_ message: String) { self = .failed(message) }
+
+    /// Human-readable reason, naming the path or URL.
+    public var message: String { description }
+
+    /// The same error with `outer` (the path or URL) in front: `outer: reason`.
+    public func within(_ outer: String) -> BlockBackendError {
+        switch self {
+        case let .systemCall(error): return .systemCall(error.within(outer))
+        case let .failed(message): return .failed("\(outer): \(message)")
+        }
     }
 
-    public var description: String { message }
+    public var description: String {
+        switch self {
+        case let .systemCall(error): return error.description
+        case let .failed(message): return message
+        }
+    }
 }

@@ -1,12 +1,33 @@
 import SCSI
+import SystemErrors
 
 /// Why a front-end could not be created or started.
-public struct FrontEndError: Error, Sendable, CustomStringConvertible {
-    /// What went wrong, naming the controller and socket.
-    public var message: String
-    /// Creates an error.
-    public init(_ message: String) { self.message = message }
-    public var description: String { message }
+public enum FrontEndError: Error, Sendable, CustomStringConvertible {
+    /// A system call failed (the socket's group or mode).
+    case systemCall(SystemCallError)
+    /// Any other reason, naming the controller and socket.
+    case failed(String)
+
+    /// A failure for another reason than a system call.
+    public init(_ message: String) { self = .failed(message) }
+
+    /// One line.
+    public var message: String { description }
+
+    /// The same error with `outer` in front: `outer: reason`.
+    public func within(_ outer: String) -> Self {
+        switch self {
+        case let .systemCall(error): return .systemCall(error.within(outer))
+        case let .failed(message): return .failed("\(outer): \(message)")
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case let .systemCall(error): return error.description
+        case let .failed(message): return message
+        }
+    }
 }
 
 /// A running front-end: the device model of one controller (virtio-scsi or virtio-blk over vhost-user,

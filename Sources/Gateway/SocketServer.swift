@@ -1,20 +1,35 @@
 import Foundation
 import Glibc
 import Synchronization
+import SystemErrors
 
 /// Why a listening socket could not be set up; names the path or address.
-public struct SocketServerError: Error, Sendable, CustomStringConvertible {
-    /// One line.
-    public var message: String
-    /// Creates an error.
-    public init(_ message: String) { self.message = message }
-    public var description: String { message }
-}
+public enum SocketServerError: Error, Sendable, CustomStringConvertible {
+    /// A system call failed; its context names the path or address.
+    case systemCall(SystemCallError)
+    /// Any other reason (path taken, too long, name not resolved), naming the path or address.
+    case failed(String)
 
-/// `strerror` text of an errno value.
-func errnoText(_ code: Int32) -> String {
-    guard let text = strerror(code) else { return "errno \(code)" }
-    return String(cString: text)
+    /// A failure for another reason than a system call.
+    public init(_ message: String) { self = .failed(message) }
+
+    /// One line.
+    public var message: String { description }
+
+    /// The same error with `outer` in front: `outer: reason`.
+    public func within(_ outer: String) -> Self {
+        switch self {
+        case let .systemCall(error): return .systemCall(error.within(outer))
+        case let .failed(message): return .failed("\(outer): \(message)")
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case let .systemCall(error): return error.description
+        case let .failed(message): return message
+        }
+    }
 }
 
 /// Protocol logic of a `PollingSocketServer`: turns bytes received on one connection into bytes to send.
@@ -60,7 +75,7 @@ final class PollingSocketServer: @unchecked Sendable {
         self.name = name
         var fds: [Int32] = [-1, -1]
         guard pipe(&fds) == 0 else {
-            throw SocketServerError("\(name): pipe failed: \(errnoText(errno))")
+            throw .systemCall(.current("pipe", context: name))
         }
         for fd in fds { Self.setCloseOnExecNonBlocking(fd) }
         wakePipe = fds

@@ -40,7 +40,7 @@ func startListening<E: Error>(_ runtime: ControllerRuntime, _ start: (Int32?) th
     do throws(FrontEndError) {
         try SocketOwnership.apply(path: runtime.config.socket, mode: runtime.config.socketMode, group: runtime.config.socketGroup)
     } catch {
-        throw FrontEndError("controller \(runtime.config.name): \(error.message)")
+        throw error.within("controller \(runtime.config.name)")
     }
 }
 

@@ -5,6 +5,7 @@ import VfioUser
 import Synchronization
 #if canImport(Glibc)
 import Glibc
+import SystemErrors
 #endif
 
 /// One PVSCSI adapter served over vfio-user: a UNIX socket, an event-loop thread, the device model
@@ -40,7 +41,7 @@ public final class PVSCSIController<Target: SCSICommandTarget, Channel: BlockCha
         do {
             loop = try EventLoop(name: "pvscsi", pollBudgetNanoseconds: 0)
         } catch {
-            throw VfioUserError("cannot create the event loop: \(error)", errno: error.errno)
+            throw .systemCall(error.within("cannot create the event loop"))
         }
         device = PVSCSIDevice(target: target, options: options, loop: loop, channelFactory: channelFactory,
                               statistics: statistics, log: log)
@@ -91,7 +92,7 @@ public final class PVSCSIController<Target: SCSICommandTarget, Channel: BlockCha
         }, raw)
         guard rc == 0 else {
             Unmanaged<ThreadBody>.fromOpaque(raw).release()
-            throw VfioUserError("cannot start the loop thread", errno: rc)
+            throw .systemCall(SystemCallError("pthread_create", errno: rc, context: "cannot start the loop thread"))
         }
         thread = t
         log("pvscsi: controller on \(socketPath) started")

@@ -1,6 +1,7 @@
 import CSystem
 #if canImport(Glibc)
 import Glibc
+import SystemErrors
 #endif
 
 /// Why a DMA_MAP or DMA_UNMAP was refused; carries the errno for the reply.
@@ -11,6 +12,8 @@ public struct DMAMapError: Error, Sendable, Equatable, CustomStringConvertible {
         self.errno = errno
         self.reason = reason
     }
+    /// A refusal because `error`'s system call failed: its errno for the reply, its description as the reason.
+    public init(_ error: SystemCallError) { self.init(error.errno, error.description) }
     public var description: String { reason }
 }
 
@@ -95,7 +98,7 @@ public final class DMAWindows: @unchecked Sendable {
             }
             guard let p = csys_mmap_shared(fd, size, fileOffset, writable ? 1 : 0) else {
                 let e = errno
-                throw DMAMapError(e == 0 ? EINVAL : e, "mmap of DMA window failed: \(String(cString: strerror(e)))")
+                throw DMAMapError(SystemCallError("mmap", errno: e == 0 ? EINVAL : e, context: "DMA window"))
             }
             host = p
         }

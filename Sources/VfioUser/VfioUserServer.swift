@@ -2,6 +2,7 @@ import CSystem
 import EventLoop
 #if canImport(Glibc)
 import Glibc
+import SystemErrors
 #endif
 
 /// A PCI device model served over vfio-user. All calls arrive on the server's event-loop thread.
@@ -37,14 +38,24 @@ extension VfioUserDevice {
 }
 
 /// Why a server could not start.
-public struct VfioUserError: Error, Sendable, CustomStringConvertible {
-    public var message: String
-    public var errno: Int32
-    public init(_ message: String, errno: Int32 = 0) {
-        self.message = message
-        self.errno = errno
+public enum VfioUserError: Error, Sendable, CustomStringConvertible {
+    /// A system call failed (listening socket, event loop, eventfd, thread).
+    case systemCall(SystemCallError)
+    /// Any other reason (an unsupported device shape, a thread that would not start).
+    case failed(String)
+
+    /// A failure for another reason than a system call.
+    public init(_ message: String) { self = .failed(message) }
+
+    /// One line, naming the socket or device.
+    public var message: String { description }
+
+    public var description: String {
+        switch self {
+        case let .systemCall(error): return error.description
+        case let .failed(message): return message
+        }
     }
-    public var description: String { message }
 }
 
 /// Where the server writes its log lines.
@@ -195,7 +206,7 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
     /// owns the fd and never unlinks its path.
     public func listen(adopting listeningFD: Int32? = nil) throws(VfioUserError) {
         let fd = listeningFD ?? csys_unix_listen(socketPath, 4)
-        guard fd >= 0 else { throw VfioUserError("cannot listen on \(socketPath): \(String(cString: strerror(-fd)))", errno: -fd) }
+        guard fd >= 0 else { throw .systemCall(SystemCallError("socket/bind/listen", errno: -fd, context: "cannot listen on \(socketPath)")) }
         listenFD = fd
         adopted = listeningFD != nil
         do {
@@ -203,7 +214,7 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
         } catch {
             close(fd)
             listenFD = -1
-            throw VfioUserError("cannot watch \(socketPath): \(error)", errno: error.errno)
+            throw .systemCall(error.within("cannot watch \(socketPath)"))
         }
         log("vfio-user: listening on \(socketPath)")
     }

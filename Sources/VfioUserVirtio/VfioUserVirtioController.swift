@@ -32,7 +32,7 @@ public final class VfioUserVirtioController<Device: VirtioDeviceModel>: @uncheck
         do {
             loop = try EventLoop(name: "vfu-\(kind.name)", pollBudgetNanoseconds: 0)
         } catch {
-            throw VfioUserError("cannot create the event loop: \(error)", errno: error.errno)
+            throw .systemCall(error.within("cannot create the event loop"))
         }
         function = try VirtioPCIFunction(device: device, kind: kind, loop: loop, name: "\(kind.name) \(socketPath)", log: log)
         server = VfioUserServer(socketPath: socketPath, loop: loop, device: function, msixVectors: device.queueCount + 1,

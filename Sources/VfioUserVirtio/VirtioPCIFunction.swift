@@ -82,7 +82,7 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
         deviceFeatures = device.offeredFeatures | VirtioFeature.version1
         queues = Array(repeating: QueueState(size: UInt16(clamping: device.expectedQueueSize)), count: device.queueCount)
         relayFD = csys_eventfd(0, 1)
-        guard relayFD >= 0 else { throw VfioUserError("\(kind.name): cannot create an eventfd", errno: errno) }
+        guard relayFD >= 0 else { throw .systemCall(.current("eventfd", context: "\(kind.name): interrupt relay")) }
     }
 
     deinit { if relayFD >= 0 { close(relayFD) } }
@@ -92,7 +92,7 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
         do {
             try loop.register(fd: relayFD) { [unowned self] _ in self.relaySignalled() }
         } catch {
-            throw VfioUserError("\(kind.name): cannot watch the interrupt relay: \(error)", errno: error.errno)
+            throw .systemCall(error.within("\(kind.name): cannot watch the interrupt relay"))
         }
         let loop = self.loop
         let notify = ConfigChangeRelay(self)

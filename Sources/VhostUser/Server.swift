@@ -5,12 +5,28 @@ import Virtio
 import VirtioDevices
 #if canImport(Glibc)
 import Glibc
+import SystemErrors
 #endif
 
 /// Why the server could not start.
-public struct VhostUserServerError: Error, CustomStringConvertible, Sendable {
-    public var message: String
-    public var description: String { message }
+public enum VhostUserServerError: Error, CustomStringConvertible, Sendable {
+    /// A system call failed (socket, bind, listen).
+    case systemCall(SystemCallError)
+    /// Any other reason.
+    case failed(String)
+
+    /// A failure for another reason than a system call.
+    public init(_ message: String) { self = .failed(message) }
+
+    /// One line.
+    public var message: String { description }
+
+    public var description: String {
+        switch self {
+        case let .systemCall(error): return error.description
+        case let .failed(message): return message
+        }
+    }
 }
 
 /// A refused request: answered with a failure REPLY_ACK when the front-end asked for one, otherwise
@@ -100,14 +116,14 @@ public final class VhostUserServer<Device: VirtioDeviceModel>: @unchecked Sendab
             return
         }
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw VhostUserServerError(message: "socket: errno \(errno)") }
+        guard fd >= 0 else { throw .systemCall(.current("socket", context: "vhost-user socket \(socketPath)")) }
         var addr = sockaddr_un()
         addr.sun_family = sa_family_t(AF_UNIX)
         let pathBytes = Array(socketPath.utf8)
         let capacity = MemoryLayout.size(ofValue: addr.sun_path)
         guard pathBytes.count < capacity else {
             close(fd)
-            throw VhostUserServerError(message: "socket path \(socketPath) is longer than \(capacity - 1) bytes")
+            throw VhostUserServerError("socket path \(socketPath) is longer than \(capacity - 1) bytes")
         }
         withUnsafeMutableBytes(of: &addr.sun_path) { raw in
             for (i, b) in pathBytes.enumerated() { raw[i] = b }
@@ -120,12 +136,12 @@ public final class VhostUserServer<Device: VirtioDeviceModel>: @unchecked Sendab
         guard rc == 0 else {
             let e = errno
             close(fd)
-            throw VhostUserServerError(message: "bind \(socketPath): \(String(cString: strerror(e)))")
+            throw .systemCall(SystemCallError("bind", errno: e, context: socketPath))
         }
         guard listen(fd, 4) == 0 else {
             let e = errno
             close(fd)
-            throw VhostUserServerError(message: "listen \(socketPath): \(String(cString: strerror(e)))")
+            throw .systemCall(SystemCallError("listen", errno: e, context: socketPath))
         }
         listenFD = fd
         try startControlThread()
@@ -133,7 +149,7 @@ public final class VhostUserServer<Device: VirtioDeviceModel>: @unchecked Sendab
 
     private func startControlThread() throws(VhostUserServerError) {
         thread = spawnThread { [self] in controlLoop() }
-        guard thread != nil else { throw VhostUserServerError(message: "cannot start the control thread") }
+        guard thread != nil else { throw VhostUserServerError("cannot start the control thread") }
     }
 
     /// Closes the connection (draining in-flight I/O), stops the control thread and removes the socket.

@@ -1,5 +1,6 @@
 import CSystem
 import EventLoop
+import SystemErrors
 import Virtio
 #if canImport(Glibc)
 import Glibc
@@ -164,7 +165,7 @@ public final class QueueGroup<Handler: QueueGroupHandler>: @unchecked Sendable {
     private var watchdogThread: pthread_t?
 
     /// Creates a group (its thread starts with `start`).
-    public init(name: String, handler: Handler, pollBudgetNanoseconds: UInt64, log: @escaping DeviceLogger) throws(EventLoopError) {
+    public init(name: String, handler: Handler, pollBudgetNanoseconds: UInt64, log: @escaping DeviceLogger) throws(SystemCallError) {
         loop = try EventLoop(name: name, pollBudgetNanoseconds: pollBudgetNanoseconds)
         self.handler = handler
         self.log = log

@@ -4,6 +4,7 @@ import Synchronization
 import Virtio
 #if canImport(Glibc)
 import Glibc
+import SystemErrors
 #endif
 
 /// virtio-blk feature bits and wire constants (virtio 1.2 section 5.2).
@@ -84,10 +85,24 @@ public struct VirtioBlkOptions: Sendable {
 }
 
 /// Why a device could not be set up.
-public struct VirtioDeviceError: Error, CustomStringConvertible, Sendable {
-    public var message: String
-    public init(_ message: String) { self.message = message }
-    public var description: String { message }
+public enum VirtioDeviceError: Error, CustomStringConvertible, Sendable {
+    /// A system call failed (a queue group's event loop).
+    case systemCall(SystemCallError)
+    /// Any other reason (options out of range, a back-end channel, a geometry change refused).
+    case failed(String)
+
+    /// A failure for another reason than a system call.
+    public init(_ message: String) { self = .failed(message) }
+
+    /// One line.
+    public var message: String { description }
+
+    public var description: String {
+        switch self {
+        case let .systemCall(error): return error.description
+        case let .failed(message): return message
+        }
+    }
 }
 
 /// Where a virtio-blk device finds the I/O counters of its request queue `queue` (nil: count nothing).
@@ -142,7 +157,7 @@ public final class VirtioBlkDevice<Channel: BlockChannel>: VirtioDeviceModel, @u
                 handler.device = self
                 groups.append(group)
             } catch {
-                throw VirtioDeviceError("event loop: \(error)")
+                throw .systemCall(error.within("event loop"))
             }
         }
         for g in groups { g.start() }

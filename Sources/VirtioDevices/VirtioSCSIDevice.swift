@@ -104,7 +104,7 @@ public final class VirtioSCSIDevice<Channel: BlockChannel>: VirtioDeviceModel, @
                 group.watchdogMilliseconds = max(0, options.watchdogMilliseconds)
                 groups.append(group)
             } catch {
-                throw VirtioDeviceError("event loop: \(error)")
+                throw .systemCall(error.within("event loop"))
             }
         }
         for g in groups {

@@ -28,7 +28,7 @@ final class NotifyListener {
         let rc = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) } }
         guard rc == 0 else {
             close(fd)
-            throw SocketServerError("bind \(path): \(errnoText(errno))")
+            throw SocketServerError.systemCall(.current("bind", context: path))
         }
     }
 
