@@ -28,21 +28,21 @@ let package = Package(
         // LUN providers: libaio file/block device, buffered, null.
         .target(name: "Backends", dependencies: ["BlockIO", "SystemErrors", "CSystem", "CLibAIO", "ISCSIBackend"]),
         // Remote iSCSI LUNs as a back-end (libiscsi async API, driven by the owner event loop).
-        .target(name: "ISCSIBackend", dependencies: ["BlockIO", "CLibISCSI", "CSystem"]),
+        .target(name: "ISCSIBackend", dependencies: ["BlockIO", "CLibISCSI", "CSystem", .product(name: "Logging", package: "swift-log")]),
         // One epoll reactor per queue group, with adaptive polling.
         .target(name: "EventLoop", dependencies: ["CSystem", "SystemErrors"]),
         // Virtqueues over guest memory (split, packed, indirect, EVENT_IDX).
         .target(name: "Virtio", dependencies: ["BlockIO", "CSystem", "EventLoop"]),
         // The virtio-scsi and virtio-blk device models (config space, features, queue groups, requests), transport-neutral.
-        .target(name: "VirtioDevices", dependencies: ["Virtio", "SCSI", "BlockIO", "CSystem", "EventLoop", "SystemErrors"]),
+        .target(name: "VirtioDevices", dependencies: ["Virtio", "SCSI", "BlockIO", "CSystem", "EventLoop", "SystemErrors", .product(name: "Logging", package: "swift-log")]),
         // vhost-user back-end server hosting the virtio device models.
-        .target(name: "VhostUser", dependencies: ["VirtioDevices", "Virtio", "SCSI", "BlockIO", "CSystem", "EventLoop", "SystemErrors"]),
+        .target(name: "VhostUser", dependencies: ["VirtioDevices", "Virtio", "SCSI", "BlockIO", "CSystem", "EventLoop", "SystemErrors", .product(name: "Logging", package: "swift-log")]),
         // vfio-user server (PCI config space, BARs, MSI-X).
-        .target(name: "VfioUser", dependencies: ["CSystem", "EventLoop", "SystemErrors"]),
+        .target(name: "VfioUser", dependencies: ["CSystem", "EventLoop", "SystemErrors", .product(name: "Logging", package: "swift-log")]),
         // The virtio device models as modern virtio-pci functions over vfio-user (no other transport imported).
-        .target(name: "VfioUserVirtio", dependencies: ["VfioUser", "VirtioDevices", "Virtio", "CSystem", "EventLoop", "SystemErrors"]),
+        .target(name: "VfioUserVirtio", dependencies: ["VfioUser", "VirtioDevices", "Virtio", "CSystem", "EventLoop", "SystemErrors", .product(name: "Logging", package: "swift-log")]),
         // The PVSCSI device model.
-        .target(name: "PVSCSI", dependencies: ["VfioUser", "SCSI", "BlockIO", "CSystem", "EventLoop", "SystemErrors"]),
+        .target(name: "PVSCSI", dependencies: ["VfioUser", "SCSI", "BlockIO", "CSystem", "EventLoop", "SystemErrors", .product(name: "Logging", package: "swift-log")]),
         // Config, daemon wiring, control socket.
         .target(name: "Gateway", dependencies: [
             "ISCSIBackend",
@@ -65,27 +65,29 @@ let package = Package(
         // every debug build so that they follow API changes; Deploy/fuzz/fuzz.sh links scsigate-fuzz with
         // -sanitize=fuzzer,address -DFUZZING (libFuzzer's main) into .build/fuzz. Without FUZZING it replays inputs.
         .target(name: "FuzzTargets", dependencies: [
-            "Virtio", "VirtioDevices", "VhostUser", "VfioUser", "PVSCSI", "SCSI", "BlockIO", "Backends", "Gateway", "CSystem",
+            "TestSupport", "Virtio", "VirtioDevices", "VhostUser", "VfioUser", "PVSCSI", "SCSI", "BlockIO", "Backends", "Gateway", "CSystem",
             .product(name: "Logging", package: "swift-log"),
         ], path: "Tests/Fuzz/Targets"),
         .executableTarget(name: "scsigate-fuzz", dependencies: ["FuzzTargets"], path: "Tests/Fuzz/Main"),
         .testTarget(name: "FuzzTests", dependencies: ["FuzzTargets"]),
+        // What every test target shares: a swift-log Logger that records lines (TestLog).
+        .target(name: "TestSupport", dependencies: [.product(name: "Logging", package: "swift-log")], path: "Tests/TestSupport"),
         .testTarget(name: "EventLoopTests", dependencies: ["EventLoop", "CSystem"]),
         .testTarget(name: "SCSITests", dependencies: ["SCSI", "BlockIO"]),
         .testTarget(name: "BackendsTests", dependencies: ["Backends", "BlockIO", "CSystem", "SystemErrors"]),
-        .testTarget(name: "ISCSIBackendTests", dependencies: ["ISCSIBackend", "BlockIO", "EventLoop", "SCSI"]),
+        .testTarget(name: "ISCSIBackendTests", dependencies: ["TestSupport", "ISCSIBackend", "BlockIO", "EventLoop", "SCSI", .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "BlockIO", "CSystem"]),
         // Guest RAM, driver-side rings, an in-memory back-end and log helpers shared by the virtio transports' tests.
-        .target(name: "VirtioTestSupport", dependencies: ["VirtioDevices", "Virtio", "BlockIO", "CSystem"], path: "Tests/VirtioTestSupport"),
-        .testTarget(name: "VhostUserTests", dependencies: ["VirtioTestSupport", "VhostUser", "VirtioDevices", "Virtio", "SCSI", "BlockIO", "CSystem", "Backends", "Gateway", "ISCSIBackend"]),
+        .target(name: "VirtioTestSupport", dependencies: ["TestSupport", "VirtioDevices", "Virtio", "BlockIO", "CSystem"], path: "Tests/VirtioTestSupport"),
+        .testTarget(name: "VhostUserTests", dependencies: ["TestSupport", "VirtioTestSupport", "VhostUser", "VirtioDevices", "Virtio", "SCSI", "BlockIO", "CSystem", "Backends", "Gateway", "ISCSIBackend"]),
         .testTarget(name: "VfioUserTests", dependencies: ["VfioUser", "CSystem"]),
-        .testTarget(name: "PVSCSITests", dependencies: ["VfioUserTestSupport", "PVSCSI", "VfioUser", "SCSI", "BlockIO", "Backends", "Gateway", "CSystem", "ISCSIBackend"]),
+        .testTarget(name: "PVSCSITests", dependencies: ["TestSupport", "VfioUserTestSupport", "PVSCSI", "VfioUser", "SCSI", "BlockIO", "Backends", "Gateway", "CSystem", "ISCSIBackend"]),
         // The vfio-user test client (the role QEMU's vfio-user-pci plays), shared by the PVSCSI and virtio-pci tests.
-        .target(name: "VfioUserTestSupport", dependencies: ["VfioUser", "CSystem"], path: "Tests/VfioUserTestSupport"),
+        .target(name: "VfioUserTestSupport", dependencies: ["TestSupport", "VfioUser", "CSystem"], path: "Tests/VfioUserTestSupport"),
         .testTarget(name: "VfioUserVirtioTests", dependencies: [
-            "VfioUserTestSupport", "VirtioTestSupport", "VfioUserVirtio", "VfioUser", "VirtioDevices", "Virtio", "SCSI", "BlockIO", "CSystem",
+            "TestSupport", "VfioUserTestSupport", "VirtioTestSupport", "VfioUserVirtio", "VfioUser", "VirtioDevices", "Virtio", "SCSI", "BlockIO", "CSystem",
         ]),
-        .testTarget(name: "GatewayTests", dependencies: ["Gateway", "SCSI", "Backends", "SystemErrors"]),
+        .testTarget(name: "GatewayTests", dependencies: ["Gateway", "SCSI", "Backends", "SystemErrors", "ISCSIBackend"]),
     ],
     swiftLanguageModes: [.v6]
 )

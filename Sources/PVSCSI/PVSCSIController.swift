@@ -1,5 +1,6 @@
 import BlockIO
 import EventLoop
+import Logging
 import SCSI
 import VfioUser
 import Synchronization
@@ -24,7 +25,7 @@ public final class PVSCSIController<Target: SCSICommandTarget, Channel: BlockCha
     public let device: PVSCSIDevice<Target, Channel>
     public let server: VfioUserServer<PVSCSIDevice<Target, Channel>>
     private let target: Target
-    private let log: VfioUserLog
+    private let log: Logger
     private var subscription: Int? = nil
     private var thread: pthread_t? = nil
 
@@ -34,7 +35,7 @@ public final class PVSCSIController<Target: SCSICommandTarget, Channel: BlockCha
     public init(socketPath: String, target: Target, options: PVSCSIOptions = PVSCSIOptions(),
                 channelFactory: @escaping (Int) -> Channel?,
                 statistics: @escaping (Int) -> IOCounters? = { _ in nil },
-                log: @escaping VfioUserLog) throws(VfioUserError) {
+                log: Logger) throws(VfioUserError) {
         self.socketPath = socketPath
         self.target = target
         self.log = log
@@ -95,7 +96,7 @@ public final class PVSCSIController<Target: SCSICommandTarget, Channel: BlockCha
             throw .systemCall(SystemCallError("pthread_create", errno: rc, context: "cannot start the loop thread"))
         }
         thread = t
-        log("pvscsi: controller on \(socketPath) started")
+        log.info("pvscsi: controller on \(socketPath) started")
     }
 
     /// Disconnects the client, removes the socket, closes the back-end channels and joins the loop thread.

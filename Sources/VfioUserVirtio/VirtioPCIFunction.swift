@@ -1,5 +1,6 @@
 import CSystem
 import EventLoop
+import Logging
 import VfioUser
 import Virtio
 import VirtioDevices
@@ -41,7 +42,7 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
     let device: Device
     let kind: VirtioPCIDeviceKind
     let loop: EventLoop
-    private let log: DeviceLogger
+    private let log: Logger
     private let name: String
     /// Set by the controller once the server exists.
     var dmaWindows: DMAWindows!
@@ -69,7 +70,7 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
     private(set) var deviceTableHeld = false
     private(set) var ringsOutsideMemory = 0
 
-    init(device: Device, kind: VirtioPCIDeviceKind, loop: EventLoop, name: String, log: @escaping DeviceLogger) throws(VfioUserError) {
+    init(device: Device, kind: VirtioPCIDeviceKind, loop: EventLoop, name: String, log: Logger) throws(VfioUserError) {
         guard device.queueCount >= 1, device.queueCount <= VirtioPCILayout.maxQueues, device.queueCount + 1 <= 2048 else {
             throw VfioUserError("\(kind.name): \(device.queueCount) queues (1...\(VirtioPCILayout.maxQueues) supported)")
         }
@@ -104,7 +105,7 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
         loop.unregister(fd: relayFD)
     }
 
-    private func note(_ level: DeviceLogLevel, _ text: String) { log(level, "\(name): \(text)") }
+    private func note(_ level: Logger.Level, _ text: String) { log.log(level: level, "\(name): \(text)") }
 
     private var msixMode: Bool { interrupts.msixActive || configSpace.msixEnabled }
     private var negotiated: Bool { status & S.featuresOK != 0 }

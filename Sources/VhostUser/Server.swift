@@ -1,5 +1,6 @@
 import BlockIO
 import CSystem
+import Logging
 import Synchronization
 import Virtio
 import VirtioDevices
@@ -66,7 +67,7 @@ public final class VhostUserServer<Device: VirtioDeviceModel>: @unchecked Sendab
     public let socketPath: String
     /// The device model.
     public let device: Device
-    private let log: DeviceLogger
+    private let log: Logger
     private var listenFD: Int32 = -1
     /// The listening socket was handed over (systemd socket activation): it is never unlinked.
     private var adopted = false
@@ -93,7 +94,7 @@ public final class VhostUserServer<Device: VirtioDeviceModel>: @unchecked Sendab
     private var sessions: [Session] = []
 
     /// Creates a server (call `start`).
-    public init(socketPath: String, device: Device, log: @escaping DeviceLogger) {
+    public init(socketPath: String, device: Device, log: Logger) {
         self.socketPath = socketPath
         self.device = device
         self.log = log
@@ -194,16 +195,16 @@ public final class VhostUserServer<Device: VirtioDeviceModel>: @unchecked Sendab
         let number = connections.add(1, ordering: .relaxed).newValue
         guard sessions.count < 2 else {
             refused.add(1, ordering: .relaxed)
-            log(.warning, "\(socketPath): front-end #\(number) refused: front-ends #\(sessions[0].number) and #\(sessions[1].number) "
-                + "are connected (one front-end plus one migration destination at most)")
+            log.warning(.init(stringLiteral: "\(socketPath): front-end #\(number) refused: front-ends #\(sessions[0].number) and #\(sessions[1].number) "
+                + "are connected (one front-end plus one migration destination at most)"))
             Glibc.close(conn)
             return
         }
         if let first = sessions.first {
-            log(.info, "\(socketPath): front-end #\(number) connected while #\(first.number) is: accepted as its migration "
-                + "successor (its rings start once #\(first.number) has stopped its rings or disconnected)")
+            log.info(.init(stringLiteral: "\(socketPath): front-end #\(number) connected while #\(first.number) is: accepted as its migration "
+                + "successor (its rings start once #\(first.number) has stopped its rings or disconnected)"))
         } else {
-            log(.info, "\(socketPath): front-end connected (#\(number))")
+            log.info("\(socketPath): front-end connected (#\(number))")
         }
         sessions.append(Session(server: self, fd: conn, number: number))
     }
@@ -213,10 +214,10 @@ public final class VhostUserServer<Device: VirtioDeviceModel>: @unchecked Sendab
         Glibc.close(session.fd)
         sessions.removeAll { $0 === session }
         if let other = sessions.first {
-            log(.info, "\(socketPath): front-end #\(session.number) disconnected; #\(other.number) stays connected")
+            log.info("\(socketPath): front-end #\(session.number) disconnected; #\(other.number) stays connected")
             other.becomeActiveIfRunning()
         } else {
-            log(.info, "\(socketPath): front-end disconnected (#\(session.number))")
+            log.info("\(socketPath): front-end disconnected (#\(session.number))")
         }
     }
 
@@ -232,15 +233,15 @@ public final class VhostUserServer<Device: VirtioDeviceModel>: @unchecked Sendab
             guard let message = session.pending else { continue }
             if !otherRunsRings(session) {
                 session.pending = nil
-                log(.info, "\(socketPath): front-end #\(session.number): the other front-end stopped its rings; starting its own")
+                log.info("\(socketPath): front-end #\(session.number): the other front-end stopped its rings; starting its own")
                 if !session.handleHeld(message) { closeSession(session) }
             } else if monotonicMilliseconds() >= session.pendingDeadline {
                 session.pending = nil
                 for f in message.fds { Glibc.close(f) }
                 refused.add(1, ordering: .relaxed)
-                log(.warning, "\(socketPath): front-end #\(session.number) refused: it starts rings while front-end "
+                log.warning(.init(stringLiteral: "\(socketPath): front-end #\(session.number) refused: it starts rings while front-end "
                     + "#\(sessions.first { $0 !== session }?.number ?? 0) has run them for \(handoverTimeoutMilliseconds) ms "
-                    + "(not a migration hand-over)")
+                    + "(not a migration hand-over)"))
                 closeSession(session)
             }
         }
@@ -260,7 +261,7 @@ public final class VhostUserServer<Device: VirtioDeviceModel>: @unchecked Sendab
             let msg = VhostUserMessage(request: VhostUserBackendRequest.configChange.rawValue, flags: VhostUserWire.version, payload: [])
             let bytes = msg.encoded()
             let n = bytes.withUnsafeBytes { csys_send_with_fds(fd, $0.baseAddress, $0.count, nil, 0) }
-            if n != bytes.count { log(.warning, "\(socketPath): config-change notification not sent (\(n))") }
+            if n != bytes.count { log.warning("\(socketPath): config-change notification not sent (\(n))") }
         }
     }
 
@@ -328,7 +329,7 @@ public final class VhostUserServer<Device: VirtioDeviceModel>: @unchecked Sendab
                 | (device.notifiesConfigChanges ? VhostUserProtocolFeature.config : 0)
         }
 
-        func log(_ level: DeviceLogLevel, _ text: String) { server.log(level, "\(server.socketPath): \(text)") }
+        func log(_ level: Logger.Level, _ text: String) { server.log.log(level: level, "\(server.socketPath): \(text)") }
 
         var runsRings: Bool { rings.contains { $0.running } }
 

@@ -1,5 +1,6 @@
 import BlockIO
 import CSystem
+import Logging
 import Synchronization
 import Virtio
 #if canImport(Glibc)
@@ -121,7 +122,7 @@ public final class VirtioBlkDevice<Channel: BlockChannel>: VirtioDeviceModel, @u
     let serialBytes: [UInt8]
     /// Logical block size in 512-byte sectors (fixed for the device's life).
     let blockSectors: UInt64
-    let log: DeviceLogger
+    let log: Logger
     private var groups: [QueueGroup<BlkGroupHandler<Channel>>] = []
     private let notifier = Mutex<(@Sendable () -> Void)?>(nil)
     private let negotiated = Atomic<UInt64>(0)
@@ -129,7 +130,7 @@ public final class VirtioBlkDevice<Channel: BlockChannel>: VirtioDeviceModel, @u
     /// Creates the device; `channelFactory` is called once per event-loop thread.
     public init(geometry: BlockGeometry, options: VirtioBlkOptions, channelFactory: () throws -> Channel,
                 counters: VirtioBlkCountersProvider? = nil,
-                log: @escaping DeviceLogger) throws(VirtioDeviceError) {
+                log: Logger) throws(VirtioDeviceError) {
         guard options.queues >= 1, options.queues <= 64 else { throw VirtioDeviceError("virtio-blk queues must be 1...64, not \(options.queues)") }
         guard options.threads >= 1 else { throw VirtioDeviceError("virtio-blk threads must be at least 1") }
         guard geometry.logicalBlockSize >= 512, geometry.logicalBlockSize % 512 == 0 else {
@@ -219,7 +220,7 @@ public final class VirtioBlkDevice<Channel: BlockChannel>: VirtioDeviceModel, @u
         readOnly.store(newGeometry.readOnly, ordering: .releasing)
         capacitySectors.store(newGeometry.capacityBytes / 512, ordering: .releasing)
         detached.store(false, ordering: .releasing)
-        log(.info, "virtio-blk: back-end attached again, \(newGeometry.capacityBytes) bytes")
+        log.info("virtio-blk: back-end attached again, \(newGeometry.capacityBytes) bytes")
         notifier.withLock { $0 }?()
     }
 
@@ -282,7 +283,7 @@ public final class VirtioBlkDevice<Channel: BlockChannel>: VirtioDeviceModel, @u
         // Only `writeback` is writable (VIRTIO_BLK_F_CONFIG_WCE).
         guard offset == VirtioBlk.configWritebackOffset, bytes.count == 1, bytes[0] <= 1 else { return false }
         writeback.store(bytes[0] == 1, ordering: .relaxed)
-        log(.info, "virtio-blk: write cache \(bytes[0] == 1 ? "writeback" : "writethrough")")
+        log.info("virtio-blk: write cache \(bytes[0] == 1 ? "writeback" : "writethrough")")
         return true
     }
 

@@ -214,9 +214,4 @@ final class ChannelDriver {
     }
 }
 
-/// Collects log lines.
-final class LogCapture: @unchecked Sendable {
-    private let lines = Mutex<[String]>([])
-    var sink: ISCSILogSink { { [self] _, line in lines.withLock { $0.append(line) } } }
-    var all: [String] { lines.withLock { $0 } }
-}
+

@@ -1,3 +1,4 @@
+import TestSupport
 import VfioUserTestSupport
 import Backends
 import BlockIO
@@ -91,7 +92,7 @@ final class PrivateTgtd: @unchecked Sendable {
                                   geometry: backend.geometry, backendID: 0))
         let sock = "/tmp/scsigate-pvscsi-iscsi-\(getpid()).sock"
         let controller = try PVSCSIController(socketPath: sock, target: table,
-                                              channelFactory: { _ in try? backend.makeChannel() }, log: { _ in })
+                                              channelFactory: { _ in try? backend.makeChannel() }, log: TestLog.quiet)
         try controller.start()
         defer { controller.stop() }
         let client = try VfioUserTestClient(path: sock)
