@@ -49,7 +49,7 @@ let package = Package(
             "SCSI", "BlockIO", "Backends", "VirtioDevices", "VhostUser", "VfioUserVirtio", "PVSCSI", "CSystem", "EventLoop", "SystemErrors",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "TOMLKit", package: "TOMLKit"),
-        ], resources: [.copy("DefaultConfig")]),
+        ], resources: [.embedInCode("DefaultConfig/scsigate.toml")]),
         .executableTarget(name: "scsigate", dependencies: [
             "Gateway",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
