@@ -25,8 +25,8 @@ let package = Package(
         .target(name: "BlockIO", dependencies: ["SystemErrors"]),
         // The transport-agnostic SCSI target core (SPC-4 / SBC-3).
         .target(name: "SCSI", dependencies: ["BlockIO"]),
-        // LUN providers: libaio file/block device, buffered, null.
-        .target(name: "Backends", dependencies: ["BlockIO", "SystemErrors", "CSystem", "CLibAIO", "ISCSIBackend"]),
+        // LUN providers: libaio file/block device, buffered, null (the iSCSI one is ISCSIBackend; the gateway chooses).
+        .target(name: "Backends", dependencies: ["BlockIO", "SystemErrors", "CSystem", "CLibAIO"]),
         // Remote iSCSI LUNs as a back-end (libiscsi async API, driven by the owner event loop).
         .target(name: "ISCSIBackend", dependencies: ["BlockIO", "CLibISCSI", "CSystem", .product(name: "Logging", package: "swift-log")]),
         // One epoll reactor per queue group, with adaptive polling.
@@ -58,7 +58,7 @@ let package = Package(
         // Core micro-benchmark: READ(10)/WRITE(10) through execute/resume against a null back-end.
         .executableTarget(name: "core-bench", dependencies: ["SCSI", "BlockIO"], path: "Benchmarks/CoreBench"),
         // QoS benchmark: per-LUN IOPS limit held across threads while an unlimited LUN keeps its speed.
-        .executableTarget(name: "qos-bench", dependencies: ["Backends", "BlockIO"], path: "Benchmarks/QoSBench"),
+        .executableTarget(name: "qos-bench", dependencies: ["Gateway", "Backends", "BlockIO"], path: "Benchmarks/QoSBench"),
         // Virtqueue micro-benchmark: the data-path cost of dirty logging (live migration), off vs on.
         .executableTarget(name: "ring-bench", dependencies: ["Virtio", "CSystem"], path: "Benchmarks/RingBench"),
         // libFuzzer targets for every guest- and client-facing parser (Tests/Fuzz, README "Fuzzing"). They build in
@@ -70,11 +70,12 @@ let package = Package(
         ], path: "Tests/Fuzz/Targets"),
         .executableTarget(name: "scsigate-fuzz", dependencies: ["FuzzTargets"], path: "Tests/Fuzz/Main"),
         .testTarget(name: "FuzzTests", dependencies: ["FuzzTargets"]),
-        // What every test target shares: a swift-log Logger that records lines (TestLog).
-        .target(name: "TestSupport", dependencies: [.product(name: "Logging", package: "swift-log")], path: "Tests/TestSupport"),
+        // What the test targets share: a swift-log Logger that records lines (TestLog), scratch directories, aligned
+        // I/O buffers, waiting for a channel's completions, running a program.
+        .target(name: "TestSupport", dependencies: ["BlockIO", .product(name: "Logging", package: "swift-log")], path: "Tests/TestSupport"),
         .testTarget(name: "EventLoopTests", dependencies: ["EventLoop", "CSystem"]),
         .testTarget(name: "SCSITests", dependencies: ["SCSI", "BlockIO"]),
-        .testTarget(name: "BackendsTests", dependencies: ["Backends", "BlockIO", "CSystem", "SystemErrors"]),
+        .testTarget(name: "BackendsTests", dependencies: ["TestSupport", "Backends", "BlockIO", "CSystem", "SystemErrors"]),
         .testTarget(name: "ISCSIBackendTests", dependencies: ["TestSupport", "ISCSIBackend", "BlockIO", "EventLoop", "SCSI", .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "BlockIO", "CSystem"]),
         // Guest RAM, driver-side rings, an in-memory back-end and log helpers shared by the virtio transports' tests.
@@ -87,7 +88,7 @@ let package = Package(
         .testTarget(name: "VfioUserVirtioTests", dependencies: [
             "TestSupport", "VfioUserTestSupport", "VirtioTestSupport", "VfioUserVirtio", "VfioUser", "VirtioDevices", "Virtio", "SCSI", "BlockIO", "CSystem",
         ]),
-        .testTarget(name: "GatewayTests", dependencies: ["Gateway", "SCSI", "Backends", "SystemErrors", "ISCSIBackend"]),
+        .testTarget(name: "GatewayTests", dependencies: ["TestSupport", "Gateway", "SCSI", "Backends", "BlockIO", "SystemErrors", "ISCSIBackend"]),
     ],
     swiftLanguageModes: [.v6]
 )

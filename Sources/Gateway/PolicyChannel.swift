@@ -1,8 +1,9 @@
+import Backends
 import BlockIO
 import CSystem
+import SystemErrors
 #if canImport(Glibc)
 import Glibc
-import SystemErrors
 #endif
 
 /// A LUN's channel with its per-LUN policies applied: the one place every transport's requests pass
