@@ -70,30 +70,8 @@ extension BlockChannel {
 }
 
 /// Why a back-end could not be opened or a channel created.
-public enum BlockBackendError: Error, CustomStringConvertible, Sendable, Equatable {
-    /// A system call failed; its context names the path or URL.
-    case systemCall(SystemCallError)
-    /// Any other reason, naming the path or URL (unreachable remote, closed back-end, unknown ID).
-    case failed(String)
-
-    /// A failure for another reason than a system call.
-    public init(_ message: String) { self = .failed(message) }
-
-    /// Human-readable reason, naming the path or URL.
-    public var message: String { description }
-
-    /// The same error with `outer` (the path or URL) in front: `outer: reason`.
-    public func within(_ outer: String) -> BlockBackendError {
-        switch self {
-        case let .systemCall(error): return .systemCall(error.within(outer))
-        case let .failed(message): return .failed("\(outer): \(message)")
-        }
-    }
-
-    public var description: String {
-        switch self {
-        case let .systemCall(error): return error.description
-        case let .failed(message): return message
-        }
-    }
+public struct BlockBackendError: ReasonedError, Sendable, Equatable {
+    /// Why it failed: a failed system call (its context names the path or URL) or another reason (unreachable remote, closed back-end, unknown ID).
+    public var reason: FailureReason
+    public init(reason: FailureReason) { self.reason = reason }
 }

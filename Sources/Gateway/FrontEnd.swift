@@ -2,32 +2,10 @@ import SCSI
 import SystemErrors
 
 /// Why a front-end could not be created or started.
-public enum FrontEndError: Error, Sendable, CustomStringConvertible {
-    /// A system call failed (the socket's group or mode).
-    case systemCall(SystemCallError)
-    /// Any other reason, naming the controller and socket.
-    case failed(String)
-
-    /// A failure for another reason than a system call.
-    public init(_ message: String) { self = .failed(message) }
-
-    /// One line.
-    public var message: String { description }
-
-    /// The same error with `outer` in front: `outer: reason`.
-    public func within(_ outer: String) -> Self {
-        switch self {
-        case let .systemCall(error): return .systemCall(error.within(outer))
-        case let .failed(message): return .failed("\(outer): \(message)")
-        }
-    }
-
-    public var description: String {
-        switch self {
-        case let .systemCall(error): return error.description
-        case let .failed(message): return message
-        }
-    }
+public struct FrontEndError: ReasonedError, Sendable {
+    /// Why it failed: a failed system call (the socket's group or mode) or another reason, naming the controller and socket.
+    public var reason: FailureReason
+    public init(reason: FailureReason) { self.reason = reason }
 }
 
 /// A running front-end: the device model of one controller (virtio-scsi or virtio-blk over vhost-user,

@@ -4,32 +4,10 @@ import Synchronization
 import SystemErrors
 
 /// Why a listening socket could not be set up; names the path or address.
-public enum SocketServerError: Error, Sendable, CustomStringConvertible {
-    /// A system call failed; its context names the path or address.
-    case systemCall(SystemCallError)
-    /// Any other reason (path taken, too long, name not resolved), naming the path or address.
-    case failed(String)
-
-    /// A failure for another reason than a system call.
-    public init(_ message: String) { self = .failed(message) }
-
-    /// One line.
-    public var message: String { description }
-
-    /// The same error with `outer` in front: `outer: reason`.
-    public func within(_ outer: String) -> Self {
-        switch self {
-        case let .systemCall(error): return .systemCall(error.within(outer))
-        case let .failed(message): return .failed("\(outer): \(message)")
-        }
-    }
-
-    public var description: String {
-        switch self {
-        case let .systemCall(error): return error.description
-        case let .failed(message): return message
-        }
-    }
+public struct SocketServerError: ReasonedError, Sendable {
+    /// Why it failed: a failed system call (its context names the path or address) or another reason (path taken, too long, name not resolved).
+    public var reason: FailureReason
+    public init(reason: FailureReason) { self.reason = reason }
 }
 
 /// Protocol logic of a `PollingSocketServer`: turns bytes received on one connection into bytes to send.

@@ -39,24 +39,10 @@ extension VfioUserDevice {
 }
 
 /// Why a server could not start.
-public enum VfioUserError: Error, Sendable, CustomStringConvertible {
-    /// A system call failed (listening socket, event loop, eventfd, thread).
-    case systemCall(SystemCallError)
-    /// Any other reason (an unsupported device shape, a thread that would not start).
-    case failed(String)
-
-    /// A failure for another reason than a system call.
-    public init(_ message: String) { self = .failed(message) }
-
-    /// One line, naming the socket or device.
-    public var message: String { description }
-
-    public var description: String {
-        switch self {
-        case let .systemCall(error): return error.description
-        case let .failed(message): return message
-        }
-    }
+public struct VfioUserError: ReasonedError, Sendable {
+    /// Why it failed: a failed system call (listening socket, event loop, eventfd, thread) or another reason (an unsupported device shape, a thread that would not start).
+    public var reason: FailureReason
+    public init(reason: FailureReason) { self.reason = reason }
 }
 
 /// Counters a test or the admin interface can read (on the loop thread).

@@ -10,24 +10,10 @@ import SystemErrors
 #endif
 
 /// Why the server could not start.
-public enum VhostUserServerError: Error, CustomStringConvertible, Sendable {
-    /// A system call failed (socket, bind, listen).
-    case systemCall(SystemCallError)
-    /// Any other reason.
-    case failed(String)
-
-    /// A failure for another reason than a system call.
-    public init(_ message: String) { self = .failed(message) }
-
-    /// One line.
-    public var message: String { description }
-
-    public var description: String {
-        switch self {
-        case let .systemCall(error): return error.description
-        case let .failed(message): return message
-        }
-    }
+public struct VhostUserServerError: ReasonedError, Sendable {
+    /// Why it failed: a failed system call (socket, bind, listen) or another reason.
+    public var reason: FailureReason
+    public init(reason: FailureReason) { self.reason = reason }
 }
 
 /// A refused request: answered with a failure REPLY_ACK when the front-end asked for one, otherwise

@@ -86,24 +86,10 @@ public struct VirtioBlkOptions: Sendable {
 }
 
 /// Why a device could not be set up.
-public enum VirtioDeviceError: Error, CustomStringConvertible, Sendable {
-    /// A system call failed (a queue group's event loop).
-    case systemCall(SystemCallError)
-    /// Any other reason (options out of range, a back-end channel, a geometry change refused).
-    case failed(String)
-
-    /// A failure for another reason than a system call.
-    public init(_ message: String) { self = .failed(message) }
-
-    /// One line.
-    public var message: String { description }
-
-    public var description: String {
-        switch self {
-        case let .systemCall(error): return error.description
-        case let .failed(message): return message
-        }
-    }
+public struct VirtioDeviceError: ReasonedError, Sendable {
+    /// Why it failed: a failed system call (a queue group's event loop) or another reason (options out of range, a back-end channel, a geometry change refused).
+    public var reason: FailureReason
+    public init(reason: FailureReason) { self.reason = reason }
 }
 
 /// Where a virtio-blk device finds the I/O counters of its request queue `queue` (nil: count nothing).
