@@ -13,6 +13,7 @@
 import Backends
 import BlockIO
 import Foundation
+import Gateway
 import Glibc
 import Synchronization
 

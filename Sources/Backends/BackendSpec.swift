@@ -1,3 +1,4 @@
+import SystemErrors
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -106,7 +107,7 @@ public enum BackendOpenError: Error, CustomStringConvertible, Sendable, Equatabl
     /// The operation is not possible on this back-end (resize of a read-only or closed LUN, wrong kind).
     case unsupported(path: String, reason: String)
     /// Any other failed system call.
-    case systemCall(path: String, call: String, errno: Int32)
+    case systemCall(SystemCallError)
 
     public var description: String {
         switch self {
@@ -131,7 +132,7 @@ public enum BackendOpenError: Error, CustomStringConvertible, Sendable, Equatabl
         case let .deviceBusy(path):
             return "\(path): device is busy (mounted, or opened exclusively by another program)"
         case let .permissionDenied(path, errno):
-            return "\(path): permission denied (\(errnoName(errno)))"
+            return "\(path): permission denied (\(SystemCallError.describe(errno: errno)))"
         case let .readOnlyMedium(path):
             return "\(path): file or device is read-only; set read_only = true for this LUN"
         case let .directIOUnsupported(path, reason):
@@ -142,17 +143,10 @@ public enum BackendOpenError: Error, CustomStringConvertible, Sendable, Equatabl
             return "\(path): block device has \(deviceSize) bytes, not \(requested); resize the device itself, then rescan"
         case let .unsupported(path, reason):
             return "\(path): \(reason)"
-        case let .systemCall(path, call, errno):
-            return "\(path): \(call) failed: \(errnoName(errno))"
+        case let .systemCall(error):
+            return error.description
         }
     }
-}
-
-/// "ENOENT (No such file or directory)"-style text for an errno value.
-func errnoName(_ code: Int32) -> String {
-    let text: String
-    if let cString = strerror(code) { text = String(cString: cString) } else { text = "unknown error" }
-    return "errno \(code): \(text)"
 }
 
 /// The calling thread's errno.

@@ -3,6 +3,7 @@ import Glibc
 #endif
 import BlockIO
 import CSystem
+import SystemErrors
 import Synchronization
 
 /// A LUN backed by a raw file or a block device, driven by libaio (O_DIRECT, `cache = .none`) or by
@@ -105,7 +106,7 @@ public final class FileBackend: BlockBackend, @unchecked Sendable {
             if locked != 0 {
                 _ = Glibc.close(probe)
                 if locked == -EWOULDBLOCK || locked == -EAGAIN { throw .lockConflict(path: path) }
-                throw .systemCall(path: path, call: "flock", errno: -locked)
+                throw .systemCall(SystemCallError("flock", errno: -locked, context: path))
             }
             fd = open(path, flags | O_EXCL)
             if fd < 0 {
@@ -130,7 +131,7 @@ public final class FileBackend: BlockBackend, @unchecked Sendable {
         }
 
         var st = stat()
-        guard fstat(fd, &st) == 0 else { throw fail(.systemCall(path: path, call: "fstat", errno: currentErrno())) }
+        guard fstat(fd, &st) == 0 else { throw fail(.systemCall(SystemCallError("fstat", errno: currentErrno(), context: path))) }
         let type = st.st_mode & S_IFMT
         let isBlock = spec.kind == .block
         if isBlock {
@@ -142,7 +143,7 @@ public final class FileBackend: BlockBackend, @unchecked Sendable {
         let lockResult = isBlock ? 0 : csys_flock_exclusive(fd)
         if lockResult != 0 {
             if lockResult == -EWOULDBLOCK || lockResult == -EAGAIN { throw fail(.lockConflict(path: path)) }
-            throw fail(.systemCall(path: path, call: "flock", errno: -lockResult))
+            throw fail(.systemCall(SystemCallError("flock", errno: -lockResult, context: path)))
         }
 
         var size: UInt64
@@ -152,16 +153,16 @@ public final class FileBackend: BlockBackend, @unchecked Sendable {
         if isBlock {
             var bytes: UInt64 = 0
             var r = csys_blk_getsize64(fd, &bytes)
-            guard r == 0 else { throw fail(.systemCall(path: path, call: "ioctl(BLKGETSIZE64)", errno: -r)) }
+            guard r == 0 else { throw fail(.systemCall(SystemCallError("ioctl(BLKGETSIZE64)", errno: -r, context: path))) }
             var logical: UInt32 = 0
             r = csys_blk_sszget(fd, &logical)
-            guard r == 0 else { throw fail(.systemCall(path: path, call: "ioctl(BLKSSZGET)", errno: -r)) }
+            guard r == 0 else { throw fail(.systemCall(SystemCallError("ioctl(BLKSSZGET)", errno: -r, context: path))) }
             var phys: UInt32 = 0
             r = csys_blk_pbszget(fd, &phys)
-            guard r == 0 else { throw fail(.systemCall(path: path, call: "ioctl(BLKPBSZGET)", errno: -r)) }
+            guard r == 0 else { throw fail(.systemCall(SystemCallError("ioctl(BLKPBSZGET)", errno: -r, context: path))) }
             var ro: Int32 = 0
             r = csys_blk_roget(fd, &ro)
-            guard r == 0 else { throw fail(.systemCall(path: path, call: "ioctl(BLKROGET)", errno: -r)) }
+            guard r == 0 else { throw fail(.systemCall(SystemCallError("ioctl(BLKROGET)", errno: -r, context: path))) }
             guard logical <= spec.logicalBlockSize else {
                 throw fail(.blockSizeTooSmall(path: path, configured: spec.logicalBlockSize, device: logical))
             }
@@ -169,14 +170,14 @@ public final class FileBackend: BlockBackend, @unchecked Sendable {
             deviceReadOnly = ro != 0
             let discard = csys_blk_discard_supported(fd)
             guard discard >= 0 else {
-                throw fail(.systemCall(path: path, call: "read of queue/discard_max_bytes in sysfs", errno: -discard))
+                throw fail(.systemCall(SystemCallError("read of queue/discard_max_bytes in sysfs", errno: -discard, context: path)))
             }
             deviceDiscards = discard == 1
             size = bytes
             physical = spec.physicalBlockSize ?? max(phys, spec.logicalBlockSize)
         } else if createdFile {
             guard ftruncate(fd, off_t(spec.size)) == 0 else {
-                throw fail(.systemCall(path: path, call: "ftruncate", errno: currentErrno()))
+                throw fail(.systemCall(SystemCallError("ftruncate", errno: currentErrno(), context: path)))
             }
             size = spec.size
             // A file has no physical block; like QEMU's disks, report the logical size unless told.
@@ -203,7 +204,7 @@ public final class FileBackend: BlockBackend, @unchecked Sendable {
                 memAlign = Int(max(m, 1))
                 lenAlign = Int(o)
             } else if r != -EOPNOTSUPP {
-                throw fail(.systemCall(path: path, call: "statx(STATX_DIOALIGN)", errno: -r))
+                throw fail(.systemCall(SystemCallError("statx(STATX_DIOALIGN)", errno: -r, context: path)))
             }
             // Probe one block: some filesystems accept O_DIRECT at open and refuse it at I/O time.
             if let probe = Self.allocateAligned(bytes: Int(spec.logicalBlockSize), alignment: 4096) {
@@ -211,8 +212,8 @@ public final class FileBackend: BlockBackend, @unchecked Sendable {
                 let e = currentErrno()
                 free(probe)
                 if n < 0 {
-                    if e == EINVAL { throw fail(.directIOUnsupported(path: path, reason: errnoName(e))) }
-                    throw fail(.systemCall(path: path, call: "pread (O_DIRECT probe)", errno: e))
+                    if e == EINVAL { throw fail(.directIOUnsupported(path: path, reason: SystemCallError.describe(errno: e))) }
+                    throw fail(.systemCall(SystemCallError("pread (O_DIRECT probe)", errno: e, context: path)))
                 }
             }
         }
@@ -239,8 +240,8 @@ public final class FileBackend: BlockBackend, @unchecked Sendable {
         case EACCES, EPERM: return .permissionDenied(path: path, errno: e)
         case EROFS: return .readOnlyMedium(path: path)
         case EISDIR: return .notRegularFile(path: path)
-        case EINVAL where direct: return .directIOUnsupported(path: path, reason: "open with O_DIRECT: " + errnoName(e))
-        default: return .systemCall(path: path, call: "open", errno: e)
+        case EINVAL where direct: return .directIOUnsupported(path: path, reason: "open with O_DIRECT: " + SystemCallError.describe(errno: e))
+        default: return .systemCall(SystemCallError("open", errno: e, context: path))
         }
     }
 
@@ -276,7 +277,7 @@ public final class FileBackend: BlockBackend, @unchecked Sendable {
         channelCount.add(1, ordering: .sequentiallyConsistent)
         if closeRequested.load(ordering: .sequentiallyConsistent) {
             channelClosed()
-            throw BlockBackendError("\(spec.path): back-end is closed", errno: EBADF)
+            throw BlockBackendError("\(spec.path): back-end is closed")
         }
         do {
             return try FileChannel(backend: self, aioContextDepth: aioContextDepth)
@@ -337,7 +338,7 @@ public final class FileBackend: BlockBackend, @unchecked Sendable {
             if isBlockDevice {
                 var bytes: UInt64 = 0
                 let r = csys_blk_getsize64(fd, &bytes)
-                guard r == 0 else { return .failure(.systemCall(path: path, call: "ioctl(BLKGETSIZE64)", errno: -r)) }
+                guard r == 0 else { return .failure(.systemCall(SystemCallError("ioctl(BLKGETSIZE64)", errno: -r, context: path))) }
                 guard bytes > 0, bytes % UInt64(logicalBlockSize) == 0 else {
                     return .failure(.sizeNotMultipleOfBlockSize(path: path, size: bytes, blockSize: logicalBlockSize))
                 }
@@ -360,7 +361,7 @@ public final class FileBackend: BlockBackend, @unchecked Sendable {
             guard ftruncate(fd, off_t(newSize)) == 0 else {
                 let e = currentErrno()
                 capacity.store(current, ordering: .releasing)
-                return .failure(.systemCall(path: path, call: "ftruncate", errno: e))
+                return .failure(.systemCall(SystemCallError("ftruncate", errno: e, context: path)))
             }
             capacity.store(newSize, ordering: .releasing)
             return .success(())

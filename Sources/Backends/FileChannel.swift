@@ -4,6 +4,7 @@ import Glibc
 import BlockIO
 import CLibAIO
 import CSystem
+import SystemErrors
 
 /// One event-loop thread's channel to a ``FileBackend``.
 ///
@@ -67,8 +68,7 @@ public final class FileChannel: BlockChannel, @unchecked Sendable {
         let depth = spec.queueDepth
         let efd = csys_eventfd(0, 1)
         guard efd >= 0 else {
-            let e = currentErrno()
-            throw BlockBackendError("\(spec.path): eventfd: " + errnoName(e), errno: e)
+            throw .systemCall(.current("eventfd", context: spec.path))
         }
         var ctx: io_context_t?
         if spec.cache == .none {
@@ -76,8 +76,8 @@ public final class FileChannel: BlockChannel, @unchecked Sendable {
             let r = io_setup(Int32(contextDepth), &ctx)
             if r != 0 {
                 _ = Glibc.close(efd)
-                throw BlockBackendError("\(spec.path): io_setup(\(contextDepth)): " + errnoName(-r)
-                                        + (r == -EAGAIN ? " (raise /proc/sys/fs/aio-max-nr)" : ""), errno: -r)
+                throw .systemCall(SystemCallError("io_setup(\(contextDepth))", errno: -r,
+                                                  context: spec.path + (r == -EAGAIN ? " (raise /proc/sys/fs/aio-max-nr)" : "")))
             }
         }
         let core = ChannelCore(slotCount: depth, fd: backend.fd, completionFD: efd,
@@ -94,7 +94,7 @@ public final class FileChannel: BlockChannel, @unchecked Sendable {
             for worker in started { worker.stop() }
             if let ctx { _ = io_destroy(ctx) }
             _ = Glibc.close(efd)
-            throw BlockBackendError("\(spec.path): " + error.message, errno: error.errno)
+            throw error.within(spec.path)
         }
 
         self.backend = backend

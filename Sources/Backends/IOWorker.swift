@@ -3,6 +3,7 @@ import Glibc
 #endif
 import BlockIO
 import CSystem
+import SystemErrors
 import Synchronization
 
 /// Per-request state of one channel slot. Owned by the channel thread, or by a worker between the
@@ -93,10 +94,10 @@ final class IOWorker: @unchecked Sendable {
 
     init(core: ChannelCore, capacity: Int) throws(BlockBackendError) {
         let efd = csys_eventfd(0, 0)
-        guard efd >= 0 else { throw BlockBackendError("worker eventfd: " + errnoName(currentErrno()), errno: currentErrno()) }
+        guard efd >= 0 else { throw .systemCall(.current("eventfd", context: "I/O worker")) }
         guard let zero = FileBackend.allocateAligned(bytes: Self.zeroBufferBytes, alignment: 4096) else {
             _ = Glibc.close(efd)
-            throw BlockBackendError("worker zero buffer: out of memory", errno: ENOMEM)
+            throw .systemCall(SystemCallError("posix_memalign", errno: ENOMEM, context: "I/O worker zero buffer"))
         }
         zero.initializeMemory(as: UInt8.self, repeating: 0, count: Self.zeroBufferBytes)
         self.zeroes = zero
@@ -126,7 +127,7 @@ final class IOWorker: @unchecked Sendable {
         }, context)
         guard r == 0 else {
             Unmanaged<IOWorker>.fromOpaque(context).release()
-            throw BlockBackendError("pthread_create for an I/O worker: " + errnoName(r), errno: r)
+            throw .systemCall(SystemCallError("pthread_create", errno: r, context: "I/O worker"))
         }
         running = true
     }

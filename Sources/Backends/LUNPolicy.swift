@@ -219,10 +219,10 @@ public final class LUNPolicy: Sendable {
     // MARK: Out of space
 
     /// The bound of the `hold` policy in nanoseconds.
-    @inline(__always) var holdBoundNanoseconds: UInt64 { holdNanoseconds.load(ordering: .relaxed) }
+    @inline(__always) public var holdBoundNanoseconds: UInt64 { holdNanoseconds.load(ordering: .relaxed) }
 
     /// A write failed for lack of space and is now held (called once per write, at its first failure).
-    func noteSpaceHeld() {
+    public func noteSpaceHeld() {
         spaceHeldWritesAtomic.add(1, ordering: .relaxed)
         if spaceHeldNowAtomic.add(1, ordering: .relaxed).newValue == 1 {
             timeoutLogged.store(false, ordering: .relaxed)
@@ -231,7 +231,7 @@ public final class LUNPolicy: Sendable {
     }
 
     /// A held write ended: it succeeded on a retry (`resumed`) or failed (after the bound, or cancelled).
-    func noteSpaceHoldEnded(resumed: Bool) {
+    public func noteSpaceHoldEnded(resumed: Bool) {
         if resumed {
             spaceResumedWritesAtomic.add(1, ordering: .relaxed)
         } else {

@@ -1,3 +1,5 @@
+import SystemErrors
+
 /// A LUN provider: owns the backing store (file, block device, remote iSCSI LUN) and hands each
 /// event-loop thread its own submission channel.
 ///
@@ -68,17 +70,8 @@ extension BlockChannel {
 }
 
 /// Why a back-end could not be opened or a channel created.
-public struct BlockBackendError: Error, CustomStringConvertible, Sendable, Equatable {
-    /// Human-readable reason, naming the path or URL.
-    public var message: String
-    /// errno if the failure came from a system call.
-    public var errno: Int32
-
-    /// Creates an error.
-    public init(_ message: String, errno: Int32 = 0) {
-        self.message = message
-        self.errno = errno
-    }
-
-    public var description: String { message }
+public struct BlockBackendError: ReasonedError, Sendable, Equatable {
+    /// Why it failed: a failed system call (its context names the path or URL) or another reason (unreachable remote, closed back-end, unknown ID).
+    public var reason: FailureReason
+    public init(reason: FailureReason) { self.reason = reason }
 }

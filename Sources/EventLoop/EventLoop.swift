@@ -1,15 +1,9 @@
 import CSystem
+import SystemErrors
 import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
-
-/// Why the event loop could not be created or an fd registered.
-public struct EventLoopError: Error, CustomStringConvertible, Sendable {
-    public var operation: String
-    public var errno: Int32
-    public var description: String { "\(operation): \(String(cString: strerror(errno)))" }
-}
 
 /// Readiness bits passed to fd handlers (a subset of epoll's).
 public struct FDEvents: OptionSet, Sendable {
@@ -58,16 +52,16 @@ public final class EventLoop: @unchecked Sendable {
     /// A name for the thread.
     public let name: String
 
-    public init(name: String, pollBudgetNanoseconds: UInt64 = 50_000) throws(EventLoopError) {
+    public init(name: String, pollBudgetNanoseconds: UInt64 = 50_000) throws(SystemCallError) {
         self.name = name
         self.pollBudgetNanoseconds = pollBudgetNanoseconds
         let ep = epoll_create1(Int32(EPOLL_CLOEXEC))
-        guard ep >= 0 else { throw EventLoopError(operation: "epoll_create1", errno: errno) }
+        guard ep >= 0 else { throw .current("epoll_create1") }
         let wake = csys_eventfd(0, 1)
         guard wake >= 0 else {
             let e = errno
             close(ep)
-            throw EventLoopError(operation: "eventfd", errno: e)
+            throw SystemCallError("eventfd", errno: e)
         }
         epfd = ep
         wakeFD = wake
@@ -85,12 +79,12 @@ public final class EventLoop: @unchecked Sendable {
     }
 
     /// Watches `fd` for `events`; `handler` runs on the loop thread with the ready bits.
-    public func register(fd: Int32, events: FDEvents = .readable, handler: @escaping (FDEvents) -> Void) throws(EventLoopError) {
+    public func register(fd: Int32, events: FDEvents = .readable, handler: @escaping (FDEvents) -> Void) throws(SystemCallError) {
         var ev = epoll_event()
         ev.events = events.rawValue
         ev.data.fd = fd
         let op = handlers[fd] == nil ? EPOLL_CTL_ADD : EPOLL_CTL_MOD
-        guard epoll_ctl(epfd, op, fd, &ev) == 0 else { throw EventLoopError(operation: "epoll_ctl(\(fd))", errno: errno) }
+        guard epoll_ctl(epfd, op, fd, &ev) == 0 else { throw .current("epoll_ctl(\(fd))") }
         handlers[fd] = handler
     }
 

@@ -95,7 +95,7 @@ public struct StandardBackendOpener: BackendOpener {
             logger[metadataKey: "controller"] = .string(controller.name)
             logger[metadataKey: "lun"] = .string("\(lun.target)/\(lun.lun)")
             return try Self.openISCSI(lun, name: name, queueDepth: controller.transport.isVirtio ? controller.queueSize : 1024,
-                                      log: logger.iscsiSink())
+                                      log: logger)
         }
         do {
             return OpenedBackend(backend: try AnyBlockBackend.open(spec))
@@ -105,25 +105,11 @@ public struct StandardBackendOpener: BackendOpener {
     }
 }
 
-extension Logger {
-    /// Bridges the iSCSI back-end's log lines to swift-log (the gateway's one line format).
-    func iscsiSink() -> ISCSILogSink {
-        bridge { (level: ISCSILogLevel) -> Logger.Level in
-            switch level {
-            case .debug: .debug
-            case .info: .info
-            case .warning: .warning
-            case .error: .error
-            }
-        }
-    }
-}
-
 extension StandardBackendOpener {
     /// Opens an iSCSI LUN: validates its settings (each error names its key), then logs in once to read
     /// the remote geometry. An unreachable target is reported with `mayStartWithout`, so the gateway
     /// starts the other LUNs and retries this one.
-    static func openISCSI(_ lun: LUNConfig, name: String, queueDepth: Int, log: ISCSILogSink? = nil) throws(BackendOpeningError) -> OpenedBackend {
+    static func openISCSI(_ lun: LUNConfig, name: String, queueDepth: Int, log: Logger? = nil) throws(BackendOpeningError) -> OpenedBackend {
         guard let settings = lun.iscsi else {
             throw BackendOpeningError(lun: name, reason: "key 'url': an iscsi LUN needs a url")
         }

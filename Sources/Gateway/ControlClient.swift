@@ -1,5 +1,6 @@
 import Foundation
 import Glibc
+import SystemErrors
 
 /// Why a control call failed.
 public enum ControlClientError: Error, Sendable, CustomStringConvertible {
@@ -52,12 +53,12 @@ public struct ControlClient: Sendable {
     /// Sends raw bytes and returns the first answer line (without newline); for tests of the framing.
     public func exchange(_ bytes: [UInt8]) throws(ControlClientError) -> [UInt8] {
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw .unreachable(path: path, reason: errnoText(errno)) }
+        guard fd >= 0 else { throw .unreachable(path: path, reason: SystemCallError.text(errno: errno)) }
         defer { close(fd) }
         guard let rc = withUnixAddress(path, { address, length in connect(fd, address, length) }) else {
             throw .unreachable(path: path, reason: "the path is too long for a UNIX socket")
         }
-        if rc != 0 { throw .unreachable(path: path, reason: errnoText(errno)) }
+        if rc != 0 { throw .unreachable(path: path, reason: SystemCallError.text(errno: errno)) }
         var offset = 0
         while offset < bytes.count {
             let n = bytes.withUnsafeBytes { send(fd, $0.baseAddress! + offset, $0.count - offset, Int32(MSG_NOSIGNAL)) }
@@ -79,13 +80,13 @@ public struct ControlClient: Sendable {
             let ready = poll(&pfd, 1, Int32(min(remaining, Int(Int32.max))))
             if ready < 0 {
                 if errno == EINTR { continue }
-                throw .protocolFailure(path: path, reason: errnoText(errno))
+                throw .protocolFailure(path: path, reason: SystemCallError.text(errno: errno))
             }
             if ready == 0 { continue }
             let n = chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
             if n < 0 {
                 if errno == EINTR { continue }
-                throw .protocolFailure(path: path, reason: errnoText(errno))
+                throw .protocolFailure(path: path, reason: SystemCallError.text(errno: errno))
             }
             if n == 0 {
                 if answer.isEmpty { throw .protocolFailure(path: path, reason: "the gateway closed the connection") }

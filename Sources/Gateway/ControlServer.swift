@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import Logging
+import SystemErrors
 
 /// Newline-delimited JSON-RPC framing on a stream: one request per line, one response line per
 /// request (none for notifications), requests larger than `maximumRequestBytes` refused and the
@@ -65,7 +66,7 @@ public final class ControlServer: @unchecked Sendable {
             var st = stat()
             guard stat(path, &st) == 0 else {
                 close(fd)
-                throw SocketServerError("control socket \(path): stat failed: \(errnoText(errno))")
+                throw .systemCall(.current("stat", context: "control socket \(path)"))
             }
             identity = (UInt64(st.st_dev), UInt64(st.st_ino))
         }
@@ -102,7 +103,7 @@ public final class ControlServer: @unchecked Sendable {
             }
         }
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw SocketServerError("\(what): socket failed: \(errnoText(errno))") }
+        guard fd >= 0 else { throw .systemCall(.current("socket", context: what)) }
         // The socket inode's mode is what bind gives the file on Linux; chmod below makes sure.
         _ = fchmod(fd, 0o600)
         // Bind under a temporary name, set the mode, then rename over the final path: the final path
@@ -123,20 +124,20 @@ public final class ControlServer: @unchecked Sendable {
         guard bound == 0 else {
             let e = errno
             close(fd)
-            throw SocketServerError("\(what): bind failed: \(errnoText(e))")
+            throw .systemCall(SystemCallError("bind", errno: e, context: what))
         }
         guard chmod(bindPath, 0o600) == 0, listen(fd, 16) == 0 else {
             let e = errno
             close(fd)
             unlink(bindPath)
-            throw SocketServerError("\(what): chmod/listen failed: \(errnoText(e))")
+            throw .systemCall(SystemCallError("chmod/listen", errno: e, context: what))
         }
         if bindPath != path {
             guard rename(bindPath, path) == 0 else {
                 let e = errno
                 close(fd)
                 unlink(bindPath)
-                throw SocketServerError("\(what): rename failed: \(errnoText(e))")
+                throw .systemCall(SystemCallError("rename", errno: e, context: what))
             }
         }
         return fd

@@ -1,12 +1,11 @@
 import SCSI
+import SystemErrors
 
 /// Why a front-end could not be created or started.
-public struct FrontEndError: Error, Sendable, CustomStringConvertible {
-    /// What went wrong, naming the controller and socket.
-    public var message: String
-    /// Creates an error.
-    public init(_ message: String) { self.message = message }
-    public var description: String { message }
+public struct FrontEndError: ReasonedError, Sendable {
+    /// Why it failed: a failed system call (the socket's group or mode) or another reason, naming the controller and socket.
+    public var reason: FailureReason
+    public init(reason: FailureReason) { self.reason = reason }
 }
 
 /// A running front-end: the device model of one controller (virtio-scsi or virtio-blk over vhost-user,

@@ -5,6 +5,7 @@ import Glibc
 import Logging
 import SCSI
 import TOMLKit
+import SystemErrors
 
 /// Why an admin change was refused: a kind (which maps to a control-protocol error code) and one line.
 public struct AdminError: Error, Sendable, Equatable, CustomStringConvertible {
@@ -166,7 +167,7 @@ extension Gateway {
                     let hint = lun.backend == .file ? " (pass create with a size to create it sparse)" : ""
                     throw AdminError(.fileMissing, "'\(path)' does not exist\(hint)")
                 }
-                if e != ENOENT { throw AdminError(.backendFailed, "'\(path)': \(errnoText(e))") }
+                if e != ENOENT { throw AdminError(.backendFailed, "'\(path)': \(SystemCallError.text(errno: e))") }
             }
         }
     }
@@ -411,7 +412,7 @@ public enum AtomicFile {
         let name = String(path[path.index(after: path.lastIndex(of: "/") ?? path.startIndex)...])
         let temporary = "\(directory)/.\(name).\(getpid()).\(UInt32.random(in: 0...UInt32.max)).tmp"
         func fail(_ step: String, _ e: Int32) -> AtomicFileError {
-            AtomicFileError(message: "cannot save \(path): \(step) failed: \(errnoText(e))")
+            AtomicFileError(message: "cannot save \(path): \(step) failed: \(SystemCallError.text(errno: e))")
         }
         let fd = open(temporary, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
         guard fd >= 0 else { throw fail("creating \(temporary)", errno) }

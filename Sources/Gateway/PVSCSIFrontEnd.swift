@@ -27,7 +27,6 @@ final class PVSCSIFrontEnd: FrontEnd, @unchecked Sendable {
         // register writes (a round trip per kick): paid only by controllers that ask for more targets.
         options.synchronousRegisterWrites = runtime.config.maxTargets > 16
         options.hotplugMessages = runtime.config.hotplug
-        let logger = runtime.logger
         do {
             controller = try PVSCSIController(
                 socketPath: runtime.config.socket, target: runtime.target, options: options,
@@ -40,7 +39,7 @@ final class PVSCSIFrontEnd: FrontEnd, @unchecked Sendable {
                     }
                 },
                 statistics: { [runtime] id in runtime.statistics(backendID: id)?.counters(queue: 0) },
-                log: { line in logger.info("\(line)") })
+                log: runtime.logger)
         } catch {
             throw FrontEndError("controller \(runtime.config.name): \(error)")
         }

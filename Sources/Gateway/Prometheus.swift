@@ -1,6 +1,7 @@
 import BlockIO
 import Foundation
 import Glibc
+import SystemErrors
 
 /// Renders gateway statistics in the Prometheus text exposition format (version 0.0.4).
 public enum PrometheusText {
@@ -198,7 +199,7 @@ public final class MetricsServer: @unchecked Sendable {
             while let c = cursor { if c.pointee.ai_family == AF_INET6 { chosen = c; break }; cursor = c.pointee.ai_next }
         }
         let fd = socket(chosen.pointee.ai_family, chosen.pointee.ai_socktype | Int32(SOCK_CLOEXEC.rawValue), chosen.pointee.ai_protocol)
-        guard fd >= 0 else { throw SocketServerError("\(what): socket failed: \(errnoText(errno))") }
+        guard fd >= 0 else { throw .systemCall(.current("socket", context: what)) }
         var one: Int32 = 1
         setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
         if chosen.pointee.ai_family == AF_INET6 {
@@ -208,7 +209,7 @@ public final class MetricsServer: @unchecked Sendable {
         guard bind(fd, chosen.pointee.ai_addr, chosen.pointee.ai_addrlen) == 0, listen(fd, 16) == 0 else {
             let e = errno
             close(fd)
-            throw SocketServerError("\(what): cannot listen: \(errnoText(e))")
+            throw .systemCall(SystemCallError("bind/listen", errno: e, context: what))
         }
         var storage = sockaddr_storage()
         var length = socklen_t(MemoryLayout<sockaddr_storage>.size)

@@ -20,11 +20,11 @@ enum SocketOwnership {
                 throw FrontEndError("socket \(path): group '\(group)' does not exist")
             }
             guard chown(path, uid_t.max, gid) == 0 else {
-                throw FrontEndError("socket \(path): cannot give it group '\(group)': \(errnoText(errno))")
+                throw .systemCall(.current("chown", context: "socket \(path): cannot give it group '\(group)'"))
             }
         }
         guard chmod(path, mode_t(mode)) == 0 else {
-            throw FrontEndError("socket \(path): cannot set mode 0\(String(mode, radix: 8)): \(errnoText(errno))")
+            throw .systemCall(.current("chmod", context: "socket \(path): cannot set mode 0\(String(mode, radix: 8))"))
         }
     }
 }

@@ -1,20 +1,13 @@
 import Foundation
 import Glibc
 import Synchronization
+import SystemErrors
 
 /// Why a listening socket could not be set up; names the path or address.
-public struct SocketServerError: Error, Sendable, CustomStringConvertible {
-    /// One line.
-    public var message: String
-    /// Creates an error.
-    public init(_ message: String) { self.message = message }
-    public var description: String { message }
-}
-
-/// `strerror` text of an errno value.
-func errnoText(_ code: Int32) -> String {
-    guard let text = strerror(code) else { return "errno \(code)" }
-    return String(cString: text)
+public struct SocketServerError: ReasonedError, Sendable {
+    /// Why it failed: a failed system call (its context names the path or address) or another reason (path taken, too long, name not resolved).
+    public var reason: FailureReason
+    public init(reason: FailureReason) { self.reason = reason }
 }
 
 /// Protocol logic of a `PollingSocketServer`: turns bytes received on one connection into bytes to send.
@@ -60,7 +53,7 @@ final class PollingSocketServer: @unchecked Sendable {
         self.name = name
         var fds: [Int32] = [-1, -1]
         guard pipe(&fds) == 0 else {
-            throw SocketServerError("\(name): pipe failed: \(errnoText(errno))")
+            throw .systemCall(.current("pipe", context: name))
         }
         for fd in fds { Self.setCloseOnExecNonBlocking(fd) }
         wakePipe = fds

@@ -2,6 +2,7 @@ import CSystem
 import Glibc
 import Logging
 import Synchronization
+import SystemErrors
 
 /// systemd service notifications (the sd_notify protocol, without libsystemd): one datagram per
 /// notification to the AF_UNIX socket in `$NOTIFY_SOCKET` (a path, or `@name` in the abstract namespace).
@@ -127,7 +128,7 @@ public final class SocketActivation: Sendable {
             let rc = csys_unix_socket_info(fd, &path, path.count, &listening)
             let label = "socket activation: fd \(fd)" + (name.isEmpty ? "" : " ('\(name)')")
             if rc < 0 {
-                problems.append("\(label) is not a UNIX stream socket (\(errnoText(-rc))); the socket unit must use ListenStream= with a path")
+                problems.append("\(label) is not a UNIX stream socket (\(SystemCallError.text(errno: -rc))); the socket unit must use ListenStream= with a path")
             } else if listening == 0 {
                 problems.append("\(label) is not listening")
             } else {

@@ -18,7 +18,7 @@ extension VirtioTransportHosting {
     ) throws(FrontEndError) -> VfioUserVirtioController<Device> {
         do {
             return try VfioUserVirtioController(socketPath: runtime.config.socket, device: device, kind: kind,
-                                                log: runtime.logger.vhostUserSink())
+                                                log: runtime.logger)
         } catch {
             throw FrontEndError("controller \(runtime.config.name): \(error)")
         }

@@ -6,27 +6,6 @@ import SCSI
 import VhostUser
 import VirtioDevices
 
-extension Logger {
-    /// Bridges a module's `(level, text)` log calls to swift-log, so every line has the gateway's one format;
-    /// `level` maps the module's levels.
-    func bridge<Level>(_ level: @escaping @Sendable (Level) -> Logger.Level) -> @Sendable (Level, String) -> Void {
-        let logger = self
-        return { l, text in logger.log(level: level(l), "\(text)") }
-    }
-
-    /// Bridges the vhost-user module's log calls to swift-log.
-    func vhostUserSink() -> DeviceLogger {
-        bridge { (level: DeviceLogLevel) -> Logger.Level in
-            switch level {
-            case .debug: .debug
-            case .info: .info
-            case .warning: .warning
-            case .error: .error
-            }
-        }
-    }
-}
-
 /// Starts a front-end's server (naming the controller and socket in its error), then gives the listening
 /// socket the configured group and permission bits. A socket handed over by systemd (socket activation)
 /// keeps the owner and mode its unit gave it. Shared by every transport's front-end.
@@ -40,7 +19,7 @@ func startListening<E: Error>(_ runtime: ControllerRuntime, _ start: (Int32?) th
     do throws(FrontEndError) {
         try SocketOwnership.apply(path: runtime.config.socket, mode: runtime.config.socketMode, group: runtime.config.socketGroup)
     } catch {
-        throw FrontEndError("controller \(runtime.config.name): \(error.message)")
+        throw error.within("controller \(runtime.config.name)")
     }
 }
 
@@ -52,9 +31,9 @@ extension VirtioTransportHosting {
     static let vhostUser = VirtioTransportHosting(
         maxQueueSize: { _ in VhostUserWire.maxQueueSize },
         scsi: { runtime, device in
-            VhostUserSCSIController(socketPath: runtime.config.socket, device: device, log: runtime.logger.vhostUserSink())
+            VhostUserSCSIController(socketPath: runtime.config.socket, device: device, log: runtime.logger)
         },
         blk: { runtime, device in
-            VhostUserBlkController(socketPath: runtime.config.socket, device: device, log: runtime.logger.vhostUserSink())
+            VhostUserBlkController(socketPath: runtime.config.socket, device: device, log: runtime.logger)
         })
 }

@@ -33,7 +33,7 @@ enum VirtioDeviceModels {
                     guard let statistics = runtime.statistics(backendID: id), queue < statistics.queueCount else { return nil }
                     return statistics.counters(queue: queue)
                 },
-                log: runtime.logger.vhostUserSink())
+                log: runtime.logger)
         } catch {
             throw FrontEndError("controller \(config.name): \(error)")
         }
@@ -59,7 +59,7 @@ enum VirtioDeviceModels {
                 geometry: geometry, options: options,
                 channelFactory: { () throws(BlockBackendError) -> PolicyChannel in try entry.makeChannel() },
                 counters: { queue in queue < statistics.queueCount ? statistics.counters(queue: queue) : nil },
-                log: runtime.logger.vhostUserSink())
+                log: runtime.logger)
         } catch {
             throw FrontEndError("controller \(config.name): \(error)")
         }

@@ -90,16 +90,16 @@ public final class ISCSIBackend: BlockBackend {
         channel.tick()
         while !channel.isOnline {
             if channel.phase == .waiting {
-                throw BlockBackendError("iSCSI LUN \(config.url): \(channel.lastFailure)", errno: EHOSTUNREACH)
+                throw BlockBackendError("iSCSI LUN \(config.url): \(channel.lastFailure)")
             }
             let now = monotonicNanoseconds()
             if now >= deadline {
-                throw BlockBackendError("iSCSI LUN \(config.url): no answer within \(timeoutMilliseconds) ms", errno: ETIMEDOUT)
+                throw BlockBackendError("iSCSI LUN \(config.url): no answer within \(timeoutMilliseconds) ms")
             }
             channel.runOnce(timeoutMilliseconds: Int32(clamping: (deadline - now) / 1_000_000 + 1))
         }
         guard let geometry = channel.currentGeometry else {
-            throw BlockBackendError("iSCSI LUN \(config.url): geometry unknown after login", errno: EIO)
+            throw BlockBackendError("iSCSI LUN \(config.url): geometry unknown after login")
         }
         return geometry
     }
@@ -127,7 +127,7 @@ public final class ISCSIBackend: BlockBackend {
     public func makeChannel() throws(BlockBackendError) -> ISCSIChannel {
         let channel = ISCSIChannel(backend: self)
         guard channel.isUsable else {
-            throw BlockBackendError("iSCSI LUN \(config.url): cannot create the channel's epoll/timerfd", errno: EMFILE)
+            throw BlockBackendError("iSCSI LUN \(config.url): cannot create the channel's epoll/timerfd")
         }
         return channel
     }

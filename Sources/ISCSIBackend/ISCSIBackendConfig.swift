@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import Logging
 
 /// A configuration error naming the offending key (`url`, `initiator_name`, `chap_secret_file`, ...).
 public struct ISCSIConfigError: Error, CustomStringConvertible, Sendable, Equatable {
@@ -132,15 +133,6 @@ public struct ISCSIReconnectBackoff: Sendable, Equatable {
     }
 }
 
-/// Severity of a back-end log line.
-public enum ISCSILogLevel: Int, Sendable, Comparable {
-    case debug, info, warning, error
-    public static func < (a: ISCSILogLevel, b: ISCSILogLevel) -> Bool { a.rawValue < b.rawValue }
-}
-
-/// Receives the back-end's log lines (the gateway routes them to swift-log). Lines never contain secrets.
-public typealias ISCSILogSink = @Sendable (ISCSILogLevel, String) -> Void
-
 /// Everything needed to reach one remote LUN: the gateway maps `backend = "iscsi"`, `url`,
 /// `initiator_name`, `chap_user`, `chap_secret_file`/`chap_secret_env`, `header_digest`, `timeout`,
 /// `reconnect_min_ms`/`reconnect_max_ms` onto `init(url:initiatorName:...)`.
@@ -162,8 +154,9 @@ public struct ISCSIBackendConfig: Sendable {
     public var reconnectBackoff: ISCSIReconnectBackoff
     /// Slots (commands in flight or waiting) per channel.
     public var queueDepth: Int
-    /// Log destination; nil writes to standard error.
-    public var log: ISCSILogSink?
+    /// Where the back-end logs (the gateway's logger with the controller and LUN as metadata; by default
+    /// `scsigate.iscsi` through the process's `LoggingSystem`). Lines never contain secrets.
+    public var log: Logger
 
     /// The secret, resolved once at validation; prints and reflects as "<redacted>".
     var chapSecret: RedactedSecret?
@@ -172,7 +165,7 @@ public struct ISCSIBackendConfig: Sendable {
     public init(url: String, initiatorName: String, chapUser: String? = nil, chapSecretSource: CHAPSecretSource? = nil,
                 headerDigest: String = "none", timeoutSeconds: Int = 30,
                 reconnectBackoff: ISCSIReconnectBackoff = ISCSIReconnectBackoff(), queueDepth: Int = 128,
-                log: ISCSILogSink? = nil) throws(ISCSIConfigError) {
+                log: Logger? = nil) throws(ISCSIConfigError) {
         let parsed = try ISCSIURL.parse(url)
         try validateISCSIName(initiatorName, key: "initiator_name", what: "initiator name")
         guard timeoutSeconds >= 1 && timeoutSeconds <= 3600 else {
@@ -215,16 +208,9 @@ public struct ISCSIBackendConfig: Sendable {
         self.timeoutSeconds = UInt32(timeoutSeconds)
         self.reconnectBackoff = reconnectBackoff
         self.queueDepth = queueDepth
-        self.log = log
+        self.log = log ?? Logger(label: "scsigate.iscsi")
     }
 
     /// Emits one log line.
-    func emit(_ level: ISCSILogLevel, _ message: String) {
-        if let log {
-            log(level, message)
-        } else {
-            let line = "scsigate iscsi [\(level)]: \(message)\n"
-            _ = line.withCString { write(2, $0, strlen($0)) }
-        }
-    }
+    func emit(_ level: Logger.Level, _ message: String) { log.log(level: level, "\(message)") }
 }

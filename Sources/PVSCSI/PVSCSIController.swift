@@ -1,10 +1,12 @@
 import BlockIO
 import EventLoop
+import Logging
 import SCSI
 import VfioUser
 import Synchronization
 #if canImport(Glibc)
 import Glibc
+import SystemErrors
 #endif
 
 /// One PVSCSI adapter served over vfio-user: a UNIX socket, an event-loop thread, the device model
@@ -23,7 +25,7 @@ public final class PVSCSIController<Target: SCSICommandTarget, Channel: BlockCha
     public let device: PVSCSIDevice<Target, Channel>
     public let server: VfioUserServer<PVSCSIDevice<Target, Channel>>
     private let target: Target
-    private let log: VfioUserLog
+    private let log: Logger
     private var subscription: Int? = nil
     private var thread: pthread_t? = nil
 
@@ -33,14 +35,14 @@ public final class PVSCSIController<Target: SCSICommandTarget, Channel: BlockCha
     public init(socketPath: String, target: Target, options: PVSCSIOptions = PVSCSIOptions(),
                 channelFactory: @escaping (Int) -> Channel?,
                 statistics: @escaping (Int) -> IOCounters? = { _ in nil },
-                log: @escaping VfioUserLog) throws(VfioUserError) {
+                log: Logger) throws(VfioUserError) {
         self.socketPath = socketPath
         self.target = target
         self.log = log
         do {
             loop = try EventLoop(name: "pvscsi", pollBudgetNanoseconds: 0)
         } catch {
-            throw VfioUserError("cannot create the event loop: \(error)", errno: error.errno)
+            throw .systemCall(error.within("cannot create the event loop"))
         }
         device = PVSCSIDevice(target: target, options: options, loop: loop, channelFactory: channelFactory,
                               statistics: statistics, log: log)
@@ -91,10 +93,10 @@ public final class PVSCSIController<Target: SCSICommandTarget, Channel: BlockCha
         }, raw)
         guard rc == 0 else {
             Unmanaged<ThreadBody>.fromOpaque(raw).release()
-            throw VfioUserError("cannot start the loop thread", errno: rc)
+            throw .systemCall(SystemCallError("pthread_create", errno: rc, context: "cannot start the loop thread"))
         }
         thread = t
-        log("pvscsi: controller on \(socketPath) started")
+        log.info("pvscsi: controller on \(socketPath) started")
     }
 
     /// Disconnects the client, removes the socket, closes the back-end channels and joins the loop thread.

@@ -16,7 +16,7 @@ extension PVSCSIDevice {
         totalChunks = max(1, options.bounceBufferBytes / Self.bounceChunkSize)
         bouncePool = .allocate(byteCount: totalChunks * Self.bounceChunkSize, alignment: 4096)
         freeChunks = Array((0..<totalChunks).reversed())
-        log("pvscsi: guest memory without fd: \((totalChunks * Self.bounceChunkSize) >> 20) MiB of bounce buffers for DMA by message")
+        log.info("pvscsi: guest memory without fd: \((totalChunks * Self.bounceChunkSize) >> 20) MiB of bounce buffers for DMA by message")
     }
 
     /// Points the slot's iovecs at bounce chunks for `length` bytes (its `ranges` guest ranges stay in the
@@ -41,7 +41,7 @@ extension PVSCSIDevice {
         slots[slot].bounceChunks = needed
         slots[slot].segmentCount = ranges
         if !toHost && !copyBounce(slot, toGuest: false, length: Int(length)) {
-            log("pvscsi: request context \(slots[slot].context): data-out not readable from guest memory (DMA by message failed)")
+            log.error("pvscsi: request context \(slots[slot].context): data-out not readable from guest memory (DMA by message failed)")
             finish(slot, host: .hardwareFailure)
             return nil
         }

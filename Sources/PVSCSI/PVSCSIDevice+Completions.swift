@@ -15,13 +15,13 @@ extension PVSCSIDevice {
     /// now, the others in `sweepRetired` after their last completion is posted.
     func retireUnmappedBackends() {
         target.refresh(&view)
-        channels.retireUnmapped(view) { id in log("pvscsi: back-end \(id) of a removed LUN: channel closed") }
+        channels.retireUnmapped(view) { id in log.info("pvscsi: back-end \(id) of a removed LUN: channel closed") }
         sweepRetired()
     }
 
     /// Closes retired channels that have nothing in flight; runs the waiters once none is left.
     func sweepRetired() {
-        channels.closeIdleRetired { id in log("pvscsi: back-end \(id) of a removed LUN: channel closed") }
+        channels.closeIdleRetired { id in log.info("pvscsi: back-end \(id) of a removed LUN: channel closed") }
         if channels.retiredCount == 0 && !retiredWaiters.isEmpty {
             let waiters = retiredWaiters
             retiredWaiters.removeAll()
@@ -117,7 +117,7 @@ extension PVSCSIDevice {
         else if s.toDevice { dataLength = task.status == .good ? s.dataLength : UInt64(max(0, task.dataOutLength)) }
         if s.bounceChunks > 0 && s.toHost && dataLength > 0 && !s.orphaned && host == .success {
             if !copyBounce(slot, toGuest: true, length: Int(min(dataLength, s.dataLength))) {
-                log("pvscsi: request context \(s.context): data-in not writable to guest memory (DMA by message failed)")
+                log.error("pvscsi: request context \(s.context): data-in not writable to guest memory (DMA by message failed)")
                 post(slot, dataLength: 0, senseLength: 0, host: .hardwareFailure, scsiStatus: 0)
                 return
             }
@@ -132,7 +132,7 @@ extension PVSCSIDevice {
                 _ = task.sense.copy(into: dst)
                 return memory.write(s.senseAddress, from: UnsafeRawBufferPointer(dst))
             }
-            if copied { senseLength = UInt32(n) } else { log("pvscsi: sense buffer 0x\(String(s.senseAddress, radix: 16)) not in mapped guest memory") }
+            if copied { senseLength = UInt32(n) } else { log.warning("pvscsi: sense buffer 0x\(String(s.senseAddress, radix: 16)) not in mapped guest memory") }
         }
         post(slot, dataLength: dataLength, senseLength: senseLength, host: host,
              scsiStatus: host == .success ? UInt16(task.status.rawValue) : 0)

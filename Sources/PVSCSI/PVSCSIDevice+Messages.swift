@@ -22,7 +22,7 @@ extension PVSCSIDevice {
         }
         guard options.hotplugMessages else { return }
         guard UInt32(lun.value) < options.maxTargets else {
-            log("pvscsi: \(lun) is beyond the adapter's \(options.maxTargets) targets: no hotplug message")
+            log.warning("pvscsi: \(lun) is beyond the adapter's \(options.maxTargets) targets: no hotplug message")
             return
         }
         postMessage(type: type, target: UInt32(lun.value))
@@ -34,17 +34,17 @@ extension PVSCSIDevice {
         if ringsConfigured && ringsState == nil { attachRings() }
         guard messageRingReady else {
             stats.messagesDropped += 1
-            log("pvscsi: no message ring: hotplug message for target \(target) dropped")
+            log.warning("pvscsi: no message ring: hotplug message for target \(target) dropped")
             return
         }
         guard let consumer = load32(PVSCSI.RingsState.messageConsumer) else {
             stats.messagesDropped += 1
-            log("pvscsi: message consumer index not readable: hotplug message for target \(target) dropped")
+            log.warning("pvscsi: message consumer index not readable: hotplug message for target \(target) dropped")
             return
         }
         guard messageProducer &- consumer < messageEntries else {
             stats.messagesDropped += 1
-            log("pvscsi: message ring full: hotplug message for target \(target) dropped")
+            log.warning("pvscsi: message ring full: hotplug message for target \(target) dropped")
             return
         }
         let perPage = UInt32(4096 / PVSCSI.messageDescriptorSize)

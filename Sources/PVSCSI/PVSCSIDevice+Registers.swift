@@ -28,7 +28,7 @@ extension PVSCSIDevice {
     public func barWrite(bar: Int, offset: UInt64, count: Int, value: UInt64, posted: Bool) {
         guard bar == 0 else { return }
         guard count == 4 || count == 8, offset & 3 == 0 else {
-            log("pvscsi: ignored \(count)-byte register write at 0x\(String(offset, radix: 16))")
+            log.warning("pvscsi: ignored \(count)-byte register write at 0x\(String(offset, radix: 16))")
             return
         }
         let v = UInt32(truncatingIfNeeded: value)
@@ -45,7 +45,7 @@ extension PVSCSIDevice {
         case PVSCSI.Register.kickNonRWIO, PVSCSI.Register.kickRWIO:
             processRequestRing()
         case PVSCSI.Register.debug:
-            log("pvscsi: guest DEBUG register 0x\(String(v, radix: 16))")
+            log.debug("pvscsi: guest DEBUG register 0x\(String(v, radix: 16))")
         default:
             break  // MSI-X table/PBA (emulated by the client) and unused space
         }
@@ -57,7 +57,7 @@ extension PVSCSIDevice {
         commandWordCount = 0
         currentCommand = nil
         guard let command = PVSCSI.Command(rawValue: value) else {
-            log("pvscsi: unknown command \(value)")
+            log.warning("pvscsi: unknown command \(value)")
             commandStatus = PVSCSI.commandFailed
             return
         }
@@ -86,7 +86,7 @@ extension PVSCSIDevice {
 
     func writeCommandData(_ value: UInt32, posted: Bool) {
         guard let command = currentCommand else {
-            log("pvscsi: COMMAND_DATA write with no command pending")
+            log.warning("pvscsi: COMMAND_DATA write with no command pending")
             return
         }
         commandWords[commandWordCount] = value
@@ -125,7 +125,7 @@ extension PVSCSIDevice {
             // the driver then falls back to 16 targets.
             if posted {
                 if !loggedPostedConfig {
-                    log("pvscsi: CONFIG arrived as a posted write: not answered (the guest no longer waits for it); the driver assumes 16 targets. Synchronous writes need fd-backed guest memory (memory-backend-memfd share=on) or x-no-posted-writes")
+                    log.warning("pvscsi: CONFIG arrived as a posted write: not answered (the guest no longer waits for it); the driver assumes 16 targets. Synchronous writes need fd-backed guest memory (memory-backend-memfd share=on) or x-no-posted-writes")
                     loggedPostedConfig = true
                 }
                 return PVSCSI.commandFailed
@@ -134,7 +134,7 @@ extension PVSCSIDevice {
             // (see VfioUserServer), and the guest would read (and free) the page before the answer landed.
             let completion = word64(0)
             guard memory.translate(completion, length: UInt64(PVSCSI.configPageControllerSize), write: true) != nil else {
-                log("pvscsi: CONFIG page 0x\(String(completion, radix: 16)) is not in fd-backed guest memory: not answered; the driver assumes 16 targets")
+                log.warning("pvscsi: CONFIG page 0x\(String(completion, radix: 16)) is not in fd-backed guest memory: not answered; the driver assumes 16 targets")
                 return PVSCSI.commandFailed
             }
             return configCommand() ? PVSCSI.commandSucceeded : PVSCSI.commandFailed
@@ -198,7 +198,7 @@ extension PVSCSIDevice {
             put16(8, UInt16(SCSIStatus.checkCondition.rawValue))
         }
         let written = pageBytes.withUnsafeBytes { memory.write(completionAddress, from: $0) }
-        if !written { log("pvscsi: CONFIG completion address 0x\(String(completionAddress, radix: 16)) not in mapped guest memory") }
+        if !written { log.warning("pvscsi: CONFIG completion address 0x\(String(completionAddress, radix: 16)) not in mapped guest memory") }
         return written && supported
     }
 }

@@ -69,13 +69,13 @@ extension PVSCSIDevice {
         beginWork()
         defer { endWork() }
         guard ringsConfigured else {
-            if !loggedRingError { log("pvscsi: kick before SETUP_RINGS ignored") }
+            if !loggedRingError { log.warning("pvscsi: kick before SETUP_RINGS ignored") }
             loggedRingError = true
             stats.ringErrors += 1
             return
         }
         guard ringsState != nil || attachRings() else {
-            log("pvscsi: kick while the ring pages are not mapped: waiting for the client to map them again")
+            log.warning("pvscsi: kick while the ring pages are not mapped: waiting for the client to map them again")
             return
         }
         let generation = ringsGeneration
@@ -84,14 +84,14 @@ extension PVSCSIDevice {
         let producerIndex = load32(PVSCSI.RingsState.requestProducer)
         guard generation == ringsGeneration else { return }
         guard let producer = producerIndex else {
-            log("pvscsi: request producer index not readable (DMA by message failed)")
+            log.error("pvscsi: request producer index not readable (DMA by message failed)")
             return
         }
         var available = producer &- requestConsumer
         if available > requestEntries {
             stats.ringErrors += 1
             if !loggedRingError {
-                log("pvscsi: request producer index \(producer) is \(available) entries ahead of the consumer (ring holds \(requestEntries)): ignoring the ring until it is sane")
+                log.warning("pvscsi: request producer index \(producer) is \(available) entries ahead of the consumer (ring holds \(requestEntries)): ignoring the ring until it is sane")
                 loggedRingError = true
             }
             return
@@ -103,7 +103,7 @@ extension PVSCSIDevice {
             let descriptor = readRequest(requestConsumer & (requestEntries - 1))
             guard generation == ringsGeneration else { break }  // rings replaced during a DMA wait
             guard let descriptor else {
-                log("pvscsi: request descriptor not readable (DMA by message failed)")
+                log.error("pvscsi: request descriptor not readable (DMA by message failed)")
                 break
             }
             if bounced && descriptor.dataLength > 0 {
@@ -231,7 +231,7 @@ extension PVSCSIDevice {
 
     func invalid(_ slot: Int, _ why: String) {
         stats.invalidRequests += 1
-        log("pvscsi: request context \(slots[slot].context) rejected: \(why)")
+        log.warning("pvscsi: request context \(slots[slot].context) rejected: \(why)")
         finish(slot, host: .invalidParameter)
     }
 

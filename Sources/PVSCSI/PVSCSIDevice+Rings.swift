@@ -63,20 +63,20 @@ extension PVSCSIDevice {
         let reqPages = commandWords[0]
         let cmpPages = commandWords[1]
         guard Self.validPageCount(reqPages, max: PVSCSI.maxRingPages), Self.validPageCount(cmpPages, max: PVSCSI.maxRingPages) else {
-            log("pvscsi: SETUP_RINGS rejected: page counts \(reqPages)/\(cmpPages) (need a power of two in 1...\(PVSCSI.maxRingPages))")
+            log.warning("pvscsi: SETUP_RINGS rejected: page counts \(reqPages)/\(cmpPages) (need a power of two in 1...\(PVSCSI.maxRingPages))")
             return false
         }
         let statePPN = word64(2)
         var newReq: [UnsafeMutableRawPointer?] = Array(repeating: nil, count: PVSCSI.maxRingPages)
         var newCmp: [UnsafeMutableRawPointer?] = Array(repeating: nil, count: PVSCSI.maxRingPages)
         guard let state = page(statePPN, write: true, shadow: 0) else {
-            log("pvscsi: SETUP_RINGS rejected: rings state PPN 0x\(String(statePPN, radix: 16)) not in mapped guest memory")
+            log.warning("pvscsi: SETUP_RINGS rejected: rings state PPN 0x\(String(statePPN, radix: 16)) not in mapped guest memory")
             return false
         }
         for i in 0..<Int(reqPages) {
             let ppn = word64(4 + 2 * i)
             guard let p = page(ppn, write: false, shadow: 1 + i) else {
-                log("pvscsi: SETUP_RINGS rejected: request ring PPN[\(i)] 0x\(String(ppn, radix: 16)) not in mapped guest memory")
+                log.warning("pvscsi: SETUP_RINGS rejected: request ring PPN[\(i)] 0x\(String(ppn, radix: 16)) not in mapped guest memory")
                 return false
             }
             newReq[i] = p
@@ -85,7 +85,7 @@ extension PVSCSIDevice {
         for i in 0..<Int(cmpPages) {
             let ppn = word64(4 + 2 * PVSCSI.maxRingPages + 2 * i)
             guard let p = page(ppn, write: true, shadow: 1 + PVSCSI.maxRingPages + i) else {
-                log("pvscsi: SETUP_RINGS rejected: completion ring PPN[\(i)] 0x\(String(ppn, radix: 16)) not in mapped guest memory")
+                log.warning("pvscsi: SETUP_RINGS rejected: completion ring PPN[\(i)] 0x\(String(ppn, radix: 16)) not in mapped guest memory")
                 return false
             }
             newCmp[i] = p
@@ -109,25 +109,25 @@ extension PVSCSIDevice {
         store32(PVSCSI.RingsState.completionEntriesLog2, UInt32(completionEntries.trailingZeroBitCount))
         store32(PVSCSI.RingsState.requestConsumer, 0)
         store32(PVSCSI.RingsState.completionProducer, 0)
-        log("pvscsi: rings set up: \(requestEntries) request / \(completionEntries) completion entries")
+        log.info("pvscsi: rings set up: \(requestEntries) request / \(completionEntries) completion entries")
         return true
     }
 
     func setupMessageRing() -> Bool {
         guard ringsConfigured, ringsState != nil || attachRings() else {
-            log("pvscsi: SETUP_MSG_RING before SETUP_RINGS ignored")
+            log.warning("pvscsi: SETUP_MSG_RING before SETUP_RINGS ignored")
             return false
         }
         let pages = commandWords[0]
         guard Self.validPageCount(pages, max: PVSCSI.maxMessageRingPages) else {
-            log("pvscsi: SETUP_MSG_RING rejected: \(pages) pages (need a power of two in 1...\(PVSCSI.maxMessageRingPages))")
+            log.warning("pvscsi: SETUP_MSG_RING rejected: \(pages) pages (need a power of two in 1...\(PVSCSI.maxMessageRingPages))")
             return false
         }
         var newPages: [UnsafeMutableRawPointer?] = Array(repeating: nil, count: PVSCSI.maxMessageRingPages)
         for i in 0..<Int(pages) {
             let ppn = word64(2 + 2 * i)
             guard let p = page(ppn, write: true, shadow: 1 + 2 * PVSCSI.maxRingPages + i) else {
-                log("pvscsi: SETUP_MSG_RING rejected: PPN[\(i)] 0x\(String(ppn, radix: 16)) not in mapped guest memory")
+                log.warning("pvscsi: SETUP_MSG_RING rejected: PPN[\(i)] 0x\(String(ppn, radix: 16)) not in mapped guest memory")
                 return false
             }
             newPages[i] = p
@@ -140,7 +140,7 @@ extension PVSCSIDevice {
         commandStatus = PVSCSI.commandSucceeded  // before DMA messages, as in setupRings
         store32(PVSCSI.RingsState.messageEntriesLog2, UInt32(messageEntries.trailingZeroBitCount))
         store32(PVSCSI.RingsState.messageProducer, 0)
-        log("pvscsi: message ring set up: \(messageEntries) entries")
+        log.info("pvscsi: message ring set up: \(messageEntries) entries")
         return true
     }
 

@@ -23,7 +23,7 @@ extension PVSCSIDevice {
         target.finishTaskManagement(plan, outcome)
         guard outcome.abortedCount > 0 else { return }
         let sent = abortMarkedTasks(host: .abortQueue)
-        log("pvscsi: abort of context \(context) target \(targetID): \(sent > 0 ? "back-end aborting it" : "back-end cannot abort; completes") with BTSTAT_ABORTQUEUE when its I/O returns")
+        log.info("pvscsi: abort of context \(context) target \(targetID): \(sent > 0 ? "back-end aborting it" : "back-end cannot abort; completes") with BTSTAT_ABORTQUEUE when its I/O returns")
     }
 
     /// RESET_DEVICE (one target) or RESET_BUS (every target): a LOGICAL UNIT RESET through the core on each
@@ -56,7 +56,7 @@ extension PVSCSIDevice {
         // Requests of LUNs that left the map while in flight are reset too.
         aborted += taskSet.markAborted(TaskScope(nexus: nil, lun: resetTarget.flatMap { LogicalUnitNumber(Int($0)) }, tag: nil))
         _ = abortMarkedTasks(host: .busReset, resetUses: resetUses)
-        log("pvscsi: \(resetTarget.map { "RESET_DEVICE target \($0)" } ?? "RESET_BUS"): \(aborted) request(s) in flight")
+        log.info("pvscsi: \(resetTarget.map { "RESET_DEVICE target \($0)" } ?? "RESET_BUS"): \(aborted) request(s) in flight")
     }
 
     /// Notes how the tasks a TMF just aborted in the task set complete (`host`), and asks the back-end of each

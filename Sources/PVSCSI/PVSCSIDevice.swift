@@ -1,6 +1,7 @@
 import BlockIO
 import CSystem
 import EventLoop
+import Logging
 import SCSI
 import VfioUser
 #if canImport(Glibc)
@@ -102,7 +103,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
     public let options: PVSCSIOptions
     public internal(set) var stats = PVSCSIStats()
     public let target: Target
-    let log: VfioUserLog
+    let log: Logger
     private unowned(unsafe) var loop: EventLoop
     var memory: DMAWindows!
     var interrupts: InterruptController!
@@ -197,7 +198,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
     public init(target: Target, options: PVSCSIOptions, loop: EventLoop,
                 channelFactory: @escaping (Int) -> Channel?,
                 statistics: @escaping (Int) -> IOCounters? = { _ in nil },
-                log: @escaping VfioUserLog) {
+                log: Logger) {
         self.target = target
         self.options = options
         self.loop = loop
@@ -230,11 +231,11 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
             do {
                 try self.loop.register(fd: fd) { [unowned self] _ in self.reap(use) }
             } catch {
-                self.log("pvscsi: cannot watch back-end \(self.channels.backendID(use)) completions: \(error)")
+                self.log.error("pvscsi: cannot watch back-end \(self.channels.backendID(use)) completions: \(error)")
             }
         }
         channels.unwatch = { [unowned self] fd in self.loop.unregister(fd: fd) }
-        channels.openFailed = { [unowned self] id, error in self.log("pvscsi: no channel for back-end \(id): \(error)") }
+        channels.openFailed = { [unowned self] id, error in self.log.error("pvscsi: no channel for back-end \(id): \(error)") }
     }
 
     deinit {
@@ -280,7 +281,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
             if !busy { break }
             rounds += 1
         }
-        if rounds == 10_000 { log("pvscsi: back-end I/O still in flight after 10 s of quiesce") }
+        if rounds == 10_000 { log.error("pvscsi: back-end I/O still in flight after 10 s of quiesce") }
         commitChannels()
         raiseCompletionInterruptIfNeeded()
         sweepRetired()
@@ -300,7 +301,7 @@ public final class PVSCSIDevice<Target: SCSICommandTarget, Channel: BlockChannel
         // Windows may have moved or vanished: re-translate every ring page now (or detach until they return).
         let wasAttached = ringsState != nil
         if !attachRings() {
-            if wasAttached { log("pvscsi: guest memory holding the rings is not mapped: rings detached until it is mapped again") }
+            if wasAttached { log.warning("pvscsi: guest memory holding the rings is not mapped: rings detached until it is mapped again") }
         } else {
             flushAwaitingRing()
             raiseCompletionInterruptIfNeeded()

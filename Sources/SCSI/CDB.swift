@@ -46,3 +46,20 @@ public struct CDB: Sendable {
     /// The valid bytes (allocates; for tests and logging).
     public var bytes: [UInt8] { (0..<length).map { storage[$0] } }
 }
+
+extension Array where Element == UInt8 {
+    mutating func appendBE16(_ v: UInt16) {
+        append(UInt8(v >> 8)); append(UInt8(truncatingIfNeeded: v))
+    }
+    mutating func appendBE32(_ v: UInt32) {
+        appendBE16(UInt16(v >> 16)); appendBE16(UInt16(truncatingIfNeeded: v))
+    }
+    mutating func appendBE64(_ v: UInt64) {
+        appendBE32(UInt32(v >> 32)); appendBE32(UInt32(truncatingIfNeeded: v))
+    }
+    func be64(_ i: Int) -> UInt64 {
+        var v: UInt64 = 0
+        for k in 0..<8 { v = v << 8 | UInt64(self[i + k]) }
+        return v
+    }
+}

@@ -2,6 +2,7 @@ import CSystem
 import GuestMemoryMap
 #if canImport(Glibc)
 import Glibc
+import SystemErrors
 #endif
 
 /// Why a DMA_MAP or DMA_UNMAP was refused; carries the errno for the reply.
@@ -19,11 +20,14 @@ public struct DMAMapError: Error, Sendable, Equatable, CustomStringConvertible {
         switch error {
         case let .fileTooSmall(_, fileSize, _):
             self.init(EINVAL, "\(window) at offset 0x\(String(fileOffset, radix: 16)) extends past the end of its file (0x\(String(fileSize, radix: 16)) bytes)")
-        case let .badFileDescriptor(_, e): self.init(EBADF, "\(window): fd cannot be examined (errno \(e))")
-        case let .mmapFailed(_, e): self.init(e == 0 ? EINVAL : e, "\(window): mmap failed: \(String(cString: strerror(e)))")
+        case let .badFileDescriptor(_, e): self.init(EBADF, SystemCallError("fstat", errno: e, context: window).description)
+        case let .mmapFailed(_, e): self.init(SystemCallError("mmap", errno: e == 0 ? EINVAL : e, context: window))
         default: self.init(EINVAL, "\(window): \(error)")
         }
     }
+
+    /// A refusal because `error`'s system call failed: its errno for the reply, its description as the reason.
+    public init(_ error: SystemCallError) { self.init(error.errno, error.description) }
     public var description: String { reason }
 }
 

@@ -46,7 +46,7 @@ extension VfioUserServer {
 
     private func dmaFailed(_ why: String, broken: Bool) -> Bool {
         stats.dmaFailures += 1
-        log("vfio-user: DMA by message failed: \(why)\(broken ? "; DMA marked broken until reset or reconnection" : "")")
+        log.error("vfio-user: DMA by message failed: \(why)\(broken ? "; DMA marked broken until reset or reconnection" : "")")
         if broken { dmaBroken = true }
         return false
     }
@@ -137,7 +137,7 @@ extension VfioUserServer {
             guard payload <= Self.maxInlineMessage else {
                 closeFDs(dmaFDs, received)
                 guard payload <= 64 << 20, discardBytes(payload) else { return brokenStream("oversized client message during DMA") }
-                log("vfio-user: message \(h.messageID) command \(h.command) of \(h.size) bytes during a DMA wait refused")
+                log.warning("vfio-user: message \(h.messageID) command \(h.command) of \(h.size) bytes during a DMA wait refused")
                 sendError(h, E2BIG)
                 continue
             }
@@ -166,7 +166,7 @@ extension VfioUserServer {
     /// Matches a reply (payload in `dmaBuffer`) to an awaiting DMA request and completes it.
     private func completeWaiter(_ h: VfioUserHeader, payload: Int) {
         guard let k = waiters.firstIndex(where: { $0.id == h.messageID && $0.command == h.command && $0.state == 0 }) else {
-            log("vfio-user: unexpected reply message \(h.messageID) command \(h.command) while awaiting a DMA reply: ignored")
+            log.warning("vfio-user: unexpected reply message \(h.messageID) command \(h.command) while awaiting a DMA reply: ignored")
             return
         }
         let w = waiters[k]
@@ -212,7 +212,7 @@ extension VfioUserServer {
         fdCount = received
         stats.messages += 1
         if truncated {
-            log("vfio-user: message \(h.messageID) command \(h.command): more than \(Self.maxMessageFDs) fds or control data truncated")
+            log.warning("vfio-user: message \(h.messageID) command \(h.command): more than \(Self.maxMessageFDs) fds or control data truncated")
             sendError(h, EINVAL)
         } else {
             let outerAck = pendingWriteAck
@@ -287,7 +287,7 @@ extension VfioUserServer {
         }
         deviceMemoryChanged()
         if fd < 0 {
-            log("vfio-user: DMA window 0x\(String(address, radix: 16)) +0x\(String(size, radix: 16)) has no fd: reached with DMA_READ/DMA_WRITE messages (\(dmaChunk) bytes each at most)")
+            log.info("vfio-user: DMA window 0x\(String(address, radix: 16)) +0x\(String(size, radix: 16)) has no fd: reached with DMA_READ/DMA_WRITE messages (\(dmaChunk) bytes each at most)")
         }
         reply(h) { _ in }
     }

@@ -72,14 +72,14 @@ extension VfioUserServer {
         guard let header = VfioUserHeader(UnsafeRawBufferPointer(rebasing: receiveBuffer[0..<VfioUserHeader.size])) else { return }
         stats.messages += 1
         if header.size < UInt32(VfioUserHeader.size) {
-            log("vfio-user: message \(header.messageID) command \(header.command): size \(header.size) below the header size")
+            log.warning("vfio-user: message \(header.messageID) command \(header.command): size \(header.size) below the header size")
             sendError(header, EINVAL)
             disconnect(reason: "malformed message size")
             return
         }
         let payloadLength = Int(header.size) - VfioUserHeader.size
         if Int(header.size) > Self.maxMessageSize {
-            log("vfio-user: message \(header.messageID) command \(header.command): size \(header.size) above \(Self.maxMessageSize)")
+            log.warning("vfio-user: message \(header.messageID) command \(header.command): size \(header.size) above \(Self.maxMessageSize)")
             if payloadLength <= 64 << 20 && discard(payloadLength) {
                 sendError(header, E2BIG)
             } else {
@@ -92,12 +92,12 @@ extension VfioUserServer {
             return
         }
         if truncated != 0 {
-            log("vfio-user: message \(header.messageID) command \(header.command): more than \(Self.maxMessageFDs) fds or control data truncated")
+            log.warning("vfio-user: message \(header.messageID) command \(header.command): more than \(Self.maxMessageFDs) fds or control data truncated")
             sendError(header, EINVAL)
             return
         }
         if header.isReply {
-            log("vfio-user: unexpected reply message \(header.messageID) command \(header.command) (no DMA request of this server awaits it)")
+            log.warning("vfio-user: unexpected reply message \(header.messageID) command \(header.command) (no DMA request of this server awaits it)")
             return
         }
         let payload = PayloadReader(UnsafeRawBufferPointer(rebasing: receiveBuffer[VfioUserHeader.size..<(VfioUserHeader.size + payloadLength)]))
@@ -183,7 +183,7 @@ extension VfioUserServer {
     }
 
     func fail(_ h: VfioUserHeader, _ e: Int32, _ why: String) {
-        log("vfio-user: command \(h.command) (message \(h.messageID)) rejected: \(why) [errno \(e)]")
+        log.warning("vfio-user: command \(h.command) (message \(h.messageID)) rejected: \(why) [errno \(e)]")
         sendError(h, e)
     }
 }

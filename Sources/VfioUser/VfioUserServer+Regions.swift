@@ -57,7 +57,7 @@ extension VfioUserServer {
         header.encode(into: replyBuffer)
         var fd = syncPageFD
         send(VfioUserHeader.size + w.length, fds: withCaps ? withUnsafePointer(to: &fd) { $0 } : nil, fdCount: withCaps ? 1 : 0)
-        if withCaps { log("vfio-user: region \(index): page 0x\(String(area!, radix: 16)) offered for mmap (the client then sends BAR writes synchronously)") }
+        if withCaps { log.debug("vfio-user: region \(index): page 0x\(String(area!, radix: 16)) offered for mmap (the client then sends BAR writes synchronously)") }
     }
 
     /// Creates (once) the memfd behind the synchronous-writes page.
@@ -108,7 +108,7 @@ extension VfioUserServer {
                 for i in 0..<Int(count) { out[i] = UInt8(truncatingIfNeeded: v >> (8 * UInt64(i))) }
             }
         }
-        if !ok { log("vfio-user: config read out of range") }
+        if !ok { log.warning("vfio-user: config read out of range") }
     }
 
     private func performWrite(region: UInt32, offset: UInt64, count: UInt32, data: UnsafeRawBufferPointer, posted: Bool) {

@@ -2,6 +2,8 @@ import CSystem
 import EventLoop
 #if canImport(Glibc)
 import Glibc
+import Logging
+import SystemErrors
 #endif
 
 /// A PCI device model served over vfio-user. All calls arrive on the server's event-loop thread.
@@ -44,18 +46,11 @@ extension VfioUserDevice {
 }
 
 /// Why a server could not start.
-public struct VfioUserError: Error, Sendable, CustomStringConvertible {
-    public var message: String
-    public var errno: Int32
-    public init(_ message: String, errno: Int32 = 0) {
-        self.message = message
-        self.errno = errno
-    }
-    public var description: String { message }
+public struct VfioUserError: ReasonedError, Sendable {
+    /// Why it failed: a failed system call (listening socket, event loop, eventfd, thread) or another reason (an unsupported device shape, a thread that would not start).
+    public var reason: FailureReason
+    public init(reason: FailureReason) { self.reason = reason }
 }
-
-/// Where the server writes its log lines.
-public typealias VfioUserLog = @Sendable (String) -> Void
 
 /// Counters a test or the admin interface can read (on the loop thread).
 public struct VfioUserStats: Sendable {
@@ -107,7 +102,7 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
     public let memory: DMAWindows
     public let interrupts: InterruptController
     public var stats = VfioUserStats()
-    let log: VfioUserLog
+    let log: Logger
 
     private var listenFD: Int32 = -1
     /// The listening socket was handed over (systemd socket activation): it is never unlinked.
@@ -166,7 +161,7 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
 
     /// Creates a server (does not listen yet).
     public init(socketPath: String, loop: EventLoop, device: Device, msixVectors: Int, msiVectors: Int = 0,
-                log: @escaping VfioUserLog) {
+                log: Logger) {
         self.socketPath = socketPath
         self.loop = loop
         self.device = device
@@ -202,7 +197,7 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
     /// owns the fd and never unlinks its path.
     public func listen(adopting listeningFD: Int32? = nil) throws(VfioUserError) {
         let fd = listeningFD ?? csys_unix_listen(socketPath, 4)
-        guard fd >= 0 else { throw VfioUserError("cannot listen on \(socketPath): \(String(cString: strerror(-fd)))", errno: -fd) }
+        guard fd >= 0 else { throw .systemCall(SystemCallError("socket/bind/listen", errno: -fd, context: "cannot listen on \(socketPath)")) }
         listenFD = fd
         adopted = listeningFD != nil
         do {
@@ -210,9 +205,9 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
         } catch {
             close(fd)
             listenFD = -1
-            throw VfioUserError("cannot watch \(socketPath): \(error)", errno: error.errno)
+            throw .systemCall(error.within("cannot watch \(socketPath)"))
         }
-        log("vfio-user: listening on \(socketPath)")
+        log.info("vfio-user: listening on \(socketPath)")
     }
 
     /// Stops listening, drops the client and removes the socket file. Call on the loop thread.
@@ -230,7 +225,7 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
         let fd = csys_accept_nonblock(listenFD)
         guard fd >= 0 else { return }
         if clientFD >= 0 {
-            log("vfio-user: refusing a second client on \(socketPath)")
+            log.warning("vfio-user: refusing a second client on \(socketPath)")
             close(fd)
             return
         }
@@ -239,7 +234,7 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
         do {
             try loop.register(fd: fd, events: [.readable, .hangup]) { [unowned self] events in self.clientReadable(events) }
         } catch {
-            log("vfio-user: cannot watch client: \(error)")
+            log.error("vfio-user: cannot watch client: \(error)")
             close(fd)
             return
         }
@@ -250,16 +245,16 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
         pendingDisconnect = nil
         offeredMappedPage = false
         stats.connections += 1
-        log("vfio-user: client connected on \(socketPath)")
+        log.info("vfio-user: client connected on \(socketPath)")
     }
 
     /// Drops the client: quiesce and reset the device, unmap guest memory, close interrupt fds.
     public func disconnect(reason: String) {
         guard clientFD >= 0 else { return }
-        log("vfio-user: client disconnected (\(reason))")
+        log.info("vfio-user: client disconnected (\(reason))")
         if stats.dmaReads + stats.dmaWrites > 0 {
             let n = UInt64(stats.dmaReads + stats.dmaWrites)
-            log("vfio-user: DMA by message so far: \(stats.dmaReads) reads, \(stats.dmaWrites) writes, \(stats.dmaFailures) failed, \(stats.dmaWaitMicroseconds / max(1, n)) us average wait")
+            log.info("vfio-user: DMA by message so far: \(stats.dmaReads) reads, \(stats.dmaWrites) writes, \(stats.dmaFailures) failed, \(stats.dmaWaitMicroseconds / max(1, n)) us average wait")
         }
         loop.unregister(fd: clientFD)
         close(clientFD)
@@ -326,7 +321,7 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
             }
             let text = UnsafeRawBufferPointer(rebasing: json[0..<length])
             if let fdsCap = CapabilityJSON.unsignedValue(of: "max_msg_fds", in: text) {
-                log("vfio-user: client accepts up to \(fdsCap) fds per message")
+                log.info("vfio-user: client accepts up to \(fdsCap) fds per message")
             }
             if let xfer = CapabilityJSON.unsignedValue(of: "max_data_xfer_size", in: text) {
                 guard xfer >= 4096 else {
@@ -346,7 +341,7 @@ public final class VfioUserServer<Device: VfioUserDevice>: @unchecked Sendable {
             c.withUTF8 { w.raw(UnsafeRawBufferPointer($0)) }
             if let nul = w.space(1) { nul[0] = 0 }
         }
-        log("vfio-user: negotiated version \(Self.majorVersion).\(replyMinor)")
+        log.info("vfio-user: negotiated version \(Self.majorVersion).\(replyMinor)")
     }
 
     private func handleGetInfo(_ h: VfioUserHeader, _ p: PayloadReader) {

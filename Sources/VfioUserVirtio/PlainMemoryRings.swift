@@ -1,4 +1,6 @@
 import CSystem
+import Logging
+import SystemErrors
 import EventLoop
 import GuestMemoryMap
 import VfioUser
@@ -43,7 +45,7 @@ final class PlainMemoryRings {
 
     let windows: DMAWindows
     let loop: EventLoop
-    private let note: (DeviceLogLevel, String) -> Void
+    private let note: (Logger.Level, String) -> Void
     private let fail: (String) -> Void
     private let raise: (Int) -> Void
     /// The shadow file: byte n is guest physical address n.
@@ -64,7 +66,7 @@ final class PlainMemoryRings {
     private(set) var reads = 0
     private(set) var writes = 0
 
-    init(queueCount: Int, windows: DMAWindows, loop: EventLoop, note: @escaping (DeviceLogLevel, String) -> Void,
+    init(queueCount: Int, windows: DMAWindows, loop: EventLoop, note: @escaping (Logger.Level, String) -> Void,
          fail: @escaping (String) -> Void, raise: @escaping (Int) -> Void) throws(VfioUserError) {
         self.windows = windows
         self.loop = loop
@@ -73,7 +75,7 @@ final class PlainMemoryRings {
         self.raise = raise
         queues = Array(repeating: nil, count: queueCount)
         shadowFD = csys_memfd_create("scsigate-shadow", 0)
-        guard shadowFD >= 0 else { throw VfioUserError("cannot create the shadow memory file", errno: errno) }
+        guard shadowFD >= 0 else { throw .systemCall(SystemCallError("memfd_create", errno: errno, context: "the shadow memory file")) }
     }
 
     deinit {

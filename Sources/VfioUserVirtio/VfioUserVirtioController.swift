@@ -1,5 +1,6 @@
 import CSystem
 import EventLoop
+import Logging
 import VfioUser
 import VirtioDevices
 #if canImport(Glibc)
@@ -21,22 +22,22 @@ public final class VfioUserVirtioController<Device: VirtioDeviceModel>: @uncheck
     let loop: EventLoop
     let function: VirtioPCIFunction<Device>
     let server: VfioUserServer<VirtioPCIFunction<Device>>
-    private let log: DeviceLogger
+    private let log: Logger
     private var thread: pthread_t? = nil
     private var stopped = false
 
-    public init(socketPath: String, device: Device, kind: VirtioPCIDeviceKind, log: @escaping DeviceLogger) throws(VfioUserError) {
+    public init(socketPath: String, device: Device, kind: VirtioPCIDeviceKind, log: Logger) throws(VfioUserError) {
         self.socketPath = socketPath
         self.device = device
         self.log = log
         do {
             loop = try EventLoop(name: "vfu-\(kind.name)", pollBudgetNanoseconds: 0)
         } catch {
-            throw VfioUserError("cannot create the event loop: \(error)", errno: error.errno)
+            throw .systemCall(error.within("cannot create the event loop"))
         }
         function = try VirtioPCIFunction(device: device, kind: kind, loop: loop, name: "\(kind.name) \(socketPath)", log: log)
         server = VfioUserServer(socketPath: socketPath, loop: loop, device: function, msixVectors: device.queueCount + 1,
-                                log: { line in log(.info, line) })
+                                log: log)
         function.dmaWindows = server.memory
         function.interrupts = server.interrupts
     }
@@ -58,7 +59,7 @@ public final class VfioUserVirtioController<Device: VirtioDeviceModel>: @uncheck
             throw VfioUserError("cannot start the loop thread")
         }
         thread = t
-        log(.info, "\(function.kind.name): vfio-user virtio-pci function on \(socketPath) started")
+        log.info("\(function.kind.name): vfio-user virtio-pci function on \(socketPath) started")
     }
 
     /// Disconnects the client, stops the rings (draining in-flight I/O), removes the socket, joins the thread,

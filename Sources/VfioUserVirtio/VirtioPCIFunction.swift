@@ -1,6 +1,7 @@
 import CSystem
 import EventLoop
 import GuestMemoryMap
+import Logging
 import VfioUser
 import Virtio
 import VirtioDevices
@@ -43,7 +44,7 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
     let device: Device
     let kind: VirtioPCIDeviceKind
     let loop: EventLoop
-    private let log: DeviceLogger
+    private let log: Logger
     private let name: String
     /// Set by the controller once the server exists.
     var dmaWindows: DMAWindows!
@@ -76,7 +77,7 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
     /// Changes whenever a ring stops: a broken-ring report from before is then stale.
     private(set) var queueEpoch: UInt64 = 0
 
-    init(device: Device, kind: VirtioPCIDeviceKind, loop: EventLoop, name: String, log: @escaping DeviceLogger) throws(VfioUserError) {
+    init(device: Device, kind: VirtioPCIDeviceKind, loop: EventLoop, name: String, log: Logger) throws(VfioUserError) {
         guard device.queueCount >= 1, device.queueCount <= VirtioPCILayout.maxQueues, device.queueCount + 1 <= 2048 else {
             throw VfioUserError("\(kind.name): \(device.queueCount) queues (1...\(VirtioPCILayout.maxQueues) supported)")
         }
@@ -89,7 +90,7 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
         deviceFeatures = device.offeredFeatures | VirtioFeature.version1
         queues = Array(repeating: QueueState(size: UInt16(clamping: device.expectedQueueSize)), count: device.queueCount)
         relayFD = csys_eventfd(0, 1)
-        guard relayFD >= 0 else { throw VfioUserError("\(kind.name): cannot create an eventfd", errno: errno) }
+        guard relayFD >= 0 else { throw .systemCall(.current("eventfd", context: "\(kind.name): interrupt relay")) }
     }
 
     deinit { if relayFD >= 0 { close(relayFD) } }
@@ -99,7 +100,7 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
         do {
             try loop.register(fd: relayFD) { [unowned self] _ in self.relaySignalled() }
         } catch {
-            throw VfioUserError("\(kind.name): cannot watch the interrupt relay: \(error)", errno: error.errno)
+            throw .systemCall(error.within("\(kind.name): cannot watch the interrupt relay"))
         }
         let loop = self.loop
         let notify = ConfigChangeRelay(self)
@@ -111,8 +112,8 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
         loop.unregister(fd: relayFD)
     }
 
-    private func note(_ level: DeviceLogLevel, _ text: String) { log(level, "\(name): \(text)") }
-    func logLine(_ level: DeviceLogLevel, _ text: String) { note(level, text) }
+    private func note(_ level: Logger.Level, _ text: String) { log.log(level: level, "\(name): \(text)") }
+    func logLine(_ level: Logger.Level, _ text: String) { note(level, text) }
 
     var msixMode: Bool { interrupts.msixActive || configSpace.msixEnabled }
     private var negotiated: Bool { status & S.featuresOK != 0 }

@@ -1,4 +1,5 @@
 import BlockIO
+import Logging
 import SCSI
 import VirtioDevices
 
@@ -21,7 +22,7 @@ public final class VhostUserSCSIController<Channel: BlockChannel>: Sendable {
 
     /// Hosts `device` (its threads already run; the socket is bound by `start`). The controller owns the
     /// device from now on: `stop` shuts it down.
-    public init(socketPath: String, device: VirtioSCSIDevice<Channel>, log: @escaping DeviceLogger) {
+    public init(socketPath: String, device: VirtioSCSIDevice<Channel>, log: Logger) {
         self.device = device
         server = VhostUserServer(socketPath: socketPath, device: device, log: log)
     }
@@ -45,7 +46,7 @@ public final class VhostUserBlkController<Channel: BlockChannel>: Sendable {
 
     /// Hosts `device` (its channels are open; the socket is bound by `start`). The controller owns the device
     /// from now on: `stop` shuts it down (its channels close).
-    public init(socketPath: String, device: VirtioBlkDevice<Channel>, log: @escaping DeviceLogger) {
+    public init(socketPath: String, device: VirtioBlkDevice<Channel>, log: Logger) {
         self.device = device
         server = VhostUserServer(socketPath: socketPath, device: device, log: log)
     }

@@ -1,17 +1,20 @@
 import BlockIO
 import CSystem
 import GuestMemoryMap
+import Logging
 import Synchronization
 import Virtio
 import VirtioDevices
 #if canImport(Glibc)
 import Glibc
+import SystemErrors
 #endif
 
 /// Why the server could not start.
-public struct VhostUserServerError: Error, CustomStringConvertible, Sendable {
-    public var message: String
-    public var description: String { message }
+public struct VhostUserServerError: ReasonedError, Sendable {
+    /// Why it failed: a failed system call (socket, bind, listen) or another reason.
+    public var reason: FailureReason
+    public init(reason: FailureReason) { self.reason = reason }
 }
 
 /// A refused request: answered with a failure REPLY_ACK when the front-end asked for one, otherwise
@@ -51,7 +54,7 @@ public final class VhostUserServer<Device: VirtioDeviceModel>: @unchecked Sendab
     public let socketPath: String
     /// The device model.
     public let device: Device
-    private let log: DeviceLogger
+    private let log: Logger
     private var listenFD: Int32 = -1
     /// The listening socket was handed over (systemd socket activation): it is never unlinked.
     private var adopted = false
@@ -78,7 +81,7 @@ public final class VhostUserServer<Device: VirtioDeviceModel>: @unchecked Sendab
     private var sessions: [Session] = []
 
     /// Creates a server (call `start`).
-    public init(socketPath: String, device: Device, log: @escaping DeviceLogger) {
+    public init(socketPath: String, device: Device, log: Logger) {
         self.socketPath = socketPath
         self.device = device
         self.log = log
@@ -101,14 +104,14 @@ public final class VhostUserServer<Device: VirtioDeviceModel>: @unchecked Sendab
             return
         }
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw VhostUserServerError(message: "socket: errno \(errno)") }
+        guard fd >= 0 else { throw .systemCall(.current("socket", context: "vhost-user socket \(socketPath)")) }
         var addr = sockaddr_un()
         addr.sun_family = sa_family_t(AF_UNIX)
         let pathBytes = Array(socketPath.utf8)
         let capacity = MemoryLayout.size(ofValue: addr.sun_path)
         guard pathBytes.count < capacity else {
             close(fd)
-            throw VhostUserServerError(message: "socket path \(socketPath) is longer than \(capacity - 1) bytes")
+            throw VhostUserServerError("socket path \(socketPath) is longer than \(capacity - 1) bytes")
         }
         withUnsafeMutableBytes(of: &addr.sun_path) { raw in
             for (i, b) in pathBytes.enumerated() { raw[i] = b }
@@ -121,12 +124,12 @@ public final class VhostUserServer<Device: VirtioDeviceModel>: @unchecked Sendab
         guard rc == 0 else {
             let e = errno
             close(fd)
-            throw VhostUserServerError(message: "bind \(socketPath): \(String(cString: strerror(e)))")
+            throw .systemCall(SystemCallError("bind", errno: e, context: socketPath))
         }
         guard listen(fd, 4) == 0 else {
             let e = errno
             close(fd)
-            throw VhostUserServerError(message: "listen \(socketPath): \(String(cString: strerror(e)))")
+            throw .systemCall(SystemCallError("listen", errno: e, context: socketPath))
         }
         listenFD = fd
         try startControlThread()
@@ -134,7 +137,7 @@ public final class VhostUserServer<Device: VirtioDeviceModel>: @unchecked Sendab
 
     private func startControlThread() throws(VhostUserServerError) {
         thread = spawnThread { [self] in controlLoop() }
-        guard thread != nil else { throw VhostUserServerError(message: "cannot start the control thread") }
+        guard thread != nil else { throw VhostUserServerError("cannot start the control thread") }
     }
 
     /// Closes the connection (draining in-flight I/O), stops the control thread and removes the socket.
@@ -179,16 +182,16 @@ public final class VhostUserServer<Device: VirtioDeviceModel>: @unchecked Sendab
         let number = connections.add(1, ordering: .relaxed).newValue
         guard sessions.count < 2 else {
             refused.add(1, ordering: .relaxed)
-            log(.warning, "\(socketPath): front-end #\(number) refused: front-ends #\(sessions[0].number) and #\(sessions[1].number) "
-                + "are connected (one front-end plus one migration destination at most)")
+            log.warning(.init(stringLiteral: "\(socketPath): front-end #\(number) refused: front-ends #\(sessions[0].number) and #\(sessions[1].number) "
+                + "are connected (one front-end plus one migration destination at most)"))
             Glibc.close(conn)
             return
         }
         if let first = sessions.first {
-            log(.info, "\(socketPath): front-end #\(number) connected while #\(first.number) is: accepted as its migration "
-                + "successor (its rings start once #\(first.number) has stopped its rings or disconnected)")
+            log.info(.init(stringLiteral: "\(socketPath): front-end #\(number) connected while #\(first.number) is: accepted as its migration "
+                + "successor (its rings start once #\(first.number) has stopped its rings or disconnected)"))
         } else {
-            log(.info, "\(socketPath): front-end connected (#\(number))")
+            log.info("\(socketPath): front-end connected (#\(number))")
         }
         sessions.append(Session(server: self, fd: conn, number: number))
     }
@@ -198,10 +201,10 @@ public final class VhostUserServer<Device: VirtioDeviceModel>: @unchecked Sendab
         Glibc.close(session.fd)
         sessions.removeAll { $0 === session }
         if let other = sessions.first {
-            log(.info, "\(socketPath): front-end #\(session.number) disconnected; #\(other.number) stays connected")
+            log.info("\(socketPath): front-end #\(session.number) disconnected; #\(other.number) stays connected")
             other.becomeActiveIfRunning()
         } else {
-            log(.info, "\(socketPath): front-end disconnected (#\(session.number))")
+            log.info("\(socketPath): front-end disconnected (#\(session.number))")
         }
     }
 
@@ -217,15 +220,15 @@ public final class VhostUserServer<Device: VirtioDeviceModel>: @unchecked Sendab
             guard let message = session.pending else { continue }
             if !otherRunsRings(session) {
                 session.pending = nil
-                log(.info, "\(socketPath): front-end #\(session.number): the other front-end stopped its rings; starting its own")
+                log.info("\(socketPath): front-end #\(session.number): the other front-end stopped its rings; starting its own")
                 if !session.handleHeld(message) { closeSession(session) }
             } else if monotonicMilliseconds() >= session.pendingDeadline {
                 session.pending = nil
                 for f in message.fds { Glibc.close(f) }
                 refused.add(1, ordering: .relaxed)
-                log(.warning, "\(socketPath): front-end #\(session.number) refused: it starts rings while front-end "
+                log.warning(.init(stringLiteral: "\(socketPath): front-end #\(session.number) refused: it starts rings while front-end "
                     + "#\(sessions.first { $0 !== session }?.number ?? 0) has run them for \(handoverTimeoutMilliseconds) ms "
-                    + "(not a migration hand-over)")
+                    + "(not a migration hand-over)"))
                 closeSession(session)
             }
         }
@@ -249,7 +252,7 @@ public final class VhostUserServer<Device: VirtioDeviceModel>: @unchecked Sendab
             let msg = VhostUserMessage(request: VhostUserBackendRequest.configChange.rawValue, flags: VhostUserWire.version, payload: [])
             let bytes = msg.encoded()
             let n = bytes.withUnsafeBytes { csys_send_with_fds(fd, $0.baseAddress, $0.count, nil, 0) }
-            if n != bytes.count { log(.warning, "\(socketPath): config-change notification not sent (\(n))") }
+            if n != bytes.count { log.warning("\(socketPath): config-change notification not sent (\(n))") }
         }
     }
 
@@ -317,7 +320,7 @@ public final class VhostUserServer<Device: VirtioDeviceModel>: @unchecked Sendab
                 | (device.notifiesConfigChanges ? VhostUserProtocolFeature.config : 0)
         }
 
-        func log(_ level: DeviceLogLevel, _ text: String) { server.log(level, "\(server.socketPath): \(text)") }
+        func log(_ level: Logger.Level, _ text: String) { server.log.log(level: level, "\(server.socketPath): \(text)") }
 
         var runsRings: Bool { rings.contains { $0.running } }
 

@@ -1,18 +1,12 @@
 import CSystem
 import EventLoop
 import GuestMemoryMap
+import Logging
+import SystemErrors
 import Virtio
 #if canImport(Glibc)
 import Glibc
 #endif
-
-/// Severity of a device or transport log line.
-public enum DeviceLogLevel: Sendable, Comparable {
-    case debug, info, warning, error
-}
-
-/// Where the device models and the vhost-user server write their log (the gateway bridges it to swift-log).
-public typealias DeviceLogger = @Sendable (DeviceLogLevel, String) -> Void
 
 /// A one-shot completion signal between threads (an eventfd kept alive by whichever side holds it last).
 final class CompletionSignal: @unchecked Sendable {
@@ -156,7 +150,7 @@ public final class QueueGroup<Handler: QueueGroupHandler>: @unchecked Sendable {
     /// The device data path.
     public let handler: Handler
     private var queues: [RunningQueue] = []
-    private let log: DeviceLogger
+    private let log: Logger
     private var thread: pthread_t?
     /// Requests taken from a ring per queue per pass before others get a turn.
     public var batchLimit = 64
@@ -171,7 +165,7 @@ public final class QueueGroup<Handler: QueueGroupHandler>: @unchecked Sendable {
     private var watchdogThread: pthread_t?
 
     /// Creates a group (its thread starts with `start`).
-    public init(name: String, handler: Handler, pollBudgetNanoseconds: UInt64, log: @escaping DeviceLogger) throws(EventLoopError) {
+    public init(name: String, handler: Handler, pollBudgetNanoseconds: UInt64, log: Logger) throws(SystemCallError) {
         loop = try EventLoop(name: name, pollBudgetNanoseconds: pollBudgetNanoseconds)
         self.handler = handler
         self.log = log
@@ -186,7 +180,7 @@ public final class QueueGroup<Handler: QueueGroupHandler>: @unchecked Sendable {
                         if handler.reap() { afterWork() }
                     }
                 } catch {
-                    log(.error, "\(loop.name): cannot watch completion fd \(fd): \(error)")
+                    log.error("\(loop.name): cannot watch completion fd \(fd): \(error)")
                 }
             }
             for fd in handler.completionFDs() where fd >= 0 { register(fd) }
@@ -247,8 +241,8 @@ public final class QueueGroup<Handler: QueueGroupHandler>: @unchecked Sendable {
             if q.ring.hasAvailable {
                 q.lostKicks &+= 1
                 if q.lostKicks <= 10 || q.lostKicks % 100 == 0 {
-                    log(.warning, "\(loop.name): queue \(q.index): requests available with no kick for \(watchdogMilliseconds) ms "
-                        + "(lost notification #\(q.lostKicks)); serviced")
+                    log.warning(.init(stringLiteral: "\(loop.name): queue \(q.index): requests available with no kick for \(watchdogMilliseconds) ms "
+                        + "(lost notification #\(q.lostKicks)); serviced"))
                 }
                 if service(q) { work = true }
             } else if pushes != q.watchSignalledPushes, q.callFD >= 0, q.ring.driverAwaitsInterrupt {
@@ -257,8 +251,8 @@ public final class QueueGroup<Handler: QueueGroupHandler>: @unchecked Sendable {
                 _ = csys_eventfd_signal(q.callFD, 1)
                 q.interruptsSent &+= 1
                 if q.ring.interruptNeedIsExact && (q.interruptsResent <= 10 || q.interruptsResent % 100 == 0) {
-                    log(.warning, "\(loop.name): queue \(q.index): the driver still waits for an interrupt about published "
-                        + "entries after \(watchdogMilliseconds) ms (lost interrupt #\(q.interruptsResent)); signalled again")
+                    log.warning(.init(stringLiteral: "\(loop.name): queue \(q.index): the driver still waits for an interrupt about published "
+                        + "entries after \(watchdogMilliseconds) ms (lost interrupt #\(q.interruptsResent)); signalled again"))
                 }
             }
         }
@@ -286,7 +280,7 @@ public final class QueueGroup<Handler: QueueGroupHandler>: @unchecked Sendable {
                     afterWork()
                 }
             } catch {
-                log(.error, "\(loop.name): cannot watch kick fd of queue \(queue.index): \(error)")
+                log.error("\(loop.name): cannot watch kick fd of queue \(queue.index): \(error)")
             }
             // Work made available before the kick fd was handed over.
             if service(queue) { handler.commit() }
@@ -336,7 +330,7 @@ public final class QueueGroup<Handler: QueueGroupHandler>: @unchecked Sendable {
             done()
         }
         if let q = abandoned.queue, q.abandoned {
-            log(.error, "\(loop.name): queue \(index) abandoned with \(q.ring.inFlight) request(s) in the back-end")
+            log.error("\(loop.name): queue \(index) abandoned with \(q.ring.inFlight) request(s) in the back-end")
         }
         return abandoned.queue
     }
@@ -379,7 +373,7 @@ public final class QueueGroup<Handler: QueueGroupHandler>: @unchecked Sendable {
         runOnLoopAndWait(loop) { [self] done in
             for q in queues where !q.abandoned {
                 let old = q.ring.memory
-                if !q.ring.updateMemory(memory) { log(.error, "queue \(q.index): \(q.ring.brokenReason)") }
+                if !q.ring.updateMemory(memory) { log.error("queue \(q.index): \(q.ring.brokenReason)") }
                 if q.ring.inFlight > 0 { q.retiredMemory.append(old) }
             }
             done()
@@ -436,12 +430,12 @@ public final class QueueGroup<Handler: QueueGroupHandler>: @unchecked Sendable {
             case .broken:
                 if !queue.brokenReported {
                     queue.brokenReported = true
-                    log(.error, "\(loop.name): queue \(queue.index) broken: \(queue.ring.brokenReason)")
+                    log.error("\(loop.name): queue \(queue.index) broken: \(queue.ring.brokenReason)")
                     if !queue.stopping { queue.onBroken?(queue.ring.brokenReason) }
                 }
                 return n > 0
             case let .invalid(head, entries, error):
-                log(.warning, "\(loop.name): queue \(queue.index): request \(head) refused: \(error)")
+                log.warning("\(loop.name): queue \(queue.index): request \(head) refused: \(error)")
                 queue.complete(head: head, ringEntries: entries, length: 0)
             case let .chain(chain):
                 handler.handle(chain, on: queue)

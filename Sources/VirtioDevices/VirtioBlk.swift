@@ -1,10 +1,12 @@
 import BlockIO
 import CSystem
 import GuestMemoryMap
+import Logging
 import Synchronization
 import Virtio
 #if canImport(Glibc)
 import Glibc
+import SystemErrors
 #endif
 
 /// virtio-blk feature bits and wire constants (virtio 1.2 section 5.2).
@@ -85,10 +87,10 @@ public struct VirtioBlkOptions: Sendable {
 }
 
 /// Why a device could not be set up.
-public struct VirtioDeviceError: Error, CustomStringConvertible, Sendable {
-    public var message: String
-    public init(_ message: String) { self.message = message }
-    public var description: String { message }
+public struct VirtioDeviceError: ReasonedError, Sendable {
+    /// Why it failed: a failed system call (a queue group's event loop) or another reason (options out of range, a back-end channel, a geometry change refused).
+    public var reason: FailureReason
+    public init(reason: FailureReason) { self.reason = reason }
 }
 
 /// Where a virtio-blk device finds the I/O counters of its request queue `queue` (nil: count nothing).
@@ -107,7 +109,7 @@ public final class VirtioBlkDevice<Channel: BlockChannel>: VirtioDeviceModel, @u
     let serialBytes: [UInt8]
     /// Logical block size in 512-byte sectors (fixed for the device's life).
     let blockSectors: UInt64
-    let log: DeviceLogger
+    let log: Logger
     private var groups: [QueueGroup<BlkGroupHandler<Channel>>] = []
     private let notifier = Mutex<(@Sendable () -> Void)?>(nil)
     private let negotiated = Atomic<UInt64>(0)
@@ -115,7 +117,7 @@ public final class VirtioBlkDevice<Channel: BlockChannel>: VirtioDeviceModel, @u
     /// Creates the device; `channelFactory` is called once per event-loop thread.
     public init(geometry: BlockGeometry, options: VirtioBlkOptions, channelFactory: () throws -> Channel,
                 counters: VirtioBlkCountersProvider? = nil,
-                log: @escaping DeviceLogger) throws(VirtioDeviceError) {
+                log: Logger) throws(VirtioDeviceError) {
         guard options.queues >= 1, options.queues <= 64 else { throw VirtioDeviceError("virtio-blk queues must be 1...64, not \(options.queues)") }
         guard options.threads >= 1 else { throw VirtioDeviceError("virtio-blk threads must be at least 1") }
         guard geometry.logicalBlockSize >= 512, geometry.logicalBlockSize % 512 == 0 else {
@@ -143,7 +145,7 @@ public final class VirtioBlkDevice<Channel: BlockChannel>: VirtioDeviceModel, @u
                 handler.device = self
                 groups.append(group)
             } catch {
-                throw VirtioDeviceError("event loop: \(error)")
+                throw .systemCall(error.within("event loop"))
             }
         }
         for g in groups { g.start() }
@@ -205,7 +207,7 @@ public final class VirtioBlkDevice<Channel: BlockChannel>: VirtioDeviceModel, @u
         readOnly.store(newGeometry.readOnly, ordering: .releasing)
         capacitySectors.store(newGeometry.capacityBytes / 512, ordering: .releasing)
         detached.store(false, ordering: .releasing)
-        log(.info, "virtio-blk: back-end attached again, \(newGeometry.capacityBytes) bytes")
+        log.info("virtio-blk: back-end attached again, \(newGeometry.capacityBytes) bytes")
         notifier.withLock { $0 }?()
     }
 
@@ -268,7 +270,7 @@ public final class VirtioBlkDevice<Channel: BlockChannel>: VirtioDeviceModel, @u
         // Only `writeback` is writable (VIRTIO_BLK_F_CONFIG_WCE).
         guard offset == VirtioBlk.configWritebackOffset, bytes.count == 1, bytes[0] <= 1 else { return false }
         writeback.store(bytes[0] == 1, ordering: .relaxed)
-        log(.info, "virtio-blk: write cache \(bytes[0] == 1 ? "writeback" : "writethrough")")
+        log.info("virtio-blk: write cache \(bytes[0] == 1 ? "writeback" : "writethrough")")
         return true
     }
 

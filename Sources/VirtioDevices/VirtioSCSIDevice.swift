@@ -1,6 +1,7 @@
 import BlockIO
 import CSystem
 import GuestMemoryMap
+import Logging
 import SCSI
 import Synchronization
 import Virtio
@@ -70,7 +71,7 @@ public final class VirtioSCSIDevice<Channel: BlockChannel>: VirtioDeviceModel, @
     public let options: VirtioSCSIOptions
     /// The SCSI target.
     public let target: SCSITarget
-    let log: DeviceLogger
+    let log: Logger
     let senseSize = Atomic<UInt32>(UInt32(SenseBytes.capacity))
     let cdbSize = Atomic<UInt32>(UInt32(CDB.capacity))
     let negotiated = Atomic<UInt64>(0)
@@ -83,7 +84,7 @@ public final class VirtioSCSIDevice<Channel: BlockChannel>: VirtioDeviceModel, @
     /// `counters(backendID, requestQueue)` gives the statistics each command is counted in.
     public init(target: SCSITarget, options: VirtioSCSIOptions, channelFactory: @escaping @Sendable (Int) throws -> Channel,
                 counters: VirtioSCSICountersProvider? = nil,
-                log: @escaping DeviceLogger) throws(VirtioDeviceError) {
+                log: Logger) throws(VirtioDeviceError) {
         guard options.requestQueues >= 1, options.requestQueues <= 64 else {
             throw VirtioDeviceError("virtio-scsi request queues must be 1...64, not \(options.requestQueues)")
         }
@@ -105,7 +106,7 @@ public final class VirtioSCSIDevice<Channel: BlockChannel>: VirtioDeviceModel, @
                 group.watchdogMilliseconds = max(0, options.watchdogMilliseconds)
                 groups.append(group)
             } catch {
-                throw VirtioDeviceError("event loop: \(error)")
+                throw .systemCall(error.within("event loop"))
             }
         }
         for g in groups {

@@ -1,5 +1,6 @@
 import BlockIO
 import CSystem
+import Logging
 import SCSI
 import Synchronization
 import Virtio
@@ -48,7 +49,7 @@ extension SCSIGroupHandler {
             switch queue.ring.pop() {
             case let .chain(c): chain = c
             case let .invalid(head, entries, error):
-                device.log(.warning, "virtio-scsi event queue: buffer \(head) refused: \(error)")
+                device.log.warning("virtio-scsi event queue: buffer \(head) refused: \(error)")
                 queue.complete(head: head, ringEntries: entries, length: 0)
                 continue
             case .empty, .broken:

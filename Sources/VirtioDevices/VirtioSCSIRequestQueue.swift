@@ -1,5 +1,6 @@
 import BlockIO
 import CSystem
+import Logging
 import SCSI
 import Synchronization
 import Virtio
@@ -44,7 +45,7 @@ final class SCSIGroupHandler<Channel: BlockChannel>: QueueGroupHandler, @uncheck
         self.maxSlotsPerQueue = maxSlotsPerQueue
         taskSet = TaskSet(capacity: queueSlotsInUse.count * self.slotsPerQueue)
         channels = LUNChannelTable(queues: max(0, queueCount - VirtioSCSI.firstRequestQueue), open: channelFactory, counters: counters)
-        channels.openFailed = { [unowned self] id, error in self.device.log(.error, "back-end \(id): no channel: \(error)") }
+        channels.openFailed = { [unowned self] id, error in self.device.log.error("back-end \(id): no channel: \(error)") }
     }
 
     func bind(registerCompletionFD: @escaping (Int32) -> Void) { channels.watch = { fd, _ in registerCompletionFD(fd) } }
@@ -256,7 +257,7 @@ final class SCSIGroupHandler<Channel: BlockChannel>: QueueGroupHandler, @uncheck
         guard chain.writableBytes >= UInt64(responseSize),
               let n = chain.writable.copyPrefix(responseSize, into: q.responseVectors + Int(head) * SCSIQueueSlots.responseVectorCapacity,
                                                 capacity: SCSIQueueSlots.responseVectorCapacity) else {
-            device.log(.warning, "virtio-scsi queue \(queue.index): request \(head) has no room for a response")
+            device.log.warning("virtio-scsi queue \(queue.index): request \(head) has no room for a response")
             queue.complete(head: head, ringEntries: chain.ringEntries, length: 0)
             return
         }

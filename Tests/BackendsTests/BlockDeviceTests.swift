@@ -2,6 +2,7 @@ import BlockIO
 import CSystem
 import Foundation
 import Glibc
+import TestSupport
 import Testing
 @testable import Backends
 

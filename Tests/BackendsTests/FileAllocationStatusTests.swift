@@ -1,6 +1,7 @@
 import BlockIO
 import Foundation
 import Glibc
+import TestSupport
 import Testing
 @testable import Backends
 
@@ -27,18 +28,5 @@ import Testing
         #expect(backend.allocationStatus(offset: 0, length: 0) == nil)
         backend.close()
         #expect(backend.allocationStatus(offset: 0, length: 512) == nil)
-    }
-}
-
-/// `AnyBlockBackend.allocationQuery`: present for files, absent for the null back-end.
-@Suite struct AnyBlockBackendAllocationQueryTests {
-    @Test func filesAnswerNullDoesNot() throws {
-        let dir = TemporaryDirectory()
-        let file = try AnyBlockBackend.open(BackendSpec(kind: .file, path: dir.file("q.img"), size: 1 << 20, create: true))
-        defer { file.close() }
-        let query = try #require(file.allocationQuery)
-        #expect(query(4096, 8192) == AllocationExtent(state: .deallocated, length: 8192))
-        let null = try AnyBlockBackend.open(BackendSpec(kind: .null, path: "", size: 1 << 20))
-        #expect(null.allocationQuery == nil)
     }
 }

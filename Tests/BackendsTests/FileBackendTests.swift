@@ -2,8 +2,10 @@ import BlockIO
 import CSystem
 import Foundation
 import Glibc
+import TestSupport
 import Testing
 @testable import Backends
+import SystemErrors
 
 /// Opening, creating, locking, sizing and resizing file back-ends.
 @Suite struct FileBackendTests {
@@ -197,7 +199,7 @@ import Testing
         let p = "/srv/lun0.img"
         #expect(BackendOpenError.directIOUnsupported(path: p, reason: "x").description.contains("cache = \"writeback\""))
         #expect(BackendOpenError.missingFile(path: p).description.hasPrefix(p))
-        #expect(BackendOpenError.systemCall(path: p, call: "fstat", errno: EIO).description.contains("fstat failed: errno 5"))
+        #expect(BackendOpenError.systemCall(SystemCallError("fstat", errno: EIO, context: p)).description.contains("fstat failed: errno 5"))
         #expect(BackendOpenError.permissionDenied(path: p, errno: EACCES).description.contains("permission denied"))
     }
 }

@@ -1,6 +1,7 @@
 import BlockIO
 import Foundation
 import Glibc
+import TestSupport
 import Testing
 @testable import Backends
 

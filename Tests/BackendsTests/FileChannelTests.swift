@@ -2,8 +2,10 @@ import BlockIO
 import CSystem
 import Foundation
 import Glibc
+import TestSupport
 import Testing
 @testable import Backends
+import SystemErrors
 
 /// I/O through FileChannel on real files in both cache modes.
 @Suite struct FileChannelTests {
@@ -327,7 +329,7 @@ import Testing
         defer { runProgram("/bin/umount", [mountPoint]) }
         let path = mountPoint + "/disk.img"
         let refused = openFile(BackendSpec(kind: .file, path: path, size: 1 << 20, cache: .none, create: true))
-        #expect(refused.failure == .directIOUnsupported(path: path, reason: "open with O_DIRECT: " + errnoName(EINVAL)))
+        #expect(refused.failure == .directIOUnsupported(path: path, reason: "open with O_DIRECT: " + SystemCallError.describe(errno: EINVAL)))
         #expect(refused.failure?.description.contains("set cache = \"writeback\"") == true)
         #expect(access(path, F_OK) != 0)
         let backend = try FileBackend(spec: BackendSpec(kind: .file, path: path, size: 1 << 20, cache: .writeback, create: true))
@@ -371,7 +373,7 @@ import Testing
         case .failure(let error):
             // tmpfs without O_DIRECT support must fail clearly, never fall back silently.
             #expect(cache == .none)
-            #expect(error == .directIOUnsupported(path: path, reason: errnoName(EINVAL))
+            #expect(error == .directIOUnsupported(path: path, reason: SystemCallError.describe(errno: EINVAL))
                     || error.description.contains("writeback"))
             print("fullFilesystemGivesENOSPC: O_DIRECT refused on tmpfs: \(error)")
             return

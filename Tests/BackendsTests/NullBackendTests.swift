@@ -1,5 +1,6 @@
 import BlockIO
 import Glibc
+import TestSupport
 import Testing
 @testable import Backends
 

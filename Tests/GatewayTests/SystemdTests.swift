@@ -1,6 +1,7 @@
 import CSystem
 import Foundation
 import Glibc
+import ISCSIBackend
 import Logging
 import Testing
 @testable import Gateway
@@ -28,7 +29,7 @@ final class NotifyListener {
         let rc = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) } }
         guard rc == 0 else {
             close(fd)
-            throw SocketServerError("bind \(path): \(errnoText(errno))")
+            throw SocketServerError.systemCall(.current("bind", context: path))
         }
     }
 
@@ -200,18 +201,21 @@ struct SystemdTests {
 
     // MARK: one log format
 
-    @Test("the iSCSI back-end's lines go through the gateway's logger (its level, the LUN's metadata)")
-    func iscsiLinesUseTheGatewayLogger() {
+    @Test("the iSCSI back-end logs through the gateway's logger (its level, the LUN's metadata)")
+    func iscsiLinesUseTheGatewayLogger() throws {
         let store = RecordingLogHandler.Store()
         var logger = Logger(label: "scsigate", factory: { _ in RecordingLogHandler(store: store) })
         logger[metadataKey: "controller"] = "scsi0"
-        let sink = logger.iscsiSink()
-        sink(.warning, "connection lost; reconnecting")
-        sink(.error, "login failed")
+        // Nothing listens on port 1: the back-end starts offline and says so once, as a warning.
+        let config = try ISCSIBackendConfig(url: "iscsi://127.0.0.1:1/iqn.2026-12.test:none/0",
+                                            initiatorName: "iqn.2026-12.test:gateway", log: logger)
+        let backend = try ISCSIBackend.open(config: config, waitMilliseconds: 2000, allowOffline: true)
+        #expect(backend.status != .online)
         let records = store.records.withLock { $0 }
-        #expect(records.map(\.level) == [.warning, .error])
-        #expect(records.first?.message == "connection lost; reconnecting")
-        #expect(records.first?.metadata["controller"] == "scsi0")
+        let offline = records.filter { $0.message.contains("OFFLINE at start-up") }
+        #expect(offline.count == 1, "\(records.map(\.message))")
+        #expect(offline.first?.level == .warning)
+        #expect(offline.first?.metadata["controller"] == "scsi0")
     }
 
     // MARK: the executable under systemd

@@ -3,6 +3,7 @@ import EventLoop
 import Synchronization
 import Foundation
 @testable import ISCSIBackend
+import TestSupport
 import Testing
 
 let testInitiator = "iqn.2026-11.test.scsigate:initiator"
@@ -10,10 +11,10 @@ let testInitiator = "iqn.2026-11.test.scsigate:initiator"
 /// Tests against a real tgtd on 127.0.0.1 (started per test by Deploy/tgt/backend-test-target.sh).
 @Suite(.serialized, .enabled(if: TgtTarget.availability.ok, "tgtd cannot be started on this machine (see stderr)"))
 struct ISCSIBackendTargetTests {
-    func config(_ target: TgtTarget, timeout: Int = 30, log: LogCapture? = nil) throws -> ISCSIBackendConfig {
+    func config(_ target: TgtTarget, timeout: Int = 30, log: TestLog? = nil) throws -> ISCSIBackendConfig {
         try ISCSIBackendConfig(url: target.url, initiatorName: testInitiator, timeoutSeconds: timeout,
                                reconnectBackoff: ISCSIReconnectBackoff(initialMilliseconds: 50, maximumMilliseconds: 400),
-                               queueDepth: 32, log: log?.sink)
+                               queueDepth: 32, log: log?.logger)
     }
 
     @Test func readsGeometryFromTarget() throws {
@@ -235,9 +236,9 @@ struct ISCSIBackendTargetTests {
         #expect(backend.geometry.blockCount == 4 * 2048)
 
         setenv("SCSIGATE_TEST_WRONG_CHAP", "wrong-secret-0123", 1)
-        let log = LogCapture()
+        let log = TestLog()
         let bad = try ISCSIBackendConfig(url: target.url, initiatorName: testInitiator, chapUser: "scsigate",
-                                         chapSecretSource: .environment("SCSIGATE_TEST_WRONG_CHAP"), log: log.sink)
+                                         chapSecretSource: .environment("SCSIGATE_TEST_WRONG_CHAP"), log: log.logger)
         var message = ""
         do {
             _ = try ISCSIBackend.open(config: bad, waitMilliseconds: 5000)

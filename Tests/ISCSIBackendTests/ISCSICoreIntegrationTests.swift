@@ -3,6 +3,7 @@ import Foundation
 @testable import ISCSIBackend
 import SCSI
 import Synchronization
+import TestSupport
 import Testing
 
 /// The SCSI core on top of a real iSCSI channel: what a guest would see.
@@ -74,10 +75,10 @@ func fixedSense(_ key: UInt8, _ asc: UInt8, _ ascq: UInt8, information: UInt32? 
 /// Remote sense, pass-through and split transfers against a real tgtd, seen through the SCSI core.
 @Suite(.serialized, .enabled(if: TgtTarget.availability.ok, "tgtd cannot be started on this machine (see stderr)"))
 struct ISCSICoreIntegrationTests {
-    func config(_ target: TgtTarget, initiator: String = testInitiator, timeout: Int = 30, log: LogCapture? = nil) throws -> ISCSIBackendConfig {
+    func config(_ target: TgtTarget, initiator: String = testInitiator, timeout: Int = 30, log: TestLog? = nil) throws -> ISCSIBackendConfig {
         try ISCSIBackendConfig(url: target.url, initiatorName: initiator, timeoutSeconds: timeout,
                                reconnectBackoff: ISCSIReconnectBackoff(initialMilliseconds: 50, maximumMilliseconds: 400),
-                               queueDepth: 32, log: log?.sink)
+                               queueDepth: 32, log: log?.logger)
     }
 
     func gateway(_ target: TgtTarget, initiator: String = testInitiator, timeout: Int = 30) throws -> (ISCSIBackend, CoreOverChannel) {

@@ -2,20 +2,21 @@ import BlockIO
 import Foundation
 import Synchronization
 @testable import ISCSIBackend
+import TestSupport
 import Testing
 
 /// Connection loss, outage timeout and offline start-up against a real tgtd.
 @Suite(.serialized, .enabled(if: TgtTarget.availability.ok, "tgtd cannot be started on this machine (see stderr)"))
 struct ISCSIReconnectTests {
-    func config(url: String, timeout: Int, log: LogCapture) throws -> ISCSIBackendConfig {
+    func config(url: String, timeout: Int, log: TestLog) throws -> ISCSIBackendConfig {
         try ISCSIBackendConfig(url: url, initiatorName: testInitiator, timeoutSeconds: timeout,
                                reconnectBackoff: ISCSIReconnectBackoff(initialMilliseconds: 50, maximumMilliseconds: 500),
-                               queueDepth: 64, log: log.sink)
+                               queueDepth: 64, log: log.logger)
     }
 
     @Test func survivesTargetKillAndRestartDuringIO() throws {
         let target = try TgtTarget(sizeMiB: 16)
-        let log = LogCapture()
+        let log = TestLog()
         let backend = try ISCSIBackend.open(config: config(url: target.url, timeout: 30, log: log))
         let channel = try backend.makeChannel()
         let driver = ChannelDriver(channel)
@@ -76,7 +77,7 @@ struct ISCSIReconnectTests {
 
     @Test func outageLongerThanTimeoutFailsWithRetryableErrorAndNeverAcknowledges() throws {
         let target = try TgtTarget(sizeMiB: 4)
-        let log = LogCapture()
+        let log = TestLog()
         let backend = try ISCSIBackend.open(config: config(url: target.url, timeout: 2, log: log))
         let channel = try backend.makeChannel()
         let driver = ChannelDriver(channel)
@@ -100,7 +101,7 @@ struct ISCSIReconnectTests {
 
     @Test func unresponsiveTargetIsDetectedAndReconnected() throws {
         let target = try TgtTarget(sizeMiB: 4)
-        let log = LogCapture()
+        let log = TestLog()
         let backend = try ISCSIBackend.open(config: config(url: target.url, timeout: 3, log: log))
         let channel = try backend.makeChannel()
         let driver = ChannelDriver(channel)
@@ -136,7 +137,7 @@ struct ISCSIReconnectTests {
     @Test func startsOfflineAndComesOnlineWhenTargetAppears() throws {
         let target = try TgtTarget(sizeMiB: 8)
         target.stop(hard: false)
-        let log = LogCapture()
+        let log = TestLog()
         let cfg = try config(url: target.url, timeout: 30, log: log)
         let began = Date()
         // Without allowOffline the open fails fast with a clear error.
@@ -177,7 +178,7 @@ struct ISCSIReconnectTests {
 
     @Test func remoteUnitAttentionIsRetriedTransparently() throws {
         let target = try TgtTarget(sizeMiB: 4)
-        let log = LogCapture()
+        let log = TestLog()
         let backend = try ISCSIBackend.open(config: config(url: target.url, timeout: 30, log: log))
         let channel = try backend.makeChannel()
         let driver = ChannelDriver(channel)
@@ -196,7 +197,7 @@ struct ISCSIReconnectTests {
 
     @Test func capacityChangeIsReportedAsGeometryChange() throws {
         let target = try TgtTarget(sizeMiB: 4)
-        let log = LogCapture()
+        let log = TestLog()
         let changes = Mutex<[UInt64]>([])
         let backend = try ISCSIBackend.open(config: config(url: target.url, timeout: 30, log: log)) { g in
             changes.withLock { $0.append(g.blockCount) }
@@ -229,7 +230,7 @@ struct ISCSIReconnectTests {
     /// backing file ends up equal to the model.
     @Test func verifyWorkloadSurvivesRepeatedTargetRestarts() throws {
         let target = try TgtTarget(sizeMiB: 4)
-        let log = LogCapture()
+        let log = TestLog()
         let backend = try ISCSIBackend.open(config: config(url: target.url, timeout: 30, log: log))
         let channel = try backend.makeChannel()
         let driver = ChannelDriver(channel)

@@ -1,6 +1,7 @@
 import BlockIO
 import Foundation
 @testable import ISCSIBackend
+import TestSupport
 import Testing
 
 /// ABORT TASK and LUN RESET mapped onto the remote target (tgtd).

@@ -1,3 +1,4 @@
+import TestSupport
 import VfioUserTestSupport
 import Backends
 import BlockIO
@@ -85,7 +86,7 @@ private final class FileFixture {
         let backends = self.backends
         controller = try PVSCSIController(socketPath: dir + "/pvscsi.sock", target: table,
                                           channelFactory: { id in backends.channel(id) },
-                                          statistics: { id in backends.counters(id) }, log: { _ in })
+                                          statistics: { id in backends.counters(id) }, log: TestLog.quiet)
         try controller.start()
         client = try VfioUserTestClient(path: dir + "/pvscsi.sock")
         guest = TestGuest(client: client)

@@ -1,3 +1,4 @@
+import TestSupport
 import VfioUserTestSupport
 import Backends
 import Gateway
@@ -28,7 +29,7 @@ import Glibc
                                   identity: LogicalUnitIdentity(serial: "FILE0", naa: 0x5000_0000_0000_00F0),
                                   geometry: backend.geometry, backendID: 0))
         let controller = try PVSCSIController(socketPath: sock, target: table,
-                                              channelFactory: { _ in try? backend.makeChannel() }, log: { _ in })
+                                              channelFactory: { _ in try? backend.makeChannel() }, log: TestLog.quiet)
         try controller.start()
         defer { controller.stop() }
         let client = try VfioUserTestClient(path: sock)

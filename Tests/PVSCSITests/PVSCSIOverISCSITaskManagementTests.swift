@@ -1,3 +1,4 @@
+import TestSupport
 import VfioUserTestSupport
 import Backends
 import BlockIO
@@ -9,78 +10,12 @@ import PVSCSI
 import SCSI
 import Testing
 
-/// A private tgtd (Deploy/tgt/backend-test-target.sh) for the PVSCSI task management tests.
-final class PrivateTgtd: @unchecked Sendable {
-    static let script: String = {
-        var dir = URL(fileURLWithPath: #filePath)
-        for _ in 0..<3 { dir.deleteLastPathComponent() }
-        return dir.appendingPathComponent("Deploy/tgt/backend-test-target.sh").path
-    }()
-
-    let dir: String
-    let port: Int
-    let iqn: String
-
-    struct Failure: Error, CustomStringConvertible { var description: String }
-
-    init(sizeMiB: Int) throws {
-        port = 23000 + Int(getpid() % 1000)
-        let control = 1900 + Int(getpid() % 500)
-        dir = NSTemporaryDirectory() + "scsigate-pvscsi-tgt-\(getpid())"
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        iqn = "iqn.2026-11.test.scsigate:pvscsi-\(port)"
-        let backing = dir + "/disk.img"
-        _ = FileManager.default.createFile(atPath: backing, contents: nil)
-        let fh = try FileHandle(forWritingTo: URL(fileURLWithPath: backing))
-        try fh.truncate(atOffset: UInt64(sizeMiB) << 20)
-        try fh.close()
-        try Self.run(["start", dir, "\(port)", "\(control)"])
-        try Self.run(["target", "\(control)", "1", iqn, backing])
-    }
-
-    var url: String { "iscsi://127.0.0.1:\(port)/\(iqn)/1" }
-
-    /// Runs the script (posix_spawn + waitpid); throws with its output when it fails.
-    static func run(_ args: [String]) throws {
-        let logPath = NSTemporaryDirectory() + "scsigate-pvscsi-tgt-script-\(getpid()).log"
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 1, logPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-        posix_spawn_file_actions_adddup2(&actions, 1, 2)
-        let argv = ["/bin/sh", script] + args
-        var cargs: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) } + [nil]
-        defer { for p in cargs { free(p) } }
-        var pid: pid_t = 0
-        guard posix_spawn(&pid, "/bin/sh", &actions, nil, &cargs, environ) == 0 else { throw Failure(description: "posix_spawn failed") }
-        var status: Int32 = 0
-        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
-        guard status & 0x7F == 0, (status >> 8) & 0xFF == 0 else {
-            throw Failure(description: "\(args.first ?? "") failed: \((try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "")")
-        }
-    }
-
-    /// Sends `sig` (SIGSTOP / SIGCONT) to tgtd.
-    func signal(_ sig: Int32) -> Bool {
-        guard let text = try? String(contentsOfFile: dir + "/tgtd.pid", encoding: .utf8),
-              let pid = pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)) else { return false }
-        return kill(pid, sig) == 0
-    }
-
-    deinit {
-        _ = signal(SIGCONT)
-        try? Self.run(["stop", dir])
-        try? FileManager.default.removeItem(atPath: dir)
-    }
-}
-
 /// PVSCSI task management against a real iSCSI back-end (tgtd, libiscsi): with tgtd stopped (SIGSTOP) the
 /// READ stays in flight; ABORT_CMD makes the channel send ABORT TASK, RESET_DEVICE a LUN RESET; once tgtd
 /// runs again the guest gets BTSTAT_ABORTQUEUE / BTSTAT_BUSRESET.
 @Suite(.serialized, .enabled(if: getuid() == 0, "tgtd needs root (its IPC lock file)")) struct PVSCSIOverISCSITaskManagementTests {
     @Test func abortAndResetReachTheRemoteTarget() throws {
-        let tgt = try PrivateTgtd(sizeMiB: 16)
+        let tgt = try TgtTarget(sizeMiB: 16)
         let config = try ISCSIBackendConfig(url: tgt.url, initiatorName: "iqn.2026-11.test.scsigate:pvscsi-initiator",
                                             timeoutSeconds: 30)
         let backend = AnyBlockBackend.iscsi(try ISCSIBackend.open(config: config))
@@ -91,7 +26,7 @@ final class PrivateTgtd: @unchecked Sendable {
                                   geometry: backend.geometry, backendID: 0))
         let sock = "/tmp/scsigate-pvscsi-iscsi-\(getpid()).sock"
         let controller = try PVSCSIController(socketPath: sock, target: table,
-                                              channelFactory: { _ in try? backend.makeChannel() }, log: { _ in })
+                                              channelFactory: { _ in try? backend.makeChannel() }, log: TestLog.quiet)
         try controller.start()
         defer { controller.stop() }
         let client = try VfioUserTestClient(path: sock)

@@ -1,6 +1,7 @@
 import CSystem
 import PVSCSI
 import SCSI
+import TestSupport
 import Testing
 #if canImport(Glibc)
 import Glibc
@@ -36,7 +37,7 @@ private func env(_ name: String) -> String? {
         var options = PVSCSIOptions()
         if let n = UInt32(env("SCSIGATE_PVSCSI_MAX_TARGETS") ?? "") { options.maxTargets = n }
         let controller = try PVSCSIController(socketPath: path, target: target, options: options, channelFactory: { registry.channel($0) },
-                                              log: { say($0) })
+                                              log: TestLog.logger { _, line in say(line) })
         try controller.start()
         defer { controller.stop() }
         let server = controller.server

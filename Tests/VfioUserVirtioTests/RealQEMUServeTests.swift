@@ -1,6 +1,7 @@
 import BlockIO
 import CSystem
 import SCSI
+import TestSupport
 import Testing
 @testable import VfioUserVirtio
 import VirtioDevices
@@ -22,7 +23,7 @@ private func env(_ name: String) -> String? { getenv(name).map { String(cString:
         let seconds = Int(env("SCSIGATE_VFU_SERVE_SECONDS") ?? "") ?? 300
         let blocks: UInt64 = 131072
         let channel = MemoryChannel(bytes: Int(blocks) * 512)
-        let say: DeviceLogger = { _, line in
+        let say = TestLog.logger { _, line in
             let text = "[scsigate] \(line)\n"
             _ = text.withCString { write(2, $0, strlen($0)) }
         }
@@ -58,7 +59,7 @@ private func env(_ name: String) -> String? { getenv(name).map { String(cString:
         }
         stop()
         let ops = channel.operations.withLock { $0 }
-        say(.info, "guest I/O: \(ops.count) requests (\(ops.filter { $0 == .write }.count) writes, \(ops.filter { $0 == .read }.count) reads)")
+        say.info("guest I/O: \(ops.count) requests (\(ops.filter { $0 == .write }.count) writes, \(ops.filter { $0 == .read }.count) reads)")
         #expect(seen)
         #expect(ops.contains(.write) && ops.contains(.read))
     }

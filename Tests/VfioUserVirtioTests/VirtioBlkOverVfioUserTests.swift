@@ -1,5 +1,6 @@
 import BlockIO
 import CSystem
+import TestSupport
 import Testing
 import VfioUser
 import VfioUserTestSupport

@@ -1,6 +1,7 @@
 import BlockIO
 import CSystem
 import SCSI
+import TestSupport
 import Testing
 import VfioUser
 import VfioUserTestSupport

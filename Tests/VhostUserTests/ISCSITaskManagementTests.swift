@@ -1,3 +1,4 @@
+import TestSupport
 import VirtioTestSupport
 import BlockIO
 import CSystem
@@ -11,70 +12,6 @@ import Virtio
 #if canImport(Glibc)
 import Glibc
 #endif
-
-/// A private tgtd on 127.0.0.1 (Deploy/tgt/backend-test-target.sh), frozen with SIGSTOP to keep
-/// commands in flight.
-final class FrozenTgt: @unchecked Sendable {
-    static let script: String = {
-        var path = #filePath
-        for _ in 0..<3 { path = String(path[..<path.lastIndex(of: "/")!]) }
-        return path + "/Deploy/tgt/backend-test-target.sh"
-    }()
-
-    let dir: String
-    let port: Int
-    let iqn: String
-    var url: String { "iscsi://127.0.0.1:\(port)/\(iqn)/1" }
-
-    static func run(_ args: [String]) -> Bool {
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 1, "/tmp/sg-vhost-tgt-\(getpid()).log", O_WRONLY | O_CREAT | O_APPEND, 0o644)
-        posix_spawn_file_actions_adddup2(&actions, 1, 2)
-        let argv = ["/bin/sh", script] + args
-        var cargs: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) } + [nil]
-        defer { for p in cargs { free(p) } }
-        var pid: pid_t = 0
-        guard posix_spawn(&pid, "/bin/sh", &actions, nil, &cargs, environ) == 0 else { return false }
-        var status: Int32 = 0
-        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
-        return status == 0
-    }
-
-    init?() {
-        port = 23000 + Int(getpid() % 1000) * 2
-        let control = 700 + Int(getpid() % 200)
-        dir = "/tmp/sg-vhost-tgt-\(getpid())-\(port)"
-        iqn = "iqn.2026-11.test.scsigate:vhost-tmf-\(port)"
-        mkdir(dir, 0o755)
-        let file = dir + "/disk.img"
-        let fd = open(file, O_RDWR | O_CREAT, 0o644)
-        guard fd >= 0, ftruncate(fd, 8 << 20) == 0 else { return nil }
-        close(fd)
-        guard Self.run(["start", dir, "\(port)", "\(control)"]) else { return nil }
-        guard Self.run(["target", "\(control)", "1", iqn, file]) else {
-            _ = Self.run(["stop", dir])
-            return nil
-        }
-    }
-
-    func signal(_ sig: Int32) -> Bool {
-        let fd = open(dir + "/tgtd.pid", O_RDONLY)
-        guard fd >= 0 else { return false }
-        defer { close(fd) }
-        var buf = [UInt8](repeating: 0, count: 32)
-        let n = read(fd, &buf, 31)
-        guard n > 0, let pid = pid_t(String(decoding: buf[0..<n], as: UTF8.self).filter(\.isNumber)) else { return false }
-        return kill(pid, sig) == 0
-    }
-
-    deinit {
-        _ = signal(SIGCONT)
-        _ = Self.run(["stop", dir])
-    }
-}
 
 /// A virtio-scsi controller over a real iSCSI back-end (tgtd) with a test front-end.
 final class ISCSIFixture: @unchecked Sendable {
@@ -185,8 +122,8 @@ final class ISCSIFixture: @unchecked Sendable {
     }
 
     /// A fresh tgtd (stopped when the test ends) and a controller on it, past the power-on unit attention.
-    func ready() throws -> (FrozenTgt, ISCSIFixture) {
-        let tgt = try #require(FrozenTgt(), "tgtd could not be started (Deploy/tgt/backend-test-target.sh, log /tmp/sg-vhost-tgt-*.log)")
+    func ready() throws -> (TgtTarget, ISCSIFixture) {
+        let tgt = try TgtTarget(sizeMiB: 8)
         let f = try ISCSIFixture(url: tgt.url)
         // Power-on unit attention, then a working WRITE through tgtd.
         _ = f.command(tag: 1, cdb: [0, 0, 0, 0, 0, 0])

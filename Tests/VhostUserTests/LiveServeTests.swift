@@ -1,3 +1,4 @@
+import TestSupport
 import VirtioTestSupport
 import BlockIO
 import CSystem
@@ -136,7 +137,7 @@ final class InstantChannel: BlockChannel, @unchecked Sendable {
         defer { close(scsiFD); close(blkFD) }
         let logFD = Glibc.open("\(dir)/serve.log", O_WRONLY | O_CREAT | O_APPEND, 0o644)
         defer { close(logFD) }
-        let log: DeviceLogger = { level, text in
+        let log = TestLog.logger { level, text in
             let line = "\(level): \(text)\n"
             _ = line.withCString { write(logFD, $0, strlen($0)) }
         }
@@ -161,7 +162,7 @@ final class InstantChannel: BlockChannel, @unchecked Sendable {
                                              channelFactory: { FileChannel(fd: blkFD) }, log: log), log: log)
         try scsi.start()
         try blk.start()
-        log(.info, "attach with: -chardev socket,id=c0,path=\(dir)/scsi.sock -device vhost-user-scsi-pci,chardev=c0 -chardev socket,id=c1,path=\(dir)/blk.sock -device vhost-user-blk-pci,chardev=c1 (guest RAM: memory-backend-memfd,share=on)")
+        log.info("attach with: -chardev socket,id=c0,path=\(dir)/scsi.sock -device vhost-user-scsi-pci,chardev=c0 -chardev socket,id=c1,path=\(dir)/blk.sock -device vhost-user-blk-pci,chardev=c1 (guest RAM: memory-backend-memfd,share=on)")
         let deadline = clockSeconds() + 1800
         // Operator actions for hotplug checks: touch DIR/add-lun1, DIR/remove-lun1 or DIR/grow-lun0.
         while access("\(dir)/stop", F_OK) != 0 && clockSeconds() < deadline {
@@ -172,18 +173,18 @@ final class InstantChannel: BlockChannel, @unchecked Sendable {
                                                                              naa: 0x5000_1234_5678_0002),
                                                geometry: BlockGeometry(logicalBlockSize: 512, physicalBlockSize: 4096, blockCount: 65536),
                                                backendID: 0))
-                    log(.info, "added LUN 1")
-                } catch { log(.error, "add LUN 1: \(error)") }
+                    log.info("added LUN 1")
+                } catch { log.error("add LUN 1: \(error)") }
             }
             if unlink("\(dir)/remove-lun1") == 0 {
-                do { try target.remove(LogicalUnitNumber(1)!); log(.info, "removed LUN 1") } catch { log(.error, "remove LUN 1: \(error)") }
+                do { try target.remove(LogicalUnitNumber(1)!); log.info("removed LUN 1") } catch { log.error("remove LUN 1: \(error)") }
             }
             if unlink("\(dir)/grow-lun0") == 0 {
                 do {
                     try target.resize(LogicalUnitNumber(0)!, blockCount: (384 << 20) / 512, allowShrink: false)
                     _ = ftruncate(scsiFD, 384 << 20)
-                    log(.info, "grew LUN 0")
-                } catch { log(.error, "grow LUN 0: \(error)") }
+                    log.info("grew LUN 0")
+                } catch { log.error("grow LUN 0: \(error)") }
             }
             usleep(100_000)
         }

@@ -1,3 +1,4 @@
+import TestSupport
 import VirtioTestSupport
 import BlockIO
 import CSystem

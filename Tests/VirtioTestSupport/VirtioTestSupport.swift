@@ -288,13 +288,6 @@ public func testSocketPath(_ name: String) -> String {
     "/tmp/sg-\(name)-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
 }
 
-/// A log sink that records lines.
-public final class TestLog: @unchecked Sendable {
-    public let lines = Mutex<[String]>([])
-    public var logger: DeviceLogger { { [self] _, text in lines.withLock { $0.append(text) } } }
-    public init() {}
-    public func contains(_ s: String) -> Bool { lines.withLock { $0.contains { $0.contains(s) } } }
-}
 
 
 /// A virtio-scsi command laid out in guest RAM, ready for `TestSplitRing.addChain`: the request header

@@ -4,6 +4,7 @@ import CSystem
 import Gateway
 import PVSCSI
 import SCSI
+import TestSupport
 import VfioUser
 #if canImport(Glibc)
 import Glibc
@@ -23,7 +24,7 @@ final class PVSCSIFixture: @unchecked Sendable {
             try! target.add(LogicalUnit(number: LogicalUnitNumber(t)!, identity: LogicalUnitIdentity(serial: "PV\(t)", naa: 0x6001_4051_1000_0000 + UInt64(t)),
                                         geometry: backend.geometry, backendID: 0))
         }
-        controller = try! PVSCSIController(socketPath: socket, target: target, channelFactory: { _ in try? backend.makeChannel() }, log: { _ in })
+        controller = try! PVSCSIController(socketPath: socket, target: target, channelFactory: { _ in try? backend.makeChannel() }, log: TestLog.quiet)
         try! controller.start()
     }
 }

@@ -1,6 +1,8 @@
 import Backends
 import BlockIO
 import CSystem
+import Gateway
+import TestSupport
 import VfioUser
 import VfioUserVirtio
 import Virtio
@@ -22,7 +24,7 @@ final class VfioUserVirtioFixture: @unchecked Sendable {
         scsiSocket = dir + "/scsi.sock"
         blkSocket = dir + "/blk.sock"
         let (backend, target) = nullSCSITarget(name: "fuzz-vfu-scsi", serial: "VFU", naa: 0x6001_4052_0000_0000)
-        let quiet: DeviceLogger = { _, _ in }
+        let quiet = TestLog.quiet
         // A short drain timeout: the event queue holds its buffers until an event, so every reset waits for it.
         let scsiDevice = try! VirtioSCSIDevice(target: target,
                                                options: VirtioSCSIOptions(requestQueues: 2, maxQueueSize: 256, expectedQueueSize: 256,

@@ -3,6 +3,7 @@ import BlockIO
 import CSystem
 import Gateway
 import SCSI
+import TestSupport
 import VhostUser
 import VirtioDevices
 import Virtio
@@ -30,7 +31,7 @@ final class VhostUserFixture: @unchecked Sendable {
         scsiSocket = dir + "/scsi.sock"
         blkSocket = dir + "/blk.sock"
         let (backend, target) = nullSCSITarget(name: "fuzz-scsi", serial: "FUZZ", naa: 0x6001_4051_0000_0000)
-        let quiet: DeviceLogger = { _, _ in }
+        let quiet = TestLog.quiet
         // A short drain timeout: the event queue holds its buffers until an event, so every GET_VRING_BASE of it
         // waits the whole timeout (and then abandons them, a path worth fuzzing too).
         scsi = VhostUserSCSIController(socketPath: scsiSocket, device: try! VirtioSCSIDevice(target: target,

@@ -1,3 +1,4 @@
+import TestSupport
 import VfioUserTestSupport
 import BlockIO
 import CSystem
@@ -325,7 +326,7 @@ final class Fixture {
     let disks: [Int: MemoryDisk]
     let channels: ChannelRegistry
     let controller: PVSCSIController<TestCommandTarget, MemoryChannel>
-    let logLines: LogSink
+    let logLines: TestLog
     var client: VfioUserTestClient!
     var guest: TestGuest!
 
@@ -344,12 +345,12 @@ final class Fixture {
         commands = TestCommandTarget(table: table, useCore: useCore)
         let registry = ChannelRegistry(disks: d)
         channels = registry
-        let sink = LogSink()
+        let sink = TestLog()
         logLines = sink
         controller = try PVSCSIController(socketPath: path, target: commands, options: options,
                                           channelFactory: { id in registry.channel(id) },
                                           statistics: { id in statistics[id]?.counters(queue: 0) },
-                                          log: { sink.append($0) })
+                                          log: sink.logger)
         try controller.start()
         if connect {
             client = try VfioUserTestClient(path: path)
@@ -455,13 +456,5 @@ final class NSLockLike: @unchecked Sendable {
     }
 }
 
-/// Collects log lines.
-final class LogSink: @unchecked Sendable {
-    private var lines: [String] = []
-    private let lock = NSLockLike()
-    func append(_ s: String) { lock.locked { lines.append(s) } }
-    var all: [String] { lock.locked { lines } }
-    func contains(_ s: String) -> Bool { all.contains { $0.contains(s) } }
-}
 
 import Synchronization

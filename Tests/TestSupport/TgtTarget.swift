@@ -1,11 +1,14 @@
-import BlockIO
 import Foundation
-@testable import ISCSIBackend
 import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
 
-/// A private tgtd instance on 127.0.0.1 driven by Deploy/tgt/backend-test-target.sh.
-final class TgtTarget: @unchecked Sendable {
-    static let script: String = {
+/// A private tgtd instance on 127.0.0.1 driven by Deploy/tgt/backend-test-target.sh: the one tgtd fixture of the
+/// test targets (iSCSI back-end, virtio-scsi and PVSCSI task management over iSCSI). Its portal is a port the
+/// kernel picks (never two suites on one port), its control socket unique per process and instance.
+public final class TgtTarget: @unchecked Sendable {
+    public static let script: String = {
         var dir = URL(fileURLWithPath: #filePath)
         for _ in 0..<3 { dir.deleteLastPathComponent() }
         return dir.appendingPathComponent("Deploy/tgt/backend-test-target.sh").path
@@ -15,7 +18,7 @@ final class TgtTarget: @unchecked Sendable {
     /// A TCP port nothing listens on now (the kernel's choice for an ephemeral bind on 127.0.0.1), so
     /// that concurrent test processes and suites never pick the same portal; the control "port" only
     /// names tgtd's unix socket and just has to be unique.
-    static func nextPorts() -> (port: Int, control: Int) {
+    public static func nextPorts() -> (port: Int, control: Int) {
         let n = counter.withLock { c -> Int in c += 1; return c }
         // tgtd takes control ports up to 32767 (-C above is refused: every tgtd suite was skipped for ~30% of pids).
         let control = 5000 + Int(getpid() % 270) * 100 + n % 100
@@ -37,7 +40,7 @@ final class TgtTarget: @unchecked Sendable {
     }
 
     /// Whether tgtd can be started here at all (checked once, loudly reported when not).
-    static let availability: (ok: Bool, reason: String) = {
+    public static let availability: (ok: Bool, reason: String) = {
         do {
             let t = try TgtTarget(sizeMiB: 4)
             t.stop()
@@ -49,16 +52,16 @@ final class TgtTarget: @unchecked Sendable {
         }
     }()
 
-    let dir: String
-    let port: Int
-    let controlPort: Int
-    let iqn: String
-    let backingFile: String
-    let chap: (user: String, secret: String)?
+    public let dir: String
+    public let port: Int
+    public let controlPort: Int
+    public let iqn: String
+    public let backingFile: String
+    public let chap: (user: String, secret: String)?
 
-    struct Failure: Error, CustomStringConvertible { var description: String }
+    public struct Failure: Error, CustomStringConvertible { public var description: String }
 
-    init(sizeMiB: Int, chap: (user: String, secret: String)? = nil) throws {
+    public init(sizeMiB: Int, chap: (user: String, secret: String)? = nil) throws {
         let ports = Self.nextPorts()
         port = ports.port
         controlPort = ports.control
@@ -74,12 +77,12 @@ final class TgtTarget: @unchecked Sendable {
         try start()
     }
 
-    var url: String { "iscsi://127.0.0.1:\(port)/\(iqn)/1" }
+    public var url: String { "iscsi://127.0.0.1:\(port)/\(iqn)/1" }
 
     /// Runs the script with posix_spawn + waitpid (Foundation's Process can hang in waitUntilExit
     /// when the child leaves a daemon behind); output goes to a log file in the test directory.
     @discardableResult
-    static func run(_ args: [String]) throws -> String {
+    public static func run(_ args: [String]) throws -> String {
         let logPath = NSTemporaryDirectory() + "scsigate-tgt-script-\(getpid()).log"
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
@@ -104,7 +107,7 @@ final class TgtTarget: @unchecked Sendable {
         return text
     }
 
-    func start() throws {
+    public func start() throws {
         try Self.run(["start", dir, "\(port)", "\(controlPort)"])
         var args = ["target", "\(controlPort)", "1", iqn, backingFile]
         if let chap { args += [chap.user, chap.secret] }
@@ -112,24 +115,25 @@ final class TgtTarget: @unchecked Sendable {
     }
 
     /// Kills tgtd (SIGKILL when `hard`).
-    func stop(hard: Bool = false) {
+    public func stop(hard: Bool = false) {
         _ = try? Self.run(["stop", dir] + (hard ? ["KILL"] : []))
     }
 
     /// Sends `sig` to the running tgtd.
-    func signal(_ sig: Int32) -> Bool {
+    public func signal(_ sig: Int32) -> Bool {
         guard let text = try? String(contentsOfFile: dir + "/tgtd.pid", encoding: .utf8),
               let pid = pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)) else { return false }
         return kill(pid, sig) == 0
     }
 
     deinit {
+        _ = signal(SIGCONT)  // a test may have frozen it (SIGSTOP) to keep commands in flight
         stop()
         try? FileManager.default.removeItem(atPath: dir)
     }
 
     /// Reads `count` bytes of the backing file at `offset` from the host.
-    func readBacking(offset: Int, count: Int) -> [UInt8] {
+    public func readBacking(offset: Int, count: Int) -> [UInt8] {
         let fd = open(backingFile, O_RDONLY)
         defer { close(fd) }
         var buf = [UInt8](repeating: 0xEE, count: count)
@@ -138,85 +142,10 @@ final class TgtTarget: @unchecked Sendable {
     }
 
     /// Writes bytes into the backing file from the host.
-    func writeBacking(offset: Int, bytes: [UInt8]) {
+    public func writeBacking(offset: Int, bytes: [UInt8]) {
         let fd = open(backingFile, O_WRONLY)
         defer { close(fd) }
         _ = bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress, bytes.count, off_t(offset)) }
         fsync(fd)
     }
-}
-
-/// Page-aligned buffers exposed as an iovec list (split into several elements to exercise scatter/gather).
-final class TestBuffers {
-    let storage: UnsafeMutableRawPointer
-    let length: Int
-    let iovecs: IOVectorStorage
-
-    init(length: Int, pieces: Int = 3, fill: UInt8? = nil) {
-        self.length = length
-        storage = .allocate(byteCount: length, alignment: 4096)
-        storage.initializeMemory(as: UInt8.self, repeating: fill ?? 0, count: length)
-        iovecs = IOVectorStorage(capacity: max(pieces, 1))
-        // Uneven split on 512-byte boundaries.
-        let blocks = length / 512
-        var start = 0
-        for i in 0..<pieces {
-            let remaining = blocks - start / 512
-            let take = i == pieces - 1 ? remaining : max(1, remaining / (pieces - i) + (i % 2 == 0 ? 1 : -1))
-            let len = min(take, remaining) * 512
-            iovecs.elements[i] = iovec(iov_base: storage + start, iov_len: len)
-            start += len
-        }
-    }
-
-    deinit { storage.deallocate() }
-
-    var list: IOVectorList { iovecs.view(count: iovecs.capacity) }
-
-    var bytes: [UInt8] {
-        get { Array(UnsafeRawBufferPointer(start: storage, count: length)) }
-        set { newValue.withUnsafeBytes { storage.copyMemory(from: $0.baseAddress!, byteCount: min(length, $0.count)) } }
-    }
-
-    static func pattern(_ length: Int, seed: UInt8) -> [UInt8] {
-        (0..<length).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ Int(seed) &+ ($0 >> 9)) }
-    }
-}
-
-/// Runs a channel with poll(2) until `done` or the deadline, collecting completions.
-final class ChannelDriver {
-    let channel: ISCSIChannel
-    var results: [UInt64: (BlockResult, ISCSIRemoteSense)] = [:]
-
-    init(_ channel: ISCSIChannel) { self.channel = channel }
-
-    func pump(seconds: Double, until done: () -> Bool) {
-        let deadline = Date().addingTimeInterval(seconds)
-        channel.commit()
-        while !done() && Date() < deadline {
-            channel.runOnce(timeoutMilliseconds: 20)
-            _ = channel.reapDetailed { token, result, sense in self.results[token] = (result, sense) }
-        }
-        _ = channel.reapDetailed { token, result, sense in self.results[token] = (result, sense) }
-    }
-
-    /// Submits and waits for one request; nil when it did not complete in time.
-    func perform(_ request: BlockRequest, token: UInt64, seconds: Double = 10) -> BlockResult? {
-        let rc = channel.submit(request, token: token)
-        if rc != 0 { return BlockResult.failure(rc) }
-        pump(seconds: seconds) { results[token] != nil }
-        return results.removeValue(forKey: token)?.0
-    }
-
-    func waitOnline(seconds: Double) -> Bool {
-        pump(seconds: seconds) { channel.isOnline }
-        return channel.isOnline
-    }
-}
-
-/// Collects log lines.
-final class LogCapture: @unchecked Sendable {
-    private let lines = Mutex<[String]>([])
-    var sink: ISCSILogSink { { [self] _, line in lines.withLock { $0.append(line) } } }
-    var all: [String] { lines.withLock { $0 } }
 }

@@ -1,5 +1,7 @@
+import Backends
 import BlockIO
 import CSystem
+import SystemErrors
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -87,7 +89,7 @@ public final class PolicyChannel: BlockChannel, @unchecked Sendable {
             let code = errno != 0 ? errno : e
             if epollFD >= 0 { Glibc.close(epollFD) }
             if timerFD >= 0 { Glibc.close(timerFD) }
-            throw BlockBackendError("LUN policy channel: epoll/timerfd: " + String(cString: strerror(code)), errno: code)
+            throw .systemCall(SystemCallError("epoll/timerfd", errno: code, context: "LUN policy channel"))
         }
     }
 

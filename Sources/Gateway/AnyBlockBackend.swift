@@ -1,8 +1,10 @@
+import Backends
 import BlockIO
 import ISCSIBackend
 
 /// A back-end of any kind, as a concrete enum so the gateway and front-ends dispatch without
-/// existentials.
+/// existentials. It lives where back-ends are chosen (the gateway, from each LUN's config), so that `Backends`
+/// (the local back-ends) does not depend on `ISCSIBackend`.
 public enum AnyBlockBackend: Sendable {
     /// A raw file or block device.
     case file(FileBackend)
