@@ -67,7 +67,7 @@ extension VfioUserServer {
             }
             if fdCount > 0 {
                 let name = idx == VfioPCIIRQ.intx ? "INTx" : idx == VfioPCIIRQ.msi ? "MSI" : idx == VfioPCIIRQ.msix ? "MSI-X" : "index \(idx)"
-                log.debug("vfio-user: interrupt eventfd for \(name) vector \(start)\(count > 1 ? "...\(start + count - 1)" : "")")
+                log.info("vfio-user: interrupt eventfd for \(name) vector \(start)\(count > 1 ? "...\(start + count - 1)" : "")")
             }
             device.interruptsChanged()
         case dataBool, dataNone:
