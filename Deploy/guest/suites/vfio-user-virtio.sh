@@ -106,11 +106,22 @@ PY
 vfio_user_virtio_plain_memory() {
     local name=vfio-user-virtio-plain-memory plog="$DIR/plain.log" from rc
     from=$(wc -l < "$DIR/gw.log")
-    guest_run --sid --plain-memory --quiet --test fio-disks --log "$plog" --timeout 600 --bind "$DIR" \
-        --append "scsigate.disks=sda,vda scsigate.size=8M" \
-        -- -device "{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"$DIR/vsc0.sock\",\"type\":\"unix\"}}" \
-           -device "{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"$DIR/vbk0.sock\",\"type\":\"unix\"}}"
-    rc=$?
+    local args=(--sid --plain-memory --quiet --test fio-disks --log "$plog" --timeout 300 --bind "$DIR"
+        --append "scsigate.disks=sda,vda scsigate.size=8M"
+        -- -device "{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"$DIR/vsc0.sock\",\"type\":\"unix\"}}"
+           -device "{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"$DIR/vbk0.sock\",\"type\":\"unix\"}}")
+    guest_run "${args[@]}"; rc=$?
+    if [ "$rc" -eq 124 ]; then
+        # Known open problem (seen once in six runs, 2026-12-03): the plain-memory guest hung while its virtio
+        # drivers probed (one DMA read per function, then nothing). Retried once and counted, so that it shows in
+        # the summary line; the hung run's guest and gateway logs are kept.
+        RETRIES=$((RETRIES + 1))
+        echo "real-client: RETRY: $name guest hung (rc 124), log kept as $plog.hung"
+        mv "$plog" "$plog.hung"
+        tail -n +"$((from + 1))" "$DIR/gw.log" > "$DIR/gw-plain-hung.log"
+        from=$(wc -l < "$DIR/gw.log")
+        guest_run "${args[@]}"; rc=$?
+    fi
     tr -d '\r' < "$plog" | grep -a '^\[fio-verify\] fio\|^\[fio-disks\] disk' | sed "s/^/[$name] /"
     check "$name guest: fio randwrite+verify 4k/64k on the virtio-scsi and the virtio-blk disk, 0 errors" $rc
     tail -n +"$((from + 1))" "$DIR/gw.log" | grep -a 'guest RAM without fd: \|DMA by message so far' | sed "s/^.*controller=\\([^]]*\\)\\] [^:]*: /[$name] \\1: /"
