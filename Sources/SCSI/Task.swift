@@ -50,6 +50,9 @@ public struct SCSITask: Sendable {
     // MARK: Continuation state for multi-step commands, owned by the core
     var step: TaskStep = .none
     var scratch: ScratchBuffer? = nil
+    /// The core's own scratch memory of a multi-request command (VERIFY, COMPARE AND WRITE, WRITE SAME, ...), if it has
+    /// one: its back-end requests may point into it as well as into the task's data buffers (tests and fuzzing check this).
+    public var scratchMemory: UnsafeRawBufferPointer? { scratch.map { UnsafeRawBufferPointer($0.memory) } }
     /// The logical unit the command runs against, retained across `.submit` for `resume`
     /// (a hot-removed LUN stays alive until its commands complete).
     var unit: LogicalUnit? = nil

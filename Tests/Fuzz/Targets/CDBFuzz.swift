@@ -45,16 +45,24 @@ public enum CDBFuzz {
         }
     }
 
+    /// Whether `v` lies inside `memory`.
+    static func within(_ memory: UnsafeRawBufferPointer?, _ v: iovec) -> Bool {
+        guard let memory, let base = memory.baseAddress else { return false }
+        let lo = UInt(bitPattern: base), s = UInt(bitPattern: v.iov_base)
+        return s >= lo && s + UInt(v.iov_len) <= lo + UInt(memory.count)
+    }
+
     /// The memory LUN: executes block requests against bytes, checking they stay inside the LUN and the buffers.
     struct MemoryLUN {
         var bytes: UnsafeMutableRawBufferPointer
-        func perform(_ r: BlockRequest, fault: UInt8, buffers: [Buffer]) -> BlockResult {
+        func perform(_ r: BlockRequest, fault: UInt8, buffers: [Buffer], scratch: UnsafeRawBufferPointer?) -> BlockResult {
             if r.operation != .flush {
                 precondition(r.offset <= UInt64(bytes.count) && r.length <= UInt64(bytes.count) - r.offset,
                              "back-end request \(r.operation) at \(r.offset)+\(r.length) outside the LUN")
             }
             for i in 0 ..< r.buffers.count {
-                precondition(buffers.contains { $0.contains(r.buffers[i]) }, "back-end buffer outside the task's buffers")
+                precondition(buffers.contains { $0.contains(r.buffers[i]) } || CDBFuzz.within(scratch, r.buffers[i]),
+                             "back-end buffer outside the task's buffers and the core's scratch memory")
             }
             switch fault {
             case 1: return .failure(EIO)
@@ -110,7 +118,7 @@ public enum CDBFuzz {
             while case let .submit(request) = d {
                 precondition(task.backendID == 1, "request for back-end \(task.backendID)")
                 let fault = steps == 0 ? control >> 6 : 0
-                d = target.resume(&task, with: lun.perform(request, fault: fault, buffers: [out, input]))
+                d = target.resume(&task, with: lun.perform(request, fault: fault, buffers: [out, input], scratch: task.scratchMemory))
                 steps += 1
                 precondition(steps < 1_000_000, "runaway command")
             }
