@@ -215,16 +215,19 @@ final class TestGuest {
         try writeRegister(rw ? PVSCSI.Register.kickRWIO : PVSCSI.Register.kickNonRWIO, 0)
     }
 
+    /// CLOCK_MONOTONIC in milliseconds (the deadlines of the waits below).
+    private static func monotonicMilliseconds() -> Int64 {
+        var now = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &now)
+        return Int64(now.tv_sec) * 1000 + Int64(now.tv_nsec) / 1_000_000
+    }
+
     /// Waits for an interrupt eventfd to fire.
     func waitInterrupt(milliseconds: Int32 = 5000) -> Bool {
         let fd = msixFD >= 0 ? msixFD : intxFD
-        var deadline = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &deadline)
-        let end = Int64(deadline.tv_sec) * 1000 + Int64(deadline.tv_nsec) / 1_000_000 + Int64(milliseconds)
+        let end = Self.monotonicMilliseconds() + Int64(milliseconds)
         while true {
-            var now = timespec()
-            clock_gettime(CLOCK_MONOTONIC, &now)
-            let left = end - (Int64(now.tv_sec) * 1000 + Int64(now.tv_nsec) / 1_000_000)
+            let left = end - Self.monotonicMilliseconds()
             if left <= 0 { return false }
             // The client socket too: the server may ask for DMA (memory without fd) before it interrupts.
             var pfds = [pollfd(fd: fd, events: Int16(POLLIN), revents: 0), pollfd(fd: client.fd, events: Int16(POLLIN), revents: 0)]
@@ -248,12 +251,9 @@ final class TestGuest {
     /// Whether no completion arrives within `milliseconds`. Counts completions, not interrupt signals: run() may return
     /// before the interrupt of its last completion was delivered, and that late signal is no new completion.
     func noCompletion(milliseconds: Int32) -> Bool {
-        var now = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &now)
-        let end = Int64(now.tv_sec) * 1000 + Int64(now.tv_nsec) / 1_000_000 + Int64(milliseconds)
+        let end = Self.monotonicMilliseconds() + Int64(milliseconds)
         while true {
-            clock_gettime(CLOCK_MONOTONIC, &now)
-            let left = end - (Int64(now.tv_sec) * 1000 + Int64(now.tv_nsec) / 1_000_000)
+            let left = end - Self.monotonicMilliseconds()
             guard left > 0 else { return takeCompletions().isEmpty }
             if waitInterrupt(milliseconds: Int32(left)), !takeCompletions().isEmpty { return false }
         }
