@@ -60,6 +60,20 @@ final class BlkPCIFixture: @unchecked Sendable {
         try d.setStatus(0x0F)
         return (d, ring)
     }
+    /// The driver starts from scratch on fresh rings (reset, features, split queue 0 on vector 1, DRIVER_OK) and a
+    /// FLUSH completes: the function serves. Waits with `pump`, which also answers DMA messages (guest RAM without fd).
+    func expectServes(_ d: VirtioPCIDriver, sourceLocation: SourceLocation = #_sourceLocation) throws {
+        #expect(try d.negotiate(wanted: ~VirtioFeature.ringPacked) == 0x0B, sourceLocation: sourceLocation)
+        let ring = TestSplitRing(ram: ram, size: 16)
+        try d.setupQueue(0, size: 16, desc: ring.desc, driver: ring.avail, device: ring.used, vector: 1)
+        try d.setStatus(0x0F)
+        #expect(try d.status == 0x0F, sourceLocation: sourceLocation)
+        let flush = request(type: VirtioBlk.typeFlush, sector: 0)
+        ring.publish(ring.addChain(flush.buffers))
+        try d.kick(0)
+        #expect(d.pump { ring.usedIndex == 1 }, sourceLocation: sourceLocation)
+        #expect(ram.read(flush.status, 1) == [0], sourceLocation: sourceLocation)
+    }
 }
 
 @Suite(.serialized) struct VirtioBlkOverVfioUserTests {
@@ -167,14 +181,7 @@ final class BlkPCIFixture: @unchecked Sendable {
         #expect(try d.common(0x10, 2) == 0xFFFF)
         #expect(try d.common(0x18, 2) == 64)
         // The driver starts again from scratch on fresh rings.
-        #expect(try d.negotiate(wanted: ~VirtioFeature.ringPacked) == 0x0B)
-        let ring2 = TestSplitRing(ram: f.ram, size: 16)
-        try d.setupQueue(0, size: 16, desc: ring2.desc, driver: ring2.avail, device: ring2.used, vector: 1)
-        try d.setStatus(0x0F)
-        let again = f.request(type: VirtioBlk.typeFlush, sector: 0)
-        ring2.publish(ring2.addChain(again.buffers))
-        try d.kick(0)
-        #expect(waitFor { ring2.usedIndex == 1 })
+        try f.expectServes(d)
     }
 
     @Test func resizeRaisesTheConfigInterrupt() throws {

@@ -18,21 +18,6 @@ import Glibc
     static let bar0: UInt32 = 0
     static let msixBAR: UInt32 = 1
 
-    /// The driver starts from scratch on fresh rings (reset, features, split queue 0 on vector 1, DRIVER_OK) and a
-    /// FLUSH completes: the function serves.
-    func expectServes(_ f: BlkPCIFixture, _ d: VirtioPCIDriver, sourceLocation: SourceLocation = #_sourceLocation) throws {
-        #expect(try d.negotiate(wanted: ~VirtioFeature.ringPacked) == 0x0B, sourceLocation: sourceLocation)
-        let ring = TestSplitRing(ram: f.ram, size: 16)
-        try d.setupQueue(0, size: 16, desc: ring.desc, driver: ring.avail, device: ring.used, vector: 1)
-        try d.setStatus(0x0F)
-        #expect(try d.status == 0x0F, sourceLocation: sourceLocation)
-        let flush = f.request(type: VirtioBlk.typeFlush, sector: 0)
-        ring.publish(ring.addChain(flush.buffers))
-        try d.kick(0)
-        #expect(waitFor { ring.usedIndex == 1 }, sourceLocation: sourceLocation)
-        #expect(f.ram.read(flush.status, 1) == [0], sourceLocation: sourceLocation)
-    }
-
     func msixDriver(_ f: BlkPCIFixture) throws -> VirtioPCIDriver {
         let d = try VirtioPCIDriver(path: f.path, ram: f.ram)
         try d.enableMSIX()
@@ -69,7 +54,7 @@ import Glibc
         p.bytes += [0x0F, 0x0F]
         #expect(try c.request(.regionWrite, p.bytes).errorNumber == EINVAL)
         #expect(try d.status == 0)  // nothing of it reached device_status
-        try expectServes(f, d)
+        try f.expectServes(d)
     }
 
     @Test func oddAccessesToEveryVirtioStructureAreHarmless() throws {
@@ -135,7 +120,7 @@ import Glibc
         #expect(!table.isError && Array(table.payload.dropFirst(16)) == [UInt8](repeating: 0, count: 8))
         #expect(try !c.regionRead(Self.msixBAR, offset: 0x1000, count: 8).isError)
         #expect(f.log.all.count > before)
-        try expectServes(f, d)
+        try f.expectServes(d)
     }
 
     // MARK: Interrupts
@@ -217,7 +202,7 @@ import Glibc
         #expect(try c.dmaUnmap(address: base, size: size, flags: 2).errorNumber == EINVAL)  // unmap-all with a range
         // Only the RAM window is mapped: a ring in it runs.
         #expect(f.controller.function.memoryTable.regionCount == 1)
-        try expectServes(f, d)
+        try f.expectServes(d)
     }
 
     @Test func unmappingTheWindowARunningRingUsesKeepsTheRingsMemoryUntilReset() throws {
@@ -245,7 +230,7 @@ import Glibc
         // Mapped again and reset: it serves.
         #expect(try !d.client.dmaMap(address: f.ram.gpaBase, size: UInt64(f.ram.size), fd: f.ram.fd).isError)
         try d.setStatus(0)
-        try expectServes(f, d)
+        try f.expectServes(d)
     }
 
     // MARK: Rings
@@ -273,7 +258,7 @@ import Glibc
         #expect(try d.negotiate(wanted: ~0) == 0x0B)
         try d.setupQueue(0, size: 16, desc: end - 0x40, driver: ring.avail, device: ring.used, vector: 1)
         #expect(try d.status & 0x40 != 0)
-        try expectServes(f, d)
+        try f.expectServes(d)
     }
 
     @Test func descriptorsOutsideMemoryFailOnlyTheirRequest() throws {
@@ -326,7 +311,7 @@ import Glibc
         #expect(try d.common(0x20, 8) == good.desc)
         #expect(try d.common(0x1C, 2) == 1)
         try d.setStatus(0)
-        try expectServes(f, d)
+        try f.expectServes(d)
     }
 
     @Test func queueSelectOutOfRangeReadsZeroAndTakesNoWrites() throws {
@@ -347,7 +332,7 @@ import Glibc
         #expect(try d.common(0x18, 2) == 64)
         #expect(try d.common(0x20, 8) == 0)
         #expect(try d.status == 0x0B)
-        try expectServes(f, d)
+        try f.expectServes(d)
     }
 
     /// The avail index jumps past the ring, or an entry names a descriptor past the table: the ring breaks, the device
@@ -362,7 +347,7 @@ import Glibc
         #expect(d.waitInterrupt(d.vectorFDs[0]))
         #expect(ring.usedIndex == 0)
         #expect(f.log.contains("device needs reset: queue 0"))
-        try expectServes(f, d)
+        try f.expectServes(d)
     }
 
     @Test func aDeviceThatNeedsResetRefusesIOUntilReset() throws {
@@ -390,6 +375,6 @@ import Glibc
         // A reset clears it.
         try d.setStatus(0)
         #expect(try d.status == 0)
-        try expectServes(f, d)
+        try f.expectServes(d)
     }
 }
