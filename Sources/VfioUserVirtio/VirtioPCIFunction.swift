@@ -38,6 +38,12 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
         var kickFD: Int32 = -1
         /// The call fd handed to the running queue (a vector eventfd duplicate, the relay fd, or -1).
         var callFD: Int32 = -1
+        /// Guest RAM without fd: the enable waits for a DMA_READ, whose wait handles the driver's next messages
+        /// (its queue_enable write was acknowledged first, as it must be: the client answers DMA only then).
+        /// Meanwhile the queue's registers are refused and its notifications remembered, not dropped (SeaBIOS
+        /// enables its request queue, sets DRIVER_OK and notifies at once, then polls the used ring forever).
+        var enabling = false
+        var notifiedWhileEnabling = false
     }
 
     var configSpace: PCIConfigSpace
@@ -76,6 +82,8 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
     private(set) var ringsOutsideMemory = 0
     /// Changes whenever a ring stops: a broken-ring report from before is then stale.
     private(set) var queueEpoch: UInt64 = 0
+    /// Changes at every device reset: work that waited for DMA (a queue enable) is then stale.
+    private var resetEpoch: UInt64 = 0
 
     init(device: Device, kind: VirtioPCIDeviceKind, loop: EventLoop, name: String, log: Logger) throws(VfioUserError) {
         guard device.queueCount >= 1, device.queueCount <= VirtioPCILayout.maxQueues, device.queueCount + 1 <= 2048 else {
@@ -258,7 +266,10 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
                 refuse("queue_reset of queue \(qi) (VIRTIO_F_RING_RESET not offered)")
                 return
             }
-            guard !queues[qi].enabled else { refuse("queue \(qi) register 0x\(String(start, radix: 16)) written while the queue is enabled"); return }
+            guard !queues[qi].enabled, !queues[qi].enabling else {
+                refuse("queue \(qi) register 0x\(String(start, radix: 16)) written while the queue is \(queues[qi].enabled ? "enabled" : "being enabled")")
+                return
+            }
             switch start {
             case C.queueSize:
                 let size = Int(value & 0xFFFF)
@@ -350,9 +361,20 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
         let addresses = VirtqueueAddresses(descriptorTable: q.desc, driverArea: q.driver, deviceArea: q.device)
         // Guest RAM without fd: the ring's shadow takes the guest's used index before the device reads it.
         var plainUsedIndex: UInt16 = 0
+        queues[i].notifiedWhileEnabling = false
         if let plainRings {
             plainRings.deviceTable = memoryTable
-            guard let used = plainRings.prepareShadow(i, size: size, desc: q.desc, avail: q.driver, used: q.device) else {
+            let epoch = resetEpoch
+            queues[i].enabling = true
+            let used = plainRings.prepareShadow(i, size: size, desc: q.desc, avail: q.driver, used: q.device)
+            // The driver's messages handled during that DMA wait may have reset the device or marked it broken.
+            guard epoch == resetEpoch else {
+                note(.info, "queue \(i): the device was reset while the queue was being enabled; it stays disabled")
+                return
+            }
+            queues[i].enabling = false
+            guard status & S.needsReset == 0 else { return }
+            guard let used else {
                 needsReset("queue \(i): its ring cannot run over guest RAM without fd")
                 return
             }
@@ -388,6 +410,10 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
         queues[i].enabled = true
         device.startQueue(RunningQueue(index: i, ring: ring, kickFD: kick, callFD: queues[i].callFD, enabled: true,
                                        onBroken: { [relay = QueueBrokenRelay(self, queue: i)] in relay.fire($0) }))
+        if queues[i].notifiedWhileEnabling {
+            queues[i].notifiedWhileEnabling = false
+            plainRings?.kicked(i)
+        }
     }
 
     /// The call fd queue `i` should have now (the caller owns it unless it is the relay fd).
@@ -428,6 +454,10 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
 
     private func notify(_ offset: Int, _ count: Int) {
         let i = offset / Int(L.notifyOffMultiplier)
+        if offset % Int(L.notifyOffMultiplier) == 0, count == 2 || count == 4, i < queues.count, queues[i].enabling {
+            queues[i].notifiedWhileEnabling = true
+            return
+        }
         guard offset % Int(L.notifyOffMultiplier) == 0, count == 2 || count == 4, i < queues.count, queues[i].enabled else {
             ignoredNotifies += 1
             if ignoredNotifies <= 10 || ignoredNotifies % 1000 == 0 {
@@ -440,6 +470,7 @@ final class VirtioPCIFunction<Device: VirtioDeviceModel>: VfioUserDevice, @unche
 
     /// Stops every ring (draining) and returns to the power-on state.
     private func resetDevice() {
+        resetEpoch &+= 1
         for i in queues.indices { stopQueue(i) }
         stopPlainMemory()
         let size = UInt16(clamping: device.expectedQueueSize)

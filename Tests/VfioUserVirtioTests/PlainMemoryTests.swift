@@ -244,6 +244,54 @@ extension VirtioPCIDriver {
         try f.expectServes(d)
     }
 
+    /// SeaBIOS enables its request queue, sets DRIVER_OK and notifies at once, then polls the used ring. With
+    /// guest RAM without fd the enable waits for a DMA_READ (the guest's used index), and the driver's DRIVER_OK
+    /// and notification arrive during that wait: the notification must not be dropped (it hung the boot).
+    @Test func notificationArrivingWhileTheQueueIsBeingEnabled() throws {
+        let f = try BlkPCIFixture()
+        let d = try VirtioPCIDriver.plainMemory(path: f.path, ram: f.ram)
+        try d.enableMSIX()
+        #expect(try d.negotiate(wanted: ~0) == 0x0B)
+        let ring = TestSplitRing(ram: f.ram, size: 16)
+        let w = f.request(type: VirtioBlk.typeOut, sector: 2, out: [UInt8](repeating: 0x5C, count: 512))
+        var hooked = false
+        d.client.onDMARequest = { _ in
+            hooked = true
+            try d.setStatus(0x0F)
+            ring.publish(ring.addChain(w.buffers))
+            try d.kick(0)
+        }
+        try d.setupQueue(0, size: 16, desc: ring.desc, driver: ring.avail, device: ring.used, vector: 1)
+        #expect(d.pump { ring.usedIndex == 1 }, "the notification sent during the enable's DMA wait was served")
+        #expect(hooked)
+        #expect(f.ram.read(w.status, 1) == [0])
+        #expect(f.channel.bytes(2 * 512, 512) == [UInt8](repeating: 0x5C, count: 512))
+        #expect(try d.status == 0x0F)
+        #expect(!f.log.contains("ignored notification"))
+    }
+
+    /// A reset during the enable's DMA wait: the queue stays disabled, and the device starts again from scratch.
+    @Test func resetArrivingWhileTheQueueIsBeingEnabled() throws {
+        let f = try BlkPCIFixture()
+        let d = try VirtioPCIDriver.plainMemory(path: f.path, ram: f.ram)
+        try d.enableMSIX()
+        #expect(try d.negotiate(wanted: ~0) == 0x0B)
+        let ring = TestSplitRing(ram: f.ram, size: 16)
+        var hooked = false
+        d.client.onDMARequest = { _ in
+            hooked = true
+            try d.setStatus(0)
+        }
+        try d.setupQueue(0, size: 16, desc: ring.desc, driver: ring.avail, device: ring.used, vector: 1)
+        _ = d.pump(seconds: 0.5) { false }
+        #expect(hooked)
+        #expect(try d.status == 0)
+        try d.setCommon(0x16, 2, 0)
+        #expect(try d.common(0x1C, 2) == 0, "queue 0 is not enabled after the reset")
+        #expect(f.log.contains("reset while the queue was being enabled"))
+        try f.expectServes(d)
+    }
+
     @Test func windowUnmappedAndMappedAgainWhileTheRingRuns() throws {
         let f = try BlkPCIFixture()
         let (d, ring) = try Self.blkDriver(f)
