@@ -57,10 +57,11 @@ suite_migration() {
         pa=$!
         bash "$HERE/wait-marker.sh" "$DIR/qemu-a.log" "SCSIGATE-MIGRATION phase=write" 300 >/dev/null && break
         mig_hmp "$port" quit >/dev/null; wait "$pa"
-        # A boot-time stall (no guest test output at all) is retried once, as guest_run does.
-        if [ "$attempt" = 1 ] && ! tr -d '\r' < "$DIR/qemu-a.log" | grep -a '^\[' >/dev/null; then
+        # A guest kernel panic before its init ran is retried once, as guest_run does.
+        if [ "$attempt" = 1 ] && tr -d '\r' < "$DIR/qemu-a.log" | grep -a 'Kernel panic' >/dev/null \
+            && ! tr -d '\r' < "$DIR/qemu-a.log" | grep -a '^scsigate-guest: kernel' >/dev/null; then
             RETRIES=$((RETRIES + 1))
-            echo "real-client: RETRY: the guest stalled before its test started (log kept as $DIR/qemu-a.log.stalled)"
+            echo "real-client: RETRY: the guest kernel panicked before its init ran (log kept as $DIR/qemu-a.log.stalled)"
             mv "$DIR/qemu-a.log" "$DIR/qemu-a.log.stalled"
             continue
         fi
