@@ -65,7 +65,7 @@ let package = Package(
         // Virtqueue micro-benchmark: the data-path cost of dirty logging (live migration), off vs on.
         .executableTarget(name: "ring-bench", dependencies: ["Virtio", "GuestMemoryMap", "CSystem"], path: "Benchmarks/RingBench"),
         // libFuzzer targets for every guest- and client-facing parser (Tests/Fuzz, README "Fuzzing"). They build in
-        // every debug build so that they follow API changes; Deploy/fuzz/fuzz.sh links scsigate-fuzz with
+        // every debug build so that they follow API changes; Tests/Fuzz/fuzz.sh links scsigate-fuzz with
         // -sanitize=fuzzer,address -DFUZZING (libFuzzer's main) into .build/fuzz. Without FUZZING it replays inputs.
         .target(name: "FuzzTargets", dependencies: [
             "TestSupport", "GuestMemoryMap", "Virtio", "VirtioDevices", "VhostUser", "VfioUser", "VfioUserVirtio", "PVSCSI", "SCSI", "BlockIO", "Backends", "Gateway", "CSystem",

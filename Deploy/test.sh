@@ -3,8 +3,8 @@
 #   1. installs missing Debian packages (libaio-dev, libiscsi-dev, pkg-config; systemd for systemd-socket-activate),
 #   2. swift build of every target and test target; any compiler warning fails the run,
 #   3. swift test: all unit and protocol tests (XCTest, then Swift Testing with its summary),
-#   3b. every libFuzzer target for a few seconds (Deploy/fuzz/fuzz.sh --all),
-#   4. the real-client suites (QEMU guests, tgtd) through Deploy/guest/ci.sh when it exists; they need root
+#   3b. every libFuzzer target for a few seconds (Tests/Fuzz/fuzz.sh --all),
+#   4. the real-client suites (QEMU guests, tgtd) through Tests/RealClients/ci.sh when it exists; they need root
 #      (chroot, mounts, loop devices, tgtd), so a non-root run skips them with one line saying so.
 # CI runs this through .ci/run (as root, no stdin, CI=true), and so runs everything.
 set -euo pipefail
@@ -38,17 +38,17 @@ set -e
 grep -Eq "Test run with [0-9]+ tests? .*passed" "$logs/test.log" || sg_fail "swift test printed no Swift Testing summary"
 
 # Every libFuzzer target briefly (one sanitizer build into .build/fuzz, then a few seconds each; a crash, leak
-# or timeout fails the run and leaves its reproducer): Deploy/fuzz/fuzz.sh, README "Fuzzing".
-sg_say "fuzz targets: Deploy/fuzz/fuzz.sh --all ${SCSIGATE_FUZZ_SECONDS:-4}"
-bash Deploy/fuzz/fuzz.sh --all "${SCSIGATE_FUZZ_SECONDS:-4}" || sg_fail "a fuzz target found a crash, leak or timeout (reproducer path above)"
+# or timeout fails the run and leaves its reproducer): Tests/Fuzz/fuzz.sh, README "Fuzzing".
+sg_say "fuzz targets: Tests/Fuzz/fuzz.sh --all ${SCSIGATE_FUZZ_SECONDS:-4}"
+bash Tests/Fuzz/fuzz.sh --all "${SCSIGATE_FUZZ_SECONDS:-4}" || sg_fail "a fuzz target found a crash, leak or timeout (reproducer path above)"
 
-if [ ! -f Deploy/guest/ci.sh ]; then
-    sg_say "Deploy/guest/ci.sh not present: no real-client suites in this checkout"
+if [ ! -f Tests/RealClients/ci.sh ]; then
+    sg_say "Tests/RealClients/ci.sh not present: no real-client suites in this checkout"
 elif [ "$(id -u)" != 0 ]; then
-    sg_say "unit tests passed; real-client suites NOT RUN: Deploy/guest/ci.sh needs root (QEMU guests in a chroot, mounts, loop devices, tgtd): run Deploy/test.sh as root for them"
+    sg_say "unit tests passed; real-client suites NOT RUN: Tests/RealClients/ci.sh needs root (QEMU guests in a chroot, mounts, loop devices, tgtd): run Deploy/test.sh as root for them"
     exit 0
 else
-    sg_say "real-client suites: Deploy/guest/ci.sh"
-    bash Deploy/guest/ci.sh
+    sg_say "real-client suites: Tests/RealClients/ci.sh"
+    bash Tests/RealClients/ci.sh
 fi
 sg_say "all tests passed"

@@ -7,7 +7,7 @@
 #   --name NAME          libvirt domain name
 #   --socket PATH        the controller's socket (`socket` in the gateway config)
 #   --emulator PATH      QEMU binary (default /usr/bin/qemu-system-x86_64; pvscsi needs QEMU >= 10.1,
-#                        e.g. Deploy/libvirt/qemu-sid.sh)
+#                        e.g. Tests/RealClients/chroot/qemu-sid.sh)
 #   --memory MIB         guest RAM (default 1024)
 #   --queues N           the controller's `queues` (default 1)
 #   --kernel FILE --initrd FILE --cmdline TEXT

@@ -12,7 +12,7 @@
 # Prints the library and hypervisor versions (virsh version) and which daemons it started.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
-. "$HERE/../guest/lib.sh"
+. "$HERE/../../Tests/RealClients/lib.sh"
 stopfile=
 while [ $# -gt 0 ]; do
     case $1 in

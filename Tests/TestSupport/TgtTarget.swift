@@ -4,14 +4,14 @@ import Synchronization
 import Glibc
 #endif
 
-/// A private tgtd instance on 127.0.0.1 driven by Deploy/tgt/backend-test-target.sh: the one tgtd fixture of the
+/// A private tgtd instance on 127.0.0.1 driven by Tests/RealClients/tgt/backend-test-target.sh: the one tgtd fixture of the
 /// test targets (iSCSI back-end, virtio-scsi and PVSCSI task management over iSCSI). Its portal is a port the
 /// kernel picks (never two suites on one port), its control socket unique per process and instance.
 public final class TgtTarget: @unchecked Sendable {
     public static let script: String = {
         var dir = URL(fileURLWithPath: #filePath)
         for _ in 0..<3 { dir.deleteLastPathComponent() }
-        return dir.appendingPathComponent("Deploy/tgt/backend-test-target.sh").path
+        return dir.appendingPathComponent("Tests/RealClients/tgt/backend-test-target.sh").path
     }()
 
     private static let counter = Mutex(0)

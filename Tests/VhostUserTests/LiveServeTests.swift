@@ -119,7 +119,7 @@ final class InstantChannel: BlockChannel, @unchecked Sendable {
     }
 }
 
-/// Serves a virtio-scsi and a virtio-blk controller for a real QEMU guest (Deploy/guest/run-guest.sh).
+/// Serves a virtio-scsi and a virtio-blk controller for a real QEMU guest (Tests/RealClients/run-guest.sh).
 /// Runs only when SCSIGATE_VHOST_SERVE_DIR is set: sockets scsi.sock and blk.sock and the backing
 /// files scsi.img and blk.img are created there; the test ends when DIR/stop appears.
 @Suite struct LiveServeTests {

@@ -10,7 +10,7 @@ func eprint(_ text: String) {
 }
 
 #if FUZZING
-// libFuzzer build (Deploy/fuzz/fuzz.sh: -sanitize=fuzzer,address -DFUZZING): libFuzzer owns main and calls
+// libFuzzer build (Tests/Fuzz/fuzz.sh: -sanitize=fuzzer,address -DFUZZING): libFuzzer owns main and calls
 // these. The target is chosen by SCSIGATE_FUZZ_TARGET.
 nonisolated(unsafe) var selectedTarget: FuzzTarget?
 

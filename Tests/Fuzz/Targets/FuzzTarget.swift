@@ -6,7 +6,7 @@ import Glibc
 /// One libFuzzer target: a name (the corpus directory under Tests/Fuzz/Corpus), the function that feeds
 /// one input to the real code, and the meaningful seed inputs it starts from.
 public struct FuzzTarget: Sendable {
-    /// Name used by `Deploy/fuzz/fuzz.sh` and as the corpus directory name.
+    /// Name used by `Tests/Fuzz/fuzz.sh` and as the corpus directory name.
     public let name: String
     /// What the target drives.
     public let summary: String

@@ -1,5 +1,5 @@
 # package suite (sourced by ci.sh): Deploy/package-deb.sh builds the .deb (release, static Swift runtime);
-# it is installed into a clean Debian bookworm minbase chroot (Deploy/chroot/make-bookworm-chroot.sh, used
+# it is installed into a clean Debian bookworm minbase chroot (Tests/RealClients/chroot/make-bookworm-chroot.sh, used
 # through an overlay so the cached tree stays clean) with `apt-get install ./scsigate_*.deb`, which pulls
 # the dependencies from the mirror. There: `scsigate version`, `scsigate check-config` (built-in default and
 # the installed /etc/scsigate/scsigate.toml), ldd finds every library, the files (units, man page,
@@ -13,7 +13,7 @@ suite_package() {
     deb=$(bash "$ROOT/Deploy/package-deb.sh" --output "$DIR" | tail -1) && [ -f "$deb" ]
     check "package .deb built: ${deb##*/} ($(du -h "$deb" 2>/dev/null | cut -f1))" $? || return
     echo "[package] $(dpkg-deb -f "$deb" Depends | sed 's/^/Depends: /')"
-    base=$(bash "$ROOT/Deploy/chroot/make-bookworm-chroot.sh"); check "package clean bookworm chroot (cached)" $? || return
+    base=$(bash "$ROOT/Tests/RealClients/chroot/make-bookworm-chroot.sh"); check "package clean bookworm chroot (cached)" $? || return
     version=$(dpkg-deb -f "$deb" Version)
     mkdir -p "$DIR/upper" "$DIR/work" "$DIR/root"
     # One private mount namespace for the overlay and the chroot's /proc and /dev: they vanish with it.

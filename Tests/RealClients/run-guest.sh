@@ -2,7 +2,7 @@
 # Boot the test guest under QEMU (TCG) and run one guest test script.
 #
 # Usage: run-guest.sh --test NAME [options] [-- QEMU_ARGS...]
-#   --test NAME       guest script Deploy/guest/tests/NAME.sh (smoke, conformance, fio-verify, ...)
+#   --test NAME       guest script Tests/RealClients/tests/NAME.sh (smoke, conformance, fio-verify, ...)
 #   --append ARGS     extra kernel command line, e.g. "scsigate.vendor=SCSIGATE scsigate.size=32M"
 #                     (repeatable; values must not contain spaces)
 #   --log FILE        console log (default /tmp/scsigate-guest-NAME-<time>.log)
@@ -84,8 +84,8 @@ if [ $sid = 1 ]; then
     sidargs=(--ro-bind "$(dirname "$VMLINUZ")" --ro-bind "$(dirname "$INITRD")")
     for b in "${binds[@]}"; do sidargs+=(--bind "$b"); done
     # build/verify the chroot now, outside the timeout
-    "$HERE/../chroot/make-sid-chroot.sh" >/dev/null || sg_die "make-sid-chroot.sh failed"
-    cmd=("$HERE/../chroot/sid-run.sh" --no-build "${sidargs[@]}" -- "${cmd[@]}")
+    "$HERE/chroot/make-sid-chroot.sh" >/dev/null || sg_die "make-sid-chroot.sh failed"
+    cmd=("$HERE/chroot/sid-run.sh" --no-build "${sidargs[@]}" -- "${cmd[@]}")
 else
     if [ "$qemu" = qemu-system-x86_64 ] && ! command -v qemu-system-x86_64 >/dev/null; then
         sg_apt_install qemu-system-x86

@@ -3,7 +3,7 @@
 # cached Debian kernel, sg3-utils, fio, iscsi-test-cu, blkdiscard with every
 # shared library they need, an /init that runs the test named on the kernel
 # command line (scsigate.test=NAME -> /tests/NAME.sh, baked in from
-# Deploy/guest/tests/), prints "SCSIGATE-GUEST-EXIT rc=N" and powers off.
+# Tests/RealClients/tests/), prints "SCSIGATE-GUEST-EXIT rc=N" and powers off.
 #
 # Usage: build-initramfs.sh [--force] [--output FILE]
 # Prints INITRD=<path> (and the fetch-kernel.sh lines: KVER, VMLINUZ, MODULES).

@@ -3,7 +3,7 @@
 # Usage: stop-tgtd.sh [--state-dir DIR] [--control-port N]
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
-. "$HERE/../guest/lib.sh"
+. "$HERE/../lib.sh"
 state=/run/scsigate-tgt cport=
 while [ $# -gt 0 ]; do
     case $1 in

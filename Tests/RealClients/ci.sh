@@ -17,7 +17,7 @@
 # scsigate binary to test (default: this checkout's swift build).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-HERE="$ROOT/Deploy/guest"
+HERE="$ROOT/Tests/RealClients"
 . "$HERE/lib.sh"
 sg_require_root
 cd "$ROOT"
@@ -361,7 +361,7 @@ suite_vhost_user_blk() {
 suite_iscsi() {
     DIR="$WORK/iscsi"; mkdir -p "$DIR"
     local out url
-    out=$(bash "$ROOT/Deploy/tgt/start-tgtd.sh" --port 3262 --control-port 17 --state-dir "$DIR/tgt" \
+    out=$(bash "$ROOT/Tests/RealClients/tgt/start-tgtd.sh" --port 3262 --control-port 17 --state-dir "$DIR/tgt" \
         --backing "$DIR/tgt-lun1.img" --size 256M --iqn iqn.2026-11.org.scsigate:ci); check "tgtd start" $? || return
     url=$(printf '%s\n' "$out" | sed -n 's/^TGT_URL=//p')
     { gateway_header "$DIR"; cat <<TOML
@@ -401,7 +401,7 @@ TOML
             t0=$(date +%s)
             kill -KILL "$(cat "$DIR/tgt/tgtd.pid")"
             sleep 5
-            bash "$ROOT/Deploy/tgt/start-tgtd.sh" --port 3262 --control-port 17 --state-dir "$DIR/tgt" \
+            bash "$ROOT/Tests/RealClients/tgt/start-tgtd.sh" --port 3262 --control-port 17 --state-dir "$DIR/tgt" \
                 --backing "$DIR/tgt-lun1.img" --size 256M --iqn iqn.2026-11.org.scsigate:ci >/dev/null
             echo "[iscsi] tgtd killed and restarted: outage $(( $(date +%s) - t0 )) s during guest fio verify"
         fi
@@ -416,7 +416,7 @@ TOML
     else
         check "iscsi gateway start" 1
     fi
-    bash "$ROOT/Deploy/tgt/stop-tgtd.sh" --state-dir "$DIR/tgt" >/dev/null 2>&1
+    bash "$ROOT/Tests/RealClients/tgt/stop-tgtd.sh" --state-dir "$DIR/tgt" >/dev/null 2>&1
 }
 
 # vhost-user-blk-resize: QEMU 11 (sid chroot; it speaks VHOST_USER_PROTOCOL_F_CONFIG, QEMU 7.2 does not)

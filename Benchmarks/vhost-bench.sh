@@ -18,9 +18,9 @@
 # Defaults: -t 3 -r 3, every back-end, QD 1 and 32, reads and writes, EVENT_IDX on. Needs root (chroot).
 # SCSIGATE_BIN=PATH runs that scsigate binary instead of building this tree's release build.
 set -uo pipefail
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-. "$ROOT/Deploy/guest/lib.sh"
-. "$ROOT/Deploy/bench/lib.sh"
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+. "$ROOT/Tests/RealClients/lib.sh"
+. "$ROOT/Benchmarks/bench-lib.sh"
 sg_require_root
 seconds=3 repeats=3 only="" qds="1 32" ops="read write" eidx=1 dirtylog=0
 while [ $# -gt 0 ]; do
@@ -38,7 +38,7 @@ while [ $# -gt 0 ]; do
     shift
 done
 cd "$ROOT"
-[ "$dirtylog" = 1 ] || bash Deploy/chroot/make-sid-chroot.sh >/dev/null || sg_die "sid chroot"
+[ "$dirtylog" = 1 ] || bash Tests/RealClients/chroot/make-sid-chroot.sh >/dev/null || sg_die "sid chroot"
 BIN=$(bench_binary) || exit 1
 CLIENT=$(bash Benchmarks/vhost-bench/build.sh) || sg_die "cannot build the client"
 W=$(mktemp -d /var/tmp/scsigate-vbench.XXXXXX)
@@ -59,7 +59,7 @@ start() {  # start BACKEND: qsd and one gateway (a blk and a scsi controller) on
     esac
     rm -f "$W"/*.sock
     if [ "$dirtylog" = 0 ]; then
-        bash Deploy/chroot/sid-run.sh --no-build --bind "$W" -- qemu-storage-daemon \
+        bash Tests/RealClients/chroot/sid-run.sh --no-build --bind "$W" -- qemu-storage-daemon \
             --object iothread,id=io0 --blockdev "$qdev" \
             --export "type=vhost-user-blk,id=e0,node-name=b0,iothread=io0,addr.type=unix,addr.path=$W/qsd.sock,writable=on,num-queues=1" \
             >"$W/qsd.log" 2>&1 &

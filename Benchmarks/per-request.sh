@@ -18,9 +18,9 @@
 # Defaults: -t 3 -d 1, null, reads, both types. SCSIGATE_BIN=PATH measures that binary (default: this
 # tree's release build). Needs root (perf).
 set -uo pipefail
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-. "$ROOT/Deploy/guest/lib.sh"
-. "$ROOT/Deploy/bench/lib.sh"
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+. "$ROOT/Tests/RealClients/lib.sh"
+. "$ROOT/Benchmarks/bench-lib.sh"
 sg_require_root
 seconds=3 depth=1 backend=null write=() instructions=0 log=() only_types=
 while [ $# -gt 0 ]; do

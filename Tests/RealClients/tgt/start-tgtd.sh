@@ -16,7 +16,7 @@
 # Prints on stdout: TGT_URL=iscsi://[U%P@]IP:PORT/IQN/1  TGT_PID=N  TGT_BACKING=FILE
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
-. "$HERE/../guest/lib.sh"
+. "$HERE/../lib.sh"
 
 portal=127.0.0.1 port=3260 cport=7 iqn=iqn.2026-11.org.scsigate:tgt-test
 backing= size=256M bsoflags= chap_user= chap_pass= state=/run/scsigate-tgt

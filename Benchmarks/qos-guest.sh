@@ -4,11 +4,11 @@
 # runs fio 4 KiB random reads on the unlimited disk alone, then on both at once, and the host prints
 # the figures with the limited LUN's error against its limit and its throttled time from `scsigate stats`.
 # Under TCG a guest may not offer 10x the limit: the script prints the offered load it measured (the
-# free disk alone) so that can be judged; Deploy/bench/qos-bench.sh loads the limit at >= 10x in-process.
+# free disk alone) so that can be judged; Benchmarks/qos-bench.sh loads the limit at >= 10x in-process.
 # Usage: qos-guest.sh [--limit IOPS] [--runtime S]
 set -uo pipefail
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-. "$ROOT/Deploy/guest/lib.sh"
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+. "$ROOT/Tests/RealClients/lib.sh"
 sg_require_root
 limit=2000 runtime=20
 while [ $# -gt 0 ]; do
@@ -50,7 +50,7 @@ TOML
 gw=$!
 trap 'kill $gw 2>/dev/null; wait $gw 2>/dev/null; rm -rf "$DIR"' EXIT
 for _ in $(seq 1 100); do grep -q "running; stop with SIGTERM" "$DIR/gw.log" && break; sleep 0.2; done
-bash "$ROOT/Deploy/guest/run-guest.sh" --quiet --test qos-fio --log "$DIR/guest.log" --timeout 600 \
+bash "$ROOT/Tests/RealClients/run-guest.sh" --quiet --test qos-fio --log "$DIR/guest.log" --timeout 600 \
     --append "scsigate.runtime=$runtime" \
     -- -chardev "socket,id=c0,path=$DIR/qos0.sock" -device vhost-user-scsi-pci,chardev=c0 || sg_die "guest failed: $(tail -20 "$DIR/guest.log")"
 alone=$(tr -d '\r' < "$DIR/guest.log" | sed -n 's/^SCSIGATE-QOS phase=alone free=\([0-9]*\).*/\1/p')

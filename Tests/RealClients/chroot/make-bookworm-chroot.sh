@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build (once) a clean Debian bookworm minbase chroot with fresh apt lists, for installing ScsiGate's .deb
 # the way an operator would (`apt-get install ./scsigate_*.deb` resolves its dependencies from the mirror).
-# Use it through an overlay or a copy (Deploy/guest/suites/package.sh does): the cached tree stays clean.
+# Use it through an overlay or a copy (Tests/RealClients/suites/package.sh does): the cached tree stays clean.
 #
 # Usage: make-bookworm-chroot.sh [--force]
 # Env: SCSIGATE_CACHE (default /var/cache/scsigate), SCSIGATE_BOOKWORM (default $SCSIGATE_CACHE/bookworm),
@@ -9,7 +9,7 @@
 # Prints the chroot directory on stdout.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
-. "$HERE/../guest/lib.sh"
+. "$HERE/../lib.sh"
 
 DIR=${SCSIGATE_BOOKWORM:-$SCSIGATE_CACHE/bookworm}
 MIRROR=${SCSIGATE_DEBIAN_MIRROR:-http://deb.debian.org/debian}

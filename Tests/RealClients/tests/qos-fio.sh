@@ -1,5 +1,5 @@
 #!/bin/sh
-# qos-fio: per-LUN QoS seen from a guest (Deploy/bench/qos-guest.sh). Two disks on one controller,
+# qos-fio: per-LUN QoS seen from a guest (Benchmarks/qos-guest.sh). Two disks on one controller,
 # serial SGQOS-LIMITED (an iops_limit) and SGQOS-FREE (no limit): fio 4 KiB random reads, libaio,
 # O_DIRECT, first on the free disk alone, then on both at once. Prints
 #   SCSIGATE-QOS phase=alone free=N

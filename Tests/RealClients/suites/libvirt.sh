@@ -5,7 +5,7 @@
 #   vhost-user-scsi  <qemu:commandline> vhost-user-scsi-pci, QEMU 7.2: LUN 0 seen, a LUN added with
 #                    `scsigate lun add` appears without a rescan; `virsh destroy` mid-run leaves the gateway
 #                    serving (the CLI answers) and a second start of the domain sees both LUNs
-#   pvscsi           <qemu:commandline> vfio-user-pci, sid's QEMU 11 as <emulator> (Deploy/libvirt/qemu-sid.sh):
+#   pvscsi           <qemu:commandline> vfio-user-pci, sid's QEMU 11 as <emulator> (Tests/RealClients/chroot/qemu-sid.sh):
 #                    serial, size, bytes in the file
 REGISTERED_SUITES+=(libvirt)
 
@@ -92,15 +92,15 @@ $(file_lun pv0.img 64M 'serial = "SGCI-LVPV"')"
     serve libvirt || return
 
     # virtio-blk (<disk type='vhostuser'> with <reconnect>, QEMU 7.2) and PVSCSI (vfio-user-pci needs QEMU >= 10.1:
-    # sid's QEMU 11 through Deploy/libvirt/qemu-sid.sh, which sees the kernel and initramfs through these binds;
+    # sid's QEMU 11 through Tests/RealClients/chroot/qemu-sid.sh, which sees the kernel and initramfs through these binds;
     # DIR is under /var/tmp, visible anyway) run at the same time.
     lv_define vhost-user-blk "$blk" "$DIR/blk0.sock" multi \
         "scsigate.tests=smoke,pattern scsigate.expect_serial=SGCI-LVBLK scsigate.expect_size=67108864"
     check "libvirt vhost-user-blk domain defined" $?
     pv_ok=1
-    if bash "$ROOT/Deploy/chroot/make-sid-chroot.sh" >/dev/null; then
+    if bash "$ROOT/Tests/RealClients/chroot/make-sid-chroot.sh" >/dev/null; then
         emu="$DIR/qemu-sid"
-        printf '#!/bin/sh\nexec %q --ro-bind %q --ro-bind %q "$@"\n' "$ROOT/Deploy/libvirt/qemu-sid.sh" \
+        printf '#!/bin/sh\nexec %q --ro-bind %q --ro-bind %q "$@"\n' "$ROOT/Tests/RealClients/chroot/qemu-sid.sh" \
             "$(dirname "$VMLINUZ")" "$(dirname "$INITRD")" > "$emu"
         chmod +x "$emu"
         lv_define pvscsi "$pv" "$DIR/pv0.sock" multi \

@@ -7,7 +7,7 @@
 #   scsigate.cu_max_failed=N     exit 1 when more than N tests fail (default: report only)
 #   scsigate.cu_timeout=SECS     kill iscsi-test-cu after SECS (exit 124, partial log kept)
 # The CUnit output (verbose: one line per test) and its Run Summary table go to the console;
-# Deploy/guest/summarize-cunit.sh extracts the counts from the console log.
+# Tests/RealClients/summarize-cunit.sh extracts the counts from the console log.
 . /tests/lib/common.sh
 wait_for_disks || exit 1
 d=$(find_disk) || exit 1

@@ -6,7 +6,7 @@
 # its limit while the unlimited one keeps >= 90 % of its speed alone.
 # Usage: qos-bench.sh [--release] [--limit IOPS] [--threads N] [--depth D] [--seconds S]
 set -euo pipefail
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 config=debug
 if [ "${1:-}" = --release ]; then config=release; shift; fi

@@ -1,6 +1,6 @@
 #!/bin/sh
 # migration: fio with crc32c verify on two disks at once while the host migrates the guest between QEMU
-# processes (Deploy/guest/suites/migration.sh drives the migrations; this script only prints markers).
+# processes (Tests/RealClients/suites/migration.sh drives the migrations; this script only prints markers).
 #   phase 1: randwrite + verify_backlog (reads verify while writes go on) on every disk for
 #            scsigate.runtime seconds (default 70); prints "SCSIGATE-MIGRATION phase=write" when fio starts
 #   phase 2: read-only verify of what phase 1 left (fio --verify_only, repeated) for scsigate.verify_runtime

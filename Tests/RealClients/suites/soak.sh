@@ -4,7 +4,7 @@
 # open fds and RSS are taken after a warm-up (a quarter of the run, at least 30 s: hotplug churn has run a few
 # cycles, its threads and malloc arenas exist) and at the end (the last
 # sample while all three guests still run, so their connections are counted both times): neither may
-# grow more than 5 %, no verify error, no failed CLI call. Deploy/guest/soak.sh SECONDS runs it alone.
+# grow more than 5 %, no verify error, no failed CLI call. Tests/RealClients/soak.sh SECONDS runs it alone.
 #   virtio-scsi  vhost-user, QEMU 7.2 (host)      virtio-blk  vhost-user, QEMU 7.2 (host)
 #   PVSCSI       vfio-user, QEMU 11 (sid chroot)
 
