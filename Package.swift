@@ -78,6 +78,7 @@ let package = Package(
         .target(name: "TestSupport", dependencies: ["BlockIO", .product(name: "Logging", package: "swift-log")], path: "Tests/TestSupport"),
         .testTarget(name: "EventLoopTests", dependencies: ["EventLoop", "CSystem"]),
         .testTarget(name: "SCSITests", dependencies: ["SCSI", "BlockIO"]),
+        .testTarget(name: "BlockIOTests", dependencies: ["BlockIO"]),
         .testTarget(name: "BackendsTests", dependencies: ["TestSupport", "Backends", "BlockIO", "CSystem", "SystemErrors"]),
         .testTarget(name: "ISCSIBackendTests", dependencies: ["TestSupport", "ISCSIBackend", "BlockIO", "EventLoop", "SCSI", .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "GuestMemoryMapTests", dependencies: ["GuestMemoryMap", "CSystem"]),

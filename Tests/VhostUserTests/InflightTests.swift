@@ -10,24 +10,9 @@ import Virtio
 import Glibc
 #endif
 
-/// Open file descriptors of this process.
-/// The process's open in-flight region memfds (the server names them "scsigate-inflight"). Counted by
-/// name, not as all fds, because other suites open and close fds in parallel in the same process.
-private func inflightFDCount() -> Int {
-    guard let dir = opendir("/proc/self/fd") else { return -1 }
-    defer { closedir(dir) }
-    var n = 0
-    var target = [CChar](repeating: 0, count: 256)
-    while let entry = readdir(dir) {
-        let name = withUnsafeBytes(of: entry.pointee.d_name) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
-        guard name.first?.isNumber == true else { continue }
-        let length = readlink("/proc/self/fd/\(name)", &target, target.count - 1)
-        guard length > 0 else { continue }
-        let link = String(decoding: target[..<length].map { UInt8(bitPattern: $0) }, as: UTF8.self)
-        if link.hasPrefix("/memfd:scsigate-inflight") { n += 1 }
-    }
-    return n
-}
+/// The process's open in-flight region memfds (the server names them "scsigate-inflight"): the only
+/// descriptors these tests own, counted by name (OpenDescriptors), not as all fds.
+private func inflightFDCount() -> Int { OpenDescriptors.count { $0.hasPrefix("/memfd:scsigate-inflight") } }
 
 /// In-flight tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD): the regions' lifetime and layouts.
 @Suite(.serialized) struct InflightTests {

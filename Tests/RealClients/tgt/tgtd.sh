@@ -39,7 +39,8 @@ answering() {
     tgt "$1" --mode sys --op show >/dev/null 2>&1 && return 0
     kill -0 "$(pid_of "$2")" 2>/dev/null && return 1
     cat "$2/tgtd.log" >&2
-    sg_die "tgtd exited at start (portal port or control port $1 busy?)"
+    sg_is_root || sg_die "tgtd exited at start (log above): it needs root (its IPC lock file)"
+    sg_die "tgtd exited at start (log above; portal port or control port $1 busy?)"
 }
 # gone PID: the process ended, or is a zombie whose other threads have all exited (only then are its
 # files, the listening socket included, closed; the zombie itself may be reaped late).
