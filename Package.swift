@@ -78,19 +78,28 @@ let package = Package(
         .target(name: "TestSupport", dependencies: ["BlockIO", .product(name: "Logging", package: "swift-log")], path: "Tests/TestSupport"),
         .testTarget(name: "EventLoopTests", dependencies: ["EventLoop", "CSystem"]),
         .testTarget(name: "SCSITests", dependencies: ["SCSI", "BlockIO"]),
+        .testTarget(name: "BlockIOTests", dependencies: ["BlockIO"]),
         .testTarget(name: "BackendsTests", dependencies: ["TestSupport", "Backends", "BlockIO", "CSystem", "SystemErrors"]),
         .testTarget(name: "ISCSIBackendTests", dependencies: ["TestSupport", "ISCSIBackend", "BlockIO", "EventLoop", "SCSI", .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "GuestMemoryMapTests", dependencies: ["GuestMemoryMap", "CSystem"]),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "GuestMemoryMap", "BlockIO", "CSystem"]),
         // Guest RAM, driver-side rings, an in-memory back-end and log helpers shared by the virtio transports' tests.
         .target(name: "VirtioTestSupport", dependencies: ["TestSupport", "VirtioDevices", "Virtio", "GuestMemoryMap", "BlockIO", "CSystem"], path: "Tests/VirtioTestSupport"),
-        .testTarget(name: "VhostUserTests", dependencies: ["TestSupport", "VirtioTestSupport", "VhostUser", "VirtioDevices", "Virtio", "GuestMemoryMap", "SCSI", "BlockIO", "CSystem", "Backends", "Gateway", "ISCSIBackend"]),
+        // The vhost-user front-end (the VMM side) and a virtio-scsi guest driver over it, shared by the vhost-user and integration tests.
+        .target(name: "VhostUserTestSupport", dependencies: ["VirtioTestSupport", "VhostUser", "VirtioDevices", "Virtio", "CSystem"], path: "Tests/VhostUserTestSupport"),
+        .testTarget(name: "VhostUserTests", dependencies: ["TestSupport", "VirtioTestSupport", "VhostUserTestSupport", "VhostUser", "VirtioDevices", "Virtio", "GuestMemoryMap", "SCSI", "BlockIO", "CSystem", "Backends", "Gateway"]),
         .testTarget(name: "VfioUserTests", dependencies: ["VfioUser", "GuestMemoryMap", "CSystem"]),
         .testTarget(name: "PVSCSITests", dependencies: ["TestSupport", "VfioUserTestSupport", "PVSCSI", "VfioUser", "SCSI", "BlockIO", "Backends", "Gateway", "CSystem", "ISCSIBackend"]),
         // The vfio-user test client (the role QEMU's vfio-user-pci plays), shared by the PVSCSI and virtio-pci tests.
         .target(name: "VfioUserTestSupport", dependencies: ["TestSupport", "VfioUser", "CSystem"], path: "Tests/VfioUserTestSupport"),
         .testTarget(name: "VfioUserVirtioTests", dependencies: [
             "TestSupport", "VfioUserTestSupport", "VirtioTestSupport", "VfioUserVirtio", "VfioUser", "VirtioDevices", "Virtio", "GuestMemoryMap", "SCSI", "BlockIO", "CSystem",
+        ]),
+        // Cross-layer suites: the gateway with a transport (hotplug), transports over real back-ends, iSCSI task
+        // management through virtio-scsi against tgtd, and the servers for a real QEMU started outside the test.
+        .testTarget(name: "IntegrationTests", dependencies: [
+            "TestSupport", "VirtioTestSupport", "VhostUserTestSupport", "VhostUser", "VfioUserVirtio", "VirtioDevices", "Virtio",
+            "SCSI", "BlockIO", "CSystem", "Backends", "Gateway", "ISCSIBackend",
         ]),
         .testTarget(name: "GatewayTests", dependencies: ["TestSupport", "Gateway", "SCSI", "Backends", "BlockIO", "SystemErrors", "ISCSIBackend"]),
     ],

@@ -1,7 +1,7 @@
-# Helpers shared by the benchmark scripts (sourced): gateway configs and start-up.
+# Helpers shared by the benchmark scripts (sourced after Deploy/lib.sh): gateway configs and start-up.
 
 # bench_wait_socket PATH: waits up to 10 s for a UNIX socket to appear.
-bench_wait_socket() { for _ in $(seq 1 100); do [ -S "$1" ] && return 0; sleep 0.1; done; return 1; }
+bench_wait_socket() { sg_wait 10 test -S "$1"; }
 
 # bench_lun BACKEND PATH: the [[controller.lun]] keys of a null (256 MiB), direct (O_DIRECT file) or
 # cached (page-cache file) LUN; PATH is the file (unused for null).

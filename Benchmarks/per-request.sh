@@ -19,7 +19,7 @@
 # tree's release build). Needs root (perf).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-. "$ROOT/Tests/RealClients/lib.sh"
+. "$ROOT/Deploy/lib.sh"
 . "$ROOT/Benchmarks/bench-lib.sh"
 sg_require_root
 seconds=3 depth=1 backend=null write=() instructions=0 log=() only_types=
@@ -40,7 +40,7 @@ done
 cd "$ROOT"
 BIN=$(bench_binary) || exit 1
 CLIENT=$(bash Benchmarks/vhost-bench/build.sh) || sg_die "cannot build the client"
-W=$(mktemp -d /var/tmp/scsigate-perreq.XXXXXX)
+W=$(sg_tempdir perreq)
 SG=""
 trap '[ -n "$SG" ] && kill "$SG" 2>/dev/null; wait 2>/dev/null; rm -rf "$W"' EXIT
 lun=$(bench_lun "$backend" "$W/disk.img") || exit 1
@@ -72,7 +72,7 @@ for type in "${types[@]}"; do
         "${client[@]}" >"$W/client.txt" & cpid=$!
         # Past the connection's set-up (rings, slot tables) and into the client's warm-up: zero the counts and
         # mark the client's request count at the same moment (SIGUSR1: it prints "since-mark N").
-        for _ in $(seq 1 300); do grep -q '^running' "$W/client.txt" && break; sleep 0.1; done
+        sg_wait 30 grep -q '^running' "$W/client.txt"
         sleep 0.2
         callgrind_control -z "$SG" >/dev/null && kill -USR1 "$cpid" || sg_die "callgrind_control"
         wait "$cpid"; rc=$?

@@ -8,7 +8,7 @@
 # Usage: qos-guest.sh [--limit IOPS] [--runtime S]
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-. "$ROOT/Tests/RealClients/lib.sh"
+. "$ROOT/Deploy/lib.sh"
 sg_require_root
 limit=2000 runtime=20
 while [ $# -gt 0 ]; do
@@ -22,7 +22,7 @@ done
 cd "$ROOT"
 swift build --product scsigate >&2 || sg_die "swift build failed"
 BIN="$(swift build --show-bin-path)/scsigate"
-DIR=$(mktemp -d /var/tmp/scsigate-qos.XXXXXX)
+DIR=$(sg_tempdir qos)
 cat > "$DIR/gw.toml" <<TOML
 [gateway]
 state_dir = "$DIR/state"
@@ -49,7 +49,7 @@ TOML
 "$BIN" serve --config "$DIR/gw.toml" > "$DIR/gw.log" 2>&1 &
 gw=$!
 trap 'kill $gw 2>/dev/null; wait $gw 2>/dev/null; rm -rf "$DIR"' EXIT
-for _ in $(seq 1 100); do grep -q "running; stop with SIGTERM" "$DIR/gw.log" && break; sleep 0.2; done
+sg_wait 20 grep -q "running; stop with SIGTERM" "$DIR/gw.log"
 bash "$ROOT/Tests/RealClients/run-guest.sh" --quiet --test qos-fio --log "$DIR/guest.log" --timeout 600 \
     --append "scsigate.runtime=$runtime" \
     -- -chardev "socket,id=c0,path=$DIR/qos0.sock" -device vhost-user-scsi-pci,chardev=c0 || sg_die "guest failed: $(tail -20 "$DIR/guest.log")"

@@ -19,7 +19,7 @@
 # SCSIGATE_BIN=PATH runs that scsigate binary instead of building this tree's release build.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-. "$ROOT/Tests/RealClients/lib.sh"
+. "$ROOT/Deploy/lib.sh"
 . "$ROOT/Benchmarks/bench-lib.sh"
 sg_require_root
 seconds=3 repeats=3 only="" qds="1 32" ops="read write" eidx=1 dirtylog=0
@@ -41,7 +41,7 @@ cd "$ROOT"
 [ "$dirtylog" = 1 ] || bash Tests/RealClients/chroot/make-sid-chroot.sh >/dev/null || sg_die "sid chroot"
 BIN=$(bench_binary) || exit 1
 CLIENT=$(bash Benchmarks/vhost-bench/build.sh) || sg_die "cannot build the client"
-W=$(mktemp -d /var/tmp/scsigate-vbench.XXXXXX)
+W=$(sg_tempdir vbench)
 QSD="" SG=""
 cleanup() {
     [ -n "$QSD" ] && kill "$QSD" 2>/dev/null

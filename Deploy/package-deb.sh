@@ -16,31 +16,31 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
-source Deploy/common.sh
+source Deploy/lib.sh
 
 out="$ROOT/.build/deb"
 while [ $# -gt 0 ]; do
     case $1 in
         --output) out=$2; shift ;;
         -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
-        *) sg_fail "unknown argument: $1" ;;
+        *) sg_die "unknown argument: $1" ;;
     esac
     shift
 done
 mkdir -p "$out"; out=$(cd "$out" && pwd)
 
-sg_install_packages "${SG_BUILD_PACKAGES[@]}" dpkg-dev binutils python3
+sg_apt_install "${SG_BUILD_PACKAGES[@]}" dpkg-dev binutils python3
 sg_require_swift
-sg_say "swift build -c release --static-swift-stdlib --product scsigate"
-swift build -c release --static-swift-stdlib --product scsigate >&2 || sg_fail "release build failed"
+sg_log "swift build -c release --static-swift-stdlib --product scsigate"
+swift build -c release --static-swift-stdlib --product scsigate >&2 || sg_die "release build failed"
 bin="$(swift build -c release --static-swift-stdlib --show-bin-path)/scsigate"
 if ldd "$bin" | grep -E 'libswift|libFoundation|libdispatch|libBlocksRuntime|not found' >&2; then
-    sg_fail "$bin links the Swift runtime dynamically or misses a library (listed above)"
+    sg_die "$bin links the Swift runtime dynamically or misses a library (listed above)"
 fi
 
 version=$("$bin" version | awk '{print $2}')
 arch=$(dpkg --print-architecture)
-stage=$(mktemp -d)
+stage=$(sg_tempdir deb)
 trap 'rm -rf "$stage"' EXIT
 pkg="$stage/scsigate"
 install -d "$pkg/DEBIAN" "$pkg/usr/bin" "$pkg/lib/systemd/system" "$pkg/etc/scsigate" \
@@ -71,7 +71,7 @@ install -m 0755 Deploy/libvirt/render.sh "$pkg/usr/share/scsigate/libvirt/render
 mkdir -p "$stage/debian"
 printf 'Source: scsigate\n\nPackage: scsigate\nArchitecture: any\n' > "$stage/debian/control"
 depends=$(cd "$stage" && dpkg-shlibdeps -O "$pkg/usr/bin/scsigate" 2>/dev/null | sed -n 's/^shlibs:Depends=//p')
-[ -n "$depends" ] || sg_fail "dpkg-shlibdeps found no dependencies for $pkg/usr/bin/scsigate"
+[ -n "$depends" ] || sg_die "dpkg-shlibdeps found no dependencies for $pkg/usr/bin/scsigate"
 
 echo /etc/scsigate/scsigate.toml > "$pkg/DEBIAN/conffiles"
 cat > "$pkg/DEBIAN/control" <<CONTROL
@@ -113,5 +113,5 @@ chmod 0755 "$pkg/DEBIAN/postinst" "$pkg/DEBIAN/postrm" "$pkg/DEBIAN/prerm"
 deb="$out/scsigate_${version}_${arch}.deb"
 # gzip: about 10 s for the 76 MB binary here (xz -6: 90 s for a 35 % smaller file)
 dpkg-deb --root-owner-group -Zgzip --build "$pkg" "$deb" >&2
-sg_say "built $deb ($(du -h "$deb" | cut -f1); Depends: $depends)"
+sg_log "built $deb ($(du -h "$deb" | cut -f1); Depends: $depends)"
 echo "$deb"

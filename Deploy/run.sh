@@ -6,10 +6,10 @@
 # Run as root (it writes /var/lib/scsigate and /run/scsigate). Stop with Ctrl-C or SIGTERM.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source Deploy/common.sh
+source Deploy/lib.sh
 
-sg_install_packages "${SG_BUILD_PACKAGES[@]}"
+sg_apt_install "${SG_BUILD_PACKAGES[@]}"
 sg_require_swift
-sg_say "swift build -c release --product scsigate"
+sg_log "swift build -c release --product scsigate"
 swift build -c release --product scsigate >&2
 exec "$(swift build -c release --show-bin-path)/scsigate" serve "$@"

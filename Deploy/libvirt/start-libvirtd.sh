@@ -12,7 +12,7 @@
 # Prints the library and hypervisor versions (virsh version) and which daemons it started.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
-. "$HERE/../../Tests/RealClients/lib.sh"
+. "$HERE/../lib.sh"
 stopfile=
 while [ $# -gt 0 ]; do
     case $1 in
@@ -58,10 +58,7 @@ if ! pgrep -x libvirtd >/dev/null; then
     libvirtd -d || sg_die "libvirtd -d failed"
     started+=(libvirtd)
 fi
-for _ in $(seq 1 100); do
-    virsh -c qemu:///system version >/dev/null 2>&1 && break
-    sleep 0.2
-done
+sg_wait 20 virsh -c qemu:///system version >/dev/null 2>&1 || true
 v=$(virsh -c qemu:///system version 2>&1) || sg_die "libvirtd does not answer: $v"
 if [ -n "$stopfile" ]; then
     # the pids of exactly the daemons started here, libvirtd first; the file's status is 0 once they are gone

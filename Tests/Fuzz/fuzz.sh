@@ -18,7 +18,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$ROOT"
-source Deploy/common.sh
+source Deploy/lib.sh
 
 SCRATCH="$ROOT/.build/fuzz"
 RUNS="$ROOT/.build/fuzz-runs"
@@ -29,10 +29,10 @@ targets() { for d in "$CORPUS"/*/; do basename "$d"; done; }
 
 build() {
     sg_require_swift
-    sg_say "fuzz build: ${BUILD[*]}"
+    sg_log "fuzz build: ${BUILD[*]}"
     # (ld.gold warns about every ASan helper symbol it cannot export: noise, dropped)
     "${BUILD[@]}" 2>&1 | grep -v "Cannot export local symbol" >&2
-    [ "${PIPESTATUS[0]}" -eq 0 ] || sg_fail "fuzz build failed"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || sg_die "fuzz build failed"
 }
 
 bin() { echo "$("${BUILD[@]}" --show-bin-path)/scsigate-fuzz"; }
@@ -41,8 +41,8 @@ bin() { echo "$("${BUILD[@]}" --show-bin-path)/scsigate-fuzz"; }
 run() {
     local target=$1 seconds=$2
     shift 2
-    [ -d "$CORPUS/$target" ] || sg_fail "unknown target '$target' (fuzz.sh --list)"
-    [[ "$seconds" =~ ^[0-9]+$ ]] || sg_fail "SECONDS must be a whole number, not '$seconds'"
+    [ -d "$CORPUS/$target" ] || sg_die "unknown target '$target' (fuzz.sh --list)"
+    [[ "$seconds" =~ ^[0-9]+$ ]] || sg_die "SECONDS must be a whole number, not '$seconds'"
     local exe work status
     exe=$(bin)
     [ -x "$exe" ] || build
@@ -54,7 +54,7 @@ run() {
     # its error record, TOMLTable.keys the key array, value getters their C strings. Leak checking is off for the
     # two targets that parse TOML (config; jsonrpc through lun.add and config.save); crashes and timeouts count.
     case $target in config|jsonrpc) leaks=0 ;; esac
-    sg_say "fuzzing $target for ${seconds}s"
+    sg_log "fuzzing $target for ${seconds}s"
     set +e
     (cd "$work" && SCSIGATE_FUZZ_TARGET="$target" SWIFT_BACKTRACE=enable=no \
         ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=$leaks}" LSAN_OPTIONS="suppressions=$ROOT/Tests/Fuzz/lsan.supp" \
@@ -76,8 +76,8 @@ run() {
     fi
     if [ "$status" -ne 0 ] || [ "$(ls "$work/artifacts" | wc -l)" -ne "$before" ]; then
         local f
-        for f in $(ls -t "$work/artifacts" | head -3); do sg_say "reproducer: $work/artifacts/$f"; done
-        sg_say "$target: FAILED (exit $status) after ${execs:-?} executions; log: $work/last.log"
+        for f in $(ls -t "$work/artifacts" | head -3); do sg_log "reproducer: $work/artifacts/$f"; done
+        sg_log "$target: FAILED (exit $status) after ${execs:-?} executions; log: $work/last.log"
         return 1
     fi
     echo "$target: ${execs:-0} executions, ${rate:-0} exec/s, 0 crashes"
@@ -88,15 +88,15 @@ case "${1:-}" in
     --build) build ;;
     --bin) bin ;;
     --all)
-        [ $# -eq 2 ] || sg_fail "usage: fuzz.sh --all SECONDS"
+        [ $# -eq 2 ] || sg_die "usage: fuzz.sh --all SECONDS"
         build
         failed=()
         for t in $(targets); do run "$t" "$2" || failed+=("$t"); done
-        [ ${#failed[@]} -eq 0 ] || sg_fail "fuzz targets with findings: ${failed[*]}"
+        [ ${#failed[@]} -eq 0 ] || sg_die "fuzz targets with findings: ${failed[*]}"
         ;;
     ""|-h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
     *)
-        [ $# -ge 2 ] || sg_fail "usage: fuzz.sh TARGET SECONDS [libFuzzer args]"
+        [ $# -ge 2 ] || sg_die "usage: fuzz.sh TARGET SECONDS [libFuzzer args]"
         run "$@"
         ;;
 esac

@@ -8,7 +8,7 @@ import Testing
 
 let testInitiator = "iqn.2026-11.test.scsigate:initiator"
 
-/// Tests against a real tgtd on 127.0.0.1 (started per test by Tests/RealClients/tgt/backend-test-target.sh).
+/// Tests against a real tgtd on 127.0.0.1 (started per test by Tests/RealClients/tgt/tgtd.sh).
 @Suite(.serialized, .enabled(if: TgtTarget.availability.ok, "tgtd cannot be started on this machine (see stderr)"))
 struct ISCSIBackendTargetTests {
     func config(_ target: TgtTarget, timeout: Int = 30, log: TestLog? = nil) throws -> ISCSIBackendConfig {

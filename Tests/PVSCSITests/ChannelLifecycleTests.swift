@@ -13,17 +13,6 @@ import Testing
 import Glibc
 #endif
 
-/// Open descriptors of this process (entries of /proc/self/fd, minus the one used to list them).
-private func openFDCount() -> Int {
-    guard let dir = opendir("/proc/self/fd") else { return -1 }
-    defer { closedir(dir) }
-    var n = 0
-    while let entry = readdir(dir) {
-        if entry.pointee.d_name.0 != UInt8(ascii: ".") { n += 1 }
-    }
-    return n - 1
-}
-
 /// Threads of this process (entries of /proc/self/task).
 private func threadCount() -> Int {
     guard let dir = opendir("/proc/self/task") else { return -1 }
@@ -31,23 +20,6 @@ private func threadCount() -> Int {
     var n = 0
     while let entry = readdir(dir) {
         if entry.pointee.d_name.0 != UInt8(ascii: ".") { n += 1 }
-    }
-    return n
-}
-
-/// Descriptors of this process open on `path`.
-private func descriptors(on path: String) -> Int {
-    guard let dir = opendir("/proc/self/fd") else { return -1 }
-    defer { closedir(dir) }
-    var n = 0
-    var target = [CChar](repeating: 0, count: 4096)
-    while let entry = readdir(dir) {
-        let name = withUnsafeBytes(of: entry.pointee.d_name) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
-        if name.hasPrefix(".") { continue }
-        let len = readlink("/proc/self/fd/" + name, &target, target.count - 1)
-        if len > 0 {
-            if String(decoding: target[0..<len].map { UInt8(bitPattern: $0) }, as: UTF8.self) == path { n += 1 }
-        }
     }
     return n
 }
@@ -112,7 +84,7 @@ private final class FileFixture {
             case .success(let backend): opened = backend
             case .failure(let error):
                 // Ours all closed: only a forked child can hold the lock, until its exec closes the copy.
-                guard case .lockConflict = error, attempt < 50, descriptors(on: file) == 0, openChannels == 0 else {
+                guard case .lockConflict = error, attempt < 50, OpenDescriptors.count(on: file) == 0, openChannels == 0 else {
                     throw error
                 }
                 attempt += 1
@@ -166,7 +138,6 @@ private final class FileFixture {
         let f = try FileFixture(tag: "cycles")
         defer { f.stop() }
         let g = f.guest
-        let fdsBefore = openFDCount()
         let threadsBefore = threadCount()
         var maxChannels = 0
         var writesVerified = 0
@@ -187,7 +158,7 @@ private final class FileFixture {
             maxChannels = max(maxChannels, f.openChannels)
             try f.removeLUN(id: cycle)
             #expect(f.openChannels == 0)
-            #expect(descriptors(on: f.file) == 0)
+            #expect(OpenDescriptors.count(on: f.file) == 0)
             var done: [GuestCompletion] = g.takeCompletions()
             while done.count < 8, g.waitInterrupt(milliseconds: 2000) { done += g.takeCompletions() }
             #expect(done.count == 8)
@@ -212,22 +183,20 @@ private final class FileFixture {
         #expect(statistics.snapshot().commands >= 1)
         try f.removeLUN(id: 51)
         _ = g.takeMessages()
-        // Other suites of this process run in parallel and open and close descriptors and threads of their
-        // own, so the totals are only exact when this test runs alone (`--filter removedLUNsRelease`: equal
-        // before and after). Give them time to settle, then require less growth than one per cycle: the
-        // leak this guards against kept 2 descriptors and 2 worker threads per cycle (over 100 each here).
-        var fdsAfter = openFDCount()
+        // Descriptors: only those this test owns are counted, the ones on its LUN's file (none after every
+        // removal, above, and at the end, below), not the process's total, which the other suites of this
+        // process change concurrently. Threads are only exact when this test runs alone (`--filter
+        // removedLUNsRelease`: equal before and after): give them time to settle, then require less growth
+        // than one per cycle (the leak this guards against kept 2 worker threads per cycle: over 100 here).
         var threadsAfter = threadCount()
-        for _ in 0..<40 where fdsAfter > fdsBefore || threadsAfter > threadsBefore {
+        for _ in 0..<40 where threadsAfter > threadsBefore {
             usleep(50_000)
-            fdsAfter = openFDCount()
             threadsAfter = threadCount()
         }
-        print("pvscsi lifecycle: fds \(fdsBefore) -> \(fdsAfter), threads \(threadsBefore) -> \(threadsAfter) after 51 add/remove cycles (\(f.lockedByAChild) re-add(s) waited for a forked child); \(writesVerified) of 400 writes issued just before each removal verified in the file")
+        print("pvscsi lifecycle: descriptors on the LUN's file 0, threads \(threadsBefore) -> \(threadsAfter) after 51 add/remove cycles (\(f.lockedByAChild) re-add(s) waited for a forked child); \(writesVerified) of 400 writes issued just before each removal verified in the file")
         #expect(f.lockedByAChild <= 5)
-        #expect(fdsAfter - fdsBefore < 50)
         #expect(threadsAfter - threadsBefore < 50)
-        #expect(descriptors(on: f.file) == 0)
+        #expect(OpenDescriptors.count(on: f.file) == 0)
     }
 
     /// Counters of a file-backed LUN: commands by class, bytes, errors by sense key, nothing left in flight.

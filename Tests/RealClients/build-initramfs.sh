@@ -11,7 +11,7 @@
 # inputs (this script, the tests, the kernel and the package versions).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
-. "$HERE/lib.sh"
+. "$HERE/../../Deploy/lib.sh"
 
 force=0 output=
 while [ $# -gt 0 ]; do

@@ -18,7 +18,7 @@
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 HERE="$ROOT/Tests/RealClients"
-. "$HERE/lib.sh"
+. "$ROOT/Deploy/lib.sh"
 sg_require_root
 cd "$ROOT"
 
@@ -27,7 +27,7 @@ MAXF=${SCSIGATE_CI_MAX_FAILED:-7}
 SCSI_TESTS=${SCSIGATE_CI_SCSI_TESTS:-smoke,conformance,fio-verify,fio-randread,pattern}
 BIN=${SCSIGATE_BIN:-"$(swift build --show-bin-path)/scsigate"}   # SCSIGATE_BIN: another build of the gateway
 [ -x "$BIN" ] || { swift build >&2 || sg_die "swift build failed"; }
-WORK=$(mktemp -d /var/tmp/scsigate-ci.XXXXXX)
+WORK=$(sg_tempdir ci)
 GW_PID=""
 pass=0 fail=0
 failed_checks=()
@@ -361,8 +361,8 @@ suite_vhost_user_blk() {
 suite_iscsi() {
     DIR="$WORK/iscsi"; mkdir -p "$DIR"
     local out url
-    out=$(bash "$ROOT/Tests/RealClients/tgt/start-tgtd.sh" --port 3262 --control-port 17 --state-dir "$DIR/tgt" \
-        --backing "$DIR/tgt-lun1.img" --size 256M --iqn iqn.2026-11.org.scsigate:ci); check "tgtd start" $? || return
+    out=$(bash "$HERE/tgt/tgtd.sh" serve "$DIR/tgt" 3262 17 iqn.2026-11.org.scsigate:ci "$DIR/tgt-lun1.img" 256M)
+    check "tgtd start" $? || return
     url=$(printf '%s\n' "$out" | sed -n 's/^TGT_URL=//p')
     { gateway_header "$DIR"; cat <<TOML
 
@@ -401,8 +401,7 @@ TOML
             t0=$(date +%s)
             kill -KILL "$(cat "$DIR/tgt/tgtd.pid")"
             sleep 5
-            bash "$ROOT/Tests/RealClients/tgt/start-tgtd.sh" --port 3262 --control-port 17 --state-dir "$DIR/tgt" \
-                --backing "$DIR/tgt-lun1.img" --size 256M --iqn iqn.2026-11.org.scsigate:ci >/dev/null
+            bash "$HERE/tgt/tgtd.sh" serve "$DIR/tgt" 3262 17 iqn.2026-11.org.scsigate:ci "$DIR/tgt-lun1.img" 256M >/dev/null
             echo "[iscsi] tgtd killed and restarted: outage $(( $(date +%s) - t0 )) s during guest fio verify"
         fi
         wait $guest; check "iscsi fio verify across a tgtd kill/restart (0 errors)" $?
@@ -416,7 +415,7 @@ TOML
     else
         check "iscsi gateway start" 1
     fi
-    bash "$ROOT/Tests/RealClients/tgt/stop-tgtd.sh" --state-dir "$DIR/tgt" >/dev/null 2>&1
+    bash "$HERE/tgt/tgtd.sh" stop "$DIR/tgt" >/dev/null 2>&1
 }
 
 # vhost-user-blk-resize: QEMU 11 (sid chroot; it speaks VHOST_USER_PROTOCOL_F_CONFIG, QEMU 7.2 does not)

@@ -8,7 +8,7 @@
 # (also KVER=<version>). Cache: $SCSIGATE_CACHE/kernel/<package>_<version>/
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
-. "$HERE/lib.sh"
+. "$HERE/../../Deploy/lib.sh"
 
 force=0
 case ${1:-} in --force) force=1 ;; "") ;; -h|--help) sed -n '2,9p' "$0"; exit 0 ;; *) sg_die "unknown argument: $1" ;; esac

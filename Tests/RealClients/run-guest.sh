@@ -28,7 +28,7 @@
 #   SCSIGATE-GUEST test=NAME rc=N wall=S boot=S log=FILE
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
-. "$HERE/lib.sh"
+. "$HERE/../../Deploy/lib.sh"
 
 test= log= timeout=600 mem=1024 smp=1 machine=pc sid=0 qemu=qemu-system-x86_64 quiet=0 plainmem=0
 append=() binds=() qargs=()

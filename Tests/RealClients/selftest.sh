@@ -11,7 +11,7 @@
 # Exit 0 when every guest test passed and the byte checks matched.
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
-. "$HERE/lib.sh"
+. "$HERE/../../Deploy/lib.sh"
 sid=() maxf=52 keep=0 pv=0
 while [ $# -gt 0 ]; do
     case $1 in
@@ -25,7 +25,7 @@ while [ $# -gt 0 ]; do
     shift
 done
 sg_require_root
-work=$(mktemp -d /tmp/scsigate-selftest.XXXXXX)
+work=$(sg_tempdir selftest)
 [ $keep = 1 ] || trap 'rm -rf "$work"' EXIT
 img=$work/disk.img
 truncate -s 256M "$img"

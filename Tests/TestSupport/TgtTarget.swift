@@ -4,14 +4,14 @@ import Synchronization
 import Glibc
 #endif
 
-/// A private tgtd instance on 127.0.0.1 driven by Tests/RealClients/tgt/backend-test-target.sh: the one tgtd fixture of the
+/// A private tgtd instance on 127.0.0.1 driven by Tests/RealClients/tgt/tgtd.sh: the one tgtd fixture of the
 /// test targets (iSCSI back-end, virtio-scsi and PVSCSI task management over iSCSI). Its portal is a port the
 /// kernel picks (never two suites on one port), its control socket unique per process and instance.
 public final class TgtTarget: @unchecked Sendable {
     public static let script: String = {
         var dir = URL(fileURLWithPath: #filePath)
         for _ in 0..<3 { dir.deleteLastPathComponent() }
-        return dir.appendingPathComponent("Tests/RealClients/tgt/backend-test-target.sh").path
+        return dir.appendingPathComponent("Tests/RealClients/tgt/tgtd.sh").path
     }()
 
     private static let counter = Mutex(0)
@@ -90,12 +90,12 @@ public final class TgtTarget: @unchecked Sendable {
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
         posix_spawn_file_actions_addopen(&actions, 1, logPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
         posix_spawn_file_actions_adddup2(&actions, 1, 2)
-        let argv = ["/bin/sh", script] + args
+        let argv = ["/bin/bash", script] + args
         var cargs: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) } + [nil]
         defer { for p in cargs { free(p) } }
         var pid: pid_t = 0
-        let rc = posix_spawn(&pid, "/bin/sh", &actions, nil, &cargs, environ)
-        guard rc == 0 else { throw Failure(description: "posix_spawn /bin/sh failed: \(rc)") }
+        let rc = posix_spawn(&pid, "/bin/bash", &actions, nil, &cargs, environ)
+        guard rc == 0 else { throw Failure(description: "posix_spawn /bin/bash failed: \(rc)") }
         var status: Int32 = 0
         while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
         let text = (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? ""

@@ -1,5 +1,6 @@
 import TestSupport
 import VirtioTestSupport
+import VhostUserTestSupport
 import BlockIO
 import CSystem
 import Testing
@@ -10,24 +11,9 @@ import Virtio
 import Glibc
 #endif
 
-/// Open file descriptors of this process.
-/// The process's open in-flight region memfds (the server names them "scsigate-inflight"). Counted by
-/// name, not as all fds, because other suites open and close fds in parallel in the same process.
-private func inflightFDCount() -> Int {
-    guard let dir = opendir("/proc/self/fd") else { return -1 }
-    defer { closedir(dir) }
-    var n = 0
-    var target = [CChar](repeating: 0, count: 256)
-    while let entry = readdir(dir) {
-        let name = withUnsafeBytes(of: entry.pointee.d_name) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
-        guard name.first?.isNumber == true else { continue }
-        let length = readlink("/proc/self/fd/\(name)", &target, target.count - 1)
-        guard length > 0 else { continue }
-        let link = String(decoding: target[..<length].map { UInt8(bitPattern: $0) }, as: UTF8.self)
-        if link.hasPrefix("/memfd:scsigate-inflight") { n += 1 }
-    }
-    return n
-}
+/// The process's open in-flight region memfds (the server names them "scsigate-inflight"): the only
+/// descriptors these tests own, counted by name (OpenDescriptors), not as all fds.
+private func inflightFDCount() -> Int { OpenDescriptors.count { $0.hasPrefix("/memfd:scsigate-inflight") } }
 
 /// In-flight tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD): the regions' lifetime and layouts.
 @Suite(.serialized) struct InflightTests {
@@ -148,27 +134,6 @@ extension InflightTests {
         return (c, fd, kick, call)
     }
 
-    static func blkRequest(_ ram: TestGuestRAM, type: UInt32, sector: UInt64, out: [UInt8] = [], inLength: Int = 0)
-        -> (buffers: [TestSplitRing.Buffer], status: UInt64) {
-        let hdr = ram.alloc(16)
-        var h = [UInt8]()
-        h.appendLE(type)
-        h.appendLE(UInt32(0))
-        h.appendLE(sector)
-        ram.write(h, at: hdr)
-        var buffers = [TestSplitRing.Buffer(gpa: hdr, length: 16, writable: false)]
-        if !out.isEmpty {
-            let d = ram.alloc(out.count)
-            ram.write(out, at: d)
-            buffers.append(.init(gpa: d, length: UInt32(out.count), writable: false))
-        }
-        if inLength > 0 { buffers.append(.init(gpa: ram.alloc(inLength), length: UInt32(inLength), writable: true)) }
-        let status = ram.alloc(1)
-        ram.pointer(status).storeBytes(of: 0xFF, as: UInt8.self)
-        buffers.append(.init(gpa: status, length: 1, writable: true))
-        return (buffers, status)
-    }
-
     @Test func aRestartedGatewayResubmitsAPackedRequestTheGuestStillWaitsFor() throws {
         let ram = TestGuestRAM()
         let ring = TestPackedRing(ram: ram, size: 16)
@@ -184,13 +149,13 @@ extension InflightTests {
         try serverA.start()
         let a = try Self.connectPacked(path: pathA, ram: ram, ring: ring, base: 0x8000, inflightFD: -1)
         defer { close(a.inflightFD) }
-        let flush = Self.blkRequest(ram, type: VirtioBlk.typeFlush, sector: 0)
+        let flush = ram.blkRequest(type: VirtioBlk.typeFlush, sector: 0)
         ring.add(id: 1, flush.buffers)
         _ = csys_eventfd_signal(a.kick, 1)
         #expect(waitFor { ring.isUsed(at: 0, wrap: true) })
         #expect(ring.used(at: 0).id == 1)
         first.hold.store(true, ordering: .releasing)
-        let write = Self.blkRequest(ram, type: VirtioBlk.typeOut, sector: 7, out: [UInt8](repeating: 0x5A, count: 512))
+        let write = ram.blkRequest(type: VirtioBlk.typeOut, sector: 7, out: [UInt8](repeating: 0x5A, count: 512))
         #expect(ring.add(id: 3, write.buffers) == 2)  // the FLUSH took positions 0-1
         _ = csys_eventfd_signal(a.kick, 1)
         #expect(waitFor { first.inFlight == 1 })
@@ -217,7 +182,7 @@ extension InflightTests {
         #expect(second.bytes(7 * 512, 512) == [UInt8](repeating: 0x5A, count: 512))
         #expect(log.contains("resubmitting 1 in-flight request"))
         // New requests continue at the driver's position (after the 2 + 3 descriptors posted).
-        let getID = Self.blkRequest(ram, type: VirtioBlk.typeGetID, sector: 0, inLength: 20)
+        let getID = ram.blkRequest(type: VirtioBlk.typeGetID, sector: 0, inLength: 20)
         #expect(ring.add(id: 4, getID.buffers) == 5)
         _ = csys_eventfd_signal(b.kick, 1)
         #expect(waitFor { ring.isUsed(at: 5, wrap: true) })

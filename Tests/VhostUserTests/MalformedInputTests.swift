@@ -1,4 +1,5 @@
 import VirtioTestSupport
+import VhostUserTestSupport
 import BlockIO
 import CSystem
 import Testing

@@ -1,5 +1,6 @@
 import TestSupport
 import VirtioTestSupport
+import VhostUserTestSupport
 import BlockIO
 import CSystem
 import GuestMemoryMap
@@ -367,7 +368,7 @@ final class HandoverFixture: @unchecked Sendable {
         defer { close(source.inflightFD); close(source.kick); close(source.call) }
         // A source WRITE stays in the back-end (tracked in the source's in-flight region).
         channel.hold.store(true, ordering: .releasing)
-        let write = InflightTests.blkRequest(sourceRAM, type: VirtioBlk.typeOut, sector: 3, out: [UInt8](repeating: 0xC3, count: 512))
+        let write = sourceRAM.blkRequest(type: VirtioBlk.typeOut, sector: 3, out: [UInt8](repeating: 0xC3, count: 512))
         sourceRing.add(id: 1, write.buffers)
         _ = csys_eventfd_signal(source.kick, 1)
         #expect(waitFor { channel.inFlight == 1 })
@@ -375,7 +376,7 @@ final class HandoverFixture: @unchecked Sendable {
         let destination = try InflightTests.connectPacked(path: path, ram: destinationRAM, ring: destinationRing, base: 0x8000,
                                                           inflightFD: -1, waitForRing: false)
         defer { close(destination.inflightFD); close(destination.kick); close(destination.call) }
-        let read = InflightTests.blkRequest(destinationRAM, type: VirtioBlk.typeIn, sector: 3, inLength: 512)
+        let read = destinationRAM.blkRequest(type: VirtioBlk.typeIn, sector: 3, inLength: 512)
         destinationRing.add(id: 7, read.buffers)
         _ = csys_eventfd_signal(destination.kick, 1)
         #expect(waitFor { log.contains("waiting for them to stop") })

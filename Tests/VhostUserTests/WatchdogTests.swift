@@ -15,7 +15,7 @@ import Glibc
 @Suite(.serialized) struct WatchdogTests {
     /// Publishes a GET_ID request on ring 0 without kicking; returns the status byte's address.
     static func postGetID(_ f: BlkFixture, kick: Bool) -> UInt64 {
-        let r = InflightTests.blkRequest(f.ram, type: VirtioBlk.typeGetID, sector: 0, inLength: 20)
+        let r = f.ram.blkRequest(type: VirtioBlk.typeGetID, sector: 0, inLength: 20)
         f.ring.publish(f.ring.addChain(r.buffers))
         if kick { _ = csys_eventfd_signal(f.kick, 1) }
         return r.status

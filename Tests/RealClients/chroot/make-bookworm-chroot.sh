@@ -9,7 +9,7 @@
 # Prints the chroot directory on stdout.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
-. "$HERE/../lib.sh"
+. "$HERE/../../../Deploy/lib.sh"
 
 DIR=${SCSIGATE_BOOKWORM:-$SCSIGATE_CACHE/bookworm}
 MIRROR=${SCSIGATE_DEBIAN_MIRROR:-http://deb.debian.org/debian}

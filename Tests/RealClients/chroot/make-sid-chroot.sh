@@ -10,7 +10,7 @@
 # Prints the chroot directory on stdout.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
-. "$HERE/../lib.sh"
+. "$HERE/../../../Deploy/lib.sh"
 
 SID=${SCSIGATE_SID:-$SCSIGATE_CACHE/sid}
 MIRROR=${SCSIGATE_DEBIAN_MIRROR:-http://deb.debian.org/debian}

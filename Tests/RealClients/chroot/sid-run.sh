@@ -13,7 +13,7 @@
 # Env: SCSIGATE_SID (default $SCSIGATE_CACHE/sid)
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
-. "$HERE/../lib.sh"
+. "$HERE/../../../Deploy/lib.sh"
 
 binds=() robinds=() build=1
 while [ $# -gt 0 ]; do

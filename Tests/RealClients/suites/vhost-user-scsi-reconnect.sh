@@ -91,8 +91,8 @@ $(file_lun lun1.img 64M 'serial = "SGCI-RC1"')"
     stop_gateway; check "$name gateway drains and exits 0 on SIGTERM" $?
     # packed rings, LUN 0 on tgtd (stalled at the first kill)
     local out url
-    out=$(bash "$ROOT/Tests/RealClients/tgt/start-tgtd.sh" --port $((20000 + RANDOM % 20000)) --control-port $((200 + RANDOM % 700)) \
-        --state-dir "$DIR/tgt" --backing "$DIR/tgt-lun.img" --size 256M --iqn iqn.2026-12.org.scsigate:reconnect)
+    out=$(bash "$HERE/tgt/tgtd.sh" serve "$DIR/tgt" $((20000 + RANDOM % 20000)) $((200 + RANDOM % 700)) \
+        iqn.2026-12.org.scsigate:reconnect "$DIR/tgt-lun.img" 256M)
     check "$name-packed tgtd start" $? || return
     url=$(printf '%s\n' "$out" | sed -n 's/^TGT_URL=//p')
     one_controller vrc0 vhost-user-scsi '' "lun = 0
@@ -106,6 +106,6 @@ serial = \"SGCI-RC0\""
         check "$name-packed requests in flight at kill 1 (tgtd stalled) resubmitted by the restarted gateway" $?
         stop_gateway; check "$name-packed gateway drains and exits 0 on SIGTERM" $?
     fi
-    bash "$ROOT/Tests/RealClients/tgt/stop-tgtd.sh" --state-dir "$DIR/tgt" >/dev/null 2>&1
+    bash "$HERE/tgt/tgtd.sh" stop "$DIR/tgt" >/dev/null 2>&1
 }
 REGISTERED_SUITES+=(vhost-user-scsi-reconnect)

@@ -1,4 +1,5 @@
 import VirtioTestSupport
+import VhostUserTestSupport
 import Backends
 import BlockIO
 import CSystem
@@ -108,7 +109,7 @@ import Virtio
                                protocolFeatures: VhostUserProtocolFeature.replyAck | VhostUserProtocolFeature.config)
         defer { close(fds[0].kick); close(fds[0].call) }
         func request(_ type: UInt32, out: [UInt8] = []) -> UInt8? {
-            let r = InflightTests.blkRequest(ram, type: type, sector: 8, out: out)
+            let r = ram.blkRequest(type: type, sector: 8, out: out)
             let before = ring.usedIndex
             ring.publish(ring.addChain(r.buffers))
             _ = csys_eventfd_signal(fds[0].kick, 1)

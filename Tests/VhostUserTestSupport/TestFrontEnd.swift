@@ -11,10 +11,10 @@ import Glibc
 #endif
 
 /// A vhost-user front-end (the VMM side) for tests.
-final class TestFrontEnd {
-    let fd: Int32
+public final class TestFrontEnd {
+    public let fd: Int32
 
-    init?(path: String) {
+    public init?(path: String) {
         let s = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
         var addr = sockaddr_un()
         addr.sun_family = sa_family_t(AF_UNIX)
@@ -38,7 +38,7 @@ final class TestFrontEnd {
     deinit { close(fd) }
 
     @discardableResult
-    func send(_ request: UInt32, _ payload: [UInt8] = [], fds: [Int32] = [], needReply: Bool = false, sizeOverride: UInt32? = nil) -> Bool {
+    public func send(_ request: UInt32, _ payload: [UInt8] = [], fds: [Int32] = [], needReply: Bool = false, sizeOverride: UInt32? = nil) -> Bool {
         var bytes = [UInt8]()
         bytes.appendLE(request)
         bytes.appendLE(UInt32(1) | (needReply ? VhostUserWire.flagNeedReply : 0))
@@ -48,12 +48,12 @@ final class TestFrontEnd {
         return n == bytes.count
     }
 
-    func send(_ request: VhostUserRequest, _ payload: [UInt8] = [], fds: [Int32] = [], needReply: Bool = false) {
+    public func send(_ request: VhostUserRequest, _ payload: [UInt8] = [], fds: [Int32] = [], needReply: Bool = false) {
         send(request.rawValue, payload, fds: fds, needReply: needReply)
     }
 
     /// Reads a reply; nil on EOF/timeout.
-    func receive() -> (request: UInt32, payload: [UInt8], fds: [Int32])? {
+    public func receive() -> (request: UInt32, payload: [UInt8], fds: [Int32])? {
         var header = [UInt8](repeating: 0, count: 12)
         var fds = [Int32](repeating: -1, count: 8)
         var nfds: Int32 = 0
@@ -69,33 +69,33 @@ final class TestFrontEnd {
         return (header.readLE(UInt32.self, at: 0)!, payload, Array(fds.prefix(Int(nfds))))
     }
 
-    func getU64(_ request: VhostUserRequest) -> UInt64? {
+    public func getU64(_ request: VhostUserRequest) -> UInt64? {
         send(request)
         guard let r = receive(), r.request == request.rawValue else { return nil }
         return r.payload.readLE(UInt64.self, at: 0)
     }
 
     /// Sends with need-reply and returns the ack value (0 success).
-    func ack(_ request: VhostUserRequest, _ payload: [UInt8] = [], fds: [Int32] = []) -> UInt64? {
+    public func ack(_ request: VhostUserRequest, _ payload: [UInt8] = [], fds: [Int32] = []) -> UInt64? {
         send(request, payload, fds: fds, needReply: true)
         guard let r = receive(), r.request == request.rawValue else { return nil }
         return r.payload.readLE(UInt64.self, at: 0)
     }
 
     /// Whether the server closed the connection.
-    func isClosed() -> Bool {
+    public func isClosed() -> Bool {
         var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
         guard poll(&p, 1, 5000) == 1 else { return false }
         var b: UInt8 = 0
         return recv(fd, &b, 1, Int32(MSG_PEEK) | Int32(MSG_DONTWAIT)) <= 0
     }
 
-    static func u64(_ v: UInt64) -> [UInt8] { var p = [UInt8](); p.appendLE(v); return p }
-    static func state(_ index: UInt32, _ num: UInt32) -> [UInt8] { var p = [UInt8](); p.appendLE(index); p.appendLE(num); return p }
+    public static func u64(_ v: UInt64) -> [UInt8] { var p = [UInt8](); p.appendLE(v); return p }
+    public static func state(_ index: UInt32, _ num: UInt32) -> [UInt8] { var p = [UInt8](); p.appendLE(index); p.appendLE(num); return p }
 
     /// Negotiates features, memory and ring 0...n-1 as QEMU does. Returns the kick and call eventfds.
     /// `waitForRings`: false sends the ring starts without asking for replies (a start the server holds).
-    func setUp(ram: TestGuestRAM, rings: [TestSplitRing], features: UInt64, protocolFeatures: UInt64,
+    public func setUp(ram: TestGuestRAM, rings: [TestSplitRing], features: UInt64, protocolFeatures: UInt64,
                waitForRings: Bool = true) -> [(kick: Int32, call: Int32)] {
         let offered = getU64(.getFeatures) ?? 0
         #expect(offered & features == features)
@@ -115,7 +115,7 @@ final class TestFrontEnd {
     /// Sets up and starts ring `index` on `ring` from `base` (num, base, addresses, call, kick, enable), as QEMU
     /// does. Returns the new kick and call eventfds (the caller closes them).
     /// `waitForAck`: false sends the kick and enable without asking for replies (a start the server holds).
-    func startRing(_ index: UInt32, _ ring: TestSplitRing, ram: TestGuestRAM, base: UInt32 = 0,
+    public func startRing(_ index: UInt32, _ ring: TestSplitRing, ram: TestGuestRAM, base: UInt32 = 0,
                    waitForAck: Bool = true) -> (kick: Int32, call: Int32) {
         send(.setVringNum, Self.state(index, UInt32(ring.size)))
         send(.setVringBase, Self.state(index, base))
@@ -141,7 +141,7 @@ final class TestFrontEnd {
     }
 
     /// Stops ring `i` and returns its base.
-    func getVringBase(_ i: UInt32) -> UInt32? {
+    public func getVringBase(_ i: UInt32) -> UInt32? {
         send(.getVringBase, Self.state(i, 0))
         guard let r = receive(), r.request == VhostUserRequest.getVringBase.rawValue else { return nil }
         return r.payload.readLE(UInt32.self, at: 4)

@@ -16,7 +16,7 @@ private func env(_ name: String) -> String? { getenv(name).map { String(cString:
 /// QEMU (`-device vfio-user-pci`) started outside the test. Only runs when SCSIGATE_VFU_SERVE_SOCKET names the
 /// socket; ends when the client disconnects (or after SCSIGATE_VFU_SERVE_SECONDS, default 300) and checks that
 /// the guest's driver ran I/O through it.
-@Suite struct RealQEMUServeTests {
+@Suite struct VfioUserVirtioRealQEMUTests {
     @Test(.enabled(if: env("SCSIGATE_VFU_SERVE_SOCKET") != nil))
     func serveForRealQEMU() throws {
         let path = env("SCSIGATE_VFU_SERVE_SOCKET")!

@@ -1,5 +1,6 @@
 import TestSupport
 import VirtioTestSupport
+import VhostUserTestSupport
 import Backends
 import Gateway
 import BlockIO

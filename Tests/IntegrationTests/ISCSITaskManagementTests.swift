@@ -1,5 +1,6 @@
 import TestSupport
 import VirtioTestSupport
+import VhostUserTestSupport
 import BlockIO
 import CSystem
 import ISCSIBackend
