@@ -89,7 +89,10 @@ let package = Package(
         .target(name: "VhostUserTestSupport", dependencies: ["VirtioTestSupport", "VhostUser", "VirtioDevices", "Virtio", "CSystem"], path: "Tests/VhostUserTestSupport"),
         .testTarget(name: "VhostUserTests", dependencies: ["TestSupport", "VirtioTestSupport", "VhostUserTestSupport", "VhostUser", "VirtioDevices", "Virtio", "GuestMemoryMap", "SCSI", "BlockIO", "CSystem", "Backends", "Gateway"]),
         .testTarget(name: "VfioUserTests", dependencies: ["VfioUser", "GuestMemoryMap", "CSystem"]),
-        .testTarget(name: "PVSCSITests", dependencies: ["TestSupport", "VfioUserTestSupport", "PVSCSI", "VfioUser", "SCSI", "BlockIO", "Backends", "Gateway", "CSystem", "ISCSIBackend"]),
+        // The PVSCSI guest driver over the vfio-user test client, in-memory disks and the command target, CDB builders:
+        // shared by the PVSCSI and integration tests.
+        .target(name: "PVSCSITestSupport", dependencies: ["TestSupport", "VfioUserTestSupport", "PVSCSI", "VfioUser", "SCSI", "BlockIO", "CSystem"], path: "Tests/PVSCSITestSupport"),
+        .testTarget(name: "PVSCSITests", dependencies: ["TestSupport", "VfioUserTestSupport", "PVSCSITestSupport", "PVSCSI", "VfioUser", "SCSI", "BlockIO", "Backends", "Gateway", "CSystem", "ISCSIBackend"]),
         // The vfio-user test client (the role QEMU's vfio-user-pci plays), shared by the PVSCSI and virtio-pci tests.
         .target(name: "VfioUserTestSupport", dependencies: ["TestSupport", "VfioUser", "CSystem"], path: "Tests/VfioUserTestSupport"),
         .testTarget(name: "VfioUserVirtioTests", dependencies: [
@@ -98,8 +101,8 @@ let package = Package(
         // Cross-layer suites: the gateway with a transport (hotplug), transports over real back-ends, iSCSI task
         // management through virtio-scsi against tgtd, and the servers for a real QEMU started outside the test.
         .testTarget(name: "IntegrationTests", dependencies: [
-            "TestSupport", "VirtioTestSupport", "VhostUserTestSupport", "VhostUser", "VfioUserVirtio", "VirtioDevices", "Virtio",
-            "SCSI", "BlockIO", "CSystem", "Backends", "Gateway", "ISCSIBackend",
+            "TestSupport", "VirtioTestSupport", "VhostUserTestSupport", "VfioUserTestSupport", "PVSCSITestSupport", "VhostUser",
+            "VfioUserVirtio", "VfioUser", "PVSCSI", "VirtioDevices", "Virtio", "SCSI", "BlockIO", "CSystem", "Backends", "Gateway", "ISCSIBackend",
         ]),
         .testTarget(name: "GatewayTests", dependencies: ["TestSupport", "Gateway", "SCSI", "Backends", "BlockIO", "SystemErrors", "ISCSIBackend"]),
     ],

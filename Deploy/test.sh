@@ -4,7 +4,7 @@
 #   2. swift build of every target and test target; any compiler warning fails the run,
 #   3. swift test: all unit and protocol tests (XCTest, then Swift Testing with its summary),
 #   3b. every libFuzzer target for a few seconds (Tests/Fuzz/fuzz.sh --all),
-#   4. the real-client suites (QEMU guests, tgtd) through Tests/RealClients/ci.sh when it exists; they need root
+#   4. the real-client suites (QEMU guests, tgtd) through Tests/RealClients/ci.sh; they need root
 #      (chroot, mounts, loop devices, tgtd), so a non-root run skips them with one line saying so.
 # CI runs this through .ci/run (as root, no stdin, CI=true), and so runs everything.
 set -euo pipefail

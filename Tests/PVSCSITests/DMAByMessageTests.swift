@@ -1,3 +1,4 @@
+import PVSCSITestSupport
 import VfioUserTestSupport
 import CSystem
 import PVSCSI

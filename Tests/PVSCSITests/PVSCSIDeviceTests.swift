@@ -1,3 +1,4 @@
+import PVSCSITestSupport
 import VfioUserTestSupport
 import BlockIO
 import CSystem
@@ -8,17 +9,6 @@ import VfioUser
 #if canImport(Glibc)
 import Glibc
 #endif
-
-func read10(lba: UInt32, blocks: UInt16) -> [UInt8] {
-    [0x28, 0, UInt8(lba >> 24), UInt8((lba >> 16) & 0xFF), UInt8((lba >> 8) & 0xFF), UInt8(lba & 0xFF), 0,
-     UInt8(blocks >> 8), UInt8(blocks & 0xFF), 0]
-}
-
-func write10(lba: UInt32, blocks: UInt16) -> [UInt8] {
-    var c = read10(lba: lba, blocks: blocks)
-    c[0] = 0x2A
-    return c
-}
 
 let inquiryCDB: [UInt8] = [0x12, 0, 0, 0, 36, 0]
 

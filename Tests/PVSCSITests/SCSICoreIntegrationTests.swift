@@ -1,3 +1,4 @@
+import PVSCSITestSupport
 import CSystem
 import PVSCSI
 import SCSI

@@ -409,18 +409,7 @@ extension TestGuestRAM {
     /// byte (0xFF until the device writes it), as the buffers of one chain.
     public func blkRequest(type: UInt32, sector: UInt64, out: [UInt8] = [], inLength: Int = 0)
         -> (buffers: [TestSplitRing.Buffer], status: UInt64) {
-        let hdr = alloc(16)
-        var h = [UInt8]()
-        h.appendLE(type)
-        h.appendLE(UInt32(0))
-        h.appendLE(sector)
-        write(h, at: hdr)
-        var buffers = [TestSplitRing.Buffer(gpa: hdr, length: 16, writable: false)]
-        if !out.isEmpty {
-            let d = alloc(out.count)
-            write(out, at: d)
-            buffers.append(.init(gpa: d, length: UInt32(out.count), writable: false))
-        }
+        var buffers = blkRequestOut(type: type, sector: sector, out: out)
         if inLength > 0 { buffers.append(.init(gpa: alloc(inLength), length: UInt32(inLength), writable: true)) }
         let status = alloc(1)
         pointer(status).storeBytes(of: 0xFF, as: UInt8.self)

@@ -1,3 +1,4 @@
+import PVSCSITestSupport
 import CSystem
 import PVSCSI
 import SCSI
@@ -23,7 +24,7 @@ private func env(_ name: String) -> String? {
 ///   SCSIGATE_PVSCSI_MAX_TARGETS    numPhys in the controller config page (default 16)
 ///   SCSIGATE_PVSCSI_HOTPLUG        "ADD_AFTER,REMOVE_AFTER" seconds after the client connects: add LUN 1, then remove it
 /// It ends when the client disconnects and checks that the guest did I/O and no request was malformed.
-@Suite struct RealQEMUServeTests {
+@Suite struct PVSCSIRealQEMUTests {
     @Test(.enabled(if: env("SCSIGATE_PVSCSI_SERVE_SOCKET") != nil))
     func servePVSCSIForRealQEMU() throws {
         let path = env("SCSIGATE_PVSCSI_SERVE_SOCKET")!

@@ -10,56 +10,80 @@ import Glibc
 #endif
 
 /// A completion descriptor as the guest reads it.
-struct GuestCompletion: Equatable {
-    var context: UInt64
-    var dataLength: UInt64
-    var senseLength: UInt32
-    var hostStatus: UInt16
-    var scsiStatus: UInt16
+public struct GuestCompletion: Equatable {
+    public var context: UInt64
+    public var dataLength: UInt64
+    public var senseLength: UInt32
+    public var hostStatus: UInt16
+    public var scsiStatus: UInt16
+
+    public init(context: UInt64, dataLength: UInt64, senseLength: UInt32, hostStatus: UInt16, scsiStatus: UInt16) {
+        self.context = context
+        self.dataLength = dataLength
+        self.senseLength = senseLength
+        self.hostStatus = hostStatus
+        self.scsiStatus = scsiStatus
+    }
 }
 
 /// One request to place on the ring.
-struct GuestRequest {
-    var context: UInt64
-    var target: UInt8 = 0
-    var bus: UInt8 = 0
-    var lun: [UInt8] = [0, 0, 0, 0, 0, 0, 0, 0]
-    var cdb: [UInt8]
-    var flags: UInt32 = PVSCSI.flagDirectionNone
-    var dataAddress: UInt64 = 0
-    var dataLength: UInt64 = 0
-    var senseAddress: UInt64 = 0
-    var senseLength: UInt32 = 0
-    var tag: UInt8 = 0x20
+public struct GuestRequest {
+    public var context: UInt64
+    public var target: UInt8 = 0
+    public var bus: UInt8 = 0
+    public var lun: [UInt8] = [0, 0, 0, 0, 0, 0, 0, 0]
+    public var cdb: [UInt8]
+    public var flags: UInt32 = PVSCSI.flagDirectionNone
+    public var dataAddress: UInt64 = 0
+    public var dataLength: UInt64 = 0
+    public var senseAddress: UInt64 = 0
+    public var senseLength: UInt32 = 0
+    public var tag: UInt8 = 0x20
+
+    public init(context: UInt64, target: UInt8 = 0, bus: UInt8 = 0, lun: [UInt8] = [0, 0, 0, 0, 0, 0, 0, 0], cdb: [UInt8],
+                flags: UInt32 = PVSCSI.flagDirectionNone, dataAddress: UInt64 = 0, dataLength: UInt64 = 0,
+                senseAddress: UInt64 = 0, senseLength: UInt32 = 0, tag: UInt8 = 0x20) {
+        self.context = context
+        self.target = target
+        self.bus = bus
+        self.lun = lun
+        self.cdb = cdb
+        self.flags = flags
+        self.dataAddress = dataAddress
+        self.dataLength = dataLength
+        self.senseAddress = senseAddress
+        self.senseLength = senseLength
+        self.tag = tag
+    }
 }
 
 /// A PVSCSI "driver" on guest memory (a memfd exported with DMA_MAP), talking to the device over the
 /// vfio-user test client, in the order Linux vmw_pvscsi uses.
-final class TestGuest {
-    static let iova: UInt64 = 0x10_0000
-    static let size = 8 << 20
-    let client: VfioUserTestClient
-    let memfd: Int32
-    let memory: UnsafeMutableRawPointer
-    var msixFD: Int32 = -1
-    var intxFD: Int32 = -1
+public final class TestGuest {
+    public static let iova: UInt64 = 0x10_0000
+    public static let size = 8 << 20
+    public let client: VfioUserTestClient
+    public let memfd: Int32
+    public let memory: UnsafeMutableRawPointer
+    public var msixFD: Int32 = -1
+    public var intxFD: Int32 = -1
 
     // Page numbers inside the guest area.
-    static let ringsStatePage = 0
-    static let requestRingPage = 1  // up to 32 pages
-    static let completionRingPage = 40  // up to 32 pages
-    static let messageRingPage = 80  // up to 16 pages
-    static let configPage = 100
-    static let sgPage = 101  // 16 pages
-    static let sensePage = 120
-    static let dataPage = 128
+    public static let ringsStatePage = 0
+    public static let requestRingPage = 1  // up to 32 pages
+    public static let completionRingPage = 40  // up to 32 pages
+    public static let messageRingPage = 80  // up to 16 pages
+    public static let configPage = 100
+    public static let sgPage = 101  // 16 pages
+    public static let sensePage = 120
+    public static let dataPage = 128
 
-    var requestEntries: UInt32 = 0
-    var completionEntries: UInt32 = 0
-    var messageEntries: UInt32 = 0
-    var requestProducer: UInt32 = 0
+    public var requestEntries: UInt32 = 0
+    public var completionEntries: UInt32 = 0
+    public var messageEntries: UInt32 = 0
+    public var requestProducer: UInt32 = 0
 
-    init(client: VfioUserTestClient) {
+    public init(client: VfioUserTestClient) {
         self.client = client
         memfd = csys_memfd_create("pvscsi-guest", 0)
         precondition(memfd >= 0)
@@ -74,18 +98,18 @@ final class TestGuest {
         if intxFD >= 0 { close(intxFD) }
     }
 
-    func address(page: Int, offset: Int = 0) -> UInt64 { Self.iova + UInt64(page * 4096 + offset) }
-    func ppn(page: Int) -> UInt64 { address(page: page) >> 12 }
-    func pointer(_ iova: UInt64) -> UnsafeMutableRawPointer { memory + Int(iova - Self.iova) }
+    public func address(page: Int, offset: Int = 0) -> UInt64 { Self.iova + UInt64(page * 4096 + offset) }
+    public func ppn(page: Int) -> UInt64 { address(page: page) >> 12 }
+    public func pointer(_ iova: UInt64) -> UnsafeMutableRawPointer { memory + Int(iova - Self.iova) }
 
-    func load32(page: Int, offset: Int) -> UInt32 { csys_load32_acquire(memory + page * 4096 + offset) }
-    func store32(page: Int, offset: Int, _ v: UInt32) { csys_store32_release(memory + page * 4096 + offset, v) }
+    public func load32(page: Int, offset: Int) -> UInt32 { csys_load32_acquire(memory + page * 4096 + offset) }
+    public func store32(page: Int, offset: Int, _ v: UInt32) { csys_store32_release(memory + page * 4096 + offset, v) }
 
     // MARK: vfio-user bring-up
 
     /// VERSION, DMA_MAP of the memfd (or, with `withoutFD`, of memory only reachable by DMA messages),
     /// device info, and MSI-X (or INTx) eventfds.
-    func connect(useMSIX: Bool = true, withoutFD: Bool = false, maxDataTransfer: Int = 1048576) throws {
+    public func connect(useMSIX: Bool = true, withoutFD: Bool = false, maxDataTransfer: Int = 1048576) throws {
         let v = try client.negotiateVersion(maxDataTransfer: maxDataTransfer)
         precondition(!v.isError)
         if withoutFD {
@@ -113,22 +137,22 @@ final class TestGuest {
 
     // MARK: Registers and commands
 
-    func readRegister(_ offset: UInt64) throws -> UInt32 { try client.read32(0, offset) }
-    func writeRegister(_ offset: UInt64, _ value: UInt32) throws { try client.write32(0, offset, value) }
+    public func readRegister(_ offset: UInt64) throws -> UInt32 { try client.read32(0, offset) }
+    public func writeRegister(_ offset: UInt64, _ value: UInt32) throws { try client.write32(0, offset, value) }
 
     /// Writes a command and its descriptor words; returns COMMAND_STATUS.
     @discardableResult
-    func command(_ command: PVSCSI.Command, _ words: [UInt32] = []) throws -> UInt32 {
+    public func command(_ command: PVSCSI.Command, _ words: [UInt32] = []) throws -> UInt32 {
         try writeRegister(PVSCSI.Register.command, command.rawValue)
         for w in words { try writeRegister(PVSCSI.Register.commandData, w) }
         return try readRegister(PVSCSI.Register.commandStatus)
     }
 
-    static func words(_ values: [UInt64], pairs: Bool) -> [UInt32] {
+    public static func words(_ values: [UInt64], pairs: Bool) -> [UInt32] {
         values.flatMap { [UInt32(truncatingIfNeeded: $0), UInt32(truncatingIfNeeded: $0 >> 32)] }
     }
 
-    func setupRingsWords(requestPages: UInt32, completionPages: UInt32, statePPN: UInt64? = nil,
+    public func setupRingsWords(requestPages: UInt32, completionPages: UInt32, statePPN: UInt64? = nil,
                          requestPPNs: [UInt64]? = nil, completionPPNs: [UInt64]? = nil) -> [UInt32] {
         var w: [UInt32] = [requestPages, completionPages]
         w += Self.words([statePPN ?? ppn(page: Self.ringsStatePage)], pairs: true)
@@ -141,7 +165,7 @@ final class TestGuest {
         return w
     }
 
-    func setupRings(requestPages: UInt32 = 1, completionPages: UInt32 = 1) throws -> UInt32 {
+    public func setupRings(requestPages: UInt32 = 1, completionPages: UInt32 = 1) throws -> UInt32 {
         memset(memory, 0, 100 * 4096)
         let status = try command(.setupRings, setupRingsWords(requestPages: requestPages, completionPages: completionPages))
         requestEntries = requestPages &* 32
@@ -150,7 +174,7 @@ final class TestGuest {
         return status
     }
 
-    func setupMessageRing(pages: UInt32 = 1) throws -> UInt32 {
+    public func setupMessageRing(pages: UInt32 = 1) throws -> UInt32 {
         var w: [UInt32] = [pages, 0]
         var ppns = [UInt64](repeating: 0, count: 16)
         for i in 0..<min(Int(pages), 16) { ppns[i] = ppn(page: Self.messageRingPage + i) }
@@ -162,7 +186,7 @@ final class TestGuest {
     /// The Linux vmw_pvscsi probe order: CONFIG, ADAPTER_RESET, SETUP_MSG_RING probe, SETUP_RINGS,
     /// SETUP_MSG_RING, request-threshold probe, unmask. Returns the CONFIG page's numPhys.
     @discardableResult
-    func linuxStartup(expectConfig: Bool = true) throws -> UInt32 {
+    public func linuxStartup(expectConfig: Bool = true) throws -> UInt32 {
         let configAddress = address(page: Self.configPage)
         let header = pointer(configAddress)
         memset(header, 0, 4096)
@@ -191,7 +215,7 @@ final class TestGuest {
 
     // MARK: Requests
 
-    func place(_ r: GuestRequest) {
+    public func place(_ r: GuestRequest) {
         let index = requestProducer & (requestEntries - 1)
         let p = memory + Self.requestRingPage * 4096 + Int(index) * 128
         memset(p, 0, 128)
@@ -211,7 +235,7 @@ final class TestGuest {
         store32(page: Self.ringsStatePage, offset: PVSCSI.RingsState.requestProducer, requestProducer)
     }
 
-    func kick(rw: Bool = true) throws {
+    public func kick(rw: Bool = true) throws {
         try writeRegister(rw ? PVSCSI.Register.kickRWIO : PVSCSI.Register.kickNonRWIO, 0)
     }
 
@@ -223,7 +247,7 @@ final class TestGuest {
     }
 
     /// Waits for an interrupt eventfd to fire.
-    func waitInterrupt(milliseconds: Int32 = 5000) -> Bool {
+    public func waitInterrupt(milliseconds: Int32 = 5000) -> Bool {
         let fd = msixFD >= 0 ? msixFD : intxFD
         let end = Self.monotonicMilliseconds() + Int64(milliseconds)
         while true {
@@ -242,7 +266,7 @@ final class TestGuest {
     }
 
     /// Clears interrupt signals already delivered (run() may return before it consumed the last one).
-    func drainInterrupts() {
+    public func drainInterrupts() {
         var v: UInt64 = 0
         if msixFD >= 0 { _ = csys_eventfd_drain(msixFD, &v) }
         if intxFD >= 0 { _ = csys_eventfd_drain(intxFD, &v) }
@@ -250,7 +274,7 @@ final class TestGuest {
 
     /// Whether no completion arrives within `milliseconds`. Counts completions, not interrupt signals: run() may return
     /// before the interrupt of its last completion was delivered, and that late signal is no new completion.
-    func noCompletion(milliseconds: Int32) -> Bool {
+    public func noCompletion(milliseconds: Int32) -> Bool {
         let end = Self.monotonicMilliseconds() + Int64(milliseconds)
         while true {
             let left = end - Self.monotonicMilliseconds()
@@ -260,7 +284,7 @@ final class TestGuest {
     }
 
     /// Consumes the completion ring.
-    func takeCompletions() -> [GuestCompletion] {
+    public func takeCompletions() -> [GuestCompletion] {
         var out: [GuestCompletion] = []
         let producer = load32(page: Self.ringsStatePage, offset: PVSCSI.RingsState.completionProducer)
         var consumer = load32(page: Self.ringsStatePage, offset: PVSCSI.RingsState.completionConsumer)
@@ -279,7 +303,7 @@ final class TestGuest {
     }
 
     /// Submits, kicks and waits until `count` completions arrived (or the timeout passes).
-    func run(_ requests: [GuestRequest], expect count: Int? = nil, milliseconds: Int32 = 5000) throws -> [GuestCompletion] {
+    public func run(_ requests: [GuestRequest], expect count: Int? = nil, milliseconds: Int32 = 5000) throws -> [GuestCompletion] {
         for r in requests { place(r) }
         try kick()
         var got: [GuestCompletion] = takeCompletions()
@@ -292,7 +316,7 @@ final class TestGuest {
     }
 
     /// Writes an SG list into an SG page.
-    func writeSG(page: Int, _ elements: [(UInt64, UInt32, UInt32)]) {
+    public func writeSG(page: Int, _ elements: [(UInt64, UInt32, UInt32)]) {
         let p = memory + page * 4096
         for (i, e) in elements.enumerated() {
             p.storeBytes(of: e.0, toByteOffset: i * 16, as: UInt64.self)
@@ -302,7 +326,7 @@ final class TestGuest {
     }
 
     /// Consumes the message ring: (type, bus, target, lun[1]).
-    func takeMessages() -> [(UInt32, UInt32, UInt32, UInt8)] {
+    public func takeMessages() -> [(UInt32, UInt32, UInt32, UInt8)] {
         var out: [(UInt32, UInt32, UInt32, UInt8)] = []
         let producer = load32(page: Self.ringsStatePage, offset: PVSCSI.RingsState.messageProducer)
         var consumer = load32(page: Self.ringsStatePage, offset: PVSCSI.RingsState.messageConsumer)
@@ -318,19 +342,19 @@ final class TestGuest {
 }
 
 /// A running controller with a SCSI target of `luns` LUNs on in-memory disks, a connected client and guest.
-final class Fixture {
-    static let counter = Atomic<Int>(0)
-    let path: String
-    let table: SCSITarget
-    let commands: TestCommandTarget
-    let disks: [Int: MemoryDisk]
-    let channels: ChannelRegistry
-    let controller: PVSCSIController<TestCommandTarget, MemoryChannel>
-    let logLines: TestLog
-    var client: VfioUserTestClient!
-    var guest: TestGuest!
+public final class Fixture {
+    public static let counter = Atomic<Int>(0)
+    public let path: String
+    public let table: SCSITarget
+    public let commands: TestCommandTarget
+    public let disks: [Int: MemoryDisk]
+    public let channels: ChannelRegistry
+    public let controller: PVSCSIController<TestCommandTarget, MemoryChannel>
+    public let logLines: TestLog
+    public var client: VfioUserTestClient!
+    public var guest: TestGuest!
 
-    init(luns: [Int] = [0], blocks: UInt64 = 2048, connect: Bool = true, startup: Bool = true, useMSIX: Bool = true,
+    public init(luns: [Int] = [0], blocks: UInt64 = 2048, connect: Bool = true, startup: Bool = true, useMSIX: Bool = true,
          useCore: Bool = false, options: PVSCSIOptions = PVSCSIOptions(),
          statistics: [Int: LUNIOStatistics] = [:], withoutFD: Bool = false) throws {
         let n = Self.counter.add(1, ordering: .relaxed).newValue
@@ -362,27 +386,27 @@ final class Fixture {
         }
     }
 
-    var ringsReady: Bool {
+    public var ringsReady: Bool {
         let device = controller.device
         return controller.sync { device.ringsReady }
     }
-    var messageRingReady: Bool {
+    public var messageRingReady: Bool {
         let device = controller.device
         return controller.sync { device.messageRingReady }
     }
-    var requestsInFlight: Int {
+    public var requestsInFlight: Int {
         let device = controller.device
         return controller.sync { device.requestsInFlight }
     }
-    var deviceStats: PVSCSIStats {
+    public var deviceStats: PVSCSIStats {
         let device = controller.device
         return controller.sync { device.stats }
     }
-    var clientConnected: Bool {
+    public var clientConnected: Bool {
         let server = controller.server
         return controller.sync { server.clientFD >= 0 }
     }
-    var dmaWindowCount: Int {
+    public var dmaWindowCount: Int {
         let server = controller.server
         return controller.sync { server.memory.regions.count }
     }
@@ -390,7 +414,7 @@ final class Fixture {
     /// memory that has no fd the server may still be reading a ring by message after the last completion the
     /// test waited for, and a plain `controller.sync` would hold the loop (and the query) until that read timed
     /// out, counting a DMA failure the test itself caused.
-    var serverStats: VfioUserStats {
+    public var serverStats: VfioUserStats {
         let server = controller.server
         let answer = StatsAnswer()
         controller.loop.execute { answer.set(server.stats) }
@@ -400,12 +424,12 @@ final class Fixture {
         }
     }
     /// Runs `body` on the loop thread.
-    func onLoop(_ body: @escaping @Sendable () -> Void) {
+    public func onLoop(_ body: @escaping @Sendable () -> Void) {
         _ = controller.sync { body(); return 0 }
     }
 
     /// Adds a LUN at run time (hotplug).
-    func addLUN(_ l: Int, blocks: UInt64 = 2048) throws {
+    public func addLUN(_ l: Int, blocks: UInt64 = 2048) throws {
         channels.addDisk(l, MemoryDisk(blocks: blocks))
         try table.add(makeUnit(l, blocks: blocks, backendID: l))
     }
@@ -418,14 +442,14 @@ final class Fixture {
 }
 
 /// Creates channels for back-end ids (on the loop thread) and keeps them for the test to inspect.
-final class ChannelRegistry: @unchecked Sendable {
+public final class ChannelRegistry: @unchecked Sendable {
     private var disks: [Int: MemoryDisk]
     private var made: [Int: MemoryChannel] = [:]
     private let lock = NSLockLike()
-    init(disks: [Int: MemoryDisk]) { self.disks = disks }
-    func addDisk(_ id: Int, _ disk: MemoryDisk) { lock.locked { disks[id] = disk } }
-    func disk(_ id: Int) -> MemoryDisk? { lock.locked { disks[id] } }
-    func channel(_ id: Int) -> MemoryChannel? {
+    public init(disks: [Int: MemoryDisk]) { self.disks = disks }
+    public func addDisk(_ id: Int, _ disk: MemoryDisk) { lock.locked { disks[id] = disk } }
+    public func disk(_ id: Int) -> MemoryDisk? { lock.locked { disks[id] } }
+    public func channel(_ id: Int) -> MemoryChannel? {
         lock.locked {
             guard let disk = disks[id] else { return nil }
             let c = MemoryChannel(disk: disk)
@@ -433,23 +457,23 @@ final class ChannelRegistry: @unchecked Sendable {
             return c
         }
     }
-    func made(_ id: Int) -> MemoryChannel? { lock.locked { made[id] } }
+    public func made(_ id: Int) -> MemoryChannel? { lock.locked { made[id] } }
 }
 
 /// The loop's answer to `Fixture.serverStats`.
-final class StatsAnswer: @unchecked Sendable {
+public final class StatsAnswer: @unchecked Sendable {
     private var stats: VfioUserStats?
     private let lock = NSLockLike()
-    func set(_ s: VfioUserStats) { lock.locked { stats = s } }
-    var value: VfioUserStats? { lock.locked { stats } }
+    public func set(_ s: VfioUserStats) { lock.locked { stats = s } }
+    public var value: VfioUserStats? { lock.locked { stats } }
 }
 
 /// A pthread mutex wrapper for test bookkeeping.
-final class NSLockLike: @unchecked Sendable {
+public final class NSLockLike: @unchecked Sendable {
     private var m = pthread_mutex_t()
-    init() { pthread_mutex_init(&m, nil) }
+    public init() { pthread_mutex_init(&m, nil) }
     deinit { pthread_mutex_destroy(&m) }
-    func locked<T>(_ body: () -> T) -> T {
+    public func locked<T>(_ body: () -> T) -> T {
         pthread_mutex_lock(&m)
         defer { pthread_mutex_unlock(&m) }
         return body()

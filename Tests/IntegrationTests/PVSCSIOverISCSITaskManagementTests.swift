@@ -1,3 +1,4 @@
+import PVSCSITestSupport
 import TestSupport
 import VfioUserTestSupport
 import Backends

@@ -9,12 +9,12 @@ import Glibc
 
 /// An in-memory disk shared by the test and the channel (the channel writes on the loop thread; the test
 /// reads after a completion interrupt, which orders the accesses).
-final class MemoryDisk: @unchecked Sendable {
-    let blockSize: UInt64 = 512
-    let blocks: UInt64
-    let bytes: UnsafeMutableRawBufferPointer
+public final class MemoryDisk: @unchecked Sendable {
+    public let blockSize: UInt64 = 512
+    public let blocks: UInt64
+    public let bytes: UnsafeMutableRawBufferPointer
 
-    init(blocks: UInt64) {
+    public init(blocks: UInt64) {
         self.blocks = blocks
         bytes = .allocate(byteCount: Int(blocks * 512), alignment: 4096)
         bytes.initializeMemory(as: UInt8.self, repeating: 0)
@@ -24,22 +24,22 @@ final class MemoryDisk: @unchecked Sendable {
 
 /// A BlockChannel over a MemoryDisk that completes asynchronously through an eventfd, like libaio.
 /// `hold` keeps completions back (to test aborts of in-flight I/O) until `release`.
-final class MemoryChannel: BlockChannel, @unchecked Sendable {
-    let disk: MemoryDisk
-    let completionFD: Int32
-    let hold = Atomic<Bool>(false)
+public final class MemoryChannel: BlockChannel, @unchecked Sendable {
+    public let disk: MemoryDisk
+    public let completionFD: Int32
+    public let hold = Atomic<Bool>(false)
     private var queued: [(UInt64, BlockResult)] = []
     private var ready: [(UInt64, BlockResult)] = []
-    let submitted = Atomic<Int>(0)
-    var failWith: Int32 = 0
+    public let submitted = Atomic<Int>(0)
+    public var failWith: Int32 = 0
 
-    init(disk: MemoryDisk) {
+    public init(disk: MemoryDisk) {
         self.disk = disk
         completionFD = csys_eventfd(0, 1)
     }
     deinit { Glibc.close(completionFD) }
 
-    func submit(_ request: BlockRequest, token: UInt64) -> Int32 {
+    public func submit(_ request: BlockRequest, token: UInt64) -> Int32 {
         submitted.add(1, ordering: .relaxed)
         var result = BlockResult.success(request.length)
         let end = request.offset &+ request.length
@@ -60,7 +60,7 @@ final class MemoryChannel: BlockChannel, @unchecked Sendable {
         return 0
     }
 
-    func commit() {
+    public func commit() {
         guard !hold.load(ordering: .acquiring), !queued.isEmpty else { return }
         ready += queued
         queued.removeAll()
@@ -68,12 +68,12 @@ final class MemoryChannel: BlockChannel, @unchecked Sendable {
     }
 
     /// Lets held completions through (call on the loop thread).
-    func release() {
+    public func release() {
         hold.store(false, ordering: .releasing)
         commit()
     }
 
-    func reap(_ handler: (UInt64, BlockResult) -> Void) -> Int {
+    public func reap(_ handler: (UInt64, BlockResult) -> Void) -> Int {
         var v: UInt64 = 0
         _ = csys_eventfd_drain(completionFD, &v)
         let r = ready
@@ -82,15 +82,15 @@ final class MemoryChannel: BlockChannel, @unchecked Sendable {
         return r.count
     }
 
-    var inFlight: Int { queued.count + ready.count }
+    public var inFlight: Int { queued.count + ready.count }
 
     /// With `cancellable`, behaves like a remote back-end: `abort(token:)` / `resetLogicalUnit()` complete the
     /// held requests with ECANCELED (as the iSCSI channel after ABORT TASK / LUN RESET).
-    var cancellable = false
-    let aborted = Atomic<Int>(0)
-    let resets = Atomic<Int>(0)
+    public var cancellable = false
+    public let aborted = Atomic<Int>(0)
+    public let resets = Atomic<Int>(0)
 
-    func abort(token: UInt64) -> Bool {
+    public func abort(token: UInt64) -> Bool {
         guard cancellable else { return false }
         aborted.add(1, ordering: .relaxed)
         if let i = queued.firstIndex(where: { $0.0 == token }) {
@@ -101,7 +101,7 @@ final class MemoryChannel: BlockChannel, @unchecked Sendable {
         return true
     }
 
-    func resetLogicalUnit() -> Bool {
+    public func resetLogicalUnit() -> Bool {
         guard cancellable else { return false }
         resets.add(1, ordering: .relaxed)
         ready += queued.map { ($0.0, BlockResult.failure(ECANCELED)) }
@@ -110,29 +110,29 @@ final class MemoryChannel: BlockChannel, @unchecked Sendable {
         return true
     }
 
-    let closed = Atomic<Bool>(false)
-    func close() { closed.store(true, ordering: .releasing) }
+    public let closed = Atomic<Bool>(false)
+    public func close() { closed.store(true, ordering: .releasing) }
 }
 
 /// A small command layer for the tests (the real one lives on branch `cmd`): INQUIRY, TEST UNIT READY,
 /// READ CAPACITY(10), READ(10), WRITE(10); anything else is CHECK CONDITION / INVALID COMMAND OPERATION CODE.
 /// With `useCore` it forwards to the real SCSI core (`SCSITarget.execute/resume`, branch `cmd`).
-final class TestCommandTarget: SCSICommandTarget, @unchecked Sendable {
-    let table: SCSITarget
-    let useCore: Bool
+public final class TestCommandTarget: SCSICommandTarget, @unchecked Sendable {
+    public let table: SCSITarget
+    public let useCore: Bool
 
-    init(table: SCSITarget, useCore: Bool = false) {
+    public init(table: SCSITarget, useCore: Bool = false) {
         self.table = table
         self.useCore = useCore
     }
 
-    func refresh(_ view: inout LUNMapView) { table.refresh(&view) }
-    func subscribe(_ handler: @escaping @Sendable (LUNEvent) -> Void) -> Int { table.subscribe(handler) }
-    func unsubscribe(_ token: Int) { table.unsubscribe(token) }
-    func planTaskManagement(_ function: TaskManagementFunction, nexus: ITNexus, lun: LogicalUnitNumber?) -> TaskManagementPlan {
+    public func refresh(_ view: inout LUNMapView) { table.refresh(&view) }
+    public func subscribe(_ handler: @escaping @Sendable (LUNEvent) -> Void) -> Int { table.subscribe(handler) }
+    public func unsubscribe(_ token: Int) { table.unsubscribe(token) }
+    public func planTaskManagement(_ function: TaskManagementFunction, nexus: ITNexus, lun: LogicalUnitNumber?) -> TaskManagementPlan {
         table.planTaskManagement(function, nexus: nexus, lun: lun)
     }
-    func finishTaskManagement(_ plan: TaskManagementPlan, _ outcome: TaskManagementOutcome) {
+    public func finishTaskManagement(_ plan: TaskManagementPlan, _ outcome: TaskManagementOutcome) {
         table.finishTaskManagement(plan, outcome)
     }
 
@@ -142,7 +142,7 @@ final class TestCommandTarget: SCSICommandTarget, @unchecked Sendable {
         return .complete
     }
 
-    func execute(_ task: inout SCSITask, view: inout LUNMapView) -> TaskDisposition {
+    public func execute(_ task: inout SCSITask, view: inout LUNMapView) -> TaskDisposition {
         if useCore { return table.execute(&task, view: &view) }
         guard let lun = task.lun, let unit = view.unit(lun) else {
             return check(&task, .illegalRequest, .logicalUnitNotSupported)
@@ -183,7 +183,7 @@ final class TestCommandTarget: SCSICommandTarget, @unchecked Sendable {
         }
     }
 
-    func resume(_ task: inout SCSITask, with result: BlockResult) -> TaskDisposition {
+    public func resume(_ task: inout SCSITask, with result: BlockResult) -> TaskDisposition {
         if useCore { return table.resume(&task, with: result) }
         guard result.succeeded else {
             return check(&task, .mediumError, task.cdb.opcode == 0x28 ? .unrecoveredReadError : .writeError)
@@ -195,10 +195,22 @@ final class TestCommandTarget: SCSICommandTarget, @unchecked Sendable {
 }
 
 /// Builds a LUN for the table.
-func makeUnit(_ number: Int, blocks: UInt64, backendID: Int) -> LogicalUnit {
+public func makeUnit(_ number: Int, blocks: UInt64, backendID: Int) -> LogicalUnit {
     LogicalUnit(number: LogicalUnitNumber(number)!,
                 identity: LogicalUnitIdentity(vendor: "SCSIGATE", product: "TEST-LUN-\(number)", revision: "0001",
                                               serial: "SN\(number)", naa: 0x5000_0000_0000_0000 | UInt64(number)),
                 geometry: BlockGeometry(logicalBlockSize: 512, physicalBlockSize: 512, blockCount: blocks),
                 backendID: backendID)
+}
+
+/// READ(10) and WRITE(10) CDBs.
+public func read10(lba: UInt32, blocks: UInt16) -> [UInt8] {
+    [0x28, 0, UInt8(lba >> 24), UInt8((lba >> 16) & 0xFF), UInt8((lba >> 8) & 0xFF), UInt8(lba & 0xFF), 0,
+     UInt8(blocks >> 8), UInt8(blocks & 0xFF), 0]
+}
+
+public func write10(lba: UInt32, blocks: UInt16) -> [UInt8] {
+    var c = read10(lba: lba, blocks: blocks)
+    c[0] = 0x2A
+    return c
 }
